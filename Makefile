@@ -1,0 +1,54 @@
+# Hatchery: the two commands a new user needs are `make demo` and `make test` (as root).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup demo test test-unit test-integration test-image lint bench images clean lock guest-kernel
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+setup: ## install system packages (apt) and the venv; idempotent
+	@tools/setup-host.sh
+
+guest-kernel: setup ## fetch Debian's stock kernel for test guests into .cache/
+	@tools/fetch-guest-kernel.sh
+
+demo: setup guest-kernel ## the main job: set up, build, run the story (see README)
+	@$(PY) tools/demo.py
+
+test: setup guest-kernel ## every tier: lint, unit, integration, image
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: setup ## the fast tier only
+	$(PY) -m pytest -m "not integration and not image" $(PYTEST_ARGS)
+
+test-integration: setup guest-kernel ## netns, real clients and servers, QEMU guests
+	$(PY) -m pytest -m integration $(PYTEST_ARGS)
+
+test-image: setup guest-kernel ## mkosi builds and boots of our images
+	$(PY) -m pytest -m image $(PYTEST_ARGS)
+
+lint: setup ## ruff, mypy --strict, shellcheck
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	shellcheck $$(git ls-files '*.sh' .ci/run)
+
+bench: setup guest-kernel ## run benchmarks, write docs/benchmarks.md
+	$(PY) -m bench
+
+images: setup ## build the hypervisor and appliance-vm images with mkosi
+	@tools/build-images.sh
+
+lock: ## re-pin requirements.lock from pyproject.toml (needs network to PyPI)
+	rm -rf .cache/lock-venv && /usr/bin/python3 -m venv .cache/lock-venv
+	.cache/lock-venv/bin/pip install -q -e '.[dev]'
+	{ echo '# Pinned Python packages for the venv (make setup). Regenerate: make lock'; \
+	  .cache/lock-venv/bin/pip freeze --exclude-editable | grep -v '^-e'; } > requirements.lock
+
+clean: ## remove build outputs (keeps the package and image caches in .cache/)
+	rm -rf build .mypy_cache .ruff_cache .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

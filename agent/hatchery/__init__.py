@@ -1,0 +1,1 @@
+"""Hatchery: the hypervisor agent and the operator CLI."""

@@ -1,0 +1,1 @@
+"""``hatchery``: the operator's command line."""

@@ -1,0 +1,58 @@
+"""``hatchery``: the operator CLI. Errors are one line plus a hint; tracebacks with --debug."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from hatchery.errors import HatcheryError
+from hatchery.log import setup_logging
+from hatchery.qemu.accel import choose_accel
+
+log = logging.getLogger("hatchery.cli")
+
+# Command groups register here: name -> (help, add_arguments(parser) that sets func=...).
+COMMAND_GROUPS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}
+
+
+def _cmd_accel(args: argparse.Namespace) -> int:
+    choice = choose_accel(args.accel)
+    if args.json:
+        print(json.dumps({"accel": choice.accel.value, "reason": choice.reason}))
+    else:
+        print(f"{choice.accel}: {choice.reason}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hatchery", description="Operate Hatchery hypervisors.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    accel = sub.add_parser("accel", help="which QEMU accelerator this host would use, and why")
+    accel.add_argument("--accel", default=None, help="auto, kvm or tcg (default: $HATCHERY_ACCEL)")
+    accel.add_argument("--json", action="store_true")
+    accel.set_defaults(func=_cmd_accel)
+    for name, (help_text, add_arguments) in sorted(COMMAND_GROUPS.items()):
+        add_arguments(sub.add_parser(name, help=help_text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    setup_logging(args.debug)
+    try:
+        result: int = args.func(args)
+        return result
+    except HatcheryError as exc:
+        log.debug("failure", exc_info=True)
+        print(f"hatchery: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

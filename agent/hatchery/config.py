@@ -1,0 +1,242 @@
+"""The agent's configuration: one small YAML file, validated at start, safe defaults.
+
+Configuration is data: ``AgentConfig`` is frozen and built once in ``load_config``; every
+error names the key that is wrong (``bridges[0].subnets[1].gateway: ...``) so an operator
+can fix the file without reading code. Unknown keys are errors too: a typo must not be
+silently ignored.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hatchery.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/hatchery/agent.yaml")
+DEFAULT_STATE_DIR = Path("/data/var/lib/hatchery")
+DEFAULT_TLS_DIR = Path("/etc/hatchery/tls")
+API_PORT = 6976
+
+
+@dataclass(frozen=True, slots=True)
+class SubnetConfig:
+    cidr: ipaddress.IPv4Network
+    gateway: ipaddress.IPv4Address | None = None
+    dns: tuple[ipaddress.IPv4Address, ...] = ()
+    pool_start: ipaddress.IPv4Address | None = None
+    pool_end: ipaddress.IPv4Address | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeConfig:
+    name: str
+    subnets: tuple[SubnetConfig, ...] = ()
+    metadata: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True, slots=True)
+class CapacityConfig:
+    reserve_memory_mib: int = 1024
+    reserve_cpus: int = 0
+    reserve_disk_mib: int = 4096
+    cpu_overcommit: float = 4.0
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    state_dir: Path = DEFAULT_STATE_DIR
+    listen_host: str = "0.0.0.0"
+    listen_port: int = API_PORT
+    tls: TlsConfig = field(
+        default_factory=lambda: TlsConfig(
+            DEFAULT_TLS_DIR / "ca.pem", DEFAULT_TLS_DIR / "agent.pem", DEFAULT_TLS_DIR / "agent.key"
+        )
+    )
+    policy: Path | None = None
+    accel: str = "auto"
+    qemu_binary: str = "qemu-system-x86_64"
+    capacity: CapacityConfig = field(default_factory=CapacityConfig)
+    bridges: tuple[BridgeConfig, ...] = ()
+    peer: str | None = None
+
+
+class _Reader:
+    """Walks a mapping, remembering where it is so errors name the full key."""
+
+    def __init__(self, data: Any, where: str) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+        self._data = dict(data)
+        self._where = where
+        self._used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self._where}.{name}" if self._where else name
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+        self._used.add(name)
+        value = self._data.get(name, default)
+        if value is None:
+            return default
+        if isinstance(value, bool) and kind is int:
+            raise ConfigError(f"{self.key(name)}: expected int, got bool")
+        if not isinstance(value, kind):
+            expected = (
+                kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            )
+            raise ConfigError(f"{self.key(name)}: expected {expected}, got {type(value).__name__}")
+        return value
+
+    def sub(self, name: str) -> _Reader:
+        self._used.add(name)
+        return _Reader(self._data.get(name), self.key(name))
+
+    def finish(self) -> None:
+        unknown = sorted(set(self._data) - self._used)
+        if unknown:
+            raise ConfigError(f"{self.key(unknown[0])}: unknown key")
+
+
+def _ip(value: Any, key: str) -> ipaddress.IPv4Address:
+    try:
+        return ipaddress.IPv4Address(str(value))
+    except ValueError as exc:
+        raise ConfigError(f"{key}: not an IPv4 address: {value!r}") from exc
+
+
+def _positive(value: int, key: str, minimum: int = 0) -> int:
+    if value < minimum:
+        raise ConfigError(f"{key}: must be >= {minimum}, got {value}")
+    return value
+
+
+def _subnet(r: _Reader) -> SubnetConfig:
+    cidr_text = r.get("cidr", str)
+    if cidr_text is None:
+        raise ConfigError(f"{r.key('cidr')}: required")
+    try:
+        cidr = ipaddress.IPv4Network(cidr_text, strict=True)
+    except ValueError as exc:
+        raise ConfigError(f"{r.key('cidr')}: {exc}") from exc
+    gateway = r.get("gateway", str)
+    gw = _ip(gateway, r.key("gateway")) if gateway else None
+    if gw is not None and gw not in cidr:
+        raise ConfigError(f"{r.key('gateway')}: {gw} is outside {cidr}")
+    dns = tuple(_ip(d, r.key("dns")) for d in r.get("dns", list, []))
+    pool = r.sub("pool")
+    start_text, end_text = pool.get("start", str), pool.get("end", str)
+    pool.finish()
+    start = _ip(start_text, pool.key("start")) if start_text else None
+    end = _ip(end_text, pool.key("end")) if end_text else None
+    for addr, name in ((start, "start"), (end, "end")):
+        if addr is not None and addr not in cidr:
+            raise ConfigError(f"{pool.key(name)}: {addr} is outside {cidr}")
+    if start is not None and end is not None and end < start:
+        raise ConfigError(f"{pool.key('end')}: {end} is before pool start {start}")
+    r.finish()
+    return SubnetConfig(cidr, gw, dns, start, end)
+
+
+def _bridge(r: _Reader) -> BridgeConfig:
+    name = r.get("name", str)
+    if not name or len(name) > 15 or "/" in name or " " in name:
+        raise ConfigError(f"{r.key('name')}: an interface name of 1-15 characters is required")
+    subnets_raw = r.get("subnets", list, [])
+    subnets = tuple(
+        _subnet(_Reader(s, f"{r.key('subnets')}[{i}]")) for i, s in enumerate(subnets_raw)
+    )
+    metadata = r.get("metadata", bool, True)
+    r.finish()
+    return BridgeConfig(name, subnets, metadata)
+
+
+def parse_config(data: Any) -> AgentConfig:
+    """Validate the parsed YAML document and build the frozen config."""
+    r = _Reader(data, "")
+    defaults = AgentConfig()
+    state_dir = Path(r.get("state_dir", str, str(defaults.state_dir)))
+    listen = r.get("listen", str, f"{defaults.listen_host}:{defaults.listen_port}")
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"listen: expected HOST:PORT, got {listen!r}")
+    tls_r = r.sub("tls")
+    tls = TlsConfig(
+        Path(tls_r.get("ca", str, str(defaults.tls.ca))),
+        Path(tls_r.get("cert", str, str(defaults.tls.cert))),
+        Path(tls_r.get("key", str, str(defaults.tls.key))),
+    )
+    tls_r.finish()
+    policy = r.get("policy", str)
+    qemu = r.sub("qemu")
+    accel = qemu.get("accel", str, "auto")
+    if accel not in ("auto", "kvm", "tcg"):
+        raise ConfigError(f"qemu.accel: must be auto, kvm or tcg, not {accel!r}")
+    binary = qemu.get("binary", str, defaults.qemu_binary)
+    qemu.finish()
+    cap = r.sub("capacity")
+    capacity = CapacityConfig(
+        reserve_memory_mib=_positive(
+            cap.get("reserve_memory_mib", int, 1024), cap.key("reserve_memory_mib")
+        ),
+        reserve_cpus=_positive(cap.get("reserve_cpus", int, 0), cap.key("reserve_cpus")),
+        reserve_disk_mib=_positive(
+            cap.get("reserve_disk_mib", int, 4096), cap.key("reserve_disk_mib")
+        ),
+        cpu_overcommit=float(cap.get("cpu_overcommit", (int, float), 4.0)),
+    )
+    if capacity.cpu_overcommit <= 0:
+        raise ConfigError(f"{cap.key('cpu_overcommit')}: must be > 0")
+    cap.finish()
+    bridges = tuple(
+        _bridge(_Reader(b, f"bridges[{i}]")) for i, b in enumerate(r.get("bridges", list, []))
+    )
+    names = [b.name for b in bridges]
+    if len(set(names)) != len(names):
+        raise ConfigError("bridges: a bridge is listed twice")
+    peer = r.get("peer", str)
+    r.finish()
+    return AgentConfig(
+        state_dir=state_dir,
+        listen_host=host.strip("[]") or "0.0.0.0",
+        listen_port=int(port_text),
+        tls=tls,
+        policy=Path(policy) if policy else None,
+        accel=accel,
+        qemu_binary=binary,
+        capacity=capacity,
+        bridges=bridges,
+        peer=peer,
+    )
+
+
+def load_config(path: Path) -> AgentConfig:
+    """Read and validate ``path``; a missing default file means "all defaults"."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        if path == DEFAULT_CONFIG_PATH:
+            return AgentConfig()
+        raise ConfigError(f"config file {path} does not exist") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    try:
+        return parse_config(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc.message}", hint=exc.hint) from exc

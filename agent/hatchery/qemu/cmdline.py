@@ -1,0 +1,77 @@
+"""Build QEMU command lines from a typed description of the guest.
+
+One builder for the agent and the tests, so what the tests boot is what the agent runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hatchery.qemu.accel import AccelChoice
+
+QEMU_BINARY = "qemu-system-x86_64"
+
+
+@dataclass(frozen=True, slots=True)
+class DirectKernel:
+    """Boot a kernel straight from the host's files: no firmware boot menu, no disk."""
+
+    kernel: Path
+    initrd: Path | None = None
+    cmdline: str = "console=ttyS0"
+
+
+@dataclass(frozen=True, slots=True)
+class Nic:
+    """A virtio-net NIC on a tap device the caller has created and attached to a bridge."""
+
+    tap: str
+    mac: str
+
+
+@dataclass(frozen=True, slots=True)
+class GuestSpec:
+    name: str
+    accel: AccelChoice
+    memory_mib: int = 256
+    vcpus: int = 1
+    machine: str = "q35"
+    boot: DirectKernel | None = None
+    nics: tuple[Nic, ...] = ()
+    serial: str = (
+        "stdio"  # any QEMU chardev spec: "stdio", "file:PATH", "unix:PATH,server=on,wait=off"
+    )
+    qmp_socket: Path | None = None
+    smbios: tuple[str, ...] = ()  # e.g. "type=1,serial=ds=nocloud-net;s=http://..."
+    extra: tuple[str, ...] = field(default=())
+
+
+def build_argv(spec: GuestSpec, binary: str = QEMU_BINARY) -> list[str]:
+    """The full argv for ``spec``; ``-nodefaults`` so only the devices named here exist."""
+    argv = [
+        binary,
+        "-name", spec.name,
+        "-machine", spec.machine,
+        *spec.accel.qemu_args(),
+        "-m", str(spec.memory_mib),
+        "-smp", str(spec.vcpus),
+        "-nodefaults", "-no-user-config", "-display", "none",
+        "-serial", spec.serial,
+    ]  # fmt: skip
+    if spec.boot is not None:
+        argv += ["-kernel", str(spec.boot.kernel), "-append", spec.boot.cmdline]
+        if spec.boot.initrd is not None:
+            argv += ["-initrd", str(spec.boot.initrd)]
+    for index, nic in enumerate(spec.nics):
+        netdev = f"net{index}"
+        argv += [
+            "-netdev", f"tap,id={netdev},ifname={nic.tap},script=no,downscript=no",
+            "-device", f"virtio-net-pci,netdev={netdev},mac={nic.mac}",
+        ]  # fmt: skip
+    if spec.qmp_socket is not None:
+        argv += ["-qmp", f"unix:{spec.qmp_socket},server=on,wait=off"]
+    for table in spec.smbios:
+        argv += ["-smbios", table]
+    argv += list(spec.extra)
+    return argv

@@ -1,0 +1,27 @@
+"""Run benchmarks: ``python -m bench`` (all) or ``python -m bench NAME ...``."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> module with a ``run() -> None`` that writes its section of docs/benchmarks.md
+BENCHMARKS = {
+    "kernel-boot": "bench.kernel_boot",
+}
+
+
+def main(argv: list[str]) -> int:
+    names = argv or list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        print(f"unknown benchmark {unknown[0]!r}; known: {', '.join(BENCHMARKS)}", file=sys.stderr)
+        return 2
+    for name in names:
+        print(f"==> bench {name}", flush=True)
+        importlib.import_module(BENCHMARKS[name]).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

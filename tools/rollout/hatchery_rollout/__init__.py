@@ -1,0 +1,1 @@
+"""hatchery-rollout: upgrade a fleet in growing-concurrency steps."""

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Install what Hatchery needs on a Debian 12 host, idempotently: system packages with apt
+# (mkosi from bookworm-backports, pinned low so the host is never upgraded wholesale), then
+# the project's venv from pyproject.toml with pinned versions (requirements.lock).
+# The backports source is derived from this machine's own apt configuration, so no archive
+# host name is written into the repository.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+venv=${VENV:-$here/.venv}
+stamp_dir=$here/.cache/setup
+mkdir -p "$stamp_dir"
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+die() { printf 'setup: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "run as root (apt installs system packages); hint: sudo make setup"
+. /etc/os-release
+[ "${VERSION_CODENAME:-}" = bookworm ] || die "Debian 12 (bookworm) is required, this is ${PRETTY_NAME:-unknown}"
+
+packages=(
+  # virtualisation and boot
+  qemu-system-x86 qemu-utils ipxe-qemu ipxe ovmf kexec-tools
+  # guest and image plumbing
+  busybox-static cpio zstd xz-utils kmod dosfstools mtools squashfs-tools erofs-utils
+  bubblewrap systemd-container python3-pefile
+  # networking and real protocol clients/peers (reference peers only in tests and benchmarks)
+  nftables iproute2 curl atftp udhcpc dnsmasq-base tftpd-hpa nginx-light
+  # python and linters
+  python3 python3-venv python3-dev gcc shellcheck make git
+)
+backport_packages=(mkosi)
+
+# --- the backports source, derived from the host's own bookworm source ------------------
+bp_file=/etc/apt/sources.list.d/hatchery-backports.sources
+if [ ! -f "$bp_file" ]; then
+  uri=""
+  for f in /etc/apt/sources.list.d/*.sources; do
+    [ -f "$f" ] || continue
+    # deb822: the first URIs: of a stanza whose Suites: holds exactly "bookworm"
+    uri=$(awk -v RS='' '/(^|\n)Suites:[^\n]*(^| )bookworm( |\n|$)/ && /Types:[^\n]*deb/ {
+            if (match($0, /URIs:[ \t]*[^ \t\n]+/)) { s=substr($0, RSTART, RLENGTH); sub(/URIs:[ \t]*/, "", s); print s; exit } }' "$f")
+    [ -n "$uri" ] && break
+  done
+  if [ -z "$uri" ] && [ -f /etc/apt/sources.list ]; then
+    uri=$(awk '$1=="deb" && $3=="bookworm" { u=$2; if (u ~ /^\[/) u=$3; print $2; exit }' /etc/apt/sources.list)
+  fi
+  [ -n "$uri" ] || die "cannot find this host's bookworm apt source to derive bookworm-backports from"
+  log "adding bookworm-backports from $uri (low priority: nothing is upgraded unless asked for)"
+  cat > "$bp_file" <<SRC
+Types: deb
+URIs: $uri
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+  rm -f "$stamp_dir/apt-updated"
+fi
+
+# --- apt ----------------------------------------------------------------------------------
+missing=()
+for p in "${packages[@]}" "${backport_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  export DEBIAN_FRONTEND=noninteractive
+  if [ ! -f "$stamp_dir/apt-updated" ] || [ -n "$(find "$stamp_dir/apt-updated" -mmin +720)" ]; then
+    log "apt-get update"
+    apt-get update -q
+    touch "$stamp_dir/apt-updated"
+  fi
+  log "installing system packages: ${missing[*]}"
+  apt-get install -y -q --no-install-recommends "${packages[@]}"
+  apt-get install -y -q --no-install-recommends -t bookworm-backports "${backport_packages[@]}"
+  # the reference servers are for tests and benchmarks only: never left running
+  for svc in tftpd-hpa atftpd nginx; do
+    if [ -x "/etc/init.d/$svc" ]; then "/etc/init.d/$svc" stop >/dev/null 2>&1 || true; fi
+  done
+else
+  log "system packages present"
+fi
+
+# --- venv ---------------------------------------------------------------------------------
+lock=$here/requirements.lock
+if [ ! -x "$venv/bin/python" ]; then
+  log "creating venv $venv"
+  /usr/bin/python3 -m venv "$venv"
+fi
+want=$(cat "$lock" "$here/pyproject.toml" | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$venv/.hatchery-installed" 2>/dev/null)" != "$want" ]; then
+  log "installing Python packages (pinned by requirements.lock)"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r "$lock"
+  "$venv/bin/pip" install -q --disable-pip-version-check --no-deps -e "$here"
+  echo "$want" > "$venv/.hatchery-installed"
+else
+  log "venv up to date"
+fi
+log "setup done"
