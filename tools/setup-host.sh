@@ -15,6 +15,7 @@ log() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 die() { printf 'setup: %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "run as root (apt installs system packages); hint: sudo make setup"
+# shellcheck source=/dev/null
 . /etc/os-release
 [ "${VERSION_CODENAME:-}" = bookworm ] || die "Debian 12 (bookworm) is required, this is ${PRETTY_NAME:-unknown}"
 

@@ -26,7 +26,7 @@ def guest_kernel(require_tool: Callable[[str], str]):
 
 @pytest.mark.parametrize("form", ["vmlinux", "vmlinuz"])
 def test_direct_kernel_boot_reaches_init(guest_kernel, tmp_path: Path, form: str) -> None:
-    init = INIT_PRELUDE + f'echo "{MARKER} $(uname -r)"\npoweroff -f\n'
+    init = INIT_PRELUDE + f'echo "{MARKER} release=$(uname -r) END"\npoweroff -f\n'
     initrd = tmp_path / "initrd.cpio"
     initrd.write_bytes(busybox_initramfs(init))
     kernel = guest_kernel.vmlinux() if form == "vmlinux" else guest_kernel.vmlinuz
@@ -37,7 +37,5 @@ def test_direct_kernel_boot_reaches_init(guest_kernel, tmp_path: Path, form: str
         extra=("-no-reboot",),
     )
     with run_guest(build_argv(spec)) as guest:
-        guest.wait_for(MARKER.encode(), timeout=120)
+        guest.wait_for(f"{MARKER} release={guest_kernel.vmlinuz.parent.name} END".encode(), 120)
         assert guest.process.wait(timeout=60) == 0
-    release = guest.output.split(MARKER.encode(), 1)[1].split()[0].decode()
-    assert release == guest_kernel.vmlinuz.parent.name
