@@ -8,14 +8,17 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from hatchery.cli import ca
 from hatchery.errors import HatcheryError
 from hatchery.log import setup_logging
 from hatchery.qemu.accel import choose_accel
 
 log = logging.getLogger("hatchery.cli")
 
-# Command groups register here: name -> (help, add_arguments(parser) that sets func=...).
-COMMAND_GROUPS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}
+# Command groups: name -> (help, register(parser) that adds subcommands setting func=...).
+COMMAND_GROUPS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "ca": ("make the CA and issue certificates", ca.register),
+}
 
 
 def _cmd_accel(args: argparse.Namespace) -> int:
