@@ -12,3 +12,6 @@ def setup_logging(debug: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # pyroute2 and qemu.qmp narrate every message at DEBUG: keep them to warnings.
+    for noisy in ("pyroute2", "qemu.qmp"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

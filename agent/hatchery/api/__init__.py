@@ -1,0 +1,1 @@
+"""The agent's HTTPS API: mutual TLS, identity and groups from the client certificate."""

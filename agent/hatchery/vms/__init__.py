@@ -1,0 +1,1 @@
+"""VMs: the lifecycle model, QEMU processes controlled over QMP, and the manager."""

@@ -1,0 +1,411 @@
+"""The VM manager: create, start, stop, destroy, list; re-adopt running VMs at start.
+
+Every change of a VM is written to its record (``vms/<name>/vm.json``, atomically) before the
+agent acts on it, so a crash in the middle is finished or undone at the next start. QEMU
+runs detached (see ``process``); this object only holds QMP connections and exit watches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import shutil
+import time
+import uuid as uuidlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hatchery import netdev, state
+from hatchery.addresses import AddressPool
+from hatchery.capacity import HostCapacity, Resources
+from hatchery.errors import HatcheryError
+from hatchery.qemu.accel import AccelChoice
+from hatchery.qemu.cmdline import DirectKernel, GuestSpec, Nic, build_argv
+from hatchery.vms import process
+from hatchery.vms.model import (
+    NAME_RE,
+    Action,
+    DiskBoot,
+    Event,
+    KernelBoot,
+    VmRecord,
+    VmState,
+    VmStateError,
+    check_action,
+    next_state,
+)
+from hatchery.vms.monitor import Monitor, MonitorError
+
+log = logging.getLogger(__name__)
+
+METADATA_URL = "http://169.254.169.254/nocloud/"
+LIVE_STATES = (VmState.STARTING, VmState.RUNNING, VmState.STOPPING)
+
+
+class VmError(HatcheryError):
+    """A VM request that cannot be done."""
+
+
+class NotFound(VmError):
+    """No VM of that name."""
+
+
+@dataclass(frozen=True, slots=True)
+class CreateRequest:
+    name: str
+    vcpus: int = 1
+    memory_mib: int = 256
+    disk_mib: int = 0
+    bridge: str | None = None
+    kernel_boot: KernelBoot | None = None
+    disk_boot: DiskBoot | None = None
+    user_data: str = ""
+    owner_group: str | None = None
+    machine: str = "q35"
+    start: bool = True
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Live:
+    """What the agent holds for a running VM: its QMP connection and exit watch."""
+
+    monitor: Monitor | None = None
+    watch: process.ExitWatch | None = None
+    shutdown_seen: bool = False
+
+
+class VmManager:
+    def __init__(
+        self,
+        state_dir: Path,
+        pool: AddressPool,
+        capacity: HostCapacity,
+        accel: AccelChoice,
+        qemu_binary: str = "qemu-system-x86_64",
+        on_change: Callable[[VmRecord], None] | None = None,
+    ) -> None:
+        self._dir = state_dir / "vms"
+        self._pool = pool
+        self._capacity = capacity
+        self._accel = accel
+        self._qemu = qemu_binary
+        self._on_change = on_change
+        self._vms: dict[str, VmRecord] = {}
+        self._live: dict[str, _Live] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # --- records ------------------------------------------------------------------------
+    def _vm_dir(self, name: str) -> Path:
+        return self._dir / name
+
+    def _save(self, vm: VmRecord) -> VmRecord:
+        state.write_json(self._vm_dir(vm.name) / "vm.json", vm.to_json())
+        self._vms[vm.name] = vm
+        if self._on_change is not None:
+            self._on_change(vm)
+        return vm
+
+    def _transition(self, vm: VmRecord, event: Event, **changes: Any) -> VmRecord:
+        new_state = next_state(vm.name, vm.state, event)
+        if new_state is not vm.state:
+            log.info("vm %s: %s -> %s (%s)", vm.name, vm.state, new_state, event)
+        return self._save(vm.with_state(new_state, **changes))
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    def get(self, name: str) -> VmRecord:
+        try:
+            return self._vms[name]
+        except KeyError:
+            raise NotFound(f"no vm named {name!r}") from None
+
+    def records(self) -> list[VmRecord]:
+        return sorted(self._vms.values(), key=lambda v: v.name)
+
+    def used(self) -> Resources:
+        total = Resources()
+        for vm in self._vms.values():
+            total = total + Resources(vm.vcpus, vm.memory_mib, vm.disk_mib)
+        return total
+
+    @property
+    def capacity(self) -> HostCapacity:
+        return self._capacity
+
+    def console_log(self, name: str) -> Path:
+        return self._vm_dir(self.get(name).name) / "console.log"
+
+    # --- start-up: re-adopt ------------------------------------------------------------
+    async def adopt_all(self) -> None:
+        """Load every record; reconnect to live QEMUs; settle the rest."""
+        self._dir.mkdir(parents=True, exist_ok=True)
+        for path, raw in state.iter_json_files_nested(self._dir, "vm.json"):
+            try:
+                vm = VmRecord.from_json(raw)
+            except (TypeError, ValueError, KeyError) as exc:
+                state.set_aside(path, f"not a VM record: {exc}")
+                continue
+            self._vms[vm.name] = vm
+            with contextlib.suppress(HatcheryError):
+                self._pool.claim(ipaddress.IPv4Address(vm.ip), vm.name)
+            await self._adopt(vm)
+
+    async def _adopt(self, vm: VmRecord) -> None:
+        alive = vm.pid is not None and process.is_ours(vm.pid, vm.uuid)
+        if vm.state is VmState.DESTROYING:
+            await self._finish_destroy(vm)
+        elif vm.state in LIVE_STATES or vm.state is VmState.PAUSED:
+            if alive:
+                assert vm.pid is not None
+                try:
+                    await self._attach(vm, vm.pid)
+                except (MonitorError, ProcessLookupError) as exc:
+                    log.warning("vm %s: cannot re-attach: %s", vm.name, exc)
+                    self._settle_dead(vm, "QEMU did not answer on QMP after the agent restarted")
+                    return
+                log.info("vm %s: re-adopted running QEMU pid %s", vm.name, vm.pid)
+                if vm.state is VmState.STARTING:
+                    self._transition(vm, Event.STARTED)
+                elif vm.state is VmState.STOPPING:
+                    asyncio.create_task(self.stop(vm.name), name=f"resume-stop-{vm.name}")
+            else:
+                self._settle_dead(vm, "QEMU exited while the agent was down")
+
+    def _settle_dead(self, vm: VmRecord, why: str) -> None:
+        if vm.state is VmState.STOPPING:
+            self._transition(vm, Event.DIED, pid=None, reason=None)
+        else:
+            self._transition(vm, Event.DIED, pid=None, reason=why)
+            log.error("vm %s: crashed: %s", vm.name, why)
+
+    # --- create ---------------------------------------------------------------------------
+    async def create(self, req: CreateRequest) -> VmRecord:
+        if not NAME_RE.match(req.name):
+            raise VmError(
+                f"bad vm name {req.name!r}",
+                hint="1-32 characters: lowercase letters, digits, inner dashes",
+            )
+        if (req.kernel_boot is None) == (req.disk_boot is None):
+            raise VmError("a vm needs exactly one of kernel boot or disk boot")
+        async with self._lock(req.name):
+            if req.name in self._vms:
+                raise VmError(f"a vm named {req.name} already exists")
+            self._capacity.check(self.used(), Resources(req.vcpus, req.memory_mib, req.disk_mib))
+            if req.kernel_boot is not None:
+                for path in (req.kernel_boot.kernel, req.kernel_boot.initrd):
+                    if path is not None and not Path(path).is_file():
+                        raise VmError(f"kernel boot file {path} does not exist on this host")
+            address = self._pool.allocate(req.name, req.bridge)
+            vm_uuid = str(uuidlib.uuid4())
+            vm = VmRecord(
+                name=req.name, uuid=vm_uuid, state=VmState.STOPPED, vcpus=req.vcpus,
+                memory_mib=req.memory_mib, disk_mib=req.disk_mib, bridge=address.subnet.bridge,
+                ip=str(address.ip), mac=address.mac, owner_group=req.owner_group,
+                kernel_boot=req.kernel_boot, disk_boot=req.disk_boot, user_data=req.user_data,
+                created=time.time(), machine=req.machine, labels=dict(req.labels),
+            )  # fmt: skip
+            try:
+                self._vm_dir(req.name).mkdir(parents=True, exist_ok=False)
+                if req.disk_boot is not None:
+                    await self._make_volume(vm)
+                self._save(vm)
+            except BaseException:
+                shutil.rmtree(self._vm_dir(req.name), ignore_errors=True)
+                self._vms.pop(req.name, None)
+                self._pool.release(address.ip, req.name)
+                raise
+            log.info("vm %s: created (%s on %s)", vm.name, vm.ip, vm.bridge)
+        if req.start:
+            return await self.start(req.name)
+        return vm
+
+    async def _make_volume(self, vm: VmRecord) -> None:
+        assert vm.disk_boot is not None
+        source = vm.disk_boot.image
+        volume = self._vm_dir(vm.name) / "root.qcow2"
+        if source.startswith(("http://", "https://")):
+            raise VmError("root volumes from URLs need the image store (not yet available)")
+        if not Path(source).is_file():
+            raise VmError(f"disk image {source} does not exist on this host")
+        argv = ["qemu-img", "convert", "-O", "qcow2", source, str(volume)]
+        proc = await asyncio.create_subprocess_exec(*argv, stderr=asyncio.subprocess.PIPE)
+        _, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise VmError(f"cannot make the root volume: {err.decode(errors='replace').strip()}")
+        if vm.disk_mib:
+            argv = ["qemu-img", "resize", str(volume), f"{vm.disk_mib}M"]
+            proc = await asyncio.create_subprocess_exec(*argv, stderr=asyncio.subprocess.PIPE)
+            _, err = await proc.communicate()
+            if proc.returncode != 0:
+                raise VmError(f"cannot resize the root volume: {err.decode().strip()}")
+
+    # --- start ----------------------------------------------------------------------------
+    def _argv(self, vm: VmRecord) -> list[str]:
+        vm_dir = self._vm_dir(vm.name)
+        boot = None
+        if vm.kernel_boot is not None:
+            kb = vm.kernel_boot
+            boot = DirectKernel(Path(kb.kernel), Path(kb.initrd) if kb.initrd else None, kb.cmdline)
+        extra = [
+            "-uuid", vm.uuid,
+            "-chardev",
+            f"socket,id=console,path={vm_dir / 'console'},server=on,wait=off,"
+            f"logfile={vm_dir / 'console.log'},logappend=on",
+        ]  # fmt: skip
+        if vm.disk_boot is not None:
+            extra += [
+                "-drive", f"file={vm_dir / 'root.qcow2'},if=virtio,format=qcow2,cache=none",
+            ]  # fmt: skip
+        spec = GuestSpec(
+            name=vm.name,
+            accel=self._accel,
+            memory_mib=vm.memory_mib,
+            vcpus=vm.vcpus,
+            machine=vm.machine,
+            boot=boot,
+            nics=(Nic(netdev.tap_name(vm.uuid), vm.mac),),
+            serial="chardev:console",
+            qmp_socket=vm_dir / "qmp",
+            smbios=(
+                f"type=1,manufacturer=Hatchery,product=Hatchery VM,uuid={vm.uuid},"
+                f"serial=ds=nocloud-net;s={METADATA_URL}",
+            ),
+            extra=tuple(extra),
+        )
+        return build_argv(spec, self._qemu)
+
+    async def start(self, name: str) -> VmRecord:
+        async with self._lock(name):
+            vm = self.get(name)
+            check_action(name, vm.state, Action.START)
+            vm = self._transition(vm, Event.START_REQUESTED, reason=None)
+            try:
+                await netdev.ensure_tap(netdev.tap_name(vm.uuid), vm.bridge)
+                pid = await process.launch(
+                    self._argv(vm), self._vm_dir(name) / "pid", f"hatchery-vm-{name}"
+                )
+            except HatcheryError as exc:
+                self._transition(vm, Event.START_FAILED, reason=f"start failed: {exc.message}")
+                raise VmError(f"cannot start vm {name}: {exc.message}") from exc
+            vm = self._save(vm.with_state(VmState.STARTING, pid=pid))
+            try:
+                await self._attach(vm, pid)
+            except (MonitorError, ProcessLookupError) as exc:
+                process.kill(pid, vm.uuid)
+                self._transition(self.get(name), Event.DIED, pid=None, reason=str(exc))
+                raise VmError(f"vm {name} started but QMP failed: {exc}") from exc
+            return self._transition(vm, Event.STARTED, started=time.time())
+
+    async def _attach(self, vm: VmRecord, pid: int) -> None:
+        live = _Live()
+        self._live[vm.name] = live
+
+        def on_event(kind: str, data: dict[str, Any]) -> None:
+            self._on_qmp_event(vm.name, kind, data)
+
+        live.watch = process.ExitWatch(pid, lambda: self._on_exit(vm.name))
+        live.monitor = Monitor(vm.name, self._vm_dir(vm.name) / "qmp", on_event)
+        await live.monitor.connect()
+
+    def _on_qmp_event(self, name: str, kind: str, data: dict[str, Any]) -> None:
+        vm = self._vms.get(name)
+        live = self._live.get(name)
+        if vm is None or live is None:
+            return
+        if kind == "SHUTDOWN":
+            live.shutdown_seen = True
+        elif kind == "STOP" and vm.state is VmState.RUNNING:
+            self._transition(vm, Event.PAUSED, reason="paused by QEMU")
+        elif kind == "RESUME" and vm.state is VmState.PAUSED:
+            self._transition(vm, Event.RESUMED, reason=None)
+        elif kind == "RESET":
+            log.info("vm %s: guest reset (reboot)", name)
+
+    def _on_exit(self, name: str) -> None:
+        live = self._live.pop(name, None)
+        vm = self._vms.get(name)
+        if vm is None:
+            return
+        if live is not None and live.monitor is not None:
+            asyncio.create_task(live.monitor.close(), name=f"qmp-close-{name}")
+        clean = live is not None and live.shutdown_seen
+        event = Event.STOPPED if clean else Event.DIED
+        reason = None if clean or vm.state is VmState.STOPPING else "QEMU exited unexpectedly"
+        with contextlib.suppress(VmStateError):
+            self._transition(vm, event, pid=None, reason=reason)
+        if reason:
+            log.error("vm %s: %s", name, reason)
+        asyncio.create_task(netdev.delete_link(netdev.tap_name(vm.uuid)), name=f"untap-{name}")
+
+    # --- stop -------------------------------------------------------------------------
+    async def stop(self, name: str, timeout: float = 30.0, force: bool = False) -> VmRecord:
+        """Soft (ACPI power button, up to ``timeout``), then hard (QMP quit, then SIGKILL)."""
+        async with self._lock(name):
+            vm = self.get(name)
+            if vm.state is not VmState.STOPPING:
+                check_action(name, vm.state, Action.STOP)
+                vm = self._transition(vm, Event.STOP_REQUESTED)
+            await self._halt(vm, timeout=0 if force else timeout)
+            return self.get(name)
+
+    async def _halt(self, vm: VmRecord, timeout: float) -> None:
+        live = self._live.get(vm.name)
+        if live is None or live.watch is None or vm.pid is None:
+            return
+        exited = live.watch.exited
+        if timeout > 0 and live.monitor is not None:
+            with contextlib.suppress(MonitorError):
+                await live.monitor.powerdown()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(exited.wait(), timeout)
+        if not exited.is_set() and live.monitor is not None:
+            log.info("vm %s: no soft shutdown, quitting QEMU", vm.name)
+            live.shutdown_seen = True
+            await live.monitor.quit()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(exited.wait(), 10)
+        if not exited.is_set():
+            log.warning("vm %s: QEMU still running, killing pid %s", vm.name, vm.pid)
+            live.shutdown_seen = True
+            process.kill(vm.pid, vm.uuid)
+            await asyncio.wait_for(exited.wait(), 10)
+
+    # --- destroy --------------------------------------------------------------------------
+    async def destroy(self, name: str) -> None:
+        async with self._lock(name):
+            vm = self.get(name)
+            check_action(name, vm.state, Action.DESTROY)
+            vm = self._transition(vm, Event.DESTROY_REQUESTED)
+            await self._halt(vm, timeout=0)
+            await self._finish_destroy(self.get(name))
+
+    async def _finish_destroy(self, vm: VmRecord) -> None:
+        if vm.pid is not None:
+            process.kill(vm.pid, vm.uuid)
+        await netdev.delete_link(netdev.tap_name(vm.uuid))
+        shutil.rmtree(self._vm_dir(vm.name), ignore_errors=True)
+        self._pool.release(ipaddress.IPv4Address(vm.ip), vm.name)
+        self._vms.pop(vm.name, None)
+        self._live.pop(vm.name, None)
+        log.info("vm %s: destroyed, %s returned to the pool", vm.name, vm.ip)
+
+    # --- user data ------------------------------------------------------------------------
+    async def set_user_data(self, name: str, user_data: str) -> VmRecord:
+        async with self._lock(name):
+            return self._save(self.get(name).with_state(self.get(name).state, user_data=user_data))
+
+    # --- shutdown of the agent ------------------------------------------------------------
+    async def close(self) -> None:
+        """Let go of every VM without stopping it (the agent is exiting or restarting)."""
+        for live in list(self._live.values()):
+            if live.watch is not None:
+                live.watch.close()
+            if live.monitor is not None:
+                await live.monitor.close()
+        self._live.clear()

@@ -1,0 +1,147 @@
+"""The VM lifecycle as an explicit state machine, and the record kept on disk per VM."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+from hatchery.errors import HatcheryError
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}[a-z0-9]$|^[a-z0-9]$")
+
+
+class VmState(StrEnum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    PAUSED = "paused"
+    CRASHED = "crashed"
+    DESTROYING = "destroying"
+
+
+class Action(StrEnum):
+    START = "start"
+    STOP = "stop"
+    DESTROY = "destroy"
+
+
+class Event(StrEnum):
+    """What can happen to a VM, requested or not."""
+
+    START_REQUESTED = "start requested"
+    STARTED = "started"
+    START_FAILED = "start failed"
+    STOP_REQUESTED = "stop requested"
+    STOPPED = "stopped"  # QEMU exited after a shutdown (guest poweroff or ours)
+    DIED = "died"  # QEMU vanished without a shutdown
+    PAUSED = "paused"  # QMP STOP: QEMU paused the guest (I/O error, or an operator)
+    RESUMED = "resumed"
+    DESTROY_REQUESTED = "destroy requested"
+
+
+S, E = VmState, Event
+TRANSITIONS: dict[tuple[VmState, Event], VmState] = {
+    (S.STOPPED, E.START_REQUESTED): S.STARTING,
+    (S.CRASHED, E.START_REQUESTED): S.STARTING,
+    (S.STARTING, E.STARTED): S.RUNNING,
+    (S.STARTING, E.START_FAILED): S.STOPPED,
+    (S.STARTING, E.DIED): S.CRASHED,
+    (S.RUNNING, E.STOP_REQUESTED): S.STOPPING,
+    (S.RUNNING, E.STOPPED): S.STOPPED,
+    (S.RUNNING, E.DIED): S.CRASHED,
+    (S.RUNNING, E.PAUSED): S.PAUSED,
+    (S.PAUSED, E.RESUMED): S.RUNNING,
+    (S.PAUSED, E.STOP_REQUESTED): S.STOPPING,
+    (S.PAUSED, E.STOPPED): S.STOPPED,
+    (S.PAUSED, E.DIED): S.CRASHED,
+    (S.PAUSED, E.DESTROY_REQUESTED): S.DESTROYING,
+    (S.STOPPING, E.STOPPED): S.STOPPED,
+    (S.STOPPING, E.DIED): S.STOPPED,
+    (S.STOPPED, E.DESTROY_REQUESTED): S.DESTROYING,
+    (S.CRASHED, E.DESTROY_REQUESTED): S.DESTROYING,
+    (S.RUNNING, E.DESTROY_REQUESTED): S.DESTROYING,
+    (S.STARTING, E.DESTROY_REQUESTED): S.DESTROYING,
+    (S.DESTROYING, E.STOPPED): S.DESTROYING,
+    (S.DESTROYING, E.DIED): S.DESTROYING,
+}
+
+_ACTION_EVENT = {
+    Action.START: E.START_REQUESTED,
+    Action.STOP: E.STOP_REQUESTED,
+    Action.DESTROY: E.DESTROY_REQUESTED,
+}
+
+
+class VmStateError(HatcheryError):
+    """A request that the VM's current state does not allow."""
+
+
+def next_state(name: str, current: VmState, event: Event) -> VmState:
+    try:
+        return TRANSITIONS[(current, event)]
+    except KeyError:
+        raise VmStateError(f"vm {name} is {current}: cannot handle '{event}'") from None
+
+
+def check_action(name: str, current: VmState, action: Action) -> VmState:
+    """The state ``action`` leads to, or a readable refusal ("vm web1 is stopping, ...")."""
+    if (current, _ACTION_EVENT[action]) not in TRANSITIONS:
+        raise VmStateError(f"vm {name} is {current}, cannot {action} it")
+    return TRANSITIONS[(current, _ACTION_EVENT[action])]
+
+
+@dataclass(frozen=True, slots=True)
+class KernelBoot:
+    kernel: str
+    initrd: str | None = None
+    cmdline: str = "console=ttyS0"
+
+
+@dataclass(frozen=True, slots=True)
+class DiskBoot:
+    image: str  # path or URL the root volume was made from
+    format: str = "qcow2"
+
+
+@dataclass(frozen=True, slots=True)
+class VmRecord:
+    name: str
+    uuid: str
+    state: VmState
+    vcpus: int
+    memory_mib: int
+    disk_mib: int
+    bridge: str
+    ip: str
+    mac: str
+    owner_group: str | None = None
+    kernel_boot: KernelBoot | None = None
+    disk_boot: DiskBoot | None = None
+    user_data: str = ""
+    created: float = 0.0
+    pid: int | None = None
+    started: float | None = None
+    machine: str = "q35"
+    reason: str | None = None  # why it is crashed/stopped, for the operator
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def with_state(self, state: VmState, **changes: Any) -> VmRecord:
+        return replace(self, state=state, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["state"] = self.state.value
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> VmRecord:
+        data = dict(data)
+        data["state"] = VmState(data["state"])
+        if data.get("kernel_boot"):
+            data["kernel_boot"] = KernelBoot(**data["kernel_boot"])
+        if data.get("disk_boot"):
+            data["disk_boot"] = DiskBoot(**data["disk_boot"])
+        return cls(**data)

@@ -1,0 +1,114 @@
+"""QEMU processes that outlive the agent.
+
+QEMU is started with ``-daemonize`` (its own session, re-parented to init) and, where systemd
+runs, inside its own transient scope, so neither a SIGKILL of the agent nor systemd
+restarting the agent's unit stops a VM. The agent finds the process again through the
+pidfile and checks ``/proc/PID/cmdline`` for the VM's UUID, so a recycled PID is never
+mistaken for the VM. Exit is watched with a pidfd, which works for processes that are not
+our children.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+from hatchery.errors import CommandError, HatcheryError
+
+log = logging.getLogger(__name__)
+
+
+class ProcessError(HatcheryError):
+    """QEMU could not be started or found."""
+
+
+def systemd_running() -> bool:
+    return Path("/run/systemd/system").is_dir()
+
+
+def scope_prefix(unit: str) -> list[str]:
+    """Run in a transient scope of its own when systemd manages this host."""
+    runner = shutil.which("systemd-run")
+    if runner is None or not systemd_running():
+        return []
+    return [runner, "--scope", "--quiet", "--collect", f"--unit={unit}", "--"]
+
+
+async def launch(argv: list[str], pidfile: Path, unit: str, timeout: float = 60.0) -> int:
+    """Start QEMU daemonized; return its PID once it runs (the QMP socket is ready then)."""
+    pidfile.unlink(missing_ok=True)
+    full = [*scope_prefix(unit), *argv, "-daemonize", "-pidfile", str(pidfile)]
+    log.debug("exec %s", " ".join(full))
+    proc = await asyncio.create_subprocess_exec(
+        *full,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        _, stderr = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise ProcessError(f"QEMU did not daemonize within {timeout:.0f}s") from None
+    if proc.returncode != 0:
+        raise CommandError(full, proc.returncode or -1, stderr.decode(errors="replace"))
+    pid = read_pidfile(pidfile)
+    if pid is None:
+        raise ProcessError(f"QEMU started but wrote no pidfile {pidfile}")
+    return pid
+
+
+def read_pidfile(pidfile: Path) -> int | None:
+    try:
+        return int(pidfile.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def is_ours(pid: int, marker: str) -> bool:
+    """Whether ``pid`` is alive and its command line carries ``marker`` (the VM's UUID)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return marker.encode() in cmdline
+
+
+def kill(pid: int, marker: str) -> bool:
+    """SIGKILL ``pid`` if it is still the VM's QEMU; return whether a signal was sent."""
+    if not is_ours(pid, marker):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+        return True
+    return False
+
+
+class ExitWatch:
+    """Calls ``on_exit`` once when ``pid`` exits (pidfd readable); idempotent close."""
+
+    def __init__(self, pid: int, on_exit: Callable[[], None]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._fd: int | None = os.pidfd_open(pid)
+        self._on_exit = on_exit
+        self.exited = asyncio.Event()
+        self._loop.add_reader(self._fd, self._fire)
+
+    def _fire(self) -> None:
+        self.close()
+        self.exited.set()
+        self._on_exit()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            self._loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = None
