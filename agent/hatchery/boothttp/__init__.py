@@ -1,0 +1,1 @@
+"""Boot over HTTP: per-MAC iPXE scripts from pxe/ profiles, and the artefacts they load."""

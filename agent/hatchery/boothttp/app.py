@@ -1,0 +1,142 @@
+"""The boot HTTP service (aiohttp).
+
+- ``GET /boot/ipxe?mac=MAC``: the iPXE script of that machine's profile (pxe/profiles.yaml);
+  an unknown MAC gets the default profile, or 404 with a reason when there is none.
+- ``GET /artefacts/PATH``: kernels and initrds under the artefact root;
+  ``GET /ipxe/NAME``: the iPXE binaries (for UEFI HTTP Boot clients). Both are sent with
+  ``FileResponse``: range requests, conditional GETs, and the kernel's sendfile (zero copy).
+
+Paths are jailed: the resolved file (symlinks followed) must lie inside its root, or 404.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from hatchery.boothttp.profiles import Profiles
+from hatchery.dhcp.leases import normalise_mac
+from hatchery.errors import HatcheryError
+
+log = logging.getLogger(__name__)
+
+_HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+DEFAULT_IPXE_DIR = Path("/usr/lib/ipxe")
+
+
+class BootHttpError(HatcheryError):
+    """The boot HTTP service cannot start."""
+
+
+@dataclass(frozen=True, slots=True)
+class BootHttpConfig:
+    root: Path  # artefact root: <root>/<image>/vmlinuz, <root>/<image>/initrd
+    profiles: Profiles | None = None  # None: no scripts (every MAC refused)
+    ipxe_dir: Path | None = DEFAULT_IPXE_DIR
+    public_url: str | None = None  # base URL written into scripts; default: from Host
+
+
+CONFIG = web.AppKey("config", BootHttpConfig)
+
+
+def jailed(root: Path, rel: str) -> Path | None:
+    """``root/rel`` if it is a regular file inside ``root`` after resolving symlinks."""
+    if not rel or rel.startswith("/") or "\0" in rel:
+        return None
+    base = root.resolve()
+    try:
+        candidate = (base / rel).resolve(strict=True)
+    except (OSError, RuntimeError):
+        return None
+    if not candidate.is_relative_to(base) or not candidate.is_file():
+        return None
+    return candidate
+
+
+def _base_url(request: web.Request, config: BootHttpConfig) -> str:
+    if config.public_url:
+        return config.public_url.rstrip("/")
+    host = request.host
+    if not _HOST.match(host):  # never echo a strange Host header into a script
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        host = f"{sockname[0]}:{sockname[1]}" if sockname else "localhost"
+    return f"http://{host}"
+
+
+async def boot_script(request: web.Request) -> web.StreamResponse:
+    config = request.app[CONFIG]
+    raw = request.query.get("mac", "")
+    try:
+        mac = normalise_mac(raw)
+    except ValueError:
+        return web.Response(status=400, text=f"no valid ?mac= given: {raw[:40]!r}\n")
+    profile = config.profiles.for_mac(mac) if config.profiles is not None else None
+    if profile is None:
+        log.info("boot script refused for %s: no profile and no default", mac)
+        return web.Response(
+            status=404, text=f"no boot profile for {mac} and no default profile configured\n"
+        )
+    log.info("boot script for %s: profile %s (image %s)", mac, profile.name, profile.image)
+    return web.Response(
+        text=profile.render(mac, _base_url(request, config)), content_type="text/plain"
+    )
+
+
+def _file(root: Path | None, rel: str) -> web.StreamResponse:
+    path = jailed(root, rel) if root is not None else None
+    if path is None:
+        return web.Response(status=404, text=f"not found: {rel[:200]}\n")
+    return web.FileResponse(path, chunk_size=1 << 20)
+
+
+async def artefact(request: web.Request) -> web.StreamResponse:
+    return _file(request.app[CONFIG].root, request.match_info["path"])
+
+
+async def ipxe_binary(request: web.Request) -> web.StreamResponse:
+    # One plain file name, no path: Debian's ipxe.efi is a symlink to /boot/ipxe.efi, so
+    # symlinks are followed here, but a name cannot leave the folder.
+    name = request.match_info["name"]
+    folder = request.app[CONFIG].ipxe_dir
+    if folder is None or not _NAME.match(name) or not (folder / name).is_file():
+        return web.Response(status=404, text=f"no iPXE binary {name[:100]!r}\n")
+    return web.FileResponse(folder / name)
+
+
+def make_app(config: BootHttpConfig) -> web.Application:
+    app = web.Application()
+    app[CONFIG] = config
+    app.router.add_get("/boot/ipxe", boot_script)
+    app.router.add_get("/artefacts/{path:.+}", artefact)
+    app.router.add_get("/ipxe/{name}", ipxe_binary)
+    return app
+
+
+class BootHttpServer:
+    """The service started on ``host:port``; ``stop`` is idempotent."""
+
+    def __init__(self, config: BootHttpConfig, host: str, port: int) -> None:
+        self.config, self.host, self.port = config, host, port
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        runner = web.AppRunner(make_app(self.config), access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self.host, self.port, reuse_address=True).start()
+        except OSError as exc:
+            await runner.cleanup()
+            where = f"{self.host}:{self.port}"
+            raise BootHttpError(f"cannot listen on {where}: {exc.strerror}") from exc
+        self._runner = runner
+        log.info("boot http: serving %s on %s:%d", self.config.root, self.host, self.port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()

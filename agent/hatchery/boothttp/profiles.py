@@ -1,0 +1,159 @@
+"""Boot profiles (pxe/profiles.yaml): which image, kernel command line and role a machine
+boots, chosen per MAC, per group of MACs, or by a default; and the iPXE script rendering.
+
+Templates are iPXE scripts with ``{{name}}`` placeholders (iPXE itself owns ``${...}``).
+Every placeholder a template uses must be known, checked when the profiles are loaded, so a
+typo fails at start rather than when a node boots.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hatchery.dhcp.leases import normalise_mac
+from hatchery.errors import ConfigError
+
+_PLACEHOLDER = re.compile(r"\{\{\s*([a-z_]+)\s*\}\}")
+_SAFE_PATH = re.compile(r"^[A-Za-z0-9._+-]+(/[A-Za-z0-9._+-]+)*$")
+PLACEHOLDERS = frozenset(
+    {"base_url", "kernel_url", "initrd_url", "cmdline", "image", "role", "profile", "mac"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    name: str
+    image: str  # folder under the artefact root: artefacts/<image>/<kernel|initrd>
+    role: str
+    cmdline: str
+    template: str  # the template text
+    kernel: str = "vmlinuz"
+    initrd: str = "initrd"
+
+    def render(self, mac: str, base_url: str) -> str:
+        base = base_url.rstrip("/")
+        values = {
+            "base_url": base,
+            "kernel_url": f"{base}/artefacts/{self.image}/{self.kernel}",
+            "initrd_url": f"{base}/artefacts/{self.image}/{self.initrd}",
+            "cmdline": self.cmdline,
+            "image": self.image,
+            "role": self.role,
+            "profile": self.name,
+            "mac": mac,
+        }
+        return _PLACEHOLDER.sub(lambda m: values[m.group(1)], self.template)
+
+
+@dataclass(frozen=True, slots=True)
+class Profiles:
+    profiles: Mapping[str, Profile]
+    machines: Mapping[str, str]  # MAC -> profile name (groups already flattened in)
+    default: str | None = None
+
+    def for_mac(self, mac: str) -> Profile | None:
+        """The machine's own profile, else its group's, else the default (or None)."""
+        name = self.machines.get(mac, self.default)
+        return self.profiles[name] if name is not None else None
+
+    @classmethod
+    def load(cls, path: Path) -> Profiles:
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        try:
+            return cls.parse(data, path.parent)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc.message}") from exc
+
+    @classmethod
+    def parse(cls, data: Any, base_dir: Path) -> Profiles:
+        doc = _mapping(data, "profiles file")
+        _no_unknown(doc, {"default", "profiles", "groups", "machines"}, "")
+        profiles: dict[str, Profile] = {}
+        for name, raw in _mapping(doc.get("profiles"), "profiles").items():
+            profiles[str(name)] = _profile(str(name), _mapping(raw, f"profiles.{name}"), base_dir)
+        if not profiles:
+            raise ConfigError("profiles: at least one profile is required")
+
+        def known(name: Any, where: str) -> str:
+            if str(name) not in profiles:
+                raise ConfigError(f"{where}: no profile named {name!r}")
+            return str(name)
+
+        machines: dict[str, str] = {}
+        for group, raw in _mapping(doc.get("groups") or {}, "groups").items():
+            g = _mapping(raw, f"groups.{group}")
+            _no_unknown(g, {"profile", "macs"}, f"groups.{group}.")
+            profile = known(g.get("profile"), f"groups.{group}.profile")
+            for mac in g.get("macs") or []:
+                machines[_mac(mac, f"groups.{group}.macs")] = profile
+        for mac, name in _mapping(doc.get("machines") or {}, "machines").items():
+            machines[_mac(mac, "machines")] = known(name, f"machines.{mac}")
+        default = doc.get("default")
+        return cls(profiles, machines, known(default, "default") if default else None)
+
+
+def _mapping(value: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _no_unknown(doc: Mapping[str, Any], allowed: set[str], prefix: str) -> None:
+    unknown = sorted(set(doc) - allowed)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key")
+
+
+def _mac(value: Any, where: str) -> str:
+    try:
+        return normalise_mac(str(value))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _path_part(value: Any, where: str) -> str:
+    text = str(value)
+    if not _SAFE_PATH.match(text) or any(p in (".", "..") for p in text.split("/")):
+        raise ConfigError(f"{where}: {text!r} must be a relative path without '..'")
+    return text
+
+
+def _profile(name: str, raw: Mapping[str, Any], base_dir: Path) -> Profile:
+    where = f"profiles.{name}"
+    _no_unknown(raw, {"image", "role", "cmdline", "template", "kernel", "initrd"}, f"{where}.")
+    if "image" not in raw:
+        raise ConfigError(f"{where}.image: required")
+    template_name = str(raw.get("template", "templates/default.ipxe"))
+    template_path = base_dir / template_name
+    try:
+        template = template_path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{where}.template: cannot read {template_path}: {exc.strerror}") from exc
+    if not template.startswith("#!ipxe"):
+        raise ConfigError(f"{where}.template: {template_path} does not start with #!ipxe")
+    for placeholder in _PLACEHOLDER.findall(template):
+        if placeholder not in PLACEHOLDERS:
+            raise ConfigError(f"{where}.template: unknown placeholder {{{{{placeholder}}}}}")
+    cmdline = str(raw.get("cmdline", ""))
+    if "\n" in cmdline:
+        raise ConfigError(f"{where}.cmdline: must be one line")
+    return Profile(
+        name=name,
+        image=_path_part(raw["image"], f"{where}.image"),
+        role=str(raw.get("role", name)),
+        cmdline=cmdline,
+        template=template,
+        kernel=_path_part(raw.get("kernel", "vmlinuz"), f"{where}.kernel"),
+        initrd=_path_part(raw.get("initrd", "initrd"), f"{where}.initrd"),
+    )

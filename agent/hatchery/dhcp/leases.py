@@ -1,0 +1,254 @@
+"""Where DHCP addresses come from: static leases (the consumer-declared ``LeaseSource``) and
+the dynamic leases of nodes being birthed (``BirthLeases``, persisted atomically).
+
+The agent's address pool implements ``LeaseSource``; ``StaticLeases`` is the small
+dict/file-backed implementation used by tests and ``hatchery-agent serve dhcp``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+
+from hatchery.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_MAC_RE = re.compile(r"^[0-9a-f]{2}([:-][0-9a-f]{2}){5}$")
+
+
+def normalise_mac(text: str) -> str:
+    """``52-54-00-AA-BB-CC`` or ``52:54:00:aa:bb:cc`` -> ``52:54:00:aa:bb:cc``; ValueError else."""
+    value = text.strip().lower()
+    if not _MAC_RE.match(value):
+        raise ValueError(f"not a MAC address: {text!r}")
+    return value.replace("-", ":")
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One client's address. ``boot`` says the client may be answered with PXE boot options."""
+
+    mac: str
+    ip: ipaddress.IPv4Address
+    hostname: str | None = None
+    boot: bool = False
+
+
+class LeaseSource(Protocol):
+    """What the DHCP responder needs from whoever owns static addresses (the address pool)."""
+
+    def lookup(self, mac: str) -> Lease | None:
+        """The lease for ``mac`` (lower-case, colon-separated), or None if unknown."""
+        ...
+
+
+class StaticLeases:
+    """A ``LeaseSource`` over a fixed mapping; ``from_file`` reads YAML or JSON of the form
+    ``{MAC: IP}`` or ``{MAC: {ip: IP, hostname: NAME, boot: BOOL}}``."""
+
+    def __init__(self, leases: Mapping[str, Lease] | None = None) -> None:
+        self._leases = {normalise_mac(m): lease for m, lease in (leases or {}).items()}
+
+    def lookup(self, mac: str) -> Lease | None:
+        return self._leases.get(mac)
+
+    def __iter__(self) -> Iterator[Lease]:
+        return iter(self._leases.values())
+
+    @classmethod
+    def from_mapping(cls, data: Any, where: str = "leases") -> StaticLeases:
+        if data is None:
+            return cls()
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where}: expected a mapping of MAC to address")
+        leases: dict[str, Lease] = {}
+        for key, value in data.items():
+            try:
+                mac = normalise_mac(str(key))
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {exc}") from exc
+            entry = value if isinstance(value, Mapping) else {"ip": value}
+            unknown = set(entry) - {"ip", "hostname", "boot"}
+            if unknown:
+                raise ConfigError(f"{where}.{key}.{sorted(unknown)[0]}: unknown key")
+            try:
+                ip = ipaddress.IPv4Address(str(entry.get("ip")))
+            except ValueError as exc:
+                raise ConfigError(f"{where}.{key}.ip: not an IPv4 address") from exc
+            hostname = entry.get("hostname")
+            leases[mac] = Lease(mac, ip, str(hostname) if hostname else None,
+                                bool(entry.get("boot", False)))  # fmt: skip
+        return cls(leases)
+
+    @classmethod
+    def from_file(cls, path: Path) -> StaticLeases:
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML/JSON: {exc}") from exc
+        return cls.from_mapping(data, str(path))
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    mac: str
+    ip: ipaddress.IPv4Address
+    expires: float  # wall-clock seconds (time.time()) after which the address is free again
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``path`` so a crash leaves the old or the new file, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class BirthLeases:
+    """Dynamic leases from one address range for nodes being birthed.
+
+    Offers are held in memory for ``offer_hold`` seconds; committed leases (ACKed) are written
+    to ``path`` (JSON, atomically) if a path is given. A corrupt file is moved aside to
+    ``<name>.corrupt`` and reported, never silently overwritten. Declined addresses are
+    skipped for ``decline_hold`` seconds (RFC 2131 section 4.3.3).
+    """
+
+    def __init__(
+        self,
+        start: ipaddress.IPv4Address,
+        end: ipaddress.IPv4Address,
+        path: Path | None = None,
+        *,
+        offer_hold: float = 60.0,
+        decline_hold: float = 600.0,
+    ) -> None:
+        if end < start:
+            raise ConfigError(f"birth range: end {end} is before start {start}")
+        self.start, self.end, self.path = start, end, path
+        self.offer_hold, self.decline_hold = offer_hold, decline_hold
+        self._leases: dict[str, Binding] = {}
+        self._offers: dict[str, Binding] = {}
+        self._declined: dict[ipaddress.IPv4Address, float] = {}
+        if path is not None:
+            self._load(path)
+
+    def _load(self, path: Path) -> None:
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return
+        try:
+            doc = json.loads(raw)
+            for item in doc["leases"]:
+                b = Binding(normalise_mac(item["mac"]), ipaddress.IPv4Address(item["ip"]),
+                            float(item["expires"]))  # fmt: skip
+                self._leases[b.mac] = b
+        except (ValueError, KeyError, TypeError) as exc:
+            aside = path.with_name(path.name + ".corrupt")
+            os.replace(path, aside)
+            log.error("lease file %s is corrupt (%s): moved aside to %s", path, exc, aside)
+            self._leases.clear()
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        doc = {
+            "leases": [
+                {"mac": b.mac, "ip": str(b.ip), "expires": b.expires}
+                for b in sorted(self._leases.values(), key=lambda b: int(b.ip))
+            ]
+        }
+        write_atomically(self.path, json.dumps(doc, indent=1).encode() + b"\n")
+
+    def __contains__(self, ip: ipaddress.IPv4Address) -> bool:
+        return self.start <= ip <= self.end
+
+    def leases(self) -> tuple[Binding, ...]:
+        return tuple(self._leases.values())
+
+    def binding(self, mac: str, now: float) -> Binding | None:
+        """The committed, unexpired lease of ``mac``."""
+        b = self._leases.get(mac)
+        return b if b is not None and b.expires > now else None
+
+    def _in_use(self, now: float, mac: str) -> set[ipaddress.IPv4Address]:
+        used = {b.ip for b in self._leases.values() if b.mac != mac and b.expires > now}
+        used |= {b.ip for b in self._offers.values() if b.mac != mac and b.expires > now}
+        used |= {ip for ip, until in self._declined.items() if until > now}
+        return used
+
+    def offer(
+        self, mac: str, requested: ipaddress.IPv4Address | None, now: float
+    ) -> ipaddress.IPv4Address | None:
+        """Choose an address for ``mac`` (RFC 2131 4.3.1: its current or previous one, else the
+        requested one if free, else the first free one) and hold it briefly; None if full."""
+        used = self._in_use(now, mac)
+        choice: ipaddress.IPv4Address | None = None
+        previous = self._leases.get(mac) or self._offers.get(mac)
+        for candidate in (previous.ip if previous else None, requested):
+            if candidate is not None and candidate in self and candidate not in used:
+                choice = candidate
+                break
+        if choice is None:
+            ip = self.start
+            while ip <= self.end:
+                if ip not in used:
+                    choice = ip
+                    break
+                ip += 1
+        if choice is not None:
+            self._offers[mac] = Binding(mac, choice, now + self.offer_hold)
+        return choice
+
+    def commit(self, mac: str, ip: ipaddress.IPv4Address, lease_time: int, now: float) -> bool:
+        """Bind ``ip`` to ``mac`` for ``lease_time`` seconds and persist; False if taken."""
+        if ip not in self or ip in self._in_use(now, mac):
+            return False
+        self._offers.pop(mac, None)
+        self._leases[mac] = Binding(mac, ip, now + lease_time)
+        self._save()
+        return True
+
+    def release(self, mac: str, ip: ipaddress.IPv4Address | None = None) -> bool:
+        b = self._leases.get(mac)
+        self._offers.pop(mac, None)
+        if b is None or (ip is not None and b.ip != ip):
+            return False
+        del self._leases[mac]
+        self._save()
+        return True
+
+    def forget_offer(self, mac: str) -> None:
+        self._offers.pop(mac, None)
+
+    def decline(self, mac: str, ip: ipaddress.IPv4Address, now: float) -> None:
+        """The client found ``ip`` in use: do not hand it out for a while."""
+        self._declined[ip] = now + self.decline_hold
+        self.release(mac, ip)

@@ -1,0 +1,311 @@
+"""The DHCP server's decisions: the reply as a function of the request and the lease state.
+
+No sockets and no clock here (``now`` is passed in): ``Responder.handle`` takes a decoded
+request and returns the reply to send, or None to stay silent. Message handling follows
+RFC 2131 section 4.3; boot answers follow RFC 4578 (PXE), iPXE's conventions and the UEFI
+specification's HTTP Boot (section 24.7).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+from dataclasses import dataclass
+from enum import StrEnum
+
+from hatchery.dhcp.leases import BirthLeases, LeaseSource
+from hatchery.dhcp.packet import (
+    BROADCAST_FLAG,
+    ZERO_IP,
+    ClientArch,
+    DhcpPacket,
+    IpxeOpt,
+    MessageType,
+    Op,
+    Opt,
+    Option,
+    encapsulate,
+    opt_ip,
+    opt_str,
+    opt_u8,
+    opt_u32,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BootConfig:
+    """How to answer network-boot clients.
+
+    ``http_base`` is the boot HTTP service as clients reach it (``http://10.0.0.1:8080``).
+    PXE ROMs that are not iPXE get an iPXE binary over TFTP from ``tftp_server`` (default: our
+    own address); iPXE gets its script URL; UEFI HTTP Boot clients get ``http_efi_path``.
+    """
+
+    http_base: str
+    tftp_server: ipaddress.IPv4Address | None = None
+    bios_file: str = "undionly.kpxe"
+    efi_file: str = "ipxe.efi"
+    script_path: str = "/boot/ipxe"
+    http_efi_path: str = "/ipxe/ipxe.efi"
+
+
+@dataclass(frozen=True, slots=True)
+class DhcpConfig:
+    server_ip: ipaddress.IPv4Address
+    network: ipaddress.IPv4Network
+    router: ipaddress.IPv4Address | None = None
+    dns: tuple[ipaddress.IPv4Address, ...] = ()
+    domain: str | None = None
+    lease_time: int = 3600
+    boot: BootConfig | None = None
+
+
+class ClientKind(StrEnum):
+    PLAIN = "plain"
+    PXE = "pxe"  # a firmware PXE ROM (vendor class PXEClient), not iPXE
+    IPXE = "ipxe"
+    HTTP = "http"  # UEFI HTTP Boot (vendor class HTTPClient)
+
+
+def client_kind(request: DhcpPacket) -> ClientKind:
+    """iPXE: user class 77 is ``iPXE`` (raw, as iPXE sends it, or RFC 3004), or option 175 is
+    present. HTTP Boot: vendor class starts ``HTTPClient``. PXE: it starts ``PXEClient``."""
+    if b"iPXE" in request.user_classes() or request.get(Opt.IPXE) is not None:
+        return ClientKind.IPXE
+    vendor = request.vendor_class or b""
+    if vendor.startswith(b"HTTPClient"):
+        return ClientKind.HTTP
+    if vendor.startswith(b"PXEClient"):
+        return ClientKind.PXE
+    return ClientKind.PLAIN
+
+
+class Responder:
+    """One interface's DHCP server state: static leases, birthing leases, configuration."""
+
+    def __init__(
+        self,
+        config: DhcpConfig,
+        static: LeaseSource,
+        births: BirthLeases | None = None,
+    ) -> None:
+        self.config = config
+        self.static = static
+        self.births = births  # None: birthing disabled, unknown MACs get no answer
+
+    # --- entry point --------------------------------------------------------------------
+
+    def handle(self, request: DhcpPacket, now: float) -> DhcpPacket | None:
+        if request.op != Op.BOOTREQUEST or request.htype != 1 or len(request.chaddr) != 6:
+            return None  # we serve Ethernet clients only
+        kind = request.message_type
+        if kind == MessageType.DISCOVER:
+            return self._discover(request, now)
+        if kind == MessageType.REQUEST:
+            return self._request(request, now)
+        if kind == MessageType.DECLINE:
+            self._decline(request, now)
+        elif kind == MessageType.RELEASE:
+            self._release(request)
+        elif kind == MessageType.INFORM:
+            return self._inform(request)
+        return None  # OFFER/ACK/NAK are server messages: never answered
+
+    # --- RFC 2131 4.3.1: DHCPDISCOVER ------------------------------------------------------
+
+    def _discover(self, request: DhcpPacket, now: float) -> DhcpPacket | None:
+        mac = request.mac
+        lease = self.static.lookup(mac)
+        if lease is not None:
+            if lease.ip not in self.config.network:
+                log.warning("static lease %s for %s is outside %s", lease.ip, mac,
+                            self.config.network)  # fmt: skip
+                return None
+            return self._reply(request, MessageType.OFFER, lease.ip, lease.hostname, lease.boot)
+        if self.births is None:
+            log.debug("DISCOVER from unknown %s: birthing is off, no answer", mac)
+            return None
+        ip = self.births.offer(mac, request.requested_ip, now)
+        if ip is None:
+            log.warning("DISCOVER from %s: birth range %s-%s is full", mac, self.births.start,
+                        self.births.end)  # fmt: skip
+            return None
+        return self._reply(request, MessageType.OFFER, ip, None, True)
+
+    # --- RFC 2131 4.3.2: DHCPREQUEST --------------------------------------------------------
+
+    def _request(self, request: DhcpPacket, now: float) -> DhcpPacket | None:
+        mac = request.mac
+        server_id = request.server_id
+        if server_id is not None and server_id != self.config.server_ip:
+            # SELECTING, and the client chose another server: forget our offer, stay silent
+            if self.births is not None:
+                self.births.forget_offer(mac)
+            return None
+        wanted = request.requested_ip
+        if wanted is None:
+            if server_id is not None:
+                return self._nak(request, "SELECTING without a requested address")
+            wanted = request.ciaddr  # RENEWING/REBINDING: the address is in ciaddr
+            if wanted == ZERO_IP:
+                return None
+        lease = self.static.lookup(mac)
+        if lease is not None:
+            if wanted != lease.ip or lease.ip not in self.config.network:
+                return self._nak(request, f"address {wanted} is not yours")
+            return self._reply(request, MessageType.ACK, lease.ip, lease.hostname, lease.boot)
+        if self.births is None:
+            return None
+        if wanted not in self.config.network:
+            return self._nak(request, f"address {wanted} is not on this network")
+        if server_id is None:
+            # INIT-REBOOT, RENEWING, REBINDING: silent without a record of the client,
+            # NAK when its address is not the one we bound (RFC 2131 4.3.2)
+            bound = self.births.binding(mac, now)
+            if bound is None:
+                return None
+            if bound.ip != wanted:
+                return self._nak(request, f"address {wanted} is not yours")
+        elif wanted not in self.births:
+            return self._nak(request, f"address {wanted} is not in the birth range")
+        if not self.births.commit(mac, wanted, self.config.lease_time, now):
+            return self._nak(request, f"address {wanted} is taken")
+        return self._reply(request, MessageType.ACK, wanted, None, True)
+
+    # --- RFC 2131 4.3.3 / 4.3.4: DHCPDECLINE, DHCPRELEASE -------------------------------------
+
+    def _decline(self, request: DhcpPacket, now: float) -> None:
+        if request.server_id != self.config.server_ip or request.requested_ip is None:
+            return
+        log.warning("%s declined %s: the address is in use by someone else", request.mac,
+                    request.requested_ip)  # fmt: skip
+        if self.births is not None and self.static.lookup(request.mac) is None:
+            self.births.decline(request.mac, request.requested_ip, now)
+
+    def _release(self, request: DhcpPacket) -> None:
+        if request.server_id not in (None, self.config.server_ip):
+            return
+        if self.births is not None and self.births.release(request.mac, request.ciaddr):
+            log.info("%s released %s", request.mac, request.ciaddr)
+
+    # --- RFC 2131 4.3.5: DHCPINFORM ---------------------------------------------------------
+
+    def _inform(self, request: DhcpPacket) -> DhcpPacket | None:
+        if request.ciaddr == ZERO_IP or request.ciaddr not in self.config.network:
+            return None
+        reply = self._reply(request, MessageType.ACK, ZERO_IP, None, False)
+        # no lease time in an ACK to INFORM (RFC 2131 4.3.5, table 3)
+        keep = tuple(o for o in reply.options if o.code not in (51, 58, 59))
+        return dataclasses.replace(reply, options=keep)
+
+    # --- building replies -------------------------------------------------------------------
+
+    def _nak(self, request: DhcpPacket, why: str) -> DhcpPacket:
+        log.info("NAK to %s: %s", request.mac, why)
+        return DhcpPacket(
+            op=Op.BOOTREPLY,
+            xid=request.xid,
+            chaddr=request.chaddr,
+            flags=request.flags | BROADCAST_FLAG,  # RFC 2131 4.1: NAKs are broadcast
+            giaddr=request.giaddr,
+            options=(
+                opt_u8(Opt.MESSAGE_TYPE, MessageType.NAK),
+                opt_ip(Opt.SERVER_ID, self.config.server_ip),
+                opt_str(Opt.MESSAGE, why),
+            ),
+        )
+
+    def _reply(
+        self,
+        request: DhcpPacket,
+        kind: MessageType,
+        yiaddr: ipaddress.IPv4Address,
+        hostname: str | None,
+        boot: bool,
+    ) -> DhcpPacket:
+        cfg = self.config
+        t = cfg.lease_time
+        options = [
+            opt_u8(Opt.MESSAGE_TYPE, kind),
+            opt_ip(Opt.SERVER_ID, cfg.server_ip),
+            opt_u32(Opt.LEASE_TIME, t),
+            opt_u32(Opt.RENEWAL_TIME, t // 2),  # RFC 2131 4.4.5: T1 = 0.5, T2 = 0.875
+            opt_u32(Opt.REBINDING_TIME, t * 7 // 8),
+            opt_ip(Opt.SUBNET_MASK, cfg.network.netmask),
+            opt_ip(Opt.BROADCAST_ADDRESS, cfg.network.broadcast_address),
+        ]
+        if cfg.router is not None:
+            options.append(opt_ip(Opt.ROUTER, cfg.router))
+        if cfg.dns:
+            options.append(opt_ip(Opt.DNS, *cfg.dns))
+        if hostname:
+            options.append(opt_str(Opt.HOSTNAME, hostname))
+        if cfg.domain:
+            options.append(opt_str(Opt.DOMAIN_NAME, cfg.domain))
+        siaddr, file = ZERO_IP, b""
+        if boot and cfg.boot is not None:
+            siaddr, file, boot_options = self._boot(request, cfg.boot)
+            options += boot_options
+        return DhcpPacket(
+            op=Op.BOOTREPLY,
+            xid=request.xid,
+            chaddr=request.chaddr,
+            flags=request.flags,
+            ciaddr=request.ciaddr if kind == MessageType.ACK else ZERO_IP,
+            yiaddr=yiaddr,
+            siaddr=siaddr,
+            giaddr=request.giaddr,
+            file=file,
+            options=tuple(options),
+        )
+
+    def _boot(
+        self, request: DhcpPacket, boot: BootConfig
+    ) -> tuple[ipaddress.IPv4Address, bytes, list[Option]]:
+        """siaddr, the header's file field and the boot options for a network-boot client."""
+        kind = client_kind(request)
+        arch = request.client_arch[0] if request.client_arch else None
+        base = boot.http_base.rstrip("/")
+        if kind == ClientKind.IPXE:
+            url = f"{base}{boot.script_path}?mac={request.mac}"
+            no_wait = encapsulate(Opt.IPXE, [Option(IpxeOpt.NO_PXEDHCP, b"\x01")])
+            return self.config.server_ip, _file(url), [opt_str(Opt.BOOTFILE, url), no_wait]
+        if kind == ClientKind.HTTP:
+            if arch not in (None, ClientArch.HTTP_X64):
+                log.info("%s: HTTP Boot for arch %s: no binary for it", request.mac, arch)
+                return ZERO_IP, b"", []
+            url = f"{base}{boot.http_efi_path}"
+            # UEFI 2.x 24.7.2: the offer must carry vendor class "HTTPClient" to be used
+            options = [opt_str(Opt.BOOTFILE, url), opt_str(Opt.VENDOR_CLASS, b"HTTPClient")]
+            return self.config.server_ip, _file(url), options
+        if kind == ClientKind.PXE:
+            if arch == ClientArch.BIOS or arch is None:
+                name = boot.bios_file
+            elif arch in (ClientArch.EFI_X64, ClientArch.EFI_BC):
+                name = boot.efi_file
+            else:
+                log.info("%s: PXE for arch %s: no binary for it", request.mac, arch)
+                return ZERO_IP, b"", []
+            tftp = boot.tftp_server or self.config.server_ip
+            options = [opt_str(Opt.TFTP_SERVER, str(tftp)), opt_str(Opt.BOOTFILE, name)]
+            return tftp, _file(name), options
+        return ZERO_IP, b"", []
+
+
+def _file(name: str) -> bytes:
+    raw = name.encode()
+    return raw if len(raw) <= 127 else b""  # too long for the header: option 67 carries it
+
+
+def destination(request: DhcpPacket, reply: DhcpPacket) -> tuple[str, int]:
+    """Where a reply goes (RFC 2131 section 4.1): to the relay if there is one; to the
+    client's address if it has one (and this is not a NAK); else broadcast on the link
+    (we do not inject ARP entries to unicast to an unconfigured client)."""
+    if request.giaddr != ZERO_IP:
+        return str(request.giaddr), 67
+    if request.ciaddr != ZERO_IP and reply.message_type != MessageType.NAK:
+        return str(request.ciaddr), 68
+    return "255.255.255.255", 68

@@ -1,0 +1,129 @@
+"""The DHCP transport: one UDP socket on port 67 bound to one interface; it only moves bytes.
+
+Decoding, deciding and addressing are elsewhere (packet, responder, ``destination``); this
+module opens the socket (SO_BINDTODEVICE so several bridges can each have a server, and
+SO_BROADCAST for replies to clients without an address), and never lets a bad datagram or a
+bug in the responder stop the service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import ipaddress
+import logging
+import socket
+import struct
+import time
+from collections.abc import Callable
+
+from hatchery.dhcp.packet import DecodeError, DhcpPacket
+from hatchery.dhcp.responder import Responder, destination
+from hatchery.errors import HatcheryError
+
+log = logging.getLogger(__name__)
+
+SERVER_PORT = 67
+_SIOCGIFADDR = 0x8915
+_SIOCGIFNETMASK = 0x891B
+
+
+class DhcpServerError(HatcheryError):
+    """The DHCP service cannot start (no such interface, port taken, no permission)."""
+
+
+def interface_ipv4(interface: str) -> ipaddress.IPv4Interface:
+    """The primary IPv4 address and prefix of ``interface`` (SIOCGIFADDR/SIOCGIFNETMASK)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16s16x", interface.encode()[:15])
+        try:
+            addr = fcntl.ioctl(s.fileno(), _SIOCGIFADDR, req)[20:24]
+            mask = fcntl.ioctl(s.fileno(), _SIOCGIFNETMASK, req)[20:24]
+        except OSError as exc:
+            raise DhcpServerError(
+                f"interface {interface} has no IPv4 address: {exc.strerror}",
+                hint="give the boot interface an address, or pass --server-ip",
+            ) from exc
+    return ipaddress.IPv4Interface(f"{ipaddress.IPv4Address(addr)}/{ipaddress.IPv4Address(mask)}")
+
+
+def open_socket(interface: str, port: int = SERVER_PORT) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
+        sock.bind(("0.0.0.0", port))
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise DhcpServerError(
+            f"cannot listen for DHCP on {interface} port {port}: {exc.strerror}",
+            hint="is the interface there, are we root, does another DHCP server run there?",
+        ) from exc
+    return sock
+
+
+class DhcpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, responder: Responder, clock: Callable[[], float] = time.time) -> None:
+        self.responder = responder
+        self.clock = clock
+        self.transport: asyncio.DatagramTransport | None = None
+        self.answered = 0
+        self.dropped = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.DatagramTransport)
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            request = DhcpPacket.decode(data)
+        except DecodeError as exc:
+            self.dropped += 1
+            log.debug("dropped %d bytes from %s:%d: %s", len(data), addr[0], addr[1], exc)
+            return
+        try:
+            reply = self.responder.handle(request, self.clock())
+        except Exception:  # a bug must not take the service down; say so loudly
+            self.dropped += 1
+            log.exception("responder failed on a %s from %s", request.message_type.name,
+                          request.mac)  # fmt: skip
+            return
+        if reply is None or self.transport is None:
+            return
+        dest = destination(request, reply)
+        log.debug("%s %s -> %s %s %s", request.message_type.name, request.mac,
+                  reply.message_type.name, reply.yiaddr, dest[0])  # fmt: skip
+        try:
+            self.transport.sendto(reply.encode(), dest)
+            self.answered += 1
+        except OSError as exc:
+            log.warning("cannot send to %s: %s", dest[0], exc)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("socket error: %s", exc)
+
+
+class DhcpServer:
+    """A started DHCP service on one interface; ``stop`` is idempotent."""
+
+    def __init__(self, interface: str, responder: Responder, port: int = SERVER_PORT) -> None:
+        self.interface, self.responder, self.port = interface, responder, port
+        self._transport: asyncio.DatagramTransport | None = None
+        self.protocol: DhcpProtocol | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        sock = open_socket(self.interface, self.port)
+        transport, protocol = await loop.create_datagram_endpoint(
+            lambda: DhcpProtocol(self.responder), sock=sock
+        )
+        self._transport, self.protocol = transport, protocol
+        log.info("dhcp: serving on %s port %d as %s", self.interface, self.port,
+                 self.responder.config.server_ip)  # fmt: skip
+
+    def stop(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
