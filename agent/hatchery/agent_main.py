@@ -22,8 +22,10 @@ from aiohttp import web
 from hatchery.addresses import AddressPool, Subnet
 from hatchery.api.app import ApiContext, make_app
 from hatchery.api.policy import load_policy
+from hatchery.boothttp import cli as boothttp_cli
 from hatchery.capacity import probe
 from hatchery.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
+from hatchery.dhcp import cli as dhcp_cli
 from hatchery.errors import HatcheryError
 from hatchery.health import NodeHealth
 from hatchery.log import setup_logging
@@ -37,6 +39,9 @@ log = logging.getLogger("hatchery.agent")
 # Subcommands of ``serve`` register here: name -> (add_arguments, run).
 ServeCommand = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 SERVE_COMMANDS: dict[str, ServeCommand] = {
+    "dhcp": (dhcp_cli.add_dhcp_arguments, dhcp_cli.run_dhcp),
+    "http": (boothttp_cli.add_arguments, boothttp_cli.run),
+    "ra": (dhcp_cli.add_ra_arguments, dhcp_cli.run_ra),
 }
 
 
