@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# `make images`: build the appliance-vm and hypervisor images with mkosi, one after the other,
+# each skipped when its inputs have not changed. Outputs in build/images/<name>/.
+#   make images VERSION=v2       set the image version (os-release IMAGE_VERSION)
+#   make images UPDATE_LOCK=1    accept a changed package set into images/<name>/packages.lock
+#   make images REFRESH=1        sync the package metadata again (otherwise the cache is reused)
+# Arguments are passed on: tools/build-images.sh --help. See docs/images.md.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+py=${VENV:-$here/.venv}/bin/python
+[ -x "$py" ] || { echo "build-images: no venv at $py (run make setup)" >&2; exit 1; }
+exec "$py" "$here/tools/images.py" build "$@"
