@@ -26,7 +26,7 @@ packages=(
   busybox-static cpio zstd xz-utils kmod dosfstools mtools squashfs-tools erofs-utils
   bubblewrap systemd-container python3-pefile
   # networking and real protocol clients/peers (reference peers only in tests and benchmarks)
-  nftables iproute2 curl atftp udhcpc dnsmasq-base tftpd-hpa nginx-light
+  nftables iproute2 iputils-ping curl atftp udhcpc dnsmasq-base tftpd-hpa nginx-light
   # python and linters
   python3 python3-venv python3-dev gcc shellcheck make git
 )
