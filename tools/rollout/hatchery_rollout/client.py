@@ -1,0 +1,163 @@
+"""The agent API as the rollout uses it (docs/api.md), over mutual TLS with aiohttp.
+
+One ``ClientSession`` for the whole fleet: the connector caps open connections, so thousands
+of hosts share a bounded pool without a thread each. Answers are untrusted: anything that does
+not parse is an ``AgentError`` naming the host, never a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+
+from hatchery_rollout.errors import AgentError
+from hatchery_rollout.inventory import Host
+
+
+@dataclass(frozen=True, slots=True)
+class UpgradeStatus:
+    state: str = "idle"  # idle | running | done | failed
+    target: str | None = None
+    mode: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    version: str
+    healthy: bool
+    checks: tuple[tuple[str, str], ...]
+    vms_total: int | None
+    upgrade: UpgradeStatus
+    fallback: bool = False
+    fallback_reason: str | None = None
+
+    def failing(self) -> tuple[str, ...]:
+        """Names of the checks that are not ``ok``."""
+        return tuple(sorted(name for name, value in self.checks if value != "ok"))
+
+    def detail(self, names: tuple[str, ...]) -> str:
+        checks = dict(self.checks)
+        return ", ".join(f"{n}: {checks.get(n, '?')}" for n in names)
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def parse_upgrade(data: Any) -> UpgradeStatus:
+    if not isinstance(data, Mapping):
+        return UpgradeStatus()
+    return UpgradeStatus(
+        state=_str(data.get("state")) or "idle",
+        target=_str(data.get("target")),
+        mode=_str(data.get("mode")),
+        error=_str(data.get("error")),
+    )
+
+
+def parse_health(data: Any) -> Health:
+    """A ``/healthz`` document (raises ValueError when it is not one)."""
+    if not isinstance(data, Mapping) or not isinstance(data.get("version"), str):
+        raise ValueError("no version in the health answer")
+    raw_checks = data.get("checks")
+    checks: list[tuple[str, str]] = []
+    if isinstance(raw_checks, Mapping):
+        checks = [(str(k), str(v)) for k, v in raw_checks.items()]
+    vms = data.get("vms")
+    total = vms.get("total") if isinstance(vms, Mapping) else None
+    boot = data.get("boot")
+    boot = boot if isinstance(boot, Mapping) else {}
+    return Health(
+        version=data["version"],
+        healthy=bool(data.get("healthy", False)),
+        checks=tuple(sorted(checks)),
+        vms_total=total if isinstance(total, int) and not isinstance(total, bool) else None,
+        upgrade=parse_upgrade(data.get("upgrade")),
+        fallback=boot.get("fallback") is True,
+        fallback_reason=_str(boot.get("reason")),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PostResult:
+    status: int
+    upgrade: UpgradeStatus
+
+
+class AgentClient:
+    """Talks to every agent of the fleet through one bounded connection pool."""
+
+    def __init__(
+        self, context: ssl.SSLContext, *, connections: int = 256, request_timeout: float = 10.0
+    ) -> None:
+        self._context = context
+        self._connections = connections
+        self._timeout = aiohttp.ClientTimeout(total=request_timeout)
+        self._session: aiohttp.ClientSession | None = None
+        self.requests = 0
+
+    async def __aenter__(self) -> AgentClient:
+        connector = aiohttp.TCPConnector(
+            ssl=self._context, limit=self._connections, keepalive_timeout=5.0
+        )
+        self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _call(
+        self, host: Host, method: str, path: str, body: Mapping[str, Any] | None = None
+    ) -> tuple[int, Any]:
+        if self._session is None:
+            raise RuntimeError("AgentClient used outside 'async with'")
+        url = f"https://{host.address}{path}"
+        self.requests += 1
+        try:
+            async with self._session.request(method, url, json=body) as resp:
+                text = await resp.text()
+                status = resp.status
+        except (TimeoutError, aiohttp.ClientError, ssl.SSLError, OSError) as exc:
+            detail = str(exc) or type(exc).__name__
+            raise AgentError(f"{host.name} ({host.address}): {method} {path}: {detail}") from exc
+        try:
+            data = json.loads(text) if text else None
+        except ValueError:
+            data = None
+        if status >= 400:
+            message = data.get("error") if isinstance(data, Mapping) else None
+            raise AgentError(
+                f"{host.name}: {method} {path}: HTTP {status}: {message or text[:200] or '-'}"
+            )
+        return status, data
+
+    async def health(self, host: Host) -> Health:
+        _, data = await self._call(host, "GET", "/healthz")
+        try:
+            return parse_health(data)
+        except ValueError as exc:
+            raise AgentError(f"{host.name}: GET /healthz: bad answer: {exc}") from exc
+
+    async def upgrade(self, host: Host, version: str, mode: str) -> PostResult:
+        status, data = await self._call(
+            host, "POST", "/v1/upgrade", {"version": version, "mode": mode}
+        )
+        return PostResult(status, parse_upgrade(data))
+
+    async def upgrade_status(self, host: Host) -> UpgradeStatus:
+        _, data = await self._call(host, "GET", "/v1/upgrade")
+        return parse_upgrade(data)

@@ -1,0 +1,313 @@
+"""Run a plan against the fleet: health-gated waves, halt on the first failure, journaled.
+
+Per host (each step journaled before it is taken):
+
+1. baseline: ``GET /healthz``; checks failing now are recorded and do not count later; a host
+   already on the target version is skipped;
+2. the pre hook (if any), then ``POST /v1/upgrade`` (``posting`` is durable first);
+3. poll until the agent reports the target version and its upgrade is no longer running
+   (a reboot-mode host may be unreachable meanwhile);
+4. health: poll ``/healthz`` until no check fails that was not failing before, within the
+   health timeout; ``boot.fallback`` is a failure;
+5. the post hook (if any); done.
+
+A host whose upgrade request may already have reached its agent (resume after a crash, or
+``--retry-failed``) is first re-checked: if the agent runs or is installing the target,
+the request is not sent again; otherwise it is re-sent (the POST is idempotent per version).
+
+A failed host halts the rollout: no new host starts, hosts in flight finish, the next wave
+never starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from hatchery_rollout.client import AgentClient, Health
+from hatchery_rollout.errors import AgentError, RolloutError
+from hatchery_rollout.inventory import Host
+from hatchery_rollout.journal import FINAL, HostRecord, HostState, Journal
+from hatchery_rollout.progress import Progress
+
+log = logging.getLogger(__name__)
+
+
+class Mode(StrEnum):
+    LIVE = "live"
+    REBOOT = "reboot"
+
+
+@dataclass(frozen=True, slots=True)
+class ExecOptions:
+    version: str
+    mode: Mode = Mode.LIVE
+    poll_interval: float = 2.0
+    upgrade_timeout: float = 1800.0
+    health_timeout: float = 300.0
+    pre_hook: str | None = None
+    post_hook: str | None = None
+    hook_timeout: float = 600.0
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "mode": str(self.mode),
+            "poll_interval": self.poll_interval,
+            "upgrade_timeout": self.upgrade_timeout,
+            "health_timeout": self.health_timeout,
+            "pre_hook": self.pre_hook,
+            "post_hook": self.post_hook,
+            "hook_timeout": self.hook_timeout,
+        }
+
+    @classmethod
+    def from_json(cls, version: str, data: Mapping[str, object]) -> ExecOptions:
+        def num(key: str, default: float) -> float:
+            value = data.get(key, default)
+            return float(value) if isinstance(value, int | float) else default
+
+        def text(key: str) -> str | None:
+            value = data.get(key)
+            return value if isinstance(value, str) else None
+
+        return cls(
+            version=version,
+            mode=Mode(str(data.get("mode", "live"))),
+            poll_interval=num("poll_interval", 2.0),
+            upgrade_timeout=num("upgrade_timeout", 1800.0),
+            health_timeout=num("health_timeout", 300.0),
+            pre_hook=text("pre_hook"),
+            post_hook=text("post_hook"),
+            hook_timeout=num("hook_timeout", 600.0),
+        )
+
+
+class HostFailed(RolloutError):
+    """This host's upgrade failed; the message says why."""
+
+
+class _NotStarted(Exception):
+    """The rollout halted before this host's upgrade was requested."""
+
+
+@dataclass(slots=True)
+class Outcome:
+    halted_by: tuple[str, str] | None = None  # (host, reason) of the first failure
+    failed: dict[str, str] = field(default_factory=dict)
+    wave_seconds: list[float] = field(default_factory=list)
+    not_started: int = 0
+
+
+class Executor:
+    def __init__(
+        self,
+        hosts: Mapping[str, Host],
+        waves: Sequence[Sequence[str]],
+        records: dict[str, HostRecord],
+        journal: Journal,
+        client: AgentClient,
+        options: ExecOptions,
+        progress: Progress,
+    ) -> None:
+        self.hosts = hosts
+        self.waves = waves
+        self.records = records
+        self.journal = journal
+        self.client = client
+        self.opts = options
+        self.progress = progress
+        self.outcome = Outcome()
+        self._halt = asyncio.Event()
+
+    async def run(self) -> Outcome:
+        for index, wave in enumerate(self.waves):
+            todo = [n for n in wave if self.records[n].state not in FINAL]
+            if self._halt.is_set():
+                self.outcome.not_started += len(todo)
+                continue
+            self.progress.start_wave(index)
+            started = time.monotonic()
+            if todo:
+                await asyncio.gather(*(self._one(n) for n in todo))
+            self.outcome.wave_seconds.append(time.monotonic() - started)
+        if self.outcome.halted_by is None:
+            await self.journal.append("end", result="done")
+        else:
+            host, reason = self.outcome.halted_by
+            await self.journal.append("end", result="halted", host=host, reason=reason)
+        return self.outcome
+
+    async def _one(self, name: str) -> None:
+        if self._halt.is_set():  # a host of this wave failed before this one started
+            self.outcome.not_started += 1
+            return
+        host, rec = self.hosts[name], self.records[name]
+        start = time.monotonic()
+        self.progress.host_started()
+        try:
+            skipped = await self._upgrade(host, rec)
+        except _NotStarted:
+            self.progress.in_flight -= 1
+            self.outcome.not_started += 1
+            return
+        except HostFailed as exc:
+            await self._fail(host, rec, str(exc))
+            self.progress.host_finished(False, None)
+            return
+        except AgentError as exc:
+            await self._fail(host, rec, str(exc))
+            self.progress.host_finished(False, None)
+            return
+        self.progress.host_finished(True, None if skipped else time.monotonic() - start)
+
+    async def _set(self, host: Host, rec: HostRecord, state: HostState, **fields: object) -> None:
+        await self.journal.host(host.name, state, **fields)
+        rec.state = state
+        if state in (HostState.POSTING, HostState.POSTED, HostState.UPGRADED):
+            rec.sent = True
+
+    async def _fail(self, host: Host, rec: HostRecord, reason: str) -> None:
+        log.error("%s failed: %s", host.name, reason)
+        rec.reason = reason
+        await self._set(host, rec, HostState.FAILED, reason=reason)
+        self.outcome.failed[host.name] = reason
+        if self.outcome.halted_by is None:
+            self.outcome.halted_by = (host.name, reason)
+            self._halt.set()
+            await self.journal.append("halt", host=host.name, reason=reason)
+
+    async def _upgrade(self, host: Host, rec: HostRecord) -> bool:
+        """Upgrade one host; True when it was skipped (already on the target)."""
+        target = self.opts.version
+        if not rec.sent:
+            health = await self.client.health(host)
+            if rec.baseline is None:
+                rec.baseline = health.failing()
+                await self._set(
+                    host,
+                    rec,
+                    HostState.BASELINE,
+                    failing=list(rec.baseline),
+                    version=health.version,
+                )
+            if health.version == target and health.upgrade.state != "running":
+                await self._set(host, rec, HostState.SKIPPED)
+                return True
+            if self._halt.is_set():  # another host failed meanwhile: do not start this one
+                raise _NotStarted
+            await self._hook("pre", self.opts.pre_hook, host)
+            await self._post(host, rec)
+        else:
+            now = await self._recheck(host)
+            status = now.upgrade if now is not None else None
+            on_target = now is not None and now.version == target
+            installing = (
+                status is not None and status.state == "running" and status.target == target
+            )
+            if not on_target and not installing and now is not None:
+                log.info("%s: the upgrade did not reach the agent; sending it again", host.name)
+                await self._post(host, rec)
+        await self._wait_version(host)
+        await self._set(host, rec, HostState.UPGRADED)
+        await self._wait_healthy(host, rec)
+        await self._hook("post", self.opts.post_hook, host)
+        await self._set(host, rec, HostState.DONE)
+        return False
+
+    async def _post(self, host: Host, rec: HostRecord) -> None:
+        await self._set(host, rec, HostState.POSTING, mode=str(self.opts.mode))
+        try:
+            result = await self.client.upgrade(host, self.opts.version, self.opts.mode)
+        except AgentError as exc:
+            raise HostFailed(f"upgrade request refused: {exc}") from exc
+        await self._set(host, rec, HostState.POSTED, status=result.status)
+
+    async def _recheck(self, host: Host) -> Health | None:
+        """The host's health after a possible earlier request; None while it is unreachable."""
+        try:
+            return await self.client.health(host)
+        except AgentError as exc:
+            log.info("%s: not reachable yet (%s); polling", host.name, exc)
+            return None
+
+    async def _wait_version(self, host: Host) -> None:
+        target = self.opts.version
+        deadline = time.monotonic() + self.opts.upgrade_timeout
+        last = "no answer yet"
+        while True:
+            try:
+                health = await self.client.health(host)
+            except AgentError as exc:  # rebooting, or a transient network failure
+                last = str(exc)
+            else:
+                if health.fallback:
+                    raise HostFailed(
+                        f"booted back into {health.version}: {health.fallback_reason or '?'}"
+                    )
+                if health.upgrade.state == "failed":
+                    raise HostFailed(f"upgrade failed: {health.upgrade.error or 'no reason given'}")
+                if health.version == target and health.upgrade.state != "running":
+                    return
+                last = f"version {health.version}, upgrade {health.upgrade.state}"
+            if time.monotonic() >= deadline:
+                raise HostFailed(
+                    f"not on {target} after {self.opts.upgrade_timeout:g}s (last: {last})"
+                )
+            await asyncio.sleep(self.opts.poll_interval)
+
+    async def _wait_healthy(self, host: Host, rec: HostRecord) -> None:
+        baseline = set(rec.baseline or ())
+        deadline = time.monotonic() + self.opts.health_timeout
+        while True:
+            try:
+                health = await self.client.health(host)
+            except AgentError as exc:
+                new_detail = str(exc)
+            else:
+                if health.fallback:
+                    raise HostFailed(
+                        f"booted back into {health.version}: {health.fallback_reason or '?'}"
+                    )
+                if health.version != self.opts.version:
+                    raise HostFailed(f"runs {health.version} again, not {self.opts.version}")
+                new = tuple(c for c in health.failing() if c not in baseline)
+                if not new:
+                    return
+                new_detail = "new failing checks: " + health.detail(new)
+            if time.monotonic() >= deadline:
+                raise HostFailed(f"unhealthy after {self.opts.health_timeout:g}s: {new_detail}")
+            await asyncio.sleep(self.opts.poll_interval)
+
+    async def _hook(self, which: str, command: str | None, host: Host) -> None:
+        if not command:
+            return
+        env = dict(os.environ)
+        env.update(
+            HATCHERY_HOST=host.name,
+            HATCHERY_ADDRESS=host.address,
+            HATCHERY_LOCATION="/".join(host.location),
+            HATCHERY_VERSION=self.opts.version,
+            HATCHERY_MODE=str(self.opts.mode),
+            HATCHERY_HOOK=which,
+        )
+        proc = await asyncio.create_subprocess_shell(
+            command,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), self.opts.hook_timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise HostFailed(f"{which} hook timed out after {self.opts.hook_timeout:g}s") from None
+        if proc.returncode != 0:
+            tail = "; ".join(out.decode(errors="replace").strip().splitlines()[-3:]) or "no output"
+            raise HostFailed(f"{which} hook exited with {proc.returncode}: {tail}")
