@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from hatchery.cli import ca
+from hatchery.cli import ca, vm
 from hatchery.errors import HatcheryError
 from hatchery.log import setup_logging
 from hatchery.qemu.accel import choose_accel
@@ -18,6 +18,10 @@ log = logging.getLogger("hatchery.cli")
 # Command groups: name -> (help, register(parser) that adds subcommands setting func=...).
 COMMAND_GROUPS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "ca": ("make the CA and issue certificates", ca.register),
+    "vm": ("create, list, start, stop, destroy VMs on an agent", vm.register_vm),
+    "pool": ("the agent's address pool", vm.register_pool),
+    "subnet": ("the agent's subnets", vm.register_subnet),
+    "health": ("the agent's health and version", vm.register_health),
 }
 
 

@@ -1,0 +1,310 @@
+"""``hatchery vm|pool|subnet|health``: talk to one agent over mutual TLS (vm-control-like)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from hatchery.client import AgentClient, Credentials
+from hatchery.errors import HatcheryError
+
+Run = Callable[[AgentClient, argparse.Namespace], Awaitable[Any]]
+
+
+def _connection_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--agent",
+        default=os.environ.get("HATCHERY_AGENT", "127.0.0.1"),
+        help="agent address HOST[:PORT] (default: $HATCHERY_AGENT or 127.0.0.1)",
+    )
+    parser.add_argument("--ca", type=Path, help="CA certificate (default: $HATCHERY_CA)")
+    parser.add_argument("--cert", type=Path, help="client certificate ($HATCHERY_CERT)")
+    parser.add_argument("--key", type=Path, help="client key ($HATCHERY_KEY)")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def _command(run: Run, render: Callable[[Any, argparse.Namespace], None]) -> Callable[..., int]:
+    def func(args: argparse.Namespace) -> int:
+        async def go() -> Any:
+            creds = Credentials.from_env(args.ca, args.cert, args.key)
+            async with AgentClient(args.agent, creds) as client:
+                return await run(client, args)
+
+        result = asyncio.run(go())
+        if args.json and not isinstance(result, str):
+            print(json.dumps(result, indent=2, sort_keys=True))
+        else:
+            render(result, args)
+        return 0
+
+    return func
+
+
+def print_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> None:
+    cells = [[str(c) if c is not None else "-" for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    print("  ".join(h.upper().ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _uptime(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _render_vms(result: Any, _: argparse.Namespace) -> None:
+    vms = result["vms"]
+    if not vms:
+        print("no VMs")
+        return
+    rows = [
+        (
+            v["name"],
+            v["state"],
+            v["ip"],
+            v["mac"],
+            v["vcpus"],
+            v["memory_mib"],
+            _uptime(v["uptime"]),
+        )
+        for v in vms
+    ]
+    print_table(rows, ["name", "state", "ip", "mac", "vcpus", "mem MiB", "uptime"])
+
+
+def _render_vm(vm: Any, _: argparse.Namespace) -> None:
+    for key in ("name", "state", "ip", "mac", "bridge", "vcpus", "memory_mib", "disk_mib",
+                "machine", "owner_group", "pid", "uuid", "reason"):  # fmt: skip
+        print(f"{key + ':':<13}{vm.get(key) if vm.get(key) is not None else '-'}")
+    print(f"{'uptime:':<13}{_uptime(vm.get('uptime'))}")
+    if vm.get("kernel_boot"):
+        kb = vm["kernel_boot"]
+        print(f"{'kernel:':<13}{kb['kernel']} initrd={kb.get('initrd')} cmdline={kb['cmdline']!r}")
+    if vm.get("disk_boot"):
+        print(f"{'disk:':<13}{vm['disk_boot']['image']}")
+
+
+# --- vm ------------------------------------------------------------------------------
+async def _create(client: AgentClient, args: argparse.Namespace) -> Any:
+    body: dict[str, Any] = {
+        "name": args.name, "vcpus": args.vcpus, "memory_mib": args.memory,
+        "disk_mib": args.disk_size, "start": not args.no_start, "machine": args.machine,
+    }  # fmt: skip
+    if args.kernel:
+        body["kernel"] = {"kernel": str(args.kernel), "cmdline": args.cmdline}
+        if args.initrd:
+            body["kernel"]["initrd"] = str(args.initrd)
+    elif args.disk:
+        body["disk"] = {"image": args.disk}
+    else:
+        raise HatcheryError("give --kernel (direct kernel boot) or --disk IMAGE")
+    if args.bridge:
+        body["bridge"] = args.bridge
+    if args.owner_group:
+        body["owner_group"] = args.owner_group
+    if args.user_data:
+        body["user_data"] = _read_user_data(args.user_data)
+    labels = {}
+    for label in args.label:
+        key, sep, value = label.partition("=")
+        if not sep:
+            raise HatcheryError(f"--label {label!r}: expected KEY=VALUE")
+        labels[key] = value
+    if labels:
+        body["labels"] = labels
+    return await client.request("POST", "/v1/vms", json=body)
+
+
+def _read_user_data(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise HatcheryError(f"cannot read user data {path}: {exc}") from exc
+
+
+async def _list(client: AgentClient, args: argparse.Namespace) -> Any:
+    return await client.request("GET", "/v1/vms")
+
+
+async def _show(client: AgentClient, args: argparse.Namespace) -> Any:
+    return await client.request("GET", f"/v1/vms/{args.name}")
+
+
+async def _start(client: AgentClient, args: argparse.Namespace) -> Any:
+    return await client.request("POST", f"/v1/vms/{args.name}/start")
+
+
+async def _stop(client: AgentClient, args: argparse.Namespace) -> Any:
+    body = {"timeout": args.timeout, "force": args.force}
+    return await client.request("POST", f"/v1/vms/{args.name}/stop", json=body)
+
+
+async def _destroy(client: AgentClient, args: argparse.Namespace) -> Any:
+    return await client.request("DELETE", f"/v1/vms/{args.name}")
+
+
+async def _user_data(client: AgentClient, args: argparse.Namespace) -> Any:
+    data = _read_user_data(args.file).encode()
+    return await client.request("PUT", f"/v1/vms/{args.name}/user-data", data=data)
+
+
+async def _console(client: AgentClient, args: argparse.Namespace) -> Any:
+    seen = 0
+    while True:
+        text = await client.request("GET", f"/v1/vms/{args.name}/console?bytes=4194304")
+        assert isinstance(text, str)
+        sys.stdout.write(text[seen:] if len(text) >= seen else text)
+        sys.stdout.flush()
+        seen = len(text)
+        if not args.follow:
+            return ""
+        await asyncio.sleep(1)
+
+
+def _quiet(_: Any, __: argparse.Namespace) -> None:
+    return None
+
+
+def _say(template: str) -> Callable[[Any, argparse.Namespace], None]:
+    return lambda result, args: print(template.format(r=result, a=args))
+
+
+# --- pool, subnet, health -------------------------------------------------------------------
+async def _pool_add(client: AgentClient, args: argparse.Namespace) -> Any:
+    body: dict[str, Any] = {"start": args.start}
+    if args.end:
+        body["end"] = args.end
+    if args.mac:
+        body["mac"] = args.mac
+    return await client.request("POST", "/v1/pool", json=body)
+
+
+async def _pool_list(client: AgentClient, args: argparse.Namespace) -> Any:
+    return await client.request("GET", "/v1/pool")
+
+
+def _render_pool(result: Any, _: argparse.Namespace) -> None:
+    rows = [(a["ip"], a["mac"], a["bridge"], a["owner"] or "free") for a in result["addresses"]]
+    print_table(rows, ["ip", "mac", "bridge", "owner"])
+    print(f"{result['free']} of {result['total']} free")
+
+
+async def _subnet_add(client: AgentClient, args: argparse.Namespace) -> Any:
+    body: dict[str, Any] = {"bridge": args.bridge, "cidr": args.cidr}
+    if args.gateway:
+        body["gateway"] = args.gateway
+    if args.dns:
+        body["dns"] = args.dns
+    return await client.request("POST", "/v1/subnets", json=body)
+
+
+async def _subnet_list(client: AgentClient, args: argparse.Namespace) -> Any:
+    return await client.request("GET", "/v1/subnets")
+
+
+def _render_subnets(result: Any, _: argparse.Namespace) -> None:
+    rows = [(s["bridge"], s["cidr"], s["gateway"], ",".join(s["dns"])) for s in result["subnets"]]
+    print_table(rows, ["bridge", "cidr", "gateway", "dns"])
+
+
+async def _health(client: AgentClient, args: argparse.Namespace) -> Any:
+    return await client.request("GET", "/healthz")
+
+
+def _render_health(h: Any, _: argparse.Namespace) -> None:
+    print(f"version {h['version']}, {'healthy' if h['healthy'] else 'UNHEALTHY'}")
+    for name, value in sorted(h["checks"].items()):
+        print(f"  {name}: {value}")
+    vms = h["vms"]
+    print(f"  vms: {vms['running']} running of {vms['total']}")
+
+
+def register_vm(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="vm_command", required=True)
+
+    create = sub.add_parser("create", help="create (and start) a VM")
+    create.add_argument("name")
+    create.add_argument("--kernel", type=Path, help="direct kernel boot: kernel on the host")
+    create.add_argument("--initrd", type=Path)
+    create.add_argument("--cmdline", default="console=ttyS0")
+    create.add_argument("--disk", help="disk boot: image file on the host")
+    create.add_argument("--vcpus", type=int, default=1)
+    create.add_argument("--memory", type=int, default=256, help="MiB")
+    create.add_argument("--disk-size", type=int, default=0, help="MiB")
+    create.add_argument("--bridge")
+    create.add_argument("--machine", default="q35", choices=["q35", "pc", "microvm"])
+    create.add_argument("--user-data", type=Path, help="file handed to the VM by metadata")
+    create.add_argument("--owner-group", help="group whose members may manage this VM")
+    create.add_argument("--label", action="append", default=[], help="KEY=VALUE")
+    create.add_argument("--no-start", action="store_true")
+    create.set_defaults(func=_command(_create, _render_vm))
+
+    for name, run, render, help_text in (
+        ("list", _list, _render_vms, "list VMs"),
+        ("show", _show, _render_vm, "show one VM"),
+        ("start", _start, _say("vm {r[name]} is {r[state]}"), "start a VM"),
+        ("destroy", _destroy, _say("vm {r[destroyed]} destroyed"), "stop hard and delete"),
+    ):
+        cmd = sub.add_parser(name, help=help_text)
+        if name != "list":
+            cmd.add_argument("name")
+        cmd.set_defaults(func=_command(run, render))
+
+    stop = sub.add_parser("stop", help="ACPI shutdown, then hard stop after --timeout")
+    stop.add_argument("name")
+    stop.add_argument("--timeout", type=int, default=30, help="seconds before a hard stop")
+    stop.add_argument("--force", action="store_true", help="hard stop at once")
+    stop.set_defaults(func=_command(_stop, _say("vm {r[name]} is {r[state]}")))
+
+    console = sub.add_parser("console", help="print the VM's serial console")
+    console.add_argument("name")
+    console.add_argument("--follow", "-f", action="store_true")
+    console.set_defaults(func=_command(_console, _quiet))
+
+    user_data = sub.add_parser("user-data", help="replace the VM's user data")
+    user_data.add_argument("name")
+    user_data.add_argument("file", type=Path)
+    user_data.set_defaults(func=_command(_user_data, _say("user data of {a.name} replaced")))
+    for cmd in sub.choices.values():
+        _connection_args(cmd)
+
+
+def register_pool(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="pool_command", required=True)
+    add = sub.add_parser("add", help="add an address, or a range START END")
+    add.add_argument("start")
+    add.add_argument("end", nargs="?")
+    add.add_argument("--mac", help="MAC for a single address (default: derived from the IP)")
+    add.set_defaults(func=_command(_pool_add, _say("{r[added]} added, {r[free]} free")))
+    ls = sub.add_parser("list", help="list the pool")
+    ls.set_defaults(func=_command(_pool_list, _render_pool))
+    for cmd in sub.choices.values():
+        _connection_args(cmd)
+
+
+def register_subnet(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="subnet_command", required=True)
+    add = sub.add_parser("add", help="add a subnet on a bridge")
+    add.add_argument("--bridge", required=True)
+    add.add_argument("--cidr", required=True)
+    add.add_argument("--gateway")
+    add.add_argument("--dns", help="comma-separated")
+    add.set_defaults(func=_command(_subnet_add, _say("subnet added: {r[added]}")))
+    ls = sub.add_parser("list", help="list subnets")
+    ls.set_defaults(func=_command(_subnet_list, _render_subnets))
+    for cmd in sub.choices.values():
+        _connection_args(cmd)
+
+
+def register_health(parser: argparse.ArgumentParser) -> None:
+    _connection_args(parser)
+    parser.set_defaults(func=_command(_health, _render_health))

@@ -1,0 +1,113 @@
+"""A client of the agent API over mutual TLS, for the CLI and for tools."""
+
+from __future__ import annotations
+
+import os
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from hatchery.config import API_PORT
+from hatchery.errors import HatcheryError
+from hatchery.pki import client_context
+
+CONFIG_DIR = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "hatchery"
+
+
+class ApiError(HatcheryError):
+    """The agent refused or failed a request; ``status`` is the HTTP status (0: no answer)."""
+
+    def __init__(self, message: str, status: int, *, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def from_env(
+        cls, ca: Path | None = None, cert: Path | None = None, key: Path | None = None
+    ) -> Credentials:
+        """Explicit paths, else $HATCHERY_CA/_CERT/_KEY, else ~/.config/hatchery/."""
+
+        def pick(given: Path | None, env: str, default: str) -> Path:
+            if given is not None:
+                return given
+            return Path(os.environ[env]) if os.environ.get(env) else CONFIG_DIR / default
+
+        return cls(
+            pick(ca, "HATCHERY_CA", "ca.pem"),
+            pick(cert, "HATCHERY_CERT", "client.pem"),
+            pick(key, "HATCHERY_KEY", "client.key"),
+        )
+
+    def context(self) -> ssl.SSLContext:
+        return client_context(self.ca, self.cert, self.key)
+
+
+def agent_url(address: str) -> str:
+    """``host``, ``host:port`` or a full URL → the base URL of the agent's API."""
+    if address.startswith("https://"):
+        return address.rstrip("/")
+    if address.startswith("http://"):
+        raise HatcheryError("the agent API is HTTPS only", hint=f"use https://{address[7:]}")
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return f"https://{address}:{API_PORT}"
+    return f"https://{address}"
+
+
+class AgentClient:
+    def __init__(self, address: str, credentials: Credentials, timeout: float = 300.0) -> None:
+        self.base = agent_url(address)
+        self._ssl = credentials.context()
+        self._timeout = aiohttp.ClientTimeout(total=timeout, connect=10)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> AgentClient:
+        connector = aiohttp.TCPConnector(ssl=self._ssl)
+        self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def request(
+        self, method: str, path: str, *, json: Any = None, data: bytes | None = None
+    ) -> Any:
+        """Send one request; return the JSON (or text) answer, or raise ``ApiError``."""
+        assert self._session is not None, "use 'async with AgentClient(...)'"
+        try:
+            async with self._session.request(
+                method, self.base + path, json=json, data=data
+            ) as resp:
+                if resp.content_type == "application/json":
+                    body: Any = await resp.json()
+                else:
+                    body = await resp.text()
+                if resp.status >= 400:
+                    message = body.get("error") if isinstance(body, dict) else str(body)
+                    raise ApiError(f"{message} (HTTP {resp.status})", resp.status)
+                return body
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise ApiError(
+                f"{self.base}: the agent's certificate is not trusted: {exc.certificate_error}",
+                0,
+                hint="check --ca: it must be the CA that signed the agent's certificate",
+            ) from exc
+        except aiohttp.ClientSSLError as exc:
+            raise ApiError(f"{self.base}: TLS handshake failed: {exc}", 0) from exc
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            raise ApiError(
+                f"cannot reach the agent at {self.base}: {exc or type(exc).__name__}",
+                0,
+                hint="is hatchery-agent running there, and is --agent right?",
+            ) from exc

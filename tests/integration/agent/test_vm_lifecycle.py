@@ -1,0 +1,192 @@
+"""Issue 6 acceptance: real QEMU VMs through the CLI over mutual TLS, outliving the agent."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import missing
+from tests.support.agent import AgentProcess, Pki
+from tests.support.guest import (
+    INIT_PRELUDE,
+    VIRTIO_NET_MODULES,
+    GuestKernel,
+    busybox_initramfs,
+    find_guest_kernel,
+)
+from tests.support.net import bridge
+
+# The guest takes its address from the kernel command line (the agent's DHCP is tested
+# with it elsewhere); what matters here is that it boots and answers on the bridge.
+GUEST_INIT = (
+    INIT_PRELUDE
+    + """
+ip="$(sed -n 's/.*hatchery\\.ip=\\([^ ]*\\).*/\\1/p' /proc/cmdline)"
+i=0; while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+ip link set eth0 up
+[ -n "$ip" ] && ip addr add "$ip" dev eth0
+echo "GUEST-UP mac=$(cat /sys/class/net/eth0/address)"
+while true; do sleep 60; done
+"""
+)
+
+
+def _qemu_alive(pid: int) -> bool:
+    try:
+        return b"qemu-system" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def lab(tmp_path: Path, require_root: None, require_tool: Callable[[str], str]) -> Iterator[dict]:
+    require_tool("qemu-system-x86_64")
+    kernel = find_guest_kernel()
+    if kernel is None:
+        missing("no guest kernel in .cache (make guest-kernel)")
+    assert isinstance(kernel, GuestKernel)
+    octet = random.randrange(16, 250)
+    subnet = f"10.{octet}.77"
+    initrd = tmp_path / "initrd"
+    modules = [kernel.module(m) for m in VIRTIO_NET_MODULES]
+    initrd.write_bytes(busybox_initramfs(GUEST_INIT, modules=modules))
+    pki_ = Pki.make(tmp_path / "pki")
+    with bridge(f"{subnet}.1/24") as br:
+        agent = AgentProcess.configure(
+            tmp_path,
+            pki_,
+            [{"name": br, "subnets": [{"cidr": f"{subnet}.0/24", "gateway": f"{subnet}.1",
+                                       "pool": {"start": f"{subnet}.10", "end": f"{subnet}.11"}}]}],
+        )  # fmt: skip
+        agent.start()
+        try:
+            yield {"agent": agent, "kernel": kernel.vmlinux(), "initrd": initrd, "subnet": subnet}
+        finally:
+            agent.kill()
+            for vm_dir in (agent.state_dir / "vms").glob("*"):
+                pid_file = vm_dir / "pid"
+                if pid_file.exists():
+                    pid = int(pid_file.read_text())
+                    if _qemu_alive(pid):
+                        os.kill(pid, 9)
+            for link in subprocess.run(
+                ["ip", "-o", "link"], capture_output=True, text=True
+            ).stdout.splitlines():
+                name = link.split(": ")[1].split("@")[0]
+                if name.startswith("hv-") and f"master {br}" in link:
+                    subprocess.run(["ip", "link", "del", name], check=False)
+
+
+def _wait_console(agent: AgentProcess, name: str, marker: str, timeout: float = 180) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        text = agent.cli("vm", "console", name).stdout
+        if marker in text:
+            return text
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {marker!r} on {name}'s console:\n{text[-2000:]}")
+        time.sleep(1)
+
+
+def _ping(ip: str) -> bool:
+    return subprocess.run(["ping", "-c", "1", "-W", "3", ip], capture_output=True).returncode == 0
+
+
+def _create(lab: dict, name: str, ip: str) -> dict:
+    return lab["agent"].cli_json(
+        "vm", "create", name, "--kernel", str(lab["kernel"]), "--initrd", str(lab["initrd"]),
+        "--cmdline", f"console=ttyS0 quiet hatchery.ip={ip}/24", "--memory", "192",
+    )  # fmt: skip
+
+
+def test_vm_outlives_agent_and_is_readopted(lab: dict, require_tool: Callable[[str], str]) -> None:
+    require_tool("ping")
+    agent: AgentProcess = lab["agent"]
+    ip = f"{lab['subnet']}.10"
+    vm = _create(lab, "app1", ip)
+    assert vm["state"] == "running" and vm["ip"] == ip
+    pid = vm["pid"]
+    console = _wait_console(agent, "app1", "GUEST-UP")
+    assert f"mac={vm['mac']}" in console
+    assert _ping(ip), "the guest does not answer on the bridge"
+
+    agent.kill()  # SIGKILL: no chance to clean up
+    assert _qemu_alive(pid), "killing the agent stopped the VM"
+    assert _ping(ip), "the guest stopped answering while the agent was down"
+
+    agent.start()
+    listed = {v["name"]: v for v in agent.cli_json("vm", "list")["vms"]}
+    assert listed["app1"]["state"] == "running" and listed["app1"]["pid"] == pid
+
+    stopped = agent.cli_json("vm", "stop", "app1", "--timeout", "3")
+    assert stopped["state"] == "stopped"
+    assert not _qemu_alive(pid)
+    agent.cli("vm", "destroy", "app1")
+    pool = agent.cli_json("pool", "list")
+    assert pool["free"] == pool["total"] == 2
+    assert agent.cli_json("vm", "list")["vms"] == []
+
+
+def test_vm_killed_while_agent_down_is_crashed(lab: dict) -> None:
+    agent: AgentProcess = lab["agent"]
+    vm = _create(lab, "app2", f"{lab['subnet']}.10")
+    agent.kill()
+    os.kill(vm["pid"], 9)
+    time.sleep(0.5)
+    agent.start()
+    shown = agent.cli_json("vm", "show", "app2")
+    assert shown["state"] == "crashed"
+    assert "agent was down" in shown["reason"]
+    health = agent.cli_json("health")
+    assert health["healthy"] is False and health["checks"]["vms"].startswith("fail")
+    agent.cli("vm", "destroy", "app2")
+    assert agent.cli_json("pool", "list")["free"] == 2
+
+
+def test_refusals_change_nothing(
+    lab: dict, tmp_path: Path, require_tool: Callable[[str], str]
+) -> None:
+    curl = require_tool("curl")
+    agent: AgentProcess = lab["agent"]
+    url = f"https://127.0.0.1:{agent.port}/v1/vms"
+    # No client certificate: the TLS handshake fails.
+    no_cert = subprocess.run([curl, "-sS", "--cacert", str(agent.pki.ca), url],
+                             capture_output=True, text=True)  # fmt: skip
+    assert no_cert.returncode != 0
+    # A certificate from another CA: refused too.
+    other = Pki.make(tmp_path / "other")
+    stranger = other.client("mallory", "admin")
+    foreign = subprocess.run(
+        [curl, "-sS", "--cacert", str(agent.pki.ca), "--cert", str(stranger.cert),
+         "--key", str(stranger.key), url], capture_output=True, text=True,
+    )  # fmt: skip
+    assert foreign.returncode != 0
+    # A valid certificate without the group: 403, nothing created.
+    agent.pki.client("eve", "visitors")
+    denied = agent.cli("vm", "create", "evil", "--kernel", str(lab["kernel"]), client="eve",
+                       check=False)  # fmt: skip
+    assert denied.returncode == 1 and "HTTP 403" in denied.stderr and "may not" in denied.stderr
+    assert agent.cli_json("vm", "list")["vms"] == []
+
+    # Beyond capacity: refused, naming memory; the pool is untouched.
+    big = agent.cli("vm", "create", "huge", "--kernel", str(lab["kernel"]), "--memory",
+                    str(1024 * 1024), check=False)  # fmt: skip
+    assert big.returncode == 1 and "memory" in big.stderr and "capacity" in big.stderr
+    # Malformed input: 400 naming the field.
+    bad = agent.cli("vm", "create", "Bad_Name", "--kernel", str(lab["kernel"]), check=False)
+    assert bad.returncode == 1 and "bad vm name" in bad.stderr
+    assert agent.cli_json("pool", "list")["free"] == 2
+
+    # An empty pool: refused with a clear message.
+    for i, name in enumerate(("p1", "p2")):
+        agent.cli("vm", "create", name, "--kernel", str(lab["kernel"]), "--initrd",
+                  str(lab["initrd"]), "--no-start", "--cmdline", f"hatchery.ip=x{i}")  # fmt: skip
+    empty = agent.cli("vm", "create", "p3", "--kernel", str(lab["kernel"]), check=False)
+    assert empty.returncode == 1 and "no free address" in empty.stderr
+    assert [v["name"] for v in agent.cli_json("vm", "list")["vms"]] == ["p1", "p2"]
