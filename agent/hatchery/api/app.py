@@ -56,7 +56,7 @@ class ApiContext:
 
 
 CONTEXT = web.AppKey("context", ApiContext)
-IDENTITY = "hatchery.identity"
+IDENTITY = web.RequestKey("identity", Identity)
 
 
 def _error(status: int, message: str, field: str | None = None) -> web.Response:
@@ -66,7 +66,12 @@ def _error(status: int, message: str, field: str | None = None) -> web.Response:
     return web.json_response(body, status=status)
 
 
+class TooLarge(BadRequest):
+    """The body is over the size limit."""
+
+
 _STATUS: tuple[tuple[type[HatcheryError], int], ...] = (
+    (TooLarge, 413),
     (BadRequest, 400),
     (NotFound, 404),
     (VmStateError, 409),
@@ -114,7 +119,7 @@ def _require(request: web.Request, permission: str, owner_group: str | None = No
 
 async def _json_body(request: web.Request) -> Body:
     if request.content_length is not None and request.content_length > MAX_BODY:
-        raise BadRequest(f"the body is larger than {MAX_BODY} bytes")
+        raise TooLarge(f"the body is larger than {MAX_BODY} bytes")
     try:
         data = await request.json(loads=json.loads)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -289,7 +294,7 @@ async def put_user_data(request: web.Request) -> web.Response:
     vm = _vm_for(request, "vm.manage")
     data = await request.read()
     if len(data) > MAX_USER_DATA:
-        raise BadRequest(f"user data is larger than {MAX_USER_DATA} bytes", "user_data")
+        raise TooLarge(f"user data is larger than {MAX_USER_DATA} bytes", "user_data")
     try:
         text = data.decode()
     except UnicodeDecodeError as exc:

@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hatchery.api.policy import Policy, load_policy
+from hatchery.config import AgentConfig, load_config, parse_config
+from hatchery.errors import ConfigError
+from hatchery.pki import Identity
+
+GOOD = {
+    "state_dir": "/srv/h",
+    "listen": "127.0.0.1:7000",
+    "qemu": {"accel": "tcg"},
+    "bridges": [
+        {
+            "name": "br0",
+            "subnets": [
+                {
+                    "cidr": "10.1.0.0/24",
+                    "gateway": "10.1.0.1",
+                    "dns": ["10.1.0.1"],
+                    "pool": {"start": "10.1.0.10", "end": "10.1.0.20"},
+                }
+            ],
+        }
+    ],
+}
+
+
+def test_minimal_config_is_all_defaults() -> None:
+    assert parse_config(None) == AgentConfig()
+
+
+def test_good_config() -> None:
+    config = parse_config(GOOD)
+    assert config.listen_port == 7000 and config.accel == "tcg"
+    assert str(config.bridges[0].subnets[0].pool_end) == "10.1.0.20"
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"listen": "nowhere"}, "listen: expected HOST:PORT"),
+        ({"qemu": {"accel": "xen"}}, "qemu.accel: must be auto, kvm or tcg"),
+        ({"colour": "blue"}, "colour: unknown key"),
+        ({"capacity": {"reserve_cpus": -1}}, "capacity.reserve_cpus: must be >= 0"),
+        ({"capacity": {"reserve_memory_mib": True}}, "capacity.reserve_memory_mib: expected int"),
+        (
+            {
+                "bridges": [
+                    {"name": "br0", "subnets": [{"cidr": "10.1.0.0/24", "gateway": "10.2.0.1"}]}
+                ]
+            },
+            "bridges[0].subnets[0].gateway: 10.2.0.1 is outside 10.1.0.0/24",
+        ),
+        (
+            {
+                "bridges": [
+                    {
+                        "name": "br0",
+                        "subnets": [
+                            {
+                                "cidr": "10.1.0.0/24",
+                                "pool": {"start": "10.1.0.9", "end": "10.1.0.2"},
+                            }
+                        ],
+                    }
+                ]
+            },
+            "bridges[0].subnets[0].pool.end: 10.1.0.2 is before pool start 10.1.0.9",
+        ),
+        ({"bridges": [{"name": "a-name-that-is-too-long"}]}, "bridges[0].name"),
+        ({"bridges": [{"name": "br0"}, {"name": "br0"}]}, "listed twice"),
+    ],
+)
+def test_errors_name_the_bad_key(patch: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config({**GOOD, **patch})
+    assert message in err.value.message
+
+
+def test_load_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text("listen: [1, 2\n")
+    with pytest.raises(ConfigError, match=str(path)):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_policy() -> None:
+    policy = load_policy(None)
+    admin = Identity("root", frozenset({"admin"}))
+    ops = Identity("olga", frozenset({"ops"}))
+    web = Identity("wendy", frozenset({"web"}))
+    assert policy.allows(admin, "pool.manage")
+    assert policy.allows(ops, "vm.manage") and not policy.allows(ops, "pool.manage")
+    assert not policy.allows(web, "vm.manage")
+    assert policy.allows(web, "vm.manage", owner_group="web")
+    assert not policy.allows(web, "pool.manage", owner_group="web")
+    assert Policy({"reader": ("*.read",)}).allows(Identity("r", frozenset({"reader"})), "vm.read")
+
+
+def test_policy_file(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text("groups:\n  web: [vm.read]\n")
+    assert load_policy(path).allows(Identity("w", frozenset({"web"})), "vm.read")
+    path.write_text("groups: [1]\n")
+    with pytest.raises(ConfigError, match="groups"):
+        load_policy(path)
