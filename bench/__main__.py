@@ -8,6 +8,7 @@ import sys
 # name -> module with a ``run() -> None`` that writes its section of docs/benchmarks.md
 BENCHMARKS = {
     "kernel-boot": "bench.kernel_boot",
+    "rollout": "bench.rollout",
 }
 
 
