@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import resource
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -140,7 +141,15 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _raise_nofile() -> None:
+    """Many agents at once need many sockets: lift the soft descriptor limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _client(args: argparse.Namespace) -> AgentClient:
+    _raise_nofile()
     ca = args.ca or _tls_default("HATCHERY_CA", "ca.pem")
     cert = args.cert or _tls_default("HATCHERY_CERT", "client.pem")
     key = args.key or _tls_default("HATCHERY_KEY", "client.key")
