@@ -7,13 +7,10 @@ dict/file-backed implementation used by tests and ``hatchery-agent serve dhcp``.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +18,7 @@ from typing import Any, Protocol
 
 import yaml
 
+from hatchery import state
 from hatchery.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -110,33 +108,12 @@ class Binding:
     expires: float  # wall-clock seconds (time.time()) after which the address is free again
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``path`` so a crash leaves the old or the new file, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 class BirthLeases:
     """Dynamic leases from one address range for nodes being birthed.
 
     Offers are held in memory for ``offer_hold`` seconds; committed leases (ACKed) are written
     to ``path`` (JSON, atomically) if a path is given. A corrupt file is moved aside to
-    ``<name>.corrupt`` and reported, never silently overwritten. Declined addresses are
+    ``<name>.corrupt-<time>`` and reported, never silently overwritten. Declined addresses are
     skipped for ``decline_hold`` seconds (RFC 2131 section 4.3.3).
     """
 
@@ -171,9 +148,7 @@ class BirthLeases:
                             float(item["expires"]))  # fmt: skip
                 self._leases[b.mac] = b
         except (ValueError, KeyError, TypeError) as exc:
-            aside = path.with_name(path.name + ".corrupt")
-            os.replace(path, aside)
-            log.error("lease file %s is corrupt (%s): moved aside to %s", path, exc, aside)
+            state.set_aside(path, str(exc))
             self._leases.clear()
 
     def _save(self) -> None:
@@ -185,7 +160,8 @@ class BirthLeases:
                 for b in sorted(self._leases.values(), key=lambda b: int(b.ip))
             ]
         }
-        write_atomically(self.path, json.dumps(doc, indent=1).encode() + b"\n")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        state.write_json(self.path, doc)
 
     def __contains__(self, ip: ipaddress.IPv4Address) -> bool:
         return self.start <= ip <= self.end
