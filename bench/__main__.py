@@ -7,6 +7,7 @@ import sys
 
 # name -> module with a ``run() -> None`` that writes its section of docs/benchmarks.md
 BENCHMARKS = {
+    "agent-overhead": "bench.agent_overhead",
     "kernel-boot": "bench.kernel_boot",
     "rollout": "bench.rollout",
 }
