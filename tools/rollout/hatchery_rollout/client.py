@@ -121,14 +121,25 @@ class AgentClient:
             self._session = None
 
     async def _call(
-        self, host: Host, method: str, path: str, body: Mapping[str, Any] | None = None
+        self,
+        host: Host,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        extra_time: float = 0.0,
     ) -> tuple[int, Any]:
         if self._session is None:
             raise RuntimeError("AgentClient used outside 'async with'")
         url = f"https://{host.address}{path}"
         self.requests += 1
         try:
-            async with self._session.request(method, url, json=body) as resp:
+            timeout = (
+                aiohttp.ClientTimeout(total=(self._timeout.total or 0) + extra_time)
+                if extra_time
+                else None
+            )
+            async with self._session.request(method, url, json=body, timeout=timeout) as resp:
                 text = await resp.text()
                 status = resp.status
         except (TimeoutError, aiohttp.ClientError, ssl.SSLError, OSError) as exc:
@@ -158,6 +169,10 @@ class AgentClient:
         )
         return PostResult(status, parse_upgrade(data))
 
-    async def upgrade_status(self, host: Host) -> UpgradeStatus:
-        _, data = await self._call(host, "GET", "/v1/upgrade")
+    async def upgrade_status(self, host: Host, wait: float = 0.0) -> UpgradeStatus:
+        """``GET /v1/upgrade``; with ``wait``, the agent may hold the answer until the upgrade
+        is no longer running or ``wait`` seconds passed (an agent without it answers at once).
+        """
+        path = f"/v1/upgrade?wait={wait:g}" if wait > 0 else "/v1/upgrade"
+        _, data = await self._call(host, "GET", path, extra_time=wait)
         return parse_upgrade(data)

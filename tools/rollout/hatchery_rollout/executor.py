@@ -87,6 +87,9 @@ class ExecOptions:
         )
 
 
+LONG_POLL = 30.0  # seconds an agent may hold GET /v1/upgrade?wait= open
+
+
 class HostFailed(RolloutError):
     """This host's upgrade failed; the message says why."""
 
@@ -166,7 +169,10 @@ class Executor:
         self.progress.host_finished(True, None if skipped else time.monotonic() - start)
 
     async def _set(self, host: Host, rec: HostRecord, state: HostState, **fields: object) -> None:
-        await self.journal.host(host.name, state, **fields)
+        # Durable before the next step: POSTING (before the request leaves), DONE, SKIPPED,
+        # FAILED. The states in between ride along with the next waited-for record.
+        wait = state not in (HostState.BASELINE, HostState.POSTED, HostState.UPGRADED)
+        await self.journal.host(host.name, state, wait=wait, **fields)
         rec.state = state
         if state in (HostState.POSTING, HostState.POSTED, HostState.UPGRADED):
             rec.sent = True
@@ -236,29 +242,40 @@ class Executor:
             return None
 
     async def _wait_version(self, host: Host) -> None:
+        """Wait for the target version: long-poll ``GET /v1/upgrade?wait=`` while the upgrade
+        runs (plain polling every ``poll_interval`` with an agent that answers at once), then
+        confirm with ``/healthz``. Unreachable meanwhile (a reboot) is not a failure."""
         target = self.opts.version
         deadline = time.monotonic() + self.opts.upgrade_timeout
         last = "no answer yet"
         while True:
+            asked = time.monotonic()
             try:
-                health = await self.client.health(host)
+                wait = max(0.0, min(LONG_POLL, deadline - asked))
+                status = await self.client.upgrade_status(host, wait=wait)
+                if status.state != "running":
+                    health = await self.client.health(host)
+                    if health.fallback:
+                        raise HostFailed(
+                            f"booted back into {health.version}: {health.fallback_reason or '?'}"
+                        )
+                    if health.upgrade.state == "failed":
+                        error = health.upgrade.error or "no reason given"
+                        raise HostFailed(f"upgrade failed: {error}")
+                    if health.version == target and health.upgrade.state != "running":
+                        return
+                    last = f"version {health.version}, upgrade {health.upgrade.state}"
+                else:
+                    last = f"upgrade to {status.target} running"
             except AgentError as exc:  # rebooting, or a transient network failure
                 last = str(exc)
-            else:
-                if health.fallback:
-                    raise HostFailed(
-                        f"booted back into {health.version}: {health.fallback_reason or '?'}"
-                    )
-                if health.upgrade.state == "failed":
-                    raise HostFailed(f"upgrade failed: {health.upgrade.error or 'no reason given'}")
-                if health.version == target and health.upgrade.state != "running":
-                    return
-                last = f"version {health.version}, upgrade {health.upgrade.state}"
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= deadline:
                 raise HostFailed(
                     f"not on {target} after {self.opts.upgrade_timeout:g}s (last: {last})"
                 )
-            await asyncio.sleep(self.opts.poll_interval)
+            if now - asked < self.opts.poll_interval:  # answered at once: do not spin
+                await asyncio.sleep(self.opts.poll_interval - (now - asked))
 
     async def _wait_healthy(self, host: Host, rec: HostRecord) -> None:
         baseline = set(rec.baseline or ())

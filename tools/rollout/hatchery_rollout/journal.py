@@ -175,7 +175,8 @@ class Journal:
     def __init__(self, path: Path, fd: int) -> None:
         self.path = path
         self._fd = fd
-        self._queue: list[tuple[bytes, asyncio.Future[None]]] = []
+        self._queue: list[tuple[bytes, asyncio.Future[None] | None]] = []
+        self._broken: JournalError | None = None
         self._writer: asyncio.Task[None] | None = None
         self.fsyncs = 0
 
@@ -237,16 +238,23 @@ class Journal:
     def append_sync(self, kind: str, **fields: Any) -> None:
         self._write_now([_line({"t": kind, "ts": time.time(), **fields})])
 
-    async def append(self, kind: str, **fields: Any) -> None:
-        """Queue a record and wait until it is on disk (shared fsync with concurrent appends)."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    async def append(self, kind: str, *, wait: bool = True, **fields: Any) -> None:
+        """Queue a record; with ``wait``, return once it is on disk.
+
+        Records reach the file in the order they were queued, so a record that is waited for
+        makes every earlier one durable too: a host's intermediate states need not wait.
+        """
+        if self._broken is not None:
+            raise self._broken
+        fut = asyncio.get_running_loop().create_future() if wait else None
         self._queue.append((_line({"t": kind, "ts": time.time(), **fields}), fut))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._drain(), name="journal-writer")
-        await fut
+        if fut is not None:
+            await fut
 
-    async def host(self, name: str, state: HostState, **fields: Any) -> None:
-        await self.append("host", host=name, state=str(state), **fields)
+    async def host(self, name: str, state: HostState, *, wait: bool = True, **fields: Any) -> None:
+        await self.append("host", wait=wait, host=name, state=str(state), **fields)
 
     async def _drain(self) -> None:
         while self._queue:
@@ -254,13 +262,15 @@ class Journal:
             try:
                 await asyncio.to_thread(self._write_now, [line for line, _ in batch])
             except OSError as exc:
-                err = JournalError(f"{self.path}: cannot write: {exc.strerror}")
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(err)
-                continue
+                # Nothing may be written after a lost record: every later append fails too.
+                self._broken = JournalError(f"{self.path}: cannot write: {exc.strerror}")
+                for _, fut in batch + self._queue:
+                    if fut is not None and not fut.done():
+                        fut.set_exception(self._broken)
+                self._queue = []
+                return
             for _, fut in batch:
-                if not fut.done():
+                if fut is not None and not fut.done():
                     fut.set_result(None)
 
     async def aclose(self) -> None:

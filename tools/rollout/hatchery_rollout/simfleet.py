@@ -135,7 +135,16 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def get_upgrade(request: web.Request) -> web.Response:
-    return web.json_response(request.app[SIM].upgrade_doc(_host(request)))
+    h = _host(request)
+    sim = request.app[SIM]
+    try:
+        wait = min(float(request.query.get("wait", "0")), 60.0)
+    except ValueError:
+        return _error(400, "wait: seconds expected", "wait")
+    if wait > 0 and h.state == "running" and h.started is not None:
+        await asyncio.sleep(max(0.0, min(wait, h.started + sim.delay - time.time())))
+        sim.settle(h)
+    return web.json_response(sim.upgrade_doc(h))
 
 
 async def post_upgrade(request: web.Request) -> web.Response:
