@@ -1,0 +1,142 @@
+"""Per-bridge metadata plumbing through pyroute2: a namespace, a veth pair, routes, nft.
+
+``hmd-<bridge>`` holds the inner veth end with 169.254.169.254/32 and routes to the VM
+subnets; the outer end is a port of the bridge. Setting up is idempotent (a restarted agent
+finds and keeps what is there), tearing down removes all of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import logging
+import os
+import socket
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute, netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+from hatchery.errors import CommandError, HatcheryError
+from hatchery.metadata.ruleset import METADATA_IP, Port, render, render_delete
+
+log = logging.getLogger(__name__)
+INNER = "md0"
+
+
+class PlumbingError(HatcheryError):
+    """The metadata namespace, veth or rules cannot be set up."""
+
+
+@dataclass(frozen=True, slots=True)
+class Names:
+    netns: str
+    outer: str
+
+    @classmethod
+    def for_bridge(cls, bridge: str) -> Names:
+        digest = hashlib.sha256(bridge.encode()).hexdigest()[:10]
+        return cls(netns=f"hmd-{bridge}", outer=f"hmd{digest}")
+
+
+def _index(ipr: IPRoute, name: str) -> int | None:
+    found = ipr.link_lookup(ifname=name)
+    return int(found[0]) if found else None
+
+
+def _setup(bridge: str, subnets: Sequence[ipaddress.IPv4Network]) -> str:
+    """Create what is missing; return the inner end's MAC."""
+    names = Names.for_bridge(bridge)
+    with IPRoute() as ipr:
+        master = _index(ipr, bridge)
+        if master is None:
+            raise PlumbingError(f"bridge {bridge} does not exist")
+        if names.netns not in netns.listnetns():
+            netns.create(names.netns)
+        if _index(ipr, names.outer) is None:
+            with IPRoute(netns=names.netns) as inner:
+                stale = _index(inner, INNER)
+                if stale is not None:
+                    inner.link("del", index=stale)
+            ipr.link("add", ifname=names.outer, kind="veth", peer={"ifname": INNER})
+            ipr.link("set", index=_index(ipr, INNER), net_ns_fd=names.netns)
+        outer = _index(ipr, names.outer)
+        ipr.link("set", index=outer, master=master, state="up")
+    with IPRoute(netns=names.netns) as inner:
+        lo = _index(inner, "lo")
+        inner.link("set", index=lo, state="up")
+        index = _index(inner, INNER)
+        if index is None:
+            raise PlumbingError(f"{INNER} is missing in namespace {names.netns}")
+        inner.link("set", index=index, state="up")
+        have = {a.get_attr("IFA_ADDRESS") for a in inner.get_addr(index=index)}
+        if METADATA_IP not in have:
+            inner.addr("add", index=index, address=METADATA_IP, prefixlen=32)
+        for net in subnets:
+            try:
+                inner.route("replace", dst=str(net), oif=index, scope=253)
+            except NetlinkError as exc:
+                raise PlumbingError(f"cannot route {net} in {names.netns}: {exc}") from exc
+        mac = inner.get_links(index)[0].get_attr("IFLA_ADDRESS")
+    return str(mac)
+
+
+def _nft(script: str) -> None:
+    result = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise CommandError(["nft", "-f", "-"], result.returncode, result.stderr)
+
+
+def _teardown(bridge: str) -> None:
+    names = Names.for_bridge(bridge)
+    _nft(render_delete(bridge))
+    with IPRoute() as ipr:
+        index = _index(ipr, names.outer)
+        if index is not None:
+            ipr.link("del", index=index)
+    if names.netns in netns.listnetns():
+        netns.remove(names.netns)
+
+
+class BridgePlumbing:
+    """The metadata namespace of one bridge and its nft table."""
+
+    def __init__(self, bridge: str, subnets: Sequence[ipaddress.IPv4Network]) -> None:
+        self.bridge = bridge
+        self.names = Names.for_bridge(bridge)
+        self._subnets = tuple(subnets)
+        self.inner_mac = ""
+        self._lock = asyncio.Lock()
+
+    async def setup(self) -> None:
+        try:
+            self.inner_mac = await asyncio.to_thread(_setup, self.bridge, self._subnets)
+        except (NetlinkError, OSError) as exc:
+            raise PlumbingError(f"metadata plumbing for {self.bridge}: {exc}") from exc
+        log.info("metadata for %s: namespace %s, veth %s", self.bridge, *self.names_tuple())
+
+    def names_tuple(self) -> tuple[str, str]:
+        return self.names.netns, self.names.outer
+
+    async def apply_ports(self, ports: Sequence[Port]) -> None:
+        """Replace the bridge's nft table with rules for exactly ``ports`` (atomic)."""
+        script = render(self.bridge, self.names.outer, self.inner_mac, ports)
+        async with self._lock:
+            await asyncio.to_thread(_nft, script)
+
+    def listen(self, port: int) -> socket.socket:
+        """A TCP socket bound to 169.254.169.254:``port`` inside the namespace."""
+        sock: socket.socket = netns.create_socket(self.names.netns, socket.AF_INET,
+                                                  socket.SOCK_STREAM)  # fmt: skip
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((METADATA_IP, port))
+        sock.listen(128)
+        sock.setblocking(False)
+        os.set_inheritable(sock.fileno(), False)
+        return sock
+
+    async def teardown(self) -> None:
+        await asyncio.to_thread(_teardown, self.bridge)

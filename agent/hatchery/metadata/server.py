@@ -1,0 +1,221 @@
+"""The metadata HTTP server: a VM sees only its own data, identified by its source address.
+
+The address is trustworthy because the bridge's anti-spoofing rules (``ruleset``) drop any
+frame from a VM port whose MAC, IPv4 or ARP claims are not that VM's. Served:
+
+* SmallStack: ``/datasource/SmallStack``, ``/latest/dynamic/epoch-time`` (seconds.nanoseconds),
+  ``/latest/dynamic/instance-identity/document``, ``/latest/user-data``;
+* EC2-style ``/latest/meta-data/`` (instance-id, local-ipv4, hostname, local-hostname, mac,
+  public-keys/) with IMDSv2 tokens accepted (``PUT /latest/api/token``);
+* NoCloud ``/nocloud/{meta-data,user-data,vendor-data}`` for stock cloud-init, which the
+  agent points guests at through the SMBIOS serial ``ds=nocloud-net;s=http://169.254.169.254/nocloud/``.
+
+Anything else is a 404; anything but GET/PUT a 405; bodies over 1 KiB are refused.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+TOKEN_HEADER = "X-aws-ec2-metadata-token"
+TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
+MAX_TOKENS = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class VmMetadata:
+    name: str
+    uuid: str
+    ip: str
+    mac: str
+    user_data: str = ""
+    public_keys: tuple[str, ...] = ()
+    created: float = 0.0
+    hypervisor: str = ""
+
+    def identity_document(self) -> dict[str, object]:
+        return {
+            "instanceId": self.uuid,
+            "instanceName": self.name,
+            "privateIp": self.ip,
+            "macAddress": self.mac,
+            "hostname": self.name,
+            "hypervisor": self.hypervisor,
+            "launchTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created)),
+        }
+
+
+class MetadataSource(Protocol):
+    """What the server needs: the VM on this bridge that owns this address, if any."""
+
+    def vm_by_ip(self, bridge: str, ip: str) -> VmMetadata | None: ...
+
+
+@dataclass
+class _Tokens:
+    """IMDSv2 session tokens, bound to the VM that asked for them."""
+
+    issued: dict[str, tuple[str, float]] = field(default_factory=dict)  # token -> (vm, expiry)
+
+    def issue(self, vm: str, ttl: int, now: float) -> str:
+        if len(self.issued) >= MAX_TOKENS:
+            self.issued = {t: v for t, v in self.issued.items() if v[1] > now}
+            while len(self.issued) >= MAX_TOKENS:
+                self.issued.pop(next(iter(self.issued)))
+        token = secrets.token_urlsafe(32)
+        self.issued[token] = (vm, now + ttl)
+        return token
+
+    def valid(self, token: str, vm: str, now: float) -> bool:
+        entry = self.issued.get(token)
+        return entry is not None and entry[0] == vm and entry[1] > now
+
+
+VM = web.RequestKey("vm", VmMetadata)
+BRIDGE = web.AppKey("bridge", str)
+SOURCE = web.AppKey("source", MetadataSource)
+TOKENS = web.AppKey("tokens", _Tokens)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _text(body: str) -> web.Response:
+    return web.Response(text=body, content_type="text/plain")
+
+
+@web.middleware
+async def identify(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer only a known VM, by source address; an IMDSv2 token, if given, must be its own."""
+    if request.body_exists:
+        await request.read()  # over client_max_size: 413 before anything else happens
+    remote = request.remote or ""
+    try:
+        ipaddress.IPv4Address(remote)
+    except ValueError:
+        raise web.HTTPForbidden(text="unknown source\n") from None
+    vm = request.app[SOURCE].vm_by_ip(request.app[BRIDGE], remote)
+    if vm is None:
+        log.warning("metadata request from unknown address %s refused", remote)
+        raise web.HTTPForbidden(text="unknown source\n")
+    token = request.headers.get(TOKEN_HEADER)
+    if token is not None and not request.app[TOKENS].valid(token, vm.uuid, time.time()):
+        raise web.HTTPUnauthorized(text="invalid or expired token\n")
+    request[VM] = vm
+    return await handler(request)
+
+
+async def put_token(request: web.Request) -> web.Response:
+    try:
+        ttl = int(request.headers.get(TTL_HEADER, ""))
+    except ValueError:
+        raise web.HTTPBadRequest(text=f"{TTL_HEADER} must be 1..21600\n") from None
+    if not 1 <= ttl <= 21600:
+        raise web.HTTPBadRequest(text=f"{TTL_HEADER} must be 1..21600\n")
+    token = request.app[TOKENS].issue(request[VM].uuid, ttl, time.time())
+    return web.Response(text=token, headers={TTL_HEADER: str(ttl)}, content_type="text/plain")
+
+
+async def smallstack(request: web.Request) -> web.Response:
+    return _text("true")
+
+
+async def epoch_time(request: web.Request) -> web.Response:
+    ns = time.time_ns()
+    return _text(f"{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}")
+
+
+async def identity_document(request: web.Request) -> web.Response:
+    return web.json_response(request[VM].identity_document())
+
+
+async def user_data(request: web.Request) -> web.Response:
+    vm = request[VM]
+    if not vm.user_data:
+        raise web.HTTPNotFound(text="no user data\n")
+    return _text(vm.user_data)
+
+
+_META_KEYS = ("hostname", "instance-id", "local-hostname", "local-ipv4", "mac", "public-keys/")
+
+
+async def meta_data_index(request: web.Request) -> web.Response:
+    return _text("\n".join(_META_KEYS))
+
+
+async def meta_data_item(request: web.Request) -> web.Response:
+    vm = request[VM]
+    values = {
+        "hostname": vm.name,
+        "local-hostname": vm.name,
+        "instance-id": vm.uuid,
+        "local-ipv4": vm.ip,
+        "mac": vm.mac,
+    }
+    key = request.match_info["key"]
+    if key in values:
+        return _text(values[key])
+    raise web.HTTPNotFound(text="no such key\n")
+
+
+async def public_keys(request: web.Request) -> web.Response:
+    keys = request[VM].public_keys
+    return _text("\n".join(f"{i}=key{i}" for i in range(len(keys))))
+
+
+async def public_key(request: web.Request) -> web.Response:
+    keys = request[VM].public_keys
+    index = request.match_info["index"]
+    if not index.isdigit() or int(index) >= len(keys):
+        raise web.HTTPNotFound(text="no such key\n")
+    if request.match_info.get("rest", "") in ("", "openssh-key"):
+        return _text(keys[int(index)])
+    raise web.HTTPNotFound(text="no such key\n")
+
+
+async def nocloud_meta_data(request: web.Request) -> web.Response:
+    vm = request[VM]
+    lines = [f"instance-id: {vm.uuid}", f"local-hostname: {vm.name}"]
+    if vm.public_keys:
+        lines.append("public-keys:")
+        lines += [f"  - {json.dumps(k)}" for k in vm.public_keys]
+    return _text("\n".join(lines) + "\n")
+
+
+async def nocloud_user_data(request: web.Request) -> web.Response:
+    # cloud-init needs the file to exist; an empty one means "no user data".
+    return _text(request[VM].user_data)
+
+
+async def nocloud_vendor_data(request: web.Request) -> web.Response:
+    return _text("")
+
+
+def make_app(bridge: str, source: MetadataSource) -> web.Application:
+    app = web.Application(client_max_size=1024, middlewares=[identify])
+    app[BRIDGE] = bridge
+    app[SOURCE] = source
+    app[TOKENS] = _Tokens()
+    r = app.router
+    r.add_put("/latest/api/token", put_token)
+    r.add_get("/datasource/SmallStack", smallstack)
+    r.add_get("/latest/dynamic/epoch-time", epoch_time)
+    r.add_get("/latest/dynamic/instance-identity/document", identity_document)
+    r.add_get("/latest/user-data", user_data)
+    r.add_get("/latest/meta-data/", meta_data_index)
+    r.add_get("/latest/meta-data/public-keys/", public_keys)
+    r.add_get("/latest/meta-data/public-keys/{index}/", public_key)
+    r.add_get("/latest/meta-data/public-keys/{index}/{rest}", public_key)
+    r.add_get("/latest/meta-data/{key}", meta_data_item)
+    r.add_get("/nocloud/meta-data", nocloud_meta_data)
+    r.add_get("/nocloud/user-data", nocloud_user_data)
+    r.add_get("/nocloud/vendor-data", nocloud_vendor_data)
+    return app

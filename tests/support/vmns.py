@@ -1,0 +1,55 @@
+"""Stand-in VMs for network tests: a namespace with a veth whose outer end is a bridge port."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from tests.support.net import unique_name
+
+
+def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, check=check)
+
+
+@dataclass(frozen=True)
+class NsVm:
+    netns: str
+    port: str  # the outer veth end, on the bridge (what a tap is for a real VM)
+    mac: str
+    ip: str
+    gateway: str | None = None
+
+    def run(self, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ip", "netns", "exec", self.netns, *argv],
+                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+    def set_ip(self, ip: str, prefix: int = 24) -> None:
+        self.run("ip", "addr", "flush", "dev", "eth0")
+        self.run("ip", "addr", "add", f"{ip}/{prefix}", "dev", "eth0")
+        if self.gateway:
+            self.run("ip", "route", "replace", "default", "via", self.gateway)
+
+    def set_mac(self, mac: str) -> None:
+        self.run("ip", "link", "set", "eth0", "address", mac)
+
+
+@contextlib.contextmanager
+def ns_vm(bridge: str, mac: str, ip: str, gateway: str | None = None) -> Iterator[NsVm]:
+    name = unique_name("hvm")
+    port = unique_name("hvp")
+    sh("ip", "netns", "add", name)
+    try:
+        sh("ip", "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", name)
+        sh("ip", "link", "set", port, "master", bridge, "up")
+        vm = NsVm(name, port, mac, ip, gateway)
+        vm.run("ip", "link", "set", "lo", "up")
+        vm.run("ip", "link", "set", "eth0", "address", mac)
+        vm.run("ip", "link", "set", "eth0", "up")
+        vm.set_ip(ip)
+        yield vm
+    finally:
+        sh("ip", "link", "del", port, check=False)
+        sh("ip", "netns", "del", name, check=False)
