@@ -148,13 +148,15 @@ def _raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _client(args: argparse.Namespace) -> AgentClient:
+def _client(args: argparse.Namespace, *, keepalive: float | None = 2.0) -> AgentClient:
     _raise_nofile()
     ca = args.ca or _tls_default("HATCHERY_CA", "ca.pem")
     cert = args.cert or _tls_default("HATCHERY_CERT", "client.pem")
     key = args.key or _tls_default("HATCHERY_KEY", "client.key")
     ctx = client_context(ca, cert, key)
-    return AgentClient(ctx, connections=args.connections, request_timeout=args.request_timeout)
+    return AgentClient(
+        ctx, connections=args.connections, request_timeout=args.request_timeout, keepalive=keepalive
+    )
 
 
 async def _survey(client: AgentClient, hosts: Sequence[Host], limit: int) -> dict[str, Health]:
@@ -197,11 +199,12 @@ async def _run(args: argparse.Namespace) -> int:
     options = _exec_options(args)
     plan_options = _plan_options(args)
     survey: dict[str, Health] = {}
+    if not args.no_survey:
+        t0 = time.monotonic()
+        async with _client(args, keepalive=None) as surveyor:
+            survey = await _survey(surveyor, fleet.hosts, args.connections)
+        log.info("surveyed %d hosts in %.1fs", len(survey), time.monotonic() - t0)
     async with _client(args) as client:
-        if not args.no_survey:
-            t0 = time.monotonic()
-            survey = await _survey(client, fleet.hosts, args.connections)
-            log.info("surveyed %d hosts in %.1fs", len(survey), time.monotonic() - t0)
         on_target = {n for n, h in survey.items() if h.version == options.version}
         hosts = [
             replace(h, vms=survey[h.name].vms_total if h.name in survey else h.vms)

@@ -95,18 +95,32 @@ class AgentClient:
     """Talks to every agent of the fleet through one bounded connection pool."""
 
     def __init__(
-        self, context: ssl.SSLContext, *, connections: int = 256, request_timeout: float = 10.0
+        self,
+        context: ssl.SSLContext,
+        *,
+        connections: int = 256,
+        request_timeout: float = 10.0,
+        keepalive: float | None = 2.0,
     ) -> None:
         self._context = context
+        self._keepalive = keepalive
         self._connections = connections
         self._timeout = aiohttp.ClientTimeout(total=request_timeout)
         self._session: aiohttp.ClientSession | None = None
         self.requests = 0
 
     async def __aenter__(self) -> AgentClient:
-        connector = aiohttp.TCPConnector(
-            ssl=self._context, limit=self._connections, keepalive_timeout=5.0
-        )
+        # Every idle TLS connection costs about 256 KiB of buffers (asyncio's SSL protocol):
+        # keep them only briefly (a host's requests follow each other), or not at all
+        # (keepalive None: one request per host, as in the survey).
+        if self._keepalive is None:
+            connector = aiohttp.TCPConnector(
+                ssl=self._context, limit=self._connections, force_close=True
+            )
+        else:
+            connector = aiohttp.TCPConnector(
+                ssl=self._context, limit=self._connections, keepalive_timeout=self._keepalive
+            )
         self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
         return self
 

@@ -192,15 +192,11 @@ class Executor:
         target = self.opts.version
         if not rec.sent:
             health = await self.client.health(host)
-            if rec.baseline is None:
-                rec.baseline = health.failing()
-                await self._set(
-                    host,
-                    rec,
-                    HostState.BASELINE,
-                    failing=list(rec.baseline),
-                    version=health.version,
-                )
+            # Untouched so far (also on a resume): a fresh baseline is the right one.
+            rec.baseline = health.failing()
+            await self._set(
+                host, rec, HostState.BASELINE, failing=list(rec.baseline), version=health.version
+            )
             if health.version == target and health.upgrade.state != "running":
                 await self._set(host, rec, HostState.SKIPPED)
                 return True
