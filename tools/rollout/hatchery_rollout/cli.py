@@ -204,46 +204,47 @@ async def _run(args: argparse.Namespace) -> int:
         async with _client(args, keepalive=None) as surveyor:
             survey = await _survey(surveyor, fleet.hosts, args.connections)
         log.info("surveyed %d hosts in %.1fs", len(survey), time.monotonic() - t0)
-    async with _client(args) as client:
-        on_target = {n for n, h in survey.items() if h.version == options.version}
-        hosts = [
-            replace(h, vms=survey[h.name].vms_total if h.name in survey else h.vms)
+    on_target = {n for n, h in survey.items() if h.version == options.version}
+    hosts = [
+        replace(h, vms=survey[h.name].vms_total if h.name in survey else h.vms)
+        for h in fleet.hosts
+        if h.name not in on_target
+    ]
+    plan = make_plan(hosts, plan_options, fleet.levels)
+    if args.dry_run:
+        extra: dict[str, Any] = {"already on target": len(on_target)}
+        if survey:
+            failing = sum(1 for h in survey.values() if h.failing())
+            extra["hosts failing a check now (baseline)"] = failing
+        _print_plan(plan, args.host_seconds, args.json, extra)
+        return 0
+    client = _client(args)  # TLS files are checked before the journal is made
+    journal_path = args.journal or Path(
+        f"hatchery-rollout-{options.version}-{time.strftime('%Y%m%dT%H%M%S')}.jsonl"
+    )
+    start = {
+        "version": options.version,
+        "options": options.to_json(),
+        "plan": {
+            "progression": str(plan_options.progression),
+            "max_concurrency": plan_options.max_concurrency,
+            "spread": plan_options.spread,
+        },
+        "source": fleet.source,
+        "hosts": [
+            {"name": h.name, "address": h.address, "location": list(h.location)}
             for h in fleet.hosts
-            if h.name not in on_target
-        ]
-        plan = make_plan(hosts, plan_options, fleet.levels)
-        if args.dry_run:
-            extra: dict[str, Any] = {"already on target": len(on_target)}
-            if survey:
-                failing = sum(1 for h in survey.values() if h.failing())
-                extra["hosts failing a check now (baseline)"] = failing
-            _print_plan(plan, args.host_seconds, args.json, extra)
-            return 0
-        journal_path = args.journal or Path(
-            f"hatchery-rollout-{options.version}-{time.strftime('%Y%m%dT%H%M%S')}.jsonl"
-        )
-        start = {
-            "version": options.version,
-            "options": options.to_json(),
-            "plan": {
-                "progression": str(plan_options.progression),
-                "max_concurrency": plan_options.max_concurrency,
-                "spread": plan_options.spread,
-            },
-            "source": fleet.source,
-            "hosts": [
-                {"name": h.name, "address": h.address, "location": list(h.location)}
-                for h in fleet.hosts
-            ],
-            "waves": [[h.name for h in w] for w in plan.waves],
-        }
-        journal = Journal.create(journal_path, start)
-        print(f"journal: {journal_path}", file=sys.stderr)
-        for name in sorted(on_target):
-            journal.append_sync("host", host=name, state=str(HostState.SKIPPED), survey=True)
-        records = {h.name: HostRecord() for h in fleet.hosts}
-        for name in on_target:
-            records[name].state = HostState.SKIPPED
+        ],
+        "waves": [[h.name for h in w] for w in plan.waves],
+    }
+    journal = Journal.create(journal_path, start)
+    print(f"journal: {journal_path}", file=sys.stderr)
+    for name in sorted(on_target):
+        journal.append_sync("host", host=name, state=str(HostState.SKIPPED), survey=True)
+    records = {h.name: HostRecord() for h in fleet.hosts}
+    for name in on_target:
+        records[name].state = HostState.SKIPPED
+    async with client:
         return await _execute(args, client, journal, fleet.by_name, start, records, options)
 
 
