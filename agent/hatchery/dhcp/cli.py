@@ -70,6 +70,7 @@ def add_dhcp_arguments(p: argparse.ArgumentParser) -> None:
         "--http-url", help="boot HTTP service as clients see it, e.g. http://10.0.0.1:8080"
     )
     p.add_argument("--tftp-server", type=_ip, help="TFTP server for PXE ROMs (default: us)")
+    p.add_argument("--no-tftp", action="store_true", help="no TFTP here: iPXE and HTTP Boot only")
     p.add_argument("--bios-file", default="undionly.kpxe")
     p.add_argument("--efi-file", default="ipxe.efi")
     p.add_argument("--no-ra", action="store_true", help="do not send IPv6 router advertisements")
@@ -88,8 +89,10 @@ def build_responder(args: argparse.Namespace) -> Responder:
         network = network or iface.network
     if args.lease_time < 60:
         raise ConfigError("--lease-time: at least 60 seconds")
-    boot = BootConfig(args.http_url, args.tftp_server, args.bios_file, args.efi_file) if (
-        args.http_url) else None  # fmt: skip
+    boot = None
+    if args.http_url:
+        boot = BootConfig(args.http_url, not args.no_tftp, args.tftp_server, args.bios_file,
+                          args.efi_file)  # fmt: skip
     config = DhcpConfig(server_ip, network, args.router, tuple(args.dns), args.domain,
                         args.lease_time, boot)  # fmt: skip
     static = StaticLeases.from_file(args.leases) if args.leases else StaticLeases()

@@ -45,6 +45,7 @@ class BootConfig:
     """
 
     http_base: str
+    tftp: bool = True  # False: no TFTP on this network, PXE ROMs get no boot file
     tftp_server: ipaddress.IPv4Address | None = None
     bios_file: str = "undionly.kpxe"
     efi_file: str = "ipxe.efi"
@@ -281,7 +282,9 @@ class Responder:
             # UEFI 2.x 24.7.2: the offer must carry vendor class "HTTPClient" to be used
             options = [opt_str(Opt.BOOTFILE, url), opt_str(Opt.VENDOR_CLASS, b"HTTPClient")]
             return self.config.server_ip, _file(url), options
-        if kind == ClientKind.PXE:
+        if kind == ClientKind.PXE and not boot.tftp:
+            log.info("%s: PXE ROM, but no TFTP here: address only", request.mac)
+        elif kind == ClientKind.PXE:
             if arch == ClientArch.BIOS or arch is None:
                 name = boot.bios_file
             elif arch in (ClientArch.EFI_X64, ClientArch.EFI_BC):

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import cast
 
 from hatchery.dhcp.packet import DecodeError, DhcpPacket
-from hatchery.dhcp.responder import Responder, destination
+from hatchery.dhcp.responder import Responder, client_kind, destination
 from hatchery.errors import HatcheryError
 
 log = logging.getLogger(__name__)
@@ -93,8 +93,11 @@ class DhcpProtocol(asyncio.DatagramProtocol):
         if reply is None or self.transport is None:
             return
         dest = destination(request, reply)
-        log.debug("%s %s -> %s %s %s", request.message_type.name, request.mac,
-                  reply.message_type.name, reply.yiaddr, dest[0])  # fmt: skip
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s (%s) -> %s %s %s file=%r", request.message_type.name, request.mac,
+                      client_kind(request), reply.message_type.name, reply.yiaddr, dest[0],
+                      reply.bootfile.decode(errors="replace"))  # fmt: skip
+            log.debug("request bytes %s", data.hex())
         try:
             self.transport.sendto(reply.encode(), dest)
             self.answered += 1

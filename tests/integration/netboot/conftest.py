@@ -11,7 +11,9 @@ from tests.integration.netboot.netenv import NetEnv, boot_network
 
 
 @pytest.fixture
-def netenv(require_root: None, require_tool: Callable[[str], str], tmp_path: Path) -> Iterator[NetEnv]:
+def netenv(
+    require_root: None, require_tool: Callable[[str], str], tmp_path: Path
+) -> Iterator[NetEnv]:
     require_tool("ip")
     with boot_network(tmp_path) as env:
         yield env

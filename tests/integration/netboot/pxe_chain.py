@@ -1,0 +1,113 @@
+"""The PXE chain with a real QEMU guest: firmware → DHCP → iPXE → HTTP script → kernel and
+initrd over HTTP → a marker from /init on the serial console. Shared by tests and bench/pxe.py.
+
+The guest has no disk and QEMU's own iPXE ROM for virtio-net (no ``romfile=``), so on BIOS
+the first DHCP client is already iPXE and no TFTP is needed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from hatchery.qemu.accel import choose_accel
+from hatchery.qemu.cmdline import GuestSpec, Nic, build_argv
+from tests.integration.netboot.netenv import NetEnv
+from tests.support.guest import INIT_PRELUDE, busybox_initramfs, find_guest_kernel, run_guest
+
+MARKER = "HATCHERY-PXE-UP"
+HTTP_PORT = 8080
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS.fd")
+PROFILES = """default: test
+profiles:
+  test:
+    image: test
+    role: pxe-test
+    cmdline: console=ttyS0 panic=-1 quiet
+"""
+INIT = (
+    INIT_PRELUDE
+    + 'role=$(sed -n "s/.*hatchery.role=\\([^ ]*\\).*/\\1/p" /proc/cmdline)\n'
+    + f'echo "{MARKER} role=$role END"\n'
+    + "poweroff -f\n"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Boot:
+    seconds: float  # QEMU start -> marker
+    console: str
+
+
+def prepare_artefacts(workdir: Path) -> tuple[Path, Path]:
+    """The artefact root (``test/vmlinuz``, ``test/initrd``) and a profiles file for it."""
+    kernel = find_guest_kernel()
+    if kernel is None:
+        raise FileNotFoundError("no guest kernel in .cache (make guest-kernel)")
+    root = workdir / "artefacts"
+    (root / "test").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(kernel.vmlinuz, root / "test" / "vmlinuz")
+    (root / "test" / "initrd").write_bytes(busybox_initramfs(INIT))
+    (workdir / "templates").mkdir(exist_ok=True)
+    repo_template = Path(__file__).resolve().parents[3] / "pxe" / "templates" / "default.ipxe"
+    shutil.copyfile(repo_template, workdir / "templates" / "default.ipxe")
+    profiles = workdir / "profiles.yaml"
+    profiles.write_text(PROFILES)
+    return root, profiles
+
+
+def start_our_services(env: NetEnv, root: Path, profiles: Path, *extra_dhcp: str) -> None:
+    """DHCP (+RA) and boot HTTP from ``hatchery-agent serve``, in the server namespace."""
+    http = env.agent("http", "http", "--root", str(root), "--profiles", str(profiles),
+                     "--listen", f"{env.server_ip}:{HTTP_PORT}")  # fmt: skip
+    dhcp = env.agent(
+        "dhcp", "dhcp", "--interface", env.bridge,
+        "--birth-range", f"{env.subnet}.100-{env.subnet}.199",
+        "--http-url", f"http://{env.server_ip}:{HTTP_PORT}",
+        "--state-dir", str(env.workdir / "state"), *extra_dhcp,
+    )  # fmt: skip
+    http.wait_for("boot http: serving")
+    dhcp.wait_for("dhcp: serving on")
+    dhcp.wait_for("ra: advertising")
+
+
+def qemu_argv(env: NetEnv, tap: str, mac: str, firmware: str) -> list[str]:
+    """``firmware``: ``bios`` (SeaBIOS), ``uefi`` (OVMF with QEMU's iPXE ROM) or
+    ``uefi-http`` (OVMF's own network stack: the ROM is switched off with ``romfile=``)."""
+    extra = ["-boot", "n", "-no-reboot"]
+    if firmware in ("uefi", "uefi-http"):
+        vars_copy = env.workdir / "OVMF_VARS.fd"
+        shutil.copyfile(OVMF_VARS, vars_copy)
+        extra += [
+            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+            "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
+        ]  # fmt: skip
+    spec = GuestSpec(
+        name=f"pxe-{firmware}",
+        accel=choose_accel(),
+        memory_mib=512,
+        nics=() if firmware == "uefi-http" else (Nic(tap, mac),),
+        extra=tuple(extra),
+    )
+    argv = build_argv(spec)
+    if firmware == "uefi-http":
+        # only HTTP Boot: OVMF's PXE (v4 and v6) boot options off (OvmfPkg RUNTIME_CONFIG.md);
+        # otherwise PXEv4 and then PXEv6 (~65 s of DHCPv6 retries) come first
+        argv += [
+            "-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=n",
+            "-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=n",
+        ]  # fmt: skip
+        argv += [
+            "-netdev", f"tap,id=net0,ifname={tap},script=no,downscript=no",
+            "-device", f"virtio-net-pci,netdev=net0,mac={mac},romfile=",
+        ]  # fmt: skip
+    return env.in_ns(argv)
+
+
+def boot_guest(env: NetEnv, mac: str, firmware: str = "bios", timeout: float = 300) -> Boot:
+    tap = env.add_tap(firmware.replace("-", "")[:5])
+    with run_guest(qemu_argv(env, tap, mac, firmware)) as guest:
+        seconds = guest.wait_for(f"{MARKER} role=pxe-test END".encode(), timeout)
+        return Boot(seconds, guest.output.decode(errors="replace"))
