@@ -17,6 +17,7 @@ from pathlib import Path
 
 from bench.report import median, table, write_section
 from hatchery.client import AgentClient, Credentials
+from hatchery.metadata.service import teardown_bridge
 from tests.support.agent import AgentProcess, Pki
 from tests.support.guest import (
     INIT_PRELUDE,
@@ -113,6 +114,7 @@ def run() -> None:
                     print(f"  run {i + 1}: agent {a:.2f}/{m:.2f} s, by hand {e:.2f}/{hm:.2f} s")
             finally:
                 agent.kill()
+                asyncio.run(teardown_bridge(br))
     rows = [
         ("request → QEMU running (agent: API answer; hand: -daemonize returns)",
          f"{median(ours_api):.3f}", f"{median(hand_exec):.3f}",

@@ -216,6 +216,7 @@ def _create_request(body: Body) -> CreateRequest:
         kernel_boot=kernel_boot,
         disk_boot=disk_boot,
         user_data=str(body.text("user_data", default="", max_len=MAX_USER_DATA)),
+        public_keys=body.text_list("public_keys", max_items=16, max_len=8192),
         owner_group=body.text("owner_group", max_len=64),
         machine=machine,
         start=body.flag("start", default=True),

@@ -82,6 +82,17 @@ class Body:
             raise BadRequest(f"{name} must map strings to strings", name)
         return dict(value)
 
+    def text_list(self, name: str, *, max_items: int, max_len: int) -> tuple[str, ...]:
+        value = self._get(name, False)
+        if value is None:
+            return ()
+        if not isinstance(value, list) or len(value) > max_items:
+            raise BadRequest(f"{name} must be a list of at most {max_items} strings", name)
+        for item in value:
+            if not isinstance(item, str) or len(item) > max_len or "\x00" in item:
+                raise BadRequest(f"{name} must hold strings of at most {max_len} characters", name)
+        return tuple(value)
+
     def finish(self, prefix: str = "") -> None:
         unknown = sorted(set(self._data) - self._seen)
         if unknown:

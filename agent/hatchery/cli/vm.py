@@ -113,6 +113,8 @@ async def _create(client: AgentClient, args: argparse.Namespace) -> Any:
         body["owner_group"] = args.owner_group
     if args.user_data:
         body["user_data"] = _read_user_data(args.user_data)
+    if args.ssh_key:
+        body["public_keys"] = [_read_user_data(path).strip() for path in args.ssh_key]
     labels = {}
     for label in args.label:
         key, sep, value = label.partition("=")
@@ -243,6 +245,8 @@ def register_vm(parser: argparse.ArgumentParser) -> None:
     create.add_argument("--bridge")
     create.add_argument("--machine", default="q35", choices=["q35", "pc", "microvm"])
     create.add_argument("--user-data", type=Path, help="file handed to the VM by metadata")
+    create.add_argument("--ssh-key", type=Path, action="append", default=[],
+                        help="public key file served as metadata (repeatable)")  # fmt: skip
     create.add_argument("--owner-group", help="group whose members may manage this VM")
     create.add_argument("--label", action="append", default=[], help="KEY=VALUE")
     create.add_argument("--no-start", action="store_true")

@@ -14,7 +14,7 @@ import logging
 import shutil
 import time
 import uuid as uuidlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,7 @@ class CreateRequest:
     kernel_boot: KernelBoot | None = None
     disk_boot: DiskBoot | None = None
     user_data: str = ""
+    public_keys: tuple[str, ...] = ()
     owner_group: str | None = None
     machine: str = "q35"
     start: bool = True
@@ -89,6 +90,9 @@ class VmManager:
         qemu_binary: str = "qemu-system-x86_64",
         on_change: Callable[[VmRecord], None] | None = None,
     ) -> None:
+        #: Awaited when a bridge's set of VM ports changes (before QEMU can send a frame),
+        #: so per-port anti-spoofing is in place first. Set by the metadata service.
+        self.on_ports_changed: Callable[[str], Awaitable[None]] | None = None
         self._dir = state_dir / "vms"
         self._pool = pool
         self._capacity = capacity
@@ -208,7 +212,8 @@ class VmManager:
                 memory_mib=req.memory_mib, disk_mib=req.disk_mib, bridge=address.subnet.bridge,
                 ip=str(address.ip), mac=address.mac, owner_group=req.owner_group,
                 kernel_boot=req.kernel_boot, disk_boot=req.disk_boot, user_data=req.user_data,
-                created=time.time(), machine=req.machine, labels=dict(req.labels),
+                public_keys=req.public_keys, created=time.time(), machine=req.machine,
+                labels=dict(req.labels),
             )  # fmt: skip
             try:
                 self._vm_dir(req.name).mkdir(parents=True, exist_ok=False)
@@ -287,6 +292,7 @@ class VmManager:
             vm = self._transition(vm, Event.START_REQUESTED, reason=None)
             try:
                 await netdev.ensure_tap(netdev.tap_name(vm.uuid), vm.bridge)
+                await self._ports_changed(vm.bridge)
                 pid = await process.launch(
                     self._argv(vm), self._vm_dir(name) / "pid", f"hatchery-vm-{name}"
                 )
@@ -393,7 +399,22 @@ class VmManager:
         self._pool.release(ipaddress.IPv4Address(vm.ip), vm.name)
         self._vms.pop(vm.name, None)
         self._live.pop(vm.name, None)
+        await self._ports_changed(vm.bridge)
         log.info("vm %s: destroyed, %s returned to the pool", vm.name, vm.ip)
+
+    async def _ports_changed(self, bridge: str) -> None:
+        if self.on_ports_changed is not None:
+            try:
+                await self.on_ports_changed(bridge)
+            except HatcheryError as exc:
+                raise VmError(f"cannot update the port rules of {bridge}: {exc.message}") from exc
+
+    # --- lookups for the network services ---------------------------------------------
+    def on_bridge(self, bridge: str) -> list[VmRecord]:
+        return [vm for vm in self._vms.values() if vm.bridge == bridge]
+
+    def by_ip(self, bridge: str, ip: str) -> VmRecord | None:
+        return next((v for v in self._vms.values() if v.bridge == bridge and v.ip == ip), None)
 
     # --- user data ------------------------------------------------------------------------
     async def set_user_data(self, name: str, user_data: str) -> VmRecord:

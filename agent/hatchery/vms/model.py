@@ -121,6 +121,7 @@ class VmRecord:
     kernel_boot: KernelBoot | None = None
     disk_boot: DiskBoot | None = None
     user_data: str = ""
+    public_keys: tuple[str, ...] = ()
     created: float = 0.0
     pid: int | None = None
     started: float | None = None
@@ -140,6 +141,7 @@ class VmRecord:
     def from_json(cls, data: dict[str, Any]) -> VmRecord:
         data = dict(data)
         data["state"] = VmState(data["state"])
+        data["public_keys"] = tuple(data.get("public_keys", ()))
         if data.get("kernel_boot"):
             data["kernel_boot"] = KernelBoot(**data["kernel_boot"])
         if data.get("disk_boot"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import random
 import subprocess
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from hatchery.metadata.service import teardown_bridge
 from tests.conftest import missing
 from tests.support.agent import AgentProcess, Pki
 from tests.support.guest import (
@@ -24,14 +27,20 @@ from tests.support.net import bridge
 
 # The guest takes its address from the kernel command line (the agent's DHCP is tested
 # with it elsewhere); what matters here is that it boots and answers on the bridge.
-GUEST_INIT = (
-    INIT_PRELUDE
-    + """
-ip="$(sed -n 's/.*hatchery\\.ip=\\([^ ]*\\).*/\\1/p' /proc/cmdline)"
+GUEST_INIT = INIT_PRELUDE + (
+    r"""
+arg() { sed -n "s/.*hatchery\.$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
 i=0; while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
 ip link set eth0 up
-[ -n "$ip" ] && ip addr add "$ip" dev eth0
+ip addr add "$(arg ip)" dev eth0
+ip route add default via "$(arg gw)"
 echo "GUEST-UP mac=$(cat /sys/class/net/eth0/address)"
+request='GET /latest/dynamic/instance-identity/document HTTP/1.0\r\n\r\n'
+i=0; while [ $i -lt 30 ]; do
+  doc="$(printf "$request" | nc -w 3 169.254.169.254 80 | tail -n 1)"
+  case "$doc" in *instanceName*) echo "METADATA $doc"; break;; esac
+  sleep 1; i=$((i+1))
+done
 while true; do sleep 60; done
 """
 )
@@ -81,6 +90,7 @@ def lab(tmp_path: Path, require_root: None, require_tool: Callable[[str], str]) 
                 name = link.split(": ")[1].split("@")[0]
                 if name.startswith("hv-") and f"master {br}" in link:
                     subprocess.run(["ip", "link", "del", name], check=False)
+            asyncio.run(teardown_bridge(br))
 
 
 def _wait_console(agent: AgentProcess, name: str, marker: str, timeout: float = 180) -> str:
@@ -101,7 +111,8 @@ def _ping(ip: str) -> bool:
 def _create(lab: dict, name: str, ip: str) -> dict:
     return lab["agent"].cli_json(
         "vm", "create", name, "--kernel", str(lab["kernel"]), "--initrd", str(lab["initrd"]),
-        "--cmdline", f"console=ttyS0 quiet hatchery.ip={ip}/24", "--memory", "192",
+        "--cmdline", f"console=ttyS0 quiet hatchery.ip={ip}/24 hatchery.gw={lab['subnet']}.1",
+        "--memory", "192",
     )  # fmt: skip
 
 
@@ -114,6 +125,12 @@ def test_vm_outlives_agent_and_is_readopted(lab: dict, require_tool: Callable[[s
     pid = vm["pid"]
     console = _wait_console(agent, "app1", "GUEST-UP")
     assert f"mac={vm['mac']}" in console
+    # The guest reads its identity from the metadata service, through the bridge redirect.
+    console = _wait_console(agent, "app1", "METADATA ")
+    doc = json.loads(console.split("METADATA ", 1)[1].splitlines()[0])
+    assert (
+        doc["instanceName"] == "app1" and doc["privateIp"] == ip and doc["instanceId"] == vm["uuid"]
+    )
     assert _ping(ip), "the guest does not answer on the bridge"
 
     agent.kill()  # SIGKILL: no chance to clean up

@@ -1,0 +1,128 @@
+"""The agent's parts, started in order and stopped in reverse.
+
+state → address pool → capacity → VMs (re-adopted) → API → metadata (per bridge). A part
+that cannot start stops the agent with "cannot start <part>: <why>". Stopping never stops a
+VM, and leaves each bridge's anti-spoofing rules in place while the agent is away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from hatchery.addresses import AddressPool, Subnet
+from hatchery.api.app import ApiContext, make_app
+from hatchery.api.policy import load_policy
+from hatchery.capacity import probe
+from hatchery.config import AgentConfig
+from hatchery.errors import HatcheryError
+from hatchery.health import NodeHealth
+from hatchery.metadata.ruleset import Port
+from hatchery.metadata.server import VmMetadata
+from hatchery.metadata.service import MetadataService
+from hatchery.netdev import tap_name
+from hatchery.pki import server_context
+from hatchery.qemu.accel import choose_accel
+from hatchery.vms.manager import VmManager
+from hatchery.vms.model import VmState
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.asynccontextmanager
+async def part(name: str) -> AsyncIterator[None]:
+    """Start one part; a failure says which part and why."""
+    try:
+        yield
+    except HatcheryError as exc:
+        raise HatcheryError(f"cannot start {name}: {exc.message}", hint=exc.hint) from exc
+    except OSError as exc:
+        raise HatcheryError(f"cannot start {name}: {exc}") from exc
+
+
+def seed_pool(config: AgentConfig, pool: AddressPool) -> None:
+    """Subnets and ranges named in the config exist in the pool (idempotent)."""
+    for bridge in config.bridges:
+        for sub in bridge.subnets:
+            pool.add_subnet(Subnet(bridge.name, sub.cidr, sub.gateway, sub.dns))
+            if sub.pool_start is not None:
+                pool.add_range(sub.pool_start, sub.pool_end or sub.pool_start)
+
+
+@dataclass
+class VmDirectory:
+    """The VM manager seen by the network services: who owns an address, which ports exist."""
+
+    manager: VmManager
+    hypervisor: str = ""
+
+    def vm_by_ip(self, bridge: str, ip: str) -> VmMetadata | None:
+        vm = self.manager.by_ip(bridge, ip)
+        if vm is None or vm.state not in (VmState.RUNNING, VmState.STARTING, VmState.PAUSED):
+            return None
+        return VmMetadata(vm.name, vm.uuid, vm.ip, vm.mac, vm.user_data, vm.public_keys,
+                          vm.created, self.hypervisor)  # fmt: skip
+
+    def ports_of(self, bridge: str) -> list[Port]:
+        return [Port(tap_name(vm.uuid), vm.mac, vm.ip) for vm in self.manager.on_bridge(bridge)]
+
+
+@dataclass
+class Agent:
+    config: AgentConfig
+    health: NodeHealth = field(default_factory=NodeHealth)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Agent]:
+        config = self.config
+        accel = choose_accel(config.accel)
+        log.info("accelerator %s: %s", accel.accel, accel.reason)
+        async with contextlib.AsyncExitStack() as stack:
+            async with part("state"):
+                config.state_dir.mkdir(parents=True, exist_ok=True)
+            async with part("address pool"):
+                self.pool = AddressPool(config.state_dir / "pool.json")
+                seed_pool(config, self.pool)
+            async with part("capacity"):
+                capacity = probe(config.capacity, config.state_dir)
+                log.info("capacity for VMs: %d vCPUs, %d MiB RAM, %d MiB disk",
+                         capacity.vcpus, capacity.memory_mib, capacity.disk_mib)  # fmt: skip
+            self.manager = VmManager(config.state_dir, self.pool, capacity, accel,
+                                     config.qemu_binary)  # fmt: skip
+            async with part("vms"):
+                stack.push_async_callback(self.manager.close)
+                await self.manager.adopt_all()
+            async with part("api"):
+                tls = server_context(config.tls.ca, config.tls.cert, config.tls.key)
+                policy = load_policy(config.policy)
+                app = make_app(
+                    ApiContext(self.manager, self.pool, policy, self.health, time.time())
+                )
+                runner = web.AppRunner(app, access_log=None)
+                await runner.setup()
+                stack.push_async_callback(runner.cleanup)
+                site = web.TCPSite(runner, config.listen_host, config.listen_port, ssl_context=tls)
+                await site.start()
+                log.info("api on %s:%d (mutual TLS)", config.listen_host, config.listen_port)
+            directory = VmDirectory(self.manager)
+            self.metadata = MetadataService(directory, directory.ports_of)
+            stack.push_async_callback(self.metadata.close)
+            for bridge in config.bridges:
+                if not bridge.metadata:
+                    continue
+                async with part(f"metadata on {bridge.name}"):
+                    subnets = [s.cidr for s in bridge.subnets] or [
+                        ipaddress.IPv4Network(s.cidr) for s in self.pool.subnets()
+                        if s.bridge == bridge.name
+                    ]  # fmt: skip
+                    await self.metadata.add_bridge(
+                        bridge.name, subnets, api=(runner, tls, config.listen_port)
+                    )
+            self.manager.on_ports_changed = self.metadata.ports_changed
+            yield self
