@@ -44,12 +44,13 @@ def _chain(iface: str) -> str:
 def render(bridge: str, metadata_iface: str, metadata_mac: str, ports: Sequence[Port]) -> str:
     """The script for ``nft -f -``: (re)create the bridge's table in one transaction."""
     table = table_name(bridge)
+    ports = sorted(ports, key=lambda p: p.iface)
     lines = [
         f"table bridge {table}",  # make sure it exists, so the delete below cannot fail
         f"delete table bridge {table}",
         f"table bridge {table} {{",
     ]
-    for port in sorted(ports, key=lambda p: p.iface):
+    for port in ports:
         lines += [
             f"  chain {_chain(port.iface)} {{",
             f"    ether saddr != {port.mac} drop",
@@ -66,7 +67,7 @@ def render(bridge: str, metadata_iface: str, metadata_mac: str, ports: Sequence[
     lines += [f'    iifname "{p.iface}" jump {_chain(p.iface)}' for p in ports]
     lines += ["  }", "  chain to_metadata {", "    type filter hook prerouting priority dstnat;"]
     if ports:
-        names = ", ".join(f'"{p.iface}"' for p in sorted(ports, key=lambda p: p.iface))
+        names = ", ".join(f'"{p.iface}"' for p in ports)
         lines += [
             f"    iifname {{ {names} }} ether type ip ip daddr {METADATA_IP} "
             f"ether daddr set {metadata_mac}",
