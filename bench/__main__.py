@@ -9,6 +9,7 @@ import sys
 BENCHMARKS = {
     "agent-overhead": "bench.agent_overhead",
     "kernel-boot": "bench.kernel_boot",
+    "metadata": "bench.metadata",
     "rollout": "bench.rollout",
 }
 
