@@ -13,8 +13,9 @@ from hatchery_rollout.planner import format_duration
 class Progress:
     """Counts hosts and estimates the time left from the measured per-host time.
 
-    ETA (barrier model): the rest of the current wave (mean host time minus the time the wave
-    has run, at least zero) plus one mean host time per wave still to start.
+    ETA (barrier model): the rest of the current wave plus one wave time per wave still to
+    start; a wave lasts as long as its slowest host, so the measured mean wave time is used
+    once a wave has finished, the mean host time before that.
     """
 
     def __init__(
@@ -38,12 +39,18 @@ class Progress:
         self._durations_sum = 0.0
         self._durations_n = 0
         self._wave_started = time.monotonic()
+        self._waves_sum = 0.0
+        self._waves_n = 0
         self._task: asyncio.Task[None] | None = None
         self._last_len = 0
 
     def start_wave(self, index: int) -> None:
+        now = time.monotonic()
+        if self.wave and self.in_flight == 0:
+            self._waves_sum += now - self._wave_started
+            self._waves_n += 1
         self.wave = index + 1
-        self._wave_started = time.monotonic()
+        self._wave_started = now
 
     def host_started(self) -> None:
         self.in_flight += 1
@@ -63,7 +70,7 @@ class Progress:
         return self._durations_sum / self._durations_n if self._durations_n else None
 
     def eta(self) -> float | None:
-        mean = self.mean_host_seconds()
+        mean = self._waves_sum / self._waves_n if self._waves_n else self.mean_host_seconds()
         if mean is None:
             return None
         current = max(0.0, mean - (time.monotonic() - self._wave_started))
