@@ -71,7 +71,8 @@ class DhcpProtocol(asyncio.DatagramProtocol):
         self.clock = clock
         self.transport: asyncio.DatagramTransport | None = None
         self.answered = 0
-        self.dropped = 0
+        self.malformed = 0  # not DHCP: dropped without a reply
+        self.failed = 0  # the responder raised: a bug, logged with its traceback
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
@@ -80,13 +81,13 @@ class DhcpProtocol(asyncio.DatagramProtocol):
         try:
             request = DhcpPacket.decode(data)
         except DecodeError as exc:
-            self.dropped += 1
+            self.malformed += 1
             log.debug("dropped %d bytes from %s:%d: %s", len(data), addr[0], addr[1], exc)
             return
         try:
             reply = self.responder.handle(request, self.clock())
         except Exception:  # a bug must not take the service down; say so loudly
-            self.dropped += 1
+            self.failed += 1
             log.exception("responder failed on a %s from %s", request.message_type.name,
                           request.mac)  # fmt: skip
             return

@@ -1,0 +1,282 @@
+"""The DHCP responder's decisions (RFC 2131 4.3), boot answers, and lease persistence."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+from pathlib import Path
+
+import pytest
+
+from hatchery.dhcp.leases import BirthLeases, Lease, StaticLeases
+from hatchery.dhcp.packet import (
+    ZERO_IP,
+    DhcpPacket,
+    IpxeOpt,
+    MessageType,
+    Op,
+    Opt,
+    Option,
+    opt_ip,
+    opt_str,
+    opt_u8,
+    parse_suboptions,
+)
+from hatchery.dhcp.responder import BootConfig, DhcpConfig, Responder, destination
+
+IP = ipaddress.IPv4Address
+GOLDEN = Path(__file__).parent / "golden"
+SERVER = IP("10.9.0.1")
+NOW = 1_000_000.0
+VM_MAC = "52:54:00:00:00:10"
+BOOT = BootConfig("http://10.9.0.1:8080")
+
+
+def golden(name: str) -> DhcpPacket:
+    return DhcpPacket.decode(bytes.fromhex((GOLDEN / f"{name}.hex").read_text().replace("\n", "")))
+
+
+def config(**changes: object) -> DhcpConfig:
+    base = DhcpConfig(SERVER, ipaddress.IPv4Network("10.9.0.0/24"), IP("10.9.0.254"),
+                      (IP("192.0.2.53"),), "example.test", 1200, BOOT)  # fmt: skip
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def responder(births: BirthLeases | None = None, **changes: object) -> Responder:
+    static = StaticLeases({VM_MAC: Lease(VM_MAC, IP("10.9.0.10"), "vm10")})
+    return Responder(config(**changes), static, births)
+
+
+def births(path: Path | None = None, size: int = 10) -> BirthLeases:
+    return BirthLeases(IP("10.9.0.100"), IP("10.9.0.100") + size - 1, path)
+
+
+def msg(kind: MessageType, mac: str = VM_MAC, *opts: Option, **fields: object) -> DhcpPacket:
+    return DhcpPacket(Op.BOOTREQUEST, 0x1234, bytes.fromhex(mac.replace(":", "")),
+                      options=(opt_u8(Opt.MESSAGE_TYPE, kind), *opts), **fields)  # type: ignore[arg-type]  # fmt: skip
+
+
+def with_mac(packet: DhcpPacket, mac: str) -> DhcpPacket:
+    return dataclasses.replace(packet, chaddr=bytes.fromhex(mac.replace(":", "")))
+
+
+def test_static_discover_gets_an_offer_with_the_network_settings() -> None:
+    reply = responder().handle(msg(MessageType.DISCOVER), NOW)
+    assert reply is not None
+    assert reply.op == Op.BOOTREPLY and reply.xid == 0x1234
+    assert reply.message_type == MessageType.OFFER
+    assert reply.yiaddr == IP("10.9.0.10")
+    assert reply.server_id == SERVER
+    assert reply.subnet_mask == IP("255.255.255.0")
+    assert reply.routers == (IP("10.9.0.254"),)
+    assert reply.dns_servers == (IP("192.0.2.53"),)
+    assert reply.lease_time == 1200
+    assert reply.hostname == "vm10"
+    assert reply.get(Opt.DOMAIN_NAME) == b"example.test"
+    assert reply.get(Opt.BOOTFILE) is None  # VMs are not network-booted unless lease.boot
+
+
+def test_unknown_mac_is_ignored_without_birthing() -> None:
+    assert responder().handle(msg(MessageType.DISCOVER, "52:54:00:99:99:99"), NOW) is None
+
+
+def test_ipxe_gets_its_script_url_and_the_no_proxydhcp_option() -> None:
+    reply = responder(births()).handle(golden("ipxe-bios-discover"), NOW)
+    assert reply is not None and reply.message_type == MessageType.OFFER
+    url = b"http://10.9.0.1:8080/boot/ipxe?mac=52:54:00:5e:00:01"
+    assert reply.get(Opt.BOOTFILE) == url and reply.file == url
+    encap = reply.get(Opt.IPXE)
+    assert encap is not None
+    assert parse_suboptions(175, encap) == (Option(IpxeOpt.NO_PXEDHCP, b"\x01"),)
+    assert reply.siaddr == SERVER
+    assert reply.yiaddr == IP("10.9.0.100")
+
+
+def test_uefi_pxe_rom_gets_ipxe_efi_over_tftp() -> None:
+    reply = responder(births()).handle(golden("ovmf-pxeclient-discover"), NOW)
+    assert reply is not None
+    assert reply.file == b"ipxe.efi" and reply.get(Opt.BOOTFILE) == b"ipxe.efi"
+    assert reply.get(Opt.TFTP_SERVER) == b"10.9.0.1"
+    assert reply.siaddr == SERVER
+
+
+def test_bios_pxe_rom_gets_undionly_and_another_tftp_server_if_configured() -> None:
+    boot = dataclasses.replace(BOOT, tftp_server=IP("10.9.0.2"))
+    request = msg(MessageType.DISCOVER, "52:54:00:00:00:77",
+                  opt_str(Opt.VENDOR_CLASS, "PXEClient:Arch:00000:UNDI:002001"),
+                  Option(Opt.CLIENT_ARCH, b"\x00\x00"))  # fmt: skip
+    reply = responder(births(), boot=boot).handle(request, NOW)
+    assert reply is not None
+    assert reply.file == b"undionly.kpxe" and reply.siaddr == IP("10.9.0.2")
+
+
+def test_pxe_rom_gets_an_address_only_when_there_is_no_tftp() -> None:
+    boot = dataclasses.replace(BOOT, tftp=False)
+    reply = responder(births(), boot=boot).handle(golden("ovmf-pxeclient-discover"), NOW)
+    assert reply is not None and reply.yiaddr != ZERO_IP
+    assert reply.file == b"" and reply.get(Opt.BOOTFILE) is None
+
+
+def test_uefi_http_boot_gets_an_http_url_and_the_vendor_class_echoed() -> None:
+    reply = responder(births()).handle(golden("ovmf-httpclient-discover"), NOW)
+    assert reply is not None
+    assert reply.get(Opt.BOOTFILE) == b"http://10.9.0.1:8080/ipxe/ipxe.efi"
+    assert reply.vendor_class == b"HTTPClient"
+
+
+def test_static_lease_with_boot_gets_boot_answers() -> None:
+    static = StaticLeases({"52:54:00:5e:00:01": Lease("52:54:00:5e:00:01", IP("10.9.0.20"),
+                                                      boot=True)})  # fmt: skip
+    reply = Responder(config(), static).handle(golden("ipxe-bios-discover"), NOW)
+    assert reply is not None and reply.yiaddr == IP("10.9.0.20")
+    assert reply.get(Opt.BOOTFILE) is not None
+
+
+def test_request_for_another_server_is_ignored_rfc2131_4_3_2() -> None:
+    request = msg(MessageType.REQUEST, VM_MAC, opt_ip(Opt.SERVER_ID, IP("10.9.0.2")),
+                  opt_ip(Opt.REQUESTED_IP, IP("10.9.0.10")))  # fmt: skip
+    assert responder().handle(request, NOW) is None
+
+
+def test_selecting_request_for_the_right_address_is_acked() -> None:
+    request = msg(MessageType.REQUEST, VM_MAC, opt_ip(Opt.SERVER_ID, SERVER),
+                  opt_ip(Opt.REQUESTED_IP, IP("10.9.0.10")))  # fmt: skip
+    reply = responder().handle(request, NOW)
+    assert reply is not None and reply.message_type == MessageType.ACK
+    assert reply.yiaddr == IP("10.9.0.10")
+
+
+@pytest.mark.parametrize("server_id", [True, False], ids=["selecting", "init-reboot"])
+def test_request_for_a_wrong_address_is_naked_and_broadcast(server_id: bool) -> None:
+    opts = [opt_ip(Opt.REQUESTED_IP, IP("10.9.0.11"))]
+    if server_id:
+        opts.append(opt_ip(Opt.SERVER_ID, SERVER))
+    request = msg(MessageType.REQUEST, VM_MAC, *opts)
+    reply = responder().handle(request, NOW)
+    assert reply is not None and reply.message_type == MessageType.NAK
+    assert reply.yiaddr == ZERO_IP and reply.lease_time is None
+    assert destination(request, reply) == ("255.255.255.255", 68)
+
+
+def test_renewing_client_is_acked_by_unicast() -> None:
+    request = msg(MessageType.REQUEST, VM_MAC, ciaddr=IP("10.9.0.10"))
+    reply = responder().handle(request, NOW)
+    assert reply is not None and reply.message_type == MessageType.ACK
+    assert destination(request, reply) == ("10.9.0.10", 68)
+
+
+def test_relay_gets_the_reply() -> None:
+    request = msg(MessageType.DISCOVER, VM_MAC, giaddr=IP("10.9.5.1"))
+    reply = responder().handle(request, NOW)
+    assert reply is not None and destination(request, reply) == ("10.9.5.1", 67)
+
+
+def test_birthing_discover_request_ack_persists_atomically(tmp_path: Path) -> None:
+    path = tmp_path / "births.json"
+    r = responder(births(path))
+    mac = "52:54:00:aa:00:01"
+    offer = r.handle(msg(MessageType.DISCOVER, mac), NOW)
+    assert offer is not None and offer.yiaddr == IP("10.9.0.100")
+    assert not path.exists()  # offers are held in memory only
+    request = msg(MessageType.REQUEST, mac, opt_ip(Opt.SERVER_ID, SERVER),
+                  opt_ip(Opt.REQUESTED_IP, offer.yiaddr))  # fmt: skip
+    ack = r.handle(request, NOW)
+    assert ack is not None and ack.message_type == MessageType.ACK
+    saved = json.loads(path.read_text())["leases"]
+    assert saved == [{"mac": mac, "ip": "10.9.0.100", "expires": NOW + 1200}]
+    assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+    # a restarted server knows the client: INIT-REBOOT for its address is ACKed
+    again = responder(births(path))
+    reboot = msg(MessageType.REQUEST, mac, opt_ip(Opt.REQUESTED_IP, IP("10.9.0.100")))
+    reply = again.handle(reboot, NOW + 10)
+    assert reply is not None and reply.message_type == MessageType.ACK
+    # and its next DISCOVER gets the same address back
+    offer2 = again.handle(msg(MessageType.DISCOVER, mac), NOW + 20)
+    assert offer2 is not None and offer2.yiaddr == IP("10.9.0.100")
+
+
+def test_init_reboot_of_a_client_we_do_not_know_is_ignored() -> None:
+    request = msg(MessageType.REQUEST, "52:54:00:aa:00:09",
+                  opt_ip(Opt.REQUESTED_IP, IP("10.9.0.105")))  # fmt: skip
+    assert responder(births()).handle(request, NOW) is None
+
+
+def test_init_reboot_on_the_wrong_network_is_naked() -> None:
+    request = msg(MessageType.REQUEST, "52:54:00:aa:00:09",
+                  opt_ip(Opt.REQUESTED_IP, IP("192.168.1.5")))  # fmt: skip
+    reply = responder(births()).handle(request, NOW)
+    assert reply is not None and reply.message_type == MessageType.NAK
+
+
+def test_second_node_gets_the_next_address_and_a_full_range_gets_no_offer() -> None:
+    r = responder(births(size=2))
+    a = r.handle(msg(MessageType.DISCOVER, "52:54:00:aa:00:01"), NOW)
+    b = r.handle(msg(MessageType.DISCOVER, "52:54:00:aa:00:02"), NOW)
+    c = r.handle(msg(MessageType.DISCOVER, "52:54:00:aa:00:03"), NOW)
+    assert a is not None and b is not None
+    assert (a.yiaddr, b.yiaddr) == (IP("10.9.0.100"), IP("10.9.0.101"))
+    assert c is None
+    # offers expire: later the third node gets one
+    later = r.handle(msg(MessageType.DISCOVER, "52:54:00:aa:00:03"), NOW + 3600)
+    assert later is not None
+
+
+def _bind(r: Responder, mac: str) -> IP:
+    offer = r.handle(msg(MessageType.DISCOVER, mac), NOW)
+    assert offer is not None
+    r.handle(msg(MessageType.REQUEST, mac, opt_ip(Opt.SERVER_ID, SERVER),
+                 opt_ip(Opt.REQUESTED_IP, offer.yiaddr)), NOW)  # fmt: skip
+    return offer.yiaddr
+
+
+def test_declined_address_is_not_offered_again() -> None:
+    r = responder(births())
+    mac = "52:54:00:aa:00:01"
+    ip = _bind(r, mac)
+    decline = msg(MessageType.DECLINE, mac, opt_ip(Opt.SERVER_ID, SERVER),
+                  opt_ip(Opt.REQUESTED_IP, ip))  # fmt: skip
+    assert r.handle(decline, NOW + 1) is None
+    offer = r.handle(msg(MessageType.DISCOVER, mac), NOW + 2)
+    assert offer is not None and offer.yiaddr != ip
+
+
+def test_release_frees_the_binding(tmp_path: Path) -> None:
+    b = births(tmp_path / "b.json")
+    r = responder(b)
+    mac = "52:54:00:aa:00:01"
+    ip = _bind(r, mac)
+    assert b.leases()
+    assert r.handle(msg(MessageType.RELEASE, mac, opt_ip(Opt.SERVER_ID, SERVER), ciaddr=ip),
+                    NOW) is None  # fmt: skip
+    assert b.leases() == ()
+    assert json.loads((tmp_path / "b.json").read_text())["leases"] == []
+
+
+def test_inform_gets_settings_but_no_lease_rfc2131_4_3_5() -> None:
+    reply = responder().handle(msg(MessageType.INFORM, VM_MAC, ciaddr=IP("10.9.0.10")), NOW)
+    assert reply is not None and reply.message_type == MessageType.ACK
+    assert reply.yiaddr == ZERO_IP and reply.lease_time is None
+    assert reply.routers == (IP("10.9.0.254"),)
+
+
+def test_server_messages_are_never_answered() -> None:
+    for kind in (MessageType.OFFER, MessageType.ACK, MessageType.NAK):
+        assert responder(births()).handle(msg(kind, "52:54:00:aa:00:01"), NOW) is None
+
+
+def test_corrupt_lease_file_is_set_aside(tmp_path: Path) -> None:
+    path = tmp_path / "births.json"
+    path.write_text("{not json")
+    b = births(path)
+    assert b.leases() == ()
+    assert list(tmp_path.glob("births.json.corrupt-*"))
+
+
+def test_static_leases_from_file(tmp_path: Path) -> None:
+    f = tmp_path / "leases.yaml"
+    f.write_text('"52-54-00-AA-00-01": 10.9.0.5\n"52:54:00:aa:00:02": {ip: 10.9.0.6, boot: true}\n')
+    leases = StaticLeases.from_file(f)
+    assert leases.lookup("52:54:00:aa:00:01") == Lease("52:54:00:aa:00:01", IP("10.9.0.5"))
+    second = leases.lookup("52:54:00:aa:00:02")
+    assert second is not None and second.boot
