@@ -1,6 +1,6 @@
 """The agent's parts, started in order and stopped in reverse.
 
-state → address pool → capacity → VMs (re-adopted) → API → metadata (per bridge). A part
+state → address pool → capacity → VMs (re-adopted) → API → metadata and DHCP (per bridge). A part
 that cannot start stops the agent with "cannot start <part>: <why>". Stopping never stops a
 VM, and leaves each bridge's anti-spoofing rules in place while the agent is away.
 """
@@ -20,7 +20,10 @@ from hatchery.addresses import AddressPool, Subnet
 from hatchery.api.app import ApiContext, make_app
 from hatchery.api.policy import load_policy
 from hatchery.capacity import probe
-from hatchery.config import AgentConfig
+from hatchery.config import AgentConfig, BridgeConfig
+from hatchery.dhcp.leases import Lease
+from hatchery.dhcp.responder import DhcpConfig, Responder
+from hatchery.dhcp.server import DhcpServer, interface_ipv4
 from hatchery.errors import HatcheryError
 from hatchery.health import NodeHealth
 from hatchery.metadata.ruleset import Port
@@ -71,6 +74,38 @@ class VmDirectory:
 
     def ports_of(self, bridge: str) -> list[Port]:
         return [Port(tap_name(vm.uuid), vm.mac, vm.ip) for vm in self.manager.on_bridge(bridge)]
+
+
+@dataclass
+class PoolLeases:
+    """The address pool as the DHCP server's ``LeaseSource``: a VM's MAC gets its address."""
+
+    pool: AddressPool
+    bridge: str
+
+    def lookup(self, mac: str) -> Lease | None:
+        found = self.pool.lookup_mac(mac)
+        if found is None:
+            return None
+        address, owner = found
+        if owner is None or address.subnet.bridge != self.bridge:
+            return None
+        return Lease(address.mac, address.ip, hostname=owner)
+
+
+def dhcp_for(bridge: BridgeConfig, pool: AddressPool) -> DhcpServer:
+    """A DHCP server on ``bridge`` for the subnet holding the bridge's own address."""
+    own = interface_ipv4(bridge.name)
+    subnet = next((s for s in bridge.subnets if own.ip in s.cidr), None)
+    if subnet is None:
+        raise HatcheryError(
+            f"{bridge.name}'s address {own} is in none of its subnets",
+            hint="give the bridge an address in one of its subnets, or set dhcp: false",
+        )
+    config = DhcpConfig(
+        server_ip=own.ip, network=subnet.cidr, router=subnet.gateway, dns=subnet.dns
+    )
+    return DhcpServer(bridge.name, Responder(config, PoolLeases(pool, bridge.name)))
 
 
 @dataclass
@@ -125,4 +160,11 @@ class Agent:
                         bridge.name, subnets, api=(runner, tls, config.listen_port)
                     )
             self.manager.on_ports_changed = self.metadata.ports_changed
+            for bridge in config.bridges:
+                if not bridge.dhcp or not bridge.subnets:
+                    continue
+                async with part(f"dhcp on {bridge.name}"):
+                    server = dhcp_for(bridge, self.pool)
+                    await server.start()
+                    stack.callback(server.stop)
             yield self

@@ -38,6 +38,7 @@ class BridgeConfig:
     name: str
     subnets: tuple[SubnetConfig, ...] = ()
     metadata: bool = True
+    dhcp: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,8 +162,9 @@ def _bridge(r: _Reader) -> BridgeConfig:
         _subnet(_Reader(s, f"{r.key('subnets')}[{i}]")) for i, s in enumerate(subnets_raw)
     )
     metadata = r.get("metadata", bool, True)
+    dhcp = r.get("dhcp", bool, True)
     r.finish()
-    return BridgeConfig(name, subnets, metadata)
+    return BridgeConfig(name, subnets, metadata, dhcp)
 
 
 def parse_config(data: Any) -> AgentConfig:

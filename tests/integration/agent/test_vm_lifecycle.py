@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from hatchery.cpio import Entry
 from hatchery.metadata.service import teardown_bridge
 from tests.conftest import missing
 from tests.support.agent import AgentProcess, Pki
@@ -25,16 +26,14 @@ from tests.support.guest import (
 )
 from tests.support.net import bridge
 
-# The guest takes its address from the kernel command line (the agent's DHCP is tested
-# with it elsewhere); what matters here is that it boots and answers on the bridge.
+# The guest asks the agent's DHCP server for its address, then its identity from the
+# metadata service, and prints both on its serial console.
 GUEST_INIT = INIT_PRELUDE + (
     r"""
-arg() { sed -n "s/.*hatchery\.$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
 i=0; while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
 ip link set eth0 up
-ip addr add "$(arg ip)" dev eth0
-ip route add default via "$(arg gw)"
 echo "GUEST-UP mac=$(cat /sys/class/net/eth0/address)"
+udhcpc -i eth0 -q -n -t 20 -T 1 -s /bin/lease
 request='GET /latest/dynamic/instance-identity/document HTTP/1.0\r\n\r\n'
 i=0; while [ $i -lt 30 ]; do
   doc="$(printf "$request" | nc -w 3 169.254.169.254 80 | tail -n 1)"
@@ -44,6 +43,16 @@ done
 while true; do sleep 60; done
 """
 )
+
+LEASE_SCRIPT = r"""#!/bin/sh
+case "$1" in
+bound|renew)
+  ip addr add "$ip/$mask" dev "$interface"
+  [ -n "$router" ] && ip route add default via "${router%% *}"
+  echo "LEASE ip=$ip mask=$mask router=$router lease=$lease"
+  ;;
+esac
+"""
 
 
 def _qemu_alive(pid: int) -> bool:
@@ -64,7 +73,8 @@ def lab(tmp_path: Path, require_root: None, require_tool: Callable[[str], str]) 
     subnet = f"10.{octet}.77"
     initrd = tmp_path / "initrd"
     modules = [kernel.module(m) for m in VIRTIO_NET_MODULES]
-    initrd.write_bytes(busybox_initramfs(GUEST_INIT, modules=modules))
+    lease = Entry.file("bin/lease", LEASE_SCRIPT.encode(), 0o755)
+    initrd.write_bytes(busybox_initramfs(GUEST_INIT, modules=modules, files=[lease]))
     pki_ = Pki.make(tmp_path / "pki")
     with bridge(f"{subnet}.1/24") as br:
         agent = AgentProcess.configure(
@@ -108,11 +118,10 @@ def _ping(ip: str) -> bool:
     return subprocess.run(["ping", "-c", "1", "-W", "3", ip], capture_output=True).returncode == 0
 
 
-def _create(lab: dict, name: str, ip: str) -> dict:
+def _create(lab: dict, name: str) -> dict:
     return lab["agent"].cli_json(
         "vm", "create", name, "--kernel", str(lab["kernel"]), "--initrd", str(lab["initrd"]),
-        "--cmdline", f"console=ttyS0 quiet hatchery.ip={ip}/24 hatchery.gw={lab['subnet']}.1",
-        "--memory", "192",
+        "--cmdline", "console=ttyS0 quiet", "--memory", "192",
     )  # fmt: skip
 
 
@@ -120,11 +129,14 @@ def test_vm_outlives_agent_and_is_readopted(lab: dict, require_tool: Callable[[s
     require_tool("ping")
     agent: AgentProcess = lab["agent"]
     ip = f"{lab['subnet']}.10"
-    vm = _create(lab, "app1", ip)
+    vm = _create(lab, "app1")
     assert vm["state"] == "running" and vm["ip"] == ip
     pid = vm["pid"]
     console = _wait_console(agent, "app1", "GUEST-UP")
     assert f"mac={vm['mac']}" in console
+    # Its address comes from the agent's DHCP server, out of the pool.
+    console = _wait_console(agent, "app1", "LEASE ")
+    assert f"LEASE ip={ip} mask=24 router={lab['subnet']}.1 lease=3600" in console
     # The guest reads its identity from the metadata service, through the bridge redirect.
     console = _wait_console(agent, "app1", "METADATA ")
     doc = json.loads(console.split("METADATA ", 1)[1].splitlines()[0])
@@ -152,7 +164,7 @@ def test_vm_outlives_agent_and_is_readopted(lab: dict, require_tool: Callable[[s
 
 def test_vm_killed_while_agent_down_is_crashed(lab: dict) -> None:
     agent: AgentProcess = lab["agent"]
-    vm = _create(lab, "app2", f"{lab['subnet']}.10")
+    vm = _create(lab, "app2")
     agent.kill()
     os.kill(vm["pid"], 9)
     time.sleep(0.5)
@@ -201,9 +213,9 @@ def test_refusals_change_nothing(
     assert agent.cli_json("pool", "list")["free"] == 2
 
     # An empty pool: refused with a clear message.
-    for i, name in enumerate(("p1", "p2")):
+    for name in ("p1", "p2"):
         agent.cli("vm", "create", name, "--kernel", str(lab["kernel"]), "--initrd",
-                  str(lab["initrd"]), "--no-start", "--cmdline", f"hatchery.ip=x{i}")  # fmt: skip
+                  str(lab["initrd"]), "--no-start")  # fmt: skip
     empty = agent.cli("vm", "create", "p3", "--kernel", str(lab["kernel"]), check=False)
     assert empty.returncode == 1 and "no free address" in empty.stderr
     assert [v["name"] for v in agent.cli_json("vm", "list")["vms"]] == ["p1", "p2"]
