@@ -8,6 +8,7 @@ import sys
 # name -> module with a ``run() -> None`` that writes its section of docs/benchmarks.md
 BENCHMARKS = {
     "agent-overhead": "bench.agent_overhead",
+    "images": "bench.images",
     "kernel-boot": "bench.kernel_boot",
     "metadata": "bench.metadata",
     "rollout": "bench.rollout",
