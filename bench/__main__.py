@@ -8,9 +8,12 @@ import sys
 # name -> module with a ``run() -> None`` that writes its section of docs/benchmarks.md
 BENCHMARKS = {
     "agent-overhead": "bench.agent_overhead",
+    "boot-http": "bench.boothttp",
+    "dhcp": "bench.dhcp",
     "images": "bench.images",
     "kernel-boot": "bench.kernel_boot",
     "metadata": "bench.metadata",
+    "pxe-chain": "bench.pxe",
     "rollout": "bench.rollout",
 }
 

@@ -88,9 +88,9 @@ class NetEnv:
         self.services.append(service)
         return service
 
-    def agent(self, name: str, *args: str) -> Service:
-        """``hatchery-agent --debug serve ...`` in the server namespace."""
-        return self.start(name, [str(AGENT), "--debug", "serve", *args])
+    def agent(self, name: str, *args: str, debug: bool = True) -> Service:
+        """``hatchery-agent [--debug] serve ...`` in the server namespace."""
+        return self.start(name, [str(AGENT), *(["--debug"] if debug else []), "serve", *args])
 
     def add_client(self, name: str, mac: str | None = None) -> str:
         """A client namespace with ``eth0`` on the bridge; returns the namespace's name."""
