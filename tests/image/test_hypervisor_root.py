@@ -1,0 +1,133 @@
+"""The hypervisor image's root file system, checked with testinfra (chroot backend).
+
+Nothing here boots: the cpio is unpacked and inspected as the kernel will see it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import testinfra
+
+from tests.support.images import manifest
+
+EXPECTED_PACKAGES = (
+    "linux-image-amd64", "systemd", "systemd-sysv", "udev", "qemu-system-x86", "qemu-utils",
+    "nftables", "kexec-tools", "iproute2", "openssh-server", "python3", "e2fsprogs",
+)  # fmt: skip
+AGENT_UNIT = "hatchery-agent.service"
+
+
+@pytest.fixture(scope="module")
+def host(hypervisor_root: Path) -> testinfra.host.Host:
+    return testinfra.get_host(str(hypervisor_root), connection="chroot")
+
+
+def persistent_links(root: Path) -> dict[str, str]:
+    """Path -> target of every symlink rule (L/L+) in the one list of persistent paths."""
+    conf = root / "usr/lib/tmpfiles.d/hatchery-persistent.conf"
+    links = {}
+    for line in conf.read_text().splitlines():
+        fields = line.split()
+        if fields and fields[0] in ("L", "L+"):
+            links[fields[1]] = fields[6]
+    return links
+
+
+@pytest.mark.parametrize("package", EXPECTED_PACKAGES)
+def test_expected_packages_are_installed(host: testinfra.host.Host, package: str) -> None:
+    assert host.package(package).is_installed
+
+
+def test_tools_the_node_needs_are_there(host: testinfra.host.Host) -> None:
+    for tool in ("qemu-system-x86_64", "qemu-img", "nft", "kexec", "ip", "sshd", "systemd-repart"):
+        assert host.exists(tool), tool
+    assert host.file("/init").linked_to == "/usr/lib/systemd/systemd"
+
+
+def test_agent_is_installed_from_this_repository(host: testinfra.host.Host) -> None:
+    agent = host.file("/usr/bin/hatchery-agent")
+    assert agent.is_symlink and agent.linked_to == "/opt/hatchery/venv/bin/hatchery-agent"
+    result = host.run("/usr/bin/hatchery-agent --help")
+    assert result.rc == 0, result.stderr
+    assert "hatchery-agent" in result.stdout
+    imported = host.run(
+        "/opt/hatchery/venv/bin/python -c 'import aiohttp, qemu.qmp, pyroute2, cryptography,"
+        " zstandard, yaml, hatchery.agent_main; print(hatchery.__file__)'"
+    )
+    assert imported.rc == 0, imported.stderr
+    assert imported.stdout.startswith("/opt/hatchery/venv/lib/python3.11/site-packages/")
+    # the venv uses Debian's python3, and the image carries no pip
+    assert host.file("/opt/hatchery/venv/bin/python").linked_to.startswith("/usr/bin/python3")
+    assert not host.exists("pip") and not host.file("/opt/hatchery/venv/bin/pip").exists
+
+
+def test_agent_unit_is_enabled_by_preset(host: testinfra.host.Host) -> None:
+    unit = host.file(f"/usr/lib/systemd/system/{AGENT_UNIT}")
+    wanted = (
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "KillMode=process",
+        "ExecStart=/usr/bin/hatchery-agent run --config /etc/hatchery/agent.yaml",
+    )
+    for setting in wanted:
+        assert setting in unit.content_string, setting
+    assert (
+        f"enable {AGENT_UNIT}"
+        in host.file("/usr/lib/systemd/system-preset/40-hatchery.preset").content_string
+    )
+    assert host.run(f"systemctl is-enabled {AGENT_UNIT}").stdout.strip() == "enabled"
+    assert host.run("systemctl is-enabled hatchery-data.service").stdout.strip() == "enabled"
+    assert host.run("systemctl is-enabled systemd-firstboot.service").stdout.strip() == "masked"
+
+
+def test_persistent_paths_are_symlinks_into_data(
+    host: testinfra.host.Host, hypervisor_root: Path
+) -> None:
+    links = persistent_links(hypervisor_root)
+    assert {"/var/lib/hatchery", "/etc/hatchery", "/etc/ssh/host-keys",
+            "/etc/systemd/network", "/root/.ssh"} <= set(links)  # fmt: skip
+    for path, target in links.items():
+        assert target.startswith("/data/"), (path, target)
+        f = host.file(path)
+        assert f.is_symlink, path
+        assert f.linked_to == target, path
+    # the agent's default state dir is on /data too
+    assert links["/var/lib/hatchery"] == "/data/var/lib/hatchery"
+
+
+def test_data_disk_is_created_only_on_blank_disks(hypervisor_root: Path) -> None:
+    repart = (hypervisor_root / "usr/lib/hatchery/repart.d/50-hatchery-data.conf").read_text()
+    assert "Label=hatchery-data" in repart and "Format=ext4" in repart
+    setup = (hypervisor_root / "usr/lib/hatchery/data-setup").read_text()
+    assert "--empty=require" in setup and "hatchery.wipe-data=1" in setup
+
+
+def test_no_secrets_or_identity_baked_in(host: testinfra.host.Host, hypervisor_root: Path) -> None:
+    assert not list((hypervisor_root / "etc/ssh").glob("ssh_host_*")), "SSH host keys in image"
+    machine_id = (hypervisor_root / "etc/machine-id").read_text().strip()
+    assert machine_id in ("", "uninitialized"), machine_id
+    assert not (hypervisor_root / "var/lib/dbus/machine-id").exists()
+    assert not (hypervisor_root / "var/lib/systemd/random-seed").exists()
+    for line in (hypervisor_root / "etc/shadow").read_text().splitlines():
+        user, hashed = line.split(":")[:2]
+        assert not hashed.startswith("$"), f"{user} has a password hash baked in"
+    # private keys anywhere in /etc, /root, /opt, /var, /data (test keys inside the Python
+    # packages' own test suites would be under site-packages/*/tests: there are none today)
+    pattern = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----")
+    found = [
+        str(p.relative_to(hypervisor_root))
+        for top in ("etc", "root", "opt", "var", "data")
+        for p in (hypervisor_root / top).rglob("*")
+        if p.is_file() and not p.is_symlink() and pattern.search(p.read_bytes())
+    ]
+    assert found == []
+
+
+def test_version_marker_matches_the_build(hypervisor_root: Path, images: Path) -> None:
+    os_release = (hypervisor_root / "usr/lib/os-release").read_text()
+    version = manifest(images, "hypervisor")["version"]
+    assert f'IMAGE_VERSION="{version}"' in os_release or f"IMAGE_VERSION={version}" in os_release

@@ -1,0 +1,48 @@
+"""Bit-identical rebuilds: a second build from scratch gives the same sha256 for every artefact.
+
+The second build goes into its own output folder with ``--force`` (nothing reused from the
+first output); it shares the package cache, as CI does, which pins the package set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.support.images import build_images, manifest
+
+NAMES = ("appliance-vm", "hypervisor")
+
+
+def test_rebuild_gives_identical_artefacts(images: Path, tmp_path: Path) -> None:
+    again = build_images("--force", output_dir=tmp_path / "again")
+    for name in NAMES:
+        first, second = manifest(images, name), manifest(again, name)
+        assert first["inputs_sha256"] == second["inputs_sha256"], name
+        assert first["artefacts"] == second["artefacts"], f"{name} differs between builds"
+        assert (images / name / "manifest.json").read_bytes() == (
+            again / name / "manifest.json"
+        ).read_bytes()
+
+
+def test_manifest_records_inputs_packages_and_artefacts(images: Path) -> None:
+    for name in NAMES:
+        data = manifest(images, name)
+        artefacts = data["artefacts"]
+        assert isinstance(artefacts, dict)
+        assert {f"{name}.cpio.zst", f"{name}.vmlinuz"} <= set(artefacts)
+        assert all(len(meta["sha256"]) == 64 for meta in artefacts.values())
+        packages = data["packages"]
+        assert isinstance(packages, dict) and packages.get("linux-image-amd64")
+        lock = Path(__file__).resolve().parents[2] / "images" / name / "packages.lock"
+        locked = dict(
+            line.split() for line in lock.read_text().splitlines() if line and line[0] != "#"
+        )
+        assert locked == packages
+    assert "appliance-vm.vmlinux" in manifest(images, "appliance-vm")["artefacts"]  # type: ignore[operator]
+    assert any(w.startswith("hatchery-") for w in manifest(images, "hypervisor")["python_wheels"])  # type: ignore[union-attr]
+
+
+def test_second_build_is_a_no_op(images: Path) -> None:
+    before = {n: (images / n / "manifest.json").stat().st_mtime_ns for n in NAMES}
+    build_images()
+    assert before == {n: (images / n / "manifest.json").stat().st_mtime_ns for n in NAMES}
