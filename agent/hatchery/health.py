@@ -1,7 +1,8 @@
 """What the node says about itself in /healthz: image version, failed units, upgrade state.
 
-The upgrade and boot-fallback parts are filled in by the upgrade subsystem; until one runs,
-the node reports ``idle`` and no fallback.
+The version is the image's own ``IMAGE_VERSION`` (os-release, written by mkosi), read on
+every request: a live patch replaces the file, so the answer changes with it. The upgrade
+and boot-fallback parts come from the upgrade controller when there is one.
 """
 
 from __future__ import annotations
@@ -9,22 +10,15 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from hatchery.vms.process import systemd_running
 
-VERSION_FILE = Path("/etc/hatchery/version")
 OS_RELEASE = Path("/etc/os-release")
 
 
-def read_version(version_file: Path = VERSION_FILE, os_release: Path = OS_RELEASE) -> str:
-    """The image version: /etc/hatchery/version, else IMAGE_VERSION in os-release, else dev."""
-    try:
-        text = version_file.read_text().strip()
-        if text:
-            return text
-    except OSError:
-        pass
+def read_version(os_release: Path = OS_RELEASE) -> str:
+    """The image version: IMAGE_VERSION in os-release, else ``dev`` (not one of our images)."""
     try:
         for line in os_release.read_text().splitlines():
             if line.startswith("IMAGE_VERSION="):
@@ -46,19 +40,21 @@ def failed_units() -> list[str] | None:
     return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
+class UpgradeView(Protocol):
+    def status_json(self) -> dict[str, Any]: ...
+
+    def boot_status(self) -> dict[str, Any]: ...
+
+
 class NodeHealth:
     """The default ``HealthSource``."""
 
     def __init__(self, version: str | None = None) -> None:
-        self._version = version or read_version()
-        self.upgrade: dict[str, Any] = {
-            "state": "idle", "target": None, "mode": None, "error": None,
-            "started": None, "finished": None,
-        }  # fmt: skip
-        self.boot: dict[str, Any] = {"fallback": False, "reason": None}
+        self._fixed_version = version
+        self.upgrader: UpgradeView | None = None
 
     def version(self) -> str:
-        return self._version
+        return self._fixed_version or read_version()
 
     def checks(self) -> dict[str, str]:
         failed = failed_units()
@@ -67,7 +63,12 @@ class NodeHealth:
         return {"units": "ok" if not failed else "fail: " + ", ".join(failed[:10])}
 
     def upgrade_status(self) -> dict[str, Any]:
-        return dict(self.upgrade)
+        if self.upgrader is None:
+            return {"state": "idle", "target": None, "mode": None, "error": None,
+                    "started": None, "finished": None, "detail": None}  # fmt: skip
+        return self.upgrader.status_json()
 
     def boot_status(self) -> dict[str, Any]:
-        return dict(self.boot)
+        if self.upgrader is None:
+            return {"fallback": False, "reason": None}
+        return self.upgrader.boot_status()

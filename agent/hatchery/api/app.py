@@ -8,6 +8,7 @@ the policy for one permission. Errors are JSON with a human message; malformed i
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import logging
@@ -25,6 +26,7 @@ from hatchery.api.validate import BadRequest, Body
 from hatchery.capacity import CapacityError
 from hatchery.errors import HatcheryError
 from hatchery.pki import Identity, identity_from_peercert
+from hatchery.upgrade.controller import Mode, Phase, UpgradeError, Upgrader
 from hatchery.vms.manager import CreateRequest, NotFound, VmError, VmManager
 from hatchery.vms.model import DiskBoot, KernelBoot, VmRecord, VmState, VmStateError
 
@@ -53,6 +55,7 @@ class ApiContext:
     policy: Policy
     health: HealthSource
     started: float
+    upgrader: Upgrader | None = None
 
 
 CONTEXT = web.AppKey("context", ApiContext)
@@ -89,6 +92,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if exc.status < 400:
             raise
         return _error(exc.status, exc.reason or "error")
+    except UpgradeError as exc:
+        return _error(exc.status, exc.message + (f" (hint: {exc.hint})" if exc.hint else ""))
     except HatcheryError as exc:
         status = next((code for kind, code in _STATUS if isinstance(exc, kind)), 500)
         if status == 500:
@@ -367,7 +372,33 @@ async def add_subnet(request: web.Request) -> web.Response:
 
 
 async def upgrade_status(request: web.Request) -> web.Response:
-    return web.json_response(request.app[CONTEXT].health.upgrade_status())
+    """``?wait=SECONDS`` (at most 60) holds the answer while an upgrade is running."""
+    ctx = request.app[CONTEXT]
+    try:
+        wait = min(max(float(request.query.get("wait", "0")), 0.0), 60.0)
+    except ValueError as exc:
+        raise BadRequest("wait must be a number of seconds", "wait") from exc
+    deadline = time.monotonic() + wait
+    while ctx.health.upgrade_status().get("state") == Phase.RUNNING and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    return web.json_response(ctx.health.upgrade_status())
+
+
+async def start_upgrade(request: web.Request) -> web.Response:
+    _require(request, "upgrade.manage")
+    ctx = request.app[CONTEXT]
+    body = await _json_body(request)
+    version = str(body.text("version", required=True, max_len=128))
+    mode_text = str(body.text("mode", default="live"))
+    body.finish()
+    if mode_text not in (Mode.LIVE, Mode.REBOOT):
+        raise BadRequest("mode must be live or reboot", "mode")
+    if ctx.upgrader is None:
+        raise web.HTTPServiceUnavailable(reason="upgrades are not enabled on this agent")
+    status, answer = ctx.upgrader.request(version, Mode(mode_text))
+    log.info("%s asked for an upgrade to %s (%s): %s", request[IDENTITY].name, version,
+             mode_text, answer["state"])  # fmt: skip
+    return web.json_response(answer, status=status)
 
 
 def make_app(context: ApiContext) -> web.Application:
@@ -390,4 +421,5 @@ def make_app(context: ApiContext) -> web.Application:
     app.router.add_get("/v1/subnets", list_subnets)
     app.router.add_post("/v1/subnets", add_subnet)
     app.router.add_get("/v1/upgrade", upgrade_status)
+    app.router.add_post("/v1/upgrade", start_upgrade)
     return app

@@ -416,6 +416,18 @@ class VmManager:
     def by_ip(self, bridge: str, ip: str) -> VmRecord | None:
         return next((v for v in self._vms.values() if v.bridge == bridge and v.ip == ip), None)
 
+    # --- reboots (the upgrade controller's VmControl) -------------------------------------
+    def running_names(self) -> list[str]:
+        return [vm.name for vm in self.records() if vm.state in (VmState.RUNNING, VmState.PAUSED)]
+
+    async def stop_for_reboot(self, name: str) -> None:
+        await self.stop(name, timeout=30)
+
+    async def restore(self, name: str) -> None:
+        vm = self._vms.get(name)
+        if vm is not None and vm.state in (VmState.STOPPED, VmState.CRASHED):
+            await self.start(name)
+
     # --- user data ------------------------------------------------------------------------
     async def set_user_data(self, name: str, user_data: str) -> VmRecord:
         async with self._lock(name):

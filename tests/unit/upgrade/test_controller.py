@@ -1,0 +1,136 @@
+"""The upgrade controller on a directory standing in for the running root."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import BinaryIO
+
+import pytest
+import zstandard
+
+from hatchery.cpio import Entry, write_newc
+from hatchery.upgrade.controller import Mode, Phase, UpgradeError, Upgrader
+from tests.unit.upgrade.test_livepatch import unpack
+
+RELEASE = "6.1.0-test-amd64"
+
+
+def root_image(version: str, kernel_release: str = RELEASE, extra: bytes = b"") -> bytes:
+    entries = [
+        Entry.directory("usr"), Entry.directory("usr/lib"), Entry.directory("usr/lib/modules"),
+        Entry.directory(f"usr/lib/modules/{kernel_release}"),
+        Entry.file(f"usr/lib/modules/{kernel_release}/modules.dep", b""),
+        Entry.file("usr/lib/os-release", f"IMAGE_VERSION={version}\n".encode()),
+        Entry.file("usr/lib/payload", b"payload " + version.encode() + extra),
+    ]  # fmt: skip
+    return write_newc(entries)
+
+
+class DirImages:
+    """A small real ImageSource: artefacts as built (root zstd-compressed) in a folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.current: str | None = None
+
+    def add(self, version: str, root: bytes, kernel: bytes = b"kernel-1") -> None:
+        d = self.folder / version
+        d.mkdir(parents=True)
+        (d / "initrd").write_bytes(zstandard.ZstdCompressor().compress(root))
+        (d / "kernel").write_bytes(kernel)
+
+    def has(self, version: str) -> bool:
+        return (self.folder / version).is_dir()
+
+    def open_artefact(self, version: str, role: str) -> AbstractContextManager[BinaryIO]:
+        return (self.folder / version / role).open("rb")
+
+    def artefact_digest(self, version: str, role: str) -> str | None:
+        return hashlib.sha256((self.folder / version / role).read_bytes()).hexdigest()
+
+    def set_current(self, version: str) -> None:
+        self.current = version
+
+
+def version_of(root: Path) -> str:
+    text = (root / "usr/lib/os-release").read_text()
+    return text.strip().split("=", 1)[1]
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Path, DirImages, Path]:
+    root, state = tmp_path / "root", tmp_path / "state"
+    root.mkdir()
+    state.mkdir()
+    unpack(root_image("v1"), root)
+    images = DirImages(tmp_path / "images")
+    images.add("v1", root_image("v1"))
+    images.add("v2", root_image("v2"))
+    images.add("v3", root_image("v3", "6.12.0-new-amd64"), kernel=b"kernel-2")
+    return root, images, state
+
+
+def make(setup: tuple[Path, DirImages, Path]) -> Upgrader:
+    root, images, state = setup
+    return Upgrader(state, images, root, version=lambda: version_of(root), kernel_release=RELEASE)
+
+
+async def wait_done(upgrader: Upgrader) -> None:
+    for _ in range(100):
+        if upgrader.status.state is not Phase.RUNNING:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("upgrade did not finish")
+
+
+async def test_live_upgrade(setup: tuple[Path, DirImages, Path]) -> None:
+    root, images, state = setup
+    upgrader = make(setup)
+    code, answer = upgrader.request("v2", Mode.LIVE)
+    assert code == 202 and answer["state"] == "running"
+    again, _ = upgrader.request("v2", Mode.LIVE)
+    assert again == 202, "the same upgrade asked twice must be accepted, not started twice"
+    await wait_done(upgrader)
+    assert upgrader.status.state is Phase.DONE, upgrader.status
+    assert version_of(root) == "v2" and images.current == "v2"
+    assert (root / "usr/lib/payload").read_bytes() == b"payload v2"
+    # Persisted: a restarted agent reports the same.
+    assert make(setup).status.state is Phase.DONE
+    code, answer = make(setup).request("v2", Mode.LIVE)
+    assert code == 200 and "nothing to do" in answer["detail"]
+
+
+async def test_refusals(setup: tuple[Path, DirImages, Path]) -> None:
+    root, images, state = setup
+    images.add("v4", b"not a zstd cpio")
+    upgrader = make(setup)
+    with pytest.raises(UpgradeError) as err:
+        upgrader.request("v4", Mode.LIVE)
+    assert err.value.status == 422 and "cannot be read" in err.value.message
+    with pytest.raises(UpgradeError) as err:
+        upgrader.request("v9", Mode.LIVE)
+    assert err.value.status == 404 and "not in this node's store" in err.value.message
+    with pytest.raises(UpgradeError) as err:
+        upgrader.request("v3", Mode.LIVE)
+    assert err.value.status == 422 and "kernel" in err.value.message
+    assert upgrader.status.state is Phase.IDLE
+    upgrader.request("v2", Mode.LIVE)
+    with pytest.raises(UpgradeError) as err:
+        upgrader.request("v1", Mode.LIVE)
+    assert err.value.status == 409
+    await wait_done(upgrader)
+
+
+async def test_failure_is_reported_and_rolled_back(setup: tuple[Path, DirImages, Path]) -> None:
+    root, images, state = setup
+    cut = root_image("v2", extra=b"x" * 5000)[:-3000]  # the modules are read, then it ends
+    (images.folder / "v2" / "initrd").write_bytes(zstandard.ZstdCompressor().compress(cut))
+    upgrader = make(setup)
+    upgrader.request("v2", Mode.LIVE)
+    await wait_done(upgrader)
+    assert upgrader.status.state is Phase.FAILED and upgrader.status.error
+    assert version_of(root) == "v1"
+    assert not [p for p in root.rglob("*") if ".hatchery-" in p.name]
