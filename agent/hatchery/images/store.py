@@ -1,0 +1,443 @@
+"""A content-addressed store of image artefacts with signed manifests.
+
+Layout under the store's root (the agent uses ``<state_dir>/images``)::
+
+    objects/ab/<sha256>.zst    an artefact, zstd-compressed, named by the sha256 of its content
+    images/<version>.json      the signed manifest of an image whose objects are all present
+    pointers.json              {"current": version, "previous": version}, set by the upgrade code
+    partial/<sha256>.zst.part  a download from a peer in progress (kept for resuming)
+    tmp/                       temporaries (emptied when the store opens)
+    quarantine/                objects found corrupt, kept for a look
+
+Every object is written to a temporary file, checked (the sha256 of the uncompressed content
+must be its name, and its size the one expected), fsynced and renamed into place: an object
+in ``objects/`` is always complete. An image enters ``images/`` only when its signature
+verifies against the trusted keys and every object it names is present and verifies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO
+
+import zstandard
+
+from hatchery.errors import HatcheryError
+from hatchery.images.manifest import (
+    MAX_ARTEFACT_SIZE,
+    ManifestError,
+    Role,
+    SignedManifest,
+    check_version,
+    is_sha256,
+    parse_signed,
+)
+from hatchery.images.signing import TrustedKeys
+from hatchery.state import StateError, read_json, write_atomic, write_json
+
+log = logging.getLogger(__name__)
+CHUNK = 1 << 20
+LEVEL = 3
+POINTERS = "pointers.json"
+
+
+class StoreError(HatcheryError):
+    """The image store refused or failed an operation."""
+
+
+class ObjectNotFound(StoreError):
+    """No object with that sha256 is in the store."""
+
+
+class ImageNotFound(StoreError):
+    """No image with that version is in the store."""
+
+
+class CorruptObject(StoreError):
+    """An object's content does not match its name (or its expected size)."""
+
+
+class MissingObjects(StoreError):
+    """An image names objects the store does not hold."""
+
+    def __init__(self, message: str, missing: list[str]) -> None:
+        super().__init__(message, hint="upload them first (PUT /v1/objects/<sha256>)")
+        self.missing = missing
+
+
+class ImageConflict(StoreError):
+    """A different image with the same version is already in the store."""
+
+
+@dataclass(frozen=True, slots=True)
+class GcReport:
+    kept: tuple[str, ...]
+    removed_images: tuple[str, ...]
+    removed_objects: int
+    freed_bytes: int
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_sha256(value: str) -> str:
+    if not is_sha256(value):
+        raise StoreError(f"{value[:80]!r} is not a sha256 (64 lowercase hex digits)")
+    return value
+
+
+def compressed_bound(size: int) -> int:
+    """The most bytes a zstd file of ``size`` content may take (zstd's bound plus room)."""
+    return size + (size >> 7) + 64 * 1024
+
+
+def decompressed_chunks(path: Path, limit: int) -> Iterator[bytes]:
+    """The content of the zstd file ``path``; ``CorruptObject`` past ``limit`` bytes or if bad."""
+    total = 0
+    try:
+        with (
+            path.open("rb") as f,
+            zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True) as reader,
+        ):
+            while chunk := reader.read(CHUNK):
+                total += len(chunk)
+                if total > limit:
+                    raise CorruptObject(f"{path.name} holds more than the {limit} bytes expected")
+                yield chunk
+    except zstandard.ZstdError as exc:
+        raise CorruptObject(f"{path.name} is not a valid zstd stream: {exc}") from None
+
+
+class ObjectWriter:
+    """Content in, an object out: compressed and hashed as it is written, checked on commit."""
+
+    def __init__(self, store: ImageStore, expected: str | None, max_size: int) -> None:
+        self._store = store
+        self._expected = expected
+        self._max = max_size
+        fd, name = tempfile.mkstemp(dir=store.root / "tmp", prefix="obj-", suffix=".zst")
+        self._tmp = Path(name)
+        self._file = os.fdopen(fd, "wb")
+        self._zstd = zstandard.ZstdCompressor(level=LEVEL, write_checksum=True).compressobj()
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self._done = False
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self._max:
+            raise CorruptObject(f"the object is larger than {self._max} bytes")
+        self._hash.update(chunk)
+        self._file.write(self._zstd.compress(chunk))
+
+    def commit(self) -> str:
+        """Check the content's sha256 and move the object into place; return its sha256."""
+        digest = self._hash.hexdigest()
+        if self._expected is not None and digest != self._expected:
+            self.abort()
+            raise CorruptObject(
+                f"the content's sha256 is {digest}, not {self._expected} (tampered or truncated)"
+            )
+        self._file.write(self._zstd.flush())
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._done = True
+        self._store._install(digest, self._tmp)
+        return digest
+
+    def abort(self) -> None:
+        if not self._done:
+            self._done = True
+            self._file.close()
+            self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> ObjectWriter:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.abort()
+
+
+class ImageStore:
+    def __init__(self, root: Path, max_object: int = MAX_ARTEFACT_SIZE) -> None:
+        self.root = root
+        self.max_object = max_object
+        self._lock = threading.RLock()
+        try:
+            for sub in ("objects", "images", "partial", "tmp", "quarantine"):
+                (root / sub).mkdir(parents=True, exist_ok=True)
+            for leftover in (root / "tmp").iterdir():
+                leftover.unlink(missing_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot open the image store in {root}: {exc}") from exc
+
+    # --- objects ---------------------------------------------------------------------------
+    def object_path(self, sha256: str) -> Path:
+        check_sha256(sha256)
+        return self.root / "objects" / sha256[:2] / f"{sha256}.zst"
+
+    def partial_path(self, sha256: str) -> Path:
+        check_sha256(sha256)
+        return self.root / "partial" / f"{sha256}.zst.part"
+
+    def has_object(self, sha256: str) -> bool:
+        return self.object_path(sha256).is_file()
+
+    def objects(self) -> set[str]:
+        found: set[str] = set()
+        for sub in (self.root / "objects").iterdir():
+            for path in sub.glob("*.zst"):
+                if is_sha256(path.name[:-4]):
+                    found.add(path.name[:-4])
+        return found
+
+    def _install(self, sha256: str, tmp: Path) -> None:
+        target = self.object_path(sha256)
+        target.parent.mkdir(exist_ok=True)
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+        log.debug("object %s stored", sha256)
+
+    def writer(self, expected: str | None = None, max_size: int | None = None) -> ObjectWriter:
+        if expected is not None:
+            check_sha256(expected)
+        return ObjectWriter(self, expected, min(max_size or self.max_object, self.max_object))
+
+    def put(self, chunks: Iterable[bytes], expected: str | None = None) -> str:
+        """Store content given in chunks; with ``expected``, refuse content that hashes else."""
+        with self.writer(expected) as writer:
+            for chunk in chunks:
+                writer.write(chunk)
+            return writer.commit()
+
+    def put_file(self, path: Path, expected: str | None = None) -> str:
+        with path.open("rb") as f:
+            return self.put(iter(lambda: f.read(CHUNK), b""), expected)
+
+    def check_compressed(self, sha256: str, path: Path, size: int) -> None:
+        """Raise ``CorruptObject`` unless zstd file ``path`` holds ``size`` bytes hashing to it."""
+        digest, total = hashlib.sha256(), 0
+        for chunk in decompressed_chunks(path, size):
+            digest.update(chunk)
+            total += len(chunk)
+        if total != size or digest.hexdigest() != sha256:
+            raise CorruptObject(
+                f"object {sha256}: the content is {total} bytes with sha256 {digest.hexdigest()},"
+                f" not {size} bytes with sha256 {sha256} (tampered or corrupt)"
+            )
+
+    def adopt_compressed(self, sha256: str, path: Path, size: int) -> None:
+        """Move a downloaded zstd file into the store once it verifies; else raise, unchanged."""
+        self.check_compressed(sha256, path, size)
+        with path.open("rb+") as f:
+            os.fsync(f.fileno())
+        self._install(sha256, path)
+
+    def verify_object(self, sha256: str, size: int | None = None) -> None:
+        """Check a stored object; a corrupt one is moved to quarantine/ and reported."""
+        path = self.object_path(sha256)
+        if not path.is_file():
+            raise ObjectNotFound(f"object {sha256} is not in the store")
+        try:
+            if size is None:
+                digest = hashlib.sha256()
+                for chunk in decompressed_chunks(path, self.max_object):
+                    digest.update(chunk)
+                if digest.hexdigest() != sha256:
+                    raise CorruptObject(f"object {sha256}: its content hashes to something else")
+            else:
+                self.check_compressed(sha256, path, size)
+        except CorruptObject as exc:
+            aside = self.root / "quarantine" / f"{path.name}.{int(time.time())}"
+            os.replace(path, aside)
+            log.error("object %s is corrupt (%s): moved to %s", sha256, exc.message, aside)
+            raise
+
+    def open_object(self, sha256: str) -> BinaryIO:
+        """The content of an object as a stream (not verified: use ``read_object`` for that)."""
+        path = self.object_path(sha256)
+        try:
+            f = path.open("rb")
+        except FileNotFoundError:
+            raise ObjectNotFound(f"object {sha256} is not in the store") from None
+        return zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+
+    def read_object(self, sha256: str, size: int | None = None) -> Iterator[bytes]:
+        """The content in chunks; raises ``CorruptObject`` at the end if it does not verify."""
+        path = self.object_path(sha256)
+        if not path.is_file():
+            raise ObjectNotFound(f"object {sha256} is not in the store")
+        digest, total = hashlib.sha256(), 0
+        for chunk in decompressed_chunks(path, self.max_object if size is None else size):
+            digest.update(chunk)
+            total += len(chunk)
+            yield chunk
+        if digest.hexdigest() != sha256 or (size is not None and total != size):
+            raise CorruptObject(f"object {sha256}: its content does not match its name")
+
+    # --- images ----------------------------------------------------------------------------
+    def _image_path(self, version: str) -> Path:
+        try:
+            check_version(version)
+        except ManifestError as exc:
+            raise ImageNotFound(f"no image {version[:80]!r}: {exc.message}") from None
+        return self.root / "images" / f"{version}.json"
+
+    def add_image(self, raw: bytes, keys: TrustedKeys) -> SignedManifest:
+        """Add a signed manifest: its signature must verify and all its objects verify.
+
+        Adding the same image again is a no-op; another image with the same version is refused.
+        """
+        signed = parse_signed(raw)
+        keys.verify(signed)
+        manifest = signed.manifest
+        with self._lock:  # gc must not delete an object between its check and the add
+            path = self._image_path(manifest.version)
+            if path.exists():
+                existing = self.manifest(manifest.version)
+                if existing.manifest.canonical() != manifest.canonical():
+                    raise ImageConflict(
+                        f"another image {manifest.version} is already in the store",
+                        hint="versions are immutable: build with a new version",
+                    )
+                return existing
+            missing = sorted(s for s in manifest.objects() if not self.has_object(s))
+            if missing:
+                raise MissingObjects(
+                    f"image {manifest.version}: {len(missing)} object(s) missing: "
+                    + ", ".join(missing[:4]),
+                    missing,
+                )
+            for artefact in manifest.artefacts.values():
+                self.verify_object(artefact.sha256, artefact.size)
+            write_atomic(path, signed.to_bytes(), mode=0o644)
+        log.info("image %s %s added (key %s)", manifest.image, manifest.version, signed.key_id)
+        return signed
+
+    def versions(self) -> list[str]:
+        return sorted(
+            p.name[:-5] for p in (self.root / "images").glob("*.json") if not p.name.startswith(".")
+        )
+
+    def manifest_bytes(self, version: str) -> bytes:
+        try:
+            return self._image_path(version).read_bytes()
+        except FileNotFoundError:
+            raise ImageNotFound(f"no image {version} in the store") from None
+
+    def manifest(self, version: str) -> SignedManifest:
+        try:
+            return parse_signed(self.manifest_bytes(version))
+        except ManifestError as exc:
+            raise StoreError(f"the stored manifest of {version} is corrupt: {exc.message}") from exc
+
+    # --- current and previous --------------------------------------------------------------
+    def _pointers(self) -> dict[str, str | None]:
+        data = read_json(self.root / POINTERS)
+        result: dict[str, str | None] = {"current": None, "previous": None}
+        if isinstance(data, dict):
+            for key in result:
+                value = data.get(key)
+                result[key] = value if isinstance(value, str) else None
+        return result
+
+    def current(self) -> str | None:
+        return self._pointers()["current"]
+
+    def previous(self) -> str | None:
+        return self._pointers()["previous"]
+
+    def set_current(self, version: str) -> None:
+        """Make ``version`` current; the old current becomes previous (for the upgrade code)."""
+        with self._lock:
+            if not self._image_path(version).exists():
+                raise ImageNotFound(f"no image {version} in the store")
+            pointers = self._pointers()
+            if pointers["current"] == version:
+                return
+            try:
+                write_json(
+                    self.root / POINTERS,
+                    {"current": version, "previous": pointers["current"] or pointers["previous"]},
+                )
+            except StateError as exc:
+                raise StoreError(exc.message) from exc
+            log.info("image %s is current (previous: %s)", version, pointers["current"])
+
+    # --- garbage collection and export -----------------------------------------------------
+    def gc(self, keep: Iterable[str] = (), partial_max_age: float = 86400.0) -> GcReport:
+        """Delete images other than current, previous and ``keep``, and unreferenced objects.
+
+        Partial downloads older than ``partial_max_age`` seconds go too.
+        """
+        with self._lock:
+            pointers = self._pointers()
+            wanted = {v for v in (pointers["current"], pointers["previous"], *keep) if v}
+            kept, removed = [], []
+            referenced: set[str] = set()
+            for version in self.versions():
+                if version in wanted:
+                    kept.append(version)
+                    referenced |= self.manifest(version).manifest.objects()
+                else:
+                    self._image_path(version).unlink()
+                    removed.append(version)
+            count = freed = 0
+            for sha256 in self.objects() - referenced:
+                path = self.object_path(sha256)
+                freed += path.stat().st_size
+                path.unlink()
+                count += 1
+            now = time.time()
+            for part in (self.root / "partial").iterdir():
+                if now - part.stat().st_mtime > partial_max_age:
+                    part.unlink(missing_ok=True)
+            _fsync_dir(self.root / "images")
+        log.info("image gc: kept %s, removed images %s and %d objects (%d bytes)",
+                 kept, removed, count, freed)  # fmt: skip
+        return GcReport(tuple(kept), tuple(removed), count, freed)
+
+    def export(self, version: str, directory: Path) -> dict[Role, Path]:
+        """Write the artefacts of ``version``, decompressed and verified, into ``directory``."""
+        manifest = self.manifest(version).manifest
+        directory.mkdir(parents=True, exist_ok=True)
+        out: dict[Role, Path] = {}
+        for role, artefact in sorted(manifest.artefacts.items()):
+            target = directory / artefact.name
+            fd, name = tempfile.mkstemp(dir=directory, prefix=f".{artefact.name}.")
+            tmp = Path(name)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    for chunk in self.read_object(artefact.sha256, artefact.size):
+                        f.write(chunk)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, target)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            out[role] = target
+        _fsync_dir(directory)
+        return out
+
+    def usage(self) -> int:
+        """Bytes the objects take on disk (compressed)."""
+        return sum(self.object_path(s).stat().st_size for s in self.objects())
