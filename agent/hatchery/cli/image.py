@@ -1,0 +1,212 @@
+"""``hatchery image``: signing keys, signing a build, publishing to an agent, listing, fetching.
+
+``keygen`` and ``sign`` work on local files; ``publish``, ``list`` and ``fetch`` talk to one
+agent over mutual TLS (see docs/images-store.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from hatchery.client import AgentClient, ApiError, Credentials, agent_url
+from hatchery.errors import HatcheryError
+from hatchery.images.manifest import SIGNED_NAME, SignedManifest, parse_signed, sha256_file
+from hatchery.images.signing import (
+    DEFAULT_KEY_NAME,
+    DEFAULT_KEYS_DIR,
+    KeyDirectory,
+    generate_key,
+    sign_build_dir,
+)
+
+
+def _connection_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--agent",
+        default=os.environ.get("HATCHERY_AGENT", "127.0.0.1"),
+        help="agent address HOST[:PORT] (default: $HATCHERY_AGENT or 127.0.0.1)",
+    )
+    parser.add_argument("--ca", type=Path, help="CA certificate (default: $HATCHERY_CA)")
+    parser.add_argument("--cert", type=Path, help="client certificate ($HATCHERY_CERT)")
+    parser.add_argument("--key", type=Path, help="client key ($HATCHERY_KEY)")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def _emit(args: argparse.Namespace, result: Any, text: str) -> None:
+    print(json.dumps(result, indent=2, sort_keys=True) if args.json else text)
+
+
+# --- local: keys and signing -------------------------------------------------------------------
+def _keygen(args: argparse.Namespace) -> int:
+    pair = generate_key(args.out, args.name, force=args.force)
+    print(f"signing key {pair.private} (mode 0600: keep it off the nodes)")
+    print(f"public key  {pair.public} (key id {pair.key_id}): copy it to each node's "
+          f"{DEFAULT_KEYS_DIR}/")  # fmt: skip
+    return 0
+
+
+def _sign(args: argparse.Namespace) -> int:
+    path, signed = sign_build_dir(args.build_dir, args.key)
+    m = signed.manifest
+    roles = ", ".join(f"{r} {a.name}" for r, a in sorted(m.artefacts.items()))
+    print(f"signed {m.image} {m.version} with key {signed.key_id}: {path} ({roles})")
+    return 0
+
+
+def _read_signed(build_dir: Path) -> tuple[bytes, SignedManifest]:
+    path = build_dir / SIGNED_NAME
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise HatcheryError(
+            f"{path} does not exist", hint=f"sign the build first: hatchery image sign {build_dir}"
+        ) from None
+    return raw, parse_signed(raw)
+
+
+def _check_files(build_dir: Path, signed: SignedManifest) -> None:
+    for artefact in signed.manifest.artefacts.values():
+        digest, size = sha256_file(build_dir / artefact.name)
+        if digest != artefact.sha256 or size != artefact.size:
+            raise HatcheryError(
+                f"{build_dir / artefact.name} is not the file that was signed",
+                hint=f"sign again: hatchery image sign {build_dir}",
+            )
+
+
+def _verify(args: argparse.Namespace) -> int:
+    _, signed = _read_signed(args.build_dir)
+    KeyDirectory(args.keys).trusted().verify(signed)
+    _check_files(args.build_dir, signed)
+    print(f"{signed.manifest.image} {signed.manifest.version}: signature by key "
+          f"{signed.key_id} verifies, artefacts match")  # fmt: skip
+    return 0
+
+
+# --- remote: publish, list, fetch --------------------------------------------------------------
+def _credentials(args: argparse.Namespace) -> Credentials:
+    return Credentials.from_env(args.ca, args.cert, args.key)
+
+
+async def _answer(resp: aiohttp.ClientResponse) -> Any:
+    body: Any = await resp.json() if resp.content_type == "application/json" else await resp.text()
+    if resp.status >= 400:
+        message = body.get("error") if isinstance(body, dict) else str(body)
+        hint = body.get("hint") if isinstance(body, dict) else None
+        raise ApiError(f"{message} (HTTP {resp.status})", resp.status, hint=hint)
+    return body
+
+
+async def _publish(args: argparse.Namespace) -> dict[str, Any]:
+    raw, signed = _read_signed(args.build_dir)
+    _check_files(args.build_dir, signed)
+    base = agent_url(args.agent)
+    connector = aiohttp.TCPConnector(ssl=_credentials(args).context())
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300)
+    uploaded, present = [], []
+    try:
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            for _, artefact in sorted(signed.manifest.artefacts.items()):
+                url = f"{base}/v1/objects/{artefact.sha256}"
+                async with session.head(url) as resp:
+                    if resp.status == 200:
+                        present.append(artefact.name)
+                        continue
+                    if resp.status != 404:
+                        await _answer(resp)
+                with (args.build_dir / artefact.name).open("rb") as f:
+                    async with session.put(url, data=f) as resp:
+                        await _answer(resp)
+                uploaded.append(artefact.name)
+            headers = {"Content-Type": "application/json"}
+            async with session.post(f"{base}/v1/images", data=raw, headers=headers) as resp:
+                answer = await _answer(resp)
+    except aiohttp.ClientConnectorCertificateError as exc:
+        raise ApiError(f"{base}: the agent's certificate is not trusted: {exc}", 0) from exc
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise ApiError(f"cannot publish to {base}: {exc or type(exc).__name__}", 0) from exc
+    return {**answer, "uploaded": uploaded, "already_there": present}
+
+
+def _publish_cmd(args: argparse.Namespace) -> int:
+    result = asyncio.run(_publish(args))
+    _emit(args, result, f"published {result['image']} {result['version']} to {args.agent}: "
+          f"uploaded {', '.join(result['uploaded']) or 'nothing'}"
+          + (f"; already there: {', '.join(result['already_there'])}"
+             if result["already_there"] else ""))  # fmt: skip
+    return 0
+
+
+async def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+    async with AgentClient(args.agent, _credentials(args), timeout=3600) as client:
+        return await client.request(method, path, json=body)
+
+
+def _list_cmd(args: argparse.Namespace) -> int:
+    result = asyncio.run(_call(args, "GET", "/v1/images"))
+    if args.json:
+        _emit(args, result, "")
+        return 0
+    if not result["images"]:
+        print("no images")
+    for image in result["images"]:
+        mark = {result["current"]: "current", result["previous"]: "previous"}.get(
+            image["version"], ""
+        )
+        if "error" in image:
+            print(f"{image['version']:<24} error: {image['error']}")
+            continue
+        size = f"{image['size'] / 1e6:.1f} MB"
+        print(f"{image['version']:<24} {image['image']:<14} {size:>10}  key {image['key']}"
+              f"{'  ' + mark if mark else ''}")  # fmt: skip
+    return 0
+
+
+def _fetch_cmd(args: argparse.Namespace) -> int:
+    body = {"peer": args.peer, "version": args.version}
+    r = asyncio.run(_call(args, "POST", "/v1/images/fetch", body))
+    text = (
+        f"{args.agent} fetched {r['version']} from {r['peer']}: {r['fetched_objects']} objects "
+        f"({r['downloaded_bytes']} bytes, {r['resumed_bytes']} resumed), "
+        f"{r['present_objects']} already there"
+    )
+    _emit(args, r, text)
+    return 0
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="image_command", required=True)
+    keygen = sub.add_parser("keygen", help="make an Ed25519 key pair for signing images")
+    keygen.add_argument("--out", type=Path, required=True, help="directory for the key pair")
+    keygen.add_argument("--name", default=DEFAULT_KEY_NAME, help="file name (.key and .pub)")
+    keygen.add_argument("--force", action="store_true", help="replace an existing key")
+    keygen.set_defaults(func=_keygen)
+    sign = sub.add_parser("sign", help=f"sign a build (make images): writes {SIGNED_NAME}")
+    sign.add_argument("--key", type=Path, required=True, help="the private signing key")
+    sign.add_argument(
+        "build_dir", type=Path, metavar="BUILD_DIR", help="e.g. build/images/hypervisor"
+    )
+    sign.set_defaults(func=_sign)
+    verify = sub.add_parser("verify", help="check a signed build against trusted public keys")
+    verify.add_argument("--keys", type=Path, default=DEFAULT_KEYS_DIR, help="directory of *.pub")
+    verify.add_argument("build_dir", type=Path, metavar="BUILD_DIR")
+    verify.set_defaults(func=_verify)
+    publish = sub.add_parser("publish", help="upload a signed build's artefacts, then its manifest")
+    publish.add_argument("build_dir", type=Path, metavar="BUILD_DIR")
+    _connection_args(publish)
+    publish.set_defaults(func=_publish_cmd)
+    listing = sub.add_parser("list", help="the images in an agent's store")
+    _connection_args(listing)
+    listing.set_defaults(func=_list_cmd)
+    fetch = sub.add_parser("fetch", help="make an agent fetch an image from a peer agent")
+    fetch.add_argument("--peer", required=True, help="the peer agent HOST[:PORT] to fetch from")
+    fetch.add_argument("version", help="the image version")
+    _connection_args(fetch)
+    fetch.set_defaults(func=_fetch_cmd)
