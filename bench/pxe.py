@@ -36,7 +36,7 @@ def _dnsmasq_stack(env: NetEnv, work: Path, profiles: Path) -> None:
     env.start("nginx", nginx_argv(nginx_tmp, work, f"{env.server_ip}:{NGINX_PORT}"))
     dnsmasq = env.start("dnsmasq", [
         "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--port=0", "--user=root",
-        f"--interface={env.bridge}", "--bind-interfaces", "--log-dhcp",
+        f"--interface={env.bridge}", "--bind-interfaces", "--log-dhcp", "--no-ping",
         f"--dhcp-range={env.subnet}.100,{env.subnet}.199,255.255.255.0,1h",
         f"--dhcp-range=::,constructor:{env.bridge},ra-only", "--enable-ra",
         f"--dhcp-leasefile={work / 'dnsmasq.leases'}", f"--pid-file={work / 'dnsmasq.pid'}",

@@ -301,19 +301,23 @@ class DhcpPacket:
             self.sname,
             self.file,
         )
-        out = bytearray(header + MAGIC_COOKIE)
+        parts = [header, MAGIC_COOKIE]
         for opt in self.options:
-            if opt.code in (Opt.PAD, Opt.END):
+            code, data = opt.code, opt.data
+            if code == Opt.PAD or code == Opt.END:
                 continue
-            data = opt.data
+            if len(data) <= 255:
+                parts += (bytes((code, len(data))), data)
+                continue
             # RFC 3396: a value over 255 bytes goes out as consecutive instances of the code
-            for start in range(0, max(len(data), 1), 255):
+            for start in range(0, len(data), 255):
                 chunk = data[start : start + 255]
-                out += bytes((opt.code, len(chunk))) + chunk
-        out.append(Opt.END)
+                parts += (bytes((code, len(chunk))), chunk)
+        parts.append(b"\xff")
+        out = b"".join(parts)
         if len(out) < BOOTP_MIN_SIZE:
             out += bytes(BOOTP_MIN_SIZE - len(out))
-        return bytes(out)
+        return out
 
     # --- typed accessors (valid on decoded packets: decode checked the formats) -----------
 

@@ -64,6 +64,29 @@ class DhcpConfig:
     boot: BootConfig | None = None
 
 
+_MESSAGE_TYPES = {kind: opt_u8(Opt.MESSAGE_TYPE, kind) for kind in MessageType}
+
+
+def _common_options(cfg: DhcpConfig) -> tuple[Option, ...]:
+    """The options every OFFER/ACK on this network carries, built once."""
+    t = cfg.lease_time
+    options = [
+        opt_ip(Opt.SERVER_ID, cfg.server_ip),
+        opt_u32(Opt.LEASE_TIME, t),
+        opt_u32(Opt.RENEWAL_TIME, t // 2),  # RFC 2131 4.4.5: T1 = 0.5, T2 = 0.875
+        opt_u32(Opt.REBINDING_TIME, t * 7 // 8),
+        opt_ip(Opt.SUBNET_MASK, cfg.network.netmask),
+        opt_ip(Opt.BROADCAST_ADDRESS, cfg.network.broadcast_address),
+    ]
+    if cfg.router is not None:
+        options.append(opt_ip(Opt.ROUTER, cfg.router))
+    if cfg.dns:
+        options.append(opt_ip(Opt.DNS, *cfg.dns))
+    if cfg.domain:
+        options.append(opt_str(Opt.DOMAIN_NAME, cfg.domain))
+    return tuple(options)
+
+
 class ClientKind(StrEnum):
     PLAIN = "plain"
     PXE = "pxe"  # a firmware PXE ROM (vendor class PXEClient), not iPXE
@@ -96,6 +119,7 @@ class Responder:
         self.config = config
         self.static = static
         self.births = births  # None: birthing disabled, unknown MACs get no answer
+        self._common = _common_options(config)
 
     # --- entry point --------------------------------------------------------------------
 
@@ -228,24 +252,9 @@ class Responder:
         boot: bool,
     ) -> DhcpPacket:
         cfg = self.config
-        t = cfg.lease_time
-        options = [
-            opt_u8(Opt.MESSAGE_TYPE, kind),
-            opt_ip(Opt.SERVER_ID, cfg.server_ip),
-            opt_u32(Opt.LEASE_TIME, t),
-            opt_u32(Opt.RENEWAL_TIME, t // 2),  # RFC 2131 4.4.5: T1 = 0.5, T2 = 0.875
-            opt_u32(Opt.REBINDING_TIME, t * 7 // 8),
-            opt_ip(Opt.SUBNET_MASK, cfg.network.netmask),
-            opt_ip(Opt.BROADCAST_ADDRESS, cfg.network.broadcast_address),
-        ]
-        if cfg.router is not None:
-            options.append(opt_ip(Opt.ROUTER, cfg.router))
-        if cfg.dns:
-            options.append(opt_ip(Opt.DNS, *cfg.dns))
+        options = [_MESSAGE_TYPES[kind], *self._common]
         if hostname:
             options.append(opt_str(Opt.HOSTNAME, hostname))
-        if cfg.domain:
-            options.append(opt_str(Opt.DOMAIN_NAME, cfg.domain))
         siaddr, file = ZERO_IP, b""
         if boot and cfg.boot is not None:
             siaddr, file, boot_options = self._boot(request, cfg.boot)
