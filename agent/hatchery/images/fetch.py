@@ -216,7 +216,8 @@ class ImageFetcher:
                 log.warning("download of %s cut at byte %d (attempt %d/%d): %s",
                             url, offset, attempt, self.attempts, _describe(exc))  # fmt: skip
         raise FetchError(
-            f"cannot download {url} after {self.attempts} attempts: {_describe(last)}",
+            f"cannot download {url} ({self.attempts} attempt{'s' if self.attempts > 1 else ''}):"
+            f" {_describe(last)}",
             hint="fetch again: the download resumes where it stopped",
         )
 

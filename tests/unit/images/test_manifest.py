@@ -30,7 +30,8 @@ def document(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     build = make_build(root, "1.2.3", kernel_size=100, initrd_size=200)
     key = generate_key(root / "keys")
     signed = sign(from_build_dir(build), load_private_key(key.private))
-    return json.loads(signed.to_bytes())
+    doc: dict[str, Any] = json.loads(signed.to_bytes())
+    return doc
 
 
 def _raw(doc: Any) -> bytes:

@@ -1,0 +1,309 @@
+"""Issue 7, image store: publish to one agent, fetch into another over mutual TLS on loopback.
+
+Tampered objects and manifests, wrong signatures and unknown keys are refused before the
+store's images change; a fetch cut half-way resumes with a Range request and verifies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zstandard
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from hatchery.client import ApiError
+from hatchery.images.fetch import FetchError, ImageFetcher
+from hatchery.images.manifest import Role, parse_signed
+from hatchery.images.signing import (
+    KeyDirectory,
+    generate_key,
+    load_private_key,
+    sign,
+)
+from hatchery.images.store import ImageStore
+from hatchery.pki import client_context
+from tests.integration.images.conftest import Cluster, Node
+from tests.unit.images.synthetic import signed_build
+
+HATCHERY = Path(sys.executable).parent / "hatchery"
+INITRD = 3 * 1024 * 1024
+CUT = 1024 * 1024
+
+
+async def publish(node: Node, build: Path, raw: bytes) -> Any:
+    async with node.client() as client:
+        for name in ("hypervisor.vmlinuz", "hypervisor.cpio.zst"):
+            data = (build / name).read_bytes()
+            sha = hashlib.sha256(data).hexdigest()
+            await client.request("PUT", f"/v1/objects/{sha}", data=data)
+        return await client.request("POST", "/v1/images", data=raw)
+
+
+async def fetch(node: Node, peer: Node, version: str) -> Any:
+    async with node.client() as client:
+        return await client.request(
+            "POST", "/v1/images/fetch", json={"peer": peer.address, "version": version}
+        )
+
+
+async def cli(cluster: Cluster, node: Node, *args: str) -> str:
+    admin = cluster.pki.client("admin", "admin")
+    proc = await asyncio.create_subprocess_exec(
+        str(HATCHERY), "image", *args, "--agent", node.address, "--ca", str(cluster.pki.ca),
+        "--cert", str(admin.cert), "--key", str(admin.key),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, f"hatchery image {' '.join(args)}: {err.decode()}{out.decode()}"
+    return out.decode()
+
+
+def same_files(store: ImageStore, version: str, build: Path, out: Path) -> None:
+    exported = store.export(version, out)
+    assert set(exported) == {Role.KERNEL, Role.INITRD}
+    for path in exported.values():
+        assert path.read_bytes() == (build / path.name).read_bytes()
+
+
+def object_gets(node: Node) -> list[str | None]:
+    return [rng for method, path, rng in node.seen if method == "GET" and "/objects/" in path]
+
+
+async def test_publish_list_and_fetch_with_the_cli(cluster: Cluster) -> None:
+    a, b = await cluster.node("node-a"), await cluster.node("node-b")
+    a.trust(cluster.key)
+    b.trust(cluster.key)
+    build, _ = signed_build(cluster.tmp / "builds", "1.0", cluster.key, initrd_size=INITRD)
+
+    out = await cli(cluster, a, "publish", str(build))
+    assert "published hypervisor 1.0" in out and "hypervisor.cpio.zst" in out
+    again = json.loads(await cli(cluster, a, "publish", str(build), "--json"))
+    assert again["uploaded"] == [] and len(again["already_there"]) == 2
+    listing = json.loads(await cli(cluster, a, "list", "--json"))
+    assert [i["version"] for i in listing["images"]] == ["1.0"]
+    assert listing["current"] is None
+
+    fetched = json.loads(await cli(cluster, b, "fetch", "--peer", a.address, "1.0", "--json"))
+    assert fetched["fetched_objects"] == 2 and fetched["added"] is True
+    assert b.store.versions() == ["1.0"]
+    same_files(b.store, "1.0", build, cluster.tmp / "boot")
+    assert "1.0" in await cli(cluster, b, "list")
+
+    # A second fetch has nothing to download.
+    second = await fetch(b, a, "1.0")
+    assert second["fetched_objects"] == 0 and second["present_objects"] == 2
+
+
+async def test_permissions(cluster: Cluster) -> None:
+    a = await cluster.node("node-a")
+    a.trust(cluster.key)
+    build, raw = signed_build(cluster.tmp / "builds", "1.0", cluster.key)
+    await publish(a, build, raw)
+    sha = parse_signed(raw).manifest.artefacts[Role.KERNEL].sha256
+    async with a.client("viewer", "reader") as reader:
+        listing = await reader.request("GET", "/v1/images")
+        assert [i["version"] for i in listing["images"]] == ["1.0"]
+        assert (await reader.request("GET", "/v1/images/1.0"))["manifest"]["version"] == "1.0"
+        for method, path, body in (
+            ("PUT", f"/v1/objects/{'0' * 64}", b"x"),
+            ("POST", "/v1/images", raw),
+            ("POST", "/v1/images/fetch", b'{"peer": "127.0.0.1:1", "version": "1.0"}'),
+        ):
+            with pytest.raises(ApiError) as err:
+                await reader.request(method, path, data=body)
+            assert err.value.status == 403 and "may not images.manage" in err.value.message
+    async with a.client("nobody", "nogroup") as nobody:
+        with pytest.raises(ApiError) as err:
+            await nobody.request("GET", f"/v1/objects/{sha}")
+        assert err.value.status == 403
+    assert a.store.objects() == parse_signed(raw).manifest.objects()
+
+
+async def test_publishing_refuses_what_does_not_verify(cluster: Cluster) -> None:
+    a = await cluster.node("node-a")
+    a.trust(cluster.key)
+    build, raw = signed_build(cluster.tmp / "builds", "1.0", cluster.key)
+    async with a.client() as admin:
+        with pytest.raises(ApiError) as err:
+            await admin.request("POST", "/v1/images", data=raw)
+        assert err.value.status == 409 and "missing" in err.value.message
+        with pytest.raises(ApiError) as err:
+            await admin.request("PUT", f"/v1/objects/{'0' * 64}", data=b"not that content")
+        assert err.value.status == 422
+        with pytest.raises(ApiError) as err:
+            await admin.request("PUT", "/v1/objects/nothex", data=b"x")
+        assert err.value.status == 400
+        with pytest.raises(ApiError) as err:
+            await admin.request("POST", "/v1/images", data=b"{not json")
+        assert err.value.status == 400
+        with pytest.raises(ApiError) as err:
+            await admin.request("GET", "/v1/images/..%2Fetc")
+        assert err.value.status in (400, 404)
+    assert a.store.objects() == set()
+    await publish(a, build, raw)
+    other = generate_key(cluster.tmp / "other")
+    for doc in (
+        raw.replace(b'"systemd": "252.36-1"', b'"systemd": "252.36-2"'),
+        sign(parse_signed(raw).manifest, load_private_key(other.private)).to_bytes(),
+    ):
+        bad = doc.replace(b'"1.0"', b'"1.1"')
+        with pytest.raises(ApiError) as err:
+            async with a.client() as admin:
+                await admin.request("POST", "/v1/images", data=bad)
+        assert err.value.status == 422
+    assert a.store.versions() == ["1.0"]
+
+
+def _tamper_object(a: Node, raw: bytes) -> None:
+    sha = parse_signed(raw).manifest.artefacts[Role.INITRD].sha256
+    evil = zstandard.ZstdCompressor().compress(b"evil" * 1000)
+    a.store.object_path(sha).write_bytes(evil)
+
+
+def _tamper_manifest(a: Node, raw: bytes) -> None:
+    path = a.store.root / "images" / "1.0.json"
+    path.write_bytes(path.read_bytes().replace(b'"252.36-1"', b'"252.36-9"'))
+
+
+def _wrong_signature(a: Node, raw: bytes, cluster: Cluster) -> None:
+    other = generate_key(cluster.tmp / "other")
+    forged = sign(parse_signed(raw).manifest, load_private_key(other.private))
+    doc = json.loads(forged.to_bytes())
+    doc["signature"]["key"] = cluster.key.key_id  # claims the trusted key
+    (a.store.root / "images" / "1.0.json").write_text(json.dumps(doc))
+
+
+def _unknown_key(a: Node, raw: bytes, cluster: Cluster) -> None:
+    other = generate_key(cluster.tmp / "other")
+    resigned = sign(parse_signed(raw).manifest, load_private_key(other.private))
+    (a.store.root / "images" / "1.0.json").write_bytes(resigned.to_bytes())
+
+
+@pytest.mark.parametrize(
+    ("case", "message", "downloads_objects"),
+    [
+        ("tampered object", "refused", True),
+        ("tampered manifest", "does not match the manifest", False),
+        ("wrong signature", "does not match the manifest", False),
+        ("unknown key", "does not trust", False),
+    ],
+)
+async def test_fetch_refuses_before_any_change(
+    cluster: Cluster, case: str, message: str, downloads_objects: bool
+) -> None:
+    a, b = await cluster.node("node-a"), await cluster.node("node-b")
+    a.trust(cluster.key)
+    b.trust(cluster.key)
+    build, raw = signed_build(cluster.tmp / "builds", "1.0", cluster.key, initrd_size=INITRD)
+    await publish(a, build, raw)
+    if case == "tampered object":
+        _tamper_object(a, raw)
+    elif case == "tampered manifest":
+        _tamper_manifest(a, raw)
+    elif case == "wrong signature":
+        _wrong_signature(a, raw, cluster)
+    else:
+        _unknown_key(a, raw, cluster)
+    with pytest.raises(ApiError) as err:
+        await fetch(b, a, "1.0")
+    assert err.value.status == 422 and message in err.value.message
+    assert b.store.versions() == []
+    initrd = parse_signed(raw).manifest.artefacts[Role.INITRD].sha256
+    assert not b.store.has_object(initrd)
+    assert list((b.store.root / "partial").iterdir()) == []
+    assert bool(object_gets(a)) == downloads_objects
+    # Once the peer serves the genuine image again, the same fetch succeeds.
+    (a.store.root / "images" / "1.0.json").write_bytes(raw)
+    for name in ("hypervisor.vmlinuz", "hypervisor.cpio.zst"):
+        a.store.put_file(build / name)
+    assert (await fetch(b, a, "1.0"))["added"] is True
+    same_files(b.store, "1.0", build, cluster.tmp / "boot")
+
+
+def cutter(store: Callable[[], ImageStore], times: int) -> Middleware:
+    """Serve the first ``times`` object downloads only up to CUT bytes, then drop the line."""
+    left = [times]
+
+    @web.middleware
+    async def cut(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.method != "GET" or not request.path.startswith("/v1/objects/") or left[0] <= 0:
+            return await handler(request)
+        left[0] -= 1
+        data = store().object_path(request.match_info["sha256"]).read_bytes()
+        resp = web.StreamResponse(headers={"Content-Length": str(len(data))})
+        await resp.prepare(request)
+        await resp.write(data[:CUT])
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+
+    return cut
+
+
+async def test_a_cut_fetch_resumes_from_its_partial_file(cluster: Cluster) -> None:
+    holder: list[Node] = []
+    a = await cluster.node("node-a", cutter(lambda: holder[0].store, times=1))
+    holder.append(a)
+    b = await cluster.node("node-b")
+    a.trust(cluster.key)
+    b.trust(cluster.key)
+    build, raw = signed_build(cluster.tmp / "builds", "1.0", cluster.key, initrd_size=INITRD)
+    await publish(a, build, raw)
+    initrd = parse_signed(raw).manifest.artefacts[Role.INITRD].sha256
+
+    tls = client_context(cluster.pki.ca, b.client_pair.cert, b.client_pair.key)
+    once = ImageFetcher(b.store, KeyDirectory(b.keys_dir), tls, attempts=1)
+    with pytest.raises(FetchError, match="cannot download") as err:
+        await once.fetch(a.address, "1.0")
+    assert err.value.hint is not None and "resumes" in err.value.hint
+    partial = b.store.partial_path(initrd)
+    kept = partial.stat().st_size
+    assert 0 < kept <= CUT
+    assert b.store.versions() == [] and not b.store.has_object(initrd)
+
+    report = await once.fetch(a.address, "1.0")
+    assert report.added and report.resumed_bytes == kept
+    assert f"bytes={kept}-" in object_gets(a)
+    assert not partial.exists()
+    same_files(b.store, "1.0", build, cluster.tmp / "boot")
+
+
+async def test_one_fetch_survives_a_cut_by_resuming(cluster: Cluster) -> None:
+    holder: list[Node] = []
+    a = await cluster.node("node-a", cutter(lambda: holder[0].store, times=1))
+    holder.append(a)
+    b = await cluster.node("node-b")
+    a.trust(cluster.key)
+    b.trust(cluster.key)
+    build, raw = signed_build(cluster.tmp / "builds", "2.0", cluster.key, initrd_size=INITRD)
+    await publish(a, build, raw)
+    report = await fetch(b, a, "2.0")
+    assert report["added"] and 0 < report["resumed_bytes"] <= CUT
+    assert any(rng and rng.startswith("bytes=") for rng in object_gets(a))
+    same_files(b.store, "2.0", build, cluster.tmp / "boot")
+
+
+async def test_a_resumed_download_that_does_not_verify_is_discarded(cluster: Cluster) -> None:
+    a, b = await cluster.node("node-a"), await cluster.node("node-b")
+    a.trust(cluster.key)
+    b.trust(cluster.key)
+    build, raw = signed_build(cluster.tmp / "builds", "1.0", cluster.key, initrd_size=INITRD)
+    await publish(a, build, raw)
+    initrd = parse_signed(raw).manifest.artefacts[Role.INITRD].sha256
+    b.store.partial_path(initrd).write_bytes(b"\x28\xb5\x2f\xfd" + b"garbage" * 1000)
+    with pytest.raises(ApiError) as err:
+        await fetch(b, a, "1.0")
+    assert err.value.status == 422
+    assert not b.store.partial_path(initrd).exists() and b.store.versions() == []
+    assert (await fetch(b, a, "1.0"))["added"] is True
+    same_files(b.store, "1.0", build, cluster.tmp / "boot")
