@@ -1,8 +1,8 @@
 """The agent's parts, started in order and stopped in reverse.
 
-state → address pool → capacity → VMs (re-adopted) → API → metadata and DHCP (per bridge). A part
-that cannot start stops the agent with "cannot start <part>: <why>". Stopping never stops a
-VM, and leaves each bridge's anti-spoofing rules in place while the agent is away.
+state → address pool → capacity → VMs (re-adopted) → image store → API → metadata and DHCP (per
+bridge). A part that cannot start stops the agent with "cannot start <part>: <why>". Stopping
+never stops a VM, and leaves each bridge's anti-spoofing rules in place while the agent is away.
 """
 
 from __future__ import annotations
@@ -26,11 +26,14 @@ from hatchery.dhcp.responder import DhcpConfig, Responder
 from hatchery.dhcp.server import DhcpServer, interface_ipv4
 from hatchery.errors import HatcheryError
 from hatchery.health import NodeHealth
+from hatchery.images.api import add_routes as add_image_routes
+from hatchery.images.signing import KeyDirectory
+from hatchery.images.store import ImageStore
 from hatchery.metadata.ruleset import Port
 from hatchery.metadata.server import VmMetadata
 from hatchery.metadata.service import MetadataService
 from hatchery.netdev import tap_name
-from hatchery.pki import server_context
+from hatchery.pki import client_context, server_context
 from hatchery.qemu.accel import choose_accel
 from hatchery.vms.manager import VmManager
 from hatchery.vms.model import VmState
@@ -133,12 +136,17 @@ class Agent:
             async with part("vms"):
                 stack.push_async_callback(self.manager.close)
                 await self.manager.adopt_all()
+            async with part("image store"):
+                self.images = ImageStore(config.state_dir / "images")
             async with part("api"):
                 tls = server_context(config.tls.ca, config.tls.cert, config.tls.key)
                 policy = load_policy(config.policy)
                 app = make_app(
                     ApiContext(self.manager, self.pool, policy, self.health, time.time())
                 )
+                # The agent's own certificate is its client certificate towards peers.
+                peer_tls = client_context(config.tls.ca, config.tls.cert, config.tls.key)
+                add_image_routes(app, self.images, KeyDirectory(), policy, peer_tls)
                 runner = web.AppRunner(app, access_log=None)
                 await runner.setup()
                 stack.push_async_callback(runner.cleanup)
