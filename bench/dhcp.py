@@ -31,8 +31,8 @@ from hatchery.dhcp.packet import (
 )
 from tests.integration.netboot.netenv import REPO, NetEnv, boot_network
 
-ROUNDS = 3
-SECONDS = 5.0
+ROUNDS = 5
+SECONDS = 3.0
 MACS = 32
 
 
