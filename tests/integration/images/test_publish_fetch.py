@@ -31,6 +31,7 @@ from hatchery.images.signing import (
 from hatchery.images.store import ImageStore
 from hatchery.pki import client_context
 from tests.integration.images.conftest import Cluster, Node
+from tests.support.agent import free_port
 from tests.unit.images.synthetic import signed_build
 
 HATCHERY = Path(sys.executable).parent / "hatchery"
@@ -307,3 +308,94 @@ async def test_a_resumed_download_that_does_not_verify_is_discarded(cluster: Clu
     assert not b.store.partial_path(initrd).exists() and b.store.versions() == []
     assert (await fetch(b, a, "1.0"))["added"] is True
     same_files(b.store, "1.0", build, cluster.tmp / "boot")
+
+
+def staller(store: Callable[[], ImageStore], release: asyncio.Event) -> Middleware:
+    """Serve the first object download up to CUT bytes, then hang until ``release``."""
+    left = [1]
+
+    @web.middleware
+    async def stall(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.method != "GET" or not request.path.startswith("/v1/objects/") or left[0] <= 0:
+            return await handler(request)
+        left[0] -= 1
+        data = store().object_path(request.match_info["sha256"]).read_bytes()
+        resp = web.StreamResponse(headers={"Content-Length": str(len(data))})
+        await resp.prepare(request)
+        await resp.write(data[:CUT])
+        await release.wait()
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+
+    return stall
+
+
+async def test_a_cancelled_fetch_keeps_its_partial_file_and_resumes(cluster: Cluster) -> None:
+    release = asyncio.Event()
+    holder: list[Node] = []
+    a = await cluster.node("node-a", staller(lambda: holder[0].store, release))
+    holder.append(a)
+    b = await cluster.node("node-b")
+    a.trust(cluster.key)
+    b.trust(cluster.key)
+    build, raw = signed_build(cluster.tmp / "builds", "1.0", cluster.key, initrd_size=INITRD)
+    await publish(a, build, raw)
+    initrd = parse_signed(raw).manifest.artefacts[Role.INITRD].sha256
+    partial = b.store.partial_path(initrd)
+
+    tls = client_context(cluster.pki.ca, b.client_pair.cert, b.client_pair.key)
+    fetcher = ImageFetcher(b.store, KeyDirectory(b.keys_dir), tls)
+    task = asyncio.create_task(fetcher.fetch(a.address, "1.0"), name="fetch-to-cancel")
+    try:
+        # Wait (generously) until the first CUT bytes have landed, then kill the fetch.
+        for _ in range(600):
+            if partial.exists() and partial.stat().st_size >= CUT:
+                break
+            await asyncio.sleep(0.05)
+        assert partial.stat().st_size == CUT
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        release.set()
+    assert partial.stat().st_size == CUT and b.store.versions() == []
+    report = await fetcher.fetch(a.address, "1.0")
+    assert report.added and report.resumed_bytes == CUT
+    same_files(b.store, "1.0", build, cluster.tmp / "boot")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{}",
+        b"[]",
+        b'{"peer": "127.0.0.1:1"}',
+        b'{"peer": "127.0.0.1:1", "version": "../x"}',
+        b'{"peer": "evil/path", "version": "1"}',
+        b'{"peer": 5, "version": "1"}',
+        b'{"peer": "127.0.0.1:1", "version": "1", "more": 1}',
+        b"\xff",
+    ],
+)
+async def test_bad_fetch_requests_are_a_400(cluster: Cluster, body: bytes) -> None:
+    b = await cluster.node("node-b")
+    async with b.client() as admin:
+        with pytest.raises(ApiError) as err:
+            await admin.request("POST", "/v1/images/fetch", data=body)
+    assert err.value.status == 400
+    assert list((b.store.root / "partial").iterdir()) == []
+
+
+async def test_a_peer_without_the_image_or_unreachable_is_a_502(cluster: Cluster) -> None:
+    a, b = await cluster.node("node-a"), await cluster.node("node-b")
+    with pytest.raises(ApiError) as err:
+        await fetch(b, a, "9.9")
+    assert err.value.status == 502 and "has no image 9.9" in err.value.message
+    async with b.client() as admin:
+        with pytest.raises(ApiError) as err:
+            body = {"peer": f"127.0.0.1:{free_port()}", "version": "1"}
+            await admin.request("POST", "/v1/images/fetch", json=body)
+    assert err.value.status == 502 and "cannot get the manifest" in err.value.message
