@@ -28,8 +28,14 @@ import aiohttp
 
 from hatchery.client import agent_url
 from hatchery.errors import HatcheryError
-from hatchery.images.manifest import MAX_DOCUMENT, Artefact, check_version, parse_signed
-from hatchery.images.signing import KeySource
+from hatchery.images.manifest import (
+    MAX_DOCUMENT,
+    Artefact,
+    ManifestError,
+    check_version,
+    parse_signed,
+)
+from hatchery.images.signing import KeySource, VerificationError
 from hatchery.images.store import CorruptObject, ImageConflict, ImageStore, compressed_bound
 
 log = logging.getLogger(__name__)
@@ -100,7 +106,10 @@ class ImageFetcher:
         progress = _Progress()
         async with self._session() as session:
             raw = await self._get_manifest(session, base, version)
-            signed = parse_signed(raw)
+            try:
+                signed = parse_signed(raw)
+            except ManifestError as exc:
+                raise VerificationError(f"{base} sent a malformed manifest: {exc.message}") from exc
             self.keys.trusted().verify(signed)
             manifest = signed.manifest
             if manifest.version != version:

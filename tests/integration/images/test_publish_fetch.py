@@ -195,6 +195,7 @@ def _unknown_key(a: Node, raw: bytes, cluster: Cluster) -> None:
         ("tampered manifest", "does not match the manifest", False),
         ("wrong signature", "does not match the manifest", False),
         ("unknown key", "does not trust", False),
+        ("malformed manifest", "malformed manifest", False),
     ],
 )
 async def test_fetch_refuses_before_any_change(
@@ -211,6 +212,8 @@ async def test_fetch_refuses_before_any_change(
         _tamper_manifest(a, raw)
     elif case == "wrong signature":
         _wrong_signature(a, raw, cluster)
+    elif case == "malformed manifest":
+        (a.store.root / "images" / "1.0.json").write_bytes(raw.replace(b'"format": 1', b'"f": 1'))
     else:
         _unknown_key(a, raw, cluster)
     with pytest.raises(ApiError) as err:
