@@ -35,6 +35,8 @@ from hatchery.metadata.service import MetadataService
 from hatchery.netdev import tap_name
 from hatchery.pki import client_context, server_context
 from hatchery.qemu.accel import choose_accel
+from hatchery.upgrade.controller import Upgrader
+from hatchery.upgrade.store_source import StoreImages
 from hatchery.vms.manager import VmManager
 from hatchery.vms.model import VmState
 
@@ -138,15 +140,21 @@ class Agent:
                 await self.manager.adopt_all()
             async with part("image store"):
                 self.images = ImageStore(config.state_dir / "images")
+            async with part("upgrades"):
+                self.upgrader = Upgrader(config.state_dir, StoreImages(self.images), config.root)
+                self.upgrader.vms = self.manager
+                self.health.upgrader = self.upgrader
+                stack.push_async_callback(self.upgrader.close)
             async with part("api"):
                 tls = server_context(config.tls.ca, config.tls.cert, config.tls.key)
                 policy = load_policy(config.policy)
-                app = make_app(
-                    ApiContext(self.manager, self.pool, policy, self.health, time.time())
-                )
+                context = ApiContext(self.manager, self.pool, policy, self.health, time.time(),
+                                     self.upgrader)  # fmt: skip
+                app = make_app(context)
                 # The agent's own certificate is its client certificate towards peers.
                 peer_tls = client_context(config.tls.ca, config.tls.cert, config.tls.key)
-                add_image_routes(app, self.images, KeyDirectory(), policy, peer_tls)
+                keys = KeyDirectory(config.image_keys)
+                add_image_routes(app, self.images, keys, policy, peer_tls)
                 runner = web.AppRunner(app, access_log=None)
                 await runner.setup()
                 stack.push_async_callback(runner.cleanup)
@@ -175,4 +183,6 @@ class Agent:
                     server = dhcp_for(bridge, self.pool)
                     await server.start()
                     stack.callback(server.stop)
+            async with part("upgrade after boot"):
+                await self.upgrader.after_boot()  # a reboot-mode upgrade ends here
             yield self

@@ -22,6 +22,7 @@ DEFAULT_CONFIG_PATH = Path("/etc/hatchery/agent.yaml")
 DEFAULT_STATE_DIR = Path("/data/var/lib/hatchery")
 DEFAULT_TLS_DIR = Path("/etc/hatchery/tls")
 API_PORT = 6976
+DEFAULT_IMAGE_KEYS = Path("/etc/hatchery/image-keys")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +73,8 @@ class AgentConfig:
     capacity: CapacityConfig = field(default_factory=CapacityConfig)
     bridges: tuple[BridgeConfig, ...] = ()
     peer: str | None = None
+    image_keys: Path = DEFAULT_IMAGE_KEYS
+    root: Path = Path("/")  # where live patches apply (tests point it elsewhere)
 
 
 class _Reader:
@@ -211,6 +214,8 @@ def parse_config(data: Any) -> AgentConfig:
     if len(set(names)) != len(names):
         raise ConfigError("bridges: a bridge is listed twice")
     peer = r.get("peer", str)
+    image_keys = Path(r.get("image_keys", str, str(DEFAULT_IMAGE_KEYS)))
+    root = Path(r.get("root", str, "/"))
     r.finish()
     return AgentConfig(
         state_dir=state_dir,
@@ -223,6 +228,8 @@ def parse_config(data: Any) -> AgentConfig:
         capacity=capacity,
         bridges=bridges,
         peer=peer,
+        image_keys=image_keys,
+        root=root,
     )
 
 

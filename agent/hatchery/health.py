@@ -43,6 +43,8 @@ def failed_units() -> list[str] | None:
 class UpgradeView(Protocol):
     def status_json(self) -> dict[str, Any]: ...
 
+    def running_version(self) -> str: ...
+
     def boot_status(self) -> dict[str, Any]: ...
 
 
@@ -54,7 +56,9 @@ class NodeHealth:
         self.upgrader: UpgradeView | None = None
 
     def version(self) -> str:
-        return self._fixed_version or read_version()
+        if self._fixed_version:
+            return self._fixed_version
+        return self.upgrader.running_version() if self.upgrader else read_version()
 
     def checks(self) -> dict[str, str]:
         failed = failed_units()

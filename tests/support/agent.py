@@ -37,7 +37,8 @@ class Pki:
     def make(cls, root: Path) -> Pki:
         pki.init_ca(root / "ca")
         made = cls(root)
-        made.server = pki.issue(root / "ca", "agent", root / "agent", server_names=("127.0.0.1",))
+        made.server = pki.issue(root / "ca", "agent", root / "agent", server_names=("127.0.0.1",),
+                                groups=("node",))  # fmt: skip
         return made
 
     server: pki.IssuedPair = field(init=False)
@@ -63,7 +64,9 @@ class AgentProcess:
     proc: subprocess.Popen[bytes] | None = None
 
     @classmethod
-    def configure(cls, tmp: Path, pki_: Pki, bridges: list[dict[str, Any]]) -> AgentProcess:
+    def configure(
+        cls, tmp: Path, pki_: Pki, bridges: list[dict[str, Any]], **extra: Any
+    ) -> AgentProcess:
         port = free_port()
         state_dir = tmp / "state"
         config = {
@@ -72,6 +75,7 @@ class AgentProcess:
             "tls": {"ca": str(pki_.ca), "cert": str(pki_.server.cert), "key": str(pki_.server.key)},
             "capacity": {"reserve_memory_mib": 512, "reserve_disk_mib": 0},
             "bridges": bridges,
+            **extra,
         }
         path = tmp / "agent.yaml"
         path.write_text(yaml.safe_dump(config))

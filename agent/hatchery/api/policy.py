@@ -20,6 +20,8 @@ DEFAULT_POLICY: dict[str, tuple[str, ...]] = {
     "admin": ("*",),
     "ops": ("vm.*", "pool.read", "health.read", "upgrade.read"),
     "reader": ("*.read",),
+    # Agents: their certificates carry this group, so peers let them fetch images and health.
+    "node": ("images.read", "health.read"),
 }
 
 

@@ -149,13 +149,13 @@ class Upgrader:
         state_dir: Path,
         images: ImageSource | None,
         root: Path = Path("/"),
-        version: Callable[[], str] = read_version,
+        version: Callable[[], str] | None = None,
         kernel_release: str | None = None,
     ) -> None:
         self._file = state_dir / "upgrade.json"
         self._images = images
         self._root = root
-        self._version = version
+        self._version = version or (lambda: read_version(root / "usr/lib/os-release"))
         self._release = kernel_release or platform.release()
         raw = state.read_json(self._file)
         self.status = UpgradeStatus.from_json(raw) if isinstance(raw, dict) else UpgradeStatus()
@@ -179,10 +179,18 @@ class Upgrader:
     def status_json(self) -> dict[str, Any]:
         return self.status.to_json()
 
+    def running_version(self) -> str:
+        return self._version()
+
     # --- requests ---------------------------------------------------------------------
     def request(self, version: str, mode: Mode) -> tuple[int, dict[str, Any]]:
         """Accept (202), report a no-op (200) or refuse (UpgradeError) an upgrade."""
         running = self._version()
+        if running == "dev":
+            raise UpgradeError(
+                f"{self._root} does not run a Hatchery image (no IMAGE_VERSION in its "
+                "os-release): there is nothing to upgrade", 409,
+            )  # fmt: skip
         if self.status.state is Phase.RUNNING:
             if self.status.target == version:
                 return 202, self.status_json()  # idempotent: the same upgrade is under way
