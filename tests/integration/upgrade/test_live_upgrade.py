@@ -112,10 +112,6 @@ def test_rollout_live_upgrades_two_agents(fleet: tuple[list[AgentProcess], Path,
 
 def test_upgrade_refusals_over_the_api(fleet: tuple[list[AgentProcess], Path, Path]) -> None:
     agents, _, _ = fleet
-    import asyncio
-
-    from hatchery.client import AgentClient, ApiError, Credentials
-
     admin = agents[0].pki.client("admin", "admin")
     reader = agents[0].pki.client("viewer", "reader")
 
