@@ -23,6 +23,7 @@ from hatchery.dhcp import cli as dhcp_cli
 from hatchery.errors import HatcheryError
 from hatchery.log import setup_logging
 from hatchery.sdnotify import notify, watchdog_interval
+from hatchery.seed import run_seed
 
 log = logging.getLogger("hatchery.agent")
 
@@ -72,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="run the agent (default)")
     run.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
+    sub.add_parser("seed", help="write the boot environment's seed files into /etc (once)")
     serve = sub.add_parser("serve", help="run one network service alone, for debugging")
     services = serve.add_subparsers(dest="service", required=True)
     for name, (add_arguments, _) in sorted(SERVE_COMMANDS.items()):
@@ -85,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return SERVE_COMMANDS[args.service][1](args)
+        if args.command == "seed":
+            return run_seed()
         config = load_config(getattr(args, "config", DEFAULT_CONFIG_PATH))
         asyncio.run(run_agent(config))
     except HatcheryError as exc:

@@ -1,0 +1,125 @@
+"""Node provisioning: a seed tarball of files for /etc, handed over by the boot environment.
+
+A freshly born node has a blank /data: no agent configuration, no certificate. The seed is
+how the operator (or the peer that births it) gives it those, once, before the agent starts:
+
+* QEMU's firmware config (``-fw_cfg name=opt/hatchery/seed,file=seed.tar``), for VMs and tests;
+* ``hatchery.seed=http://…`` on the kernel command line, served by the peer that PXE-booted
+  the node (its boot HTTP service).
+
+Only regular files and directories below ``hatchery/`` and ``systemd/network/`` are taken
+(absolute paths, ``..``, links and devices are refused); files are written atomically, keys
+0600. The seed holds the node's private key: serve it only on the trusted boot network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import subprocess
+import tarfile
+import time
+import urllib.request
+from pathlib import Path
+
+from hatchery.errors import HatcheryError
+from hatchery.state import write_atomic
+
+log = logging.getLogger(__name__)
+FW_CFG = Path("/sys/firmware/qemu_fw_cfg/by_name/opt/hatchery/seed/raw")
+ALLOWED = ("hatchery/", "systemd/network/")
+MAX_SEED = 16 * 1024 * 1024
+MAX_FILE = 4 * 1024 * 1024
+
+
+class SeedError(HatcheryError):
+    """The seed is unreadable or holds something it may not."""
+
+
+def _cmdline_url(cmdline: str) -> str | None:
+    for arg in cmdline.split():
+        if arg.startswith("hatchery.seed="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def find_seed(cmdline_path: Path = Path("/proc/cmdline"), fw_cfg: Path = FW_CFG) -> bytes | None:
+    """The seed from the firmware config or the URL on the kernel command line, or None."""
+    if not fw_cfg.exists():
+        subprocess.run(["modprobe", "qemu_fw_cfg"], capture_output=True, check=False)
+    if fw_cfg.exists():
+        raw = fw_cfg.read_bytes()
+        log.info("seed: %d bytes from the firmware config", len(raw))
+        return raw
+    try:
+        url = _cmdline_url(cmdline_path.read_text())
+    except OSError:
+        url = None
+    if url is None:
+        return None
+    if not url.startswith(("http://", "https://")):
+        raise SeedError(f"hatchery.seed must be an http(s) URL, not {url!r}")
+    for attempt in range(30):  # the network may still be coming up
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 (scheme checked)
+                data: bytes = resp.read(MAX_SEED + 1)
+            break
+        except OSError as exc:
+            log.info("seed: %s not reachable yet (%s), attempt %d", url, exc, attempt + 1)
+            time.sleep(2)
+    else:
+        raise SeedError(f"cannot fetch the seed from {url}")
+    if len(data) > MAX_SEED:
+        raise SeedError(f"the seed at {url} is larger than {MAX_SEED} bytes")
+    log.info("seed: %d bytes from %s", len(data), url)
+    return data
+
+
+def apply_seed(data: bytes, etc: Path) -> list[str]:
+    """Write the seed's files below ``etc``; return their paths. Refuses anything unsafe."""
+    written = []
+    try:
+        archive = tarfile.open(fileobj=io.BytesIO(data), mode="r:*")
+    except tarfile.TarError as exc:
+        raise SeedError(f"the seed is not a tar archive: {exc}") from exc
+    with archive:
+        for member in archive.getmembers():
+            name = member.name.lstrip("./") if member.name.startswith("./") else member.name
+            parts = name.split("/")
+            if name.startswith("/") or ".." in parts or not name:
+                raise SeedError(f"unsafe path in the seed: {member.name!r}")
+            if member.isdir():
+                continue
+            if not member.isfile():
+                raise SeedError(f"the seed may hold files only, not {member.name!r}")
+            if not name.startswith(ALLOWED):
+                raise SeedError(f"the seed may not write /etc/{name}")
+            if member.size > MAX_FILE:
+                raise SeedError(f"{name} in the seed is too large")
+            source = archive.extractfile(member)
+            assert source is not None
+            target = etc / name
+            target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+            private = name.endswith((".key", ".private")) or "/tls/" in f"/{name}"
+            write_atomic(target, source.read(), 0o600 if private else 0o644)
+            written.append(str(target))
+    return written
+
+
+def run_seed(etc: Path = Path("/etc")) -> int:
+    data = find_seed()
+    if data is None:
+        log.info("seed: none given (no firmware config, no hatchery.seed=): nothing to do")
+        return 0
+    stamp = etc / "hatchery" / ".seed-sha256"
+    digest = hashlib.sha256(data).hexdigest()
+    if stamp.exists() and stamp.read_text().strip() == digest:
+        log.info("seed: already applied")
+        return 0
+    files = apply_seed(data, etc)
+    os.makedirs(stamp.parent, exist_ok=True)
+    write_atomic(stamp, (digest + "\n").encode(), 0o644)
+    log.info("seed: wrote %s", ", ".join(files))
+    return 0

@@ -1,0 +1,70 @@
+"""The node seed: only files for /etc/hatchery and /etc/systemd/network, written safely."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from hatchery.seed import SeedError, apply_seed, find_seed
+
+
+def tar(**files: bytes) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as t:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name.replace("__", "/"))
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def test_writes_allowed_files(tmp_path: Path) -> None:
+    seed = tar(hatchery__agent__yaml=b"listen: 0.0.0.0:6976\n", hatchery__tls__agent__key=b"k",
+               systemd__network__br0__netdev=b"[NetDev]\n")  # fmt: skip
+    written = apply_seed(seed, tmp_path)
+    assert len(written) == 3
+    assert (tmp_path / "hatchery/tls/agent/key").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "systemd/network/br0/netdev").read_bytes() == b"[NetDev]\n"
+
+
+@pytest.mark.parametrize(
+    "name", ["../../etc/shadow", "/etc/passwd", "passwd", "hatchery/../shadow", "ssh/sshd_config"]
+)
+def test_refuses_paths_outside(tmp_path: Path, name: str) -> None:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as t:
+        info = tarfile.TarInfo(name)
+        info.size = 1
+        t.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(SeedError):
+        apply_seed(out.getvalue(), tmp_path / "etc")
+    assert not (tmp_path / "etc").exists() or not any((tmp_path / "etc").rglob("*"))
+
+
+def test_refuses_links_and_garbage(tmp_path: Path) -> None:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as t:
+        info = tarfile.TarInfo("hatchery/agent.yaml")
+        info.type = tarfile.SYMTYPE
+        info.linkname = "/etc/shadow"
+        t.addfile(info)
+    with pytest.raises(SeedError, match="files only"):
+        apply_seed(out.getvalue(), tmp_path)
+    with pytest.raises(SeedError, match="not a tar"):
+        apply_seed(b"\x00garbage" * 100, tmp_path)
+
+
+def test_finds_the_firmware_config_first(tmp_path: Path) -> None:
+    fw = tmp_path / "raw"
+    fw.write_bytes(b"seed bytes")
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("console=ttyS0 hatchery.seed=http://127.0.0.1:1/never\n")
+    assert find_seed(cmdline, fw) == b"seed bytes"
+    cmdline.write_text("console=ttyS0\n")
+    assert find_seed(cmdline, tmp_path / "absent") is None
+    cmdline.write_text("hatchery.seed=file:///etc/shadow\n")
+    with pytest.raises(SeedError, match="http"):
+        find_seed(cmdline, tmp_path / "absent")
