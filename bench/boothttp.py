@@ -15,8 +15,8 @@ from pathlib import Path
 from bench.report import median, table, write_section
 from tests.integration.netboot.netenv import AGENT
 
-RUNS = 5
-SIZE_MB = 512
+RUNS = 9
+SIZE_MB = 1024
 
 
 def free_port() -> int:

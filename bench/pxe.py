@@ -19,7 +19,7 @@ from hatchery.qemu.accel import choose_accel
 from tests.integration.netboot import pxe_chain
 from tests.integration.netboot.netenv import NetEnv, boot_network, sh
 
-RUNS = 3
+RUNS = 5
 MAC = "52:54:00:be:00:01"
 NGINX_PORT = 8081
 ULA = "fd5a:5a5a:5a5a::1/64"  # dnsmasq's RA needs a prefix on the interface to advertise

@@ -102,6 +102,8 @@ def build_responder(args: argparse.Namespace) -> Responder:
         if start not in network or end not in network:
             raise ConfigError(f"--birth-range: {start}-{end} is not inside {network}")
         path = args.state_dir / LEASE_FILE if args.state_dir else None
+        if path is None:
+            log.warning("no --state-dir: birth leases are kept in memory only")
         births = BirthLeases(start, end, path)
     return Responder(config, static, births)
 

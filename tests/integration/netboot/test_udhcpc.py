@@ -71,7 +71,9 @@ def test_unknown_mac_gets_nothing_without_birthing(netenv: NetEnv, udhcpc, tmp_p
     ns = netenv.add_client("b", "52:54:00:aa:00:99")
     got = udhcpc(netenv, ns, "-t", "2")
     assert got["EVENT"] == "none"
-    assert "DHCPDISCOVER from unknown" not in got.get("output", "")  # the client saw no offer
+    assert "no lease" in got["output"]
+    # the server did see the client, and chose silence
+    assert "DISCOVER from unknown 52:54:00:aa:00:99: birthing is off" in netenv.services[0].text()
 
 
 def test_birthing_allocates_from_the_range_persists_and_releases(netenv: NetEnv, udhcpc, tmp_path):
