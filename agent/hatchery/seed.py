@@ -122,4 +122,8 @@ def run_seed(etc: Path = Path("/etc")) -> int:
     os.makedirs(stamp.parent, exist_ok=True)
     write_atomic(stamp, (digest + "\n").encode(), 0o644)
     log.info("seed: wrote %s", ", ".join(files))
+    if any("/systemd/network/" in f for f in files):
+        result = subprocess.run(["networkctl", "reload"], capture_output=True, text=True)
+        if result.returncode != 0:
+            log.warning("seed: networkctl reload failed: %s", result.stderr.strip())
     return 0
