@@ -126,6 +126,8 @@ class Responder:
     def handle(self, request: DhcpPacket, now: float) -> DhcpPacket | None:
         if request.op != Op.BOOTREQUEST or request.htype != 1 or len(request.chaddr) != 6:
             return None  # we serve Ethernet clients only
+        if request.chaddr[0] & 1:
+            return None  # a multicast "client" address is forged: no client has one
         kind = request.message_type
         if kind == MessageType.DISCOVER:
             return self._discover(request, now)

@@ -260,6 +260,10 @@ def test_inform_gets_settings_but_no_lease_rfc2131_4_3_5() -> None:
     assert reply.routers == (IP("10.9.0.254"),)
 
 
+def test_multicast_client_address_is_ignored() -> None:
+    assert responder(births()).handle(msg(MessageType.DISCOVER, "01:00:5e:00:00:01"), NOW) is None
+
+
 def test_server_messages_are_never_answered() -> None:
     for kind in (MessageType.OFFER, MessageType.ACK, MessageType.NAK):
         assert responder(births()).handle(msg(kind, "52:54:00:aa:00:01"), NOW) is None
