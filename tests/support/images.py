@@ -109,7 +109,7 @@ def appliance_lan(dnsmasq: str, workdir: Path) -> Iterator[ApplianceLan]:
         proc = subprocess.Popen(
             lan.wrap([
                 dnsmasq, "--keep-in-foreground", "--conf-file=/dev/null", "--port=0",
-                "--interface=br0", "--bind-interfaces", "--log-dhcp", "--log-facility=-",
+                "--interface=br0", "--bind-interfaces", "--no-ping", "--log-facility=-",
                 f"--dhcp-range={prefix}50,{prefix}99,255.255.255.0,1h",
                 f"--dhcp-leasefile={leases}", f"--pid-file={workdir / (netns + '.pid')}",
             ]),
