@@ -14,9 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from hatchery.dhcp.leases import normalise_mac
+from hatchery.dhcp.leases import normalise_mac, read_yaml
 from hatchery.errors import ConfigError
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([a-z_]+)\s*\}\}")
@@ -64,12 +62,7 @@ class Profiles:
 
     @classmethod
     def load(cls, path: Path) -> Profiles:
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        data = read_yaml(path)
         try:
             return cls.parse(data, path.parent)
         except ConfigError as exc:

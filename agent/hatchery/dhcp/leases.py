@@ -34,6 +34,16 @@ def normalise_mac(text: str) -> str:
     return value.replace("-", ":")
 
 
+def read_yaml(path: Path) -> Any:
+    """A YAML (or JSON) file's content; unreadable or invalid is a ConfigError naming it."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+
+
 @dataclass(frozen=True, slots=True)
 class Lease:
     """One client's address. ``boot`` says the client may be answered with PXE boot options."""
@@ -92,13 +102,7 @@ class StaticLeases:
 
     @classmethod
     def from_file(cls, path: Path) -> StaticLeases:
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML/JSON: {exc}") from exc
-        return cls.from_mapping(data, str(path))
+        return cls.from_mapping(read_yaml(path), str(path))
 
 
 @dataclass(frozen=True, slots=True)
