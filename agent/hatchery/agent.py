@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from hatchery.addresses import AddressPool, Subnet
+from hatchery.addresses import AddressPool, PoolError, Subnet
 from hatchery.api.app import ApiContext, make_app
 from hatchery.api.policy import load_policy
 from hatchery.capacity import probe
@@ -89,7 +89,10 @@ class PoolLeases:
     bridge: str
 
     def lookup(self, mac: str) -> Lease | None:
-        found = self.pool.lookup_mac(mac)
+        try:
+            found = self.pool.lookup_mac(mac)
+        except PoolError:
+            return None
         if found is None:
             return None
         address, owner = found
