@@ -1,0 +1,213 @@
+"""Hypervisor nodes for tests and the demo: our image booted in QEMU on a lab bridge.
+
+A node boots the hypervisor image into RAM (direct kernel boot, or PXE from a peer) with a
+blank data disk. Its identity — agent configuration, certificate, trusted image keys and
+network configuration (br0 with a static address, the NIC enslaved) — comes in a *seed*
+handed over through QEMU's firmware config (``hatchery-agent seed`` applies it at boot).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import subprocess
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hatchery import pki
+from hatchery.client import AgentClient, ApiError, Credentials
+from hatchery.qemu.accel import choose_accel
+from hatchery.qemu.cmdline import DirectKernel, GuestSpec, Nic, build_argv
+from tests.support.agent import Pki
+from tests.support.net import unique_name
+
+
+@dataclass(frozen=True)
+class Lab:
+    """The lab segment: a bridge on the host with ``prefix.1``; nodes and VMs live on it."""
+
+    bridge: str
+    prefix: str  # "10.77.5"
+
+    @property
+    def host_ip(self) -> str:
+        return f"{self.prefix}.1"
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    name: str
+    mac: str
+    ip: str  # the node's own address (on its br0)
+    pool: tuple[str, str]  # addresses this node hands to its VMs
+    memory_mib: int = 2048
+
+
+def seed_tar(spec: NodeSpec, lab: Lab, pki_: Pki, image_keys: Path | None) -> bytes:
+    """The node's seed: agent.yaml, TLS files, trusted image keys, br0 network config."""
+    pair = pki.issue(pki_.root / "ca", spec.name, pki_.root / "nodes",
+                     groups=("node",), server_names=(spec.ip,))  # fmt: skip
+    agent_yaml = {
+        "listen": "0.0.0.0:6976",
+        "bridges": [{
+            "name": "br0",
+            "subnets": [{"cidr": f"{lab.prefix}.0/24", "gateway": lab.host_ip,
+                         "pool": {"start": spec.pool[0], "end": spec.pool[1]}}],
+        }],
+    }  # fmt: skip
+    files: dict[str, bytes] = {
+        "hatchery/agent.yaml": yaml.safe_dump(agent_yaml).encode(),
+        "hatchery/tls/ca.pem": pki_.ca.read_bytes(),
+        "hatchery/tls/agent.pem": pair.cert.read_bytes(),
+        "hatchery/tls/agent.key": pair.key.read_bytes(),
+        "systemd/network/10-hatchery-br0.netdev": b"[NetDev]\nName=br0\nKind=bridge\n",
+        "systemd/network/20-hatchery-uplink.network": (
+            f"[Match]\nMACAddress={spec.mac}\n\n[Network]\nBridge=br0\n".encode()
+        ),
+        "systemd/network/30-hatchery-br0.network": (
+            f"[Match]\nName=br0\n\n[Network]\nAddress={spec.ip}/24\nGateway={lab.host_ip}\n"
+            "ConfigureWithoutCarrier=yes\n"
+        ).encode(),
+    }
+    if image_keys is not None:
+        for key in sorted(image_keys.glob("*.pub")):
+            files[f"hatchery/image-keys/{key.name}"] = key.read_bytes()
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o600, 0
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+@dataclass
+class RunningNode:
+    spec: NodeSpec
+    process: subprocess.Popen[bytes]
+    console: Path
+    credentials: Credentials
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def address(self) -> str:
+        return f"{self.spec.ip}:6976"
+
+    def console_text(self) -> str:
+        try:
+            return self.console.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_console(self, marker: str, timeout: float, after: int = 0) -> float:
+        deadline = time.monotonic() + timeout
+        while marker not in self.console_text()[after:]:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"{self.spec.name} exited; console:\n{self.console_text()[-4000:]}"
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.spec.name}: no {marker!r} in {timeout:.0f}s; console:\n"
+                                   + self.console_text()[-4000:])  # fmt: skip
+            time.sleep(1)
+        return time.monotonic() - self.started
+
+    async def api(self, method: str, path: str, **kwargs: Any) -> Any:
+        async with AgentClient(self.address, self.credentials, timeout=900) as client:
+            return await client.request(method, path, **kwargs)
+
+    def health(self) -> dict[str, Any] | None:
+        try:
+            result: dict[str, Any] = asyncio.run(self.api("GET", "/healthz"))
+            return result
+        except ApiError:
+            return None
+
+    def wait_agent(self, timeout: float, version: str | None = None) -> dict[str, Any]:
+        """Poll /healthz until the agent answers (on ``version`` if given)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            health = self.health()
+            if health is not None and (version is None or health["version"] == version):
+                return health
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"{self.spec.name} exited; console:\n{self.console_text()[-4000:]}"
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.spec.name}: agent not up ({health}); console:\n"
+                                   + self.console_text()[-4000:])  # fmt: skip
+            time.sleep(2)
+
+
+@contextlib.contextmanager
+def lab_network(prefix: str) -> Iterator[Lab]:
+    """A lab bridge on the host with ``prefix.1/24``; removed afterwards."""
+    name = unique_name("hlab")
+    subprocess.run(["ip", "link", "add", name, "type", "bridge"], check=True)
+    try:
+        subprocess.run(["ip", "addr", "add", f"{prefix}.1/24", "dev", name], check=True)
+        subprocess.run(["ip", "link", "set", name, "up"], check=True)
+        yield Lab(name, prefix)
+    finally:
+        subprocess.run(["ip", "link", "del", name], check=False, capture_output=True)
+
+
+@contextlib.contextmanager
+def boot_node(
+    spec: NodeSpec,
+    lab: Lab,
+    pki_: Pki,
+    workdir: Path,
+    *,
+    kernel: Path | None = None,
+    initrd: Path | None = None,
+    image_keys: Path | None = None,
+    client: pki.IssuedPair | None = None,
+    cmdline: str = "",
+) -> Iterator[RunningNode]:
+    """Boot a node: from ``kernel``+``initrd`` directly, or over PXE when they are None."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    tap = unique_name("hnt")
+    disk = workdir / f"{spec.name}-data.qcow2"
+    seed = workdir / f"{spec.name}-seed.tar"
+    console = workdir / f"{spec.name}-console.log"
+    seed.write_bytes(seed_tar(spec, lab, pki_, image_keys))
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "8G"], check=True)
+    subprocess.run(["ip", "tuntap", "add", tap, "mode", "tap"], check=True)
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        subprocess.run(["ip", "link", "set", tap, "master", lab.bridge, "up"], check=True)
+        boot = None
+        extra = ["-drive", f"file={disk},format=qcow2,if=virtio,cache=unsafe",
+                 "-fw_cfg", f"name=opt/hatchery/seed,file={seed}"]  # fmt: skip
+        if kernel is not None:
+            boot = DirectKernel(kernel, initrd, f"console=ttyS0 panic=-1 {cmdline}".strip())
+        else:
+            extra += ["-boot", "n"]
+        argv = build_argv(GuestSpec(
+            name=spec.name, accel=choose_accel(), memory_mib=spec.memory_mib, vcpus=1,
+            boot=boot, nics=(Nic(tap, spec.mac),), serial=f"file:{console}",
+            extra=tuple(extra),
+        ))  # fmt: skip
+        if kernel is None:
+            # PXE: QEMU's own iPXE ROM on virtio-net (no romfile override: see MACHINE-NOTES)
+            argv = [a.replace("virtio-net-pci,", "virtio-net-pci,bootindex=1,") for a in argv]
+        log = (workdir / f"{spec.name}-qemu.log").open("wb")
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        log.close()
+        if client is None:
+            client = pki_.client("admin", "admin")
+        yield RunningNode(spec, proc, console, Credentials(pki_.ca, client.cert, client.key))
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        subprocess.run(["ip", "link", "del", tap], check=False, capture_output=True)
