@@ -15,6 +15,7 @@ BENCHMARKS = {
     "metadata": "bench.metadata",
     "pxe-chain": "bench.pxe",
     "rollout": "bench.rollout",
+    "tftp": "bench.tftp",
 }
 
 

@@ -24,6 +24,7 @@ from hatchery.errors import HatcheryError
 from hatchery.log import setup_logging
 from hatchery.sdnotify import notify, watchdog_interval
 from hatchery.seed import run_seed
+from hatchery.tftp import cli as tftp_cli
 
 log = logging.getLogger("hatchery.agent")
 
@@ -33,6 +34,7 @@ SERVE_COMMANDS: dict[str, ServeCommand] = {
     "dhcp": (dhcp_cli.add_dhcp_arguments, dhcp_cli.run_dhcp),
     "http": (boothttp_cli.add_arguments, boothttp_cli.run),
     "ra": (dhcp_cli.add_ra_arguments, dhcp_cli.run_ra),
+    "tftp": (tftp_cli.add_arguments, tftp_cli.run),
 }
 
 
