@@ -255,6 +255,20 @@ class BuildOptions:
     refresh: bool
     update_lock: bool
     incremental: bool
+    extra_trees: tuple[Path, ...] = ()  # overlays for the hypervisor image (site files, demos)
+
+
+def tree_digest(tree: Path) -> str:
+    """A digest of a folder's files (names, modes, contents): an input of the build."""
+    digest = hashlib.sha256()
+    for path in sorted(tree.rglob("*")):
+        rel = path.relative_to(tree).as_posix()
+        if path.is_symlink():
+            digest.update(f"{rel} -> {os.readlink(path)}\n".encode())
+        elif path.is_file():
+            mode = path.stat().st_mode & 0o777
+            digest.update(f"{rel} {mode:o} {sha256_file(path)}\n".encode())
+    return digest.hexdigest()
 
 
 def mkosi_version() -> str:
@@ -336,6 +350,8 @@ def build_one(name: str, opts: BuildOptions, step: str) -> Path:
     if name == "hypervisor":
         house = wheelhouse(venv_python)
         extra["wheelhouse"] = house.name
+        for index, tree in enumerate(opts.extra_trees):
+            extra[f"extra_tree_{index}"] = tree_digest(tree)
     digest, files = inputs_digest(name, extra)
     if not opts.force and up_to_date(out, digest):
         log(f"{step} {name}: up to date ({out})")
@@ -351,6 +367,8 @@ def build_one(name: str, opts: BuildOptions, step: str) -> Path:
         project_wheel(venv_python, wheel_dir)
         wheels = sorted(wheel_dir.glob("*.whl"))
         mkosi_args += ["--build-sources", f"{wheel_dir}:wheels"]
+        for tree in opts.extra_trees:
+            mkosi_args += ["--extra-tree", str(tree)]
 
     packages_cache = MKOSI_CACHE / "packages"
     packages_cache.mkdir(parents=True, exist_ok=True)
@@ -455,6 +473,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="rewrite images/<name>/packages.lock (env UPDATE_LOCK=1)")  # fmt: skip
     build.add_argument("--no-incremental", dest="incremental", action="store_false",
                        help="do not reuse mkosi's cached package-installed trees")  # fmt: skip
+    build.add_argument("--extra-tree", action="append", type=Path, default=[],
+                       help="a folder overlaid on the hypervisor image (repeatable)")  # fmt: skip
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("build-images: run as root (mkosi needs it here)", file=sys.stderr)
@@ -472,6 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         refresh=args.refresh,
         update_lock=args.update_lock,
         incremental=args.incremental,
+        extra_trees=tuple(t.resolve() for t in args.extra_tree),
     )
     opts.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
