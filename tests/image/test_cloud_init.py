@@ -132,6 +132,7 @@ def lab(tmp_path: Path, require_root: None, require_tool: Callable[[str], str]) 
 
 def _teardown(agent: AgentProcess, br: str) -> None:
     """Destroy the VM through the agent, then make sure of it: nothing of the test survives."""
+    started_pids: list[int] = []
     try:
         if agent.proc is not None and agent.proc.poll() is None:
             agent.cli("vm", "destroy", VM, check=False)
@@ -142,6 +143,7 @@ def _teardown(agent: AgentProcess, br: str) -> None:
                 pid = int(pid_file.read_text())
             except (OSError, ValueError):
                 continue
+            started_pids.append(pid)
             if _qemu_alive(pid):
                 os.kill(pid, 9)
         links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
@@ -150,6 +152,12 @@ def _teardown(agent: AgentProcess, br: str) -> None:
             if name.startswith("hv-") and f"master {br}" in link:
                 subprocess.run(["ip", "link", "del", name], check=False)
         asyncio.run(teardown_bridge(br))
+    leftovers = [f"qemu {pid}" for pid in started_pids if _qemu_alive(pid)]
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    leftovers += [line for line in netns.splitlines() if br in line]
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+    leftovers += [line for line in tables.splitlines() if br in line]
+    assert not leftovers, f"left behind after the test: {leftovers}"
 
 
 def _console_until(agent: AgentProcess, pattern: re.Pattern[str], deadline: float) -> str:
@@ -200,6 +208,9 @@ def test_stock_cloud_init_runs_user_data_from_nocloud(lab: Lab, tmp_path: Path) 
     assert facts["addr"] == f"{vm['ip']}/24", match.group(0)
     assert facts["gw"] == f"{lab.subnet}.1", match.group(0)
     assert facts["dhcp"] == f"{lab.subnet}.1", match.group(0)
+    # cloud-init's network stage ran after DHCP: its own "Net device info" table (printed by
+    # the init stage, before any user data) already shows the leased address.
+    assert re.search(rf"ci-info: \|\s*\S+\s*\|\s*True\s*\|\s*{re.escape(vm['ip'])}\s*\|", console)
 
     # cloud-init finished every stage without an error.
     status_re = re.compile(rf"CI-STATUS-BEGIN-{tag}(.*?)CI-STATUS-END-{tag}", re.S)
@@ -208,6 +219,7 @@ def test_stock_cloud_init_runs_user_data_from_nocloud(lab: Lab, tmp_path: Path) 
     block = status_re.search(console)
     assert block is not None
     status = block.group(1)
+    (tmp_path / "console.log").write_text(console)  # kept by pytest for a look afterwards
     assert re.search(r"^status: done\s*$", status, re.M), status
     # …with the NoCloud datasource, seeded from the DMI serial the agent set (net mode).
     assert "DataSourceNoCloudNet" in status, status
