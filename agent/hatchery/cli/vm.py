@@ -235,8 +235,8 @@ def register_vm(parser: argparse.ArgumentParser) -> None:
 
     create = sub.add_parser("create", help="create (and start) a VM")
     create.add_argument("name")
-    create.add_argument("--kernel", type=Path, help="direct kernel boot: kernel on the host")
-    create.add_argument("--initrd", type=Path)
+    create.add_argument("--kernel", help="direct kernel boot: a path on the agent's host, or a URL")
+    create.add_argument("--initrd", help="a path on the agent's host, or a URL")
     create.add_argument("--cmdline", default="console=ttyS0")
     create.add_argument("--disk", help="disk boot: image file on the host")
     create.add_argument("--vcpus", type=int, default=1)

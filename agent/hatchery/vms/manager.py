@@ -15,9 +15,11 @@ import shutil
 import time
 import uuid as uuidlib
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import aiohttp
 
 from hatchery import netdev, state
 from hatchery.addresses import AddressPool
@@ -44,6 +46,39 @@ log = logging.getLogger(__name__)
 
 METADATA_URL = "http://169.254.169.254/nocloud/"
 LIVE_STATES = (VmState.STARTING, VmState.RUNNING, VmState.STOPPING)
+
+
+MAX_DOWNLOAD = 1024 * 1024 * 1024
+
+
+def _is_url(text: str) -> bool:
+    return text.startswith(("http://", "https://"))
+
+
+async def download(url: str, dest: Path, limit: int = MAX_DOWNLOAD) -> Path:
+    """Fetch ``url`` into ``dest`` (atomically, at most ``limit`` bytes)."""
+    tmp = dest.with_name(dest.name + ".part")
+    size = 0
+    try:
+        timeout = aiohttp.ClientTimeout(total=1800, sock_connect=15)
+        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as resp:
+            if resp.status != 200:
+                raise VmError(f"cannot download {url}: HTTP {resp.status}")
+            with tmp.open("wb") as out:
+                async for chunk in resp.content.iter_chunked(1 << 20):
+                    size += len(chunk)
+                    if size > limit:
+                        raise VmError(f"{url} is larger than {limit} bytes")
+                    out.write(chunk)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise VmError(f"cannot download {url}: {exc or type(exc).__name__}") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(dest)
+    log.info("downloaded %s (%d bytes)", url, size)
+    return dest
 
 
 class VmError(HatcheryError):
@@ -203,7 +238,7 @@ class VmManager:
             self._capacity.check(self.used(), Resources(req.vcpus, req.memory_mib, req.disk_mib))
             if req.kernel_boot is not None:
                 for path in (req.kernel_boot.kernel, req.kernel_boot.initrd):
-                    if path is not None and not Path(path).is_file():
+                    if path is not None and not _is_url(path) and not Path(path).is_file():
                         raise VmError(f"kernel boot file {path} does not exist on this host")
             address = self._pool.allocate(req.name, req.bridge)
             vm_uuid = str(uuidlib.uuid4())
@@ -219,6 +254,8 @@ class VmManager:
                 self._vm_dir(req.name).mkdir(parents=True, exist_ok=False)
                 if req.disk_boot is not None:
                     await self._make_volume(vm)
+                if vm.kernel_boot is not None:
+                    vm = replace(vm, kernel_boot=await self._fetch_kernel(vm.name, vm.kernel_boot))
                 self._save(vm)
             except BaseException:
                 shutil.rmtree(self._vm_dir(req.name), ignore_errors=True)
@@ -230,17 +267,29 @@ class VmManager:
             return await self.start(req.name)
         return vm
 
+    async def _fetch_kernel(self, name: str, boot: KernelBoot) -> KernelBoot:
+        """Kernel and initrd given as URLs are downloaded into the VM's folder, once."""
+        kernel, initrd = boot.kernel, boot.initrd
+        if _is_url(kernel):
+            kernel = str(await download(kernel, self._vm_dir(name) / "kernel"))
+        if initrd is not None and _is_url(initrd):
+            initrd = str(await download(initrd, self._vm_dir(name) / "initrd"))
+        return KernelBoot(kernel, initrd, boot.cmdline)
+
     async def _make_volume(self, vm: VmRecord) -> None:
         assert vm.disk_boot is not None
         source = vm.disk_boot.image
         volume = self._vm_dir(vm.name) / "root.qcow2"
-        if source.startswith(("http://", "https://")):
-            raise VmError("root volumes from URLs need the image store (not yet available)")
-        if not Path(source).is_file():
+        if _is_url(source):
+            fetched = await download(source, self._vm_dir(vm.name) / "source.img")
+            source = str(fetched)
+        elif not Path(source).is_file():
             raise VmError(f"disk image {source} does not exist on this host")
         argv = ["qemu-img", "convert", "-O", "qcow2", source, str(volume)]
         proc = await asyncio.create_subprocess_exec(*argv, stderr=asyncio.subprocess.PIPE)
         _, err = await proc.communicate()
+        if _is_url(vm.disk_boot.image):
+            Path(source).unlink(missing_ok=True)
         if proc.returncode != 0:
             raise VmError(f"cannot make the root volume: {err.decode(errors='replace').strip()}")
         if vm.disk_mib:

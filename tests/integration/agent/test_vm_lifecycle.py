@@ -7,6 +7,7 @@ import json
 import os
 import random
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from hatchery.cpio import Entry
 from hatchery.metadata.service import teardown_bridge
 from tests.conftest import missing
-from tests.support.agent import AgentProcess, Pki
+from tests.support.agent import AgentProcess, Pki, free_port
 from tests.support.guest import (
     INIT_PRELUDE,
     VIRTIO_NET_MODULES,
@@ -162,9 +163,28 @@ def test_vm_outlives_agent_and_is_readopted(lab: dict, require_tool: Callable[[s
     assert agent.cli_json("vm", "list")["vms"] == []
 
 
-def test_vm_killed_while_agent_down_is_crashed(lab: dict) -> None:
+def test_vm_killed_while_agent_down_is_crashed(lab: dict, tmp_path: Path) -> None:
+    """Also: the kernel and initrd come by URL (the agent downloads them into the VM folder)."""
     agent: AgentProcess = lab["agent"]
-    vm = _create(lab, "app2")
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "vmlinux").write_bytes(Path(lab["kernel"]).read_bytes())
+    (served / "initrd").write_bytes(Path(lab["initrd"]).read_bytes())
+    port = free_port()
+    web = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                            "--directory", str(served)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        time.sleep(1)
+        base = f"http://127.0.0.1:{port}"
+        vm = agent.cli_json("vm", "create", "app2", "--kernel", f"{base}/vmlinux", "--initrd",
+                            f"{base}/initrd", "--cmdline", "console=ttyS0 quiet",
+                            "--memory", "192")  # fmt: skip
+    finally:
+        web.kill()
+        web.wait()
+    assert vm["kernel_boot"]["kernel"].endswith("/vms/app2/kernel")
+    _wait_console(agent, "app2", "GUEST-UP")
     agent.kill()
     os.kill(vm["pid"], 9)
     time.sleep(0.5)
