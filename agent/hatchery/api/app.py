@@ -390,12 +390,15 @@ async def start_upgrade(request: web.Request) -> web.Response:
     body = await _json_body(request)
     version = str(body.text("version", required=True, max_len=128))
     mode_text = str(body.text("mode", default="live"))
+    guard = body.integer("guard_seconds", default=0, low=0, high=3600)
     body.finish()
+    if 0 < guard < 30:
+        raise BadRequest("guard_seconds must be at least 30", "guard_seconds")
     if mode_text not in (Mode.LIVE, Mode.REBOOT):
         raise BadRequest("mode must be live or reboot", "mode")
     if ctx.upgrader is None:
         raise web.HTTPServiceUnavailable(reason="upgrades are not enabled on this agent")
-    status, answer = ctx.upgrader.request(version, Mode(mode_text))
+    status, answer = ctx.upgrader.request(version, Mode(mode_text), guard or None)
     log.info("%s asked for an upgrade to %s (%s): %s", request[IDENTITY].name, version,
              mode_text, answer["state"])  # fmt: skip
     return web.json_response(answer, status=status)

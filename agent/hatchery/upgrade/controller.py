@@ -166,8 +166,8 @@ class Upgrader:
             else:
                 self._set(state=Phase.FAILED, error="the agent restarted during the patch")
         self._task: asyncio.Task[None] | None = None
-        self.fallback_reason: str | None = None
         self.vms: VmControl | None = None
+        self.guard_seconds: int | None = None
 
     def _set(self, **changes: Any) -> None:
         data = self.status.to_json()
@@ -183,8 +183,13 @@ class Upgrader:
         return self._version()
 
     # --- requests ---------------------------------------------------------------------
-    def request(self, version: str, mode: Mode) -> tuple[int, dict[str, Any]]:
-        """Accept (202), report a no-op (200) or refuse (UpgradeError) an upgrade."""
+    def request(
+        self, version: str, mode: Mode, guard_seconds: int | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        """Accept (202), report a no-op (200) or refuse (UpgradeError) an upgrade.
+
+        ``guard_seconds``: reboot mode only, how long the new version has to come up before
+        the boot guard falls back to the running one (default ``reboot.GUARD_SECONDS``)."""
         running = self._version()
         if running == "dev":
             raise UpgradeError(
@@ -208,6 +213,7 @@ class Upgrader:
             )  # fmt: skip
         if mode is Mode.LIVE:
             self._check_same_kernel(running, version)
+        self.guard_seconds = guard_seconds
         self._set(state=Phase.RUNNING, target=version, mode=mode, error=None,
                   started=time.time(), finished=None, detail=None)  # fmt: skip
         runner = self._live if mode is Mode.LIVE else self._reboot
@@ -297,7 +303,9 @@ class Upgrader:
         await after_boot(self, self._version(), self.vms)
 
     def boot_status(self) -> dict[str, Any]:
-        return {"fallback": self.fallback_reason is not None, "reason": self.fallback_reason}
+        """A fallback is remembered in the persisted status until the next upgrade."""
+        fell_back = self.status.state is Phase.FAILED and self.status.detail == "fallback"
+        return {"fallback": fell_back, "reason": self.status.error if fell_back else None}
 
     async def close(self) -> None:
         if self._task is not None and not self._task.done():

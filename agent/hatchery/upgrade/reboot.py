@@ -95,7 +95,7 @@ async def reboot_into(upgrader: Upgrader, version: str, vms: VmControl | None = 
     restore = vms.running_names() if vms is not None else []
     _write(pending / "restore", "".join(f"{n}\n" for n in restore))
     _write(pending / "previous", previous + "\n")
-    _write(pending / "guard-seconds", f"{GUARD_SECONDS}\n")
+    _write(pending / "guard-seconds", f"{upgrader.guard_seconds or GUARD_SECONDS}\n")
     _write(pending / "version", version + "\n")  # last: its presence arms the guard
     upgrader.set_status(detail=f"staged {version}; stopping {len(restore)} VMs, then kexec")
     if vms is not None:
@@ -128,8 +128,7 @@ async def after_boot(upgrader: Upgrader, running: str, vms: VmControl | None) ->
     else:
         why = fallback.read_text().strip() if fallback.exists() else "booted another version"
         upgrader.set_status(state="failed", target=version, finished=time.time(),
-                            error=f"fell back to {running}: {why}", detail=None)  # fmt: skip
-        upgrader.fallback_reason = why
+                            error=f"fell back to {running}: {why}", detail="fallback")  # fmt: skip
         log.error("upgrade to %s failed, running %s: %s", version, previous, why)
     if vms is not None:
         for name in restore:
