@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache" / "bench"
 SIZE = 50_000_000
 BLKSIZE = 1468
-RUNS = 7
+RUNS = 9
 FILE = "bench.bin"
 HOST = "127.0.0.1"
 
@@ -228,6 +228,7 @@ def run() -> None:
     rates: dict[tuple[str, int, str], list[float]] = {
         (client, window, name): [] for (client, window), names in cases.items() for name in names
     }
+    load = os.getloadavg()[0]
     scratch = Path("/dev/shm") if Path("/dev/shm").is_dir() else CACHE
     with (
         tempfile.TemporaryDirectory(dir=scratch, prefix="hatchery-bench-tftp-") as tmp,
@@ -242,13 +243,15 @@ def run() -> None:
                 for name in names:
                     argv = _client(client, window, servers[name].port, out)
                     rates[(client, window, name)].append(_fetch(ns, argv, out, digest))
-    body = _report(cases, rates)
+    body = _report(cases, rates, load)
     write_section("tftp", "TFTP throughput: ours vs tftpd-hpa, dnsmasq, atftpd", body)
     print(body)
 
 
 def _report(
-    cases: dict[tuple[str, int], tuple[str, ...]], rates: dict[tuple[str, int, str], list[float]]
+    cases: dict[tuple[str, int], tuple[str, ...]],
+    rates: dict[tuple[str, int, str], list[float]],
+    load: float,
 ) -> str:
     rows = []
     for (client, window), names in cases.items():
@@ -266,7 +269,8 @@ def _report(
     return (
         f"A {SIZE // 1_000_000} MB file over loopback inside a network namespace, blksize "
         f"{BLKSIZE}, tsize requested; MB/s of the client's wall time (start to exit, every "
-        f"fetch checked bit-exact), median of {RUNS} interleaved runs. Goals: lock-step at "
+        f"fetch checked bit-exact), median of {RUNS} interleaved runs; load average "
+        f"{load:.1f} at the start. Goals: lock-step at "
         f"least 0.8x tftpd-hpa (here {lock:.2f}x), windowsize 16 at least 100 MB/s (here "
         f"{w16:.0f} MB/s).\n\n"
         + table(["client", "mode", "server", "median MB/s", "range", "ours vs this server"], rows)

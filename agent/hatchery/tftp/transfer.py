@@ -204,6 +204,7 @@ class ReadTransfer:
         self.acked = 0  # highest block the client acknowledged
         self.sent = 0  # highest block sent so far
         self._resent_for = -1  # duplicate ACK already answered (windowed mode)
+        self._next, self._next_block = b"", -1  # lock-step: the packet built ahead
         self._tries = 0
         self.state = State.SENDING
         self.deadline = 0.0
@@ -327,16 +328,30 @@ class ReadTransfer:
         self._send_window(acked + 1)
 
     def _send_block(self, block: int) -> None:
-        """Lock-step: one DATA packet."""
-        offset = (block - 1) * self.blksize
-        length = min(self.blksize, self.size - offset)
-        try:
-            payload = self._read(offset, length)
-        except SourceError as exc:
-            self._abort(ErrorCode.NOT_DEFINED, str(exc))
-            return
-        self._send(_DATA_HEADER.pack(OP_DATA, block & 0xFFFF) + payload)
+        """Lock-step: one DATA packet, then the next one is built while the client answers
+        (off the round trip's critical path)."""
+        if block == self._next_block:
+            packet = self._next
+        else:
+            try:
+                packet = self._packet(block)
+            except SourceError as exc:
+                self._abort(ErrorCode.NOT_DEFINED, str(exc))
+                return
+        self._send(packet)
         self.sent = block
+        self._next_block = -1
+        if block < self.last_block:
+            try:
+                self._next = self._packet(block + 1)
+            except SourceError:
+                return  # reported when the block is really due
+            self._next_block = block + 1
+
+    def _packet(self, block: int) -> bytes:
+        offset = (block - 1) * self.blksize
+        payload = self._read(offset, min(self.blksize, self.size - offset))
+        return _DATA_HEADER.pack(OP_DATA, block & 0xFFFF) + payload
 
     def on_timeout(self, now: float) -> None:
         if self.finished:
