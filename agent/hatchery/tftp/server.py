@@ -164,7 +164,8 @@ class _TransferPort:
         self.peer = peer
         self.name = name
         self._loop = server.loop
-        self._buf = bytearray(_RECEIVE_BUFFER)
+        # One receive buffer for all transfers: each datagram is consumed before the next.
+        self._buf = server._receive_buffer
         self._view = memoryview(self._buf)
         self._queue: collections.deque[bytes] = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
@@ -340,6 +341,7 @@ class TftpServer:
         self._transfers: dict[tuple[Address, str], _TransferPort] = {}
         self._per_client: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._receive_buffer = bytearray(_RECEIVE_BUFFER)
         self._family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
     @property
