@@ -3,7 +3,7 @@
 Formats from RFC 1350 section 5 ("TFTP Packets") and RFC 2347 ("Packet Formats": options
 appended to requests, the OACK packet). Option *values* are left as strings here; their
 meaning (RFC 2348 blksize, RFC 2349 timeout and tsize, RFC 7440 windowsize) is interpreted by
-the transfer layer (``hatchery.tftp.options``).
+``hatchery.tftp.transfer.negotiate``.
 
 ``decode`` raises ``PacketError`` -- and only ``PacketError`` -- for anything that is not a
 well-formed packet: garbage from the network must never surface as another exception.
