@@ -98,6 +98,7 @@ class Lab:
     image: CloudGuestImage
     bridge: str
     subnet: str  # e.g. "10.123.77"
+    qemu_pids: list[int]  # every QEMU the agent started for the test, checked at teardown
 
 
 def _qemu_alive(pid: int) -> bool:
@@ -123,16 +124,17 @@ def lab(tmp_path: Path, require_root: None, require_tool: Callable[[str], str]) 
             [{"name": br, "subnets": [{"cidr": f"{subnet}.0/24", "gateway": f"{subnet}.1",
                                        "pool": {"start": f"{subnet}.10", "end": f"{subnet}.11"}}]}],
         )  # fmt: skip
-        agent.start()
+        lab = Lab(agent, image, br, subnet, [])
         try:
-            yield Lab(agent, image, br, subnet)
+            agent.start()
+            yield lab
         finally:
-            _teardown(agent, br)
+            _teardown(lab)
 
 
-def _teardown(agent: AgentProcess, br: str) -> None:
+def _teardown(lab: Lab) -> None:
     """Destroy the VM through the agent, then make sure of it: nothing of the test survives."""
-    started_pids: list[int] = []
+    agent, br, started_pids = lab.agent, lab.bridge, lab.qemu_pids
     try:
         if agent.proc is not None and agent.proc.poll() is None:
             agent.cli("vm", "destroy", VM, check=False)
@@ -188,6 +190,7 @@ def test_stock_cloud_init_runs_user_data_from_nocloud(lab: Lab, tmp_path: Path) 
         "--kernel", str(lab.image.kernel), "--initrd", str(lab.image.initrd),
         "--cmdline", "console=ttyS0", "--memory", "1024", "--user-data", str(data),
     )  # fmt: skip
+    lab.qemu_pids.append(vm["pid"])
     assert vm["state"] == "running"
     assert vm["ip"] == f"{lab.subnet}.10"
     deadline = started + TIMEOUT
