@@ -32,6 +32,7 @@ from hatchery.images.store import ImageStore
 from hatchery.metadata.ruleset import Port
 from hatchery.metadata.server import VmMetadata
 from hatchery.metadata.service import MetadataService
+from hatchery.netboot import Netboot
 from hatchery.netdev import tap_name
 from hatchery.pki import client_context, server_context
 from hatchery.qemu.accel import choose_accel
@@ -101,8 +102,9 @@ class PoolLeases:
         return Lease(address.mac, address.ip, hostname=owner)
 
 
-def dhcp_for(bridge: BridgeConfig, pool: AddressPool) -> DhcpServer:
-    """A DHCP server on ``bridge`` for the subnet holding the bridge's own address."""
+def dhcp_for(bridge: BridgeConfig, pool: AddressPool, netboot: Netboot | None) -> DhcpServer:
+    """A DHCP server on ``bridge`` for the subnet holding the bridge's own address; with
+    ``netboot``, it also answers machines being birthed (PXE, iPXE, UEFI HTTP Boot)."""
     own = interface_ipv4(bridge.name)
     subnet = next((s for s in bridge.subnets if own.ip in s.cidr), None)
     if subnet is None:
@@ -111,9 +113,11 @@ def dhcp_for(bridge: BridgeConfig, pool: AddressPool) -> DhcpServer:
             hint="give the bridge an address in one of its subnets, or set dhcp: false",
         )
     config = DhcpConfig(
-        server_ip=own.ip, network=subnet.cidr, router=subnet.gateway, dns=subnet.dns
-    )
-    return DhcpServer(bridge.name, Responder(config, PoolLeases(pool, bridge.name)))
+        server_ip=own.ip, network=subnet.cidr, router=subnet.gateway, dns=subnet.dns,
+        boot=netboot.dhcp_boot(own.ip) if netboot is not None else None,
+    )  # fmt: skip
+    births = netboot.births() if netboot is not None else None
+    return DhcpServer(bridge.name, Responder(config, PoolLeases(pool, bridge.name), births))
 
 
 @dataclass
@@ -182,8 +186,15 @@ class Agent:
             for bridge in config.bridges:
                 if not bridge.dhcp or not bridge.subnets:
                     continue
+                netboot = None
+                if bridge.boot is not None:
+                    async with part(f"network boot on {bridge.name}"):
+                        netboot = Netboot(bridge.name, bridge.boot, config.state_dir,
+                                          self.images, self.health.version)  # fmt: skip
+                        await netboot.start(interface_ipv4(bridge.name).ip)
+                        stack.push_async_callback(netboot.stop)
                 async with part(f"dhcp on {bridge.name}"):
-                    server = dhcp_for(bridge, self.pool)
+                    server = dhcp_for(bridge, self.pool, netboot)
                     await server.start()
                     stack.callback(server.stop)
             async with part("upgrade after boot"):

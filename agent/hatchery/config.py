@@ -35,11 +35,25 @@ class SubnetConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BootServiceConfig:
+    """Birthing peers on this bridge: DHCP for unknown machines, iPXE scripts, artefacts."""
+
+    http_port: int = 8080
+    births_start: ipaddress.IPv4Address | None = None
+    births_end: ipaddress.IPv4Address | None = None
+    profiles: Path | None = None  # default: every machine boots this node's running image
+    seeds: Path = Path("/etc/hatchery/seeds")  # <mac>.tar files served to booting machines
+    tftp: bool = False
+    cmdline: str = "console=ttyS0 panic=30"
+
+
+@dataclass(frozen=True, slots=True)
 class BridgeConfig:
     name: str
     subnets: tuple[SubnetConfig, ...] = ()
     metadata: bool = True
     dhcp: bool = True
+    boot: BootServiceConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,8 +180,41 @@ def _bridge(r: _Reader) -> BridgeConfig:
     )
     metadata = r.get("metadata", bool, True)
     dhcp = r.get("dhcp", bool, True)
+    boot = _boot(r.sub("boot"), subnets) if r.get("boot", dict) is not None else None
     r.finish()
-    return BridgeConfig(name, subnets, metadata, dhcp)
+    return BridgeConfig(name, subnets, metadata, dhcp, boot)
+
+
+def _boot(r: _Reader, subnets: tuple[SubnetConfig, ...]) -> BootServiceConfig:
+    port = r.get("http_port", int, 8080)
+    if not 0 < port < 65536:
+        raise ConfigError(f"{r.key('http_port')}: not a port: {port}")
+    births = r.sub("births")
+    start_text, end_text = births.get("start", str), births.get("end", str)
+    births.finish()
+    start = _ip(start_text, births.key("start")) if start_text else None
+    end = _ip(end_text, births.key("end")) if end_text else None
+    if (start is None) != (end is None):
+        raise ConfigError(f"{births.key('start')}: give both start and end, or neither")
+    if start is not None and end is not None:
+        if end < start:
+            raise ConfigError(f"{births.key('end')}: {end} is before {start}")
+        if not any(start in s.cidr and end in s.cidr for s in subnets):
+            raise ConfigError(
+                f"{births.key('start')}: the range is in none of the bridge's subnets"
+            )
+    profiles = r.get("profiles", str)
+    config = BootServiceConfig(
+        http_port=port,
+        births_start=start,
+        births_end=end,
+        profiles=Path(profiles) if profiles else None,
+        seeds=Path(r.get("seeds", str, "/etc/hatchery/seeds")),
+        tftp=r.get("tftp", bool, False),
+        cmdline=r.get("cmdline", str, "console=ttyS0 panic=30"),
+    )
+    r.finish()
+    return config
 
 
 def parse_config(data: Any) -> AgentConfig:

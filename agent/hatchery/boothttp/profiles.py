@@ -40,12 +40,15 @@ class Profile:
             "base_url": base,
             "kernel_url": f"{base}/artefacts/{self.image}/{self.kernel}",
             "initrd_url": f"{base}/artefacts/{self.image}/{self.initrd}",
-            "cmdline": self.cmdline,
             "image": self.image,
             "role": self.role,
             "profile": self.name,
             "mac": mac,
         }
+        # The command line may name the machine too (e.g. its seed: {{base_url}}/…/{{mac}}.tar).
+        values["cmdline"] = _PLACEHOLDER.sub(
+            lambda m: values.get(m.group(1), m.group(0)), self.cmdline
+        )
         return _PLACEHOLDER.sub(lambda m: values[m.group(1)], self.template)
 
 

@@ -1,0 +1,138 @@
+"""Birthing peers: this node serves its own image to machines that boot from the network.
+
+For each bridge with a ``boot:`` section the agent answers unknown machines' DHCP (the
+births range) with PXE/iPXE/HTTP-boot options, advertises IPv6 "no router" so iPXE does not
+stall, and runs the boot HTTP service: per-MAC iPXE scripts and the artefacts of the image
+this node runs (exported from its image store into ``<state>/netboot/<bridge>/``), plus each
+machine's seed (``<seeds>/<mac>.tar``) so it comes up with its own certificate and config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from hatchery.boothttp.app import BootHttpConfig, BootHttpServer
+from hatchery.boothttp.profiles import Profile, Profiles
+from hatchery.config import BootServiceConfig
+from hatchery.dhcp.leases import BirthLeases
+from hatchery.dhcp.responder import BootConfig
+from hatchery.images.manifest import Role
+from hatchery.images.store import ImageStore, StoreError
+from hatchery.ra import RaResponder
+
+log = logging.getLogger(__name__)
+DEFAULT_TEMPLATE = Path(__file__).parent / "boothttp" / "default.ipxe"
+REFRESH_SECONDS = 15.0
+
+
+def default_profiles(cmdline: str) -> Profiles:
+    """Every machine boots this node's image, with its seed named on the command line."""
+    profile = Profile(
+        name="hypervisor",
+        image="hypervisor/current",
+        role="hypervisor",
+        cmdline=f"{cmdline} hatchery.seed={{{{base_url}}}}/artefacts/seeds/{{{{mac}}}}.tar",
+        template=DEFAULT_TEMPLATE.read_text(),
+    )
+    return Profiles({"hypervisor": profile}, {}, "hypervisor")
+
+
+class Netboot:
+    def __init__(
+        self,
+        bridge: str,
+        config: BootServiceConfig,
+        state_dir: Path,
+        images: ImageStore,
+        version: Callable[[], str],
+    ) -> None:
+        self.bridge = bridge
+        self.config = config
+        self.root = state_dir / "netboot" / bridge
+        self._images = images
+        self._version = version
+        self._births_file = state_dir / f"dhcp-births-{bridge}.json"
+        self._http: BootHttpServer | None = None
+        self._ra: RaResponder | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def births(self) -> BirthLeases | None:
+        c = self.config
+        if c.births_start is None or c.births_end is None:
+            return None
+        return BirthLeases(c.births_start, c.births_end, self._births_file)
+
+    def dhcp_boot(self, server_ip: ipaddress.IPv4Address) -> BootConfig:
+        return BootConfig(http_base=f"http://{server_ip}:{self.config.http_port}",
+                          tftp=self.config.tftp)  # fmt: skip
+
+    # --- the artefacts ---------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Export the running image (when the store has it) and copy the seeds; idempotent."""
+        version = self._images.current() or self._version()
+        target = self.root / "hypervisor" / version
+        try:
+            if not (target / "initrd").exists() and version in self._images.versions():
+                staging = target.with_name(f".{version}.export")
+                shutil.rmtree(staging, ignore_errors=True)
+                exported = self._images.export(version, staging)
+                os.replace(exported[Role.KERNEL], staging / "vmlinuz")
+                os.replace(exported[Role.INITRD], staging / "initrd")
+                shutil.rmtree(target, ignore_errors=True)
+                staging.rename(target)
+                log.info("netboot on %s: serving image %s", self.bridge, version)
+        except (StoreError, OSError) as exc:
+            log.error("netboot on %s: cannot export image %s: %s", self.bridge, version, exc)
+        current = self.root / "hypervisor" / "current"
+        if target.exists() and (not current.is_symlink() or os.readlink(current) != version):
+            tmp = current.with_name(".current.tmp")
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            tmp.symlink_to(version)
+            tmp.replace(current)
+        seeds = self.root / "seeds"
+        seeds.mkdir(parents=True, exist_ok=True)
+        if self.config.seeds.is_dir():
+            for seed in self.config.seeds.glob("*.tar"):
+                copy = seeds / seed.name.lower()
+                if not copy.exists() or copy.stat().st_mtime < seed.stat().st_mtime:
+                    shutil.copy2(seed, copy)
+                    copy.chmod(0o600)
+
+    async def _refresher(self) -> None:
+        while True:
+            await asyncio.sleep(REFRESH_SECONDS)
+            await asyncio.to_thread(self.refresh)
+
+    # --- the services -------------------------------------------------------------------
+    async def start(self, server_ip: ipaddress.IPv4Address) -> None:
+        (self.root / "hypervisor").mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self.refresh)
+        profiles = (
+            Profiles.load(self.config.profiles)
+            if self.config.profiles is not None
+            else default_profiles(self.config.cmdline)
+        )
+        self._http = BootHttpServer(BootHttpConfig(self.root, profiles), str(server_ip),
+                                    self.config.http_port)  # fmt: skip
+        await self._http.start()
+        self._ra = RaResponder(self.bridge)
+        await self._ra.start()
+        self._task = asyncio.create_task(self._refresher(), name=f"netboot-{self.bridge}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._ra is not None:
+            await self._ra.stop()
+        if self._http is not None:
+            await self._http.stop()

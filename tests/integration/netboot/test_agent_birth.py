@@ -1,0 +1,137 @@
+"""A real agent births a machine: DHCP births range, iPXE script, the image from the agent's
+own store, and the machine's seed named on its command line — QEMU's iPXE ROM, no disk."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import random
+import subprocess
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import zstandard
+
+from hatchery.cpio import Entry
+from hatchery.images.signing import generate_key, sign_build_dir
+from hatchery.metadata.service import teardown_bridge
+from hatchery.qemu.accel import choose_accel
+from hatchery.qemu.cmdline import GuestSpec, Nic, build_argv
+from tests.conftest import missing
+from tests.support.agent import AgentProcess, Pki, free_port
+from tests.support.guest import (
+    INIT_PRELUDE,
+    VIRTIO_NET_MODULES,
+    busybox_initramfs,
+    find_guest_kernel,
+    run_guest,
+)
+from tests.support.net import bridge, unique_name
+from tests.unit.images.synthetic import make_build
+
+MAC = "52:54:00:b1:47:01"
+LEASE = r"""#!/bin/sh
+[ "$1" = bound ] && ip addr add "$ip/$mask" dev "$interface" && echo "BIRTH-LEASE ip=$ip"
+"""
+INIT = (
+    INIT_PRELUDE
+    + r"""
+seed=$(sed -n 's/.*hatchery\.seed=\([^ ]*\).*/\1/p' /proc/cmdline)
+echo "BIRTH-CMDLINE seed=$seed"
+i=0; while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+ip link set eth0 up
+udhcpc -i eth0 -q -n -t 20 -T 1 -s /bin/lease
+hostport=${seed#http://}; hostport=${hostport%%/*}; path=/${seed#http://*/}
+request="GET $path HTTP/1.0\r\nHost: $hostport\r\n\r\n"
+printf "$request" | nc "${hostport%:*}" "${hostport#*:}" > /tmp/reply
+status=$(head -n 1 /tmp/reply | tr -d '\r')
+echo "BIRTH-SEED $status $(grep -c 'listen: 0.0.0.0:6976' /tmp/reply) END"
+poweroff -f
+"""
+)
+
+
+def seed_tar() -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        data = b"listen: 0.0.0.0:6976\n"
+        info = tarfile.TarInfo("hatchery/agent.yaml")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def test_agent_births_a_machine(
+    tmp_path: Path, require_root: None, require_tool: Callable[[str], str]
+) -> None:
+    require_tool("qemu-system-x86_64")
+    kernel = find_guest_kernel()
+    if kernel is None:
+        missing("no guest kernel in .cache (make guest-kernel)")
+        return
+    # The image the agent serves: Debian's kernel and an initramfs that reports its birth.
+    mods = [kernel.module(m) for m in VIRTIO_NET_MODULES]
+    files = [Entry.file("bin/lease", LEASE.encode(), 0o755)]
+    initrd = busybox_initramfs(INIT, modules=mods, files=files)
+    build = make_build(tmp_path / "builds", "v1", kernel=kernel.vmlinuz.read_bytes())
+    (build / "hypervisor.cpio.zst").write_bytes(zstandard.ZstdCompressor().compress(initrd))
+    manifest = json.loads((build / "manifest.json").read_text())
+    for name in ("hypervisor.cpio.zst", "hypervisor.vmlinuz"):
+        data = (build / name).read_bytes()
+        manifest["artefacts"][name] = {
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": len(data),
+        }
+    (build / "manifest.json").write_text(json.dumps(manifest))
+    key = generate_key(tmp_path / "keys", "birth")
+    sign_build_dir(build, key.private)
+    # The node's "running root" says v1: it serves v1 to the machines it births.
+    root = tmp_path / "root" / "usr/lib"
+    root.mkdir(parents=True)
+    (root / "os-release").write_text("IMAGE_VERSION=v1\n")
+    seeds = tmp_path / "seeds"
+    seeds.mkdir()
+    (seeds / f"{MAC}.tar").write_bytes(seed_tar())
+    net = f"10.{random.randrange(16, 250)}.{random.randrange(0, 250)}"
+    http_port = free_port()
+    pki = Pki.make(tmp_path / "pki")
+    with bridge(f"{net}.1/24") as br:
+        agent = AgentProcess.configure(
+            tmp_path, pki,
+            [{"name": br, "metadata": False,
+              "subnets": [{"cidr": f"{net}.0/24", "gateway": f"{net}.1"}],
+              "boot": {"http_port": http_port, "births": {"start": f"{net}.50", "end": f"{net}.59"},
+                       "seeds": str(seeds), "cmdline": "console=ttyS0 quiet panic=-1"}}],
+            root=str(tmp_path / "root"), image_keys=str(key.public.parent),
+        )  # fmt: skip
+        tap = unique_name("hbt")
+        try:
+            agent.start(timeout=60)
+            agent.cli("image", "publish", str(build))
+            exported = agent.state_dir / "netboot" / br / "hypervisor" / "current" / "initrd"
+            deadline = time.monotonic() + 60
+            while not exported.exists():
+                assert time.monotonic() < deadline, "the agent did not export its image"
+                time.sleep(1)
+            subprocess.run(["ip", "tuntap", "add", tap, "mode", "tap"], check=True)
+            subprocess.run(["ip", "link", "set", tap, "master", br, "up"], check=True)
+            spec = GuestSpec(name="birth", accel=choose_accel(), memory_mib=512,
+                             nics=(Nic(tap, MAC),), extra=("-boot", "n", "-no-reboot"))  # fmt: skip
+            argv = build_argv(spec)
+            with run_guest(argv) as guest:
+                guest.wait_for(b" END", timeout=240)
+            console = guest.output.decode(errors="replace")
+            assert (
+                f"BIRTH-CMDLINE seed=http://{net}.1:{http_port}/artefacts/seeds/{MAC}.tar"
+                in console
+            )
+            assert f"BIRTH-LEASE ip={net}.5" in console
+            assert "BIRTH-SEED HTTP/1.0 200 OK 1 END" in console, console[-2000:]
+        finally:
+            agent.kill()
+            subprocess.run(["ip", "link", "del", tap], capture_output=True, check=False)
+            asyncio.run(teardown_bridge(br))
