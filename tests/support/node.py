@@ -50,8 +50,16 @@ class NodeSpec:
     memory_mib: int = 2048
 
 
-def seed_tar(spec: NodeSpec, lab: Lab, pki_: Pki, image_keys: Path | None) -> bytes:
-    """The node's seed: agent.yaml, TLS files, trusted image keys, br0 network config."""
+def seed_tar(
+    spec: NodeSpec,
+    lab: Lab,
+    pki_: Pki,
+    image_keys: Path | None,
+    boot: dict[str, Any] | None = None,
+    extra: dict[str, bytes] | None = None,
+) -> bytes:
+    """The node's seed: agent.yaml, TLS files, trusted image keys, br0 network config; with
+    ``boot``, the node births peers on br0 (``extra`` can carry their seeds)."""
     pair = pki.issue(pki_.root / "ca", spec.name, pki_.root / "nodes",
                      groups=("node",), server_names=(spec.ip,))  # fmt: skip
     agent_yaml = {
@@ -60,6 +68,7 @@ def seed_tar(spec: NodeSpec, lab: Lab, pki_: Pki, image_keys: Path | None) -> by
             "name": "br0",
             "subnets": [{"cidr": f"{lab.prefix}.0/24", "gateway": lab.host_ip,
                          "pool": {"start": spec.pool[0], "end": spec.pool[1]}}],
+            **({"boot": boot} if boot else {}),
         }],
     }  # fmt: skip
     files: dict[str, bytes] = {
@@ -79,6 +88,7 @@ def seed_tar(spec: NodeSpec, lab: Lab, pki_: Pki, image_keys: Path | None) -> by
     if image_keys is not None:
         for key in sorted(image_keys.glob("*.pub")):
             files[f"hatchery/image-keys/{key.name}"] = key.read_bytes()
+    files.update(extra or {})
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w") as tar:
         for name, data in files.items():
@@ -172,23 +182,28 @@ def boot_node(
     image_keys: Path | None = None,
     client: pki.IssuedPair | None = None,
     cmdline: str = "",
+    seed: bytes | None = None,
 ) -> Iterator[RunningNode]:
-    """Boot a node: from ``kernel``+``initrd`` directly, or over PXE when they are None."""
+    """Boot a node: from ``kernel``+``initrd`` directly, or over PXE when they are None.
+
+    The seed goes in through the firmware config unless the node is PXE-booted: then its
+    peer serves it (``hatchery.seed=`` on the command line its boot script gives)."""
     workdir.mkdir(parents=True, exist_ok=True)
     tap = unique_name("hnt")
     disk = workdir / f"{spec.name}-data.qcow2"
-    seed = workdir / f"{spec.name}-seed.tar"
+    seed_path = workdir / f"{spec.name}-seed.tar"
     console = workdir / f"{spec.name}-console.log"
-    seed.write_bytes(seed_tar(spec, lab, pki_, image_keys))
+    if kernel is not None:
+        seed_path.write_bytes(seed if seed is not None else seed_tar(spec, lab, pki_, image_keys))
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "8G"], check=True)
     subprocess.run(["ip", "tuntap", "add", tap, "mode", "tap"], check=True)
     proc: subprocess.Popen[bytes] | None = None
     try:
         subprocess.run(["ip", "link", "set", tap, "master", lab.bridge, "up"], check=True)
         boot = None
-        extra = ["-drive", f"file={disk},format=qcow2,if=virtio,cache=unsafe",
-                 "-fw_cfg", f"name=opt/hatchery/seed,file={seed}"]  # fmt: skip
+        extra = ["-drive", f"file={disk},format=qcow2,if=virtio,cache=unsafe"]
         if kernel is not None:
+            extra += ["-fw_cfg", f"name=opt/hatchery/seed,file={seed_path}"]
             boot = DirectKernel(kernel, initrd, f"console=ttyS0 panic=-1 {cmdline}".strip())
         else:
             extra += ["-boot", "n"]

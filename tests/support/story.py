@@ -1,0 +1,189 @@
+"""Hatchery's whole story in one run — `make demo` and the end-to-end test share it.
+
+1. build (or reuse) hypervisor images v1 and v2 and the appliance VM image;
+2. boot node A from v1 (direct kernel boot, blank data disk): /data is made, its agent starts;
+3. node B, with only a blank data disk, PXE-boots from A (DHCP → iPXE → HTTP kernel+initrd,
+   its seed from A) and comes up as a hypervisor;
+4. through the agent API (mutual TLS), launch an appliance VM on B by direct kernel boot: it
+   gets its address by DHCP and its identity from the metadata service;
+5. ``hatchery-rollout`` upgrades A and B to v2 in live mode, 1 then 2 hosts, health-gated;
+   the appliance VM keeps running throughout (same QEMU PID, uptime continuing);
+6. a summary of every step.
+
+Everything runs on a lab bridge the story creates and removes; guests run under TCG here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.support.agent import Pki, free_port
+from tests.support.demo_images import build_version, signed, signing_key
+from tests.support.images import build_images
+from tests.support.node import Lab, NodeSpec, RunningNode, boot_node, lab_network, seed_tar
+
+BIN = Path(sys.executable).parent
+NODE_A = "52:54:00:de:00:0a"
+NODE_B = "52:54:00:de:00:0b"
+
+
+@dataclass
+class Step:
+    title: str
+    seconds: float
+    outcome: str
+
+
+@dataclass
+class Story:
+    workdir: Path
+    say: Callable[[str], None] = print
+    steps: list[Step] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def step(self, title: str) -> Iterator[dict[str, str]]:
+        self.say(f"\n==> {title}")
+        started = time.monotonic()
+        result = {"outcome": ""}
+        yield result
+        took = time.monotonic() - started
+        self.steps.append(Step(title, took, result["outcome"]))
+        self.say(f"    {result['outcome']} ({took:.0f} s)")
+
+    def summary(self) -> str:
+        lines = ["", "summary", f"  {'step':<58} {'took':>7}  outcome"]
+        for s in self.steps:
+            lines.append(f"  {s.title:<58} {s.seconds:6.0f}s  {s.outcome}")
+        total = sum(s.seconds for s in self.steps)
+        lines.append(f"  {'total':<58} {total:6.0f}s")
+        lines.append(f"  logs and consoles: {self.workdir}")
+        return "\n".join(lines)
+
+
+def _api(node: RunningNode, method: str, path: str, **kwargs: Any) -> Any:
+    return asyncio.run(node.api(method, path, **kwargs))
+
+
+def _publish(node: RunningNode, build: Path, pki: Pki, admin: Any) -> None:
+    argv = [str(BIN / "hatchery"), "image", "publish", str(build), "--agent", node.address,
+            "--ca", str(pki.ca), "--cert", str(admin.cert), "--key", str(admin.key)]  # fmt: skip
+    subprocess.run(argv, check=True, capture_output=True, timeout=1800)
+
+
+def _wait(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(3)
+
+
+def run_story(workdir: Path, say: Callable[[str], None] = print) -> Story:
+    story = Story(workdir, say)
+    workdir.mkdir(parents=True, exist_ok=True)
+    with story.step("1. build images v1, v2 and the appliance VM (cached)") as r:
+        appliance = build_images("appliance-vm") / "appliance-vm"
+        builds = {v: build_version(v) for v in ("v1", "v2")}
+        key = signing_key(workdir / "keys")
+        for b in builds.values():
+            signed(b, key)
+        r["outcome"] = "hypervisor v1 and v2 (demo overlays), appliance VM; v1 and v2 signed"
+    pki = Pki.make(workdir / "pki")
+    admin = pki.client("admin", "admin")
+    prefix = f"10.{random.randrange(200, 250)}.{random.randrange(0, 250)}"
+    with contextlib.ExitStack() as stack:
+        lab: Lab = stack.enter_context(lab_network(prefix))
+        a_spec = NodeSpec("node-a", NODE_A, f"{prefix}.11", (f"{prefix}.100", f"{prefix}.119"),
+                          memory_mib=2560)  # fmt: skip
+        b_spec = NodeSpec("node-b", NODE_B, f"{prefix}.12", (f"{prefix}.120", f"{prefix}.139"),
+                          memory_mib=3072)  # fmt: skip
+        b_seed = seed_tar(b_spec, lab, pki, key.public.parent)
+        a_seed = seed_tar(
+            a_spec, lab, pki, key.public.parent,
+            boot={"http_port": 8080, "births": {"start": f"{prefix}.50", "end": f"{prefix}.59"},
+                  "cmdline": "console=ttyS0 panic=30"},
+            extra={f"hatchery/seeds/{NODE_B}.tar": b_seed},
+        )  # fmt: skip
+        with story.step("2. boot node A from v1 (direct kernel boot, blank data disk)") as r:
+            v1 = builds["v1"]
+            node_a = stack.enter_context(boot_node(
+                a_spec, lab, pki, workdir / "node-a", kernel=v1 / "hypervisor.vmlinuz",
+                initrd=v1 / "hypervisor.cpio.zst", seed=a_seed,
+            ))  # fmt: skip
+            health = node_a.wait_agent(900, version="v1")
+            for b in builds.values():
+                _publish(node_a, b, pki, admin)
+            story.facts["a_data"] = "hatchery-data" in node_a.console_text()
+            r["outcome"] = f"agent up on {node_a.address}, version {health['version']}"
+        with story.step("3. node B PXE-boots from node A's agent") as r:
+            node_b = stack.enter_context(boot_node(b_spec, lab, pki, workdir / "node-b"))
+            health = node_b.wait_agent(1500, version="v1")
+            for b in builds.values():
+                _publish(node_b, b, pki, admin)
+            r["outcome"] = f"agent up on {node_b.address}, version {health['version']}, born from A"
+        with story.step("4. appliance VM on node B through the API (mutual TLS)") as r:
+            port = free_port()
+            web = subprocess.Popen(
+                [sys.executable, "-m", "http.server", str(port), "--bind", lab.host_ip,
+                 "--directory", str(appliance)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            stack.callback(web.wait)
+            stack.callback(web.kill)
+            base = f"http://{lab.host_ip}:{port}"
+            vm = _api(node_b, "POST", "/v1/vms", json={
+                "name": "app1", "memory_mib": 256,
+                "kernel": {"kernel": f"{base}/appliance-vm.vmlinux",
+                           "initrd": f"{base}/appliance-vm.cpio.zst",
+                           "cmdline": "console=ttyS0 quiet panic=-1"},
+            })  # fmt: skip
+            console = _wait(
+                lambda: (t := _api(node_b, "GET", "/v1/vms/app1/console")) and
+                ("HATCHERY-APPLIANCE: identity" in t or "instanceName" in t) and t,
+                900, "the appliance's identity",
+            )  # fmt: skip
+            story.facts.update(vm=vm, vm_console=console)
+            r["outcome"] = (
+                f"vm app1 {vm['ip']} (pid {vm['pid']}): lease and identity on its console"
+            )
+        with story.step("5. hatchery-rollout: A and B to v2, live, 1 then 2 hosts") as r:
+            fleet = workdir / "fleet.yaml"
+            fleet.write_text(yaml.safe_dump({"hosts": [
+                {"name": "node-a", "address": node_a.address, "location": "lab/rack1"},
+                {"name": "node-b", "address": node_b.address, "location": "lab/rack2"},
+            ]}))  # fmt: skip
+            rollout = subprocess.run(
+                [str(BIN / "hatchery-rollout"), "run", "--fleet", str(fleet), "--version", "v2",
+                 "--mode", "live", "--journal", str(workdir / "rollout.jsonl"),
+                 "--ca", str(pki.ca), "--cert", str(admin.cert), "--key", str(admin.key),
+                 "--upgrade-timeout", "1500", "--health-timeout", "600"],
+                capture_output=True, text=True, timeout=3600,
+            )  # fmt: skip
+            (workdir / "rollout.log").write_text(rollout.stdout + rollout.stderr)
+            if rollout.returncode != 0:
+                raise RuntimeError(f"the rollout failed:\n{rollout.stdout}{rollout.stderr}")
+            after = _api(node_b, "GET", "/v1/vms/app1")
+            versions = [node.wait_agent(600)["version"] for node in (node_a, node_b)]
+            story.facts.update(vm_after=after, versions=versions, rollout=rollout.stdout)
+            r["outcome"] = (f"versions {versions}; app1 {after['state']}, pid {after['pid']} "
+                            f"(was {vm['pid']}), uptime {after['uptime']:.0f} s")  # fmt: skip
+        story.facts["summary"] = [s.__dict__ for s in story.steps]
+        (workdir / "story.json").write_text(json.dumps(story.facts, indent=2, default=str))
+    say(story.summary())
+    return story
