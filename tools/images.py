@@ -377,12 +377,15 @@ def build_one(name: str, opts: BuildOptions, step: str) -> Path:
     staging = opts.out / f".{name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    (MKOSI_CACHE / "incremental").mkdir(parents=True, exist_ok=True)
+    # One incremental cache per image: mkosi names its cached tree by distribution only, so
+    # a shared folder lets one image's cached packages stand in for another's.
+    incremental = MKOSI_CACHE / "incremental" / name
+    incremental.mkdir(parents=True, exist_ok=True)
     cmd = [
         "mkosi", "-C", str(REPO / "images" / name), "--force",
         "--package-manager-tree", f"{tree}:/",
         "--package-cache-dir", str(packages_cache),
-        "--cache-dir", str(MKOSI_CACHE / "incremental"),
+        "--cache-dir", str(incremental),
         "--incremental", "yes" if opts.incremental else "no",
         "--cache-only", cache_only,
         "--output-dir", str(staging),
