@@ -26,10 +26,13 @@ from hatchery.dhcp.responder import BootConfig
 from hatchery.images.manifest import Role
 from hatchery.images.store import ImageStore, StoreError
 from hatchery.ra import RaResponder
+from hatchery.tftp.server import TftpServer
 
 log = logging.getLogger(__name__)
 DEFAULT_TEMPLATE = Path(__file__).parent / "boothttp" / "default.ipxe"
 REFRESH_SECONDS = 15.0
+IPXE_DIR = Path("/usr/lib/ipxe")
+IPXE_BINARIES = ("undionly.kpxe", "ipxe.efi", "snponly.efi")
 
 
 def default_profiles(cmdline: str) -> Profiles:
@@ -42,6 +45,22 @@ def default_profiles(cmdline: str) -> Profiles:
         template=DEFAULT_TEMPLATE.read_text(),
     )
     return Profiles({"hypervisor": profile}, {}, "hypervisor")
+
+
+def copy_ipxe_binaries(target: Path, source: Path = IPXE_DIR) -> list[str]:
+    """Copy Debian's iPXE binaries into the TFTP root as plain files (some are symlinks out
+    of /usr/lib/ipxe, which the TFTP jail would rightly refuse)."""
+    target.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in IPXE_BINARIES:
+        src = source / name
+        if src.exists():
+            shutil.copyfile(src.resolve(), target / name)
+            copied.append(name)
+    if not copied:
+        log.warning("no iPXE binaries in %s: firmware PXE clients cannot boot (apt install ipxe)",
+                    source)  # fmt: skip
+    return copied
 
 
 class Netboot:
@@ -62,6 +81,7 @@ class Netboot:
         self._http: BootHttpServer | None = None
         self._ra: RaResponder | None = None
         self._task: asyncio.Task[None] | None = None
+        self._tftp: TftpServer | None = None
 
     def births(self) -> BirthLeases | None:
         c = self.config
@@ -125,6 +145,12 @@ class Netboot:
         await self._http.start()
         self._ra = RaResponder(self.bridge)
         await self._ra.start()
+        if self.config.tftp:
+            # Firmware PXE ROMs fetch iPXE itself over TFTP; everything big then goes over HTTP.
+            tftp_root = self.root / "tftp"
+            await asyncio.to_thread(copy_ipxe_binaries, tftp_root)
+            self._tftp = TftpServer(tftp_root, str(server_ip), 69)
+            await self._tftp.start()
         self._task = asyncio.create_task(self._refresher(), name=f"netboot-{self.bridge}")
 
     async def stop(self) -> None:
@@ -132,6 +158,8 @@ class Netboot:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._tftp is not None:
+            await self._tftp.stop()
         if self._ra is not None:
             await self._ra.stop()
         if self._http is not None:

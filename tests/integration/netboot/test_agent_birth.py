@@ -69,6 +69,7 @@ def test_agent_births_a_machine(
     tmp_path: Path, require_root: None, require_tool: Callable[[str], str]
 ) -> None:
     require_tool("qemu-system-x86_64")
+    curl = require_tool("curl")
     kernel = find_guest_kernel()
     if kernel is None:
         missing("no guest kernel in .cache (make guest-kernel)")
@@ -105,7 +106,8 @@ def test_agent_births_a_machine(
             [{"name": br, "metadata": False,
               "subnets": [{"cidr": f"{net}.0/24", "gateway": f"{net}.1"}],
               "boot": {"http_port": http_port, "births": {"start": f"{net}.50", "end": f"{net}.59"},
-                       "seeds": str(seeds), "cmdline": "console=ttyS0 quiet panic=-1"}}],
+                       "seeds": str(seeds), "cmdline": "console=ttyS0 quiet panic=-1",
+                       "tftp": True}}],
             root=str(tmp_path / "root"), image_keys=str(key.public.parent),
         )  # fmt: skip
         tap = unique_name("hbt")
@@ -131,6 +133,10 @@ def test_agent_births_a_machine(
             )
             assert f"BIRTH-LEASE ip={net}.5" in console
             assert "BIRTH-SEED HTTP/1.0 200 OK 1 END" in console, console[-2000:]
+            # Firmware PXE ROMs get iPXE itself over the agent's TFTP (curl's client here).
+            got = subprocess.run([curl, "-sS", "--max-time", "30", f"tftp://{net}.1/undionly.kpxe"],
+                                 capture_output=True, check=True).stdout  # fmt: skip
+            assert got == Path("/usr/lib/ipxe/undionly.kpxe").read_bytes()
         finally:
             agent.kill()
             subprocess.run(["ip", "link", "del", tap], capture_output=True, check=False)
