@@ -238,9 +238,9 @@ def run() -> None:
         out = Path(tmp) / "out.bin"
         for server in servers.values():
             stack.enter_context(_running(ns, server, Path(tmp)))
-        for _ in range(RUNS):
+        for run in range(RUNS):
             for (client, window), names in cases.items():
-                for name in names:
+                for name in names[run % len(names) :] + names[: run % len(names)]:  # rotate
                     argv = _client(client, window, servers[name].port, out)
                     rates[(client, window, name)].append(_fetch(ns, argv, out, digest))
     body = _report(cases, rates, load)

@@ -285,6 +285,24 @@ async def test_retransmits_on_timeout_then_gives_up(root: Path, client: Client) 
         assert server.active_transfers == 0
 
 
+async def test_stray_traffic_does_not_postpone_retransmission(root: Path, client: Client) -> None:
+    async with _server(root, timeout=0.4) as server:
+        await client.send(RRQ("small", "octet"), server.address)
+        first, tid = await client.recv()
+        stranger = Client()
+        try:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            retransmit = asyncio.ensure_future(client.recv(timeout=3))
+            while not retransmit.done():
+                await stranger.send(b"\xff\xff", tid)  # garbage, every 50 ms
+                await asyncio.sleep(0.05)
+            assert (await retransmit)[0] == first
+            assert loop.time() - started < 0.7
+        finally:
+            stranger.close()
+
+
 async def test_negotiated_timeout_is_used(root: Path, client: Client) -> None:
     async with _server(root, timeout=30) as server:
         await client.send(RRQ("small", "octet", (("timeout", "1"),)), server.address)
