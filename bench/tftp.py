@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache" / "bench"
 SIZE = 50_000_000
 BLKSIZE = 1468
-RUNS = 9
+RUNS = 11
 FILE = "bench.bin"
 HOST = "127.0.0.1"
 

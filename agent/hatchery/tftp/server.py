@@ -282,12 +282,13 @@ class _TransferPort:
         if machine.state is State.DONE:
             size = machine.source.size
             log.info(
-                "sent %s to %s: %d bytes in %.2f s (%.1f MB/s)",
+                "sent %s to %s: %d bytes in %.2f s (%.1f MB/s, %d timeouts)",
                 self.name,
                 self.peer[0],
                 size,
                 elapsed,
                 size / elapsed / 1e6 if elapsed > 0 else 0.0,
+                machine.timeouts,
             )
         else:
             why = machine.error or "stopped"

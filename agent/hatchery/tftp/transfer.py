@@ -206,6 +206,7 @@ class ReadTransfer:
         self._resent_for = -1  # duplicate ACK already answered (windowed mode)
         self._next, self._next_block = b"", -1  # lock-step: the packet built ahead
         self._tries = 0
+        self.timeouts = 0  # retransmissions after a timeout, over the whole transfer
         self.state = State.SENDING
         self.deadline = 0.0
         self.error: str | None = None  # why the transfer failed
@@ -357,6 +358,7 @@ class ReadTransfer:
         if self.finished:
             return
         self._tries += 1
+        self.timeouts += 1
         if self._tries > self.retries:
             self.state = State.FAILED
             self.error = f"no answer after {self.retries} retransmissions"
