@@ -459,9 +459,6 @@ class TftpServer:
         except BaseException:
             source.close()
             raise
-        port = _TransferPort(self, sock, addr, request.filename, source, settings)
-        self._transfers[key] = port
-        self._per_client[host] = self._per_client.get(host, 0) + 1
         log.info(
             "RRQ %s from %s:%d, %d bytes, blksize %d, windowsize %d",
             request.filename,
@@ -471,7 +468,15 @@ class TftpServer:
             settings.blksize,
             settings.windowsize,
         )
-        port.open()
+        port = _TransferPort(self, sock, addr, request.filename, source, settings)
+        try:
+            port.open()
+        except RuntimeError as exc:  # no thread to be had
+            sock.close()
+            source.close()
+            raise Refused(ErrorCode.NOT_DEFINED, f"cannot start the transfer: {exc}") from exc
+        self._transfers[key] = port
+        self._per_client[host] = self._per_client.get(host, 0) + 1
 
     def _transfer_socket(self) -> socket.socket:
         sock = socket.socket(self._family, socket.SOCK_DGRAM)
