@@ -145,8 +145,10 @@ def test_live_patch_reboot_and_fallback(
 
         # v4's agent cannot start: the guard falls back to v3 by itself; the VM is restored.
         assert upgrade(node, "v4", "reboot", guard_seconds=60)["state"] == "running"
-        node.wait_console("hatchery-boot-guard: waiting up to 60s for v4", 1200)
-        node.wait_console("falling back to v3", 600)
+        mark = len(node.console_text())
+        node.wait_console("HATCHERY-DEMO-BEACON v4", 1200, after=mark)
+        node.wait_console("hatchery-boot-guard: waiting up to 60s for v4", 300, after=mark)
+        node.wait_console("falling back to v3", 600, after=mark)
         health = node.wait_agent(1200, version="v3")
         assert health["upgrade"]["state"] == "failed"
         assert health["boot"]["fallback"] is True and "v4" in health["boot"]["reason"]
