@@ -155,6 +155,12 @@ class Responder:
         if self.births is None:
             log.debug("DISCOVER from unknown %s: birthing is off, no answer", mac)
             return None
+        if client_kind(request) is ClientKind.PLAIN and self.births.binding(mac, now) is None:
+            # Only machines booting from the network are birthed. A plain client we do not
+            # know is someone else's — a VM of another hypervisor on this segment, whose own
+            # agent answers it: offering it a birth address would steal it from that agent.
+            log.debug("DISCOVER from unknown %s without a network-boot client: no answer", mac)
+            return None
         ip = self.births.offer(mac, request.requested_ip, now)
         if ip is None:
             log.warning("DISCOVER from %s: birth range %s-%s is full", mac, self.births.start,

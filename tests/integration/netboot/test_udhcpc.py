@@ -81,7 +81,10 @@ def test_birthing_allocates_from_the_range_persists_and_releases(netenv: NetEnv,
     _dhcp(netenv, "--birth-range", f"{netenv.subnet}.100-{netenv.subnet}.109",
           "--state-dir", str(state), "--lease-time", "600")  # fmt: skip
     ns = netenv.add_client("c", "52:54:00:bb:00:01")
-    got = udhcpc(netenv, ns)
+    # Only network-boot clients are birthed: as a plain client it gets nothing...
+    assert udhcpc(netenv, ns)["EVENT"] == "none"
+    # ...as a PXE client (vendor class PXEClient) it gets a birth address.
+    got = udhcpc(netenv, ns, "-V", "PXEClient:Arch:00000:UNDI:002001")
     assert got["EVENT"] == "bound", got
     assert got["ip"] == f"{netenv.subnet}.100"
     assert got["lease"] == "600"

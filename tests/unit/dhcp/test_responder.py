@@ -57,6 +57,11 @@ def msg(kind: MessageType, mac: str = VM_MAC, *opts: Option, **fields: object) -
                       options=(opt_u8(Opt.MESSAGE_TYPE, kind), *opts), **fields)  # type: ignore[arg-type]  # fmt: skip
 
 
+def boot_msg(kind: MessageType, mac: str, *opts: Option) -> DhcpPacket:
+    """A message from a firmware PXE client: what the birth range answers."""
+    return msg(kind, mac, opt_str(Opt.VENDOR_CLASS, "PXEClient:Arch:00000:UNDI:002001"), *opts)
+
+
 def with_mac(packet: DhcpPacket, mac: str) -> DhcpPacket:
     return dataclasses.replace(packet, chaddr=bytes.fromhex(mac.replace(":", "")))
 
@@ -176,7 +181,8 @@ def test_birthing_discover_request_ack_persists_atomically(tmp_path: Path) -> No
     path = tmp_path / "births.json"
     r = responder(births(path))
     mac = "52:54:00:aa:00:01"
-    offer = r.handle(msg(MessageType.DISCOVER, mac), NOW)
+    pxe = opt_str(Opt.VENDOR_CLASS, "PXEClient:Arch:00000:UNDI:002001")
+    offer = r.handle(msg(MessageType.DISCOVER, mac, pxe), NOW)
     assert offer is not None and offer.yiaddr == IP("10.9.0.100")
     assert not path.exists()  # offers are held in memory only
     request = msg(MessageType.REQUEST, mac, opt_ip(Opt.SERVER_ID, SERVER),
@@ -196,6 +202,22 @@ def test_birthing_discover_request_ack_persists_atomically(tmp_path: Path) -> No
     assert offer2 is not None and offer2.yiaddr == IP("10.9.0.100")
 
 
+def test_birthing_answers_network_boot_clients_only(tmp_path: Path) -> None:
+    """A plain client we do not know is another agent's VM on this segment: no birth
+    address for it. Once a machine holds a birth lease (from its PXE phase), its OS's plain
+    DHCP gets the same address back."""
+    r = responder(births(tmp_path / "births.json"))
+    assert r.handle(msg(MessageType.DISCOVER, "52:54:00:aa:00:05"), NOW) is None
+    ipxe = opt_str(Opt.USER_CLASS, "iPXE")
+    offer = r.handle(msg(MessageType.DISCOVER, "52:54:00:aa:00:06", ipxe), NOW)
+    assert offer is not None
+    request = msg(MessageType.REQUEST, "52:54:00:aa:00:06", opt_ip(Opt.SERVER_ID, SERVER),
+                  opt_ip(Opt.REQUESTED_IP, offer.yiaddr))  # fmt: skip
+    assert r.handle(request, NOW) is not None
+    again = r.handle(msg(MessageType.DISCOVER, "52:54:00:aa:00:06"), NOW + 5)
+    assert again is not None and again.yiaddr == offer.yiaddr
+
+
 def test_init_reboot_of_a_client_we_do_not_know_is_ignored() -> None:
     request = msg(MessageType.REQUEST, "52:54:00:aa:00:09",
                   opt_ip(Opt.REQUESTED_IP, IP("10.9.0.105")))  # fmt: skip
@@ -211,19 +233,19 @@ def test_init_reboot_on_the_wrong_network_is_naked() -> None:
 
 def test_second_node_gets_the_next_address_and_a_full_range_gets_no_offer() -> None:
     r = responder(births(size=2))
-    a = r.handle(msg(MessageType.DISCOVER, "52:54:00:aa:00:01"), NOW)
-    b = r.handle(msg(MessageType.DISCOVER, "52:54:00:aa:00:02"), NOW)
-    c = r.handle(msg(MessageType.DISCOVER, "52:54:00:aa:00:03"), NOW)
+    a = r.handle(boot_msg(MessageType.DISCOVER, "52:54:00:aa:00:01"), NOW)
+    b = r.handle(boot_msg(MessageType.DISCOVER, "52:54:00:aa:00:02"), NOW)
+    c = r.handle(boot_msg(MessageType.DISCOVER, "52:54:00:aa:00:03"), NOW)
     assert a is not None and b is not None
     assert (a.yiaddr, b.yiaddr) == (IP("10.9.0.100"), IP("10.9.0.101"))
     assert c is None
     # offers expire: later the third node gets one
-    later = r.handle(msg(MessageType.DISCOVER, "52:54:00:aa:00:03"), NOW + 3600)
+    later = r.handle(boot_msg(MessageType.DISCOVER, "52:54:00:aa:00:03"), NOW + 3600)
     assert later is not None
 
 
 def _bind(r: Responder, mac: str) -> IP:
-    offer = r.handle(msg(MessageType.DISCOVER, mac), NOW)
+    offer = r.handle(boot_msg(MessageType.DISCOVER, mac), NOW)
     assert offer is not None
     r.handle(msg(MessageType.REQUEST, mac, opt_ip(Opt.SERVER_ID, SERVER),
                  opt_ip(Opt.REQUESTED_IP, offer.yiaddr)), NOW)  # fmt: skip
@@ -237,7 +259,7 @@ def test_declined_address_is_not_offered_again() -> None:
     decline = msg(MessageType.DECLINE, mac, opt_ip(Opt.SERVER_ID, SERVER),
                   opt_ip(Opt.REQUESTED_IP, ip))  # fmt: skip
     assert r.handle(decline, NOW + 1) is None
-    offer = r.handle(msg(MessageType.DISCOVER, mac), NOW + 2)
+    offer = r.handle(boot_msg(MessageType.DISCOVER, mac), NOW + 2)
     assert offer is not None and offer.yiaddr != ip
 
 
