@@ -39,6 +39,10 @@ NODE_A = "52:54:00:de:00:0a"
 NODE_B = "52:54:00:de:00:0b"
 
 
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
 @dataclass
 class Step:
     title: str
@@ -49,7 +53,7 @@ class Step:
 @dataclass
 class Story:
     workdir: Path
-    say: Callable[[str], None] = print
+    say: Callable[[str], None] = _say
     steps: list[Step] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)
 
@@ -94,7 +98,7 @@ def _wait(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
         time.sleep(3)
 
 
-def run_story(workdir: Path, say: Callable[[str], None] = print) -> Story:
+def run_story(workdir: Path, say: Callable[[str], None] = _say) -> Story:
     story = Story(workdir, say)
     workdir.mkdir(parents=True, exist_ok=True)
     with story.step("1. build images v1, v2 and the appliance VM (cached)") as r:
