@@ -9,6 +9,7 @@ and a summary; consoles and logs stay in the work folder.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,10 +26,15 @@ def main() -> int:
     stamp = time.strftime("%Y%m%dT%H%M%S")
     parser.add_argument("--workdir", type=Path, default=REPO / "build" / f"demo-run-{stamp}")
     args = parser.parse_args()
+    # SIGTERM (a timeout, an operator) unwinds like Ctrl-C: guests, taps and bridges go away.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     choice = choose_accel()
     print(f"QEMU accelerator: {choice.accel} ({choice.reason})")
     try:
         run_story(args.workdir.resolve())
+    except KeyboardInterrupt:
+        print(f"\ndemo interrupted; cleaned up. logs and consoles: {args.workdir}", file=sys.stderr)
+        return 130
     except Exception as exc:  # the demo's one exit point: one line, and where the logs are
         print(f"\ndemo failed: {exc}\nlogs and consoles: {args.workdir}", file=sys.stderr)
         return 1
