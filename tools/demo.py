@@ -21,13 +21,17 @@ from hatchery.qemu.accel import choose_accel  # noqa: E402
 from tests.support.story import run_story  # noqa: E402
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     stamp = time.strftime("%Y%m%dT%H%M%S")
     parser.add_argument("--workdir", type=Path, default=REPO / "build" / f"demo-run-{stamp}")
     args = parser.parse_args()
     # SIGTERM (a timeout, an operator) unwinds like Ctrl-C: guests, taps and bridges go away.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)
     choice = choose_accel()
     print(f"QEMU accelerator: {choice.accel} ({choice.reason})")
     try:
