@@ -158,13 +158,21 @@ def run_story(workdir: Path, say: Callable[[str], None] = _say) -> Story:
                            "cmdline": "console=ttyS0 quiet panic=-1"},
             })  # fmt: skip
             console = _wait(
-                lambda: (t := _api(node_b, "GET", "/v1/vms/app1/console")) and
-                ("HATCHERY-APPLIANCE: identity" in t or "instanceName" in t) and t,
-                900, "the appliance's identity",
-            )  # fmt: skip
-            story.facts.update(vm=vm, vm_console=console)
+                lambda: (
+                    (t := _api(node_b, "GET", "/v1/vms/app1/console"))
+                    and "HATCHERY-APPLIANCE: ready" in t
+                    and t
+                ),
+                1200,
+                "the appliance to be ready",
+            )
+            lease = f"HATCHERY-APPLIANCE: lease {vm['ip']} " in console
+            identity = f'"instanceId": "{vm["uuid"]}"' in console
+            story.facts.update(vm=vm, vm_console=console, vm_lease=lease, vm_identity=identity)
             r["outcome"] = (
-                f"vm app1 {vm['ip']} (pid {vm['pid']}): lease and identity on its console"
+                f"vm app1 (pid {vm['pid']}): DHCP lease {vm['ip']} "
+                f"{'ok' if lease else 'MISSING'}, its own identity from the metadata service "
+                f"{'ok' if identity else 'MISSING'}"
             )
         with story.step("5. hatchery-rollout: A and B to v2, live, 1 then 2 hosts") as r:
             fleet = workdir / "fleet.yaml"
