@@ -25,7 +25,8 @@ class StateError(HatcheryError):
     """State could not be written."""
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -46,7 +47,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise StateError(f"cannot write {path}: {exc.strerror or exc}") from exc

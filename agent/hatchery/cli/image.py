@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from hatchery.cli.vm import connection_args as _connection_args
 from hatchery.client import AgentClient, ApiError, Credentials, agent_url
 from hatchery.errors import HatcheryError
 from hatchery.images.manifest import SIGNED_NAME, SignedManifest, parse_signed, sha256_file
@@ -25,18 +25,6 @@ from hatchery.images.signing import (
     generate_key,
     sign_build_dir,
 )
-
-
-def _connection_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--agent",
-        default=os.environ.get("HATCHERY_AGENT", "127.0.0.1"),
-        help="agent address HOST[:PORT] (default: $HATCHERY_AGENT or 127.0.0.1)",
-    )
-    parser.add_argument("--ca", type=Path, help="CA certificate (default: $HATCHERY_CA)")
-    parser.add_argument("--cert", type=Path, help="client certificate ($HATCHERY_CERT)")
-    parser.add_argument("--key", type=Path, help="client key ($HATCHERY_KEY)")
-    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
 
 
 def _emit(args: argparse.Namespace, result: Any, text: str) -> None:

@@ -17,7 +17,7 @@ from hatchery.errors import HatcheryError
 Run = Callable[[AgentClient, argparse.Namespace], Awaitable[Any]]
 
 
-def _connection_args(parser: argparse.ArgumentParser) -> None:
+def connection_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--agent",
         default=os.environ.get("HATCHERY_AGENT", "127.0.0.1"),
@@ -279,7 +279,7 @@ def register_vm(parser: argparse.ArgumentParser) -> None:
     user_data.add_argument("file", type=Path)
     user_data.set_defaults(func=_command(_user_data, _say("user data of {a.name} replaced")))
     for cmd in sub.choices.values():
-        _connection_args(cmd)
+        connection_args(cmd)
 
 
 def register_pool(parser: argparse.ArgumentParser) -> None:
@@ -292,7 +292,7 @@ def register_pool(parser: argparse.ArgumentParser) -> None:
     ls = sub.add_parser("list", help="list the pool")
     ls.set_defaults(func=_command(_pool_list, _render_pool))
     for cmd in sub.choices.values():
-        _connection_args(cmd)
+        connection_args(cmd)
 
 
 def register_subnet(parser: argparse.ArgumentParser) -> None:
@@ -306,9 +306,9 @@ def register_subnet(parser: argparse.ArgumentParser) -> None:
     ls = sub.add_parser("list", help="list subnets")
     ls.set_defaults(func=_command(_subnet_list, _render_subnets))
     for cmd in sub.choices.values():
-        _connection_args(cmd)
+        connection_args(cmd)
 
 
 def register_health(parser: argparse.ArgumentParser) -> None:
-    _connection_args(parser)
+    connection_args(parser)
     parser.set_defaults(func=_command(_health, _render_health))

@@ -42,7 +42,7 @@ from hatchery.images.manifest import (
     parse_signed,
 )
 from hatchery.images.signing import TrustedKeys
-from hatchery.state import StateError, read_json, write_atomic, write_json
+from hatchery.state import StateError, fsync_dir, read_json, write_atomic, write_json
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
@@ -84,14 +84,6 @@ class GcReport:
     removed_images: tuple[str, ...]
     removed_objects: int
     freed_bytes: int
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def check_sha256(value: str) -> str:
@@ -212,7 +204,7 @@ class ImageStore:
         target = self.object_path(sha256)
         target.parent.mkdir(exist_ok=True)
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         log.debug("object %s stored", sha256)
 
     def writer(self, expected: str | None = None, max_size: int | None = None) -> ObjectWriter:
@@ -409,7 +401,7 @@ class ImageStore:
             for part in (self.root / "partial").iterdir():
                 if now - part.stat().st_mtime > partial_max_age:
                     part.unlink(missing_ok=True)
-            _fsync_dir(self.root / "images")
+            fsync_dir(self.root / "images")
         log.info("image gc: kept %s, removed images %s and %d objects (%d bytes)",
                  kept, removed, count, freed)  # fmt: skip
         return GcReport(tuple(kept), tuple(removed), count, freed)
@@ -435,7 +427,7 @@ class ImageStore:
                 tmp.unlink(missing_ok=True)
                 raise
             out[role] = target
-        _fsync_dir(directory)
+        fsync_dir(directory)
         return out
 
     def usage(self) -> int:
