@@ -16,6 +16,7 @@ BENCHMARKS = {
     "pxe-chain": "bench.pxe",
     "rollout": "bench.rollout",
     "tftp": "bench.tftp",
+    "upgrade": "bench.upgrade",
 }
 
 
