@@ -162,7 +162,9 @@ class Upgrader:
         if self.status.state is Phase.RUNNING and self.status.mode is Mode.LIVE:
             # The agent is restarted last by a live patch: how did it end?
             if self._version() == self.status.target:
-                self._set(state=Phase.DONE, finished=time.time(), detail="agent restarted")
+                before = f"{self.status.detail}; " if self.status.detail else ""
+                back = f"{before}the agent came back on {self.status.target}"
+                self._set(state=Phase.DONE, finished=time.time(), detail=back)
             else:
                 self._set(state=Phase.FAILED, error="the agent restarted during the patch")
         self._task: asyncio.Task[None] | None = None

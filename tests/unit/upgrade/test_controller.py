@@ -12,6 +12,7 @@ import pytest
 import zstandard
 
 from hatchery.cpio import Entry, write_newc
+from hatchery.state import write_json
 from hatchery.upgrade.controller import Mode, Phase, UpgradeError, Upgrader
 from tests.unit.upgrade.test_livepatch import unpack
 
@@ -134,3 +135,14 @@ async def test_failure_is_reported_and_rolled_back(setup: tuple[Path, DirImages,
     assert upgrader.status.state is Phase.FAILED and upgrader.status.error
     assert version_of(root) == "v1"
     assert not [p for p in root.rglob("*") if ".hatchery-" in p.name]
+
+
+def test_a_restarted_agent_finishes_the_live_patch_keeping_its_detail(
+    setup: tuple[Path, DirImages, Path],
+) -> None:
+    _, _, state = setup
+    write_json(state / "upgrade.json", {"state": "running", "target": "v1", "mode": "live",
+                                        "detail": "1 replace; restarted: ssh.service"})  # fmt: skip
+    upgrader = make(setup)  # the node runs v1: the patch to v1 went through
+    assert upgrader.status.state is Phase.DONE
+    assert upgrader.status.detail == "1 replace; restarted: ssh.service; the agent came back on v1"
