@@ -60,7 +60,6 @@ class Plan:
     changes: list[Change] = field(default_factory=list)
     staged: dict[str, Path] = field(default_factory=dict)  # path -> staged file
     created_dirs: list[Path] = field(default_factory=list)
-    kept_local: int = 0  # files that differ from the image but that the images agree on
 
     @property
     def changed_paths(self) -> set[str]:
@@ -137,11 +136,10 @@ class LivePatch:
         if wanted.kind == "other":
             return  # device nodes and fifos come from devtmpfs and services, not the image
         if self.current is not None:
-            before = self.current.get(path)
-            if before == wanted:
-                if not _same(of_path(self.root / path), wanted):
-                    plan.kept_local += 1
-                return  # the images agree: whatever the node has there is the node's business
+            if self.current.get(path) == wanted:
+                # The images agree: whatever the node has there is the node's business, and
+                # the file is not even read (most of a root is unchanged: that is the speed).
+                return
         running = of_path(self.root / path)
         if _same(running, wanted):
             return
