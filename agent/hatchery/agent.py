@@ -150,6 +150,7 @@ class Agent:
             async with part("upgrades"):
                 self.upgrader = Upgrader(config.state_dir, StoreImages(self.images), config.root)
                 self.upgrader.vms = self.manager
+                self.upgrader.settle_boot()  # a reboot-mode upgrade's outcome, before the API
                 self.health.upgrader = self.upgrader
                 stack.push_async_callback(self.upgrader.close)
             async with part("api"):
@@ -198,5 +199,5 @@ class Agent:
                     await server.start()
                     stack.callback(server.stop)
             async with part("upgrade after boot"):
-                await self.upgrader.after_boot()  # a reboot-mode upgrade ends here
+                await self.upgrader.after_boot()  # VMs a reboot-mode upgrade stopped
             yield self

@@ -30,7 +30,7 @@ from hatchery.errors import HatcheryError
 from hatchery.health import read_version
 from hatchery.upgrade.fingerprint import index_root
 from hatchery.upgrade.livepatch import LivePatch, units_to_restart
-from hatchery.upgrade.reboot import VmControl, after_boot, reboot_into
+from hatchery.upgrade.reboot import VmControl, reboot_into, restore_vms, settle_boot
 from hatchery.vms.process import systemd_running
 
 log = logging.getLogger(__name__)
@@ -170,6 +170,7 @@ class Upgrader:
         self._task: asyncio.Task[None] | None = None
         self.vms: VmControl | None = None
         self.guard_seconds: int | None = None
+        self._restore: list[str] = []
 
     def _set(self, **changes: Any) -> None:
         data = self.status.to_json()
@@ -301,8 +302,14 @@ class Upgrader:
     async def _reboot(self, version: str) -> None:
         await reboot_into(self, version, self.vms)
 
+    def settle_boot(self) -> None:
+        """How a reboot-mode upgrade ended, decided before the API answers anyone."""
+        self._restore = settle_boot(self, self._version())
+
     async def after_boot(self) -> None:
-        await after_boot(self, self._version(), self.vms)
+        """Restore the VMs a reboot-mode upgrade stopped (once the network is up)."""
+        await restore_vms(self._restore, self.vms)
+        self._restore = []
 
     def boot_status(self) -> dict[str, Any]:
         """A fallback is remembered in the persisted status until the next upgrade."""

@@ -110,11 +110,12 @@ async def reboot_into(upgrader: Upgrader, version: str, vms: VmControl | None = 
         await asyncio.to_thread(_run, ["systemctl", "reboot"])
 
 
-async def after_boot(upgrader: Upgrader, running: str, vms: VmControl | None) -> None:
-    """Finish a reboot-mode upgrade (or its fallback) once this agent is up and healthy."""
+def settle_boot(upgrader: Upgrader, running: str) -> list[str]:
+    """Decide how a reboot-mode upgrade ended (before the API answers anyone): mark the boot
+    good or record the fallback. Returns the VMs to restore once the node's network is up."""
     pending = boot_dir(upgrader.state_dir) / "pending"
     if not (pending / "version").exists():
-        return
+        return []
     version = (pending / "version").read_text().strip()
     previous = (pending / "previous").read_text().strip()
     restore = [n for n in (pending / "restore").read_text().split() if n]
@@ -124,14 +125,24 @@ async def after_boot(upgrader: Upgrader, running: str, vms: VmControl | None) ->
         upgrader.images.set_current(version)
         upgrader.set_status(state="done", target=version, finished=time.time(),
                             detail=f"rebooted into {version}")  # fmt: skip
-        log.info("booted into %s as planned; restoring %d VMs", version, len(restore))
+        log.info("booted into %s as planned; %d VMs to restore", version, len(restore))
     else:
         why = fallback.read_text().strip() if fallback.exists() else "booted another version"
         upgrader.set_status(state="failed", target=version, finished=time.time(),
                             error=f"fell back to {running}: {why}", detail="fallback")  # fmt: skip
         log.error("upgrade to %s failed, running %s: %s", version, previous, why)
-    if vms is not None:
-        for name in restore:
-            with contextlib.suppress(HatcheryError):
-                await vms.restore(name)
     shutil.rmtree(pending, ignore_errors=True)
+    return restore
+
+
+async def restore_vms(names: list[str], vms: VmControl | None) -> None:
+    if vms is None:
+        return
+    for name in names:
+        with contextlib.suppress(HatcheryError):
+            await vms.restore(name)
+
+
+async def after_boot(upgrader: Upgrader, running: str, vms: VmControl | None) -> None:
+    """Both steps at once (tests); the agent settles first and restores VMs last."""
+    await restore_vms(settle_boot(upgrader, running), vms)
