@@ -20,7 +20,7 @@ from hatchery.agent import Agent
 from hatchery.boothttp import cli as boothttp_cli
 from hatchery.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
 from hatchery.dhcp import cli as dhcp_cli
-from hatchery.errors import HatcheryError
+from hatchery.errors import HatcheryError, report
 from hatchery.log import setup_logging
 from hatchery.sdnotify import notify, watchdog_interval
 from hatchery.seed import run_seed
@@ -94,11 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(getattr(args, "config", DEFAULT_CONFIG_PATH))
         asyncio.run(run_agent(config))
     except HatcheryError as exc:
-        log.debug("failure", exc_info=True)
-        print(f"hatchery-agent: {exc.message}", file=sys.stderr)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
-        return 1
+        return report("hatchery-agent", exc)
     except KeyboardInterrupt:
         return 130
     return 0

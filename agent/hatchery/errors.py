@@ -6,6 +6,9 @@ print ``message`` (and ``hint``) on one line and keep tracebacks for ``--debug``
 
 from __future__ import annotations
 
+import logging
+import sys
+
 
 class HatcheryError(Exception):
     """A failure an operator can understand and act on."""
@@ -33,3 +36,12 @@ class CommandError(HatcheryError):
         self.argv = argv
         self.returncode = returncode
         self.stderr = stderr
+
+
+def report(program: str, exc: HatcheryError) -> int:
+    """The CLIs' one exit point for user errors: one line, a hint, the traceback at DEBUG."""
+    logging.getLogger(program).debug("failure", exc_info=exc)
+    print(f"{program}: {exc.message}", file=sys.stderr)
+    if exc.hint:
+        print(f"hint: {exc.hint}", file=sys.stderr)
+    return 1

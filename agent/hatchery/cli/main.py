@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from hatchery.cli import ca, image, vm
-from hatchery.errors import HatcheryError
+from hatchery.errors import HatcheryError, report
 from hatchery.log import setup_logging
 from hatchery.qemu.accel import choose_accel
 
@@ -55,11 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result: int = args.func(args)
         return result
     except HatcheryError as exc:
-        log.debug("failure", exc_info=True)
-        print(f"hatchery: {exc.message}", file=sys.stderr)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
-        return 1
+        return report("hatchery", exc)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from hatchery.errors import HatcheryError
+from hatchery.errors import HatcheryError, report
 from hatchery.log import setup_logging
 from hatchery.pki import client_context
 from hatchery_rollout.client import AgentClient, Health
@@ -450,11 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result: int = args.func(args)
         return result
     except HatcheryError as exc:
-        log.debug("failure", exc_info=True)
-        print(f"hatchery-rollout: {exc.message}", file=sys.stderr)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
-        return 1
+        return report("hatchery-rollout", exc)
     except KeyboardInterrupt:
         print(
             "hatchery-rollout: interrupted; the journal keeps the state: resume it", file=sys.stderr
