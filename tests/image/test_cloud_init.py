@@ -34,7 +34,7 @@ import yaml
 
 from hatchery.metadata.service import teardown_bridge
 from tests.conftest import missing
-from tests.support.agent import AgentProcess, Pki
+from tests.support.agent import AgentProcess, Pki, qemu_alive
 from tests.support.cloud_guest import CloudGuestImage, build_cloud_guest
 from tests.support.net import bridge
 
@@ -101,13 +101,6 @@ class Lab:
     qemu_pids: list[int]  # every QEMU the agent started for the test, checked at teardown
 
 
-def _qemu_alive(pid: int) -> bool:
-    try:
-        return b"qemu-system" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def lab(tmp_path: Path, require_root: None, require_tool: Callable[[str], str]) -> Iterator[Lab]:
     require_tool("qemu-system-x86_64")
@@ -146,7 +139,7 @@ def _teardown(lab: Lab) -> None:
             except (OSError, ValueError):
                 continue
             started_pids.append(pid)
-            if _qemu_alive(pid):
+            if qemu_alive(pid):
                 os.kill(pid, 9)
         links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
         for link in links.splitlines():
@@ -154,7 +147,7 @@ def _teardown(lab: Lab) -> None:
             if name.startswith("hv-") and f"master {br}" in link:
                 subprocess.run(["ip", "link", "del", name], check=False)
         asyncio.run(teardown_bridge(br))
-    leftovers = [f"qemu {pid}" for pid in started_pids if _qemu_alive(pid)]
+    leftovers = [f"qemu {pid}" for pid in started_pids if qemu_alive(pid)]
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     leftovers += [line for line in netns.splitlines() if br in line]
     tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout

@@ -20,6 +20,14 @@ from hatchery import pki
 BIN = Path(sys.executable).parent
 
 
+def qemu_alive(pid: int) -> bool:
+    """Whether ``pid`` is still a QEMU process (the VM a test started is still running)."""
+    try:
+        return b"qemu-system" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -17,7 +17,7 @@ import pytest
 from hatchery.cpio import Entry
 from hatchery.metadata.service import teardown_bridge
 from tests.conftest import missing
-from tests.support.agent import AgentProcess, Pki, free_port
+from tests.support.agent import AgentProcess, Pki, free_port, qemu_alive
 from tests.support.guest import (
     INIT_PRELUDE,
     VIRTIO_NET_MODULES,
@@ -56,13 +56,6 @@ esac
 """
 
 
-def _qemu_alive(pid: int) -> bool:
-    try:
-        return b"qemu-system" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def lab(tmp_path: Path, require_root: None, require_tool: Callable[[str], str]) -> Iterator[dict]:
     require_tool("qemu-system-x86_64")
@@ -93,7 +86,7 @@ def lab(tmp_path: Path, require_root: None, require_tool: Callable[[str], str]) 
                 pid_file = vm_dir / "pid"
                 if pid_file.exists():
                     pid = int(pid_file.read_text())
-                    if _qemu_alive(pid):
+                    if qemu_alive(pid):
                         os.kill(pid, 9)
             for link in subprocess.run(
                 ["ip", "-o", "link"], capture_output=True, text=True
@@ -147,7 +140,7 @@ def test_vm_outlives_agent_and_is_readopted(lab: dict, require_tool: Callable[[s
     assert _ping(ip), "the guest does not answer on the bridge"
 
     agent.kill()  # SIGKILL: no chance to clean up
-    assert _qemu_alive(pid), "killing the agent stopped the VM"
+    assert qemu_alive(pid), "killing the agent stopped the VM"
     assert _ping(ip), "the guest stopped answering while the agent was down"
 
     agent.start()
@@ -156,7 +149,7 @@ def test_vm_outlives_agent_and_is_readopted(lab: dict, require_tool: Callable[[s
 
     stopped = agent.cli_json("vm", "stop", "app1", "--timeout", "3")
     assert stopped["state"] == "stopped"
-    assert not _qemu_alive(pid)
+    assert not qemu_alive(pid)
     agent.cli("vm", "destroy", "app1")
     pool = agent.cli_json("pool", "list")
     assert pool["free"] == pool["total"] == 2
