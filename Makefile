@@ -19,8 +19,8 @@ guest-kernel: setup ## fetch Debian's stock kernel for test guests into .cache/
 demo: setup guest-kernel ## the main job: set up, build, run the story (see README)
 	@$(PY) tools/demo.py
 
-test: setup guest-kernel ## every tier: lint, unit, integration, image
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: setup guest-kernel ## every tier in order (lint+unit, integration, image); stops at the first failure
+	@PYTEST_ARGS='$(PYTEST_ARGS)' tools/test-tiers.sh
 
 test-unit: setup ## the fast tier only
 	$(PY) -m pytest -m "not integration and not image" $(PYTEST_ARGS)
@@ -40,7 +40,7 @@ lint: setup ## ruff, mypy --strict, shellcheck
 bench: setup guest-kernel ## run benchmarks, write docs/benchmarks.md
 	$(PY) -m bench
 
-images: setup ## build the hypervisor and appliance-vm images with mkosi
+images: setup ## build the images with mkosi (LOCKED=1: fail on package drift; REFRESH=1; UPDATE_LOCK=1)
 	@tools/build-images.sh
 
 lock: ## re-pin requirements.lock from pyproject.toml (needs network to PyPI)

@@ -11,12 +11,15 @@
    .cache/mkosi/pkgmngr (no archive host name is ever written into the repository);
 3. for the hypervisor, fill a wheelhouse (.cache/wheelhouse) from requirements.lock and build a
    wheel of this repository: the image installs the agent from them, offline;
-4. run ``mkosi -C images/<name> build`` with the package cache in .cache/mkosi/packages (kept
-   between builds: after the first sync the repository metadata is reused, which pins the
-   package set; ``--refresh`` syncs it again);
-5. compare the installed packages with images/<name>/packages.lock (checked in): a difference
-   fails the build unless ``--update-lock``; write manifest.json (version, inputs, packages,
-   sha256 of every artefact; no timestamps, so it is reproducible too).
+4. decide whether to sync the package metadata (older than a bound, 24 h by default, or
+   ``--refresh``): a sync also drops the image's incremental cache, whose packages came from
+   the older metadata, so a warm machine and a fresh one build the same versions on a day;
+5. run ``mkosi -C images/<name> build`` with the package cache in .cache/mkosi/packages;
+6. write manifest.json (version, inputs, the exact packages built, sha256 of every artefact;
+   no timestamps, so it is reproducible too) and compare the packages with
+   images/<name>/packages.lock (checked in): by default every difference is one warning line
+   and the build succeeds; ``--locked`` fails on any difference, naming each package;
+   ``--update-lock`` rewrites the lock. The comparison runs for up-to-date images too.
 
 ``python tools/images.py build --output-dir DIR --force`` builds into another directory: the
 reproducibility test builds twice and compares the manifests.
@@ -37,6 +40,7 @@ import time
 import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -244,6 +248,154 @@ def project_wheel(venv_python: Path, dest: Path) -> Path:
     return wheels[0]
 
 
+# --- package metadata: how fresh -----------------------------------------------------------
+
+METADATA_MAX_AGE_HOURS = 24.0
+
+
+@dataclass(frozen=True, slots=True)
+class MetadataPlan:
+    """Whether this build syncs the package metadata, and why (one line for the log).
+
+    ``generation`` names the metadata the build will use: the incremental cache of an image
+    is reused only if it was made from the same generation (its packages came from it).
+    """
+
+    sync: bool
+    reason: str
+    generation: str
+
+    @property
+    def cache_only(self) -> str:
+        # mkosi: "never" always syncs the metadata; "metadata" reuses it and only downloads
+        # packages it lacks. ("auto" would skip the sync whenever an incremental tree exists.)
+        return "never" if self.sync else "metadata"
+
+
+class PackageMetadata:
+    """The package cache's repository metadata: when it was synced, when to sync it again.
+
+    The archive serves only the newest version of each package, so metadata kept for days
+    builds a package set no fresh machine can build any more. A stamp in the package cache
+    records the last sync (its content is the generation); older than ``max_age_hours`` or
+    ``refresh`` means sync now.
+    """
+
+    def __init__(self, packages_cache: Path, max_age_hours: float = METADATA_MAX_AGE_HOURS):
+        self.cache = packages_cache
+        self.max_age_hours = max_age_hours
+        self.stamp = packages_cache / ".hatchery-synced"
+
+    def plan(self, refresh: bool, now: float | None = None) -> MetadataPlan:
+        now = time.time() if now is None else now
+        new_generation = f"synced-{int(now)}"
+        try:
+            synced_at = self.stamp.stat().st_mtime
+            generation = self.stamp.read_text().strip() or "synced-unknown"
+        except FileNotFoundError:
+            return MetadataPlan(True, "no package metadata yet: syncing", new_generation)
+        age_hours = max(0.0, now - synced_at) / 3600
+        if refresh:
+            return MetadataPlan(True, "REFRESH asked for: syncing", new_generation)
+        if age_hours > self.max_age_hours:
+            return MetadataPlan(
+                True,
+                f"synced {age_hours:.0f} h ago, more than {self.max_age_hours:g} h: syncing",
+                new_generation,
+            )
+        return MetadataPlan(
+            False,
+            f"reusing the metadata synced {age_hours:.1f} h ago (syncs again after "
+            f"{self.max_age_hours:g} h, or REFRESH=1)",
+            generation,
+        )
+
+    def prepare_incremental(self, incremental: Path, plan: MetadataPlan) -> bool:
+        """Empty ``incremental`` unless it was made from ``plan``'s metadata; True if kept."""
+        marker = incremental / ".hatchery-metadata"
+        kept = not plan.sync and marker.exists() and marker.read_text().strip() == plan.generation
+        if not kept:
+            shutil.rmtree(incremental, ignore_errors=True)
+        incremental.mkdir(parents=True, exist_ok=True)
+        return kept
+
+    def record(self, incremental: Path, plan: MetadataPlan) -> None:
+        """After a successful build: the stamp (if synced) and the incremental tree's origin."""
+        if plan.sync:
+            self.cache.mkdir(parents=True, exist_ok=True)
+            self.stamp.write_text(plan.generation + "\n")
+        (incremental / ".hatchery-metadata").write_text(plan.generation + "\n")
+
+
+# --- the package lock ---------------------------------------------------------------------------
+
+
+class LockMode(StrEnum):
+    REPORT = "report"  # default: one warning line per difference, never a failure
+    LOCKED = "locked"  # release pipelines: any difference fails the build
+    UPDATE = "update"  # rewrite the lock with what was built
+
+
+def lock_text(name: str, packages: dict[str, str]) -> str:
+    return (
+        f"# Debian packages in the {name} image, compared by every build (tools/images.py).\n"
+        "# A difference is a warning; `make images LOCKED=1` fails on it.\n"
+        "# Rewrite after a deliberate change: make images UPDATE_LOCK=1\n"
+        + "".join(f"{pkg} {ver}\n" for pkg, ver in sorted(packages.items()))
+    )
+
+
+def read_lock(path: Path) -> dict[str, str]:
+    locked: dict[str, str] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        words = line.split()
+        if len(words) != 2:
+            raise BuildError(f"{path}:{number}: expected 'package version', got {line!r}")
+        locked[words[0]] = words[1]
+    return locked
+
+
+def lock_drift(locked: dict[str, str], built: dict[str, str]) -> list[str]:
+    """One line per package whose version differs, sorted by name."""
+    return [
+        f"{pkg}: locked {locked.get(pkg, '-')}, built {built.get(pkg, '-')}"
+        for pkg in sorted(set(locked) | set(built))
+        if locked.get(pkg) != built.get(pkg)
+    ]
+
+
+def reconcile_lock(name: str, packages: dict[str, str], mode: LockMode, lock: Path) -> str:
+    """Compare what was built with ``lock``; warn, fail or rewrite by ``mode``; return a note."""
+    if mode is LockMode.UPDATE or (mode is LockMode.REPORT and not lock.exists()):
+        text = lock_text(name, packages)
+        if lock.exists() and lock.read_text() == text:
+            return "lock unchanged"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        lock.write_text(text)
+        return f"wrote {_show(lock)} ({len(packages)} packages)"
+    if not lock.exists():
+        raise BuildError(f"{name}: --locked, but there is no {_show(lock)}")
+    drift = lock_drift(read_lock(lock), packages)
+    if not drift:
+        return f"packages match the lock ({len(packages)})"
+    if mode is LockMode.LOCKED:
+        raise BuildError(
+            f"{name}: --locked, and the packages differ from {_show(lock)}:\n  "
+            + "\n  ".join(drift)
+            + "\nhint: build without LOCKED=1 to accept today's archive, or pin a package "
+            "snapshot (docs/images.md, Reproducibility)"
+        )
+    for line in drift:
+        print(f"warning: {name}: {line} ({_show(lock)})", file=sys.stderr, flush=True)
+    return f"{len(drift)} packages differ from the lock (warned above; UPDATE_LOCK=1 records them)"
+
+
+def _show(path: Path) -> str:
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 # --- the build ---------------------------------------------------------------------------------
 
 
@@ -253,9 +405,11 @@ class BuildOptions:
     version: str
     force: bool
     refresh: bool
-    update_lock: bool
+    lock_mode: LockMode
     incremental: bool
     extra_trees: tuple[Path, ...] = ()  # overlays for the hypervisor image (site files, demos)
+    locks_dir: Path = REPO / "images"  # <locks_dir>/<name>/packages.lock
+    metadata_max_age_hours: float = METADATA_MAX_AGE_HOURS
 
 
 def tree_digest(tree: Path) -> str:
@@ -283,51 +437,22 @@ def read_packages(mkosi_manifest: Path) -> dict[str, str]:
     return {p["name"]: p["version"] for p in data.get("packages", [])}
 
 
-def check_lock(name: str, packages: dict[str, str], update: bool) -> str:
-    lock = REPO / "images" / name / "packages.lock"
-    text = (
-        f"# Debian packages in the {name} image, checked by every build (tools/images.py).\n"
-        "# Regenerate after a deliberate change: make images UPDATE_LOCK=1\n"
-        + "".join(f"{pkg} {ver}\n" for pkg, ver in sorted(packages.items()))
-    )
-    if not lock.exists() or update:
-        if not lock.exists() or lock.read_text() != text:
-            lock.write_text(text)
-            return f"wrote {lock.relative_to(REPO)} ({len(packages)} packages)"
-        return "lock unchanged"
-    locked = {}
-    for line in lock.read_text().splitlines():
-        if line and not line.startswith("#"):
-            pkg, ver = line.split()
-            locked[pkg] = ver
-    if locked != packages:
-        diff = [
-            f"  {pkg}: locked {locked.get(pkg, '-')}, built {packages.get(pkg, '-')}"
-            for pkg in sorted(set(locked) | set(packages))
-            if locked.get(pkg) != packages.get(pkg)
-        ]
-        raise BuildError(
-            f"{name}: the packages differ from {lock.relative_to(REPO)}:\n"
-            + "\n".join(diff[:40])
-            + "\nif intended (new packages, security updates): make images UPDATE_LOCK=1"
-        )
-    return f"packages match the lock ({len(packages)})"
-
-
-def up_to_date(out: Path, digest: str) -> bool:
+def up_to_date(out: Path, digest: str) -> dict[str, str] | None:
+    """The packages recorded by ``out``'s manifest if it was built from ``digest``, intact."""
     manifest = out / "manifest.json"
     if not manifest.exists():
-        return False
+        return None
     try:
         data = json.loads(manifest.read_text())
     except ValueError:
-        return False
+        return None
     if data.get("inputs_sha256") != digest:
-        return False
-    return all(
+        return None
+    intact = all(
         (out / f).exists() and sha256_file(out / f) == meta["sha256"]
         for f, meta in data.get("artefacts", {}).items()
     )
+    return dict(data.get("packages", {})) if intact else None
 
 
 def _write_json(path: Path, data: object) -> None:
@@ -336,69 +461,91 @@ def _write_json(path: Path, data: object) -> None:
     tmp.replace(path)
 
 
+@dataclass(frozen=True, slots=True)
+class MkosiPaths:
+    """Where one image's build reads and writes (all under .cache/ or the output folder)."""
+
+    package_manager_tree: Path
+    packages_cache: Path
+    incremental: Path
+    staging: Path
+    wheels: Path | None  # the hypervisor's wheelhouse copy, mounted as build sources
+
+
+def mkosi_argv(name: str, opts: BuildOptions, paths: MkosiPaths, cache_only: str) -> list[str]:
+    """The mkosi command line for image ``name`` (pure: tested without running mkosi)."""
+    argv = [
+        "mkosi", "-C", str(REPO / "images" / name), "--force",
+        "--package-manager-tree", f"{paths.package_manager_tree}:/",
+        "--package-cache-dir", str(paths.packages_cache),
+        "--cache-dir", str(paths.incremental),
+        "--incremental", "yes" if opts.incremental else "no",
+        "--cache-only", cache_only,
+        "--output-dir", str(paths.staging),
+        "--image-version", opts.version,
+    ]  # fmt: skip
+    if paths.wheels is not None:
+        argv += ["--build-sources", f"{paths.wheels}:wheels"]
+    if name == "hypervisor":
+        for overlay in opts.extra_trees:
+            argv += ["--extra-tree", str(overlay)]
+    return [*argv, "build"]
+
+
 def build_one(name: str, opts: BuildOptions, step: str) -> Path:
     out = opts.out / name
+    lock = opts.locks_dir / name / "packages.lock"
     venv_python = REPO / ".venv" / "bin" / "python"
-    tree, sources = package_manager_tree()
+    pkgmngr_tree, sources = package_manager_tree()
     extra = {
         "version": opts.version,
         "mkosi": mkosi_version(),
         "apt_sources": hashlib.sha256(sources.encode()).hexdigest(),
     }
-    wheels: list[Path] = []
-    wheel_dir = MKOSI_CACHE / "wheels" / name
     if name == "hypervisor":
         house = wheelhouse(venv_python)
         extra["wheelhouse"] = house.name
-        for index, tree in enumerate(opts.extra_trees):
-            extra[f"extra_tree_{index}"] = tree_digest(tree)
+        for index, overlay in enumerate(opts.extra_trees):
+            extra[f"extra_tree_{index}"] = tree_digest(overlay)
     digest, files = inputs_digest(name, extra)
-    if not opts.force and up_to_date(out, digest):
-        log(f"{step} {name}: up to date ({out})")
+    recorded = None if opts.force else up_to_date(out, digest)
+    if recorded is not None:
+        lock_note = reconcile_lock(name, recorded, opts.lock_mode, lock)
+        log(f"{step} {name}: up to date ({out}); {lock_note}")
         return out
 
     started = time.monotonic()
-    mkosi_args: list[str] = []
+    wheels: list[Path] = []
+    wheel_dir: Path | None = None
     if name == "hypervisor":
+        wheel_dir = MKOSI_CACHE / "wheels" / name
         shutil.rmtree(wheel_dir, ignore_errors=True)
         wheel_dir.mkdir(parents=True)
         for whl in sorted(house.glob("*.whl")):
             shutil.copy2(whl, wheel_dir / whl.name)
         project_wheel(venv_python, wheel_dir)
         wheels = sorted(wheel_dir.glob("*.whl"))
-        mkosi_args += ["--build-sources", f"{wheel_dir}:wheels"]
-        for tree in opts.extra_trees:
-            mkosi_args += ["--extra-tree", str(tree)]
 
     packages_cache = MKOSI_CACHE / "packages"
     packages_cache.mkdir(parents=True, exist_ok=True)
-    synced = packages_cache / ".hatchery-synced"
-    cache_only = "metadata" if synced.exists() and not opts.refresh else "auto"
-    staging = opts.out / f".{name}.staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    metadata = PackageMetadata(packages_cache, opts.metadata_max_age_hours)
+    plan = metadata.plan(opts.refresh)
     # One incremental cache per image: mkosi names its cached tree by distribution only, so
     # a shared folder lets one image's cached packages stand in for another's.
     incremental = MKOSI_CACHE / "incremental" / name
-    incremental.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        "mkosi", "-C", str(REPO / "images" / name), "--force",
-        "--package-manager-tree", f"{tree}:/",
-        "--package-cache-dir", str(packages_cache),
-        "--cache-dir", str(incremental),
-        "--incremental", "yes" if opts.incremental else "no",
-        "--cache-only", cache_only,
-        "--output-dir", str(staging),
-        "--image-version", opts.version,
-        *mkosi_args,
-        "build",
-    ]  # fmt: skip
-    log(f"{step} {name}: mkosi build (version {opts.version}, package metadata: "
-        f"{'cached' if cache_only == 'metadata' else 'sync'})")  # fmt: skip
-    result = subprocess.run(cmd, cwd=REPO / "images" / name, check=False)
+    kept = metadata.prepare_incremental(incremental, plan)
+    staging = opts.out / f".{name}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    paths = MkosiPaths(pkgmngr_tree, packages_cache, incremental, staging, wheel_dir)
+    log(f"{step} {name}: package metadata: {plan.reason}"
+        + ("" if kept or not opts.incremental else "; incremental cache made from it"))  # fmt: skip
+    log(f"{step} {name}: mkosi build (version {opts.version})")
+    argv = mkosi_argv(name, opts, paths, plan.cache_only)
+    result = subprocess.run(argv, cwd=REPO / "images" / name, check=False)
     if result.returncode != 0:
         raise BuildError(f"{name}: mkosi failed with exit status {result.returncode}")
-    synced.touch()
+    metadata.record(incremental, plan)
 
     # Canonical artefact names, whatever suffix mkosi chose (it may append the version).
     artefacts: dict[str, Path] = {}
@@ -413,7 +560,6 @@ def build_one(name: str, opts: BuildOptions, step: str) -> Path:
         if want not in artefacts:
             raise BuildError(f"{name}: mkosi produced no {want} (got {os.listdir(staging)})")
     packages = read_packages(artefacts.pop("mkosi.manifest"))
-    lock_note = check_lock(name, packages, opts.update_lock)
 
     final = opts.out / f".{name}.new"
     shutil.rmtree(final, ignore_errors=True)
@@ -445,7 +591,11 @@ def build_one(name: str, opts: BuildOptions, step: str) -> Path:
     sizes = ", ".join(
         f"{f} {meta['bytes'] / 1e6:.1f} MB" for f, meta in manifest["artefacts"].items()
     )
-    log(f"{step} {name}: built in {time.monotonic() - started:.0f} s: {sizes}; {lock_note}")
+    log(f"{step} {name}: built in {time.monotonic() - started:.0f} s: {sizes}")
+    # After the artefacts are in place: with --locked the build fails, yet what was built
+    # stays inspectable (its manifest lists the exact versions).
+    lock_note = reconcile_lock(name, packages, opts.lock_mode, lock)
+    log(f"{step} {name}: {lock_note}")
     return out
 
 
@@ -460,6 +610,13 @@ def _truthy(value: str | None) -> bool:
     return (value or "").lower() in {"1", "yes", "true"}
 
 
+def _hours(value: str) -> float:
+    hours = float(value)
+    if hours < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more hours (inf: never)")
+    return hours
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -470,10 +627,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="image version (os-release IMAGE_VERSION); env VERSION")  # fmt: skip
     build.add_argument("--force", action="store_true", help="build even if up to date")
     build.add_argument("--refresh", action="store_true", default=_truthy(os.environ.get("REFRESH")),
-                       help="sync the package metadata again (env REFRESH=1)")  # fmt: skip
+                       help="sync the package metadata now (env REFRESH=1)")  # fmt: skip
+    build.add_argument("--metadata-max-age", type=_hours, metavar="HOURS",
+                       default=_hours(os.environ.get("METADATA_MAX_AGE")
+                                      or str(METADATA_MAX_AGE_HOURS)),
+                       help="sync the package metadata when older than this many hours "
+                       "(default 24; inf: never; env METADATA_MAX_AGE)")  # fmt: skip
     build.add_argument("--update-lock", action="store_true",
                        default=_truthy(os.environ.get("UPDATE_LOCK")),
                        help="rewrite images/<name>/packages.lock (env UPDATE_LOCK=1)")  # fmt: skip
+    build.add_argument("--locked", action="store_true", default=_truthy(os.environ.get("LOCKED")),
+                       help="fail if the packages differ from the lock (env LOCKED=1)")  # fmt: skip
+    build.add_argument("--locks-dir", type=Path, default=REPO / "images",
+                       help="where <name>/packages.lock live (default: images/)")  # fmt: skip
     build.add_argument("--no-incremental", dest="incremental", action="store_false",
                        help="do not reuse mkosi's cached package-installed trees")  # fmt: skip
     build.add_argument("--extra-tree", action="append", type=Path, default=[],
@@ -487,15 +653,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"build-images: unknown image {unknown[0]!r}; known: {', '.join(IMAGES)}",
               file=sys.stderr)  # fmt: skip
         return 2
+    if args.locked and args.update_lock:
+        print("build-images: LOCKED=1 and UPDATE_LOCK=1 contradict each other; pick one",
+              file=sys.stderr)  # fmt: skip
+        return 2
     names = [n for n in IMAGES if n in (args.images or IMAGES)]
+    mode = (
+        LockMode.UPDATE if args.update_lock else LockMode.LOCKED if args.locked else LockMode.REPORT
+    )
     opts = BuildOptions(
         out=args.output_dir.resolve(),
         version=args.version,
         force=args.force,
         refresh=args.refresh,
-        update_lock=args.update_lock,
+        lock_mode=mode,
         incremental=args.incremental,
         extra_trees=tuple(t.resolve() for t in args.extra_tree),
+        locks_dir=args.locks_dir.resolve(),
+        metadata_max_age_hours=args.metadata_max_age,
     )
     opts.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()

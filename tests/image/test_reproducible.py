@@ -38,12 +38,9 @@ def test_manifest_records_inputs_packages_and_artefacts(images: Path) -> None:
         assert {f"{name}.cpio.zst", f"{name}.vmlinuz"} <= set(artefacts)
         assert all(len(meta["sha256"]) == 64 for meta in artefacts.values())
         packages = data["packages"]
+        # The exact versions built, whatever the lock says (drift is tests/image/test_lock.py's).
         assert isinstance(packages, dict) and packages.get("linux-image-amd64")
-        lock = Path(__file__).resolve().parents[2] / "images" / name / "packages.lock"
-        locked = dict(
-            line.split() for line in lock.read_text().splitlines() if line and line[0] != "#"
-        )
-        assert locked == packages
+        assert all(isinstance(v, str) and v for v in packages.values())
     assert "appliance-vm.vmlinux" in manifest(images, "appliance-vm")["artefacts"]  # type: ignore[operator]
     assert any(w.startswith("hatchery-") for w in manifest(images, "hypervisor")["python_wheels"])  # type: ignore[union-attr]
 

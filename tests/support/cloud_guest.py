@@ -126,11 +126,12 @@ def _build(out: Path, digest: str, inputs: dict[str, object], timeout: float) ->
     tree, _ = image_tools.package_manager_tree()
     packages_cache = image_tools.MKOSI_CACHE / "packages"
     packages_cache.mkdir(parents=True, exist_ok=True)
-    # Same rule as tools/images.py: once the repository metadata was synced, reuse it.
-    synced = packages_cache / ".hatchery-synced"
-    cache_only = "metadata" if synced.exists() else "auto"
+    # Same rule as tools/images.py: metadata older than a day is synced again, and an
+    # incremental tree made from other metadata is dropped.
+    metadata = image_tools.PackageMetadata(packages_cache)
+    plan = metadata.plan(refresh=False)
     incremental = CACHE / "incremental"  # not shared: mkosi keys it by distribution only
-    incremental.mkdir(parents=True, exist_ok=True)
+    metadata.prepare_incremental(incremental, plan)
     staging = CACHE / f".{digest}.staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -140,7 +141,7 @@ def _build(out: Path, digest: str, inputs: dict[str, object], timeout: float) ->
         "--package-cache-dir", str(packages_cache),
         "--cache-dir", str(incremental),
         "--incremental", "yes",
-        "--cache-only", cache_only,
+        "--cache-only", plan.cache_only,
         "--output-dir", str(staging),
         "build",
     ]  # fmt: skip
@@ -156,8 +157,7 @@ def _build(out: Path, digest: str, inputs: dict[str, object], timeout: float) ->
             + result.stdout[-3000:]
             + result.stderr[-5000:]
         )
-    if cache_only == "auto":
-        synced.touch()
+    metadata.record(incremental, plan)
     found: dict[str, Path] = {}
     for path in staging.iterdir():
         if path.name.endswith(".cpio.zst"):

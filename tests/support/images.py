@@ -33,15 +33,26 @@ class ImageBuildError(RuntimeError):
     pass
 
 
-def build_images(*args: str, output_dir: Path | None = None, timeout: float = 3600) -> Path:
-    """Run the image build (cached by inputs unless ``--force``); return the output folder."""
+def run_build(
+    *args: str,
+    output_dir: Path | None = None,
+    timeout: float = 3600,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run the image build as ``make images`` does (``env`` adds variables such as LOCKED)."""
     argv = [str(BUILD_SCRIPT), *args]
     if output_dir is not None:
         argv += ["--output-dir", str(output_dir)]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
+                          env={**os.environ, **(env or {})})  # fmt: skip
+
+
+def build_images(*args: str, output_dir: Path | None = None, timeout: float = 3600) -> Path:
+    """Run the image build (cached by inputs unless ``--force``); return the output folder."""
+    result = run_build(*args, output_dir=output_dir, timeout=timeout)
     if result.returncode != 0:
         raise ImageBuildError(
-            f"{' '.join(argv)} failed ({result.returncode}):\n"
+            f"{' '.join(map(str, result.args))} failed ({result.returncode}):\n"
             + (result.stdout[-4000:] + result.stderr[-4000:])
         )
     return output_dir or IMAGES_DIR

@@ -14,7 +14,7 @@ import io
 import subprocess
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +98,18 @@ def seed_tar(
     return out.getvalue()
 
 
+# Milestones of a node's boot as its serial console shows them, in boot order: the demo
+# prints each once as it happens, so a two-minute boot is not two minutes of silence.
+CONSOLE_MILESTONES = (
+    ("Linux version", "kernel up"),
+    ("Run /init as init process", "root file system unpacked; systemd starting"),
+    ("hatchery-data: mounted", "/data ready (persistent)"),
+    ("hatchery-data: WARNING", "/data in RAM (no data disk)"),
+    ("hatchery-seed", "seed applied"),
+    ("Started hatchery-agent.service", "agent started"),
+)
+
+
 @dataclass
 class RunningNode:
     spec: NodeSpec
@@ -105,6 +117,15 @@ class RunningNode:
     console: Path
     credentials: Credentials
     started: float = field(default_factory=time.monotonic)
+    seen: set[str] = field(default_factory=set)  # milestones already announced
+
+    def announce_milestones(self, say: Callable[[str], None]) -> None:
+        """Say each console milestone reached since the last call, with the time since start."""
+        text = self.console_text()
+        for marker, label in CONSOLE_MILESTONES:
+            if marker in text and label not in self.seen:
+                self.seen.add(label)
+                say(f"    {self.spec.name}: {label} ({time.monotonic() - self.started:.0f} s)")
 
     @property
     def address(self) -> str:
@@ -140,12 +161,23 @@ class RunningNode:
         except ApiError:
             return None
 
-    def wait_agent(self, timeout: float, version: str | None = None) -> dict[str, Any]:
-        """Poll /healthz until the agent answers (on ``version`` if given)."""
+    def wait_agent(
+        self,
+        timeout: float,
+        version: str | None = None,
+        say: Callable[[str], None] | None = None,
+    ) -> dict[str, Any]:
+        """Poll /healthz until the agent answers (on ``version`` if given); with ``say``,
+        announce the boot's milestones on the way."""
         deadline = time.monotonic() + timeout
         while True:
+            if say is not None:
+                self.announce_milestones(say)
             health = self.health()
             if health is not None and (version is None or health["version"] == version):
+                if say is not None:
+                    say(f"    {self.spec.name}: agent answering on {self.address} "
+                        f"({time.monotonic() - self.started:.0f} s)")  # fmt: skip
                 return health
             if self.process.poll() is not None:
                 raise RuntimeError(

@@ -81,10 +81,37 @@ def _api(node: RunningNode, method: str, path: str, **kwargs: Any) -> Any:
     return asyncio.run(node.api(method, path, **kwargs))
 
 
-def _publish(node: RunningNode, build: Path, pki: Pki, admin: Any) -> None:
+def _publish(
+    node: RunningNode, build: Path, pki: Pki, admin: Any, say: Callable[[str], None]
+) -> None:
+    """Publish one build into the node's store, saying its size before and its rate after."""
+    size = sum(p.stat().st_size for p in build.iterdir() if p.is_file())
+    version = json.loads((build / "manifest.json").read_text())["version"]
+    say(f"    {node.spec.name}: publishing {version} ({size / 1e6:.0f} MB) into its image store")
     argv = [str(BIN / "hatchery"), "image", "publish", str(build), "--agent", node.address,
             "--ca", str(pki.ca), "--cert", str(admin.cert), "--key", str(admin.key)]  # fmt: skip
+    started = time.monotonic()
     subprocess.run(argv, check=True, capture_output=True, timeout=1800)
+    took = time.monotonic() - started
+    say(f"    {node.spec.name}: published {version} in {took:.0f} s "
+        f"({size / 1e6 / max(took, 0.001):.1f} MB/s)")  # fmt: skip
+
+
+def _rollout(argv: list[str], log: Path, say: Callable[[str], None]) -> tuple[int, str]:
+    """Run hatchery-rollout, echoing its plan and progress lines as they come."""
+    lines: list[str] = []
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.strip():
+                say(f"    | {line.rstrip()}")
+        status = proc.wait(timeout=3600)
+    output = "".join(lines)
+    log.write_text(output)
+    return status, output
 
 
 def _wait(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -102,8 +129,14 @@ def run_story(workdir: Path, say: Callable[[str], None] = _say) -> Story:
     story = Story(workdir, say)
     workdir.mkdir(parents=True, exist_ok=True)
     with story.step("1. build images v1, v2 and the appliance VM (cached)") as r:
+        started = time.monotonic()
+        say("    building the appliance VM image (cached by its inputs)")
         appliance = build_images("appliance-vm") / "appliance-vm"
-        builds = {v: build_version(v) for v in ("v1", "v2")}
+        builds = {}
+        for v in ("v1", "v2"):
+            say(f"    building hypervisor {v} ({time.monotonic() - started:.0f} s so far)")
+            builds[v] = build_version(v)
+        say(f"    images ready ({time.monotonic() - started:.0f} s)")
         key = signing_key(workdir / "keys")
         for b in builds.values():
             signed(b, key)
@@ -130,16 +163,20 @@ def run_story(workdir: Path, say: Callable[[str], None] = _say) -> Story:
                 a_spec, lab, pki, workdir / "node-a", kernel=v1 / "hypervisor.vmlinuz",
                 initrd=v1 / "hypervisor.cpio.zst", seed=a_seed,
             ))  # fmt: skip
-            health = node_a.wait_agent(900, version="v1")
+            say(f"    node-a: QEMU started (pid {node_a.process.pid}), console in "
+                f"{node_a.console}")  # fmt: skip
+            health = node_a.wait_agent(900, version="v1", say=say)
             for b in builds.values():
-                _publish(node_a, b, pki, admin)
+                _publish(node_a, b, pki, admin, say)
             story.facts["a_data"] = "hatchery-data" in node_a.console_text()
             r["outcome"] = f"agent up on {node_a.address}, version {health['version']}"
         with story.step("3. node B PXE-boots from node A's agent") as r:
             node_b = stack.enter_context(boot_node(b_spec, lab, pki, workdir / "node-b"))
-            health = node_b.wait_agent(1500, version="v1")
+            say(f"    node-b: QEMU started (pid {node_b.process.pid}); PXE from node A "
+                "(iPXE prints nothing on the serial console until the kernel runs)")  # fmt: skip
+            health = node_b.wait_agent(1500, version="v1", say=say)
             for b in builds.values():
-                _publish(node_b, b, pki, admin)
+                _publish(node_b, b, pki, admin, say)
             r["outcome"] = f"agent up on {node_b.address}, version {health['version']}, born from A"
         with story.step("4. appliance VM on node B through the API (mutual TLS)") as r:
             port = free_port()
@@ -180,19 +217,19 @@ def run_story(workdir: Path, say: Callable[[str], None] = _say) -> Story:
                 {"name": "node-a", "address": node_a.address, "location": "lab/rack1"},
                 {"name": "node-b", "address": node_b.address, "location": "lab/rack2"},
             ]}))  # fmt: skip
-            rollout = subprocess.run(
+            status, output = _rollout(
                 [str(BIN / "hatchery-rollout"), "run", "--fleet", str(fleet), "--version", "v2",
                  "--mode", "live", "--journal", str(workdir / "rollout.jsonl"),
                  "--ca", str(pki.ca), "--cert", str(admin.cert), "--key", str(admin.key),
-                 "--upgrade-timeout", "1500", "--health-timeout", "600"],
-                capture_output=True, text=True, timeout=3600,
+                 "--upgrade-timeout", "1500", "--health-timeout", "600",
+                 "--progress-interval", "5"],
+                workdir / "rollout.log", say,
             )  # fmt: skip
-            (workdir / "rollout.log").write_text(rollout.stdout + rollout.stderr)
-            if rollout.returncode != 0:
-                raise RuntimeError(f"the rollout failed:\n{rollout.stdout}{rollout.stderr}")
+            if status != 0:
+                raise RuntimeError(f"the rollout failed:\n{output}")
             after = _api(node_b, "GET", "/v1/vms/app1")
             versions = [node.wait_agent(600)["version"] for node in (node_a, node_b)]
-            story.facts.update(vm_after=after, versions=versions, rollout=rollout.stdout)
+            story.facts.update(vm_after=after, versions=versions, rollout=output)
             r["outcome"] = (f"versions {versions}; app1 {after['state']}, pid {after['pid']} "
                             f"(was {vm['pid']}), uptime {after['uptime']:.0f} s")  # fmt: skip
         story.facts["summary"] = [s.__dict__ for s in story.steps]

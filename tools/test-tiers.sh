@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# `make test`: every tier in order (lint+unit, then integration, then image), stopping at the
+# first tier that fails, so a broken lint costs two minutes rather than half an hour. Prints
+# each tier's duration and the total; pytest arguments come from PYTEST_ARGS.
+set -uo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+py=${VENV:-$here/.venv}/bin/python
+[ -x "$py" ] || { echo "test-tiers: no venv at $py (run make setup)" >&2; exit 1; }
+cd "$here" || exit 1
+
+tiers=("lint+unit" "integration" "image")
+markers=("not integration and not image" "integration" "image")
+durations=()
+status=0
+started=$SECONDS
+for i in "${!tiers[@]}"; do
+  printf '\033[1m==> tier %s\033[0m\n' "${tiers[$i]}"
+  t0=$SECONDS
+  # shellcheck disable=SC2086  # PYTEST_ARGS is a list of words by design
+  "$py" -m pytest -m "${markers[$i]}" ${PYTEST_ARGS:-}
+  status=$?
+  durations+=("$(( SECONDS - t0 ))")
+  # pytest exit 5: no test selected (e.g. PYTEST_ARGS='-k tftp' in one tier): not a failure
+  if [ "$status" -ne 0 ] && [ "$status" -ne 5 ]; then break; fi
+  status=0
+done
+
+printf '\n\033[1m==> test tiers\033[0m\n'
+for i in "${!tiers[@]}"; do
+  if [ "$i" -lt "${#durations[@]}" ]; then
+    d=${durations[$i]}
+    outcome=passed
+    if [ "$i" -eq $(( ${#durations[@]} - 1 )) ] && [ "$status" -ne 0 ]; then outcome="FAILED ($status)"; fi
+    printf '  %-12s %4dm%02ds  %s\n' "${tiers[$i]}" $((d / 60)) $((d % 60)) "$outcome"
+  else
+    printf '  %-12s %8s  not run (an earlier tier failed)\n' "${tiers[$i]}" "-"
+  fi
+done
+total=$(( SECONDS - started ))
+printf '  %-12s %4dm%02ds\n' "total" $((total / 60)) $((total % 60))
+exit "$status"
