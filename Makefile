@@ -17,7 +17,7 @@ guest-kernel: setup ## fetch Debian's stock kernel for test guests into .cache/
 	@tools/fetch-guest-kernel.sh
 
 demo: setup guest-kernel ## the main job: set up, build, run the story (see README)
-	@$(PY) tools/demo.py
+	@$(PY) -m hatchery_lab.demo
 
 test: setup guest-kernel ## every tier in order (lint+unit, integration, image); stops at the first failure
 	@PYTEST_ARGS='$(PYTEST_ARGS)' tools/test-tiers.sh

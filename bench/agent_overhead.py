@@ -18,14 +18,14 @@ from pathlib import Path
 from bench.report import median, table, write_section
 from hatchery.client import AgentClient, Credentials
 from hatchery.metadata.service import teardown_bridge
-from tests.support.agent import AgentProcess, Pki
-from tests.support.guest import (
+from hatchery_lab.agent import AgentProcess, Pki
+from hatchery_lab.guest import (
     INIT_PRELUDE,
     VIRTIO_NET_MODULES,
     busybox_initramfs,
     find_guest_kernel,
 )
-from tests.support.net import bridge
+from hatchery_lab.net import bridge
 
 RUNS = 10
 MARKER = b"BENCH-GUEST-UP"

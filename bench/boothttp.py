@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from bench.report import median, table, write_section
-from tests.integration.netboot.netenv import AGENT
+from hatchery_lab.netenv import AGENT
 
 RUNS = 9
 SIZE_MB = 1024

@@ -29,7 +29,8 @@ from hatchery.dhcp.packet import (
     opt_ip,
     opt_u8,
 )
-from tests.integration.netboot.netenv import REPO, NetEnv, boot_network
+from hatchery_lab import REPO
+from hatchery_lab.netenv import NetEnv, boot_network
 
 ROUNDS = 5
 SECONDS = 3.0

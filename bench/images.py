@@ -24,8 +24,8 @@ from pathlib import Path
 from bench.report import median, table, write_section
 from hatchery import pki
 from hatchery.qemu.accel import choose_accel
-from tests.support.guest import run_guest
-from tests.support.images import (
+from hatchery_lab.guest import run_guest
+from hatchery_lab.images import (
     LEASE_MARKER,
     appliance_argv,
     appliance_lan,

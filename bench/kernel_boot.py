@@ -12,7 +12,7 @@ from pathlib import Path
 from bench.report import median, table, write_section
 from hatchery.qemu.accel import choose_accel
 from hatchery.qemu.cmdline import DirectKernel, GuestSpec, build_argv
-from tests.support.guest import INIT_PRELUDE, busybox_initramfs, find_guest_kernel, run_guest
+from hatchery_lab.guest import INIT_PRELUDE, busybox_initramfs, find_guest_kernel, run_guest
 
 RUNS = 5
 MARKER = b"BENCH-INIT-REACHED"

@@ -21,8 +21,8 @@ from bench.report import table, write_section
 from hatchery.metadata.ruleset import Port
 from hatchery.metadata.server import VmMetadata
 from hatchery.metadata.service import MetadataService
-from tests.support.net import bridge
-from tests.support.vmns import NsVm, ns_vm
+from hatchery_lab.net import bridge
+from hatchery_lab.vmns import NsVm, ns_vm
 
 SECONDS = 5.0
 CLIENT = textwrap.dedent(

@@ -16,8 +16,8 @@ from bench.boothttp import nginx_argv
 from bench.report import median, table, write_section
 from hatchery.boothttp.profiles import Profiles
 from hatchery.qemu.accel import choose_accel
-from tests.integration.netboot import pxe_chain
-from tests.integration.netboot.netenv import NetEnv, boot_network, sh
+from hatchery_lab import pxe_chain
+from hatchery_lab.netenv import NetEnv, boot_network, sh
 
 RUNS = 5
 MAC = "52:54:00:be:00:01"

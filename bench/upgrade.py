@@ -15,9 +15,9 @@ from typing import Any
 
 from bench.report import table, write_section
 from hatchery.client import AgentClient, ApiError
-from tests.support.agent import Pki
-from tests.support.demo_images import build_version, signed, signing_key
-from tests.support.node import NodeSpec, RunningNode, boot_node, lab_network
+from hatchery_lab.agent import Pki
+from hatchery_lab.demo_images import build_version, signed, signing_key
+from hatchery_lab.node import NodeSpec, RunningNode, boot_node, lab_network
 
 BIN = Path(sys.executable).parent
 

@@ -11,4 +11,4 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 py=${VENV:-$here/.venv}/bin/python
 [ -x "$py" ] || { echo "build-images: no venv at $py (run make setup)" >&2; exit 1; }
-exec "$py" "$here/tools/images.py" build "$@"
+exec "$py" -m hatchery_lab.imagebuild build "$@"

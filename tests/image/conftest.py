@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from hatchery_lab.images import build_images, unpack_cpio
 from tests.conftest import missing
-from tests.support.images import build_images, unpack_cpio
 
 
 @pytest.fixture(scope="session")

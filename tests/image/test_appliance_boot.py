@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.guest import run_guest
-from tests.support.images import (
+from hatchery_lab.guest import run_guest
+from hatchery_lab.images import (
     LEASE_MARKER,
     ApplianceLan,
     appliance_argv,

@@ -1,6 +1,6 @@
 """Issue 5: Debian's stock cloud-init runs the agent's user data through the NoCloud path.
 
-The guest image (tests/image/cloud_guest/, built with mkosi by tests/support/cloud_guest.py) is
+The guest image (tests/image/cloud_guest/, built with mkosi by hatchery_lab.cloud_guest) is
 Debian 12 with Debian's own cloud-init and no change of Hatchery's: only systemd-networkd and
 its wait-online unit are enabled. A real agent on a throwaway bridge creates the VM through
 its CLI over mutual TLS, with ``--user-data``; the agent points cloud-init at its metadata
@@ -33,10 +33,10 @@ import pytest
 import yaml
 
 from hatchery.metadata.service import teardown_bridge
+from hatchery_lab.agent import AgentProcess, Pki, qemu_alive
+from hatchery_lab.cloud_guest import CloudGuestImage, build_cloud_guest
+from hatchery_lab.net import bridge
 from tests.conftest import missing
-from tests.support.agent import AgentProcess, Pki, qemu_alive
-from tests.support.cloud_guest import CloudGuestImage, build_cloud_guest
-from tests.support.net import bridge
 
 TIMEOUT = 420  # TCG on a shared machine: ~40-60 s when idle, much more when loaded
 VM = "cinit"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.support.story import run_story
+from hatchery_lab.story import run_story
 
 
 def test_the_whole_story(images: Path, tmp_path: Path) -> None:

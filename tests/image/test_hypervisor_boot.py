@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from hatchery import pki
-from tests.support.guest import run_guest
-from tests.support.images import hypervisor_argv
+from hatchery_lab.guest import run_guest
+from hatchery_lab.images import hypervisor_argv
 
 BOOT_TIMEOUT = 900  # TCG on a shared machine: ~1-3 minutes per boot, generous margin
 DISK_MIB = 512

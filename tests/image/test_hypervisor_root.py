@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import testinfra
 
-from tests.support.images import manifest
+from hatchery_lab.images import manifest
 
 EXPECTED_PACKAGES = (
     "linux-image-amd64", "systemd", "systemd-sysv", "udev", "qemu-system-x86", "qemu-utils",

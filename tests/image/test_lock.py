@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.support.images import manifest, run_build
+from hatchery_lab.images import manifest, run_build
 
 OLDER = "0.0~older-1"
 

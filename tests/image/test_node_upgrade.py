@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from tests.support.agent import Pki, free_port
-from tests.support.demo_images import build_version, signed, signing_key
-from tests.support.node import Lab, NodeSpec, RunningNode, boot_node, lab_network
+from hatchery_lab.agent import Pki, free_port
+from hatchery_lab.demo_images import build_version, signed, signing_key
+from hatchery_lab.node import Lab, NodeSpec, RunningNode, boot_node, lab_network
 
 BIN = Path(sys.executable).parent
 VERSIONS = ("v1", "v2", "v3", "v4")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.support.images import build_images, manifest
+from hatchery_lab.images import build_images, manifest
 
 NAMES = ("appliance-vm", "hypervisor")
 

@@ -9,8 +9,8 @@ import pytest
 
 from hatchery.qemu.accel import choose_accel
 from hatchery.qemu.cmdline import DirectKernel, GuestSpec, build_argv
+from hatchery_lab.guest import INIT_PRELUDE, busybox_initramfs, find_guest_kernel, run_guest
 from tests.conftest import missing
-from tests.support.guest import INIT_PRELUDE, busybox_initramfs, find_guest_kernel, run_guest
 
 MARKER = "HATCHERY-GUEST-UP"
 

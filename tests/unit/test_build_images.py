@@ -1,4 +1,4 @@
-"""The image build driver's decisions (tools/images.py), without running mkosi.
+"""The image build driver's decisions (tools/lab/hatchery_lab/imagebuild.py), without running mkosi.
 
 What these guard: the mkosi command line names the generated package-manager tree even when
 overlays are given (they once replaced it); the package lock warns by default, fails only
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tools import images as build
+from hatchery_lab import imagebuild as build
 
 HOUR = 3600.0
 

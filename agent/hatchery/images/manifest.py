@@ -55,7 +55,7 @@ class Role(StrEnum):
 
 
 REQUIRED_ROLES = frozenset({Role.KERNEL, Role.INITRD})
-# How ``make images`` names its artefacts (tools/images.py): <image>.<suffix>.
+# How ``make images`` names its artefacts (tools/lab/hatchery_lab/imagebuild.py): <image>.<suffix>.
 BUILD_SUFFIXES: dict[str, Role] = {
     ".vmlinuz": Role.KERNEL,
     ".cpio.zst": Role.INITRD,

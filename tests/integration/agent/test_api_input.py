@@ -22,7 +22,7 @@ from hatchery.health import NodeHealth
 from hatchery.pki import server_context
 from hatchery.qemu.accel import Accel, AccelChoice
 from hatchery.vms.manager import VmManager
-from tests.support.agent import Pki, free_port
+from hatchery_lab.agent import Pki, free_port
 
 
 @pytest.fixture

@@ -16,16 +16,16 @@ import pytest
 
 from hatchery.cpio import Entry
 from hatchery.metadata.service import teardown_bridge
-from tests.conftest import missing
-from tests.support.agent import AgentProcess, Pki, free_port, qemu_alive
-from tests.support.guest import (
+from hatchery_lab.agent import AgentProcess, Pki, free_port, qemu_alive
+from hatchery_lab.guest import (
     INIT_PRELUDE,
     VIRTIO_NET_MODULES,
     GuestKernel,
     busybox_initramfs,
     find_guest_kernel,
 )
-from tests.support.net import bridge
+from hatchery_lab.net import bridge
+from tests.conftest import missing
 
 # The guest asks the agent's DHCP server for its address, then its identity from the
 # metadata service, and prints both on its serial console.

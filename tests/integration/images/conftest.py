@@ -18,7 +18,7 @@ from hatchery.images.api import add_routes
 from hatchery.images.signing import KeyDirectory, KeyPair, generate_key
 from hatchery.images.store import ImageStore
 from hatchery.pki import IssuedPair, client_context, server_context
-from tests.support.agent import Pki, free_port
+from hatchery_lab.agent import Pki, free_port
 
 
 @dataclass

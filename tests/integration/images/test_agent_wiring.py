@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from hatchery.images.signing import generate_key
-from tests.support.agent import AgentProcess, Pki
-from tests.unit.images.synthetic import signed_build
+from hatchery_lab.agent import AgentProcess, Pki
+from tests.support.synthetic_images import signed_build
 
 
 @pytest.fixture

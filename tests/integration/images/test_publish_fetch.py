@@ -30,9 +30,9 @@ from hatchery.images.signing import (
 )
 from hatchery.images.store import ImageStore
 from hatchery.pki import client_context
+from hatchery_lab.agent import free_port
 from tests.integration.images.conftest import Cluster, Node
-from tests.support.agent import free_port
-from tests.unit.images.synthetic import signed_build
+from tests.support.synthetic_images import signed_build
 
 HATCHERY = Path(sys.executable).parent / "hatchery"
 INITRD = 3 * 1024 * 1024

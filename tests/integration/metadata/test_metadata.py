@@ -18,8 +18,8 @@ from hatchery.metadata.plumbing import Names
 from hatchery.metadata.ruleset import Port, table_name
 from hatchery.metadata.server import VmMetadata
 from hatchery.metadata.service import MetadataService
-from tests.support.net import bridge
-from tests.support.vmns import NsVm, ns_vm, sh
+from hatchery_lab.net import bridge
+from hatchery_lab.vmns import NsVm, ns_vm, sh
 
 MD = "http://169.254.169.254"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.netboot.netenv import NetEnv, boot_network
+from hatchery_lab.netenv import NetEnv, boot_network
 
 
 @pytest.fixture

@@ -21,17 +21,17 @@ from hatchery.images.signing import generate_key, sign_build_dir
 from hatchery.metadata.service import teardown_bridge
 from hatchery.qemu.accel import choose_accel
 from hatchery.qemu.cmdline import GuestSpec, Nic, build_argv
-from tests.conftest import missing
-from tests.support.agent import AgentProcess, Pki, free_port
-from tests.support.guest import (
+from hatchery_lab.agent import AgentProcess, Pki, free_port
+from hatchery_lab.guest import (
     INIT_PRELUDE,
     VIRTIO_NET_MODULES,
     busybox_initramfs,
     find_guest_kernel,
     run_guest,
 )
-from tests.support.net import bridge, unique_name
-from tests.unit.images.synthetic import make_build
+from hatchery_lab.net import bridge, unique_name
+from tests.conftest import missing
+from tests.support.synthetic_images import make_build
 
 MAC = "52:54:00:b1:47:01"
 LEASE = r"""#!/bin/sh

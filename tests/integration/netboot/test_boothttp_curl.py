@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.netboot.netenv import AGENT, REPO
+from hatchery_lab import REPO
+from hatchery_lab.netenv import AGENT
 
 
 def _free_port() -> int:

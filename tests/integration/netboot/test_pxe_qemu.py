@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from hatchery_lab import pxe_chain
+from hatchery_lab.guest import find_guest_kernel
+from hatchery_lab.netenv import NetEnv
 from tests.conftest import missing
-from tests.integration.netboot import pxe_chain
-from tests.integration.netboot.netenv import NetEnv
-from tests.support.guest import find_guest_kernel
 
 
 @pytest.fixture

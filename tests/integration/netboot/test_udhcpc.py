@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.netboot.netenv import NetEnv
+from hatchery_lab.netenv import NetEnv
 
 SCRIPT = """#!/bin/sh
 [ "$1" = bound ] || exit 0

@@ -20,8 +20,8 @@ import zstandard
 from hatchery.client import AgentClient, ApiError, Credentials
 from hatchery.cpio import Entry, write_newc
 from hatchery.images.signing import generate_key, sign_build_dir
-from tests.support.agent import AgentProcess, Pki
-from tests.unit.images.synthetic import make_build
+from hatchery_lab.agent import AgentProcess, Pki
+from tests.support.synthetic_images import make_build
 from tests.unit.upgrade.test_livepatch import unpack
 
 BIN = Path(sys.executable).parent

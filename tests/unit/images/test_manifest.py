@@ -21,7 +21,7 @@ from hatchery.images.manifest import (
     parse_signed,
 )
 from hatchery.images.signing import generate_key, load_private_key, sign
-from tests.unit.images.synthetic import make_build
+from tests.support.synthetic_images import make_build
 
 
 @pytest.fixture(scope="module")

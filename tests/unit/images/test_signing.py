@@ -23,7 +23,7 @@ from hatchery.images.signing import (
     sign,
     sign_build_dir,
 )
-from tests.unit.images.synthetic import make_build
+from tests.support.synthetic_images import make_build
 
 
 def test_keygen_writes_a_private_key_0600_and_refuses_to_overwrite(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from hatchery.images.store import (
     ObjectNotFound,
     StoreError,
 )
-from tests.unit.images.synthetic import signed_build
+from tests.support.synthetic_images import signed_build
 
 
 @pytest.fixture

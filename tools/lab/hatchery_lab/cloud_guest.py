@@ -1,10 +1,10 @@
 """Build the stock cloud-init guest (tests/image/cloud_guest/) with mkosi, cached by its inputs.
 
 The image is Debian 12 with Debian's own cloud-init; tests/image/cloud_guest/mkosi.conf says
-what is in it. It is built the way tools/images.py builds ours, with the same package-manager
-tree (apt sources generated from this host's apt configuration, so no archive host name is
-written anywhere) and the same package cache, but with an incremental cache and an output
-folder of its own: ``.cache/cloud-guest/<inputs sha256>/`` holds ``cloud-guest.vmlinuz``,
+what is in it. It is built the way hatchery_lab.imagebuild builds ours, with the same
+package-manager tree (apt sources generated from this host's apt configuration, so no archive
+host name is written anywhere) and the same package cache, but with an incremental cache and
+an output folder of its own: ``.cache/cloud-guest/<inputs sha256>/`` holds ``cloud-guest.vmlinuz``,
 ``cloud-guest.cpio.zst`` and ``manifest.json``. A rerun with the same inputs builds nothing.
 
 Heavy builds never overlap: a lock file serialises builds of this image, and a build first
@@ -25,9 +25,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tools import images as image_tools
+from hatchery_lab import REPO
+from hatchery_lab import imagebuild as image_tools
 
-REPO = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO / "tests" / "image" / "cloud_guest"
 CACHE = REPO / ".cache" / "cloud-guest"
 NAME = "cloud-guest"
@@ -59,7 +59,7 @@ def _inputs() -> tuple[str, dict[str, object]]:
         for name in sorted(names):
             path = Path(root) / name
             files[path.relative_to(REPO).as_posix()] = image_tools.sha256_file(path)
-    files["tests/support/cloud_guest.py"] = image_tools.sha256_file(Path(__file__))
+    files["tools/lab/hatchery_lab/cloud_guest.py"] = image_tools.sha256_file(Path(__file__))
     _, sources = image_tools.package_manager_tree()
     everything: dict[str, object] = {
         "files": files,
@@ -126,7 +126,7 @@ def _build(out: Path, digest: str, inputs: dict[str, object], timeout: float) ->
     tree, _ = image_tools.package_manager_tree()
     packages_cache = image_tools.MKOSI_CACHE / "packages"
     packages_cache.mkdir(parents=True, exist_ok=True)
-    # Same rule as tools/images.py: metadata older than a day is synced again, and an
+    # Same rule as hatchery_lab.imagebuild: metadata older than a day is synced again, and an
     # incremental tree made from other metadata is dropped.
     metadata = image_tools.PackageMetadata(packages_cache)
     plan = metadata.plan(refresh=False)

@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from hatchery.images.signing import KeyPair, generate_key, sign_build_dir
-from tests.support.images import build_images
+from hatchery_lab import REPO
+from hatchery_lab.images import build_images
 
-REPO = Path(__file__).resolve().parents[2]
 OVERLAYS = REPO / "images" / "demo-overlays"
 DEMO_BUILDS = REPO / "build" / "demo"
 

@@ -29,10 +29,10 @@ from typing import Any
 
 import yaml
 
-from tests.support.agent import Pki, free_port
-from tests.support.demo_images import build_version, signed, signing_key
-from tests.support.images import build_images
-from tests.support.node import Lab, NodeSpec, RunningNode, boot_node, lab_network, seed_tar
+from hatchery_lab.agent import Pki, free_port
+from hatchery_lab.demo_images import build_version, signed, signing_key
+from hatchery_lab.images import build_images
+from hatchery_lab.node import Lab, NodeSpec, RunningNode, boot_node, lab_network, seed_tar
 
 BIN = Path(sys.executable).parent
 NODE_A = "52:54:00:de:00:0a"

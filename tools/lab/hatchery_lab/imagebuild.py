@@ -1,7 +1,7 @@
 """Build Hatchery's images with mkosi, cached by their inputs and checked against a lock.
 
-``tools/build-images.sh`` (``make images``) runs ``build``. For each image in images/<name>/
-(appliance-vm first, it is small; then hypervisor), one after the other:
+``make images`` (tools/build-images.sh) runs ``python -m hatchery_lab.imagebuild build``. For
+each image in images/<name>/ (appliance-vm first, it is small; then hypervisor), in turn:
 
 1. hash the inputs (mkosi.conf, mkosi.extra/, images/<name>/, and for the hypervisor the
    agent's source, pyproject.toml, requirements.lock), plus the image version, mkosi's version
@@ -21,8 +21,8 @@
    and the build succeeds; ``--locked`` fails on any difference, naming each package;
    ``--update-lock`` rewrites the lock. The comparison runs for up-to-date images too.
 
-``python tools/images.py build --output-dir DIR --force`` builds into another directory: the
-reproducibility test builds twice and compares the manifests.
+``python -m hatchery_lab.imagebuild build --output-dir DIR --force`` builds into another
+directory: the reproducibility test builds twice and compares the manifests.
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from hatchery.qemu.kernel import write_vmlinux
+from hatchery_lab import REPO
+
 CACHE = REPO / ".cache"
 MKOSI_CACHE = CACHE / "mkosi"
 DEFAULT_OUT = REPO / "build" / "images"
@@ -81,7 +83,7 @@ def _walk(path: Path) -> Iterable[Path]:
 def input_files(name: str) -> list[Path]:
     """Every file whose content goes into image ``name``."""
     roots = [REPO / "mkosi.conf", REPO / "mkosi.extra", REPO / "images" / name]
-    roots += [REPO / "tools" / "images.py", REPO / "tools" / "build-images.sh"]
+    roots += [Path(__file__), REPO / "tools" / "build-images.sh"]
     if name == "hypervisor":
         roots += [REPO / "agent", REPO / "tools" / "rollout", REPO / "pyproject.toml"]
         roots += [REPO / "requirements.lock", REPO / "README.md"]
@@ -338,7 +340,7 @@ class LockMode(StrEnum):
 
 def lock_text(name: str, packages: dict[str, str]) -> str:
     return (
-        f"# Debian packages in the {name} image, compared by every build (tools/images.py).\n"
+        f"# Debian packages in the {name} image, compared by every build (make images).\n"
         "# A difference is a warning; `make images LOCKED=1` fails on it.\n"
         "# Rewrite after a deliberate change: make images UPDATE_LOCK=1\n"
         + "".join(f"{pkg} {ver}\n" for pkg, ver in sorted(packages.items()))
@@ -567,9 +569,6 @@ def build_one(name: str, opts: BuildOptions, step: str) -> Path:
     for canonical, path in artefacts.items():
         path.rename(final / canonical)
     if name == "appliance-vm":
-        sys.path.insert(0, str(REPO / "agent"))
-        from hatchery.qemu.kernel import write_vmlinux
-
         write_vmlinux(final / f"{name}.vmlinuz", final / f"{name}.vmlinux")
     manifest = {
         "image": name,
@@ -588,9 +587,8 @@ def build_one(name: str, opts: BuildOptions, step: str) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     final.rename(out)
     shutil.rmtree(staging, ignore_errors=True)
-    sizes = ", ".join(
-        f"{f} {meta['bytes'] / 1e6:.1f} MB" for f, meta in manifest["artefacts"].items()
-    )
+    sizes = ", ".join(f"{f} {p.stat().st_size / 1e6:.1f} MB" for f, p in sorted(
+        (p.name, p) for p in out.iterdir() if p.name != "manifest.json"))  # fmt: skip
     log(f"{step} {name}: built in {time.monotonic() - started:.0f} s: {sizes}")
     # After the artefacts are in place: with --locked the build fails, yet what was built
     # stays inspectable (its manifest lists the exact versions).

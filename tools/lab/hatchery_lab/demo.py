@@ -1,4 +1,4 @@
-"""``make demo``: Hatchery's whole story in one run (see tests/support/story.py).
+"""``make demo``: Hatchery's whole story in one run (see hatchery_lab/story.py).
 
 Builds (or reuses) images v1 and v2, boots node A from v1, PXE-births node B from A, runs an
 appliance VM on B through the API, and rolls A and B to v2 with hatchery-rollout while the
@@ -14,11 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from hatchery.qemu.accel import choose_accel  # noqa: E402
-from tests.support.story import run_story  # noqa: E402
+from hatchery.qemu.accel import choose_accel
+from hatchery_lab import REPO
+from hatchery_lab.story import run_story
 
 
 def _interrupt(signum: int, frame: object) -> None:

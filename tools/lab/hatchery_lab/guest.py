@@ -14,8 +14,8 @@ from pathlib import Path
 
 from hatchery.cpio import Entry, write_newc
 from hatchery.qemu.kernel import write_vmlinux
+from hatchery_lab import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 KERNEL_DIR = REPO / ".cache" / "guest-kernel" / "current"
 BUSYBOX = Path("/bin/busybox")
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from hatchery.qemu.accel import choose_accel
 from hatchery.qemu.cmdline import DirectKernel, GuestSpec, Nic, build_argv
-from tests.support.net import unique_name
+from hatchery_lab import REPO
+from hatchery_lab.net import unique_name
 
-REPO = Path(__file__).resolve().parents[2]
 IMAGES_DIR = REPO / "build" / "images"
 BUILD_SCRIPT = REPO / "tools" / "build-images.sh"
 APPLIANCE_MAC = "52:54:00:a1:00:01"

@@ -1,4 +1,4 @@
-"""Small synthetic image builds, shaped like ``make images`` output (tools/images.py)."""
+"""Small synthetic image builds, shaped like ``make images`` output (hatchery_lab.imagebuild)."""
 
 from __future__ import annotations
 

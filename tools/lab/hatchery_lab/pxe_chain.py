@@ -13,8 +13,9 @@ from pathlib import Path
 
 from hatchery.qemu.accel import choose_accel
 from hatchery.qemu.cmdline import GuestSpec, Nic, build_argv
-from tests.integration.netboot.netenv import NetEnv
-from tests.support.guest import INIT_PRELUDE, busybox_initramfs, find_guest_kernel, run_guest
+from hatchery_lab import REPO
+from hatchery_lab.guest import INIT_PRELUDE, busybox_initramfs, find_guest_kernel, run_guest
+from hatchery_lab.netenv import NetEnv
 
 MARKER = "HATCHERY-PXE-UP"
 HTTP_PORT = 8080
@@ -51,7 +52,7 @@ def prepare_artefacts(workdir: Path) -> tuple[Path, Path]:
     shutil.copyfile(kernel.vmlinuz, root / "test" / "vmlinuz")
     (root / "test" / "initrd").write_bytes(busybox_initramfs(INIT))
     (workdir / "templates").mkdir(exist_ok=True)
-    repo_template = Path(__file__).resolve().parents[3] / "pxe" / "templates" / "default.ipxe"
+    repo_template = REPO / "pxe" / "templates" / "default.ipxe"
     shutil.copyfile(repo_template, workdir / "templates" / "default.ipxe")
     profiles = workdir / "profiles.yaml"
     profiles.write_text(PROFILES)

@@ -7,7 +7,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from tests.support.net import unique_name
+from hatchery_lab.net import unique_name
 
 
 def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -25,8 +25,8 @@ from hatchery import pki
 from hatchery.client import AgentClient, ApiError, Credentials
 from hatchery.qemu.accel import choose_accel
 from hatchery.qemu.cmdline import DirectKernel, GuestSpec, Nic, build_argv
-from tests.support.agent import Pki
-from tests.support.net import unique_name
+from hatchery_lab.agent import Pki
+from hatchery_lab.net import unique_name
 
 
 @dataclass(frozen=True)
