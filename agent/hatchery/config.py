@@ -1,9 +1,11 @@
 """The agent's configuration: one small YAML file, validated at start, safe defaults.
 
-Configuration is data: ``AgentConfig`` is frozen and built once in ``load_config``; every
-error names the key that is wrong (``bridges[0].subnets[1].gateway: ...``) so an operator
-can fix the file without reading code. Unknown keys are errors too: a typo must not be
-silently ignored.
+Configuration is data: ``AgentConfig`` is frozen and built once in ``load_config``. Each
+default exists once, in the dataclasses below: the parser reads a missing key's default from
+default instances of them (``_BOOT``, ``_CAPACITY``, ``_AGENT``), never from a second
+literal. Every error names the key that is wrong (``bridges[0].subnets[1].gateway: ...``)
+so an operator can fix the file without reading code. Unknown keys are errors too: a typo
+must not be silently ignored.
 """
 
 from __future__ import annotations
@@ -86,7 +88,6 @@ class AgentConfig:
     qemu_binary: str = "qemu-system-x86_64"
     capacity: CapacityConfig = field(default_factory=CapacityConfig)
     bridges: tuple[BridgeConfig, ...] = ()
-    peer: str | None = None
     image_keys: Path = DEFAULT_IMAGE_KEYS
     root: Path = Path("/")  # where live patches apply (tests point it elsewhere)
 
@@ -170,6 +171,12 @@ def _subnet(r: _Reader) -> SubnetConfig:
     return SubnetConfig(cidr, gw, dns, start, end)
 
 
+_BRIDGE = BridgeConfig(name="")
+_BOOT = BootServiceConfig()
+_CAPACITY = CapacityConfig()
+_AGENT = AgentConfig()
+
+
 def _bridge(r: _Reader) -> BridgeConfig:
     name = r.get("name", str)
     if not name or len(name) > 15 or "/" in name or " " in name:
@@ -178,15 +185,15 @@ def _bridge(r: _Reader) -> BridgeConfig:
     subnets = tuple(
         _subnet(_Reader(s, f"{r.key('subnets')}[{i}]")) for i, s in enumerate(subnets_raw)
     )
-    metadata = r.get("metadata", bool, True)
-    dhcp = r.get("dhcp", bool, True)
+    metadata = r.get("metadata", bool, _BRIDGE.metadata)
+    dhcp = r.get("dhcp", bool, _BRIDGE.dhcp)
     boot = _boot(r.sub("boot"), subnets) if r.get("boot", dict) is not None else None
     r.finish()
     return BridgeConfig(name, subnets, metadata, dhcp, boot)
 
 
 def _boot(r: _Reader, subnets: tuple[SubnetConfig, ...]) -> BootServiceConfig:
-    port = r.get("http_port", int, 8080)
+    port = r.get("http_port", int, _BOOT.http_port)
     if not 0 < port < 65536:
         raise ConfigError(f"{r.key('http_port')}: not a port: {port}")
     births = r.sub("births")
@@ -209,9 +216,9 @@ def _boot(r: _Reader, subnets: tuple[SubnetConfig, ...]) -> BootServiceConfig:
         births_start=start,
         births_end=end,
         profiles=Path(profiles) if profiles else None,
-        seeds=Path(r.get("seeds", str, "/etc/hatchery/seeds")),
-        tftp=r.get("tftp", bool, False),
-        cmdline=r.get("cmdline", str, "console=ttyS0 panic=30"),
+        seeds=Path(r.get("seeds", str, str(_BOOT.seeds))),
+        tftp=r.get("tftp", bool, _BOOT.tftp),
+        cmdline=r.get("cmdline", str, _BOOT.cmdline),
     )
     r.finish()
     return config
@@ -220,7 +227,7 @@ def _boot(r: _Reader, subnets: tuple[SubnetConfig, ...]) -> BootServiceConfig:
 def parse_config(data: Any) -> AgentConfig:
     """Validate the parsed YAML document and build the frozen config."""
     r = _Reader(data, "")
-    defaults = AgentConfig()
+    defaults = _AGENT
     state_dir = Path(r.get("state_dir", str, str(defaults.state_dir)))
     listen = r.get("listen", str, f"{defaults.listen_host}:{defaults.listen_port}")
     host, sep, port_text = listen.rpartition(":")
@@ -235,7 +242,7 @@ def parse_config(data: Any) -> AgentConfig:
     tls_r.finish()
     policy = r.get("policy", str)
     qemu = r.sub("qemu")
-    accel = qemu.get("accel", str, "auto")
+    accel = qemu.get("accel", str, defaults.accel)
     if accel not in ("auto", "kvm", "tcg"):
         raise ConfigError(f"qemu.accel: must be auto, kvm or tcg, not {accel!r}")
     binary = qemu.get("binary", str, defaults.qemu_binary)
@@ -243,13 +250,17 @@ def parse_config(data: Any) -> AgentConfig:
     cap = r.sub("capacity")
     capacity = CapacityConfig(
         reserve_memory_mib=_positive(
-            cap.get("reserve_memory_mib", int, 1024), cap.key("reserve_memory_mib")
+            cap.get("reserve_memory_mib", int, _CAPACITY.reserve_memory_mib),
+            cap.key("reserve_memory_mib"),
         ),
-        reserve_cpus=_positive(cap.get("reserve_cpus", int, 0), cap.key("reserve_cpus")),
+        reserve_cpus=_positive(
+            cap.get("reserve_cpus", int, _CAPACITY.reserve_cpus), cap.key("reserve_cpus")
+        ),
         reserve_disk_mib=_positive(
-            cap.get("reserve_disk_mib", int, 4096), cap.key("reserve_disk_mib")
+            cap.get("reserve_disk_mib", int, _CAPACITY.reserve_disk_mib),
+            cap.key("reserve_disk_mib"),
         ),
-        cpu_overcommit=float(cap.get("cpu_overcommit", (int, float), 4.0)),
+        cpu_overcommit=float(cap.get("cpu_overcommit", (int, float), _CAPACITY.cpu_overcommit)),
     )
     if capacity.cpu_overcommit <= 0:
         raise ConfigError(f"{cap.key('cpu_overcommit')}: must be > 0")
@@ -260,13 +271,12 @@ def parse_config(data: Any) -> AgentConfig:
     names = [b.name for b in bridges]
     if len(set(names)) != len(names):
         raise ConfigError("bridges: a bridge is listed twice")
-    peer = r.get("peer", str)
-    image_keys = Path(r.get("image_keys", str, str(DEFAULT_IMAGE_KEYS)))
-    root = Path(r.get("root", str, "/"))
+    image_keys = Path(r.get("image_keys", str, str(defaults.image_keys)))
+    root = Path(r.get("root", str, str(defaults.root)))
     r.finish()
     return AgentConfig(
         state_dir=state_dir,
-        listen_host=host.strip("[]") or "0.0.0.0",
+        listen_host=host.strip("[]") or defaults.listen_host,
         listen_port=int(port_text),
         tls=tls,
         policy=Path(policy) if policy else None,
@@ -274,7 +284,6 @@ def parse_config(data: Any) -> AgentConfig:
         qemu_binary=binary,
         capacity=capacity,
         bridges=bridges,
-        peer=peer,
         image_keys=image_keys,
         root=root,
     )

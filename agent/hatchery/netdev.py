@@ -61,18 +61,9 @@ def _delete(name: str) -> None:
                 log.warning("cannot delete %s: %s", name, exc)
 
 
-def _exists(name: str) -> bool:
-    with IPRoute() as ipr:
-        return _index(ipr, name) is not None
-
-
 async def ensure_tap(tap: str, bridge: str) -> None:
     await asyncio.to_thread(_ensure_tap, tap, bridge)
 
 
 async def delete_link(name: str) -> None:
     await asyncio.to_thread(_delete, name)
-
-
-async def link_exists(name: str) -> bool:
-    return await asyncio.to_thread(_exists, name)

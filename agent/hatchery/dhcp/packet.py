@@ -373,10 +373,6 @@ class DhcpPacket:
         return int.from_bytes(raw, "big") if raw is not None else None
 
     @property
-    def parameter_request(self) -> tuple[int, ...]:
-        return tuple(self.get(Opt.PARAMETER_REQUEST) or b"")
-
-    @property
     def vendor_class(self) -> bytes | None:
         return self.get(Opt.VENDOR_CLASS)
 
