@@ -106,7 +106,6 @@ CONSOLE_MILESTONES = (
     ("hatchery-data: mounted", "/data ready (persistent)"),
     ("hatchery-data: WARNING", "/data in RAM (no data disk)"),
     ("hatchery-seed", "seed applied"),
-    ("Started hatchery-agent.service", "agent started"),
 )
 
 
