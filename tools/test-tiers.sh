@@ -17,7 +17,7 @@ for i in "${!tiers[@]}"; do
   printf '\033[1m==> tier %s\033[0m\n' "${tiers[$i]}"
   t0=$SECONDS
   # shellcheck disable=SC2086  # PYTEST_ARGS is a list of words by design
-  "$py" -m pytest -m "${markers[$i]}" ${PYTEST_ARGS:-}
+  "$py" -m pytest -m "${markers[$i]}" --durations=10 ${PYTEST_ARGS:-}
   status=$?
   durations+=("$(( SECONDS - t0 ))")
   # pytest exit 5: no test selected (e.g. PYTEST_ARGS='-k tftp' in one tier): not a failure
