@@ -89,10 +89,16 @@ class Upgrader:
         self._status = self._resume(UpgradeStatus.from_json(state.read_json(self._file)))
 
     def _resume(self, status: UpgradeStatus) -> UpgradeStatus:
-        """A live patch restarts the agent last: the new agent tells how it ended."""
-        if status.state is not Phase.RUNNING or status.mode is not Mode.LIVE:
+        """An upgrade the previous agent left running: a live patch restarts the agent last,
+        so the new agent tells how it ended; a reboot's end is ``settle_boot``'s to tell once
+        the guard was armed, and a failure if the agent stopped before that."""
+        if status.state is not Phase.RUNNING:
             return status
-        if self._version() == status.target:
+        if status.mode is Mode.REBOOT:
+            if reboot.armed(self._state_dir):
+                return status
+            ended = model.failed(status, time.time(), "the agent stopped before the reboot")
+        elif self._version() == status.target:
             before = f"{status.detail}; " if status.detail else ""
             back = f"{before}the agent came back on {status.target}"
             ended = model.done(status, time.time(), back)

@@ -40,6 +40,11 @@ def pending_dir(state_dir: Path) -> Path:
     return boot_dir(state_dir) / "pending"
 
 
+def armed(state_dir: Path) -> bool:
+    """Whether a reboot-mode upgrade armed the boot guard and was not settled yet."""
+    return (pending_dir(state_dir) / "version").exists()
+
+
 def stage(images: ImageSource, state_dir: Path, version: str) -> Path:
     """Copy ``version``'s kernel and initrd out of the store (once); return their folder.
 
@@ -118,7 +123,7 @@ def settle(state_dir: Path, running: str) -> BootOutcome | None:
     outcome settles it again at the next start.
     """
     pending = pending_dir(state_dir)
-    if not (pending / "version").exists():
+    if not armed(state_dir):
         return None
     version = (pending / "version").read_text().strip()
     previous = _read(pending / "previous")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from hatchery.errors import CommandError
+from hatchery.state import write_json
 from hatchery.upgrade import reboot
 from hatchery.upgrade.controller import Upgrader
 from hatchery.upgrade.model import BootStatus, Mode, Phase
@@ -157,3 +158,17 @@ async def test_nothing_pending_is_nothing_to_do(tmp_path: Path) -> None:
     upgrader = boot(tmp_path, images_at(tmp_path), "v3", vms)
     await upgrader.after_boot()
     assert upgrader.status.state is Phase.IDLE and vms.restored == []
+
+
+def test_an_agent_that_stopped_before_the_reboot_is_not_left_running(tmp_path: Path) -> None:
+    running = {"state": "running", "target": "v3", "mode": "reboot", "started": 1.0}
+    write_json(tmp_path / "upgrade.json", running)
+    images = images_at(tmp_path)
+    upgrader = boot(tmp_path, images, "v2", Vms())
+    assert upgrader.status.state is Phase.FAILED
+    assert upgrader.status.error == "the agent stopped before the reboot"
+    # Armed, the guard's story wins: settle_boot tells how the reboot ended.
+    write_json(tmp_path / "upgrade.json", running)
+    pending(tmp_path, "v3", "v2")
+    upgrader = boot(tmp_path, images, "v3", Vms())
+    assert upgrader.status.state is Phase.DONE and upgrader.status.detail == "rebooted into v3"
