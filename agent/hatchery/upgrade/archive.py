@@ -16,14 +16,16 @@ from typing import Any, BinaryIO
 import zstandard
 
 from hatchery.cpio import CpioError, Member, iter_newc
+from hatchery.errors import HatcheryError
 from hatchery.upgrade.fingerprint import Fingerprint, of_member
 
 __all__ = ["ArchiveError", "has_modules", "index_root", "iter_root", "open_root"]
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
-ArchiveError = (CpioError, zstandard.ZstdError, OSError)
-"""What reading a root archive may raise: not a cpio, not zstd, or an I/O error."""
+
+class ArchiveError(HatcheryError):
+    """A root archive cannot be read: not a cpio, broken zstd, or an I/O error (the cause)."""
 
 
 def open_root(stream: BinaryIO) -> BinaryIO:
@@ -99,10 +101,13 @@ def has_modules(stream: BinaryIO, release: str) -> bool:
     Stops reading at the first such path: a live patch needs the target's root to carry the
     running kernel's modules.
 
-    :raise CpioError, zstandard.ZstdError, OSError: the archive cannot be read (``ArchiveError``).
+    :raise ArchiveError: the archive cannot be read.
     """
     modules = f"usr/lib/modules/{release}/"
-    for member, _ in iter_newc(open_root(stream)):
-        if member.path.startswith(modules) or member.path == modules.rstrip("/"):
-            return True
+    try:
+        for member, _ in iter_newc(open_root(stream)):
+            if member.path.startswith(modules) or member.path == modules.rstrip("/"):
+                return True
+    except (CpioError, zstandard.ZstdError, OSError) as exc:
+        raise ArchiveError(str(exc)) from exc
     return False

@@ -214,7 +214,8 @@ class Upgrader:
                 if has_modules(raw, self._release):
                     return
         except ArchiveError as exc:
-            raise UpgradeError(f"image {version}'s root cannot be read: {exc}", 422) from exc
+            why = f"image {version}'s root cannot be read: {exc.message}"
+            raise UpgradeError(why, 422) from exc
         raise UpgradeError(
             f"image {version} has no modules for the running kernel {self._release}: "
             "live patch cannot change the kernel", 422, hint="use --mode reboot",
