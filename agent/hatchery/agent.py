@@ -123,7 +123,7 @@ def dhcp_for(bridge: BridgeConfig, pool: AddressPool, netboot: Netboot | None) -
 @dataclass
 class Agent:
     config: AgentConfig
-    health: NodeHealth = field(default_factory=NodeHealth)
+    health: NodeHealth = field(init=False, repr=False)  # made once the upgrader exists
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Agent]:
@@ -148,10 +148,10 @@ class Agent:
             async with part("image store"):
                 self.images = ImageStore(config.state_dir / "images")
             async with part("upgrades"):
-                self.upgrader = Upgrader(config.state_dir, StoreImages(self.images), config.root)
-                self.upgrader.vms = self.manager
+                self.upgrader = Upgrader(config.state_dir, StoreImages(self.images), config.root,
+                                         vms=self.manager)  # fmt: skip
                 self.upgrader.settle_boot()  # a reboot-mode upgrade's outcome, before the API
-                self.health.upgrader = self.upgrader
+                self.health = NodeHealth(upgrades=self.upgrader)
                 stack.push_async_callback(self.upgrader.close)
             async with part("api"):
                 tls = server_context(config.tls.ca, config.tls.cert, config.tls.key)

@@ -21,8 +21,8 @@ from hatchery.boothttp import cli as boothttp_cli
 from hatchery.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
 from hatchery.dhcp import cli as dhcp_cli
 from hatchery.errors import HatcheryError, report
+from hatchery.host import notify, watchdog_interval
 from hatchery.log import setup_logging
-from hatchery.sdnotify import notify, watchdog_interval
 from hatchery.seed import run_seed
 from hatchery.tftp import cli as tftp_cli
 

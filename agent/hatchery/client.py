@@ -14,7 +14,15 @@ from hatchery.config import API_PORT
 from hatchery.errors import HatcheryError
 from hatchery.pki import client_context
 
-CONFIG_DIR = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "hatchery"
+
+def config_dir() -> Path:
+    """Where a person's Hatchery credentials live: ``$XDG_CONFIG_HOME/hatchery``, else
+    ``~/.config/hatchery``. Read at each call, not at import, so a wrapper or a test can set
+    the variable; a relative or empty ``XDG_CONFIG_HOME`` is ignored, as the XDG Base
+    Directory specification asks."""
+    xdg = os.environ.get("XDG_CONFIG_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".config"
+    return base / "hatchery"
 
 
 class ApiError(HatcheryError):
@@ -27,6 +35,8 @@ class ApiError(HatcheryError):
 
 @dataclass(frozen=True, slots=True)
 class Credentials:
+    """A client's mutual-TLS files: the fleet CA, its certificate and its key."""
+
     ca: Path
     cert: Path
     key: Path
@@ -35,12 +45,15 @@ class Credentials:
     def from_env(
         cls, ca: Path | None = None, cert: Path | None = None, key: Path | None = None
     ) -> Credentials:
-        """Explicit paths, else $HATCHERY_CA/_CERT/_KEY, else ~/.config/hatchery/."""
+        """The one lookup of the CLIs' credentials (``hatchery``, ``hatchery-rollout``): each
+        file from its flag, else ``$HATCHERY_CA``/``_CERT``/``_KEY``, else ``ca.pem``,
+        ``client.pem``, ``client.key`` in ``config_dir()``. Nothing is read here: a missing
+        file is reported when the TLS context is made."""
 
         def pick(given: Path | None, env: str, default: str) -> Path:
             if given is not None:
                 return given
-            return Path(os.environ[env]) if os.environ.get(env) else CONFIG_DIR / default
+            return Path(os.environ[env]) if os.environ.get(env) else config_dir() / default
 
         return cls(
             pick(ca, "HATCHERY_CA", "ca.pem"),
@@ -49,6 +62,10 @@ class Credentials:
         )
 
     def context(self) -> ssl.SSLContext:
+        """The client TLS context.
+
+        :raise PkiError: a file is missing, unreadable or not a certificate/key.
+        """
         return client_context(self.ca, self.cert, self.key)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 
 
 class HatcheryError(Exception):
@@ -27,15 +28,42 @@ class ConfigError(HatcheryError):
 
 
 class CommandError(HatcheryError):
-    """An external command failed; its stderr is part of the message."""
+    """An external command failed: it could not start, timed out, or exited non-zero.
 
-    def __init__(self, argv: list[str], returncode: int, stderr: str) -> None:
-        tail = stderr.strip().splitlines()[-5:]
-        detail = "; ".join(tail) if tail else "no output"
-        super().__init__(f"{argv[0]} exited with {returncode}: {detail}")
-        self.argv = argv
+    The message names the command and the cause, and carries the tail of its stderr;
+    ``returncode`` is None when the command never finished. ``hatchery.host.run`` is the one
+    place that raises it.
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        returncode: int | None,
+        stderr: str = "",
+        *,
+        reason: str | None = None,
+    ) -> None:
+        detail = "; ".join(stderr.strip().splitlines()[-5:])
+        if reason is not None:  # it never finished: "kexec: timed out after 120s"
+            message = f"{show_command(argv)}: {reason}" + (f": {detail}" if detail else "")
+        else:
+            message = f"{show_command(argv)} exited with {returncode}: {detail or 'no output'}"
+        super().__init__(message)
+        self.argv = list(argv)
         self.returncode = returncode
         self.stderr = stderr
+
+
+def show_command(argv: Sequence[str], width: int = 60) -> str:
+    """The command as a person recognises it: the program's name and its first arguments."""
+    if not argv:
+        return "(no command)"
+    shown = argv[0].rsplit("/", 1)[-1]
+    for arg in argv[1:]:
+        if len(shown) + 1 + len(arg) > width:
+            return shown + " …"
+        shown += " " + arg
+    return shown
 
 
 def report(program: str, exc: HatcheryError) -> int:

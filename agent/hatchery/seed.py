@@ -14,17 +14,18 @@ Only regular files and directories below ``hatchery/`` and ``systemd/network/`` 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
 import os
-import subprocess
 import tarfile
 import time
 import urllib.request
 from pathlib import Path
 
-from hatchery.errors import HatcheryError
+from hatchery import host
+from hatchery.errors import CommandError, HatcheryError
 from hatchery.state import write_atomic
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,8 @@ def _cmdline_url(cmdline: str) -> str | None:
 def find_seed(cmdline_path: Path = Path("/proc/cmdline"), fw_cfg: Path = FW_CFG) -> bytes | None:
     """The seed from the firmware config or the URL on the kernel command line, or None."""
     if not fw_cfg.exists():
-        subprocess.run(["modprobe", "qemu_fw_cfg"], capture_output=True, check=False)
+        with contextlib.suppress(CommandError):  # no such module: the seed comes by URL
+            host.run(["modprobe", "qemu_fw_cfg"], check=False)
     if fw_cfg.exists():
         raw = fw_cfg.read_bytes()
         log.info("seed: %d bytes from the firmware config", len(raw))
@@ -123,7 +125,8 @@ def run_seed(etc: Path = Path("/etc")) -> int:
     write_atomic(stamp, (digest + "\n").encode(), 0o644)
     log.info("seed: wrote %s", ", ".join(files))
     if any("/systemd/network/" in f for f in files):
-        result = subprocess.run(["networkctl", "reload"], capture_output=True, text=True)
-        if result.returncode != 0:
-            log.warning("seed: networkctl reload failed: %s", result.stderr.strip())
+        try:
+            host.run(["networkctl", "reload"])
+        except CommandError as exc:
+            log.warning("seed: %s", exc.message)
     return 0

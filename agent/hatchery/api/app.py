@@ -26,9 +26,10 @@ from hatchery.api.validate import BadRequest, Body
 from hatchery.capacity import CapacityError
 from hatchery.errors import HatcheryError
 from hatchery.pki import Identity, identity_from_peercert
-from hatchery.upgrade.controller import Mode, Phase, UpgradeError, Upgrader
+from hatchery.upgrade.controller import UpgradeError, Upgrader
 from hatchery.vms.manager import CreateRequest, NotFound, VmError, VmManager
 from hatchery.vms.model import DiskBoot, KernelBoot, VmRecord, VmState, VmStateError
+from hatchery.wire import BootStatus, Health, Mode, Phase, UpgradeStatus
 
 log = logging.getLogger(__name__)
 MAX_BODY = 1024 * 1024
@@ -41,11 +42,13 @@ class HealthSource(Protocol):
 
     def version(self) -> str: ...
 
-    def checks(self) -> dict[str, str]: ...
+    async def checks(self) -> dict[str, str]:
+        """Named checks, ``ok`` or ``fail: <why>``; awaited, so it must not block the loop."""
+        ...
 
-    def upgrade_status(self) -> dict[str, Any]: ...
+    def upgrade_status(self) -> UpgradeStatus: ...
 
-    def boot_status(self) -> dict[str, Any]: ...
+    def boot_status(self) -> BootStatus: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,19 +151,18 @@ async def healthz(request: web.Request) -> web.Response:
     counts = {s.value: 0 for s in VmState}
     for vm in ctx.manager.records():
         counts[vm.state.value] += 1
-    checks = {"agent": "ok", **ctx.health.checks()}
+    checks = {"agent": "ok", **await ctx.health.checks()}
     checks["vms"] = "ok" if counts["crashed"] == 0 else f"fail: {counts['crashed']} crashed"
-    return web.json_response(
-        {
-            "version": ctx.health.version(),
-            "healthy": all(v == "ok" for v in checks.values()),
-            "checks": checks,
-            "vms": {"total": sum(counts.values()), **counts},
-            "upgrade": ctx.health.upgrade_status(),
-            "boot": ctx.health.boot_status(),
-            "uptime": round(time.time() - ctx.started, 1),
-        }
+    health = Health(
+        version=ctx.health.version(),
+        healthy=all(v == "ok" for v in checks.values()),
+        checks=checks,
+        vms={"total": sum(counts.values()), **counts},
+        upgrade=ctx.health.upgrade_status(),
+        boot=ctx.health.boot_status(),
+        uptime=round(time.time() - ctx.started, 1),
     )
+    return web.json_response(health.to_json())
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -286,14 +288,19 @@ async def console(request: web.Request) -> web.Response:
     except ValueError as exc:
         raise BadRequest("bytes must be an integer", "bytes") from exc
     path: Path = request.app[CONTEXT].manager.console_log(vm.name)
+    data = await asyncio.to_thread(_tail, path, want)  # up to 4 MiB: not on the event loop
+    return web.Response(body=data, content_type="text/plain", charset="utf-8")
+
+
+def _tail(path: Path, want: int) -> bytes:
+    """The last ``want`` bytes of ``path``; nothing if it does not exist (yet)."""
     try:
         with path.open("rb") as f:
             size = f.seek(0, 2)
             f.seek(max(size - want, 0))
-            data = f.read()
+            return f.read()
     except FileNotFoundError:
-        data = b""
-    return web.Response(body=data, content_type="text/plain", charset="utf-8")
+        return b""
 
 
 async def put_user_data(request: web.Request) -> web.Response:
@@ -379,9 +386,9 @@ async def upgrade_status(request: web.Request) -> web.Response:
     except ValueError as exc:
         raise BadRequest("wait must be a number of seconds", "wait") from exc
     deadline = time.monotonic() + wait
-    while ctx.health.upgrade_status().get("state") == Phase.RUNNING and time.monotonic() < deadline:
+    while ctx.health.upgrade_status().state is Phase.RUNNING and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
-    return web.json_response(ctx.health.upgrade_status())
+    return web.json_response(ctx.health.upgrade_status().to_json())
 
 
 async def start_upgrade(request: web.Request) -> web.Response:
@@ -398,10 +405,10 @@ async def start_upgrade(request: web.Request) -> web.Response:
         raise BadRequest("mode must be live or reboot", "mode")
     if ctx.upgrader is None:
         raise web.HTTPServiceUnavailable(reason="upgrades are not enabled on this agent")
-    status, answer = ctx.upgrader.request(version, Mode(mode_text), guard or None)
+    status, answer = await ctx.upgrader.request(version, Mode(mode_text), guard or None)
     log.info("%s asked for an upgrade to %s (%s): %s", request[IDENTITY].name, version,
-             mode_text, answer["state"])  # fmt: skip
-    return web.json_response(answer, status=status)
+             mode_text, answer.state)  # fmt: skip
+    return web.json_response(answer.to_json(), status=status)
 
 
 def make_app(context: ApiContext) -> web.Application:

@@ -13,6 +13,7 @@ from typing import Any
 
 from hatchery.client import AgentClient, Credentials
 from hatchery.errors import HatcheryError
+from hatchery.wire import Health
 
 Run = Callable[[AgentClient, argparse.Namespace], Awaitable[Any]]
 
@@ -222,12 +223,15 @@ async def _health(client: AgentClient, args: argparse.Namespace) -> Any:
     return await client.request("GET", "/healthz")
 
 
-def _render_health(h: Any, _: argparse.Namespace) -> None:
-    print(f"version {h['version']}, {'healthy' if h['healthy'] else 'UNHEALTHY'}")
-    for name, value in sorted(h["checks"].items()):
+def _render_health(answer: Any, _: argparse.Namespace) -> None:
+    try:
+        h = Health.from_json(answer)
+    except ValueError as exc:
+        raise HatcheryError(f"the agent's health answer is not one: {exc}") from exc
+    print(f"version {h.version}, {'healthy' if h.healthy else 'UNHEALTHY'}")
+    for name, value in sorted(h.checks.items()):
         print(f"  {name}: {value}")
-    vms = h["vms"]
-    print(f"  vms: {vms['running']} running of {vms['total']}")
+    print(f"  vms: {h.vms.get('running', 0)} running of {h.vms_total or 0}")
 
 
 def register_vm(parser: argparse.ArgumentParser) -> None:

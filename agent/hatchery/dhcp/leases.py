@@ -11,7 +11,7 @@ import ipaddress
 import json
 import logging
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -119,6 +119,11 @@ class BirthLeases:
     to ``path`` (JSON, atomically) if a path is given. A corrupt file is moved aside to
     ``<name>.corrupt-<time>`` and reported, never silently overwritten. Declined addresses are
     skipped for ``decline_hold`` seconds (RFC 2131 section 4.3.3).
+
+    Deciding never writes: a change (commit, release) only marks the leases ``unsaved``, and
+    whoever sends the answer takes the write (``take_write``) and runs it first — the DHCP
+    server in a worker thread, so an fsync never stalls the event loop. The client's ACK thus
+    still follows its lease onto disk. ``save`` does both at once, for callers without a loop.
     """
 
     def __init__(
@@ -137,6 +142,7 @@ class BirthLeases:
         self._leases: dict[str, Binding] = {}
         self._offers: dict[str, Binding] = {}
         self._declined: dict[ipaddress.IPv4Address, float] = {}
+        self._unsaved = False
         if path is not None:
             self._load(path)
 
@@ -155,17 +161,54 @@ class BirthLeases:
             state.set_aside(path, str(exc))
             self._leases.clear()
 
-    def _save(self) -> None:
-        if self.path is None:
-            return
+    def _changed(self) -> None:
+        self._unsaved = self.path is not None
+
+    @property
+    def unsaved(self) -> bool:
+        """Whether committed leases changed since the last ``take_write``."""
+        return self._unsaved
+
+    def take_write(self) -> Callable[[], None] | None:
+        """The write of the leases as they are now, if they changed since the last one was
+        taken (None otherwise). It blocks (fsync): run it in a worker thread, and one at a
+        time, in the order taken. If it fails, call ``changed_again`` so a later one retries.
+
+        The write raises ``StateError`` when the file cannot be written.
+        """
+        if not self._unsaved or self.path is None:
+            return None
+        self._unsaved = False
+        path = self.path
         doc = {
             "leases": [
                 {"mac": b.mac, "ip": str(b.ip), "expires": b.expires}
                 for b in sorted(self._leases.values(), key=lambda b: int(b.ip))
             ]
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        state.write_json(self.path, doc)
+
+        def write() -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            state.write_json(path, doc)
+
+        return write
+
+    def changed_again(self) -> None:
+        """A taken write failed: the leases are unsaved again."""
+        self._changed()
+
+    def save(self) -> None:
+        """Write unsaved changes now (blocking).
+
+        :raise StateError: the file cannot be written.
+        """
+        write = self.take_write()
+        if write is not None:
+            try:
+                write()
+            except BaseException:
+                self.changed_again()
+                raise
 
     def __contains__(self, ip: ipaddress.IPv4Address) -> bool:
         return self.start <= ip <= self.end
@@ -213,7 +256,7 @@ class BirthLeases:
             return False
         self._offers.pop(mac, None)
         self._leases[mac] = Binding(mac, ip, now + lease_time)
-        self._save()
+        self._changed()
         return True
 
     def release(self, mac: str, ip: ipaddress.IPv4Address | None = None) -> bool:
@@ -222,7 +265,7 @@ class BirthLeases:
         if b is None or (ip is not None and b.ip != ip):
             return False
         del self._leases[mac]
-        self._save()
+        self._changed()
         return True
 
     def forget_offer(self, mac: str) -> None:

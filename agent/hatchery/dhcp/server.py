@@ -4,6 +4,11 @@ Decoding, deciding and addressing are elsewhere (packet, responder, ``destinatio
 module opens the socket (SO_BINDTODEVICE so several bridges can each have a server, and
 SO_BROADCAST for replies to clients without an address), and never lets a bad datagram or a
 bug in the responder stop the service.
+
+A reply that follows a change of the birth leases is sent only once the leases are on disk
+(a node must not be told an address the server could forget); that write runs in a worker
+thread, one at a time and in order, so the event loop never waits for an fsync. Any reply
+decided while such a write is pending waits behind it.
 """
 
 from __future__ import annotations
@@ -73,6 +78,9 @@ class DhcpProtocol(asyncio.DatagramProtocol):
         self.answered = 0
         self.malformed = 0  # not DHCP: dropped without a reply
         self.failed = 0  # the responder raised: a bug, logged with its traceback
+        self.unsaved = 0  # the leases could not be written: the reply was not sent
+        self._saving = asyncio.Lock()
+        self._writes: set[asyncio.Task[None]] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
@@ -91,6 +99,35 @@ class DhcpProtocol(asyncio.DatagramProtocol):
             log.exception("responder failed on a %s from %s", request.message_type.name,
                           request.mac)  # fmt: skip
             return
+        births = self.responder.births
+        if births is not None and (births.unsaved or self._writes):
+            task = asyncio.get_running_loop().create_task(
+                self._save_then_send(request, reply, data), name=f"dhcp-save-{request.mac}"
+            )
+            self._writes.add(task)
+            task.add_done_callback(self._writes.discard)
+            return
+        self._send(request, reply, data)
+
+    async def _save_then_send(
+        self, request: DhcpPacket, reply: DhcpPacket | None, data: bytes
+    ) -> None:
+        births = self.responder.births
+        assert births is not None
+        async with self._saving:  # FIFO: writes land in the order the changes were made
+            write = births.take_write()  # None: an earlier write already covered this change
+            if write is not None:
+                try:
+                    await asyncio.to_thread(write)
+                except (HatcheryError, OSError) as exc:
+                    births.changed_again()
+                    self.unsaved += 1
+                    log.error("cannot save the birth leases, %s not answered: %s", request.mac,
+                              exc)  # fmt: skip
+                    return
+        self._send(request, reply, data)
+
+    def _send(self, request: DhcpPacket, reply: DhcpPacket | None, data: bytes) -> None:
         if reply is None or self.transport is None:
             return
         dest = destination(request, reply)
@@ -104,6 +141,10 @@ class DhcpProtocol(asyncio.DatagramProtocol):
             self.answered += 1
         except OSError as exc:
             log.warning("cannot send to %s: %s", dest[0], exc)
+
+    def drop_pending(self) -> None:
+        for task in list(self._writes):
+            task.cancel()
 
     def error_received(self, exc: Exception) -> None:
         log.debug("socket error: %s", exc)
@@ -128,6 +169,10 @@ class DhcpServer:
                  self.responder.config.server_ip)  # fmt: skip
 
     def stop(self) -> None:
+        """Close the socket; replies still waiting for their lease write are dropped (the
+        clients retry), the writes themselves finish in their threads."""
         if self._transport is not None:
             self._transport.close()
             self._transport = None
+        if self.protocol is not None:
+            self.protocol.drop_pending()

@@ -13,14 +13,14 @@ import ipaddress
 import logging
 import os
 import socket
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
-from hatchery.errors import CommandError, HatcheryError
+from hatchery import host
+from hatchery.errors import HatcheryError
 from hatchery.metadata.ruleset import METADATA_IP, Port, render, render_delete
 
 log = logging.getLogger(__name__)
@@ -85,9 +85,7 @@ def _setup(bridge: str, subnets: Sequence[ipaddress.IPv4Network]) -> str:
 
 
 def _nft(script: str) -> None:
-    result = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise CommandError(["nft", "-f", "-"], result.returncode, result.stderr)
+    host.run(["nft", "-f", "-"], input=script)
 
 
 def _teardown(bridge: str) -> None:

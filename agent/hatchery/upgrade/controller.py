@@ -1,40 +1,43 @@
 """The node's upgrade controller: the state behind ``POST /v1/upgrade`` and ``/healthz``.
 
-One upgrade at a time, its state persisted (``upgrade.json``) so that a restarted agent — the
-live patch restarts it last, a reboot starts a new one — reports how it ended. Live mode
-patches the running root (see ``livepatch``); reboot mode stages the new kernel and root
-under the state folder and kexecs into them (see ``reboot``).
+One upgrade at a time, its status persisted (``upgrade.json``, the wire form) so that a
+restarted agent — the live patch restarts it last, a reboot starts a new one — reports how it
+ended. Live mode patches the running root (see ``livepatch``); reboot mode stages the new
+kernel and root under the state folder and kexecs into them (see ``reboot``).
+
+The controller is the only writer of the status (``model`` has its lifecycle); the steps
+return what happened. Nothing slow runs on the event loop: reading image archives, patching,
+staging, kexec and the status file's fsync go to worker threads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
 import platform
-import shutil
-import subprocess
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
 
-import zstandard
-
-from hatchery import state
-from hatchery.cpio import CpioError, iter_newc
+from hatchery import host, state
 from hatchery.errors import HatcheryError
 from hatchery.health import read_version
-from hatchery.upgrade.fingerprint import index_root
+from hatchery.upgrade import model, reboot
+from hatchery.upgrade.archive import ArchiveError, has_modules, index_root, open_root
 from hatchery.upgrade.livepatch import LivePatch, units_to_restart
-from hatchery.upgrade.reboot import VmControl, reboot_into, restore_vms, settle_boot
-from hatchery.vms.process import systemd_running
+from hatchery.upgrade.model import (
+    BootStatus,
+    ImageSource,
+    LiveOutcome,
+    Mode,
+    Phase,
+    UpgradeStatus,
+    VmControl,
+)
 
 log = logging.getLogger(__name__)
-AGENT_UNIT = "hatchery-agent.service"
 
 
 class UpgradeError(HatcheryError):
@@ -45,226 +48,220 @@ class UpgradeError(HatcheryError):
         self.status = status
 
 
-class Mode(StrEnum):
-    LIVE = "live"
-    REBOOT = "reboot"
-
-
-class Phase(StrEnum):
-    IDLE = "idle"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-
-
-class ImageSource(Protocol):
-    """What upgrades need from the image store."""
-
-    def has(self, version: str) -> bool: ...
-
-    def open_artefact(self, version: str, role: str) -> BinaryIO:
-        """The artefact's bytes as built (the root is a zstd-compressed cpio)."""
-        ...
-
-    def artefact_digest(self, version: str, role: str) -> str | None: ...
-
-    def set_current(self, version: str) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class UpgradeStatus:
-    state: Phase = Phase.IDLE
-    target: str | None = None
-    mode: Mode | None = None
-    error: str | None = None
-    started: float | None = None
-    finished: float | None = None
-    detail: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "state": self.state.value,
-            "target": self.target,
-            "mode": self.mode.value if self.mode else None,
-            "error": self.error,
-            "started": self.started,
-            "finished": self.finished,
-            "detail": self.detail,
-        }
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> UpgradeStatus:
-        return cls(
-            Phase(d.get("state", "idle")),
-            d.get("target"),
-            Mode(d["mode"]) if d.get("mode") else None,
-            d.get("error"),
-            d.get("started"),
-            d.get("finished"),
-            d.get("detail"),
-        )
-
-
-def open_root(stream: BinaryIO) -> BinaryIO:
-    """The root archive as a plain cpio stream, whether it is stored zstd-compressed or not."""
-    head = stream.read(4)
-    rest = io.BufferedReader(_Prepend(head, stream))
-    if head == b"\x28\xb5\x2f\xfd":
-        reader: BinaryIO = zstandard.ZstdDecompressor().stream_reader(rest)
-        return reader
-    return rest
-
-
-class _Prepend(io.RawIOBase):
-    def __init__(self, head: bytes, stream: BinaryIO) -> None:
-        self._head = head
-        self._stream = stream
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        if self._head:
-            n = min(len(buffer), len(self._head))
-            buffer[:n] = self._head[:n]
-            self._head = self._head[n:]
-            return n
-        data = self._stream.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-
-def _systemctl(*args: str) -> None:
-    if not systemd_running() or shutil.which("systemctl") is None:
-        log.info("no systemd here: skipping systemctl %s", " ".join(args))
-        return
-    result = subprocess.run(["systemctl", *args], capture_output=True, text=True, timeout=120)
-    if result.returncode != 0:
-        raise HatcheryError(f"systemctl {' '.join(args)} failed: {result.stderr.strip()}")
-
-
 class Upgrader:
+    """Runs a node's upgrades; built once by the agent with everything it needs.
+
+    ``images`` is the store (None: upgrades are refused), ``root`` the running root (``/``;
+    a folder in tests), ``vms`` what a reboot stops and restores (None: no VMs to care for),
+    ``version`` tells the running image's version (default: ``root``'s os-release),
+    ``guard_seconds`` the boot guard's default time for a reboot-mode upgrade, ``jump`` how a
+    reboot leaves for the staged kernel (``reboot.jump``: kexec; a stand-in in tests).
+    """
+
     def __init__(
         self,
         state_dir: Path,
         images: ImageSource | None,
         root: Path = Path("/"),
+        *,
+        vms: VmControl | None = None,
         version: Callable[[], str] | None = None,
         kernel_release: str | None = None,
+        guard_seconds: int = reboot.GUARD_SECONDS,
+        jump: Callable[[Path], None] = reboot.jump,
     ) -> None:
+        self._state_dir = state_dir
         self._file = state_dir / "upgrade.json"
         self._images = images
         self._root = root
+        self._vms = vms
         self._version = version or (lambda: read_version(root / "usr/lib/os-release"))
         self._release = kernel_release or platform.release()
-        raw = state.read_json(self._file)
-        self.status = UpgradeStatus.from_json(raw) if isinstance(raw, dict) else UpgradeStatus()
-        if self.status.state is Phase.RUNNING and self.status.mode is Mode.LIVE:
-            # The agent is restarted last by a live patch: how did it end?
-            if self._version() == self.status.target:
-                before = f"{self.status.detail}; " if self.status.detail else ""
-                back = f"{before}the agent came back on {self.status.target}"
-                self._set(state=Phase.DONE, finished=time.time(), detail=back)
-            else:
-                self._set(state=Phase.FAILED, error="the agent restarted during the patch")
+        self._guard_seconds = guard_seconds
+        self._jump = jump
         self._task: asyncio.Task[None] | None = None
-        self.vms: VmControl | None = None
-        self.guard_seconds: int | None = None
-        self._restore: list[str] = []
+        self._restore: tuple[str, ...] = ()
+        self._handing_over = False  # our own end (restart, kexec) was asked for: not a failure
+        self._request_lock = asyncio.Lock()
+        self._file_lock = threading.Lock()
+        self._sequence = 0  # of status writes: an older one never overwrites a newer one
+        self._written = 0
+        self._status = self._resume(UpgradeStatus.from_json(state.read_json(self._file)))
 
-    def _set(self, **changes: Any) -> None:
-        data = self.status.to_json()
-        for key, value in changes.items():
-            data[key] = value.value if isinstance(value, StrEnum) else value
-        self.status = UpgradeStatus.from_json(data)
-        state.write_json(self._file, self.status.to_json())
+    def _resume(self, status: UpgradeStatus) -> UpgradeStatus:
+        """An upgrade the previous agent left running: a live patch restarts the agent last,
+        so the new agent tells how it ended; a reboot's end is ``settle_boot``'s to tell once
+        the guard was armed, and a failure if the agent stopped before that."""
+        if status.state is not Phase.RUNNING:
+            return status
+        if status.mode is Mode.REBOOT:
+            if reboot.armed(self._state_dir):
+                return status
+            ended = model.failed(status, time.time(), "the agent stopped before the reboot")
+        elif self._version() == status.target:
+            before = f"{status.detail}; " if status.detail else ""
+            back = f"{before}the agent came back on {status.target}"
+            ended = model.done(status, time.time(), back)
+        else:
+            ended = model.failed(status, time.time(), "the agent restarted during the patch")
+        self._write(ended, self._next())
+        return ended
 
-    def status_json(self) -> dict[str, Any]:
-        return self.status.to_json()
+    # --- the status ---------------------------------------------------------------------------
+    @property
+    def status(self) -> UpgradeStatus:
+        """The latest upgrade as recorded (on disk before it shows here)."""
+        return self._status
+
+    def boot_status(self) -> BootStatus:
+        return model.boot_status(self._status)
 
     def running_version(self) -> str:
         return self._version()
 
-    # --- requests ---------------------------------------------------------------------
-    def request(
+    def _next(self) -> int:
+        self._sequence += 1
+        return self._sequence
+
+    def _write(self, status: UpgradeStatus, sequence: int) -> None:
+        """Persist ``status`` unless a newer one is already on disk (blocking).
+
+        :raise StateError: the file cannot be written.
+        """
+        with self._file_lock:
+            if sequence <= self._written:
+                return
+            state.write_json(self._file, status.to_json())
+            self._written = sequence
+
+    async def _record(self, status: UpgradeStatus) -> None:
+        """Persist ``status`` off the event loop, then show it.
+
+        :raise StateError: the file cannot be written; the shown status is unchanged.
+        """
+        await asyncio.to_thread(self._write, status, self._next())
+        self._status = status
+
+    def _record_now(self, status: UpgradeStatus) -> None:
+        """``_record`` for start-up, before the API answers anyone."""
+        self._write(status, self._next())
+        self._status = status
+
+    # --- requests -----------------------------------------------------------------------------
+    async def request(
         self, version: str, mode: Mode, guard_seconds: int | None = None
-    ) -> tuple[int, dict[str, Any]]:
-        """Accept (202), report a no-op (200) or refuse (UpgradeError) an upgrade.
+    ) -> tuple[int, UpgradeStatus]:
+        """Accept (202), report a no-op (200) or refuse an upgrade to ``version``.
 
         ``guard_seconds``: reboot mode only, how long the new version has to come up before
-        the boot guard falls back to the running one (default ``reboot.GUARD_SECONDS``)."""
-        running = self._version()
-        if running == "dev":
-            raise UpgradeError(
-                f"{self._root} does not run a Hatchery image (no IMAGE_VERSION in its "
-                "os-release): there is nothing to upgrade", 409,
-            )  # fmt: skip
-        if self.status.state is Phase.RUNNING:
-            if self.status.target == version:
-                return 202, self.status_json()  # idempotent: the same upgrade is under way
-            raise UpgradeError(
-                f"an upgrade to {self.status.target} is running; cannot start one to {version}",
-                409,
+        the boot guard falls back to the running one (default: the constructor's). The same
+        request while it runs is accepted again and starts nothing (idempotent per version).
+
+        :raise UpgradeError: refused (its ``status`` is the HTTP status: 404 not in the store,
+            409 another upgrade runs or this is no Hatchery image, 422 live mode cannot).
+        :raise StateError: the status cannot be persisted; nothing was started.
+        """
+        async with self._request_lock:
+            running = self._version()
+            if running == "dev":
+                raise UpgradeError(
+                    f"{self._root} does not run a Hatchery image (no IMAGE_VERSION in its "
+                    "os-release): there is nothing to upgrade", 409,
+                )  # fmt: skip
+            if self._status.state is Phase.RUNNING:
+                if self._status.target == version:
+                    return 202, self._status  # the same upgrade is under way
+                raise UpgradeError(
+                    f"an upgrade to {self._status.target} is running; "
+                    f"cannot start one to {version}", 409,
+                )  # fmt: skip
+            if version == running:
+                detail = f"already running {version}: nothing to do"
+                return 200, UpgradeStatus(Phase.DONE, target=version, mode=mode, detail=detail)
+            await asyncio.to_thread(self._check, version, mode, running)
+            await self._record(model.running(version, mode, time.time()))
+            guard = guard_seconds or self._guard_seconds
+            self._handing_over = False
+            self._task = asyncio.create_task(
+                self._run(version, mode, guard), name=f"upgrade-{version}"
             )
-        if version == running:
-            return 200, {**self.status_json(), "state": "done", "target": version,
-                         "detail": f"already running {version}: nothing to do"}  # fmt: skip
+            return 202, self._status
+
+    def _check(self, version: str, mode: Mode, running: str) -> None:
+        """The image is in the store and, for live mode, runs on this kernel (blocking: it
+        reads the target's root).
+
+        :raise UpgradeError: it is not.
+        """
         if self._images is None or not self._images.has(version):
             raise UpgradeError(
                 f"image {version} is not in this node's store", 404,
                 hint="publish it (hatchery image publish) or fetch it from a peer first",
             )  # fmt: skip
         if mode is Mode.LIVE:
-            self._check_same_kernel(running, version)
-        self.guard_seconds = guard_seconds
-        self._set(state=Phase.RUNNING, target=version, mode=mode, error=None,
-                  started=time.time(), finished=None, detail=None)  # fmt: skip
-        runner = self._live if mode is Mode.LIVE else self._reboot
-        self._task = asyncio.create_task(self._guard(runner, version), name=f"upgrade-{version}")
-        return 202, self.status_json()
+            self._check_same_kernel(self._images, running, version)
 
-    def _check_same_kernel(self, running: str, version: str) -> None:
-        assert self._images is not None
-        ours = (
-            self._images.artefact_digest(running, "kernel") if self._images.has(running) else None
-        )
-        theirs = self._images.artefact_digest(version, "kernel")
+    def _check_same_kernel(self, images: ImageSource, running: str, version: str) -> None:
+        ours = images.artefact_digest(running, "kernel") if images.has(running) else None
+        theirs = images.artefact_digest(version, "kernel")
         if ours is not None and theirs is not None and ours != theirs:
             raise UpgradeError(
                 f"image {version} has another kernel than {running}: live patch cannot change "
                 "the kernel", 422, hint="use --mode reboot",
             )  # fmt: skip
-        modules = f"usr/lib/modules/{self._release}/"
         try:
-            with self._images.open_artefact(version, "initrd") as raw:
-                for member, _ in iter_newc(open_root(raw)):
-                    if member.path.startswith(modules) or member.path == modules.rstrip("/"):
-                        return
-        except (CpioError, zstandard.ZstdError, OSError) as exc:
-            raise UpgradeError(f"image {version}'s root cannot be read: {exc}", 422) from exc
+            with images.open_artefact(version, "initrd") as raw:
+                if has_modules(raw, self._release):
+                    return
+        except ArchiveError as exc:
+            why = f"image {version}'s root cannot be read: {exc.message}"
+            raise UpgradeError(why, 422) from exc
         raise UpgradeError(
             f"image {version} has no modules for the running kernel {self._release}: "
             "live patch cannot change the kernel", 422, hint="use --mode reboot",
         )  # fmt: skip
 
-    async def _guard(self, runner: Callable[[str], Any], version: str) -> None:
+    async def _run(self, version: str, mode: Mode, guard_seconds: int) -> None:
+        """The upgrade's task: whatever ends it is recorded, except the agent's own end."""
         try:
-            await runner(version)
+            if mode is Mode.LIVE:
+                await self._live(version)
+            else:
+                await self._reboot(version, guard_seconds)
         except asyncio.CancelledError:
-            self._set(
-                state=Phase.FAILED, error="cancelled: the agent stopped", finished=time.time()
-            )
+            if not self._handing_over:
+                await self._record_failure("cancelled: the agent stopped")
             raise
         except Exception as exc:
             message = exc.message if isinstance(exc, HatcheryError) else repr(exc)
             log.error("upgrade to %s failed: %s", version, message)
-            self._set(state=Phase.FAILED, error=message, finished=time.time())
+            await self._record_failure(message)
 
-    # --- live ---------------------------------------------------------------------------
+    async def _record_failure(self, error: str) -> None:
+        ended = model.failed(self._status, time.time(), error)
+        try:
+            await self._record(ended)
+        except HatcheryError as exc:  # the API still tells, the file could not
+            log.error("cannot record the upgrade's failure: %s", exc.message)
+            self._status = ended
+
+    # --- live ---------------------------------------------------------------------------------
     async def _live(self, version: str) -> None:
-        await asyncio.to_thread(self._live_blocking, version)
+        outcome = await asyncio.to_thread(self._patch, version)
+        if not outcome.restart_agent:
+            await self._record(model.done(self._status, time.time(), outcome.detail))
+            return
+        # Our own restart comes last; the new agent reads the file and reports done.
+        await self._record(model.note(self._status, outcome.detail))
+        self._handing_over = True
+        await asyncio.to_thread(host.systemctl, "--no-block", "restart", host.AGENT_UNIT)
 
-    def _live_blocking(self, version: str) -> None:
+    def _patch(self, version: str) -> LiveOutcome:
+        """Patch the running root to ``version`` and restart the units that changed, except
+        the agent's own (blocking).
+
+        :raise HatcheryError: the patch failed and was rolled back, or a restart failed.
+        """
         assert self._images is not None
         running = self._version()
         current = None
@@ -277,60 +274,84 @@ class Upgrader:
         with self._images.open_artefact(version, "initrd") as raw:
             plan = patch.stage(open_root(raw))
         if not plan.changes:
-            self._set(state=Phase.DONE, finished=time.time(), detail="no changes")
             self._images.set_current(version)
-            return
+            return LiveOutcome("no changes")
         patch.apply(plan)
         patch.commit()
         units = units_to_restart(self._root, plan.changed_paths)
         log.info("live patch to %s applied (%s); restarting %s", version, plan.summary(),
                  ", ".join(units) or "nothing")  # fmt: skip
-        _systemctl("daemon-reload")
-        others = [u for u in units if u != AGENT_UNIT]
+        host.systemctl("daemon-reload")
+        others = [u for u in units if u != host.AGENT_UNIT]
         if others:
-            _systemctl("try-restart", *others)
+            host.systemctl("try-restart", *others)
         self._images.set_current(version)
         detail = f"{plan.summary()}; restarted: {', '.join(units) or 'none'}"
-        if AGENT_UNIT in units and systemd_running():
-            # Our own restart comes last; the new agent reads this file and reports done.
-            self._set(detail=detail)
-            _systemctl("--no-block", "restart", AGENT_UNIT)
-            return
-        self._set(state=Phase.DONE, finished=time.time(), detail=detail)
+        return LiveOutcome(detail, host.AGENT_UNIT in units and host.systemd_running())
 
-    # --- reboot ---------------------------------------------------------------------------
-    async def _reboot(self, version: str) -> None:
-        await reboot_into(self, version, self.vms)
+    # --- reboot -------------------------------------------------------------------------------
+    async def _reboot(self, version: str, guard_seconds: int) -> None:
+        assert self._images is not None
+        restore = self._vms.running_names() if self._vms is not None else []
+        staged = await asyncio.to_thread(
+            reboot.prepare, self._images, self._state_dir, version, self._version(), restore,
+            guard_seconds,
+        )  # fmt: skip
+        detail = f"staged {version}; stopping {len(restore)} VMs, then kexec"
+        await self._record(model.note(self._status, detail))
+        if self._vms is not None:
+            for name in restore:
+                await self._vms.stop_for_reboot(name)
+        self._handing_over = True  # the shutdown that follows is the plan
+        try:
+            await asyncio.to_thread(self._jump, staged)
+        except BaseException:
+            self._handing_over = False
+            raise
 
     def settle_boot(self) -> None:
-        """How a reboot-mode upgrade ended, decided before the API answers anyone."""
-        self._restore = settle_boot(self, self._version())
+        """How a reboot-mode upgrade ended, decided before the API answers anyone (blocking,
+        at start-up). The VMs it stopped are restored by ``after_boot``.
+
+        :raise StateError: the outcome cannot be recorded (it is settled again next start).
+        """
+        outcome = reboot.settle(self._state_dir, self._version())
+        if outcome is None:
+            return
+        now = time.time()
+        if outcome.booted:
+            if self._images is not None:
+                self._images.set_current(outcome.version)
+            ended = model.done(self._status, now, f"rebooted into {outcome.version}",
+                               target=outcome.version)  # fmt: skip
+            log.info("booted into %s as planned; %d VMs to restore", outcome.version,
+                     len(outcome.restore))  # fmt: skip
+        else:
+            ended = model.failed(self._status, now, f"fell back to {outcome.running}: "
+                                 f"{outcome.reason}", target=outcome.version,
+                                 detail=model.FALLBACK)  # fmt: skip
+            log.error("upgrade to %s failed, running %s: %s", outcome.version,
+                      outcome.running, outcome.reason)  # fmt: skip
+        self._record_now(ended)
+        reboot.clear(self._state_dir)
+        self._restore = outcome.restore
 
     async def after_boot(self) -> None:
-        """Restore the VMs a reboot-mode upgrade stopped (once the network is up)."""
-        await restore_vms(self._restore, self.vms)
-        self._restore = []
-
-    def boot_status(self) -> dict[str, Any]:
-        """A fallback is remembered in the persisted status until the next upgrade."""
-        fell_back = self.status.state is Phase.FAILED and self.status.detail == "fallback"
-        return {"fallback": fell_back, "reason": self.status.error if fell_back else None}
+        """Restore the VMs a reboot-mode upgrade stopped (once the node's network is up); one
+        that cannot be restored is logged and the others go on."""
+        restore, self._restore = self._restore, ()
+        if self._vms is None:
+            return
+        for name in restore:
+            try:
+                await self._vms.restore(name)
+            except HatcheryError as exc:
+                log.error("cannot restore vm %s after the reboot: %s", name, exc.message)
 
     async def close(self) -> None:
+        """Stop a running upgrade's task (idempotent); it records why, unless it was the
+        agent's own planned end."""
         if self._task is not None and not self._task.done():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-
-    # the reboot module needs these
-    @property
-    def images(self) -> ImageSource:
-        assert self._images is not None
-        return self._images
-
-    @property
-    def state_dir(self) -> Path:
-        return self._file.parent
-
-    def set_status(self, **changes: Any) -> None:
-        self._set(**changes)

@@ -1,17 +1,15 @@
 """What a path is, compared across the running root and images: type, permissions, owner,
-and the sha256 of its content (or a symlink's target)."""
+and the sha256 of its content (or a symlink's target). Reading archives: ``archive``."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import stat
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
-from hatchery.cpio import Member, iter_newc
+from hatchery.cpio import Member
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,31 +63,3 @@ def of_path(path: Path) -> Fingerprint | None:
     elif kind == "symlink":
         digest = os.readlink(path)
     return Fingerprint(kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, digest)
-
-
-def iter_root(stream: BinaryIO) -> Iterator[tuple[Member, bytes]]:
-    """Members of a root archive with hard links resolved: every path gets its data.
-
-    In newc, the members of a hard-link group share an inode number and only the last one
-    carries the data; the earlier ones are held back until it arrives.
-    """
-    pending: dict[tuple[int, int, int], list[Member]] = {}
-    for member, data in iter_newc(stream):
-        if stat.S_ISREG(member.mode) and member.nlink > 1:
-            key = (member.dev[0], member.dev[1], member.ino)
-            group = pending.setdefault(key, [])
-            group.append(member)
-            if member.size == 0 and len(group) < member.nlink:
-                continue
-            for linked in pending.pop(key):
-                yield linked, data
-        else:
-            yield member, data
-    for group in pending.values():  # a group whose data never came: empty files
-        for member in group:
-            yield member, b""
-
-
-def index_root(stream: BinaryIO) -> dict[str, Fingerprint]:
-    """Fingerprints of every path of a root archive (the current image, for 3-way diffs)."""
-    return {m.path: of_member(m, data) for m, data in iter_root(stream)}

@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from hatchery.errors import HatcheryError
-from hatchery.upgrade.fingerprint import Fingerprint, iter_root, of_member, of_path
+from hatchery.host import AGENT_UNIT
+from hatchery.upgrade.archive import iter_root
+from hatchery.upgrade.fingerprint import Fingerprint, of_member, of_path
 
 log = logging.getLogger(__name__)
 
@@ -281,9 +283,8 @@ def units_to_restart(root: Path, changed: Iterable[str]) -> list[str]:
                     prefix = value.strip().lstrip("/")
                     if any(p == prefix.rstrip("/") or p.startswith(prefix) for p in changed):
                         units.add(unit.name)
-    agent = "hatchery-agent.service"
-    ordered = sorted(u for u in units if u != agent)
-    return ordered + ([agent] if agent in units else [])
+    ordered = sorted(u for u in units if u != AGENT_UNIT)
+    return ordered + ([AGENT_UNIT] if AGENT_UNIT in units else [])
 
 
 def _resolves_into(root: Path, rel: str, changed: set[str]) -> bool:

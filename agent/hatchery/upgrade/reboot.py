@@ -1,4 +1,4 @@
-"""Reboot mode: stage the new kernel and root under /data, stop VMs, kexec, restore after.
+"""Reboot mode's steps on disk and on the host: stage, arm the boot guard, jump, settle.
 
 Files under ``<state>/boot/``:
 
@@ -8,53 +8,57 @@ Files under ``<state>/boot/``:
   line) — plain files so the image's boot guard (a shell script that runs before the agent)
   can read them. If the new version does not write ``pending/good`` within ``guard-seconds``
   of booting, the guard kexecs back into ``previous`` and writes ``pending/fallback`` with
-  the reason. The agent, at start, finishes the story either way (``after_boot``).
+  the reason. The agent, at start, finishes the story either way (``settle``, then
+  ``clear``).
+
+These are blocking functions (file copies, kexec) for a worker thread or for start-up. None
+of them records the upgrade's status: they return what happened and the controller, the
+only writer of the status, records it.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import shutil
-import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
 
-from hatchery.errors import CommandError, HatcheryError
-from hatchery.vms.process import systemd_running
-
-if TYPE_CHECKING:
-    from hatchery.upgrade.controller import Upgrader
+from hatchery import host
+from hatchery.errors import HatcheryError
+from hatchery.upgrade.model import BootOutcome, ImageSource
 
 log = logging.getLogger(__name__)
 GUARD_SECONDS = 180
-
-
-class VmControl(Protocol):
-    """What a reboot needs from the VM manager."""
-
-    def running_names(self) -> list[str]: ...
-
-    async def stop_for_reboot(self, name: str) -> None: ...
-
-    async def restore(self, name: str) -> None: ...
 
 
 def boot_dir(state_dir: Path) -> Path:
     return state_dir / "boot"
 
 
-def _stage(upgrader: Upgrader, version: str) -> Path:
-    target = boot_dir(upgrader.state_dir) / version
+def pending_dir(state_dir: Path) -> Path:
+    return boot_dir(state_dir) / "pending"
+
+
+def armed(state_dir: Path) -> bool:
+    """Whether a reboot-mode upgrade armed the boot guard and was not settled yet."""
+    return (pending_dir(state_dir) / "version").exists()
+
+
+def stage(images: ImageSource, state_dir: Path, version: str) -> Path:
+    """Copy ``version``'s kernel and initrd out of the store (once); return their folder.
+
+    :raise HatcheryError: the store cannot give them.
+    :raise OSError: they cannot be written.
+    """
+    target = boot_dir(state_dir) / version
     target.mkdir(parents=True, exist_ok=True)
     for role, name in (("kernel", "vmlinuz"), ("initrd", "initrd")):
         out = target / name
         if out.exists():
             continue
         tmp = out.with_name(name + ".tmp")
-        with upgrader.images.open_artefact(version, role) as src, tmp.open("wb") as dst:
+        with images.open_artefact(version, role) as src, tmp.open("wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
         tmp.replace(out)
     return target
@@ -66,83 +70,79 @@ def _write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _run(argv: list[str]) -> None:
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
-    if result.returncode != 0:
-        raise CommandError(argv, result.returncode, result.stderr)
+def prepare(
+    images: ImageSource,
+    state_dir: Path,
+    version: str,
+    previous: str,
+    restore: Sequence[str],
+    guard_seconds: int,
+) -> Path:
+    """Stage ``version`` (and ``previous``, the way back, if the store has it) and arm the
+    boot guard; return the staged folder to jump into.
 
-
-def kexec_into(staged: Path) -> None:
-    """Load ``staged`` and jump: through systemd (clean shutdown) where it runs."""
-    _run(["kexec", "-l", str(staged / "vmlinuz"), f"--initrd={staged / 'initrd'}",
-          "--reuse-cmdline"])  # fmt: skip
-    if systemd_running():
-        _run(["systemctl", "kexec"])
-    else:
-        _run(["kexec", "-e"])
-
-
-async def reboot_into(upgrader: Upgrader, version: str, vms: VmControl | None = None) -> None:
-    from hatchery.health import read_version
-
-    previous = read_version()
-    staged = await asyncio.to_thread(_stage, upgrader, version)
-    if upgrader.images.has(previous):
-        await asyncio.to_thread(_stage, upgrader, previous)
-    pending = boot_dir(upgrader.state_dir) / "pending"
+    :raise HatcheryError, OSError: as ``stage``; nothing is armed then.
+    """
+    staged = stage(images, state_dir, version)
+    if images.has(previous):
+        stage(images, state_dir, previous)
+    pending = pending_dir(state_dir)
     shutil.rmtree(pending, ignore_errors=True)
     pending.mkdir(parents=True)
-    restore = vms.running_names() if vms is not None else []
     _write(pending / "restore", "".join(f"{n}\n" for n in restore))
     _write(pending / "previous", previous + "\n")
-    _write(pending / "guard-seconds", f"{upgrader.guard_seconds or GUARD_SECONDS}\n")
+    _write(pending / "guard-seconds", f"{guard_seconds}\n")
     _write(pending / "version", version + "\n")  # last: its presence arms the guard
-    upgrader.set_status(detail=f"staged {version}; stopping {len(restore)} VMs, then kexec")
-    if vms is not None:
-        for name in restore:
-            await vms.stop_for_reboot(name)
+    return staged
+
+
+def jump(staged: Path) -> None:
+    """Load ``staged`` and kexec into it: through systemd (a clean shutdown) where it runs.
+    A failed kexec falls back to a firmware reboot where systemd can do one.
+
+    :raise CommandError: kexec failed and there is no systemd to reboot through.
+    """
     try:
-        await asyncio.to_thread(kexec_into, staged)
+        host.run(["kexec", "-l", str(staged / "vmlinuz"), f"--initrd={staged / 'initrd'}",
+                  "--reuse-cmdline"])  # fmt: skip
+        if not host.systemctl("kexec"):
+            host.run(["kexec", "-e"])
     except HatcheryError as exc:
         log.error("kexec failed (%s): rebooting through firmware instead", exc.message)
-        if not systemd_running():
+        if not host.systemd_running():
             raise
-        await asyncio.to_thread(_run, ["systemctl", "reboot"])
+        host.systemctl("reboot")
 
 
-def settle_boot(upgrader: Upgrader, running: str) -> list[str]:
-    """Decide how a reboot-mode upgrade ended (before the API answers anyone): mark the boot
-    good or record the fallback. Returns the VMs to restore once the node's network is up."""
-    pending = boot_dir(upgrader.state_dir) / "pending"
-    if not (pending / "version").exists():
-        return []
+def settle(state_dir: Path, running: str) -> BootOutcome | None:
+    """How a reboot-mode upgrade ended, decided before the agent answers anyone: None if none
+    was pending; else the outcome, with the boot marked good (``pending/good``, which stops
+    the guard) when ``running`` is the version the upgrade aimed at.
+
+    ``pending/`` stays until ``clear``: a crash before the controller has recorded the
+    outcome settles it again at the next start.
+    """
+    pending = pending_dir(state_dir)
+    if not armed(state_dir):
+        return None
     version = (pending / "version").read_text().strip()
-    previous = (pending / "previous").read_text().strip()
-    restore = [n for n in (pending / "restore").read_text().split() if n]
-    fallback = pending / "fallback"
+    previous = _read(pending / "previous")
+    restore = tuple(n for n in _read(pending / "restore").split() if n)
     if running == version:
         _write(pending / "good", f"{time.time()}\n")
-        upgrader.images.set_current(version)
-        upgrader.set_status(state="done", target=version, finished=time.time(),
-                            detail=f"rebooted into {version}")  # fmt: skip
-        log.info("booted into %s as planned; %d VMs to restore", version, len(restore))
-    else:
-        why = fallback.read_text().strip() if fallback.exists() else "booted another version"
-        upgrader.set_status(state="failed", target=version, finished=time.time(),
-                            error=f"fell back to {running}: {why}", detail="fallback")  # fmt: skip
-        log.error("upgrade to %s failed, running %s: %s", version, previous, why)
-    shutil.rmtree(pending, ignore_errors=True)
-    return restore
+        return BootOutcome(version, previous, running, restore)
+    fallback = pending / "fallback"
+    why = fallback.read_text().strip() if fallback.exists() else "booted another version"
+    return BootOutcome(version, previous, running, restore, reason=why)
 
 
-async def restore_vms(names: list[str], vms: VmControl | None) -> None:
-    if vms is None:
-        return
-    for name in names:
-        with contextlib.suppress(HatcheryError):
-            await vms.restore(name)
+def clear(state_dir: Path) -> None:
+    """Forget the settled upgrade (the guard of this boot then stands down too)."""
+    shutil.rmtree(pending_dir(state_dir), ignore_errors=True)
 
 
-async def after_boot(upgrader: Upgrader, running: str, vms: VmControl | None) -> None:
-    """Both steps at once (tests); the agent settles first and restores VMs last."""
-    await restore_vms(settle_boot(upgrader, running), vms)
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return ""

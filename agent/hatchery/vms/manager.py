@@ -21,10 +21,10 @@ from typing import Any
 
 import aiohttp
 
-from hatchery import netdev, state
+from hatchery import host, netdev, state
 from hatchery.addresses import AddressPool
 from hatchery.capacity import HostCapacity, Resources
-from hatchery.errors import HatcheryError
+from hatchery.errors import CommandError, HatcheryError
 from hatchery.qemu.accel import AccelChoice
 from hatchery.qemu.cmdline import DirectKernel, GuestSpec, Nic, build_argv
 from hatchery.vms import process
@@ -285,19 +285,19 @@ class VmManager:
             source = str(fetched)
         elif not Path(source).is_file():
             raise VmError(f"disk image {source} does not exist on this host")
-        argv = ["qemu-img", "convert", "-O", "qcow2", source, str(volume)]
-        proc = await asyncio.create_subprocess_exec(*argv, stderr=asyncio.subprocess.PIPE)
-        _, err = await proc.communicate()
-        if _is_url(vm.disk_boot.image):
-            Path(source).unlink(missing_ok=True)
-        if proc.returncode != 0:
-            raise VmError(f"cannot make the root volume: {err.decode(errors='replace').strip()}")
+        try:
+            await host.run_async(["qemu-img", "convert", "-O", "qcow2", source, str(volume)],
+                                 timeout=3600)  # fmt: skip
+        except CommandError as exc:
+            raise VmError(f"cannot make the root volume: {exc.message}") from exc
+        finally:
+            if _is_url(vm.disk_boot.image):
+                Path(source).unlink(missing_ok=True)
         if vm.disk_mib:
-            argv = ["qemu-img", "resize", str(volume), f"{vm.disk_mib}M"]
-            proc = await asyncio.create_subprocess_exec(*argv, stderr=asyncio.subprocess.PIPE)
-            _, err = await proc.communicate()
-            if proc.returncode != 0:
-                raise VmError(f"cannot resize the root volume: {err.decode().strip()}")
+            try:
+                await host.run_async(["qemu-img", "resize", str(volume), f"{vm.disk_mib}M"])
+            except CommandError as exc:
+                raise VmError(f"cannot resize the root volume: {exc.message}") from exc
 
     # --- start ----------------------------------------------------------------------------
     def _argv(self, vm: VmRecord) -> list[str]:

@@ -19,7 +19,8 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from hatchery.errors import CommandError, HatcheryError
+from hatchery import host
+from hatchery.errors import HatcheryError
 
 log = logging.getLogger(__name__)
 
@@ -28,38 +29,24 @@ class ProcessError(HatcheryError):
     """QEMU could not be started or found."""
 
 
-def systemd_running() -> bool:
-    return Path("/run/systemd/system").is_dir()
-
-
 def scope_prefix(unit: str) -> list[str]:
     """Run in a transient scope of its own when systemd manages this host."""
     runner = shutil.which("systemd-run")
-    if runner is None or not systemd_running():
+    if runner is None or not host.systemd_running():
         return []
     return [runner, "--scope", "--quiet", "--collect", f"--unit={unit}", "--"]
 
 
 async def launch(argv: list[str], pidfile: Path, unit: str, timeout: float = 60.0) -> int:
-    """Start QEMU daemonized; return its PID once it runs (the QMP socket is ready then)."""
+    """Start QEMU daemonized; return its PID once it runs (the QMP socket is ready then).
+
+    :raise CommandError: QEMU failed to start or did not daemonize within ``timeout``.
+    :raise ProcessError: it started but wrote no pidfile.
+    """
     pidfile.unlink(missing_ok=True)
     full = [*scope_prefix(unit), *argv, "-daemonize", "-pidfile", str(pidfile)]
     log.debug("exec %s", " ".join(full))
-    proc = await asyncio.create_subprocess_exec(
-        *full,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,
-    )
-    try:
-        _, stderr = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise ProcessError(f"QEMU did not daemonize within {timeout:.0f}s") from None
-    if proc.returncode != 0:
-        raise CommandError(full, proc.returncode or -1, stderr.decode(errors="replace"))
+    await host.run_async(full, timeout=timeout, new_session=True)
     pid = read_pidfile(pidfile)
     if pid is None:
         raise ProcessError(f"QEMU started but wrote no pidfile {pidfile}")

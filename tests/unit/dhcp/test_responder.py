@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import ipaddress
 import json
@@ -24,6 +25,7 @@ from hatchery.dhcp.packet import (
     parse_suboptions,
 )
 from hatchery.dhcp.responder import BootConfig, DhcpConfig, Responder, destination
+from hatchery.dhcp.server import DhcpProtocol
 
 IP = ipaddress.IPv4Address
 GOLDEN = Path(__file__).parent / "golden"
@@ -177,20 +179,41 @@ def test_relay_gets_the_reply() -> None:
     assert reply is not None and destination(request, reply) == ("10.9.5.1", 67)
 
 
-def test_birthing_discover_request_ack_persists_atomically(tmp_path: Path) -> None:
+class DiskCheckingTransport:
+    """Records each reply with the birth leases on disk at the moment it was sent."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sent: list[tuple[DhcpPacket, list[object]]] = []
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        on_disk = json.loads(self.path.read_text())["leases"] if self.path.exists() else []
+        self.sent.append((DhcpPacket.decode(data), on_disk))
+
+
+async def test_birthing_discover_request_ack_persists_before_the_ack(tmp_path: Path) -> None:
     path = tmp_path / "births.json"
     r = responder(births(path))
+    protocol = DhcpProtocol(r, clock=lambda: NOW)
+    transport = DiskCheckingTransport(path)
+    protocol.transport = transport  # type: ignore[assignment]
     mac = "52:54:00:aa:00:01"
     pxe = opt_str(Opt.VENDOR_CLASS, "PXEClient:Arch:00000:UNDI:002001")
-    offer = r.handle(msg(MessageType.DISCOVER, mac, pxe), NOW)
-    assert offer is not None and offer.yiaddr == IP("10.9.0.100")
+    protocol.datagram_received(msg(MessageType.DISCOVER, mac, pxe).encode(), ("0.0.0.0", 68))
+    [(offer, _)] = transport.sent  # an offer changes nothing on disk: answered at once
+    assert offer.message_type == MessageType.OFFER and offer.yiaddr == IP("10.9.0.100")
     assert not path.exists()  # offers are held in memory only
     request = msg(MessageType.REQUEST, mac, opt_ip(Opt.SERVER_ID, SERVER),
                   opt_ip(Opt.REQUESTED_IP, offer.yiaddr))  # fmt: skip
-    ack = r.handle(request, NOW)
-    assert ack is not None and ack.message_type == MessageType.ACK
-    saved = json.loads(path.read_text())["leases"]
-    assert saved == [{"mac": mac, "ip": "10.9.0.100", "expires": NOW + 1200}]
+    protocol.datagram_received(request.encode(), ("0.0.0.0", 68))
+    assert len(transport.sent) == 1, "the ACK waits for its lease to be written (off the loop)"
+    for _ in range(200):
+        if len(transport.sent) == 2:
+            break
+        await asyncio.sleep(0.01)
+    [_, (ack, on_disk)] = transport.sent
+    assert ack.message_type == MessageType.ACK
+    assert on_disk == [{"mac": mac, "ip": "10.9.0.100", "expires": NOW + 1200}]
     assert not list(tmp_path.glob(".*"))  # no temporary files left behind
     # a restarted server knows the client: INIT-REBOOT for its address is ACKed
     again = responder(births(path))
@@ -200,6 +223,20 @@ def test_birthing_discover_request_ack_persists_atomically(tmp_path: Path) -> No
     # and its next DISCOVER gets the same address back
     offer2 = again.handle(msg(MessageType.DISCOVER, mac), NOW + 20)
     assert offer2 is not None and offer2.yiaddr == IP("10.9.0.100")
+
+
+def test_a_lease_that_cannot_be_saved_is_retried(tmp_path: Path) -> None:
+    b = births(tmp_path / "state" / "births.json")
+    assert b.commit("52:54:00:aa:00:02", IP("10.9.0.101"), 600, NOW) and b.unsaved
+    (tmp_path / "state").write_text("a file where the folder should be")
+    with pytest.raises(OSError):
+        b.save()
+    assert b.unsaved, "a failed write leaves the change to be written again"
+    (tmp_path / "state").unlink()
+    b.save()
+    assert not b.unsaved and b.take_write() is None
+    saved = json.loads((tmp_path / "state" / "births.json").read_text())["leases"]
+    assert [lease["mac"] for lease in saved] == ["52:54:00:aa:00:02"]
 
 
 def test_birthing_answers_network_boot_clients_only(tmp_path: Path) -> None:
@@ -272,6 +309,8 @@ def test_release_frees_the_binding(tmp_path: Path) -> None:
     assert r.handle(msg(MessageType.RELEASE, mac, opt_ip(Opt.SERVER_ID, SERVER), ciaddr=ip),
                     NOW) is None  # fmt: skip
     assert b.leases() == ()
+    assert b.unsaved, "deciding never writes: whoever answers writes first (the server)"
+    b.save()
     assert json.loads((tmp_path / "b.json").read_text())["leases"] == []
 
 

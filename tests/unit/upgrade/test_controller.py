@@ -13,7 +13,8 @@ import zstandard
 
 from hatchery.cpio import Entry, write_newc
 from hatchery.state import write_json
-from hatchery.upgrade.controller import Mode, Phase, UpgradeError, Upgrader
+from hatchery.upgrade.controller import UpgradeError, Upgrader
+from hatchery.upgrade.model import Mode, Phase
 from tests.unit.upgrade.test_livepatch import unpack
 
 RELEASE = "6.1.0-test-amd64"
@@ -90,9 +91,9 @@ async def wait_done(upgrader: Upgrader) -> None:
 async def test_live_upgrade(setup: tuple[Path, DirImages, Path]) -> None:
     root, images, state = setup
     upgrader = make(setup)
-    code, answer = upgrader.request("v2", Mode.LIVE)
-    assert code == 202 and answer["state"] == "running"
-    again, _ = upgrader.request("v2", Mode.LIVE)
+    code, answer = await upgrader.request("v2", Mode.LIVE)
+    assert code == 202 and answer.state is Phase.RUNNING
+    again, _ = await upgrader.request("v2", Mode.LIVE)
     assert again == 202, "the same upgrade asked twice must be accepted, not started twice"
     await wait_done(upgrader)
     assert upgrader.status.state is Phase.DONE, upgrader.status
@@ -100,8 +101,8 @@ async def test_live_upgrade(setup: tuple[Path, DirImages, Path]) -> None:
     assert (root / "usr/lib/payload").read_bytes() == b"payload v2"
     # Persisted: a restarted agent reports the same.
     assert make(setup).status.state is Phase.DONE
-    code, answer = make(setup).request("v2", Mode.LIVE)
-    assert code == 200 and "nothing to do" in answer["detail"]
+    code, answer = await make(setup).request("v2", Mode.LIVE)
+    assert code == 200 and answer.detail and "nothing to do" in answer.detail
 
 
 async def test_refusals(setup: tuple[Path, DirImages, Path]) -> None:
@@ -109,18 +110,18 @@ async def test_refusals(setup: tuple[Path, DirImages, Path]) -> None:
     images.add("v4", b"not a zstd cpio")
     upgrader = make(setup)
     with pytest.raises(UpgradeError) as err:
-        upgrader.request("v4", Mode.LIVE)
+        await upgrader.request("v4", Mode.LIVE)
     assert err.value.status == 422 and "cannot be read" in err.value.message
     with pytest.raises(UpgradeError) as err:
-        upgrader.request("v9", Mode.LIVE)
+        await upgrader.request("v9", Mode.LIVE)
     assert err.value.status == 404 and "not in this node's store" in err.value.message
     with pytest.raises(UpgradeError) as err:
-        upgrader.request("v3", Mode.LIVE)
+        await upgrader.request("v3", Mode.LIVE)
     assert err.value.status == 422 and "kernel" in err.value.message
     assert upgrader.status.state is Phase.IDLE
-    upgrader.request("v2", Mode.LIVE)
+    await upgrader.request("v2", Mode.LIVE)
     with pytest.raises(UpgradeError) as err:
-        upgrader.request("v1", Mode.LIVE)
+        await upgrader.request("v1", Mode.LIVE)
     assert err.value.status == 409
     await wait_done(upgrader)
 
@@ -130,7 +131,7 @@ async def test_failure_is_reported_and_rolled_back(setup: tuple[Path, DirImages,
     cut = root_image("v2", extra=b"x" * 5000)[:-3000]  # the modules are read, then it ends
     (images.folder / "v2" / "initrd").write_bytes(zstandard.ZstdCompressor().compress(cut))
     upgrader = make(setup)
-    upgrader.request("v2", Mode.LIVE)
+    await upgrader.request("v2", Mode.LIVE)
     await wait_done(upgrader)
     assert upgrader.status.state is Phase.FAILED and upgrader.status.error
     assert version_of(root) == "v1"

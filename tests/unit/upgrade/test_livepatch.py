@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hatchery.cpio import Entry, write_newc
-from hatchery.upgrade.fingerprint import index_root, iter_root
+from hatchery.upgrade.archive import index_root, iter_root
 from hatchery.upgrade.livepatch import LivePatch, LivePatchError, units_to_restart
 
 AGENT_UNIT = b"""[Service]

@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import resource
 import sys
 import time
@@ -20,12 +19,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from hatchery.client import Credentials
 from hatchery.errors import HatcheryError, report
 from hatchery.log import setup_logging
-from hatchery.pki import client_context
-from hatchery_rollout.client import AgentClient, Health
+from hatchery.wire import Health, Mode
+from hatchery_rollout.client import AgentClient
 from hatchery_rollout.errors import AgentError, JournalError, RolloutError
-from hatchery_rollout.executor import ExecOptions, Executor, Mode, Outcome
+from hatchery_rollout.executor import ExecOptions, Executor, Outcome
 from hatchery_rollout.inventory import Host, load_fleet, synthetic_fleet
 from hatchery_rollout.journal import HostRecord, HostState, Journal, JournalState, read_journal
 from hatchery_rollout.planner import (
@@ -40,11 +40,6 @@ from hatchery_rollout.progress import Progress
 
 log = logging.getLogger("hatchery_rollout.cli")
 EXIT_HALTED = 3
-CONFIG_DIR = Path.home() / ".config" / "hatchery"
-
-
-def _tls_default(env: str, name: str) -> Path:
-    return Path(os.environ.get(env) or CONFIG_DIR / name)
 
 
 def _add_tls(p: argparse.ArgumentParser) -> None:
@@ -53,19 +48,20 @@ def _add_tls(p: argparse.ArgumentParser) -> None:
         "--ca",
         type=Path,
         default=None,
-        help="CA (default $HATCHERY_CA or ~/.config/hatchery/ca.pem)",
+        help="CA (default $HATCHERY_CA, else ca.pem in $XDG_CONFIG_HOME/hatchery or "
+        "~/.config/hatchery)",
     )
     g.add_argument(
         "--cert",
         type=Path,
         default=None,
-        help="client certificate ($HATCHERY_CERT, ~/.config/hatchery/client.pem)",
+        help="client certificate ($HATCHERY_CERT, else client.pem there)",
     )
     g.add_argument(
         "--key",
         type=Path,
         default=None,
-        help="client key ($HATCHERY_KEY, ~/.config/hatchery/client.key)",
+        help="client key ($HATCHERY_KEY, else client.key there)",
     )
     g.add_argument("--connections", type=int, default=256, help="open connections at most (256)")
     g.add_argument("--request-timeout", type=float, default=10.0, help="seconds per request (10)")
@@ -150,10 +146,7 @@ def _raise_nofile() -> None:
 
 def _client(args: argparse.Namespace, *, keepalive: float | None = 2.0) -> AgentClient:
     _raise_nofile()
-    ca = args.ca or _tls_default("HATCHERY_CA", "ca.pem")
-    cert = args.cert or _tls_default("HATCHERY_CERT", "client.pem")
-    key = args.key or _tls_default("HATCHERY_KEY", "client.key")
-    ctx = client_context(ca, cert, key)
+    ctx = Credentials.from_env(args.ca, args.cert, args.key).context()
     return AgentClient(
         ctx, connections=args.connections, request_timeout=args.request_timeout, keepalive=keepalive
     )

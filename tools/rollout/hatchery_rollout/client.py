@@ -2,7 +2,8 @@
 
 One ``ClientSession`` for the whole fleet: the connector caps open connections, so thousands
 of hosts share a bounded pool without a thread each. Answers are untrusted: anything that does
-not parse is an ``AgentError`` naming the host, never a crash.
+not parse is an ``AgentError`` naming the host, never a crash. The documents are the agent's
+own wire schema (``hatchery.wire``), read tolerantly.
 """
 
 from __future__ import annotations
@@ -16,73 +17,9 @@ from typing import Any
 
 import aiohttp
 
+from hatchery.wire import Health, Mode, UpgradeStatus
 from hatchery_rollout.errors import AgentError
 from hatchery_rollout.inventory import Host
-
-
-@dataclass(frozen=True, slots=True)
-class UpgradeStatus:
-    state: str = "idle"  # idle | running | done | failed
-    target: str | None = None
-    mode: str | None = None
-    error: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Health:
-    version: str
-    healthy: bool
-    checks: tuple[tuple[str, str], ...]
-    vms_total: int | None
-    upgrade: UpgradeStatus
-    fallback: bool = False
-    fallback_reason: str | None = None
-
-    def failing(self) -> tuple[str, ...]:
-        """Names of the checks that are not ``ok``."""
-        return tuple(sorted(name for name, value in self.checks if value != "ok"))
-
-    def detail(self, names: tuple[str, ...]) -> str:
-        checks = dict(self.checks)
-        return ", ".join(f"{n}: {checks.get(n, '?')}" for n in names)
-
-
-def _str(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
-
-
-def parse_upgrade(data: Any) -> UpgradeStatus:
-    if not isinstance(data, Mapping):
-        return UpgradeStatus()
-    return UpgradeStatus(
-        state=_str(data.get("state")) or "idle",
-        target=_str(data.get("target")),
-        mode=_str(data.get("mode")),
-        error=_str(data.get("error")),
-    )
-
-
-def parse_health(data: Any) -> Health:
-    """A ``/healthz`` document (raises ValueError when it is not one)."""
-    if not isinstance(data, Mapping) or not isinstance(data.get("version"), str):
-        raise ValueError("no version in the health answer")
-    raw_checks = data.get("checks")
-    checks: list[tuple[str, str]] = []
-    if isinstance(raw_checks, Mapping):
-        checks = [(str(k), str(v)) for k, v in raw_checks.items()]
-    vms = data.get("vms")
-    total = vms.get("total") if isinstance(vms, Mapping) else None
-    boot = data.get("boot")
-    boot = boot if isinstance(boot, Mapping) else {}
-    return Health(
-        version=data["version"],
-        healthy=bool(data.get("healthy", False)),
-        checks=tuple(sorted(checks)),
-        vms_total=total if isinstance(total, int) and not isinstance(total, bool) else None,
-        upgrade=parse_upgrade(data.get("upgrade")),
-        fallback=boot.get("fallback") is True,
-        fallback_reason=_str(boot.get("reason")),
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,15 +110,15 @@ class AgentClient:
     async def health(self, host: Host) -> Health:
         _, data = await self._call(host, "GET", "/healthz")
         try:
-            return parse_health(data)
+            return Health.from_json(data)
         except ValueError as exc:
             raise AgentError(f"{host.name}: GET /healthz: bad answer: {exc}") from exc
 
-    async def upgrade(self, host: Host, version: str, mode: str) -> PostResult:
+    async def upgrade(self, host: Host, version: str, mode: Mode) -> PostResult:
         status, data = await self._call(
-            host, "POST", "/v1/upgrade", {"version": version, "mode": mode}
+            host, "POST", "/v1/upgrade", {"version": version, "mode": mode.value}
         )
-        return PostResult(status, parse_upgrade(data))
+        return PostResult(status, UpgradeStatus.from_json(data))
 
     async def upgrade_status(self, host: Host, wait: float = 0.0) -> UpgradeStatus:
         """``GET /v1/upgrade``; with ``wait``, the agent may hold the answer until the upgrade
@@ -189,4 +126,4 @@ class AgentClient:
         """
         path = f"/v1/upgrade?wait={wait:g}" if wait > 0 else "/v1/upgrade"
         _, data = await self._call(host, "GET", path, extra_time=wait)
-        return parse_upgrade(data)
+        return UpgradeStatus.from_json(data)

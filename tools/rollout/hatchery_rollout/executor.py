@@ -27,20 +27,15 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 
-from hatchery_rollout.client import AgentClient, Health
+from hatchery.wire import Health, Mode, Phase
+from hatchery_rollout.client import AgentClient
 from hatchery_rollout.errors import AgentError, RolloutError
 from hatchery_rollout.inventory import Host
 from hatchery_rollout.journal import FINAL, HostRecord, HostState, Journal
 from hatchery_rollout.progress import Progress
 
 log = logging.getLogger(__name__)
-
-
-class Mode(StrEnum):
-    LIVE = "live"
-    REBOOT = "reboot"
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +192,7 @@ class Executor:
             await self._set(
                 host, rec, HostState.BASELINE, failing=list(rec.baseline), version=health.version
             )
-            if health.version == target and health.upgrade.state != "running":
+            if health.version == target and health.upgrade.state is not Phase.RUNNING:
                 await self._set(host, rec, HostState.SKIPPED)
                 return True
             if self._halt.is_set():  # another host failed meanwhile: do not start this one
@@ -209,7 +204,7 @@ class Executor:
             status = now.upgrade if now is not None else None
             on_target = now is not None and now.version == target
             installing = (
-                status is not None and status.state == "running" and status.target == target
+                status is not None and status.state is Phase.RUNNING and status.target == target
             )
             if not on_target and not installing and now is not None:
                 log.info("%s: the upgrade did not reach the agent; sending it again", host.name)
@@ -249,16 +244,16 @@ class Executor:
             try:
                 wait = max(0.0, min(LONG_POLL, deadline - asked))
                 status = await self.client.upgrade_status(host, wait=wait)
-                if status.state != "running":
+                if status.state is not Phase.RUNNING:
                     health = await self.client.health(host)
-                    if health.fallback:
+                    if health.boot.fallback:
                         raise HostFailed(
-                            f"booted back into {health.version}: {health.fallback_reason or '?'}"
+                            f"booted back into {health.version}: {health.boot.reason or '?'}"
                         )
-                    if health.upgrade.state == "failed":
+                    if health.upgrade.state is Phase.FAILED:
                         error = health.upgrade.error or "no reason given"
                         raise HostFailed(f"upgrade failed: {error}")
-                    if health.version == target and health.upgrade.state != "running":
+                    if health.version == target and health.upgrade.state is not Phase.RUNNING:
                         return
                     last = f"version {health.version}, upgrade {health.upgrade.state}"
                 else:
@@ -282,9 +277,9 @@ class Executor:
             except AgentError as exc:
                 new_detail = str(exc)
             else:
-                if health.fallback:
+                if health.boot.fallback:
                     raise HostFailed(
-                        f"booted back into {health.version}: {health.fallback_reason or '?'}"
+                        f"booted back into {health.version}: {health.boot.reason or '?'}"
                     )
                 if health.version != self.opts.version:
                     raise HostFailed(f"runs {health.version} again, not {self.opts.version}")

@@ -34,6 +34,7 @@ from typing import Any
 from aiohttp import web
 
 from hatchery.pki import identity_from_peercert, server_context
+from hatchery.wire import BootStatus, Health, Mode, Phase, UpgradeStatus
 
 
 @dataclass(slots=True)
@@ -41,9 +42,9 @@ class SimHost:
     name: str
     version: str
     vms: int = 0
-    state: str = "idle"
+    state: Phase = Phase.IDLE
     target: str | None = None
-    mode: str | None = None
+    mode: Mode | None = None
     error: str | None = None
     started: float | None = None
     finished: float | None = None
@@ -66,46 +67,40 @@ class Sim:
     def settle(self, h: SimHost) -> None:
         """Finish an upgrade whose time has come (lazily: no task per host)."""
         now = time.time()
-        if h.state == "running" and h.started is not None and now >= h.started + self.delay:
+        if h.state is Phase.RUNNING and h.started is not None and now >= h.started + self.delay:
             h.finished = now
             if h.name in self.fail_upgrade:
-                h.state, h.error = "failed", "injected upgrade failure"
+                h.state, h.error = Phase.FAILED, "injected upgrade failure"
             elif h.name in self.fallback:
-                h.state, h.fallback = "done", True
+                h.state, h.fallback = Phase.DONE, True
             else:
-                h.state, h.version = "done", h.target or h.version
+                h.state, h.version = Phase.DONE, h.target or h.version
 
     def upgrade_doc(self, h: SimHost) -> dict[str, Any]:
-        return {
-            "state": h.state,
-            "target": h.target,
-            "mode": h.mode,
-            "error": h.error,
-            "started": h.started,
-            "finished": h.finished,
-        }
+        return self.upgrade_status(h).to_json()
+
+    def upgrade_status(self, h: SimHost) -> UpgradeStatus:
+        return UpgradeStatus(h.state, h.target, h.mode, h.error, h.started, h.finished)
 
     def health_doc(self, h: SimHost) -> dict[str, Any]:
         checks = {"agent": "ok", "units": "ok", "vms": "ok"}
         if h.name in self.baseline_fail:
             checks["vms"] = "fail: vm web1 crashed (before the upgrade)"
-        upgraded = h.state == "done" and h.target == h.version
+        upgraded = h.state is Phase.DONE and h.target == h.version
         if h.name in self.fail_health and upgraded:
             checks["units"] = "fail: injected: hatchery-dhcp.service failed"
         healthy = all(v == "ok" for v in checks.values())
         if not healthy and upgraded and h.first_unhealthy is None:
             h.first_unhealthy = time.time()
-        return {
-            "version": h.version,
-            "healthy": healthy,
-            "checks": checks,
-            "vms": {"total": h.vms, "running": h.vms, "stopped": 0, "crashed": 0},
-            "upgrade": self.upgrade_doc(h),
-            "boot": {
-                "fallback": h.fallback,
-                "reason": "new version did not mark itself good" if h.fallback else None,
-            },
-        }
+        reason = "new version did not mark itself good" if h.fallback else None
+        return Health(
+            version=h.version,
+            healthy=healthy,
+            checks=checks,
+            vms={"total": h.vms, "running": h.vms, "stopped": 0, "crashed": 0},
+            upgrade=self.upgrade_status(h),
+            boot=BootStatus(h.fallback, reason),
+        ).to_json()
 
 
 SIM = web.AppKey("sim", Sim)
@@ -129,7 +124,7 @@ def _error(status: int, message: str, field_name: str | None = None) -> web.Resp
 
 async def healthz(request: web.Request) -> web.Response:
     h = _host(request)
-    if h.state == "running" and h.mode == "reboot":
+    if h.state is Phase.RUNNING and h.mode is Mode.REBOOT:
         return _error(503, "rebooting")
     return web.json_response(request.app[SIM].health_doc(h))
 
@@ -141,7 +136,7 @@ async def get_upgrade(request: web.Request) -> web.Response:
         wait = min(float(request.query.get("wait", "0")), 60.0)
     except ValueError:
         return _error(400, "wait: seconds expected", "wait")
-    if wait > 0 and h.state == "running" and h.started is not None:
+    if wait > 0 and h.state is Phase.RUNNING and h.started is not None:
         await asyncio.sleep(max(0.0, min(wait, h.started + sim.delay - time.time())))
         sim.settle(h)
     return web.json_response(sim.upgrade_doc(h))
@@ -158,21 +153,23 @@ async def post_upgrade(request: web.Request) -> web.Response:
     except ValueError:
         return _error(400, "body is not JSON")
     version = body.get("version") if isinstance(body, dict) else None
-    mode = body.get("mode", "live") if isinstance(body, dict) else None
+    mode_text = body.get("mode", "live") if isinstance(body, dict) else None
     if not isinstance(version, str) or not version:
         return _error(400, "version: required", "version")
-    if mode not in ("live", "reboot"):
+    if mode_text not in (Mode.LIVE, Mode.REBOOT):
         return _error(400, "mode: live or reboot", "mode")
+    mode = Mode(mode_text)
     h.posts += 1
     if h.first_post is None:
         h.first_post = time.time()
-    if h.state == "running":
+    if h.state is Phase.RUNNING:
         if h.target == version:
             return web.json_response(sim.upgrade_doc(h), status=202)
         return _error(409, f"an upgrade to {h.target} is running")
     if h.version == version:
-        return web.json_response({"state": "done", "target": version, "mode": mode}, status=200)
-    h.state, h.target, h.mode, h.error = "running", version, mode, None
+        done = UpgradeStatus(Phase.DONE, target=version, mode=mode)
+        return web.json_response(done.to_json(), status=200)
+    h.state, h.target, h.mode, h.error = Phase.RUNNING, version, mode, None
     h.started, h.finished = time.time(), None
     h.upgrades += 1
     return web.json_response(sim.upgrade_doc(h), status=202)

@@ -1,0 +1,206 @@
+"""The host under the agent: one way to run a command, systemd's tools, sd_notify.
+
+In the spirit of mkosi's ``run.py``: every external command goes through ``run`` (blocking,
+for worker threads and start-up) or ``run_async`` (on the event loop, never blocking it).
+Both capture stderr and raise one error, ``CommandError``, naming the command and the cause
+(exit status and the tail of stderr, a timeout, or a program that cannot be started);
+cancellation is never wrapped: ``run_async`` kills the command and re-raises it.
+
+systemd is optional: on a host where it does not run (containers, tests) ``systemctl`` is
+skipped and says so, ``failed_units`` answers None and ``notify`` does nothing, so the agent
+runs the same in the foreground.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from hatchery.errors import CommandError
+
+log = logging.getLogger(__name__)
+
+AGENT_UNIT = "hatchery-agent.service"
+"""The agent's own unit: a live patch restarts it last, from inside it."""
+
+SYSTEMD_RUNTIME = Path("/run/systemd/system")
+DEFAULT_TIMEOUT = 120.0
+
+__all__ = [
+    "AGENT_UNIT",
+    "CommandError",
+    "Completed",
+    "failed_units",
+    "notify",
+    "run",
+    "run_async",
+    "systemctl",
+    "systemd_running",
+    "watchdog_interval",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    """A command that ran to its end (``returncode`` 0 unless the caller passed check=False)."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    input: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    check: bool = True,
+) -> Completed:
+    """Run ``argv`` to its end, blocking: call it from a worker thread or before the loop runs.
+
+    :raise CommandError: the command cannot be started, outlives ``timeout`` seconds (it is
+        killed), or (with ``check``) exits non-zero; the message carries its stderr.
+    """
+    try:
+        done = subprocess.run(
+            list(argv), input=input, capture_output=True, text=True, errors="replace",
+            timeout=timeout, check=False,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as exc:
+        raise CommandError(
+            argv, None, _text(exc.stderr), reason=f"timed out after {timeout:g}s"
+        ) from exc
+    except OSError as exc:
+        raise CommandError(argv, None, reason=f"cannot run: {exc.strerror or exc}") from exc
+    if check and done.returncode != 0:
+        raise CommandError(argv, done.returncode, done.stderr)
+    return Completed(tuple(argv), done.returncode, done.stdout, done.stderr)
+
+
+async def run_async(
+    argv: Sequence[str],
+    *,
+    input: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    check: bool = True,
+    new_session: bool = False,
+) -> Completed:
+    """Run ``argv`` as an asyncio subprocess: the event loop keeps serving meanwhile.
+
+    ``new_session`` starts it in a session of its own (a daemonizing QEMU must not share the
+    agent's). Cancelled, the command is killed and ``CancelledError`` propagates untouched.
+
+    :raise CommandError: as ``run``.
+    """
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=new_session,
+        )
+    except OSError as exc:
+        raise CommandError(argv, None, reason=f"cannot run: {exc.strerror or exc}") from exc
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate(input.encode() if input is not None else None)
+    except TimeoutError:
+        await _kill(proc)
+        raise CommandError(argv, None, reason=f"timed out after {timeout:g}s") from None
+    except asyncio.CancelledError:
+        await _kill(proc)
+        raise
+    stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
+    returncode = proc.returncode if proc.returncode is not None else -1
+    if check and returncode != 0:
+        raise CommandError(argv, returncode, stderr)
+    return Completed(tuple(argv), returncode, stdout, stderr)
+
+
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        try:
+            proc.kill()
+        except ProcessLookupError:
+            pass
+        await proc.wait()
+
+
+def _text(data: bytes | str | None) -> str:
+    if data is None:
+        return ""
+    return data if isinstance(data, str) else data.decode(errors="replace")
+
+
+# --- systemd ------------------------------------------------------------------------------------
+def systemd_running() -> bool:
+    """Whether systemd manages this host (sd_booted(3): its runtime folder exists)."""
+    return SYSTEMD_RUNTIME.is_dir()
+
+
+def systemctl(*args: str, timeout: float = DEFAULT_TIMEOUT) -> bool:
+    """``systemctl ARGS`` (blocking); False, and nothing done, where systemd does not run.
+
+    :raise CommandError: systemctl failed (its stderr is in the message).
+    """
+    program = shutil.which("systemctl")
+    if program is None or not systemd_running():
+        log.info("no systemd here: skipping systemctl %s", " ".join(args))
+        return False
+    run([program, *args], timeout=timeout)
+    return True
+
+
+async def failed_units(systemctl: str | None = None, timeout: float = 10.0) -> list[str] | None:
+    """The units systemd reports as failed; None where systemd does not run this host.
+
+    Asynchronous because ``/healthz`` asks on every call. ``systemctl`` names the program
+    (found on PATH where systemd runs when not given; tests pass a stand-in).
+
+    :raise CommandError: systemctl failed or did not answer within ``timeout`` seconds.
+    """
+    if systemctl is None:
+        systemctl = shutil.which("systemctl")
+        if systemctl is None or not systemd_running():
+            return None
+    done = await run_async(
+        [systemctl, "list-units", "--state=failed", "--no-legend", "--plain"], timeout=timeout
+    )
+    return [line.split()[0] for line in done.stdout.splitlines() if line.strip()]
+
+
+# --- sd_notify ----------------------------------------------------------------------------------
+def notify(state: str) -> bool:
+    """Tell systemd ``state`` (``READY=1``, ``WATCHDOG=1``…), one datagram as sd_notify(3)
+    sends it, without libsystemd. Returns whether a supervisor was told: with no
+    ``$NOTIFY_SOCKET`` (not started by systemd) it does nothing."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # an abstract socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        sock.connect(address)
+        sock.sendall(state.encode())
+    return True
+
+
+def watchdog_interval() -> float | None:
+    """Half the watchdog timeout systemd set for us (in seconds), or None without one."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return int(usec) / 2_000_000
+    except ValueError:
+        return None

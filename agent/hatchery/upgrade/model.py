@@ -1,0 +1,155 @@
+"""The upgrade's model: its status and how it changes, and what it needs from the node.
+
+The status types are the wire schema's (``hatchery.wire``: the agent persists the status in
+the form it serves). Its lifecycle::
+
+    idle ──request──► running ──► done | failed ──request──► running …
+
+``running`` clears what the previous upgrade left; ``note`` records progress while it runs.
+Only the controller records a status; the live patch and the reboot steps return what
+happened (``LiveOutcome``, ``BootOutcome``) instead of writing it themselves.
+
+The upgrade declares what it needs from its collaborators as Protocols (``ImageSource`` from
+the image store, ``VmControl`` from the VM manager), so tests pass small real fakes.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, replace
+from typing import BinaryIO, Protocol
+
+from hatchery.wire import BootStatus, Mode, Phase, UpgradeStatus
+
+__all__ = [
+    "FALLBACK",
+    "BootOutcome",
+    "BootStatus",
+    "ImageSource",
+    "LiveOutcome",
+    "Mode",
+    "Phase",
+    "UpgradeStatus",
+    "VmControl",
+    "boot_status",
+    "done",
+    "failed",
+    "note",
+    "running",
+]
+
+
+class ImageSource(Protocol):
+    """What upgrades need from the image store."""
+
+    def has(self, version: str) -> bool:
+        """Whether the store holds image ``version`` (False, not an error, when unreadable)."""
+        ...
+
+    def open_artefact(self, version: str, role: str) -> AbstractContextManager[BinaryIO]:
+        """The artefact's bytes as built (``initrd``: the root, zstd-compressed cpio).
+
+        :raise HatcheryError: the image has no such artefact, or the store cannot read it.
+        """
+        ...
+
+    def artefact_digest(self, version: str, role: str) -> str | None:
+        """The artefact's sha256, None if the image has none of that role."""
+        ...
+
+    def set_current(self, version: str) -> None:
+        """Record ``version`` as the one the node runs."""
+        ...
+
+
+class VmControl(Protocol):
+    """What a reboot-mode upgrade needs from the VM manager."""
+
+    def running_names(self) -> list[str]:
+        """The VMs to stop before the reboot and to restore after it."""
+        ...
+
+    async def stop_for_reboot(self, name: str) -> None:
+        """Stop ``name`` softly, keeping it to be restored."""
+        ...
+
+    async def restore(self, name: str) -> None:
+        """Start ``name`` again after the reboot.
+
+        :raise HatcheryError: it cannot be started (logged by the caller, the others go on).
+        """
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class LiveOutcome:
+    """What a live patch did: ``detail`` for the status, and whether the agent's own unit is
+    among those to restart (the controller then records the detail and restarts it last)."""
+
+    detail: str
+    restart_agent: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BootOutcome:
+    """How a reboot-mode upgrade ended, as the agent that came up afterwards finds it.
+
+    ``version`` is the target, ``running`` what this boot runs; if they differ the node fell
+    back (the boot guard, or another boot) and ``reason`` says why. ``restore`` names the VMs
+    stopped for the reboot.
+    """
+
+    version: str
+    previous: str
+    running: str
+    restore: tuple[str, ...] = ()
+    reason: str | None = None
+
+    @property
+    def booted(self) -> bool:
+        """Whether the node runs the version the upgrade aimed at."""
+        return self.running == self.version
+
+
+# --- the status's lifecycle ---------------------------------------------------------------------
+def running(target: str, mode: Mode, now: float) -> UpgradeStatus:
+    """A new upgrade under way; nothing of the previous one is kept."""
+    return UpgradeStatus(Phase.RUNNING, target=target, mode=mode, started=now)
+
+
+def note(status: UpgradeStatus, detail: str) -> UpgradeStatus:
+    """Progress of the running upgrade (``staged v3; stopping 2 VMs, then kexec``)."""
+    return replace(status, detail=detail)
+
+
+def done(
+    status: UpgradeStatus, now: float, detail: str, *, target: str | None = None
+) -> UpgradeStatus:
+    """The upgrade (to ``target``, default the status's) succeeded."""
+    return replace(status, state=Phase.DONE, target=target or status.target, error=None,
+                   finished=now, detail=detail)  # fmt: skip
+
+
+def failed(
+    status: UpgradeStatus,
+    now: float,
+    error: str,
+    *,
+    target: str | None = None,
+    detail: str | None = None,
+) -> UpgradeStatus:
+    """The upgrade failed because of ``error``; ``detail`` (default: kept) says how far it got
+    or, for a reboot, ``fallback``."""
+    kept = detail if detail is not None else status.detail
+    return replace(status, state=Phase.FAILED, target=target or status.target, error=error,
+                   finished=now, detail=kept)  # fmt: skip
+
+
+FALLBACK = "fallback"
+"""The ``detail`` of a reboot-mode upgrade whose node booted back into its previous version."""
+
+
+def boot_status(status: UpgradeStatus) -> BootStatus:
+    """A fallback is remembered in the persisted status until the next upgrade."""
+    fell_back = status.state is Phase.FAILED and status.detail == FALLBACK
+    return BootStatus(fallback=fell_back, reason=status.error if fell_back else None)

@@ -1,0 +1,194 @@
+"""The agent's wire schema: what ``/healthz`` and ``/v1/upgrade`` say, as typed values.
+
+One definition shared by the agent (which writes these documents, and persists the upgrade
+status in the same form), the ``hatchery`` CLI and ``hatchery-rollout`` (which read them), as
+Dominator shares ``proto/hypervisor`` between the hypervisor and its tools. docs/api.md
+describes the documents.
+
+Reading is tolerant, because the other side may be older or newer: unknown fields are
+ignored, a field of the wrong type reads as its default, an unknown ``state`` reads as
+``idle`` and an unknown ``mode`` as none. Only a document that is no health answer at all
+(no ``version``) is refused, with ``ValueError``. Nothing here does I/O, so the rollout can
+import it without the agent's dependencies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, TypeVar
+
+__all__ = ["BootStatus", "Health", "Mode", "Phase", "UpgradeStatus"]
+
+
+class Mode(StrEnum):
+    """How a node takes a new image: files patched in place, or a kexec into it."""
+
+    LIVE = "live"
+    REBOOT = "reboot"
+
+
+class Phase(StrEnum):
+    """Where a node's latest upgrade is: idle (never asked), running, done or failed."""
+
+    IDLE = "idle"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+_E = TypeVar("_E", bound=StrEnum)
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _enum(kind: type[_E], value: object) -> _E | None:
+    try:
+        return kind(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class UpgradeStatus:
+    """A node's latest upgrade (``GET /v1/upgrade``, ``upgrade`` in ``/healthz``).
+
+    ``error`` says why it failed; ``detail`` what it did (``3 replace; restarted: ssh.service``)
+    or, for a reboot that fell back, ``fallback``. Times are Unix seconds.
+    """
+
+    state: Phase = Phase.IDLE
+    target: str | None = None
+    mode: Mode | None = None
+    error: str | None = None
+    started: float | None = None
+    finished: float | None = None
+    detail: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "state": self.state.value,
+            "target": self.target,
+            "mode": self.mode.value if self.mode is not None else None,
+            "error": self.error,
+            "started": self.started,
+            "finished": self.finished,
+            "detail": self.detail,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> UpgradeStatus:
+        """Never raises: anything that is not a status reads as idle."""
+        if not isinstance(data, Mapping):
+            return cls()
+        return cls(
+            state=_enum(Phase, data.get("state")) or Phase.IDLE,
+            target=_text(data.get("target")),
+            mode=_enum(Mode, data.get("mode")),
+            error=_text(data.get("error")),
+            started=_number(data.get("started")),
+            finished=_number(data.get("finished")),
+            detail=_text(data.get("detail")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BootStatus:
+    """``boot`` in ``/healthz``: whether the node booted back into its previous version
+    because a reboot-mode upgrade's new version did not mark itself good (and why)."""
+
+    fallback: bool = False
+    reason: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"fallback": self.fallback, "reason": self.reason}
+
+    @classmethod
+    def from_json(cls, data: object) -> BootStatus:
+        """Never raises: anything that is not a boot status reads as no fallback."""
+        if not isinstance(data, Mapping):
+            return cls()
+        return cls(fallback=data.get("fallback") is True, reason=_text(data.get("reason")))
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """The ``/healthz`` document.
+
+    ``checks`` maps a check's name to ``ok`` or ``fail: <why>``; ``healthy`` is true iff all
+    are ok. ``vms`` counts VMs by state, plus ``total``. ``uptime`` is the agent's, in seconds.
+    """
+
+    version: str
+    healthy: bool = False
+    checks: Mapping[str, str] = field(default_factory=dict)
+    vms: Mapping[str, int] = field(default_factory=dict)
+    upgrade: UpgradeStatus = UpgradeStatus()
+    boot: BootStatus = BootStatus()
+    uptime: float | None = None
+
+    @property
+    def vms_total(self) -> int | None:
+        return self.vms.get("total")
+
+    def failing(self) -> tuple[str, ...]:
+        """Names of the checks that are not ``ok``, sorted."""
+        return tuple(sorted(name for name, value in self.checks.items() if value != "ok"))
+
+    def detail(self, names: tuple[str, ...]) -> str:
+        """``name: value`` of the named checks, for a message."""
+        return ", ".join(f"{n}: {self.checks.get(n, '?')}" for n in names)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "healthy": self.healthy,
+            "checks": dict(self.checks),
+            "vms": dict(self.vms),
+            "upgrade": self.upgrade.to_json(),
+            "boot": self.boot.to_json(),
+            "uptime": self.uptime,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> Health:
+        """Read a health answer.
+
+        :raise ValueError: ``data`` is not one (not an object, or no string ``version``).
+        """
+        if not isinstance(data, Mapping) or not isinstance(data.get("version"), str):
+            raise ValueError("no version in the health answer")
+        raw_checks = data.get("checks")
+        checks = (
+            {str(k): str(v) for k, v in raw_checks.items()}
+            if isinstance(raw_checks, Mapping)
+            else {}
+        )
+        raw_vms = data.get("vms")
+        vms = (
+            {
+                str(k): v
+                for k, v in raw_vms.items()
+                if isinstance(v, int) and not isinstance(v, bool)
+            }
+            if isinstance(raw_vms, Mapping)
+            else {}
+        )
+        return cls(
+            version=data["version"],
+            healthy=data.get("healthy") is True,
+            checks=checks,
+            vms=vms,
+            upgrade=UpgradeStatus.from_json(data.get("upgrade")),
+            boot=BootStatus.from_json(data.get("boot")),
+            uptime=_number(data.get("uptime")),
+        )

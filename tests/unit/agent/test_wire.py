@@ -1,0 +1,89 @@
+"""The wire schema shared by the agent, the CLI and the rollout: what the agent writes reads
+back the same, and answers from other versions (or from anything) never crash a reader."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hatchery.wire import BootStatus, Health, Mode, Phase, UpgradeStatus
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+documents = st.fixed_dictionaries(
+    {},
+    optional={
+        "version": json_values | st.just("v2"),
+        "checks": json_values,
+        "vms": json_values,
+        "upgrade": json_values,
+        "boot": json_values,
+        "healthy": json_values,
+        "uptime": json_values,
+    },
+)
+
+
+@given(documents | json_values)
+def test_reading_never_crashes(doc: Any) -> None:
+    UpgradeStatus.from_json(doc)
+    BootStatus.from_json(doc)
+    try:
+        health = Health.from_json(doc)
+    except ValueError:
+        return
+    assert isinstance(health.version, str)
+    assert all(isinstance(n, str) for n in health.failing())
+    assert Health.from_json(health.to_json()) == health
+
+
+def test_the_contract_of_docs_api_md() -> None:
+    health = Health.from_json(
+        {
+            "version": "v2",
+            "healthy": False,
+            "checks": {"agent": "ok", "units": "fail: x.service", "vms": "ok"},
+            "vms": {"total": 3, "running": 2, "stopped": 1, "crashed": 0},
+            "upgrade": {"state": "done", "target": "v2", "mode": "live", "error": None,
+                        "started": 10, "finished": 12.5, "detail": "1 replace"},
+            "boot": {"fallback": True, "reason": "not marked good"},
+            "uptime": 3.5,
+        }
+    )  # fmt: skip
+    assert health.failing() == ("units",)
+    assert health.detail(("units",)) == "units: fail: x.service"
+    assert health.vms_total == 3 and health.boot == BootStatus(True, "not marked good")
+    assert health.upgrade == UpgradeStatus(Phase.DONE, "v2", Mode.LIVE, None, 10.0, 12.5,
+                                           "1 replace")  # fmt: skip
+    assert health.uptime == 3.5
+
+
+def test_what_the_agent_writes_reads_back_the_same() -> None:
+    status = UpgradeStatus(Phase.FAILED, "v3", Mode.REBOOT, "fell back to v2: x", 1.0, 2.0,
+                           "fallback")  # fmt: skip
+    assert UpgradeStatus.from_json(status.to_json()) == status
+    health = Health("v2", True, {"agent": "ok"}, {"total": 0}, status, BootStatus(True, "x"), 1.5)
+    assert Health.from_json(health.to_json()) == health
+
+
+def test_newer_and_older_agents_are_understood() -> None:
+    newer = {"state": "paused", "target": "v3", "mode": "teleport", "phase_eta": 4}
+    assert UpgradeStatus.from_json(newer) == UpgradeStatus(Phase.IDLE, target="v3", mode=None)
+    older = {"version": "v1", "healthy": True, "checks": {"agent": "ok"}}  # no upgrade, no boot
+    health = Health.from_json(older)
+    assert health.upgrade == UpgradeStatus() and health.boot == BootStatus()
+    assert health.vms_total is None and health.failing() == ()
+
+
+@pytest.mark.parametrize("doc", [None, [], "v2", {"healthy": True}, {"version": 2}])
+def test_no_version_is_no_health_answer(doc: Any) -> None:
+    with pytest.raises(ValueError, match="no version"):
+        Health.from_json(doc)

@@ -1,0 +1,174 @@
+"""Reboot mode through the controller: staged, guard armed, VMs stopped, the jump taken; then
+the agent that comes up afterwards settles how it ended and restores the VMs."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from hatchery.errors import CommandError
+from hatchery.state import write_json
+from hatchery.upgrade import reboot
+from hatchery.upgrade.controller import Upgrader
+from hatchery.upgrade.model import BootStatus, Mode, Phase
+from tests.unit.upgrade.test_controller import DirImages, root_image, wait_done
+
+
+class Vms:
+    """A small VmControl: which VMs run, and which were stopped and restored."""
+
+    def __init__(self, running: list[str] | None = None) -> None:
+        self.running = list(running or [])
+        self.stopped: list[str] = []
+        self.restored: list[str] = []
+
+    def running_names(self) -> list[str]:
+        return list(self.running)
+
+    async def stop_for_reboot(self, name: str) -> None:
+        self.stopped.append(name)
+
+    async def restore(self, name: str) -> None:
+        if name == "broken":
+            raise CommandError(["qemu-system-x86_64"], 1, "no such disk")
+        self.restored.append(name)
+
+
+class Jumps:
+    """Stands in for kexec: records where the node would have jumped."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.taken: list[Path] = []
+        self.error = error
+
+    def __call__(self, staged: Path) -> None:
+        self.taken.append(staged)
+        if self.error is not None:
+            raise self.error
+
+
+def images_at(tmp_path: Path) -> DirImages:
+    images = DirImages(tmp_path / "images")
+    for version in ("v2", "v3"):
+        images.add(version, root_image(version))
+    return images
+
+
+def pending(state: Path, version: str, previous: str, fallback: str | None = None) -> Path:
+    d = reboot.pending_dir(state)
+    d.mkdir(parents=True)
+    (d / "version").write_text(version + "\n")
+    (d / "previous").write_text(previous + "\n")
+    (d / "restore").write_text("web1\ndb1\n")
+    if fallback:
+        (d / "fallback").write_text(fallback + "\n")
+    return d
+
+
+def boot(tmp_path: Path, images: DirImages, running: str, vms: Vms) -> Upgrader:
+    """The agent of the next boot, as agent.py builds it: settled before anything else."""
+    upgrader = Upgrader(tmp_path, images, tmp_path, vms=vms, version=lambda: running)
+    upgrader.settle_boot()
+    return upgrader
+
+
+async def test_reboot_request_stages_arms_stops_and_jumps(tmp_path: Path) -> None:
+    images, vms, jumps = images_at(tmp_path), Vms(["web1", "db1"]), Jumps()
+    upgrader = Upgrader(tmp_path, images, tmp_path, vms=vms, version=lambda: "v2", jump=jumps)
+    code, answer = await upgrader.request("v3", Mode.REBOOT, guard_seconds=90)
+    assert code == 202 and answer.state is Phase.RUNNING and answer.mode is Mode.REBOOT
+    for _ in range(100):
+        if jumps.taken:
+            break
+        await asyncio.sleep(0.02)
+    staged = reboot.boot_dir(tmp_path) / "v3"
+    assert jumps.taken == [staged]
+    assert (staged / "vmlinuz").read_bytes() == b"kernel-1"
+    assert (reboot.boot_dir(tmp_path) / "v2" / "initrd").exists(), "the way back is staged"
+    armed = reboot.pending_dir(tmp_path)
+    assert (armed / "version").read_text() == "v3\n"
+    assert (armed / "previous").read_text() == "v2\n"
+    assert (armed / "guard-seconds").read_text() == "90\n"
+    assert (armed / "restore").read_text() == "web1\ndb1\n"
+    assert vms.stopped == ["web1", "db1"]
+    await upgrader.close()  # the shutdown that follows a kexec is no failure
+    assert upgrader.status.state is Phase.RUNNING
+    assert upgrader.status.detail == "staged v3; stopping 2 VMs, then kexec"
+
+    after = Vms()
+    new = boot(tmp_path, images, "v3", after)
+    assert new.status.state is Phase.DONE and new.status.target == "v3"
+    assert new.status.detail == "rebooted into v3" and images.current == "v3"
+    assert not armed.exists() and after.restored == []
+    await new.after_boot()
+    assert after.restored == ["web1", "db1"]
+
+
+async def test_a_failed_jump_is_reported(tmp_path: Path) -> None:
+    jumps = Jumps(CommandError(["kexec", "-l"], 1, "kexec_load failed: not permitted"))
+    upgrader = Upgrader(tmp_path, images_at(tmp_path), tmp_path, version=lambda: "v2", jump=jumps)
+    await upgrader.request("v3", Mode.REBOOT)
+    await wait_done(upgrader)
+    assert upgrader.status.state is Phase.FAILED
+    assert upgrader.status.error == "kexec -l exited with 1: kexec_load failed: not permitted"
+
+
+async def test_booted_into_the_new_version(tmp_path: Path) -> None:
+    images, vms = images_at(tmp_path), Vms()
+    d = pending(tmp_path, "v3", "v2")
+    upgrader = boot(tmp_path, images, "v3", vms)
+    assert upgrader.status.state is Phase.DONE and upgrader.status.target == "v3"
+    assert images.current == "v3" and not d.exists()
+    assert upgrader.boot_status() == BootStatus(fallback=False, reason=None)
+    await upgrader.after_boot()
+    assert vms.restored == ["web1", "db1"]
+    await upgrader.after_boot()
+    assert vms.restored == ["web1", "db1"], "VMs are restored once"
+
+
+async def test_fell_back_to_the_previous_version(tmp_path: Path) -> None:
+    images, vms = images_at(tmp_path), Vms()
+    pending(tmp_path, "v4", "v3", fallback="v4 did not become healthy within 90s")
+    upgrader = boot(tmp_path, images, "v3", vms)
+    assert upgrader.status.state is Phase.FAILED and upgrader.status.target == "v4"
+    assert upgrader.status.error == "fell back to v3: v4 did not become healthy within 90s"
+    assert upgrader.boot_status().fallback is True
+    await upgrader.after_boot()
+    assert vms.restored == ["web1", "db1"] and images.current is None
+    # Remembered by the next start too (the persisted status), until the next upgrade.
+    assert boot(tmp_path, images, "v3", Vms()).boot_status().fallback is True
+
+
+async def test_a_vm_that_cannot_be_restored_does_not_stop_the_others(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    d = pending(tmp_path, "v3", "v2")
+    (d / "restore").write_text("broken\nweb1\n")
+    vms = Vms()
+    upgrader = boot(tmp_path, images_at(tmp_path), "v3", vms)
+    await upgrader.after_boot()
+    assert vms.restored == ["web1"]
+    assert "cannot restore vm broken after the reboot" in caplog.text
+
+
+async def test_nothing_pending_is_nothing_to_do(tmp_path: Path) -> None:
+    vms = Vms()
+    upgrader = boot(tmp_path, images_at(tmp_path), "v3", vms)
+    await upgrader.after_boot()
+    assert upgrader.status.state is Phase.IDLE and vms.restored == []
+
+
+def test_an_agent_that_stopped_before_the_reboot_is_not_left_running(tmp_path: Path) -> None:
+    running = {"state": "running", "target": "v3", "mode": "reboot", "started": 1.0}
+    write_json(tmp_path / "upgrade.json", running)
+    images = images_at(tmp_path)
+    upgrader = boot(tmp_path, images, "v2", Vms())
+    assert upgrader.status.state is Phase.FAILED
+    assert upgrader.status.error == "the agent stopped before the reboot"
+    # Armed, the guard's story wins: settle_boot tells how the reboot ended.
+    write_json(tmp_path / "upgrade.json", running)
+    pending(tmp_path, "v3", "v2")
+    upgrader = boot(tmp_path, images, "v3", Vms())
+    assert upgrader.status.state is Phase.DONE and upgrader.status.detail == "rebooted into v3"
