@@ -36,7 +36,7 @@ from hatchery.pki import client_context, server_context
 from hatchery.qemu.accel import Accel, AccelChoice
 from hatchery.vms.manager import VmManager
 from hatchery.wire import BootStatus, UpgradeStatus
-from tests.support.agent import Pki
+from hatchery_lab.agent import Pki
 
 SLOW = 0.05  # seconds a callback may hold the loop
 ROUNDS = 3
