@@ -484,30 +484,32 @@ class PoolStore:
         except sqlite3.Error as exc:
             raise self._open_error(exc) from exc
         try:
-            db.execute("PRAGMA locking_mode = EXCLUSIVE")  # before WAL: no shared memory file
+            # Exclusive mode before WAL: no shared-memory file, and every lock taken is kept.
+            db.execute("PRAGMA locking_mode = EXCLUSIVE")
+            # Read and check before anything writes (switching to WAL writes the header).
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            check = [r[0] for r in db.execute("PRAGMA quick_check").fetchall()]
+            if check != ["ok"]:
+                raise self._damaged("; ".join(check[:3]))
+            if version == 0:
+                raise self._damaged("it holds no pool (an empty or foreign SQLite file)")
+            if version > SCHEMA_VERSION:
+                raise state.StateError(
+                    f"{self.path} has schema version {version}; this agent knows {SCHEMA_VERSION}",
+                    hint="a newer agent wrote it: run that version, or restore an older backup",
+                )
             mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
                 raise sqlite3.OperationalError(f"journal mode is {mode}, not wal")
             db.execute("PRAGMA synchronous = FULL")
-            db.execute("BEGIN EXCLUSIVE")  # take the lock now; exclusive mode keeps it
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            check = [r[0] for r in db.execute("PRAGMA quick_check").fetchall()]
+            db.execute("BEGIN EXCLUSIVE")  # take the write lock now; exclusive mode keeps it
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             db.close()
             raise self._open_error(exc) from exc
-        if check != ["ok"]:
+        except BaseException:
             db.close()
-            raise self._damaged("; ".join(check[:3]))
-        if version == 0:
-            db.close()
-            raise self._damaged("it holds no pool (an empty or foreign SQLite file)")
-        if version > SCHEMA_VERSION:
-            db.close()
-            raise state.StateError(
-                f"{self.path} has schema version {version}; this agent knows {SCHEMA_VERSION}",
-                hint="a newer agent wrote it: run that version, or restore an older backup",
-            )
+            raise
         return db
 
     def _damaged(self, why: str) -> state.StateError:
