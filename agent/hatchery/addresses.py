@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import fcntl
 import hashlib
 import heapq
 import ipaddress
@@ -352,6 +353,21 @@ def parse_legacy(raw: Any) -> tuple[list[Subnet], list[Row], list[str]]:
     return subnets, rows, problems
 
 
+@contextlib.contextmanager
+def _startup_lock(directory: Path) -> Iterator[None]:
+    """Serialise pool start-ups in ``directory`` (``flock`` on the folder itself, released by
+    the kernel if the process dies): a second agent started at the same instant must not
+    remove or rename the first one's temporaries while it builds them. Once the first has
+    the database open, the second waits only for the end of that and is then refused by
+    SQLite's lock."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 class PoolStore:
     """The pool in SQLite: WAL journal, ``synchronous = FULL``, one transaction per change.
 
@@ -381,16 +397,17 @@ class PoolStore:
     def __init__(self, path: Path, legacy: Path | None = None, *, lock_timeout: float = 2.0):
         self.path = path
         self._db: sqlite3.Connection | None = None
-        self._remove_temporaries()
-        if not path.exists():
-            self._create(legacy)
-        self._db = self._open(lock_timeout)
-        try:
-            if legacy is not None and legacy.exists():
-                self._settle_legacy(legacy)
-        except BaseException:
-            self.close()
-            raise
+        with _startup_lock(path.parent):
+            self._remove_temporaries()
+            if not path.exists():
+                self._create(legacy)
+            self._db = self._open(lock_timeout)
+            try:
+                if legacy is not None and legacy.exists():
+                    self._settle_legacy(legacy)
+            except BaseException:
+                self.close()
+                raise
 
     # --- open, create, convert ---------------------------------------------------------
     @property
@@ -409,7 +426,10 @@ class PoolStore:
         rows: list[Row] = []
         meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if legacy is not None and legacy.exists():
-            raw = legacy.read_bytes()
+            try:
+                raw = legacy.read_bytes()
+            except OSError as exc:
+                raise state.StateError(f"cannot read {legacy}: {exc.strerror or exc}") from exc
             try:
                 parsed = json.loads(raw)
             except (ValueError, UnicodeDecodeError) as exc:

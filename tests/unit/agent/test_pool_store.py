@@ -232,6 +232,36 @@ def test_a_kill_during_conversion_loses_nothing(tmp_path: Path, fraction: float)
     assert (tmp_path / "pool.json.migrated").read_bytes() == raw
 
 
+RACE = """
+import sys, time
+from pathlib import Path
+from hatchery.addresses import AddressPool
+from hatchery.state import StateError
+try:
+    pool = AddressPool(Path(sys.argv[1]), lock_timeout=0)
+except StateError as exc:
+    print("refused:", exc.message)
+else:
+    print("opened", pool.stats().total)
+    time.sleep(1)
+    pool.close()
+"""
+
+
+def test_two_agents_starting_at_once_convert_once(tmp_path: Path) -> None:
+    addresses = [{"ip": f"10.0.0.{k}", "owner": f"vm{k}" if k % 2 else None} for k in range(2, 250)]
+    raw = old_pool_json(addresses)
+    (tmp_path / "pool.json").write_bytes(raw)
+    argv = [sys.executable, "-c", RACE, str(tmp_path / "pool.db")]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    said = sorted(proc.communicate(timeout=60)[0].strip() for proc in procs)
+    assert said == ["opened 248", "refused: the address pool " + str(tmp_path / "pool.db") +
+                    " is in use by another process"]  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pool.db", "pool.json.migrated"]
+    with AddressPool(tmp_path / "pool.db") as pool:
+        assert owners(pool)["10.0.0.3"] == "vm3" and pool.stats().free == 124
+
+
 # --- conversion of an old pool.json ------------------------------------------------------------
 def test_an_old_pool_json_is_converted_whole_and_kept(tmp_path: Path) -> None:
     raw = old_pool_json([
