@@ -146,9 +146,6 @@ class _FreeList:
             self._queued.discard(ip)
         return None
 
-    def __len__(self) -> int:
-        return len(self._heap)
-
 
 class PoolIndex:
     """The pool in memory, indexed for each question asked of it. No I/O, no locking.
@@ -239,11 +236,6 @@ class PoolIndex:
         """Every address, lowest first (O(N log N): for listings, not for the hot path)."""
         return [(ip, mac, owner) for ip, (mac, owner) in sorted(self._entries.items())]
 
-    def heap_size(self, bridge: str) -> int:
-        """Entries in ``bridge``'s free heap, stale ones included (never above its addresses)."""
-        free = self._free.get(bridge)
-        return len(free) if free is not None else 0
-
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -274,7 +266,7 @@ CREATE VIEW addresses_text AS
     FROM addresses ORDER BY addresses.ip;
 """
 # The statements run per change. Each touches one row through a primary key (O(log N) in the
-# B-tree); tests/unit/agent/test_pool.py checks their query plans never scan a table.
+# B-tree); tests/unit/agent/test_pool_scale.py checks that the update never scans.
 SET_OWNER = "UPDATE addresses SET owner = ? WHERE ip = ?"
 INSERT_ADDRESS = "INSERT INTO addresses (ip, mac, owner) VALUES (?, ?, ?)"
 INSERT_SUBNET = "INSERT INTO subnets (cidr, bridge, gateway, dns) VALUES (?, ?, ?, ?)"
@@ -347,7 +339,7 @@ def parse_legacy(raw: Any) -> tuple[list[Subnet], list[Row], list[str]]:
         if mac in macs:
             problems.append(f"MAC {mac} is on both {IPv4(macs[mac])} and {ip}")
             continue
-        entries[key] = (mac, owner or None)
+        entries[key] = (mac, owner)
         macs[mac] = key
     rows = [(ip, mac, owner) for ip, (mac, owner) in sorted(entries.items())]
     return subnets, rows, problems
