@@ -13,6 +13,7 @@ BENCHMARKS = {
     "images": "bench.images",
     "kernel-boot": "bench.kernel_boot",
     "metadata": "bench.metadata",
+    "pool": "bench.pool",
     "pxe-chain": "bench.pxe",
     "rollout": "bench.rollout",
     "tftp": "bench.tftp",

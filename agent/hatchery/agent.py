@@ -134,7 +134,8 @@ class Agent:
             async with part("state"):
                 config.state_dir.mkdir(parents=True, exist_ok=True)
             async with part("address pool"):
-                self.pool = AddressPool(config.state_dir / "pool.json")
+                self.pool = AddressPool(config.state_dir / "pool.db")
+                stack.callback(self.pool.close)
                 seed_pool(config, self.pool)
             async with part("capacity"):
                 capacity = probe(config.capacity, config.state_dir)

@@ -29,7 +29,7 @@ from hatchery_lab.agent import Pki, free_port
 async def api(tmp_path: Path) -> AsyncIterator[tuple[AgentClient, VmManager, Path]]:
     pki = Pki.make(tmp_path / "pki")
     admin = pki.client("admin", "admin")
-    pool = AddressPool(tmp_path / "pool.json")
+    pool = AddressPool(tmp_path / "pool.db")
     pool.add_subnet(Subnet("br0", ipaddress.IPv4Network("10.5.0.0/24"), None, ()))
     pool.add_range(ipaddress.IPv4Address("10.5.0.10"), ipaddress.IPv4Address("10.5.0.19"))
     manager = VmManager(tmp_path, pool, HostCapacity(8, 4096, 10_000), AccelChoice(Accel.TCG, "t"))
@@ -48,6 +48,7 @@ async def api(tmp_path: Path) -> AsyncIterator[tuple[AgentClient, VmManager, Pat
             yield c, manager, kernel
     finally:
         await runner.cleanup()
+        pool.close()
 
 
 BAD_BODIES: list[tuple[Any, str | None]] = [
