@@ -53,24 +53,26 @@ class Api:
 
     @contextlib.asynccontextmanager
     async def serve(self, health: HealthSource) -> AsyncIterator[TestClient]:
-        pool = AddressPool(self.tmp / "pool.json")
-        if not pool.subnets():
-            pool.add_subnet(Subnet("br0", ipaddress.IPv4Network("10.5.0.0/24"), None, ()))
-            pool.add_range(ipaddress.IPv4Address("10.5.0.10"), ipaddress.IPv4Address("10.5.0.19"))
-        capacity = HostCapacity(8, 4096, 10_000)
-        manager = VmManager(self.tmp, pool, capacity, AccelChoice(Accel.TCG, "test"))
-        app = make_app(ApiContext(manager, pool, load_policy(None), health, time.time()))
-        server = TestServer(app, host="127.0.0.1")
-        await server.start_server(ssl=server_context(self.pki.ca, self.pki.server.cert,
-                                                     self.pki.server.key))  # fmt: skip
-        admin = self.pki.client("admin", "admin")
-        connector = aiohttp.TCPConnector(ssl=client_context(self.pki.ca, admin.cert, admin.key))
-        client = TestClient(server, connector=connector)
-        await client.start_server()
-        try:
-            yield client
-        finally:
-            await client.close()
+        with AddressPool(self.tmp / "pool.db") as pool:
+            if not pool.subnets():
+                pool.add_subnet(Subnet("br0", ipaddress.IPv4Network("10.5.0.0/24"), None, ()))
+                pool.add_range(
+                    ipaddress.IPv4Address("10.5.0.10"), ipaddress.IPv4Address("10.5.0.19")
+                )
+            capacity = HostCapacity(8, 4096, 10_000)
+            manager = VmManager(self.tmp, pool, capacity, AccelChoice(Accel.TCG, "test"))
+            app = make_app(ApiContext(manager, pool, load_policy(None), health, time.time()))
+            server = TestServer(app, host="127.0.0.1")
+            await server.start_server(ssl=server_context(self.pki.ca, self.pki.server.cert,
+                                                         self.pki.server.key))  # fmt: skip
+            admin = self.pki.client("admin", "admin")
+            connector = aiohttp.TCPConnector(ssl=client_context(self.pki.ca, admin.cert, admin.key))
+            client = TestClient(server, connector=connector)
+            await client.start_server()
+            try:
+                yield client
+            finally:
+                await client.close()
 
 
 @pytest.fixture
