@@ -31,7 +31,7 @@ from hatchery.images.signing import KeyDirectory
 from hatchery.images.store import ImageStore
 from hatchery.metadata.ruleset import Port
 from hatchery.metadata.server import VmMetadata
-from hatchery.metadata.service import MetadataService
+from hatchery.metadata.service import MetadataService, node_services
 from hatchery.netboot import Netboot
 from hatchery.netdev import tap_name
 from hatchery.pki import client_context, server_context
@@ -171,7 +171,8 @@ class Agent:
                 await site.start()
                 log.info("api on %s:%d (mutual TLS)", config.listen_host, config.listen_port)
             directory = VmDirectory(self.manager)
-            self.metadata = MetadataService(directory, directory.ports_of)
+            self.metadata = MetadataService(directory, directory.ports_of,
+                                            services=node_services(config))  # fmt: skip
             stack.push_async_callback(self.metadata.close)
             for bridge in config.bridges:
                 if not bridge.metadata:

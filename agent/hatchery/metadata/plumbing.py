@@ -21,7 +21,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from hatchery import host
 from hatchery.errors import HatcheryError
-from hatchery.metadata.ruleset import METADATA_IP, Port, render, render_delete
+from hatchery.metadata.ruleset import METADATA_IP, NodeServices, Port, render, render_delete
 
 log = logging.getLogger(__name__)
 INNER = "md0"
@@ -100,12 +100,21 @@ def _teardown(bridge: str) -> None:
 
 
 class BridgePlumbing:
-    """The metadata namespace of one bridge and its nft table."""
+    """The metadata namespace of one bridge and its nft tables.
 
-    def __init__(self, bridge: str, subnets: Sequence[ipaddress.IPv4Network]) -> None:
+    ``services`` are the node's own ports that VM ports may not reach (see ruleset.py).
+    """
+
+    def __init__(
+        self,
+        bridge: str,
+        subnets: Sequence[ipaddress.IPv4Network],
+        services: NodeServices | None = None,
+    ) -> None:
         self.bridge = bridge
         self.names = Names.for_bridge(bridge)
         self._subnets = tuple(subnets)
+        self._services = services
         self.inner_mac = ""
         self._lock = asyncio.Lock()
 
@@ -120,8 +129,8 @@ class BridgePlumbing:
         return self.names.netns, self.names.outer
 
     async def apply_ports(self, ports: Sequence[Port]) -> None:
-        """Replace the bridge's nft table with rules for exactly ``ports`` (atomic)."""
-        script = render(self.bridge, self.names.outer, self.inner_mac, ports)
+        """Replace the bridge's nft tables with rules for exactly ``ports`` (atomic)."""
+        script = render(self.bridge, self.names.outer, self.inner_mac, ports, self._services)
         async with self._lock:
             await asyncio.to_thread(_nft, script)
 

@@ -1,36 +1,107 @@
 """The nftables ruleset of one VM bridge, as a pure function of its ports.
 
-Two jobs, in one ``bridge`` family table per bridge, replaced atomically on every change:
+A VM port may send only what a VM should. Two tables per bridge, ``bridge hatchery_<br>``
+and ``inet hatchery_<br>``, both replaced in one ``nft -f`` transaction on every change:
 
-* **Anti-spoofing** (prerouting, priority -350, before anything else): a frame from a VM's
-  tap must carry the VM's MAC, its IPv4 source must be the VM's address (DHCP's 0.0.0.0
-  excepted) and ARP must claim only the VM's own MAC and address. This is what makes the
-  metadata service's source-IP identity trustworthy.
-* **Redirect** (prerouting, ``dstnat`` priority -300, after anti-spoofing: chains of equal
-  priority have no defined order): IPv4 frames from VM ports for 169.254.169.254 get the
-  metadata veth's MAC as destination, so they reach the metadata namespace whatever
+* **Anti-spoofing** (bridge prerouting, priority -350, before anything else), per VM port:
+
+  - Ethernet: the VM's own source MAC; only the ethertypes IPv4, ARP and IPv6. Everything
+    else is dropped: 802.1Q/802.1ad tags (a VM must not hop into a VLAN of the uplink or of
+    a VLAN-aware bridge), LLC frames such as STP BPDUs (a VM must not become root bridge),
+    LLDP/CDP (a VM must not lie about the topology to the node or its switch), EAPOL,
+    PPPoE discovery, Wake-on-LAN (0x0842: a VM must not power on nodes), MPLS... A VM on a
+    flat L2 has no use for any of them; a VM that needs a VLAN gets a port on that VLAN.
+  - ARP: sender MAC is the VM's, sender IPv4 is the VM's (or 0.0.0.0, ARP probes).
+  - IPv4: source is the VM's address; DHCP *client* traffic from 0.0.0.0:68 to :67 is the
+    one exception. No DHCP/BOOTP *server* traffic (udp sport 67, or dport 68): a VM never
+    answers a PXE-booting node.
+  - IPv6: source is the VM's link-local address derived from its MAC (modified EUI-64 in
+    fe80::/64, RFC 4291 section 2.5.1 and appendix A), one of the port's IPv6 pool addresses,
+    or ``::`` for duplicate address detection and MLD reports only (RFC 4862 section 5.4.2,
+    RFC 3590). No router advertisements (134) or redirects (137), RFC 4861 sections 4.2 and
+    4.5: only routers send those, and a VM is not one. No DHCPv6 server or relay traffic
+    (udp sport 547, dport 546). A neighbour advertisement (136) may only claim one of the
+    VM's own addresses (its target address, RFC 4861 section 4.4): the IPv6 form of ARP
+    spoofing. nft 1.0.6 has no ``icmpv6 taddr``; the target is matched as raw payload,
+    bits 64..191 of the ICMPv6 header.
+
+  This is what makes the metadata service's source-IP identity trustworthy.
+* **Redirect** (bridge prerouting, ``dstnat`` priority -300, after anti-spoofing: chains of
+  equal priority have no defined order): IPv4 frames from VM ports for 169.254.169.254 get
+  the metadata veth's MAC as destination, so they reach the metadata namespace whatever
   gateway the guest used. A forward rule keeps the metadata veth talking only to VM ports:
   metadata traffic never leaves through an uplink.
+* **The node's own services** (TFTP, boot HTTP, API): VM ports may not reach them on any of
+  the node's addresses; ports that are not VMs' (nodes being birthed, peers, operators)
+  still may. Such traffic is not switched across the bridge: it is passed *up* to the
+  host's IP stack, where the bridge port it came in on is no longer known. What the kernel
+  here offers (6.18, nft 1.0.6, tried):
+
+  - ``fib daddr type local`` in a bridge-family chain, to tell "for this host" apart from
+    "to be routed by this host": nft accepts it, the kernel refuses it (ENOENT: no fib
+    expression for the bridge family).
+  - ``meta ibrname`` (or any bridge-port key) in an ``inet`` chain: EOPNOTSUPP, these keys
+    exist only in the bridge family; in ``inet`` the input interface is the bridge itself.
+  - Dropping by port in the bridge ``input`` hook alone would also drop a VM's routed
+    traffic (the node can be the VMs' gateway: a VM's tcp/8080 to the internet goes up the
+    same way), and matching the bridge's own addresses there would miss the node's other
+    addresses, which the node accepts on any interface (weak host model).
+
+  So the bridge ``input`` hook (frames passed up to this host, never frames switched to
+  another port) sets bit ``VM_PORT_MARK`` of the packet mark on frames from VM ports, and an
+  ``inet`` ``input`` chain (packets delivered to a local address of this host, after the
+  routing decision, IPv4 and IPv6) drops marked packets for the node's service ports. This
+  works with and without br_netfilter (bridge-nf-call-iptables 0 and 1 both tried). The
+  metadata path is untouched: frames for 169.254.169.254 are redirected in prerouting and
+  switched to the metadata veth, never passed up. DHCP to the node (udp 67) stays open: VMs
+  get their leases there.
 
 Legacy ebtables has no nat table on current kernels; nftables' bridge family does this.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 METADATA_IP = "169.254.169.254"
+TFTP_PORT = 69
+# The packet-mark bit that says "came up from a VM port" between the bridge table and the
+# inet table. Only this bit is set and tested; other users of the mark keep theirs.
+VM_PORT_MARK = 0x10000000
 
 
 @dataclass(frozen=True, slots=True)
 class Port:
-    """A VM's port on the bridge: its tap, and the only MAC and IPv4 it may use."""
+    """A VM's port on the bridge: its tap, and the only MAC and addresses it may use.
+
+    ``ipv6`` holds the port's IPv6 pool addresses, if any (pools are IPv4-only today); the
+    link-local address derived from ``mac`` is always allowed.
+    """
 
     iface: str
     mac: str
     ip: str
+    ipv6: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class NodeServices:
+    """The node's own listeners that VM ports may not reach, on any address of the node."""
+
+    tcp: tuple[int, ...] = ()
+    udp: tuple[int, ...] = (TFTP_PORT,)
+
+
+def link_local(mac: str) -> str:
+    """The IPv6 link-local address a MAC gives by modified EUI-64 (RFC 4291 appendix A)."""
+    octets = bytes.fromhex(mac.replace(":", ""))
+    if len(octets) != 6:
+        raise ValueError(f"not an Ethernet MAC: {mac!r}")
+    iid = bytes((octets[0] ^ 0x02,)) + octets[1:3] + b"\xff\xfe" + octets[3:]
+    return str(ipaddress.IPv6Address(b"\xfe\x80" + bytes(6) + iid))
 
 
 def table_name(bridge: str) -> str:
@@ -41,25 +112,70 @@ def _chain(iface: str) -> str:
     return "port_" + re.sub(r"[^A-Za-z0-9_]", "_", iface)
 
 
-def render(bridge: str, metadata_iface: str, metadata_mac: str, ports: Sequence[Port]) -> str:
-    """The script for ``nft -f -``: (re)create the bridge's table in one transaction."""
+def _set(items: Iterable[str]) -> str:
+    return "{ " + ", ".join(items) + " }"
+
+
+def _ipv6(port: Port) -> list[str]:
+    """The port's own IPv6 addresses, canonical and without duplicates, link-local first."""
+    own = [link_local(port.mac)]
+    for text in port.ipv6:
+        address = str(ipaddress.IPv6Address(text))
+        if address not in own:
+            own.append(address)
+    return own
+
+
+def _port_chain(port: Port) -> list[str]:
+    own6 = _ipv6(port)
+    targets = _set(f"0x{int(ipaddress.IPv6Address(a)):032x}" for a in own6)
+    return [
+        f"  chain {_chain(port.iface)} {{",
+        f"    ether saddr != {port.mac} drop",
+        "    ether type != { ip, arp, ip6 } drop",
+        f"    ether type arp arp saddr ether != {port.mac} drop",
+        f"    ether type arp arp saddr ip != {{ 0.0.0.0, {port.ip} }} drop",
+        "    udp sport { 67, 547 } drop",
+        "    udp dport { 68, 546 } drop",
+        "    ether type ip ip saddr 0.0.0.0 udp sport 68 udp dport 67 accept",
+        f"    ether type ip ip saddr != {port.ip} drop",
+        "    icmpv6 type { nd-router-advert, nd-redirect } drop",
+        f"    ether type ip6 ip6 saddr != {_set(['::', *own6])} drop",
+        "    ip6 saddr :: meta l4proto != ipv6-icmp drop",
+        "    ip6 saddr :: icmpv6 type != "
+        "{ nd-neighbor-solicit, mld-listener-report, mld2-listener-report } drop",
+        f"    icmpv6 type nd-neighbor-advert @th,64,128 != {targets} drop",
+        "  }",
+    ]
+
+
+def render(
+    bridge: str,
+    metadata_iface: str,
+    metadata_mac: str,
+    ports: Sequence[Port],
+    services: NodeServices | None = None,
+) -> str:
+    """The script for ``nft -f -``: (re)create the bridge's two tables in one transaction.
+
+    ``services`` are the node's ports closed to VM ports (default: TFTP only; the agent
+    passes its API and boot HTTP ports too, see ``metadata.service.node_services``).
+    """
     table = table_name(bridge)
+    services = services if services is not None else NodeServices()
     ports = sorted(ports, key=lambda p: p.iface)
+    names = _set(f'"{p.iface}"' for p in ports)
+    mark = f"0x{VM_PORT_MARK:08x}"
     lines = [
-        f"table bridge {table}",  # make sure it exists, so the delete below cannot fail
+        # make sure both exist, so the deletes below cannot fail
+        f"table bridge {table}",
         f"delete table bridge {table}",
+        f"table inet {table}",
+        f"delete table inet {table}",
         f"table bridge {table} {{",
     ]
     for port in ports:
-        lines += [
-            f"  chain {_chain(port.iface)} {{",
-            f"    ether saddr != {port.mac} drop",
-            f"    ether type arp arp saddr ether != {port.mac} drop",
-            f"    ether type arp arp saddr ip != {{ 0.0.0.0, {port.ip} }} drop",
-            "    ether type ip ip saddr 0.0.0.0 udp sport 68 udp dport 67 accept",
-            f"    ether type ip ip saddr != {port.ip} drop",
-            "  }",
-        ]
+        lines += _port_chain(port)
     lines += [
         "  chain antispoof {",
         "    type filter hook prerouting priority -350; policy accept;",
@@ -67,20 +183,29 @@ def render(bridge: str, metadata_iface: str, metadata_mac: str, ports: Sequence[
     lines += [f'    iifname "{p.iface}" jump {_chain(p.iface)}' for p in ports]
     lines += ["  }", "  chain to_metadata {", "    type filter hook prerouting priority dstnat;"]
     if ports:
-        names = ", ".join(f'"{p.iface}"' for p in ports)
         lines += [
-            f"    iifname {{ {names} }} ether type ip ip daddr {METADATA_IP} "
+            f"    iifname {names} ether type ip ip daddr {METADATA_IP} "
             f"ether daddr set {metadata_mac}",
         ]
     lines += ["  }", "  chain metadata_confine {", "    type filter hook forward priority 0;"]
     if ports:
-        lines.append(f'    iifname "{metadata_iface}" oifname != {{ {names} }} drop')
+        lines.append(f'    iifname "{metadata_iface}" oifname != {names} drop')
     else:
         lines.append(f'    iifname "{metadata_iface}" drop')
+    lines += ["  }", "  chain up_from_vms {", "    type filter hook input priority 0;"]
+    if ports:
+        lines.append(f"    iifname {names} meta mark set meta mark | {mark}")
+    lines += ["  }", "}", f"table inet {table} {{", "  chain vm_to_node {",
+              "    type filter hook input priority 0;"]  # fmt: skip
+    for proto, numbers in (("tcp", services.tcp), ("udp", services.udp)):
+        if numbers:
+            dports = _set(str(n) for n in sorted(set(numbers)))
+            lines.append(f"    meta mark & {mark} == {mark} meta l4proto {proto} "
+                         f"th dport {dports} drop")  # fmt: skip
     lines += ["  }", "}"]
     return "\n".join(lines) + "\n"
 
 
 def render_delete(bridge: str) -> str:
     table = table_name(bridge)
-    return f"table bridge {table}\ndelete table bridge {table}\n"
+    return "".join(f"table {f} {table}\ndelete table {f} {table}\n" for f in ("bridge", "inet"))

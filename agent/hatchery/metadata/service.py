@@ -1,8 +1,10 @@
 """The metadata service of the agent: for each bridge, plumbing plus a server in its namespace.
 
 The agent tells it when a bridge's VM ports change (a VM starts or is destroyed); it then
-replaces that bridge's nft table atomically, anti-spoofing first. The agent's API is also
-served inside each namespace on 169.254.169.254:6976 (mutual TLS as everywhere).
+replaces that bridge's nft tables atomically, anti-spoofing first, and with them the rule that
+keeps VM ports away from the node's own services (``node_services``: the API, the boot HTTP
+ports, TFTP). The agent's API is also served inside each namespace on 169.254.169.254:6976
+(mutual TLS as everywhere): that path stays open to VMs.
 """
 
 from __future__ import annotations
@@ -15,12 +17,29 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from hatchery.config import API_PORT, AgentConfig, BootServiceConfig
 from hatchery.metadata.plumbing import BridgePlumbing
-from hatchery.metadata.ruleset import Port
+from hatchery.metadata.ruleset import TFTP_PORT, NodeServices, Port
 from hatchery.metadata.server import MetadataSource, make_app
 
 log = logging.getLogger(__name__)
 METADATA_PORT = 80
+
+
+def node_services(config: AgentConfig) -> NodeServices:
+    """The node's listeners closed to VM ports: the API, every bridge's boot HTTP port, TFTP.
+
+    TFTP is closed whether or not this node serves it: its port is fixed and any TFTP server
+    on a node is a boot service. DHCP (udp 67) stays open: VMs get their leases from it.
+    """
+    http = {b.boot.http_port for b in config.bridges if b.boot is not None}
+    return NodeServices(tcp=tuple(sorted({config.listen_port, *http})), udp=(TFTP_PORT,))
+
+
+# Without a config (benchmarks, tests): the defaults of a node that births peers.
+DEFAULT_NODE_SERVICES = NodeServices(
+    tcp=(API_PORT, BootServiceConfig().http_port), udp=(TFTP_PORT,)
+)
 
 
 @dataclass
@@ -35,10 +54,12 @@ class MetadataService:
         source: MetadataSource,
         ports_of: Callable[[str], Sequence[Port]],
         port: int = METADATA_PORT,
+        services: NodeServices = DEFAULT_NODE_SERVICES,
     ) -> None:
         self._source = source
         self._ports_of = ports_of
         self._port = port
+        self._services = services
         self._bridges: dict[str, _Bridge] = {}
 
     async def add_bridge(
@@ -48,7 +69,7 @@ class MetadataService:
         api: tuple[web.AppRunner, ssl.SSLContext, int] | None = None,
     ) -> None:
         """Set up ``bridge``'s namespace, rules and server; serve ``api`` there too if given."""
-        plumbing = BridgePlumbing(bridge, subnets)
+        plumbing = BridgePlumbing(bridge, subnets, self._services)
         runner = web.AppRunner(make_app(bridge, self._source), access_log=None)
         try:
             await plumbing.setup()

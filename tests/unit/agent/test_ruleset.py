@@ -1,16 +1,46 @@
-"""The bridge ruleset: anti-spoofing before the redirect, checked by nft itself."""
+"""The bridge ruleset: golden text, anti-spoofing before the redirect, checked by nft itself."""
 
 from __future__ import annotations
 
+import ipaddress
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
-from hatchery.metadata.ruleset import Port, render, table_name
+import pytest
 
+from hatchery.config import AgentConfig, BootServiceConfig, BridgeConfig
+from hatchery.metadata.ruleset import (
+    NodeServices,
+    Port,
+    link_local,
+    render,
+    render_delete,
+    table_name,
+)
+from hatchery.metadata.service import DEFAULT_NODE_SERVICES, node_services
+
+GOLDEN = Path(__file__).parent / "golden"
 PORTS = [
     Port("hv-b", "52:54:0a:00:00:0b", "10.0.0.11"),
-    Port("hv-a", "52:54:0a:00:00:0a", "10.0.0.10"),
+    Port("hv-a", "52:54:0a:00:00:0a", "10.0.0.10", ipv6=("fd00:0::10",)),
 ]
+SERVICES = NodeServices(tcp=(8080, 6976), udp=(69,))
+
+
+def _golden(name: str) -> str:
+    return (GOLDEN / name).read_text()
+
+
+def test_golden_ruleset_with_ports() -> None:
+    """The whole script, reviewed line by line once; a change here is a change of policy."""
+    script = render("br0", "hmd0123456789", "aa:bb:cc:dd:ee:ff", PORTS, SERVICES)
+    assert script == _golden("ruleset-br0.nft")
+
+
+def test_golden_ruleset_without_ports() -> None:
+    script = render("br0", "hmd0123456789", "aa:bb:cc:dd:ee:ff", [], SERVICES)
+    assert script == _golden("ruleset-br0-empty.nft")
 
 
 def test_priorities_put_antispoofing_first() -> None:
@@ -23,6 +53,46 @@ def test_priorities_put_antispoofing_first() -> None:
     assert 'iifname "hmdx" oifname != { "hv-a", "hv-b" } drop' in script
 
 
+def test_dhcp_server_traffic_is_dropped_before_the_client_exception() -> None:
+    chain = render("br0", "m", "aa:bb:cc:dd:ee:ff", PORTS).split("chain port_hv_a {")[1]
+    server = chain.index("udp sport { 67, 547 } drop")
+    assert server < chain.index("udp dport { 68, 546 } drop")
+    assert server < chain.index("ip saddr 0.0.0.0 udp sport 68 udp dport 67 accept")
+
+
+def test_ipv6_sources_are_the_link_local_the_pool_and_dad_only() -> None:
+    script = render("br0", "m", "aa:bb:cc:dd:ee:ff", PORTS)
+    assert "ip6 saddr != { ::, fe80::5054:aff:fe00:a, fd00::10 } drop" in script
+    assert "ip6 saddr != { ::, fe80::5054:aff:fe00:b } drop" in script
+    assert "icmpv6 type { nd-router-advert, nd-redirect } drop" in script
+
+
+def test_node_services_are_closed_to_marked_packets_only() -> None:
+    script = render("br0", "m", "aa:bb:cc:dd:ee:ff", PORTS, SERVICES)
+    assert 'iifname { "hv-a", "hv-b" } meta mark set meta mark | 0x10000000' in script
+    assert "th dport { 6976, 8080 } drop" in script and "th dport { 69 } drop" in script
+    no_services = render("br0", "m", "aa:bb:cc:dd:ee:ff", PORTS, NodeServices(udp=()))
+    assert "dport" not in no_services.rsplit("table inet", 1)[1]
+
+
+@pytest.mark.parametrize(
+    ("mac", "address"),
+    [
+        ("52:54:00:12:34:56", "fe80::5054:ff:fe12:3456"),  # QEMU's default NIC
+        ("00:00:5e:00:53:01", "fe80::200:5eff:fe00:5301"),  # RFC 7042's documentation MAC
+        ("02:00:00:00:00:01", "fe80::ff:fe00:1"),  # the U/L bit flips back to 0
+    ],
+)
+def test_link_local_is_modified_eui64(mac: str, address: str) -> None:
+    assert link_local(mac) == address
+    assert ipaddress.IPv6Address(link_local(mac.upper())) == ipaddress.IPv6Address(address)
+
+
+def test_link_local_refuses_garbage() -> None:
+    with pytest.raises(ValueError):
+        link_local("52:54:00:12:34")
+
+
 def test_order_of_ports_does_not_matter() -> None:
     assert render("br0", "m", "aa:bb:cc:dd:ee:ff", PORTS) == render(
         "br0", "m", "aa:bb:cc:dd:ee:ff", list(reversed(PORTS))
@@ -33,9 +103,36 @@ def test_table_names_are_safe() -> None:
     assert table_name("br-vm.10") == "hatchery_br_vm_10"
 
 
+def test_delete_removes_both_tables() -> None:
+    assert render_delete("br0") == (
+        "table bridge hatchery_br0\ndelete table bridge hatchery_br0\n"
+        "table inet hatchery_br0\ndelete table inet hatchery_br0\n"
+    )
+
+
+def test_node_services_come_from_the_config() -> None:
+    config = AgentConfig(
+        listen_port=7000,
+        bridges=(
+            BridgeConfig("br0", boot=BootServiceConfig(http_port=8081)),
+            BridgeConfig("br1", boot=BootServiceConfig()),
+            BridgeConfig("br2"),
+        ),
+    )
+    assert node_services(config) == NodeServices(tcp=(7000, 8080, 8081), udp=(69,))
+    assert node_services(AgentConfig()) == NodeServices(tcp=(6976,), udp=(69,))
+    assert DEFAULT_NODE_SERVICES == NodeServices(tcp=(6976, 8080), udp=(69,))
+
+
 def test_nft_accepts_the_ruleset(require_tool: Callable[[str], str], require_root: None) -> None:
+    """``nft -c``: parsed and checked against the kernel, nothing changed."""
     nft = require_tool("nft")
     for ports in (PORTS, []):
-        script = render("br-test", "hmdx", "aa:bb:cc:dd:ee:ff", ports)
-        check = subprocess.run([nft, "-c", "-f", "-"], input=script, capture_output=True, text=True)
-        assert check.returncode == 0, check.stderr
+        for services in (SERVICES, NodeServices(), NodeServices(udp=())):
+            script = render("br-test", "hmdx", "aa:bb:cc:dd:ee:ff", ports, services)
+            check = subprocess.run([nft, "-c", "-f", "-"], input=script, capture_output=True,
+                                   text=True)  # fmt: skip
+            assert check.returncode == 0, check.stderr
+    check = subprocess.run([nft, "-c", "-f", "-"], input=render_delete("br-test"),
+                           capture_output=True, text=True)  # fmt: skip
+    assert check.returncode == 0, check.stderr

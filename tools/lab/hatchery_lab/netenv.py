@@ -91,12 +91,16 @@ class NetEnv:
         """``hatchery-agent [--debug] serve ...`` in the server namespace."""
         return self.start(name, [str(AGENT), *(["--debug"] if debug else []), "serve", *args])
 
+    def port_of(self, name: str) -> str:
+        """The bridge port (outer veth end) of client ``name``."""
+        return f"v{name}{self.tag}"[:15]
+
     def add_client(self, name: str, mac: str | None = None) -> str:
         """A client namespace with ``eth0`` on the bridge; returns the namespace's name."""
         ns = f"{self.ns}-{name}"
         sh("ip", "netns", "add", ns)
         self.client_namespaces.append(ns)
-        port = f"v{name}{self.tag}"[:15]
+        port = self.port_of(name)
         sh("ip", "-n", self.ns, "link", "add", port, "type", "veth", "peer", "name", "eth0",
            "netns", ns)  # fmt: skip
         sh("ip", "-n", self.ns, "link", "set", port, "master", self.bridge, "up")
@@ -118,10 +122,14 @@ def _sysctl(ns: str, key: str, value: str) -> None:
 
 
 @contextlib.contextmanager
-def boot_network(workdir: Path, subnet: str = "10.231.0") -> Iterator[NetEnv]:
-    """Create the namespace and bridge; always stop our services and remove it all."""
+def boot_network(workdir: Path, subnet: str = "10.231.0", bridge: str = "hbr0") -> Iterator[NetEnv]:
+    """Create the namespace and bridge; always stop our services and remove it all.
+
+    Name the bridge uniquely (``hatchery_lab.net.unique_name``) when something outside the
+    namespace is named after it, such as the metadata service's ``hmd-<bridge>`` namespace.
+    """
     tag = f"{os.getpid() % 10000}{secrets.token_hex(2)}"
-    env = NetEnv(tag=tag, workdir=workdir, subnet=subnet, ns=f"hnb{tag}")
+    env = NetEnv(tag=tag, workdir=workdir, subnet=subnet, ns=f"hnb{tag}", bridge=bridge)
     sh("ip", "netns", "add", env.ns)
     try:
         sh("ip", "-n", env.ns, "link", "set", "lo", "up")

@@ -1,0 +1,349 @@
+"""Issue 14, tenant isolation: a hostile guest on the bridge, and the legitimate paths beside it.
+
+A namespace of the test's own plays the node: a bridge, the agent's real metadata service
+with the bridge's nft tables applied as the agent applies them (``hatchery_lab.isolation
+node``), the agent's real boot HTTP and TFTP servers (``hatchery-agent serve http|tftp``) on
+the bridge address with their real ports, an API stand-in behind the agent's mutual TLS on
+6976, and later the agent's real DHCP server. Four namespaces on veths are plugged in: two
+VMs ("rogue", "tenant": VM ports) and two that are not VMs ("victim", a node being birthed
+over PXE; "peer", a node or operator on the boot network).
+
+Each attack is shown refused with the rules, and then, with the rules removed, shown to
+work: the test can tell a refused attack from one that never happened. Real peers wherever
+one runs: dnsmasq as the rogue DHCP server, busybox udhcpc as the victim's client, the
+victim's own kernel doing SLAAC and neighbour discovery, ping, curl (HTTP, HTTPS, TFTP).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from hatchery import pki
+from hatchery.config import AgentConfig, BootServiceConfig, BridgeConfig
+from hatchery.metadata.plumbing import Names
+from hatchery.metadata.ruleset import Port, link_local, render_delete, table_name
+from hatchery.metadata.service import node_services
+from hatchery_lab.isolation import API_REPLY, CONTROL, ETHERTYPES, NodeSpec
+from hatchery_lab.net import unique_name
+from hatchery_lab.netenv import NetEnv, Service, boot_network
+
+pytestmark = pytest.mark.timeout(300)
+
+MD = "169.254.169.254"
+OTHER_NODE_ADDRESS = "192.0.2.1"  # an address of the node's that is not on the bridge
+ULA = "fd00:1ab::"
+ROGUE_RANGE = (200, 209)
+BIRTHS = (100, 109)
+PXE_CLIENT = "PXEClient:Arch:00000:UNDI:002001"
+UDHCPC_SCRIPT = """#!/bin/sh
+[ "$1" = bound ] || exit 0
+for v in ip router serverid boot_file; do eval "echo LEASE.$v=\\$$v"; done
+"""
+
+
+@dataclass(frozen=True)
+class Guest:
+    name: str
+    ns: str
+    port: str
+    mac: str
+    ip: str | None
+
+    def run(self, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ip", "netns", "exec", self.ns, *argv], capture_output=True,
+                              text=True, timeout=timeout, check=False)  # fmt: skip
+
+    def ok(self, *argv: str, timeout: float = 30) -> str:
+        result = self.run(*argv, timeout=timeout)
+        assert result.returncode == 0, f"{self.name}: {argv}: {result.stdout}{result.stderr}"
+        return result.stdout
+
+    def link_local(self) -> str:
+        """The link-local address the guest's kernel made for itself."""
+        out = self.ok("ip", "-6", "-o", "addr", "show", "dev", "eth0", "scope", "link")
+        return out.split("inet6 ", 1)[1].split("/", 1)[0]
+
+
+@dataclass
+class Lab:
+    env: NetEnv
+    tmp: Path
+    rogue: Guest
+    tenant: Guest
+    victim: Guest
+    peer: Guest
+    tls: dict[str, Path]
+    tools: dict[str, str]
+
+    @property
+    def server_ip(self) -> str:
+        return self.env.server_ip
+
+    def remove_rules(self) -> None:
+        """Delete the bridge's tables: the "without isolation" half of each test."""
+        subprocess.run(self.env.in_ns(["nft", "-f", "-"]), input=render_delete(self.env.bridge),
+                       text=True, check=True, capture_output=True)  # fmt: skip
+
+    def udhcpc(self, guest: Guest, *extra: str, tries: int = 3) -> dict[str, str]:
+        """busybox udhcpc, ``tries`` DISCOVERs a second apart; the lease it would take."""
+        script = self.tmp / "udhcpc.script"
+        argv = [self.tools["udhcpc"], "-i", "eth0", "-f", "-q", "-n", "-t", str(tries), "-T",
+                "1", "-s", str(script), *extra]  # fmt: skip
+        out = guest.run(*argv, timeout=60)
+        got = dict(
+            line[len("LEASE.") :].split("=", 1)
+            for line in out.stdout.splitlines()
+            if line.startswith("LEASE.")
+        )
+        got["output"] = out.stdout + out.stderr
+        return got
+
+    def curl(self, guest: Guest, url: str, *extra: str, timeout: float = 2) -> str | None:
+        """The body, or None when nothing answered within ``timeout`` seconds."""
+        result = guest.run(self.tools["curl"], "-sS", "-m", str(timeout), *extra, url,
+                           timeout=timeout + 20)  # fmt: skip
+        return result.stdout if result.returncode == 0 else None
+
+    def api(self, guest: Guest, host: str) -> str | None:
+        t = self.tls
+        return self.curl(guest, f"https://{host}:6976/", "--cacert", str(t["ca"]), "--cert",
+                         str(t["cert"]), "--key", str(t["key"]))  # fmt: skip
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def _add_guest(env: NetEnv, name: str, mac: str, ip: str | None, ipv6: str | None) -> Guest:
+    ns = env.add_client(name, mac)
+    guest = Guest(name, ns, env.port_of(name), mac, ip)
+    if ip is not None:
+        guest.ok("ip", "addr", "add", f"{ip}/24", "dev", "eth0")
+        guest.ok("ip", "route", "add", "default", "via", env.server_ip)
+    if ipv6 is not None:
+        guest.ok("ip", "-6", "addr", "add", f"{ipv6}/64", "dev", "eth0", "nodad")
+    return guest
+
+
+@pytest.fixture
+def lab(require_root: None, require_tool: Callable[[str], str], tmp_path: Path) -> Iterator[Lab]:
+    tools = {t: require_tool(t) for t in ("nft", "curl", "udhcpc", "dnsmasq", "ping")}
+    script = tmp_path / "udhcpc.script"
+    script.write_text(UDHCPC_SCRIPT)
+    script.chmod(0o755)
+    root = tmp_path / "boot"
+    root.mkdir()
+    (root / "hello.txt").write_text("boot file\n")
+    bridge = unique_name("hib")
+    names = Names.for_bridge(bridge)
+    try:
+        with boot_network(tmp_path, bridge=bridge) as env:
+            server_ip = env.server_ip
+            ca = pki.init_ca(tmp_path / "ca")
+            agent = pki.issue(tmp_path / "ca", "agent", tmp_path / "tls",
+                              server_names=(server_ip, MD, OTHER_NODE_ADDRESS))  # fmt: skip
+            client = pki.issue(tmp_path / "ca", "tenant", tmp_path / "tls")
+            tls = {"ca": ca, "cert": client.cert, "key": client.key}
+            s = env.subnet
+            rogue = _add_guest(env, "rogue", "52:54:00:66:00:10", f"{s}.10", None)
+            tenant = _add_guest(env, "tenant", "52:54:00:66:00:11", f"{s}.11", f"{ULA}11")
+            victim = _add_guest(env, "victim", "52:54:00:77:00:01", None, None)
+            peer = _add_guest(env, "peer", "52:54:00:77:00:02", f"{s}.2", f"{ULA}2")
+            # The agent's own wiring decides what is closed: a node that births peers.
+            config = AgentConfig(bridges=(BridgeConfig(bridge, boot=BootServiceConfig()),))
+            spec = NodeSpec(
+                bridge=bridge,
+                subnets=(f"{s}.0/24",),
+                ports=(
+                    Port(rogue.port, rogue.mac, f"{s}.10"),
+                    Port(tenant.port, tenant.mac, f"{s}.11", ipv6=(f"{ULA}11",)),
+                ),
+                services=node_services(config),
+                tls=(str(tls["ca"]), str(agent.cert), str(agent.key)),
+                api_port=config.listen_port,
+            )
+            spec.dump(tmp_path / "node.json")
+            node = env.start("node", [sys.executable, "-m", "hatchery_lab.isolation", "node",
+                                      str(tmp_path / "node.json")])  # fmt: skip
+            node.wait_for("ready", timeout=30)
+            http_port = BootServiceConfig().http_port
+            boot_http = env.agent("http", "http", "--root", str(root),
+                                  "--listen", f"{server_ip}:{http_port}")  # fmt: skip
+            boot_http.wait_for("boot http: serving")
+            tftp = env.agent("tftp", "tftp", "--root", str(root), "--listen", f"{server_ip}:69")
+            tftp.wait_for("TFTP serving")
+            guests = (rogue, tenant, victim, peer)
+            _wait(lambda: all(not g.ok("ip", "-6", "addr", "show", "tentative") for g in guests),
+                  10, "IPv6 duplicate address detection")  # fmt: skip
+            yield Lab(env, tmp_path, rogue, tenant, victim, peer, tls, tools)
+            node.stop()
+            assert "Traceback" not in node.text(), node.text()
+            listed = env.run("nft", "list", "tables").stdout
+            assert table_name(bridge) not in listed, listed
+    finally:
+        # The metadata namespace lives outside ours; it is gone even if the node was killed.
+        subprocess.run(["ip", "netns", "del", names.netns], capture_output=True, check=False)
+    assert names.netns not in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                             text=True).stdout  # fmt: skip
+
+
+def _dnsmasq(lab: Lab) -> Service:
+    """A rogue DHCP/PXE server in the rogue VM: it offers its own range, itself as router."""
+    s, (lo, hi) = lab.env.subnet, ROGUE_RANGE
+    argv = [lab.tools["dnsmasq"], "--no-daemon", "--conf-file=/dev/null", "--port=0",
+            "--interface=eth0", "--bind-interfaces", "--user=root", "--group=root", "--no-ping",
+            f"--dhcp-range={s}.{lo},{s}.{hi},255.255.255.0,1h", "--dhcp-authoritative",
+            f"--dhcp-option=3,{lab.rogue.ip}", "--dhcp-boot=evil.kpxe",
+            f"--dhcp-leasefile={lab.tmp / 'rogue.leases'}",
+            f"--pid-file={lab.tmp / 'rogue.pid'}", "--log-dhcp", "--log-facility=-"]  # fmt: skip
+    server = lab.env.start("rogue-dnsmasq", argv, ns=lab.rogue.ns)
+    server.wait_for("DHCP, IP range")
+    return server
+
+
+def test_rogue_dhcp_server_cannot_answer_a_booting_node(lab: Lab) -> None:
+    s = lab.env.subnet
+    rogue = _dnsmasq(lab)
+    # (a) The booting node asks; the rogue answers; the bridge drops the answer.
+    got = lab.udhcpc(lab.victim, "-V", PXE_CLIENT)
+    assert "ip" not in got, got
+    assert "DHCPOFFER(eth0)" in rogue.text(), rogue.text()  # it did answer
+    # The node's own DHCP server births the same machine, with the rogue still answering.
+    leases = lab.tmp / "leases.yaml"
+    leases.write_text(f'"{lab.tenant.mac}": {{ip: {lab.tenant.ip}, hostname: tenant}}\n')
+    legit = lab.env.agent("dhcp", "dhcp", "--interface", lab.env.bridge, "--no-ra",
+                          "--birth-range", f"{s}.{BIRTHS[0]}-{s}.{BIRTHS[1]}",
+                          "--state-dir", str(lab.tmp / "dhcp"), "--leases", str(leases),
+                          "--router", lab.server_ip)  # fmt: skip
+    legit.wait_for("dhcp: serving on")
+    got = lab.udhcpc(lab.victim, "-V", PXE_CLIENT, tries=5)
+    assert got.get("serverid") == lab.server_ip, got
+    assert got.get("ip") == f"{s}.{BIRTHS[0]}", got
+    # A VM's own DHCP client traffic (0.0.0.0:68 -> 67) passes: it gets its address.
+    got = lab.udhcpc(lab.tenant, tries=5)
+    assert (got.get("ip"), got.get("serverid")) == (lab.tenant.ip, lab.server_ip), got
+    # Without the rules the rogue wins: this is the attack the rules stop.
+    legit.stop()
+    lab.remove_rules()
+    got = lab.udhcpc(lab.victim, "-V", PXE_CLIENT, tries=5)
+    assert got.get("serverid") == lab.rogue.ip, got
+    assert got.get("router") == lab.rogue.ip and got.get("boot_file") == "evil.kpxe", got
+
+
+def _ra(lab: Lab, prefix: str) -> None:
+    lab.rogue.ok(sys.executable, "-m", "hatchery_lab.isolation", "ra", "eth0", prefix)
+
+
+def test_router_advertisement_from_a_vm_is_not_seen(lab: Lab) -> None:
+    prefix = "2001:db8:bad::"
+
+    def configured() -> bool:
+        addresses = lab.victim.ok("ip", "-6", "addr", "show", "dev", "eth0")
+        routes = lab.victim.ok("ip", "-6", "route", "show", "default")
+        return prefix in addresses or "default" in routes
+
+    # (b) The victim's kernel accepts RAs (accept_ra=1, not forwarding) and would autoconfigure.
+    assert lab.victim.ok("sysctl", "-n", "net.ipv6.conf.eth0.accept_ra").strip() == "1"
+    _ra(lab, prefix + "/64")
+    time.sleep(1.5)
+    assert not configured(), lab.victim.ok("ip", "-6", "addr")
+    lab.remove_rules()
+    _ra(lab, prefix + "/64")
+    _wait(configured, 10, "the victim to take the rogue's RA once the rules are gone")
+    assert lab.rogue.link_local() in lab.victim.ok("ip", "-6", "route", "show", "default")
+
+
+def _ping6(guest: Guest, target: str, *extra: str) -> bool:
+    return guest.run("ping", "-6", "-n", "-c", "1", "-W", "2", *extra, target).returncode == 0
+
+
+def _neighbour_mac(guest: Guest, address: str) -> str:
+    out = guest.ok("ip", "-6", "neigh", "show", address, "dev", "eth0")
+    return out.split("lladdr ", 1)[1].split()[0] if "lladdr " in out else ""
+
+
+def test_ipv6_only_from_the_vms_own_addresses(lab: Lab) -> None:
+    rogue_ll, tenant_ll, peer_ll = (g.link_local() for g in (lab.rogue, lab.tenant, lab.peer))
+    na = (sys.executable, "-m", "hatchery_lab.isolation", "na", "eth0", tenant_ll)
+    # (c) The kernel's own link-local address is the one the rules derive from the MAC.
+    assert rogue_ll == link_local(lab.rogue.mac)
+    assert _ping6(lab.rogue, f"{peer_ll}%eth0"), "link-local from the VM's own MAC must pass"
+    assert _ping6(lab.tenant, f"{ULA}2", "-I", f"{ULA}11"), "its pool address must pass"
+    # Neighbour spoofing: the rogue, from its own address, claims the tenant's for its MAC.
+    assert _ping6(lab.peer, f"{tenant_ll}%eth0")
+    assert _neighbour_mac(lab.peer, tenant_ll) == lab.tenant.mac
+    lab.rogue.ok(*na)
+    time.sleep(0.5)
+    assert _neighbour_mac(lab.peer, tenant_ll) == lab.tenant.mac
+    # Spoofed sources: a pool address that is not the tenant's; a link-local address that is
+    # not the rogue's (its own removed, so the kernel cannot pick it).
+    lab.tenant.ok("ip", "-6", "addr", "add", f"{ULA}66/64", "dev", "eth0", "nodad")
+    assert not _ping6(lab.tenant, f"{ULA}2", "-I", f"{ULA}66")
+    lab.rogue.ok("ip", "-6", "addr", "del", f"{rogue_ll}/64", "dev", "eth0")
+    lab.rogue.ok("ip", "-6", "addr", "add", "fe80::66/64", "dev", "eth0", "nodad")
+    assert not _ping6(lab.rogue, f"{peer_ll}%eth0")
+    # Without the rules every one of them gets through.
+    lab.remove_rules()
+    assert _ping6(lab.tenant, f"{ULA}2", "-I", f"{ULA}66")
+    assert _ping6(lab.rogue, f"{peer_ll}%eth0")
+    lab.rogue.ok(*na)
+    _wait(lambda: _neighbour_mac(lab.peer, tenant_ll) == lab.rogue.mac, 5,
+          "the peer to believe the rogue's advertisement")  # fmt: skip
+
+
+def test_node_services_are_closed_to_vms_and_open_to_other_ports(lab: Lab) -> None:
+    http_port = BootServiceConfig().http_port
+    boot_http = f"http://{lab.server_ip}:{http_port}/artefacts/hello.txt"
+    tftp = f"tftp://{lab.server_ip}/hello.txt"
+    # (d) From VM ports: no boot HTTP, no TFTP, no API on the node's bridge address...
+    for vm in (lab.rogue, lab.tenant):
+        assert lab.curl(vm, boot_http) is None, vm.name
+        assert lab.curl(vm, tftp) is None, vm.name
+        assert lab.api(vm, lab.server_ip) is None, vm.name
+        # ...while the metadata service, and the API through it, still answer.
+        local = lab.curl(vm, f"http://{MD}/latest/meta-data/local-ipv4", timeout=10)
+        assert local == vm.ip, (vm.name, local)
+        assert lab.api(vm, MD) == API_REPLY, vm.name
+    # From a port that is not a VM's, the same services answer.
+    assert lab.curl(lab.peer, boot_http, timeout=10) == "boot file\n"
+    assert lab.curl(lab.peer, tftp, timeout=10) == "boot file\n"
+    assert lab.api(lab.peer, lab.server_ip) == API_REPLY
+    # Any address of the node will do for the API (it listens on 0.0.0.0, and Linux takes a
+    # packet for any local address on any interface): closed to VMs on that one too.
+    lab.env.run("ip", "addr", "add", f"{OTHER_NODE_ADDRESS}/32", "dev", "lo")
+    assert lab.api(lab.peer, OTHER_NODE_ADDRESS) == API_REPLY
+    assert lab.api(lab.rogue, OTHER_NODE_ADDRESS) is None
+    # The rules, not routing or the servers, kept the VM out.
+    lab.remove_rules()
+    assert lab.curl(lab.rogue, boot_http, timeout=10) == "boot file\n"
+    assert lab.api(lab.rogue, lab.server_ip) == API_REPLY
+
+
+def _frames_seen(lab: Lab) -> set[str]:
+    """What the peer receives when the rogue broadcasts one frame of each ethertype."""
+    sniffer = lab.env.start("sniffer", [sys.executable, "-m", "hatchery_lab.isolation", "sniff",
+                                        "eth0", "2"], ns=lab.peer.ns)  # fmt: skip
+    sniffer.wait_for("listening")
+    lab.rogue.ok(sys.executable, "-m", "hatchery_lab.isolation", "frames", "eth0")
+    sniffer.process.wait(timeout=20)
+    lab.env.services.remove(sniffer)
+    line = next(x for x in sniffer.text().splitlines() if x.startswith("seen:"))
+    return set(line.split()[1:])
+
+
+def test_only_ipv4_arp_and_ipv6_leave_a_vm_port(lab: Lab) -> None:
+    # The kernel here has no 802.1Q module, so tagged frames are built by hand (raw socket).
+    assert _frames_seen(lab) == {CONTROL}
+    lab.remove_rules()
+    assert _frames_seen(lab) == {CONTROL, *ETHERTYPES}

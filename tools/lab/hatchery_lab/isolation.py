@@ -1,0 +1,228 @@
+"""Tenant-isolation lab: the node's side of a bridge, and what a hostile guest sends.
+
+``python -m hatchery_lab.isolation node SPEC.json`` runs, in the namespace it is started in,
+the agent's real ``MetadataService`` for one bridge (the metadata namespace, the veth and
+the bridge's nft tables, applied exactly as the agent applies them) plus an API stand-in:
+an aiohttp app behind the agent's own mutual-TLS context, on ``0.0.0.0:<api_port>`` and in
+the metadata namespace on ``169.254.169.254:<api_port>``, as the agent serves its API. It
+prints ``ready`` once serving and tears everything down on SIGTERM.
+
+``... ra IFACE PREFIX`` sends router advertisements for ``PREFIX``/64 (RFC 4861 section 4.2,
+with a prefix information option, 4.6.2, that hosts autoconfigure from), and ``... na IFACE
+TARGET`` an unsolicited neighbour advertisement (4.4, override flag set) claiming
+``TARGET`` for this interface's MAC: what a guest would send to become a router or to steal
+another's address. Plain raw ICMPv6 sockets; the kernel fills in the checksum.
+
+``... frames IFACE`` broadcasts one raw frame of each ethertype in ``ETHERTYPES`` (an
+802.1Q-tagged IPv4 frame, 802.1ad, LLDP, Wake-on-LAN, the IEEE local-experimental type, an
+802.3/LLC frame as STP uses), each carrying a marker, plus an ordinary IPv4 UDP broadcast
+through the kernel as the control; ``... sniff IFACE SECONDS`` prints which markers arrived.
+The kernel here has no 802.1Q module (``ip link add ... type vlan`` fails), so the tagged
+frame is built by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import json
+import signal
+import socket
+import struct
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from hatchery.metadata.ruleset import NodeServices, Port
+from hatchery.metadata.server import VmMetadata
+from hatchery.metadata.service import MetadataService
+from hatchery.pki import server_context
+
+ALL_NODES = "ff02::1"
+API_REPLY = "hatchery api stand-in\n"
+MARKER = b"HATCHERY-ISOLATION-"
+BROADCAST = b"\xff" * 6
+# name -> (ethertype or 802.3 length field, what follows it before the marker)
+ETHERTYPES: dict[str, tuple[int, bytes]] = {
+    "8021q": (0x8100, struct.pack("!HH", 42, 0x0800)),  # VLAN 42, then an IPv4 ethertype
+    "8021ad": (0x88A8, struct.pack("!HH", 42, 0x8100)),
+    "lldp": (0x88CC, b""),
+    "wol": (0x0842, b""),
+    "experimental": (0x88B5, b""),
+    "llc": (0x0040, b"\x42\x42\x03"),  # 802.3 length, then the STP LLC header
+}
+CONTROL = "ipv4"
+DISCARD_PORT = 9
+
+
+@dataclass
+class _Directory:
+    """The service's MetadataSource: each VM port's data, by source IP."""
+
+    vms: dict[str, VmMetadata]
+
+    def vm_by_ip(self, bridge: str, ip: str) -> VmMetadata | None:
+        return self.vms.get(ip)
+
+
+async def _api_root(request: web.Request) -> web.Response:
+    return web.Response(text=API_REPLY)
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """What ``node`` serves: one bridge, its VM ports, the closed services, the API's TLS."""
+
+    bridge: str
+    subnets: tuple[str, ...]
+    ports: tuple[Port, ...]
+    services: NodeServices
+    tls: tuple[str, str, str]  # CA, certificate, key (pem files)
+    api_port: int
+
+    def dump(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def load(cls, path: Path) -> NodeSpec:
+        d = json.loads(path.read_text())
+        ports = tuple(Port(p["iface"], p["mac"], p["ip"], tuple(p["ipv6"])) for p in d["ports"])
+        services = NodeServices(tuple(d["services"]["tcp"]), tuple(d["services"]["udp"]))
+        ca, cert, key = d["tls"]
+        return cls(d["bridge"], tuple(d["subnets"]), ports, services, (ca, cert, key),
+                   int(d["api_port"]))  # fmt: skip
+
+
+async def serve_node(spec: NodeSpec) -> None:
+    vms = {p.ip: VmMetadata(p.iface, f"uuid-{p.iface}", p.ip, p.mac) for p in spec.ports}
+    ca, cert, key = (Path(x) for x in spec.tls)
+    tls = server_context(ca, cert, key)
+    app = web.Application()
+    app.router.add_get("/", _api_root)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    service = MetadataService(_Directory(vms), lambda _: spec.ports, services=spec.services)
+    try:
+        await web.TCPSite(runner, "0.0.0.0", spec.api_port, ssl_context=tls).start()
+        subnets = [ipaddress.IPv4Network(s) for s in spec.subnets]
+        await service.add_bridge(spec.bridge, subnets, api=(runner, tls, spec.api_port))
+        try:
+            # Only now, as the agent does: pyroute2 sends SIGTERM to the helper processes it
+            # forks while setting up, and a forked child shares the loop's signal wake-up
+            # socket, so a handler installed earlier would read that as our own SIGTERM.
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            print("ready", flush=True)
+            await stop.wait()
+        finally:
+            await service.close(teardown=True)
+    finally:
+        await runner.cleanup()
+
+
+def _icmpv6_socket(iface: str) -> tuple[socket.socket, int]:
+    index = socket.if_nametoindex(iface)
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)  # RFC 4861 6.1.2
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, index)
+    return sock, index
+
+
+def _mac(iface: str) -> bytes:
+    text = Path(f"/sys/class/net/{iface}/address").read_text().strip()
+    return bytes.fromhex(text.replace(":", ""))
+
+
+def router_advertisement(mac: bytes, prefix: ipaddress.IPv6Network) -> bytes:
+    """An RA that makes us a default router for 30 min and hands out ``prefix`` (SLAAC)."""
+    header = struct.pack("!BBHBBHII", 134, 0, 0, 64, 0, 1800, 0, 0)
+    # 4.6.2: type 3, length 4 (x 8 octets), prefix length, L and A flags, lifetimes, reserved
+    info = struct.pack("!BBBBIII", 3, 4, prefix.prefixlen, 0xC0, 86400, 14400, 0)
+    return header + info + prefix.network_address.packed + bytes((1, 1)) + mac
+
+
+def neighbour_advertisement(mac: bytes, target: ipaddress.IPv6Address) -> bytes:
+    """An unsolicited NA with the override flag: "``target`` is at ``mac``" (4.4, 4.6.1)."""
+    return struct.pack("!BBHI", 136, 0, 0, 0x20000000) + target.packed + bytes((2, 1)) + mac
+
+
+def send(iface: str, message: bytes, count: int = 3) -> None:
+    sock, index = _icmpv6_socket(iface)
+    with sock:
+        for _ in range(count):
+            sock.sendto(message, (ALL_NODES, 0, 0, index))
+            time.sleep(0.2)
+
+
+def send_frames(iface: str) -> None:
+    """One raw broadcast frame per ``ETHERTYPES`` entry, then the kernel's own IPv4 control."""
+    source = _mac(iface)
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
+        raw.bind((iface, 0))
+        for name, (kind, inner) in ETHERTYPES.items():
+            raw.send(BROADCAST + source + struct.pack("!H", kind) + inner + MARKER + name.encode())
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        udp.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, iface.encode())
+        udp.sendto(MARKER + CONTROL.encode(), ("255.255.255.255", DISCARD_PORT))
+
+
+def sniff(iface: str, seconds: float) -> set[str]:
+    """The markers seen on ``iface`` within ``seconds``."""
+    seen: set[str] = set()
+    eth_p_all = 0x0003
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(eth_p_all)) as sock:
+        sock.bind((iface, 0))
+        sock.settimeout(0.2)
+        print("listening", flush=True)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                frame = sock.recv(2048)
+            except TimeoutError:
+                continue
+            at = frame.find(MARKER)
+            if at >= 0:
+                seen.add(frame[at + len(MARKER) :].split(b"\0", 1)[0].decode(errors="replace"))
+    return seen
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hatchery_lab.isolation")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("node").add_argument("spec", type=Path)
+    ra = sub.add_parser("ra")
+    ra.add_argument("iface")
+    ra.add_argument("prefix", type=ipaddress.IPv6Network)
+    na = sub.add_parser("na")
+    na.add_argument("iface")
+    na.add_argument("target", type=ipaddress.IPv6Address)
+    sub.add_parser("frames").add_argument("iface")
+    sniffer = sub.add_parser("sniff")
+    sniffer.add_argument("iface")
+    sniffer.add_argument("seconds", type=float)
+    args = parser.parse_args(argv)
+    if args.command == "node":
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve_node(NodeSpec.load(args.spec)))
+    elif args.command == "ra":
+        send(args.iface, router_advertisement(_mac(args.iface), args.prefix))
+    elif args.command == "na":
+        send(args.iface, neighbour_advertisement(_mac(args.iface), args.target))
+    elif args.command == "frames":
+        send_frames(args.iface)
+    else:
+        print("seen:", " ".join(sorted(sniff(args.iface, args.seconds))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
