@@ -6,18 +6,25 @@
   ``GET /ipxe/NAME``: the iPXE binaries (for UEFI HTTP Boot clients). Both are sent with
   ``FileResponse``: range requests, conditional GETs, and the kernel's sendfile (zero copy).
 
-Paths are jailed: the resolved file (symlinks followed) must lie inside its root, or 404.
+Artefact paths go through the path jail shared with TFTP (``hatchery.jail``): no absolute
+names, no ``..``, the resolved file must lie inside the root, and the file is served from
+the descriptor the jail checked, not re-opened by name. Every refusal is a 404 that says no
+more than "not found".
 """
 
 from __future__ import annotations
 
 import logging
+import mimetypes
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
+from hatchery import jail
 from hatchery.boothttp.profiles import Profiles
 from hatchery.dhcp.leases import normalise_mac
 from hatchery.errors import HatcheryError
@@ -42,20 +49,6 @@ class BootHttpConfig:
 
 
 CONFIG = web.AppKey("config", BootHttpConfig)
-
-
-def jailed(root: Path, rel: str) -> Path | None:
-    """``root/rel`` if it is a regular file inside ``root`` after resolving symlinks."""
-    if not rel or rel.startswith("/") or "\0" in rel:
-        return None
-    base = root.resolve()
-    try:
-        candidate = (base / rel).resolve(strict=True)
-    except (OSError, RuntimeError):
-        return None
-    if not candidate.is_relative_to(base) or not candidate.is_file():
-        return None
-    return candidate
 
 
 def _base_url(request: web.Request, config: BootHttpConfig) -> str:
@@ -87,15 +80,42 @@ async def boot_script(request: web.Request) -> web.StreamResponse:
     )
 
 
-def _file(root: Path | None, rel: str) -> web.StreamResponse:
-    path = jailed(root, rel) if root is not None else None
-    if path is None:
-        return web.Response(status=404, text=f"not found: {rel[:200]}\n")
-    return web.FileResponse(path, chunk_size=1 << 20)
+class _OpenedFileResponse(web.FileResponse):
+    """A ``FileResponse`` for a file the jail opened and checked, sent from that descriptor.
+
+    ``FileResponse`` takes a path, so it gets ``/proc/self/fd/N``: opening that magic link
+    opens the very file behind the descriptor (no name is resolved again). The descriptor is
+    closed once the response is sent (aiohttp prepares a handler's response after the
+    handler returns, so the handler itself cannot close it).
+    """
+
+    def __init__(self, opened: jail.OpenedFile) -> None:
+        content_type = mimetypes.guess_type(opened.path)[0] or "application/octet-stream"
+        super().__init__(
+            f"/proc/self/fd/{opened.fd}",
+            chunk_size=1 << 20,
+            headers={"Content-Type": content_type},
+        )
+        self._fd: int | None = opened.fd
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        try:
+            return await super().prepare(request)
+        finally:
+            if self._fd is not None:
+                fd, self._fd = self._fd, None
+                os.close(fd)
 
 
 async def artefact(request: web.Request) -> web.StreamResponse:
-    return _file(request.app[CONFIG].root, request.match_info["path"])
+    """A file below the artefact root, through the path jail shared with TFTP."""
+    rel = request.match_info["path"]
+    try:
+        opened = jail.open_in_root(request.app[CONFIG].root, rel)
+    except jail.Refused as exc:
+        log.info("artefact %r refused: %s", rel[:200], exc.message)
+        return web.Response(status=404, text=f"not found: {rel[:200]}\n")
+    return _OpenedFileResponse(opened)
 
 
 async def ipxe_binary(request: web.Request) -> web.StreamResponse:

@@ -9,20 +9,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hatchery.addresses import AddressPool, Subnet
 from hatchery.api.app import ApiContext, make_app
 from hatchery.api.policy import load_policy
+from hatchery.api.server import ApiServer
 from hatchery.capacity import HostCapacity
 from hatchery.client import AgentClient, ApiError, Credentials
 from hatchery.health import NodeHealth
 from hatchery.pki import server_context
 from hatchery.qemu.accel import Accel, AccelChoice
 from hatchery.vms.manager import VmManager
-from tests.support.agent import Pki, free_port
+from tests.support.agent import Pki
 
 
 @pytest.fixture
@@ -34,20 +34,17 @@ async def api(tmp_path: Path) -> AsyncIterator[tuple[AgentClient, VmManager, Pat
     pool.add_range(ipaddress.IPv4Address("10.5.0.10"), ipaddress.IPv4Address("10.5.0.19"))
     manager = VmManager(tmp_path, pool, HostCapacity(8, 4096, 10_000), AccelChoice(Accel.TCG, "t"))
     app = make_app(ApiContext(manager, pool, load_policy(None), NodeHealth("v1"), time.time()))
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    ssl = server_context(pki.ca, pki.server.cert, pki.server.key)
-    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ssl).start()
+    server = ApiServer(app, server_context(pki.ca, pki.server.cert, pki.server.key))
+    await server.start("127.0.0.1", 0)
     kernel = tmp_path / "kernel"
     kernel.write_bytes(b"not really a kernel")
     try:
         async with AgentClient(
-            f"127.0.0.1:{port}", Credentials(pki.ca, admin.cert, admin.key)
+            f"127.0.0.1:{server.port}", Credentials(pki.ca, admin.cert, admin.key)
         ) as c:
             yield c, manager, kernel
     finally:
-        await runner.cleanup()
+        await server.close()
 
 
 BAD_BODIES: list[tuple[Any, str | None]] = [
