@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 DEFAULT_IPXE_DIR = Path("/usr/lib/ipxe")
+# Loaded once at import: the first lookup in the global table reads /etc/mime.types (ms),
+# and a request must not wait for it (busybox nc half-closes right after its request, and
+# aiohttp drops the connection when that FIN is read before the answer is written).
+_TYPES = mimetypes.MimeTypes()
 
 
 class BootHttpError(HatcheryError):
@@ -90,7 +94,7 @@ class _OpenedFileResponse(web.FileResponse):
     """
 
     def __init__(self, opened: jail.OpenedFile) -> None:
-        content_type = mimetypes.guess_type(opened.path)[0] or "application/octet-stream"
+        content_type = _TYPES.guess_type(opened.path)[0] or "application/octet-stream"
         super().__init__(
             f"/proc/self/fd/{opened.fd}",
             chunk_size=1 << 20,

@@ -90,6 +90,25 @@ async def test_not_json_and_oversized(api: tuple[AgentClient, VmManager, Path]) 
     assert manager.records() == []
 
 
+async def test_errors_carry_their_hint_to_the_client(
+    api: tuple[AgentClient, VmManager, Path],
+) -> None:
+    client, manager, kernel = api
+    with pytest.raises(ApiError) as err:
+        await client.request(
+            "POST", "/v1/vms", json={"name": "Bad_Name", "kernel": {"kernel": str(kernel)}}
+        )
+    assert err.value.status == 400 and "bad vm name" in err.value.message
+    assert err.value.hint == "1-32 characters: lowercase letters, digits, inner dashes"
+    with pytest.raises(ApiError) as err:
+        await client.request(
+            "POST", "/v1/vms", json={"name": "ok", "kernel": {"kernel": "/k"}, "machine": "microvm"}
+        )
+    assert err.value.status == 400 and err.value.field == "machine"
+    assert "q35, pc" in err.value.message
+    assert manager.records() == []
+
+
 async def test_create_without_start_then_user_data(
     api: tuple[AgentClient, VmManager, Path],
 ) -> None:
