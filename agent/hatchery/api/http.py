@@ -23,9 +23,9 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable
 from enum import Enum
-from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from hatchery.addresses import PoolError
 from hatchery.api.policy import Policy
@@ -242,9 +242,7 @@ async def json_body(request: web.Request, limit: int = MAX_BODY) -> Body:
 
 
 def new_app(
-    policy: Policy,
-    identify: Identify = tls_identity,
-    middlewares: tuple[Callable[..., Any], ...] = (),
+    policy: Policy, identify: Identify = tls_identity, middlewares: tuple[Middleware, ...] = ()
 ) -> web.Application:
     """An app with the shared layer in place: error bodies, the identity resolver, the
     policy. ``middlewares`` run inside the error handling (tests use them to record or cut

@@ -14,10 +14,11 @@ QEMU_BINARY = "qemu-system-x86_64"
 
 #: The machine types a VM may have: the one list the API, the CLI and the VM records use.
 #: Both have a PCI bus for the ``virtio-net-pci`` NIC and ``if=virtio`` disk built below.
-#: ``microvm`` is deliberately absent: it has no PCI bus (its devices would have to be
-#: ``virtio-*-device`` on virtio-mmio, which Debian's kernels only have as a module the
-#: guest's initramfs must load first), disk boot needs its own firmware, and under TCG on
-#: our CI hosts (no usable KVM) it hung in 2 of 5 boots where q35 booted 5 of 5.
+#: ``microvm`` is deliberately absent. It has no PCI bus (its devices would be
+#: ``virtio-*-device`` on virtio-mmio, a module Debian's guests must load first), disk boot
+#: needs its own firmware, and it has no HPET or ACPI PM timer: under TCG (hosts without
+#: usable KVM) the kernel's TSC calibration against the PIT fails and an uncompressed
+#: ``vmlinux`` (the appliances' fast path) hung in 2 of 5 boots, where q35 boots 5 of 5.
 MACHINES: tuple[str, ...] = ("q35", "pc")
 DEFAULT_MACHINE = MACHINES[0]
 
