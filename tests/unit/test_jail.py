@@ -214,3 +214,15 @@ async def test_http_sends_ranges_from_the_checked_descriptor(http: TestClient, r
     for _ in range(20):
         assert (await http.get("/artefacts/boot.ipxe")).status == 200
     assert len(os.listdir("/proc/self/fd")) <= before + 2
+
+
+def test_an_answer_never_sent_still_closes_its_descriptor(root: Path) -> None:
+    from hatchery.boothttp.app import _OpenedFileResponse
+
+    opened = open_in_root(root, "boot.ipxe")
+    response = _OpenedFileResponse(opened)
+    os.fstat(opened.fd)  # open while the response may still be sent
+    del response  # the client went away before aiohttp prepared it
+    with pytest.raises(OSError) as err:
+        os.fstat(opened.fd)
+    assert err.value.errno == errno.EBADF

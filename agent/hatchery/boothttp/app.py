@@ -106,9 +106,15 @@ class _OpenedFileResponse(web.FileResponse):
         try:
             return await super().prepare(request)
         finally:
-            if self._fd is not None:
-                fd, self._fd = self._fd, None
-                os.close(fd)
+            self._close()
+
+    def _close(self) -> None:
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self._close()  # never prepared: the connection went away before the answer
 
 
 async def artefact(request: web.Request) -> web.StreamResponse:
