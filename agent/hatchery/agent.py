@@ -14,11 +14,11 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from aiohttp import web
-
 from hatchery.addresses import AddressPool, PoolError, Subnet
 from hatchery.api.app import ApiContext, make_app
+from hatchery.api.images import ImagesContext
 from hatchery.api.policy import load_policy
+from hatchery.api.server import ApiServer
 from hatchery.capacity import probe
 from hatchery.config import AgentConfig, BridgeConfig
 from hatchery.dhcp.leases import Lease
@@ -26,7 +26,6 @@ from hatchery.dhcp.responder import DhcpConfig, Responder
 from hatchery.dhcp.server import DhcpServer, interface_ipv4
 from hatchery.errors import HatcheryError
 from hatchery.health import NodeHealth
-from hatchery.images.api import add_routes as add_image_routes
 from hatchery.images.signing import KeyDirectory
 from hatchery.images.store import ImageStore
 from hatchery.metadata.ruleset import Port
@@ -159,17 +158,12 @@ class Agent:
                 policy = load_policy(config.policy)
                 context = ApiContext(self.manager, self.pool, policy, self.health, time.time(),
                                      self.upgrader)  # fmt: skip
-                app = make_app(context)
                 # The agent's own certificate is its client certificate towards peers.
                 peer_tls = client_context(config.tls.ca, config.tls.cert, config.tls.key)
-                keys = KeyDirectory(config.image_keys)
-                add_image_routes(app, self.images, keys, policy, peer_tls)
-                runner = web.AppRunner(app, access_log=None)
-                await runner.setup()
-                stack.push_async_callback(runner.cleanup)
-                site = web.TCPSite(runner, config.listen_host, config.listen_port, ssl_context=tls)
-                await site.start()
-                log.info("api on %s:%d (mutual TLS)", config.listen_host, config.listen_port)
+                images = ImagesContext.build(self.images, KeyDirectory(config.image_keys), peer_tls)
+                api = ApiServer(make_app(context, images), tls)
+                await api.start(config.listen_host, config.listen_port)
+                stack.push_async_callback(api.close)
             directory = VmDirectory(self.manager)
             self.metadata = MetadataService(directory, directory.ports_of,
                                             services=node_services(config))  # fmt: skip
@@ -182,9 +176,7 @@ class Agent:
                         ipaddress.IPv4Network(s.cidr) for s in self.pool.subnets()
                         if s.bridge == bridge.name
                     ]  # fmt: skip
-                    await self.metadata.add_bridge(
-                        bridge.name, subnets, api=(runner, tls, config.listen_port)
-                    )
+                    await self.metadata.add_bridge(bridge.name, subnets, api=api)
             self.manager.on_ports_changed = self.metadata.ports_changed
             for bridge in config.bridges:
                 if not bridge.dhcp or not bridge.subnets:

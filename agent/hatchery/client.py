@@ -26,11 +26,30 @@ def config_dir() -> Path:
 
 
 class ApiError(HatcheryError):
-    """The agent refused or failed a request; ``status`` is the HTTP status (0: no answer)."""
+    """The agent refused or failed a request; ``status`` is the HTTP status (0: no answer),
+    ``field`` the request field the agent named as wrong, if any."""
 
-    def __init__(self, message: str, status: int, *, hint: str | None = None) -> None:
+    def __init__(
+        self, message: str, status: int, *, hint: str | None = None, field: str | None = None
+    ) -> None:
         super().__init__(message, hint=hint)
         self.status = status
+        self.field = field
+
+
+def error_from_answer(status: int, body: Any) -> ApiError:
+    """The agent's error body ``{"error", "field", "hint"}`` (docs/api.md) as an ``ApiError``
+    whose hint the CLIs print; a body of another shape (a proxy's page) is shown as text."""
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        hint, field = body.get("hint"), body.get("field")
+        return ApiError(
+            f"{body['error']} (HTTP {status})",
+            status,
+            hint=hint if isinstance(hint, str) else None,
+            field=field if isinstance(field, str) else None,
+        )
+    text = str(body).strip()[:500] or "no error message"
+    return ApiError(f"{text} (HTTP {status})", status)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,8 +130,7 @@ class AgentClient:
                 else:
                     body = await resp.text()
                 if resp.status >= 400:
-                    message = body.get("error") if isinstance(body, dict) else str(body)
-                    raise ApiError(f"{message} (HTTP {resp.status})", resp.status)
+                    raise error_from_answer(resp.status, body)
                 return body
         except aiohttp.ClientConnectorCertificateError as exc:
             raise ApiError(

@@ -27,25 +27,27 @@ def tap_name(vm_uuid: str) -> str:
     return "hv-" + vm_uuid.replace("-", "")[:12]
 
 
-def _index(ipr: IPRoute, name: str) -> int | None:
+def link_index(ipr: IPRoute, name: str) -> int | None:
+    """The interface index of ``name`` as ``ipr`` (a namespace's IPRoute) sees it; None when
+    there is no such link (pyroute2 answers an empty list rather than raising)."""
     found = ipr.link_lookup(ifname=name)
     return int(found[0]) if found else None
 
 
 def _ensure_tap(tap: str, bridge: str) -> None:
     with IPRoute() as ipr:
-        master = _index(ipr, bridge)
+        master = link_index(ipr, bridge)
         if master is None:
             raise NetdevError(
                 f"bridge {bridge} does not exist", hint="create it or fix the agent's config"
             )
-        index = _index(ipr, tap)
+        index = link_index(ipr, tap)
         if index is None:
             try:
                 ipr.link("add", ifname=tap, kind="tuntap", mode="tap")
             except NetlinkError as exc:
                 raise NetdevError(f"cannot create tap {tap}: {exc}") from exc
-            index = _index(ipr, tap)
+            index = link_index(ipr, tap)
             if index is None:
                 raise NetdevError(f"tap {tap} vanished right after creation")
         ipr.link("set", index=index, master=master, state="up")
@@ -53,7 +55,7 @@ def _ensure_tap(tap: str, bridge: str) -> None:
 
 def _delete(name: str) -> None:
     with IPRoute() as ipr:
-        index = _index(ipr, name)
+        index = link_index(ipr, name)
         if index is not None:
             try:
                 ipr.link("del", index=index)

@@ -1,40 +1,48 @@
-"""The agent API: aiohttp over HTTPS with mutual TLS (see docs/api.md).
+"""The agent API: VMs, pool, subnets, health, upgrades and images on one aiohttp app.
 
-Every request carries a verified client certificate (the TLS layer refuses connections
-without one); the identity middleware turns it into an ``Identity`` and each handler asks
-the policy for one permission. Errors are JSON with a human message; malformed input is a
-400 naming the field and changes nothing.
+Served over HTTPS with mutual TLS (``api.server``); every handler starts with the
+``api.http.require`` guard naming its permission, reads its body through ``api.validate``
+and fails with the one error body. The image routes are in ``api.images``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
-from hatchery.addresses import AddressPool, PoolError, Subnet
+from hatchery.addresses import AddressPool, Subnet
+from hatchery.api import images
+from hatchery.api.http import (
+    ANY_CLIENT,
+    Identify,
+    TooLarge,
+    Unavailable,
+    allowed,
+    caller,
+    json_body,
+    new_app,
+    read_body,
+    require,
+    tls_identity,
+)
 from hatchery.api.policy import Policy
 from hatchery.api.validate import BadRequest, Body
-from hatchery.capacity import CapacityError
-from hatchery.errors import HatcheryError
-from hatchery.pki import Identity, identity_from_peercert
-from hatchery.upgrade.controller import UpgradeError, Upgrader
-from hatchery.vms.manager import CreateRequest, NotFound, VmError, VmManager
-from hatchery.vms.model import DiskBoot, KernelBoot, VmRecord, VmState, VmStateError
+from hatchery.qemu.cmdline import DEFAULT_MACHINE, MACHINES
+from hatchery.upgrade.controller import Upgrader
+from hatchery.vms.manager import CreateRequest, VmManager
+from hatchery.vms.model import DiskBoot, KernelBoot, VmRecord, VmState
 from hatchery.wire import BootStatus, Health, Mode, Phase, UpgradeStatus
 
 log = logging.getLogger(__name__)
-MAX_BODY = 1024 * 1024
 MAX_USER_DATA = 256 * 1024
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class HealthSource(Protocol):
@@ -62,77 +70,6 @@ class ApiContext:
 
 
 CONTEXT = web.AppKey("context", ApiContext)
-IDENTITY = web.RequestKey("identity", Identity)
-
-
-def _error(status: int, message: str, field: str | None = None) -> web.Response:
-    body: dict[str, Any] = {"error": message}
-    if field:
-        body["field"] = field
-    return web.json_response(body, status=status)
-
-
-class TooLarge(BadRequest):
-    """The body is over the size limit."""
-
-
-_STATUS: tuple[tuple[type[HatcheryError], int], ...] = (
-    (TooLarge, 413),
-    (BadRequest, 400),
-    (NotFound, 404),
-    (VmStateError, 409),
-    (CapacityError, 409),
-    (PoolError, 409),
-    (VmError, 400),
-)
-
-
-@web.middleware
-async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return _error(exc.status, exc.reason or "error")
-    except UpgradeError as exc:
-        return _error(exc.status, exc.message + (f" (hint: {exc.hint})" if exc.hint else ""))
-    except HatcheryError as exc:
-        status = next((code for kind, code in _STATUS if isinstance(exc, kind)), 500)
-        if status == 500:
-            log.error("%s %s: %s", request.method, request.path, exc.message)
-        return _error(status, exc.message, getattr(exc, "field", None))
-    except Exception:
-        log.exception("%s %s: internal error", request.method, request.path)
-        return _error(500, "internal error (see the agent's log)")
-
-
-@web.middleware
-async def identity_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
-    who = identity_from_peercert(ssl_object.getpeercert()) if ssl_object is not None else None
-    if who is None:
-        return _error(401, "a client certificate is required")
-    request[IDENTITY] = who
-    return await handler(request)
-
-
-def _require(request: web.Request, permission: str, owner_group: str | None = None) -> Identity:
-    who: Identity = request[IDENTITY]
-    if not request.app[CONTEXT].policy.allows(who, permission, owner_group):
-        groups = ", ".join(sorted(who.groups)) or "none"
-        raise web.HTTPForbidden(reason=f"{who.name} (groups: {groups}) may not {permission}")
-    return who
-
-
-async def _json_body(request: web.Request) -> Body:
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        raise TooLarge(f"the body is larger than {MAX_BODY} bytes")
-    try:
-        data = await request.json(loads=json.loads)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the body is not valid JSON: {exc}") from exc
-    return Body(data)
 
 
 def vm_view(vm: VmRecord, now: float | None = None) -> dict[str, Any]:
@@ -146,6 +83,7 @@ def vm_view(vm: VmRecord, now: float | None = None) -> dict[str, Any]:
 
 
 # --- health and metrics -----------------------------------------------------------------
+@require(ANY_CLIENT)
 async def healthz(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     counts = {s.value: 0 for s in VmState}
@@ -165,8 +103,8 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response(health.to_json())
 
 
+@require("health.read")
 async def metrics(request: web.Request) -> web.Response:
-    _require(request, "health.read")
     ctx = request.app[CONTEXT]
     counts = {s.value: 0 for s in VmState}
     for vm in ctx.manager.records():
@@ -204,16 +142,12 @@ def _create_request(body: Body) -> CreateRequest:
         )
         kernel.finish("kernel.")
     if disk is not None:
-        fmt = str(disk.text("format", default="qcow2"))
-        if fmt not in ("qcow2", "raw"):
-            raise BadRequest("disk.format must be qcow2 or raw", "disk.format")
+        fmt = disk.choice("format", ("qcow2", "raw"), default="qcow2")
         disk_boot = DiskBoot(str(disk.text("image", required=True, max_len=4096)), fmt)
         disk.finish("disk.")
     if (kernel_boot is None) == (disk_boot is None):
         raise BadRequest("give exactly one of kernel (direct kernel boot) or disk", "kernel")
-    machine = str(body.text("machine", default="q35"))
-    if machine not in ("q35", "pc", "microvm"):
-        raise BadRequest("machine must be q35, pc or microvm", "machine")
+    machine = body.choice("machine", MACHINES, default=DEFAULT_MACHINE)
     request = CreateRequest(
         name=str(body.text("name", required=True, max_len=32)),
         vcpus=body.integer("vcpus", default=1, low=1, high=64),
@@ -233,41 +167,65 @@ def _create_request(body: Body) -> CreateRequest:
     return request
 
 
+@require("vm.read", filtered=True)
 async def list_vms(request: web.Request) -> web.Response:
-    ctx = request.app[CONTEXT]
-    who: Identity = request[IDENTITY]
+    """Only the VMs the caller may read: all with ``vm.read``, else those of its groups."""
     visible = [
-        vm for vm in ctx.manager.records() if ctx.policy.allows(who, "vm.read", vm.owner_group)
+        vm
+        for vm in request.app[CONTEXT].manager.records()
+        if allowed(request, "vm.read", vm.owner_group)
     ]
     return web.json_response({"vms": [vm_view(vm) for vm in visible]})
 
 
-def _vm_for(request: web.Request, permission: str) -> VmRecord:
-    vm = request.app[CONTEXT].manager.get(request.match_info["name"])
-    _require(request, permission, vm.owner_group)
-    return vm
+def _vm(request: web.Request) -> VmRecord:
+    """The VM named in the path; ``NotFound`` (404) when there is none."""
+    return request.app[CONTEXT].manager.get(request.match_info["name"])
 
 
+async def vm_owner(request: web.Request) -> str | None:
+    """The owner group of the VM in the path, for the guard (a 404 when there is no such VM)."""
+    return _vm(request).owner_group
+
+
+async def owner_in_body(request: web.Request) -> str | None:
+    """The owner group a create asks for: its members may create VMs their group owns.
+
+    Read leniently (a malformed body names no owner): the handler validates the body, after
+    the guard, so a caller without the permission learns nothing from validation errors.
+    """
+    try:
+        owner = (await json_body(request)).peek("owner_group")
+    except TooLarge:
+        raise
+    except BadRequest:
+        return None
+    return owner if isinstance(owner, str) else None
+
+
+@require("vm.manage", owner=owner_in_body)
 async def create_vm(request: web.Request) -> web.Response:
-    create = _create_request(await _json_body(request))
-    who = _require(request, "vm.manage", create.owner_group)
-    log.info("%s creates vm %s", who.name, create.name)
+    create = _create_request(await json_body(request))
+    log.info("%s creates vm %s", caller(request).name, create.name)
     vm = await request.app[CONTEXT].manager.create(create)
     return web.json_response(vm_view(vm), status=201)
 
 
+@require("vm.read", owner=vm_owner)
 async def show_vm(request: web.Request) -> web.Response:
-    return web.json_response(vm_view(_vm_for(request, "vm.read")))
+    return web.json_response(vm_view(_vm(request)))
 
 
+@require("vm.manage", owner=vm_owner)
 async def start_vm(request: web.Request) -> web.Response:
-    vm = _vm_for(request, "vm.manage")
+    vm = _vm(request)
     return web.json_response(vm_view(await request.app[CONTEXT].manager.start(vm.name)))
 
 
+@require("vm.manage", owner=vm_owner)
 async def stop_vm(request: web.Request) -> web.Response:
-    vm = _vm_for(request, "vm.manage")
-    body = await _json_body(request) if request.can_read_body else Body({})
+    vm = _vm(request)
+    body = await json_body(request) if request.can_read_body else Body({})
     timeout = body.integer("timeout", default=30, low=0, high=3600)
     force = body.flag("force", default=False)
     body.finish()
@@ -275,14 +233,16 @@ async def stop_vm(request: web.Request) -> web.Response:
     return web.json_response(vm_view(stopped))
 
 
+@require("vm.manage", owner=vm_owner)
 async def destroy_vm(request: web.Request) -> web.Response:
-    vm = _vm_for(request, "vm.manage")
+    vm = _vm(request)
     await request.app[CONTEXT].manager.destroy(vm.name)
     return web.json_response({"destroyed": vm.name})
 
 
+@require("vm.read", owner=vm_owner)
 async def console(request: web.Request) -> web.Response:
-    vm = _vm_for(request, "vm.read")
+    vm = _vm(request)
     try:
         want = min(max(int(request.query.get("bytes", "65536")), 1), 4 * 1024 * 1024)
     except ValueError as exc:
@@ -303,11 +263,10 @@ def _tail(path: Path, want: int) -> bytes:
         return b""
 
 
+@require("vm.manage", owner=vm_owner)
 async def put_user_data(request: web.Request) -> web.Response:
-    vm = _vm_for(request, "vm.manage")
-    data = await request.read()
-    if len(data) > MAX_USER_DATA:
-        raise TooLarge(f"user data is larger than {MAX_USER_DATA} bytes", "user_data")
+    vm = _vm(request)
+    data = await read_body(request, MAX_USER_DATA, field="user_data")
     try:
         text = data.decode()
     except UnicodeDecodeError as exc:
@@ -327,8 +286,8 @@ def _ip(body: Body, name: str, required: bool = True) -> ipaddress.IPv4Address |
         raise BadRequest(f"{name} is not an IPv4 address", name) from exc
 
 
+@require("pool.read")
 async def list_pool(request: web.Request) -> web.Response:
-    _require(request, "pool.read")
     pool = request.app[CONTEXT].pool
     stats = pool.stats()
     return web.json_response(
@@ -336,9 +295,9 @@ async def list_pool(request: web.Request) -> web.Response:
     )
 
 
+@require("pool.manage")
 async def add_pool(request: web.Request) -> web.Response:
-    _require(request, "pool.manage")
-    body = await _json_body(request)
+    body = await json_body(request)
     pool = request.app[CONTEXT].pool
     start, end = _ip(body, "start", False), _ip(body, "end", False)
     mac = body.text("mac", max_len=17)
@@ -354,16 +313,16 @@ async def add_pool(request: web.Request) -> web.Response:
     return web.json_response({"added": added, "free": pool.stats().free})
 
 
+@require("pool.read")
 async def list_subnets(request: web.Request) -> web.Response:
-    _require(request, "pool.read")
     return web.json_response(
         {"subnets": [s.to_json() for s in request.app[CONTEXT].pool.subnets()]}
     )
 
 
+@require("pool.manage")
 async def add_subnet(request: web.Request) -> web.Response:
-    _require(request, "pool.manage")
-    body = await _json_body(request)
+    body = await json_body(request)
     bridge = str(body.text("bridge", required=True, max_len=15))
     cidr_text = str(body.text("cidr", required=True, max_len=18))
     gateway = _ip(body, "gateway", False)
@@ -378,6 +337,7 @@ async def add_subnet(request: web.Request) -> web.Response:
     return web.json_response({"added": added}, status=201 if added else 200)
 
 
+@require(ANY_CLIENT)
 async def upgrade_status(request: web.Request) -> web.Response:
     """``?wait=SECONDS`` (at most 60) holds the answer while an upgrade is running."""
     ctx = request.app[CONTEXT]
@@ -391,30 +351,34 @@ async def upgrade_status(request: web.Request) -> web.Response:
     return web.json_response(ctx.health.upgrade_status().to_json())
 
 
+@require("upgrade.manage")
 async def start_upgrade(request: web.Request) -> web.Response:
-    _require(request, "upgrade.manage")
     ctx = request.app[CONTEXT]
-    body = await _json_body(request)
+    body = await json_body(request)
     version = str(body.text("version", required=True, max_len=128))
-    mode_text = str(body.text("mode", default="live"))
+    mode_text = body.choice("mode", tuple(Mode), default=Mode.LIVE)
     guard = body.integer("guard_seconds", default=0, low=0, high=3600)
     body.finish()
     if 0 < guard < 30:
         raise BadRequest("guard_seconds must be at least 30", "guard_seconds")
-    if mode_text not in (Mode.LIVE, Mode.REBOOT):
-        raise BadRequest("mode must be live or reboot", "mode")
     if ctx.upgrader is None:
-        raise web.HTTPServiceUnavailable(reason="upgrades are not enabled on this agent")
+        raise Unavailable("upgrades are not enabled on this agent")
     status, answer = await ctx.upgrader.request(version, Mode(mode_text), guard or None)
-    log.info("%s asked for an upgrade to %s (%s): %s", request[IDENTITY].name, version,
+    log.info("%s asked for an upgrade to %s (%s): %s", caller(request).name, version,
              mode_text, answer.state)  # fmt: skip
     return web.json_response(answer.to_json(), status=status)
 
 
-def make_app(context: ApiContext) -> web.Application:
-    app = web.Application(
-        client_max_size=MAX_BODY, middlewares=[errors_middleware, identity_middleware]
-    )
+def make_app(
+    context: ApiContext,
+    image_store: images.ImagesContext | None = None,
+    *,
+    identify: Identify = tls_identity,
+    middlewares: tuple[Middleware, ...] = (),
+) -> web.Application:
+    """The API app: ``identify`` says who calls (the TLS peer certificate unless a test
+    drives the app in-process); the image routes exist when ``image_store`` is given."""
+    app = new_app(context.policy, identify, middlewares)
     app[CONTEXT] = context
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
@@ -432,4 +396,6 @@ def make_app(context: ApiContext) -> web.Application:
     app.router.add_post("/v1/subnets", add_subnet)
     app.router.add_get("/v1/upgrade", upgrade_status)
     app.router.add_post("/v1/upgrade", start_upgrade)
+    if image_store is not None:
+        images.add_routes(app, image_store)
     return app

@@ -1,7 +1,14 @@
-"""Typed reading of untrusted JSON bodies: every error names the field and changes nothing."""
+"""Typed reading of untrusted JSON bodies: every error names the field and changes nothing.
+
+Pure (no HTTP here): ``api.http`` reads the bytes under a size limit, ``Body.parse`` turns
+them into a ``Body`` and each handler takes the fields it knows, then calls ``finish`` so a
+misspelt or unexpected field is a 400 rather than silently ignored.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from typing import Any
 
 from hatchery.errors import HatcheryError
@@ -10,8 +17,8 @@ from hatchery.errors import HatcheryError
 class BadRequest(HatcheryError):
     """The request is malformed; ``field`` names the culprit when there is one."""
 
-    def __init__(self, message: str, field: str | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, field: str | None = None, *, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
         self.field = field
 
 
@@ -23,6 +30,20 @@ class Body:
             raise BadRequest("the body must be a JSON object")
         self._data: dict[str, Any] = data
         self._seen: set[str] = set()
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Body:
+        """The JSON object in ``raw``; anything else (bad UTF-8, bad JSON, a list) is a 400."""
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"the body is not valid JSON: {exc}") from None
+        return cls(data)
+
+    def peek(self, name: str) -> Any:
+        """The raw value of ``name`` without reading it (the permission guard's look at
+        ``owner_group`` before the handler validates the body)."""
+        return self._data.get(name)
 
     def _get(self, name: str, required: bool) -> Any:
         self._seen.add(name)
@@ -44,6 +65,14 @@ class Body:
             raise BadRequest(f"{name} is longer than {max_len} characters", name)
         if "\x00" in value:
             raise BadRequest(f"{name} contains a NUL character", name)
+        return value
+
+    def choice(self, name: str, choices: Sequence[str], *, default: str) -> str:
+        """One of ``choices``; the refusal lists them all, so the caller can pick one."""
+        value = self.text(name, default=default)
+        assert value is not None
+        if value not in choices:
+            raise BadRequest(f"{name} must be one of {', '.join(choices)}, not {value!r}", name)
         return value
 
     def integer(self, name: str, *, default: int, low: int, high: int) -> int:

@@ -6,18 +6,25 @@
   ``GET /ipxe/NAME``: the iPXE binaries (for UEFI HTTP Boot clients). Both are sent with
   ``FileResponse``: range requests, conditional GETs, and the kernel's sendfile (zero copy).
 
-Paths are jailed: the resolved file (symlinks followed) must lie inside its root, or 404.
+Artefact paths go through the path jail shared with TFTP (``hatchery.jail``): no absolute
+names, no ``..``, the resolved file must lie inside the root, and the file is served from
+the descriptor the jail checked, not re-opened by name. Every refusal is a 404 that says no
+more than "not found".
 """
 
 from __future__ import annotations
 
 import logging
+import mimetypes
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
+from hatchery import jail
 from hatchery.boothttp.profiles import Profiles
 from hatchery.dhcp.leases import normalise_mac
 from hatchery.errors import HatcheryError
@@ -27,6 +34,10 @@ log = logging.getLogger(__name__)
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 DEFAULT_IPXE_DIR = Path("/usr/lib/ipxe")
+# Loaded once at import: the first lookup in the global table reads /etc/mime.types (ms),
+# and a request must not wait for it (busybox nc half-closes right after its request, and
+# aiohttp drops the connection when that FIN is read before the answer is written).
+_TYPES = mimetypes.MimeTypes()
 
 
 class BootHttpError(HatcheryError):
@@ -42,20 +53,6 @@ class BootHttpConfig:
 
 
 CONFIG = web.AppKey("config", BootHttpConfig)
-
-
-def jailed(root: Path, rel: str) -> Path | None:
-    """``root/rel`` if it is a regular file inside ``root`` after resolving symlinks."""
-    if not rel or rel.startswith("/") or "\0" in rel:
-        return None
-    base = root.resolve()
-    try:
-        candidate = (base / rel).resolve(strict=True)
-    except (OSError, RuntimeError):
-        return None
-    if not candidate.is_relative_to(base) or not candidate.is_file():
-        return None
-    return candidate
 
 
 def _base_url(request: web.Request, config: BootHttpConfig) -> str:
@@ -87,15 +84,48 @@ async def boot_script(request: web.Request) -> web.StreamResponse:
     )
 
 
-def _file(root: Path | None, rel: str) -> web.StreamResponse:
-    path = jailed(root, rel) if root is not None else None
-    if path is None:
-        return web.Response(status=404, text=f"not found: {rel[:200]}\n")
-    return web.FileResponse(path, chunk_size=1 << 20)
+class _OpenedFileResponse(web.FileResponse):
+    """A ``FileResponse`` for a file the jail opened and checked, sent from that descriptor.
+
+    ``FileResponse`` takes a path, so it gets ``/proc/self/fd/N``: opening that magic link
+    opens the very file behind the descriptor (no name is resolved again). The descriptor is
+    closed once the response is sent (aiohttp prepares a handler's response after the
+    handler returns, so the handler itself cannot close it).
+    """
+
+    def __init__(self, opened: jail.OpenedFile) -> None:
+        content_type = _TYPES.guess_type(opened.path)[0] or "application/octet-stream"
+        super().__init__(
+            f"/proc/self/fd/{opened.fd}",
+            chunk_size=1 << 20,
+            headers={"Content-Type": content_type},
+        )
+        self._fd: int | None = opened.fd
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        try:
+            return await super().prepare(request)
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self._close()  # never prepared: the connection went away before the answer
 
 
 async def artefact(request: web.Request) -> web.StreamResponse:
-    return _file(request.app[CONFIG].root, request.match_info["path"])
+    """A file below the artefact root, through the path jail shared with TFTP."""
+    rel = request.match_info["path"]
+    try:
+        opened = jail.open_in_root(request.app[CONFIG].root, rel)
+    except jail.Refused as exc:
+        log.info("artefact %r refused: %s", rel[:200], exc.message)
+        return web.Response(status=404, text=f"not found: {rel[:200]}\n")
+    return _OpenedFileResponse(opened)
 
 
 async def ipxe_binary(request: web.Request) -> web.StreamResponse:

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 
 from hatchery.cli.vm import connection_args as _connection_args
-from hatchery.client import AgentClient, ApiError, Credentials, agent_url
+from hatchery.client import AgentClient, ApiError, Credentials, agent_url, error_from_answer
 from hatchery.errors import HatcheryError
 from hatchery.images.manifest import SIGNED_NAME, SignedManifest, parse_signed, sha256_file
 from hatchery.images.signing import (
@@ -86,9 +86,7 @@ def _credentials(args: argparse.Namespace) -> Credentials:
 async def _answer(resp: aiohttp.ClientResponse) -> Any:
     body: Any = await resp.json() if resp.content_type == "application/json" else await resp.text()
     if resp.status >= 400:
-        message = body.get("error") if isinstance(body, dict) else str(body)
-        hint = body.get("hint") if isinstance(body, dict) else None
-        raise ApiError(f"{message} (HTTP {resp.status})", resp.status, hint=hint)
+        raise error_from_answer(resp.status, body)
     return body
 
 

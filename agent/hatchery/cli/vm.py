@@ -13,6 +13,7 @@ from typing import Any
 
 from hatchery.client import AgentClient, Credentials
 from hatchery.errors import HatcheryError
+from hatchery.qemu.cmdline import DEFAULT_MACHINE, MACHINES
 from hatchery.wire import Health
 
 Run = Callable[[AgentClient, argparse.Namespace], Awaitable[Any]]
@@ -247,7 +248,7 @@ def register_vm(parser: argparse.ArgumentParser) -> None:
     create.add_argument("--memory", type=int, default=256, help="MiB")
     create.add_argument("--disk-size", type=int, default=0, help="MiB")
     create.add_argument("--bridge")
-    create.add_argument("--machine", default="q35", choices=["q35", "pc", "microvm"])
+    create.add_argument("--machine", default=DEFAULT_MACHINE, choices=MACHINES)
     create.add_argument("--user-data", type=Path, help="file handed to the VM by metadata")
     create.add_argument("--ssh-key", type=Path, action="append", default=[],
                         help="public key file served as metadata (repeatable)")  # fmt: skip

@@ -1,6 +1,7 @@
 """The agent's image store: signed, content-addressed image artefacts (see docs/images-store.md).
 
 ``manifest`` (the signed manifest and its strict parser), ``signing`` (Ed25519 keys),
-``store`` (objects and images on disk), ``fetch`` (from a peer agent, resumable) and ``api``
-(the routes on the agent's API).
+``store`` (objects and images on disk) and ``fetch`` (from a peer agent, resumable). The
+routes that expose the store are in ``hatchery.api.images``: nothing here speaks HTTP as a
+server.
 """

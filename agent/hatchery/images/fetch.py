@@ -18,6 +18,8 @@ A refused manifest, signature or object changes nothing in the store's images.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import re
 import ssl
@@ -238,8 +240,13 @@ def _describe(exc: BaseException | None) -> str:
 
 
 async def _error_text(resp: aiohttp.ClientResponse) -> str:
+    """The peer's error message: the ``error`` of its error body, else the start of the text."""
     try:
-        text = (await resp.content.read(2048)).decode(errors="replace")
+        raw = await resp.content.read(2048)
     except (aiohttp.ClientError, TimeoutError):
         return "no body"
-    return text.strip() or resp.reason or "no reason"
+    with contextlib.suppress(ValueError):
+        body = json.loads(raw)
+        if isinstance(body, dict) and isinstance(body.get("error"), str):
+            return str(body["error"])
+    return raw.decode(errors="replace").strip() or resp.reason or "no reason"

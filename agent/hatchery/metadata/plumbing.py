@@ -22,6 +22,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from hatchery import host
 from hatchery.errors import HatcheryError
 from hatchery.metadata.ruleset import METADATA_IP, NodeServices, Port, render, render_delete
+from hatchery.netdev import link_index
 
 log = logging.getLogger(__name__)
 INNER = "md0"
@@ -42,33 +43,28 @@ class Names:
         return cls(netns=f"hmd-{bridge}", outer=f"hmd{digest}")
 
 
-def _index(ipr: IPRoute, name: str) -> int | None:
-    found = ipr.link_lookup(ifname=name)
-    return int(found[0]) if found else None
-
-
 def _setup(bridge: str, subnets: Sequence[ipaddress.IPv4Network]) -> str:
     """Create what is missing; return the inner end's MAC."""
     names = Names.for_bridge(bridge)
     with IPRoute() as ipr:
-        master = _index(ipr, bridge)
+        master = link_index(ipr, bridge)
         if master is None:
             raise PlumbingError(f"bridge {bridge} does not exist")
         if names.netns not in netns.listnetns():
             netns.create(names.netns)
-        if _index(ipr, names.outer) is None:
+        if link_index(ipr, names.outer) is None:
             with IPRoute(netns=names.netns) as inner:
-                stale = _index(inner, INNER)
+                stale = link_index(inner, INNER)
                 if stale is not None:
                     inner.link("del", index=stale)
             ipr.link("add", ifname=names.outer, kind="veth", peer={"ifname": INNER})
-            ipr.link("set", index=_index(ipr, INNER), net_ns_fd=names.netns)
-        outer = _index(ipr, names.outer)
+            ipr.link("set", index=link_index(ipr, INNER), net_ns_fd=names.netns)
+        outer = link_index(ipr, names.outer)
         ipr.link("set", index=outer, master=master, state="up")
     with IPRoute(netns=names.netns) as inner:
-        lo = _index(inner, "lo")
+        lo = link_index(inner, "lo")
         inner.link("set", index=lo, state="up")
-        index = _index(inner, INNER)
+        index = link_index(inner, INNER)
         if index is None:
             raise PlumbingError(f"{INNER} is missing in namespace {names.netns}")
         inner.link("set", index=index, state="up")
@@ -92,7 +88,7 @@ def _teardown(bridge: str) -> None:
     names = Names.for_bridge(bridge)
     _nft(render_delete(bridge))
     with IPRoute() as ipr:
-        index = _index(ipr, names.outer)
+        index = link_index(ipr, names.outer)
         if index is not None:
             ipr.link("del", index=index)
     if names.netns in netns.listnetns():

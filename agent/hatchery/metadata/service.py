@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import ssl
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from aiohttp import web
 
@@ -42,6 +43,14 @@ DEFAULT_NODE_SERVICES = NodeServices(
 )
 
 
+class ApiListener(Protocol):
+    """The agent's API as this service needs it: serve on a socket made in the namespace."""
+
+    port: int
+
+    async def serve_on(self, sock: socket.socket) -> None: ...
+
+
 @dataclass
 class _Bridge:
     plumbing: BridgePlumbing
@@ -66,7 +75,7 @@ class MetadataService:
         self,
         bridge: str,
         subnets: Sequence[ipaddress.IPv4Network],
-        api: tuple[web.AppRunner, ssl.SSLContext, int] | None = None,
+        api: ApiListener | None = None,
     ) -> None:
         """Set up ``bridge``'s namespace, rules and server; serve ``api`` there too if given."""
         plumbing = BridgePlumbing(bridge, subnets, self._services)
@@ -77,8 +86,7 @@ class MetadataService:
             await runner.setup()
             await web.SockSite(runner, plumbing.listen(self._port)).start()
             if api is not None:
-                api_runner, tls, api_port = api
-                await web.SockSite(api_runner, plumbing.listen(api_port), ssl_context=tls).start()
+                await api.serve_on(plumbing.listen(api.port))
         except BaseException:
             await runner.cleanup()
             await plumbing.teardown()

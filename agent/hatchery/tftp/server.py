@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from hatchery import jail
 from hatchery.errors import HatcheryError
-from hatchery.tftp.jail import Refused, open_in_root
 from hatchery.tftp.packet import (
     ERROR,
     MAX_BLKSIZE,
@@ -64,6 +64,35 @@ _U16_NATIVE = struct.Struct("=H")
 _TIMEVAL = struct.Struct("@ll")
 _RECEIVE_BUFFER = 65536  # anything a client sends a transfer port fits
 _UNKNOWN_TID = ERROR(ErrorCode.UNKNOWN_TID, "unknown transfer ID").encode()
+
+
+class Refused(Exception):
+    """A request the server answers with a TFTP ERROR packet (code and message)."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# The jail's refusals as TFTP error codes (RFC 1350, section 5).
+_JAIL_CODES = {
+    jail.Reason.NOT_FOUND: ErrorCode.FILE_NOT_FOUND,
+    jail.Reason.FORBIDDEN: ErrorCode.ACCESS_VIOLATION,
+    jail.Reason.FAILED: ErrorCode.NOT_DEFINED,
+}
+
+
+def open_boot_file(root: str, filename: str) -> jail.OpenedFile:
+    """Open a boot loader's ``filename`` through the path jail shared with boot HTTP.
+
+    Backslashes are path separators here (Windows PXE loaders send them), so ``..\\x`` is
+    refused like ``../x``.
+    """
+    try:
+        return jail.open_in_root(root, filename.replace("\\", "/"))
+    except jail.Refused as exc:
+        raise Refused(_JAIL_CODES[exc.reason], exc.message) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,7 +463,7 @@ class TftpServer:
             raise Refused(ErrorCode.NOT_DEFINED, "server busy: too many transfers")
         if self._per_client.get(host, 0) >= limits.max_transfers_per_client:
             raise Refused(ErrorCode.NOT_DEFINED, "too many transfers from this client")
-        opened = open_in_root(self.root, request.filename)
+        opened = open_boot_file(self.root, request.filename)
         source: Source = FileSource(opened.fd, opened.size)
         try:
             if opened.size > limits.max_file_size:

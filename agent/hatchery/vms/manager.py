@@ -26,7 +26,7 @@ from hatchery.addresses import AddressPool
 from hatchery.capacity import HostCapacity, Resources
 from hatchery.errors import CommandError, HatcheryError
 from hatchery.qemu.accel import AccelChoice
-from hatchery.qemu.cmdline import DirectKernel, GuestSpec, Nic, build_argv
+from hatchery.qemu.cmdline import DEFAULT_MACHINE, DirectKernel, GuestSpec, Nic, build_argv
 from hatchery.vms import process
 from hatchery.vms.model import (
     NAME_RE,
@@ -101,7 +101,7 @@ class CreateRequest:
     user_data: str = ""
     public_keys: tuple[str, ...] = ()
     owner_group: str | None = None
-    machine: str = "q35"
+    machine: str = DEFAULT_MACHINE
     start: bool = True
     labels: dict[str, str] = field(default_factory=dict)
 

@@ -8,6 +8,7 @@ from enum import StrEnum
 from typing import Any
 
 from hatchery.errors import HatcheryError
+from hatchery.qemu.cmdline import DEFAULT_MACHINE
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}[a-z0-9]$|^[a-z0-9]$")
 
@@ -125,7 +126,7 @@ class VmRecord:
     created: float = 0.0
     pid: int | None = None
     started: float | None = None
-    machine: str = "q35"
+    machine: str = DEFAULT_MACHINE
     reason: str | None = None  # why it is crashed/stopped, for the operator
     labels: dict[str, str] = field(default_factory=dict)
 

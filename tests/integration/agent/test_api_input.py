@@ -9,20 +9,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hatchery.addresses import AddressPool, Subnet
 from hatchery.api.app import ApiContext, make_app
 from hatchery.api.policy import load_policy
+from hatchery.api.server import ApiServer
 from hatchery.capacity import HostCapacity
 from hatchery.client import AgentClient, ApiError, Credentials
 from hatchery.health import NodeHealth
 from hatchery.pki import server_context
 from hatchery.qemu.accel import Accel, AccelChoice
 from hatchery.vms.manager import VmManager
-from hatchery_lab.agent import Pki, free_port
+from hatchery_lab.agent import Pki
 
 
 @pytest.fixture
@@ -34,20 +34,17 @@ async def api(tmp_path: Path) -> AsyncIterator[tuple[AgentClient, VmManager, Pat
     pool.add_range(ipaddress.IPv4Address("10.5.0.10"), ipaddress.IPv4Address("10.5.0.19"))
     manager = VmManager(tmp_path, pool, HostCapacity(8, 4096, 10_000), AccelChoice(Accel.TCG, "t"))
     app = make_app(ApiContext(manager, pool, load_policy(None), NodeHealth("v1"), time.time()))
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    ssl = server_context(pki.ca, pki.server.cert, pki.server.key)
-    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ssl).start()
+    server = ApiServer(app, server_context(pki.ca, pki.server.cert, pki.server.key))
+    await server.start("127.0.0.1", 0)
     kernel = tmp_path / "kernel"
     kernel.write_bytes(b"not really a kernel")
     try:
         async with AgentClient(
-            f"127.0.0.1:{port}", Credentials(pki.ca, admin.cert, admin.key)
+            f"127.0.0.1:{server.port}", Credentials(pki.ca, admin.cert, admin.key)
         ) as c:
             yield c, manager, kernel
     finally:
-        await runner.cleanup()
+        await server.close()
         pool.close()
 
 
@@ -91,6 +88,25 @@ async def test_not_json_and_oversized(api: tuple[AgentClient, VmManager, Path]) 
     with pytest.raises(ApiError) as err:
         await client.request("GET", "/v1/vms/nope")
     assert err.value.status == 404
+    assert manager.records() == []
+
+
+async def test_errors_carry_their_hint_to_the_client(
+    api: tuple[AgentClient, VmManager, Path],
+) -> None:
+    client, manager, kernel = api
+    with pytest.raises(ApiError) as err:
+        await client.request(
+            "POST", "/v1/vms", json={"name": "Bad_Name", "kernel": {"kernel": str(kernel)}}
+        )
+    assert err.value.status == 400 and "bad vm name" in err.value.message
+    assert err.value.hint == "1-32 characters: lowercase letters, digits, inner dashes"
+    with pytest.raises(ApiError) as err:
+        await client.request(
+            "POST", "/v1/vms", json={"name": "ok", "kernel": {"kernel": "/k"}, "machine": "microvm"}
+        )
+    assert err.value.status == 400 and err.value.field == "machine"
+    assert "q35, pc" in err.value.message
     assert manager.records() == []
 
 

@@ -11,10 +11,11 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from hatchery import pki
-from hatchery.api.app import identity_middleware
+from hatchery.api.http import new_app
+from hatchery.api.images import ImagesContext, add_routes
 from hatchery.api.policy import load_policy
+from hatchery.api.server import ApiServer
 from hatchery.client import AgentClient, Credentials
-from hatchery.images.api import add_routes
 from hatchery.images.signing import KeyDirectory, KeyPair, generate_key
 from hatchery.images.store import ImageStore
 from hatchery.pki import IssuedPair, client_context, server_context
@@ -31,7 +32,7 @@ class Node:
     port: int
     pki: Pki
     client_pair: IssuedPair
-    runner: web.AppRunner | None = None
+    server: ApiServer | None = None
     seen: list[tuple[str, str, str | None]] = field(default_factory=list)
 
     @property
@@ -69,13 +70,12 @@ class Cluster:
             node.seen.append((request.method, request.path, request.headers.get("Range")))
             return await handler(request)
 
-        app = web.Application(middlewares=[identity_middleware, record, *middlewares])
-        add_routes(app, node.store, KeyDirectory(node.keys_dir), load_policy(None),
-                   client_context(self.pki.ca, pair.cert, pair.key))  # fmt: skip
-        node.runner = web.AppRunner(app)
-        await node.runner.setup()
-        tls = server_context(self.pki.ca, pair.cert, pair.key)
-        await web.TCPSite(node.runner, "127.0.0.1", node.port, ssl_context=tls).start()
+        # The agent's own app layer and listener, with only the image routes on it.
+        app = new_app(load_policy(None), middlewares=(record, *middlewares))
+        peer_tls = client_context(self.pki.ca, pair.cert, pair.key)
+        add_routes(app, ImagesContext.build(node.store, KeyDirectory(node.keys_dir), peer_tls))
+        node.server = ApiServer(app, server_context(self.pki.ca, pair.cert, pair.key))
+        await node.server.start("127.0.0.1", node.port)
         self.nodes.append(node)
         return node
 
@@ -87,5 +87,5 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
         yield made
     finally:
         for node in made.nodes:
-            if node.runner is not None:
-                await node.runner.cleanup()
+            if node.server is not None:
+                await node.server.close()

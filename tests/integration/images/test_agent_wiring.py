@@ -33,6 +33,7 @@ def test_the_agent_serves_its_store_and_refuses_untrusted_images(
     # uploaded and verified, the manifest is refused, and no image appears.
     refused = agent.cli("image", "publish", str(build), check=False)
     assert refused.returncode == 1 and "does not trust" in refused.stderr
+    assert "hint: install its public key" in refused.stderr  # the error body's hint, printed
     store = agent.state_dir / "images"
     assert len(list((store / "objects").glob("*/*.zst"))) == 2
     assert list((store / "images").iterdir()) == []

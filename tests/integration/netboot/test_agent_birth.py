@@ -47,7 +47,10 @@ ip link set eth0 up
 udhcpc -i eth0 -q -n -t 20 -T 1 -s /bin/lease
 hostport=${seed#http://}; hostport=${hostport%%/*}; path=/${seed#http://*/}
 request="GET $path HTTP/1.0\r\nHost: $hostport\r\n\r\n"
-printf "$request" | nc "${hostport%:*}" "${hostport#*:}" > /tmp/reply
+# Keep nc's sending side open while the answer comes: busybox nc half-closes at the end of
+# its input, and aiohttp drops a connection whose FIN it reads before it has answered (a race
+# the agent's own seed fetch, hatchery.seed, does not run: it does not half-close).
+{ printf "$request"; sleep 2; } | nc "${hostport%:*}" "${hostport#*:}" > /tmp/reply
 status=$(head -n 1 /tmp/reply | tr -d '\r')
 echo "BIRTH-SEED $status $(grep -c 'listen: 0.0.0.0:6976' /tmp/reply) END"
 poweroff -f

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from hatchery.api.server import ApiServer
 from hatchery.metadata.ruleset import NodeServices, Port
 from hatchery.metadata.server import VmMetadata
 from hatchery.metadata.service import MetadataService
@@ -105,13 +106,12 @@ async def serve_node(spec: NodeSpec) -> None:
     tls = server_context(ca, cert, key)
     app = web.Application()
     app.router.add_get("/", _api_root)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
+    api = ApiServer(app, tls)
     service = MetadataService(_Directory(vms), lambda _: spec.ports, services=spec.services)
     try:
-        await web.TCPSite(runner, "0.0.0.0", spec.api_port, ssl_context=tls).start()
+        await api.start("0.0.0.0", spec.api_port)
         subnets = [ipaddress.IPv4Network(s) for s in spec.subnets]
-        await service.add_bridge(spec.bridge, subnets, api=(runner, tls, spec.api_port))
+        await service.add_bridge(spec.bridge, subnets, api=api)
         try:
             # Only now, as the agent does: pyroute2 sends SIGTERM to the helper processes it
             # forks while setting up, and a forked child shares the loop's signal wake-up
@@ -125,7 +125,7 @@ async def serve_node(spec: NodeSpec) -> None:
         finally:
             await service.close(teardown=True)
     finally:
-        await runner.cleanup()
+        await api.close()
 
 
 def _icmpv6_socket(iface: str) -> tuple[socket.socket, int]:

@@ -101,9 +101,12 @@ class AgentClient:
         except ValueError:
             data = None
         if status >= 400:
+            # The agent's one error body: {"error", "field", "hint"} (docs/api.md).
             message = data.get("error") if isinstance(data, Mapping) else None
+            hint = data.get("hint") if isinstance(data, Mapping) else None
             raise AgentError(
-                f"{host.name}: {method} {path}: HTTP {status}: {message or text[:200] or '-'}"
+                f"{host.name}: {method} {path}: HTTP {status}: {message or text[:200] or '-'}",
+                hint=hint if isinstance(hint, str) else None,
             )
         return status, data
 

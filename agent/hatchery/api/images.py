@@ -1,0 +1,183 @@
+"""The image store on the agent's API: list, serve, upload, publish, fetch.
+
+Reads need ``images.read`` (the default policy's ``*.read`` and the ``node`` group give it),
+writes ``images.manage``. ``add_routes(app, ImagesContext.build(...))`` mounts them on an app
+made by ``api.http.new_app`` (the agent's API app in ``api.app``).
+
+``GET /v1/objects/<sha256>`` serves the object *as stored*: the zstd-compressed file
+(``Content-Type: application/zstd``, no ``Content-Encoding``), with Range requests, so a peer
+downloads fewer bytes, resumes at a byte offset of that file and checks the content itself.
+``PUT /v1/objects/<sha256>`` takes the *uncompressed* content and stores it only if it hashes
+to the name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from hatchery.api.http import TooLarge, Unavailable, caller, json_body, read_body, require
+from hatchery.api.validate import BadRequest
+from hatchery.errors import HatcheryError
+from hatchery.images.fetch import ImageFetcher
+from hatchery.images.manifest import MAX_DOCUMENT, ManifestError, check_version, is_sha256
+from hatchery.images.signing import KeySource
+from hatchery.images.store import ImageStore, ObjectNotFound
+
+log = logging.getLogger(__name__)
+UPLOAD_BATCH = 1 << 20
+MAX_PEER = 300
+MAX_FETCH_BODY = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class ImagesContext:
+    """What the image routes work on; ``fetcher`` is None when the agent has no client
+    credentials towards peers (then ``POST /v1/images/fetch`` is refused)."""
+
+    store: ImageStore
+    keys: KeySource
+    fetcher: ImageFetcher | None = None
+
+    @classmethod
+    def build(
+        cls, store: ImageStore, keys: KeySource, client_tls: ssl.SSLContext | None = None
+    ) -> ImagesContext:
+        """``client_tls`` (the agent's own certificate as a client) lets it fetch from peers."""
+        fetcher = ImageFetcher(store, keys, client_tls) if client_tls is not None else None
+        return cls(store, keys, fetcher)
+
+
+IMAGES = web.AppKey("images", ImagesContext)
+
+
+def _sha(request: web.Request) -> str:
+    sha = request.match_info["sha256"]
+    if not is_sha256(sha):
+        raise BadRequest("an object is named by its sha256: 64 lowercase hex digits", "sha256")
+    return sha
+
+
+def _version(value: object, field: str) -> str:
+    """A version named by the caller, checked with the manifest's own rule."""
+    try:
+        return check_version(value, field)
+    except ManifestError as exc:
+        raise BadRequest(exc.message, field) from None
+
+
+# --- reads ---------------------------------------------------------------------------------------
+@require("images.read")
+async def list_images(request: web.Request) -> web.Response:
+    store = request.app[IMAGES].store
+    listed: list[dict[str, Any]] = []
+    for version in store.versions():
+        try:
+            signed = store.manifest(version)
+        except HatcheryError as exc:
+            listed.append({"version": version, "error": exc.message})
+            continue
+        m = signed.manifest
+        listed.append(
+            {
+                "version": m.version,
+                "image": m.image,
+                "key": signed.key_id,
+                "size": m.size(),
+                "artefacts": {str(r): a.to_json() for r, a in sorted(m.artefacts.items())},
+            }
+        )
+    return web.json_response(
+        {"images": listed, "current": store.current(), "previous": store.previous()}
+    )
+
+
+@require("images.read")
+async def show_image(request: web.Request) -> web.Response:
+    version = _version(request.match_info["version"], "version")
+    return web.Response(
+        body=request.app[IMAGES].store.manifest_bytes(version), content_type="application/json"
+    )
+
+
+@require("images.read")
+async def get_object(request: web.Request) -> web.StreamResponse:
+    path = request.app[IMAGES].store.object_path(_sha(request))
+    if not path.is_file():
+        raise ObjectNotFound(f"object {path.name[:-4]} is not in the store")
+    return web.FileResponse(path, headers={"Content-Type": "application/zstd"})
+
+
+# --- writes --------------------------------------------------------------------------------------
+@require("images.manage")
+async def put_object(request: web.Request) -> web.Response:
+    """Stream the upload into the store in batches; it enters only if it hashes to its name."""
+    store = request.app[IMAGES].store
+    sha = _sha(request)
+    if request.content_length is not None and request.content_length > store.max_object:
+        raise TooLarge(f"the object is larger than {store.max_object} bytes")
+    existed = store.has_object(sha)
+    writer = await asyncio.to_thread(store.writer, sha)
+    try:
+        batch = bytearray()
+        async for chunk in request.content.iter_chunked(256 * 1024):
+            batch += chunk
+            if len(batch) >= UPLOAD_BATCH:
+                await asyncio.to_thread(writer.write, bytes(batch))
+                batch.clear()
+        if batch:
+            await asyncio.to_thread(writer.write, bytes(batch))
+        await asyncio.to_thread(writer.commit)
+    finally:
+        writer.abort()
+    log.info("%s uploaded object %s (%d bytes)", caller(request).name, sha, writer.size)
+    return web.json_response({"sha256": sha, "size": writer.size}, status=200 if existed else 201)
+
+
+@require("images.manage")
+async def publish(request: web.Request) -> web.Response:
+    """The body is the signed manifest itself (bytes as signed), not a JSON wrapper."""
+    store, keys = request.app[IMAGES].store, request.app[IMAGES].keys
+    raw = await read_body(request, MAX_DOCUMENT)
+    existed = set(store.versions())
+    signed = await asyncio.to_thread(store.add_image, raw, keys.trusted())
+    version = signed.manifest.version
+    log.info("%s published image %s", caller(request).name, version)
+    return web.json_response(
+        {"version": version, "image": signed.manifest.image, "key": signed.key_id},
+        status=200 if version in existed else 201,
+    )
+
+
+@require("images.manage")
+async def fetch(request: web.Request) -> web.Response:
+    """``{"peer": "HOST[:PORT]", "version": "..."}``: the peer is an agent address only (no
+    path, query or credentials), so a caller cannot point the agent at another URL."""
+    fetcher = request.app[IMAGES].fetcher
+    if fetcher is None:
+        raise Unavailable("this agent has no client credentials to fetch from peers")
+    body = await json_body(request, MAX_FETCH_BODY)
+    peer = str(body.text("peer", required=True, max_len=MAX_PEER))
+    version = _version(body.text("version", required=True, max_len=MAX_PEER), "version")
+    body.finish()
+    if not peer or any(c.isspace() or c in "/?#@" for c in peer.removeprefix("https://")):
+        raise BadRequest("peer must be an agent address HOST[:PORT]", "peer")
+    log.info("%s asks for image %s from %s", caller(request).name, version, peer)
+    report = await fetcher.fetch(peer, version)
+    return web.json_response(report.to_json(), status=201 if report.added else 200)
+
+
+def add_routes(app: web.Application, context: ImagesContext) -> None:
+    """Mount the image routes on ``app`` (made by ``api.http.new_app``)."""
+    app[IMAGES] = context
+    app.router.add_get("/v1/images", list_images)
+    app.router.add_post("/v1/images", publish)
+    app.router.add_post("/v1/images/fetch", fetch)
+    app.router.add_get("/v1/images/{version}", show_image)
+    app.router.add_get("/v1/objects/{sha256}", get_object)
+    app.router.add_put("/v1/objects/{sha256}", put_object)

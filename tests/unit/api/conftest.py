@@ -1,0 +1,83 @@
+"""The agent's API app driven in-process (aiohttp's test client), without TLS.
+
+TLS is not what these tests are about (tests/integration/agent and tests/integration/images
+drive the same app over real mutual TLS): here the identity comes from a test resolver
+installed through the app's ``IDENTIFY`` key, reading a header only these tests send. The
+agent's own resolver (``tls_identity``) never looks at headers.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import ssl
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from hatchery.addresses import AddressPool, Subnet
+from hatchery.api.app import ApiContext, make_app
+from hatchery.api.images import ImagesContext
+from hatchery.api.policy import load_policy
+from hatchery.capacity import HostCapacity
+from hatchery.health import NodeHealth
+from hatchery.images.signing import KeyDirectory
+from hatchery.images.store import ImageStore
+from hatchery.pki import Identity
+from hatchery.qemu.accel import Accel, AccelChoice
+from hatchery.vms.manager import VmManager
+
+WHO = "X-Test-Who"
+
+
+def header_identity(request: web.Request) -> Identity | None:
+    """``X-Test-Who: name:group1,group2`` → that identity; no header → nobody (401)."""
+    raw = request.headers.get(WHO)
+    if raw is None:
+        return None
+    name, _, groups = raw.partition(":")
+    return Identity(name, frozenset(g for g in groups.split(",") if g))
+
+
+def who(name: str, *groups: str) -> dict[str, str]:
+    return {WHO: f"{name}:{','.join(groups)}"}
+
+
+ADMIN = who("alice", "admin")
+READER = who("rita", "reader")
+NOBODY = who("nina")
+
+
+@dataclass
+class Api:
+    client: TestClient  # type: ignore[type-arg]
+    manager: VmManager
+    store: ImageStore
+    kernel: Path
+    keys: Path
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[Api]:
+    pool = AddressPool(tmp_path / "pool.db")
+    pool.add_subnet(Subnet("br0", ipaddress.IPv4Network("10.5.0.0/24"), None, ()))
+    pool.add_range(ipaddress.IPv4Address("10.5.0.10"), ipaddress.IPv4Address("10.5.0.19"))
+    manager = VmManager(tmp_path, pool, HostCapacity(8, 4096, 10_000), AccelChoice(Accel.TCG, "t"))
+    store = ImageStore(tmp_path / "images")
+    keys = tmp_path / "image-keys"
+    keys.mkdir()
+    # A fetcher that is never reached: the requests below are refused before any fetch.
+    images = ImagesContext.build(store, KeyDirectory(keys), ssl.create_default_context())
+    context = ApiContext(manager, pool, load_policy(None), NodeHealth("v1"), time.time())
+    app = make_app(context, images, identify=header_identity)
+    kernel = tmp_path / "kernel"
+    kernel.write_bytes(b"not really a kernel")
+    try:
+        async with TestClient(TestServer(app)) as client:
+            yield Api(client, manager, store, kernel, keys)
+    finally:
+        pool.close()

@@ -1,0 +1,126 @@
+"""Routes in-process: machine types, image requests, bodies through ``validate``."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from hatchery.addresses import AddressPool
+from hatchery.api.app import ApiContext, make_app
+from hatchery.api.images import ImagesContext
+from hatchery.api.policy import load_policy
+from hatchery.capacity import HostCapacity
+from hatchery.cli.main import main
+from hatchery.health import NodeHealth
+from hatchery.images.signing import KeyDirectory
+from hatchery.images.store import ImageStore
+from hatchery.qemu.accel import Accel, AccelChoice
+from hatchery.qemu.cmdline import MACHINES
+from hatchery.vms.manager import VmManager
+from tests.unit.api.conftest import ADMIN, READER, Api, header_identity
+
+
+@pytest.mark.parametrize("machine", MACHINES)
+async def test_each_supported_machine_is_accepted(api: Api, machine: str) -> None:
+    body = {"name": machine, "kernel": {"kernel": str(api.kernel)}, "start": False,
+            "machine": machine}  # fmt: skip
+    resp = await api.client.post("/v1/vms", json=body, headers=ADMIN)
+    assert resp.status == 201 and (await resp.json())["machine"] == machine
+
+
+@pytest.mark.parametrize("machine", ["microvm", "isapc", "pc-q35-7.2", "Q35"])
+async def test_other_machines_are_refused_naming_the_supported_ones(api: Api, machine: str) -> None:
+    body = {"name": "m1", "kernel": {"kernel": str(api.kernel)}, "start": False,
+            "machine": machine}  # fmt: skip
+    resp = await api.client.post("/v1/vms", json=body, headers=ADMIN)
+    answer = await resp.json()
+    assert resp.status == 400 and answer["field"] == "machine"
+    assert answer["error"] == f"machine must be one of q35, pc, not {machine!r}"
+    assert api.manager.records() == []
+
+
+def test_the_cli_offers_the_same_machines(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["vm", "create", "v1", "--kernel", "/k", "--machine", "microvm"])
+    assert exited.value.code == 2  # refused by argparse, before any request
+    assert "invalid choice: 'microvm' (choose from 'q35', 'pc')" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b"{}", "peer"),
+        (b"[]", None),
+        (b'{"peer": "127.0.0.1:1"}', "version"),
+        (b'{"peer": "127.0.0.1:1", "version": "../x"}', "version"),
+        (b'{"peer": "evil/path", "version": "1"}', "peer"),
+        (b'{"peer": "user@host", "version": "1"}', "peer"),
+        (b'{"peer": 5, "version": "1"}', "peer"),
+        (b'{"peer": "127.0.0.1:1", "version": "1", "more": 1}', "more"),
+        (b"\xff", None),
+    ],
+)
+async def test_bad_fetch_bodies_name_the_field(api: Api, body: bytes, field: str | None) -> None:
+    resp = await api.client.post("/v1/images/fetch", data=body, headers=ADMIN)
+    answer = await resp.json()
+    assert resp.status == 400 and answer["field"] == field
+    assert not any((api.store.root / "partial").iterdir())
+
+
+async def test_fetch_bodies_have_a_small_limit(api: Api) -> None:
+    body = b'{"peer": "' + b"a" * 5000 + b'", "version": "1"}'
+    resp = await api.client.post("/v1/images/fetch", data=body, headers=ADMIN)
+    assert resp.status == 413
+
+
+async def test_fetch_without_peer_credentials_is_unavailable(tmp_path: Path) -> None:
+    with AddressPool(tmp_path / "pool.db") as pool:
+        manager = VmManager(tmp_path, pool, HostCapacity(1, 1, 1), AccelChoice(Accel.TCG, "t"))
+        context = ApiContext(manager, pool, load_policy(None), NodeHealth("v1"), time.time())
+        images = ImagesContext.build(ImageStore(tmp_path / "images"), KeyDirectory(tmp_path / "k"))
+        app = make_app(context, images, identify=header_identity)
+        async with TestClient(TestServer(app)) as client:
+            body = {"peer": "127.0.0.1:1", "version": "1"}
+            resp = await client.post("/v1/images/fetch", json=body, headers=ADMIN)
+            answer = await resp.json()
+    assert resp.status == 503 and "no client credentials" in answer["error"]
+
+
+async def test_readers_read_images_but_do_not_write(api: Api) -> None:
+    listing = await api.client.get("/v1/images", headers=READER)
+    assert listing.status == 200
+    assert await listing.json() == {"images": [], "current": None, "previous": None}
+    for method, path in (
+        ("PUT", f"/v1/objects/{'0' * 64}"),
+        ("POST", "/v1/images"),
+        ("POST", "/v1/images/fetch"),
+    ):
+        resp = await api.client.request(method, path, data=b"x", headers=READER)
+        assert resp.status == 403, path
+        assert "may not images.manage" in (await resp.json())["error"]
+    assert api.store.objects() == set()
+
+
+async def test_an_uploaded_object_is_served_as_stored(api: Api) -> None:
+    data = b"kernel bytes " * 1000
+    sha = hashlib.sha256(data).hexdigest()
+    put = await api.client.put(f"/v1/objects/{sha}", data=data, headers=ADMIN)
+    assert put.status == 201 and (await put.json()) == {"sha256": sha, "size": len(data)}
+    got = await api.client.get(f"/v1/objects/{sha}", headers=READER)
+    assert got.status == 200 and got.headers["Content-Type"] == "application/zstd"
+    assert (await got.read())[:4] == b"\x28\xb5\x2f\xfd"  # a zstd frame
+    wrong = await api.client.put(f"/v1/objects/{'1' * 64}", data=data, headers=ADMIN)
+    assert wrong.status == 422
+
+
+async def test_user_data_over_its_limit_names_the_field(api: Api) -> None:
+    body = {"name": "u1", "kernel": {"kernel": str(api.kernel)}, "start": False}
+    assert (await api.client.post("/v1/vms", json=body, headers=ADMIN)).status == 201
+    resp = await api.client.put("/v1/vms/u1/user-data", data=b"x" * (300 * 1024), headers=ADMIN)
+    answer = await resp.json()
+    assert resp.status == 413 and answer["field"] == "user_data"
+    assert api.manager.get("u1").user_data == ""
