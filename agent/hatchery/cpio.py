@@ -1,75 +1,18 @@
-"""The ``newc`` cpio format, the one the Linux kernel unpacks as an initramfs.
+"""Reading the ``newc`` cpio format, the one the Linux kernel unpacks as an initramfs.
 
-The writer puts entries in the order given with fixed owners and times, so the same inputs
-give the same bytes (reproducible test initramfs images). The reader streams members of an
-image's root archive for live patching, refusing names that would leave the tree.
+The reader streams members of an image's root archive for live patching, refusing names that
+would leave the tree. The agent never writes cpio; the writer the tests and the lab use to
+make small initramfs images is ``hatchery_lab.cpio_writer``.
 """
 
 from __future__ import annotations
 
-import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-_MAGIC = b"070701"
-_TRAILER = "TRAILER!!!"
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    path: str  # relative, no leading slash: "bin/busybox"
-    mode: int  # full st_mode, type bits included
-    data: bytes = b""  # file contents, or the target of a symlink
-
-    @classmethod
-    def directory(cls, path: str, perm: int = 0o755) -> Entry:
-        return cls(path, stat.S_IFDIR | perm)
-
-    @classmethod
-    def file(cls, path: str, data: bytes, perm: int = 0o644) -> Entry:
-        return cls(path, stat.S_IFREG | perm, data)
-
-    @classmethod
-    def symlink(cls, path: str, target: str) -> Entry:
-        return cls(path, stat.S_IFLNK | 0o777, target.encode())
-
-    @classmethod
-    def char_device(cls, path: str, major: int, minor: int, perm: int = 0o600) -> Entry:
-        return cls(path, stat.S_IFCHR | perm, major.to_bytes(4, "big") + minor.to_bytes(4, "big"))
-
-
-def _pad4(n: int) -> bytes:
-    return b"\0" * (-n % 4)
-
-
-def _header(ino: int, entry: Entry, name: bytes, size: int, rdev: tuple[int, int]) -> bytes:
-    nlink = 2 if stat.S_ISDIR(entry.mode) else 1
-    fields = (ino, entry.mode, 0, 0, nlink, 0, size, 0, 0, rdev[0], rdev[1], len(name) + 1, 0)
-    return _MAGIC + b"".join(b"%08x" % f for f in fields)
-
-
-def write_newc(entries: Iterable[Entry]) -> bytes:
-    """Serialise ``entries`` into a complete newc archive (with its trailer)."""
-    out = bytearray()
-    ino = 0
-    for entry in (*entries, Entry(_TRAILER, 0)):
-        ino += 1
-        name = entry.path.lstrip("/").encode()
-        rdev = (0, 0)
-        body = entry.data
-        if stat.S_ISCHR(entry.mode) or stat.S_ISBLK(entry.mode):
-            rdev = (int.from_bytes(body[:4], "big"), int.from_bytes(body[4:8], "big"))
-            body = b""
-        header = _header(ino if entry.path != _TRAILER else 0, entry, name, len(body), rdev)
-        out += header + name + b"\0"
-        out += _pad4(len(header) + len(name) + 1)
-        out += body + _pad4(len(body))
-    out += b"\0" * (-len(out) % 512)  # whole blocks, as cpio(1) writes them
-    return bytes(out)
-
-
-# --- reading ------------------------------------------------------------------------------
+MAGIC = b"070701"  # newc, "new ASCII" format
+TRAILER = "TRAILER!!!"
 
 
 class CpioError(ValueError):
@@ -123,7 +66,7 @@ def iter_newc(stream: BinaryIO) -> Iterator[tuple[Member, bytes]]:
         if not first:
             return
         head = first + _read_exact(stream, 5)
-        if head != _MAGIC:
+        if head != MAGIC:
             raise CpioError(f"bad cpio magic {head!r} near offset {offset}")
         fields = _read_exact(stream, 104)
         try:
@@ -139,7 +82,7 @@ def iter_newc(stream: BinaryIO) -> Iterator[tuple[Member, bytes]]:
         data = _read_exact(stream, size)
         _read_exact(stream, -size % 4)
         offset += consumed + (-consumed % 4) + size + (-size % 4)
-        if name == _TRAILER:
+        if name == TRAILER:
             continue
         member = Member(safe_path(name), mode, uid, gid, nlink, ino, (dmaj, dmin),
                         (rmaj, rmin), mtime, size)  # fmt: skip

@@ -6,7 +6,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from hatchery.cpio import Entry, write_newc
+from hatchery_lab.cpio_writer import Entry, write_newc
 
 
 def test_gnu_cpio_unpacks_what_we_write(tmp_path: Path, require_tool: Callable[[str], str]) -> None:

@@ -146,3 +146,17 @@ def test_one_link_index() -> None:
         if isinstance(node, ast.FunctionDef) and node.name in ("_index", "link_index")
     )
     assert defined == ["netdev.py"]
+
+
+def test_no_test_module_imports_another() -> None:
+    """Shared test helpers live in tests/support (or the lab), never in a test module."""
+    tests = AGENT.parents[1] / "tests"
+    offenders = sorted(
+        f"{path.relative_to(tests)} imports {name}"
+        for path in tests.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and node.module
+        for name in [node.module]
+        if name.startswith("tests.") and name.rsplit(".", 1)[-1].startswith("test_")
+    )
+    assert offenders == []

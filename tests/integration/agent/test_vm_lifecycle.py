@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from hatchery.cpio import Entry
 from hatchery.metadata.service import teardown_bridge
 from hatchery_lab.agent import AgentProcess, Pki, free_port, qemu_alive
+from hatchery_lab.cpio_writer import Entry
 from hatchery_lab.guest import (
     INIT_PRELUDE,
     VIRTIO_NET_MODULES,

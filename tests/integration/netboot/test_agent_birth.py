@@ -16,12 +16,12 @@ from pathlib import Path
 
 import zstandard
 
-from hatchery.cpio import Entry
 from hatchery.images.signing import generate_key, sign_build_dir
 from hatchery.metadata.service import teardown_bridge
 from hatchery.qemu.accel import choose_accel
 from hatchery.qemu.cmdline import GuestSpec, Nic, build_argv
 from hatchery_lab.agent import AgentProcess, Pki, free_port
+from hatchery_lab.cpio_writer import Entry
 from hatchery_lab.guest import (
     INIT_PRELUDE,
     VIRTIO_NET_MODULES,

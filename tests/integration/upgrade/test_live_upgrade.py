@@ -18,11 +18,11 @@ import yaml
 import zstandard
 
 from hatchery.client import AgentClient, ApiError, Credentials
-from hatchery.cpio import Entry, write_newc
 from hatchery.images.signing import generate_key, sign_build_dir
 from hatchery_lab.agent import AgentProcess, Pki
+from hatchery_lab.cpio_writer import Entry, write_newc
 from tests.support.synthetic_images import make_build
-from tests.unit.upgrade.test_livepatch import unpack
+from tests.support.upgrade_roots import unpack
 
 BIN = Path(sys.executable).parent
 KERNEL = b"the same kernel for v1 and v2"

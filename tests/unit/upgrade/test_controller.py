@@ -2,59 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import BinaryIO
 
 import pytest
 import zstandard
 
-from hatchery.cpio import Entry, write_newc
 from hatchery.state import write_json
 from hatchery.upgrade.controller import UpgradeError, Upgrader
 from hatchery.upgrade.model import Mode, Phase
-from tests.unit.upgrade.test_livepatch import unpack
-
-RELEASE = "6.1.0-test-amd64"
-
-
-def root_image(version: str, kernel_release: str = RELEASE, extra: bytes = b"") -> bytes:
-    entries = [
-        Entry.directory("usr"), Entry.directory("usr/lib"), Entry.directory("usr/lib/modules"),
-        Entry.directory(f"usr/lib/modules/{kernel_release}"),
-        Entry.file(f"usr/lib/modules/{kernel_release}/modules.dep", b""),
-        Entry.file("usr/lib/os-release", f"IMAGE_VERSION={version}\n".encode()),
-        Entry.file("usr/lib/payload", b"payload " + version.encode() + extra),
-    ]  # fmt: skip
-    return write_newc(entries)
-
-
-class DirImages:
-    """A small real ImageSource: artefacts as built (root zstd-compressed) in a folder."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.current: str | None = None
-
-    def add(self, version: str, root: bytes, kernel: bytes = b"kernel-1") -> None:
-        d = self.folder / version
-        d.mkdir(parents=True)
-        (d / "initrd").write_bytes(zstandard.ZstdCompressor().compress(root))
-        (d / "kernel").write_bytes(kernel)
-
-    def has(self, version: str) -> bool:
-        return (self.folder / version).is_dir()
-
-    def open_artefact(self, version: str, role: str) -> AbstractContextManager[BinaryIO]:
-        return (self.folder / version / role).open("rb")
-
-    def artefact_digest(self, version: str, role: str) -> str | None:
-        return hashlib.sha256((self.folder / version / role).read_bytes()).hexdigest()
-
-    def set_current(self, version: str) -> None:
-        self.current = version
+from tests.support.upgrade_roots import RELEASE, DirImages, root_image, unpack, wait_done
 
 
 def version_of(root: Path) -> str:
@@ -78,14 +34,6 @@ def setup(tmp_path: Path) -> tuple[Path, DirImages, Path]:
 def make(setup: tuple[Path, DirImages, Path]) -> Upgrader:
     root, images, state = setup
     return Upgrader(state, images, root, version=lambda: version_of(root), kernel_release=RELEASE)
-
-
-async def wait_done(upgrader: Upgrader) -> None:
-    for _ in range(100):
-        if upgrader.status.state is not Phase.RUNNING:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("upgrade did not finish")
 
 
 async def test_live_upgrade(setup: tuple[Path, DirImages, Path]) -> None:

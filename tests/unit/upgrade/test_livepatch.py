@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from hatchery.cpio import Entry, write_newc
 from hatchery.upgrade.archive import index_root, iter_root
 from hatchery.upgrade.livepatch import LivePatch, LivePatchError, units_to_restart
+from hatchery_lab.cpio_writer import Entry, write_newc
+from tests.support.upgrade_roots import unpack
 
 AGENT_UNIT = b"""[Service]
 ExecStart=/usr/bin/hatchery-agent run
@@ -41,18 +42,6 @@ def image(version: str, **overrides: bytes | None) -> bytes:
     entries.append(Entry.symlink("var/lib/hatchery", "/data/var/lib/hatchery"))
     entries += [Entry.file(p, data) for p, data in sorted(files.items()) if data is not None]
     return write_newc(entries)
-
-
-def unpack(archive: bytes, root: Path) -> None:
-    for member, data in iter_root(io.BytesIO(archive)):
-        path = root / member.path
-        if stat.S_ISDIR(member.mode):
-            path.mkdir(exist_ok=True)
-        elif stat.S_ISLNK(member.mode):
-            os.symlink(data.decode(), path)
-        else:
-            path.write_bytes(data)
-            path.chmod(stat.S_IMODE(member.mode))
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from hatchery.state import write_json
 from hatchery.upgrade import reboot
 from hatchery.upgrade.controller import Upgrader
 from hatchery.upgrade.model import BootStatus, Mode, Phase
-from tests.unit.upgrade.test_controller import DirImages, root_image, wait_done
+from tests.support.upgrade_roots import DirImages, root_image, wait_done
 
 
 class Vms:

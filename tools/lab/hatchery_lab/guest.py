@@ -12,9 +12,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hatchery.cpio import Entry, write_newc
 from hatchery.qemu.kernel import write_vmlinux
 from hatchery_lab import REPO
+from hatchery_lab.cpio_writer import Entry, write_newc
 
 KERNEL_DIR = REPO / ".cache" / "guest-kernel" / "current"
 BUSYBOX = Path("/bin/busybox")
