@@ -1,4 +1,4 @@
-"""The agent's parts, started in order and stopped in reverse.
+"""The agent's parts, started in order and stopped in reverse (the composition root).
 
 state → address pool → capacity → VMs (re-adopted) → image store → API → metadata and DHCP (per
 bridge). A part that cannot start stops the agent with "cannot start <part>: <why>". Stopping
@@ -7,19 +7,20 @@ never stops a VM, and leaves each bridge's anti-spoofing rules in place while th
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from hatchery.addresses import AddressPool, PoolError, Subnet
 from hatchery.api.app import ApiContext, make_app
 from hatchery.api.images import ImagesContext
 from hatchery.api.policy import load_policy
 from hatchery.api.server import ApiServer
-from hatchery.capacity import probe
+from hatchery.capacity import HostCapacity, probe
 from hatchery.config import AgentConfig, BridgeConfig
 from hatchery.dhcp.leases import Lease
 from hatchery.dhcp.responder import DhcpConfig, Responder
@@ -119,79 +120,130 @@ def dhcp_for(bridge: BridgeConfig, pool: AddressPool, netboot: Netboot | None) -
     return DhcpServer(bridge.name, Responder(config, PoolLeases(pool, bridge.name), births))
 
 
-@dataclass
+class BridgeGuard:
+    """The VM manager's port-rules collaborator, made before the manager; the metadata service
+    that applies the rules starts later (it serves the API inside its namespaces, and the API
+    needs the manager). Until it is attached, a port change on a guarded bridge waits, so no
+    VM on such a bridge starts before its anti-spoofing rules exist."""
+
+    def __init__(self, guarded: set[str]) -> None:
+        self._guarded = guarded
+        self._service: MetadataService | None = None
+        self._ready = asyncio.Event()
+
+    def attach(self, service: MetadataService) -> None:
+        self._service = service
+        self._ready.set()
+
+    async def ports_changed(self, bridge: str) -> None:
+        if bridge not in self._guarded:
+            return
+        await self._ready.wait()
+        assert self._service is not None
+        await self._service.ports_changed(bridge)
+
+
 class Agent:
-    config: AgentConfig
-    health: NodeHealth = field(init=False, repr=False)  # made once the upgrader exists
+    """The composition root: each part is built from the config and the parts before it, in
+    order, each in one method; ``running`` only sequences them and owns their cleanup."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.accel = choose_accel(config.accel)
+        self.guard = BridgeGuard({b.name for b in config.bridges if b.metadata})
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Agent]:
-        config = self.config
-        accel = choose_accel(config.accel)
-        log.info("accelerator %s: %s", accel.accel, accel.reason)
+        log.info("accelerator %s: %s", self.accel.accel, self.accel.reason)
         async with contextlib.AsyncExitStack() as stack:
             async with part("state"):
-                config.state_dir.mkdir(parents=True, exist_ok=True)
+                self.config.state_dir.mkdir(parents=True, exist_ok=True)
             async with part("address pool"):
-                self.pool = AddressPool(config.state_dir / "pool.db")
-                stack.callback(self.pool.close)
-                seed_pool(config, self.pool)
+                self.pool = self._pool(stack)
             async with part("capacity"):
-                capacity = probe(config.capacity, config.state_dir)
-                log.info("capacity for VMs: %d vCPUs, %d MiB RAM, %d MiB disk",
-                         capacity.vcpus, capacity.memory_mib, capacity.disk_mib)  # fmt: skip
-            self.manager = VmManager(config.state_dir, self.pool, capacity, accel,
-                                     config.qemu_binary)  # fmt: skip
+                capacity = self._capacity()
             async with part("vms"):
-                stack.push_async_callback(self.manager.close)
-                await self.manager.adopt_all()
+                self.manager = await self._vms(stack, capacity)
             async with part("image store"):
-                self.images = ImageStore(config.state_dir / "images")
+                self.images = ImageStore(self.config.state_dir / "images")
             async with part("upgrades"):
-                self.upgrader = Upgrader(config.state_dir, StoreImages(self.images), config.root,
-                                         vms=self.manager)  # fmt: skip
-                self.upgrader.settle_boot()  # a reboot-mode upgrade's outcome, before the API
+                self.upgrader = self._upgrades(stack)
                 self.health = NodeHealth(upgrades=self.upgrader)
-                stack.push_async_callback(self.upgrader.close)
             async with part("api"):
-                tls = server_context(config.tls.ca, config.tls.cert, config.tls.key)
-                policy = load_policy(config.policy)
-                context = ApiContext(self.manager, self.pool, policy, self.health, time.time(),
-                                     self.upgrader)  # fmt: skip
-                # The agent's own certificate is its client certificate towards peers.
-                peer_tls = client_context(config.tls.ca, config.tls.cert, config.tls.key)
-                images = ImagesContext.build(self.images, KeyDirectory(config.image_keys), peer_tls)
-                api = ApiServer(make_app(context, images), tls)
-                await api.start(config.listen_host, config.listen_port)
-                stack.push_async_callback(api.close)
+                api = await self._api(stack)
             directory = VmDirectory(self.manager)
             self.metadata = MetadataService(directory, directory.ports_of,
-                                            services=node_services(config))  # fmt: skip
+                                            services=node_services(self.config))  # fmt: skip
             stack.push_async_callback(self.metadata.close)
-            for bridge in config.bridges:
-                if not bridge.metadata:
-                    continue
-                async with part(f"metadata on {bridge.name}"):
-                    subnets = [s.cidr for s in bridge.subnets] or [
-                        ipaddress.IPv4Network(s.cidr) for s in self.pool.subnets()
-                        if s.bridge == bridge.name
-                    ]  # fmt: skip
-                    await self.metadata.add_bridge(bridge.name, subnets, api=api)
-            self.manager.on_ports_changed = self.metadata.ports_changed
-            for bridge in config.bridges:
-                if not bridge.dhcp or not bridge.subnets:
-                    continue
-                netboot = None
-                if bridge.boot is not None:
-                    async with part(f"network boot on {bridge.name}"):
-                        netboot = Netboot(bridge.name, bridge.boot, config.state_dir,
-                                          self.images, self.health.version)  # fmt: skip
-                        await netboot.start(interface_ipv4(bridge.name).ip)
-                        stack.push_async_callback(netboot.stop)
-                async with part(f"dhcp on {bridge.name}"):
-                    server = dhcp_for(bridge, self.pool, netboot)
-                    await server.start()
-                    stack.callback(server.stop)
+            for bridge in self.config.bridges:
+                if bridge.metadata:
+                    async with part(f"metadata on {bridge.name}"):
+                        await self.metadata.add_bridge(bridge.name, self._subnets(bridge), api=api)
+            self.guard.attach(self.metadata)
+            for bridge in self.config.bridges:
+                if bridge.dhcp and bridge.subnets:
+                    await self._network_services(stack, bridge)
             async with part("upgrade after boot"):
                 await self.upgrader.after_boot()  # VMs a reboot-mode upgrade stopped
             yield self
+
+    def _pool(self, stack: contextlib.AsyncExitStack) -> AddressPool:
+        pool = AddressPool(self.config.state_dir / "pool.db")
+        stack.callback(pool.close)
+        seed_pool(self.config, pool)
+        return pool
+
+    def _capacity(self) -> HostCapacity:
+        capacity = probe(self.config.capacity, self.config.state_dir)
+        log.info("capacity for VMs: %d vCPUs, %d MiB RAM, %d MiB disk",
+                 capacity.vcpus, capacity.memory_mib, capacity.disk_mib)  # fmt: skip
+        return capacity
+
+    async def _vms(self, stack: contextlib.AsyncExitStack, capacity: HostCapacity) -> VmManager:
+        manager = VmManager(self.config.state_dir, self.pool, capacity, self.accel,
+                            self.config.qemu_binary, port_rules=self.guard)  # fmt: skip
+        stack.push_async_callback(manager.close)
+        await manager.adopt_all()
+        return manager
+
+    def _upgrades(self, stack: contextlib.AsyncExitStack) -> Upgrader:
+        upgrader = Upgrader(self.config.state_dir, StoreImages(self.images), self.config.root,
+                            vms=self.manager)  # fmt: skip
+        upgrader.settle_boot()  # a reboot-mode upgrade's outcome, before the API answers
+        stack.push_async_callback(upgrader.close)
+        return upgrader
+
+    async def _api(self, stack: contextlib.AsyncExitStack) -> ApiServer:
+        config = self.config
+        tls = server_context(config.tls.ca, config.tls.cert, config.tls.key)
+        context = ApiContext(self.manager, self.pool, load_policy(config.policy), self.health,
+                             time.time(), self.upgrader)  # fmt: skip
+        # The agent's own certificate is its client certificate towards peers.
+        peer_tls = client_context(config.tls.ca, config.tls.cert, config.tls.key)
+        images = ImagesContext.build(self.images, KeyDirectory(config.image_keys), peer_tls)
+        api = ApiServer(make_app(context, images), tls)
+        await api.start(config.listen_host, config.listen_port)
+        stack.push_async_callback(api.close)
+        return api
+
+    def _subnets(self, bridge: BridgeConfig) -> list[ipaddress.IPv4Network]:
+        """The VM subnets the metadata namespace routes to: the config's, else the pool's."""
+        return [s.cidr for s in bridge.subnets] or [
+            ipaddress.IPv4Network(s.cidr) for s in self.pool.subnets() if s.bridge == bridge.name
+        ]
+
+    async def _network_services(
+        self, stack: contextlib.AsyncExitStack, bridge: BridgeConfig
+    ) -> None:
+        """Network boot (if configured) and DHCP on ``bridge``."""
+        netboot = None
+        if bridge.boot is not None:
+            async with part(f"network boot on {bridge.name}"):
+                netboot = Netboot(bridge.name, bridge.boot, self.config.state_dir, self.images,
+                                  self.health.version)  # fmt: skip
+                await netboot.start(interface_ipv4(bridge.name).ip)
+                stack.push_async_callback(netboot.stop)
+        async with part(f"dhcp on {bridge.name}"):
+            server = dhcp_for(bridge, self.pool, netboot)
+            await server.start()
+            stack.callback(server.stop)

@@ -14,10 +14,10 @@ import logging
 import shutil
 import time
 import uuid as uuidlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -106,6 +106,14 @@ class CreateRequest:
     labels: dict[str, str] = field(default_factory=dict)
 
 
+class PortRules(Protocol):
+    """What the manager needs from whoever guards the bridge ports (the metadata service's
+    anti-spoofing rules): told when a bridge's set of VM ports changes, and awaited before
+    QEMU can send a frame, so a port's rules exist before its VM does."""
+
+    async def ports_changed(self, bridge: str) -> None: ...
+
+
 @dataclass
 class _Live:
     """What the agent holds for a running VM: its QMP connection and exit watch."""
@@ -124,10 +132,9 @@ class VmManager:
         accel: AccelChoice,
         qemu_binary: str = "qemu-system-x86_64",
         on_change: Callable[[VmRecord], None] | None = None,
+        port_rules: PortRules | None = None,
     ) -> None:
-        #: Awaited when a bridge's set of VM ports changes (before QEMU can send a frame),
-        #: so per-port anti-spoofing is in place first. Set by the metadata service.
-        self.on_ports_changed: Callable[[str], Awaitable[None]] | None = None
+        self._port_rules = port_rules
         self._dir = state_dir / "vms"
         self._pool = pool
         self._capacity = capacity
@@ -452,9 +459,9 @@ class VmManager:
         log.info("vm %s: destroyed, %s returned to the pool", vm.name, vm.ip)
 
     async def _ports_changed(self, bridge: str) -> None:
-        if self.on_ports_changed is not None:
+        if self._port_rules is not None:
             try:
-                await self.on_ports_changed(bridge)
+                await self._port_rules.ports_changed(bridge)
             except HatcheryError as exc:
                 raise VmError(f"cannot update the port rules of {bridge}: {exc.message}") from exc
 
