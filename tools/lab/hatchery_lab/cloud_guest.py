@@ -158,17 +158,10 @@ def _build(out: Path, digest: str, inputs: dict[str, object], timeout: float) ->
             + result.stderr[-5000:]
         )
     metadata.record(incremental, plan)
-    found: dict[str, Path] = {}
-    for path in staging.iterdir():
-        if path.name.endswith(".cpio.zst"):
-            found[f"{NAME}.cpio.zst"] = path
-        elif path.name.endswith(".vmlinuz"):
-            found[f"{NAME}.vmlinuz"] = path
-        elif path.name.endswith(".manifest"):
-            found["mkosi.manifest"] = path
-    for want in (f"{NAME}.cpio.zst", f"{NAME}.vmlinuz", "mkosi.manifest"):
-        if want not in found:
-            raise CloudGuestBuildError(f"mkosi produced no {want} (got {os.listdir(staging)})")
+    try:
+        found = image_tools.mkosi_outputs(staging, NAME)
+    except image_tools.BuildError as exc:
+        raise CloudGuestBuildError(str(exc)) from exc
     packages = image_tools.read_packages(found.pop("mkosi.manifest"))
     final = CACHE / f".{digest}.new"
     shutil.rmtree(final, ignore_errors=True)

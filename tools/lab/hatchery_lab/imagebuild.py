@@ -439,6 +439,26 @@ def read_packages(mkosi_manifest: Path) -> dict[str, str]:
     return {p["name"]: p["version"] for p in data.get("packages", [])}
 
 
+def mkosi_outputs(staging: Path, name: str) -> dict[str, Path]:
+    """mkosi's outputs under canonical names (``<name>.cpio.zst``, ``<name>.vmlinuz``,
+    ``mkosi.manifest``), whatever suffix mkosi chose (it may append the version).
+
+    :raise BuildError: one of them is missing.
+    """
+    suffixes = {".cpio.zst": f"{name}.cpio.zst", ".vmlinuz": f"{name}.vmlinuz",
+                ".manifest": "mkosi.manifest"}  # fmt: skip
+    found = {
+        canonical: path
+        for path in sorted(staging.iterdir())
+        for suffix, canonical in suffixes.items()
+        if path.name.endswith(suffix)
+    }
+    for want in suffixes.values():
+        if want not in found:
+            raise BuildError(f"{name}: mkosi produced no {want} (got {os.listdir(staging)})")
+    return found
+
+
 def up_to_date(out: Path, digest: str) -> dict[str, str] | None:
     """The packages recorded by ``out``'s manifest if it was built from ``digest``, intact."""
     manifest = out / "manifest.json"
@@ -549,18 +569,7 @@ def build_one(name: str, opts: BuildOptions, step: str) -> Path:
         raise BuildError(f"{name}: mkosi failed with exit status {result.returncode}")
     metadata.record(incremental, plan)
 
-    # Canonical artefact names, whatever suffix mkosi chose (it may append the version).
-    artefacts: dict[str, Path] = {}
-    for path in sorted(staging.iterdir()):
-        if path.name.endswith(".cpio.zst"):
-            artefacts[f"{name}.cpio.zst"] = path
-        elif path.name.endswith(".vmlinuz"):
-            artefacts[f"{name}.vmlinuz"] = path
-        elif path.name.endswith(".manifest"):
-            artefacts["mkosi.manifest"] = path
-    for want in (f"{name}.cpio.zst", f"{name}.vmlinuz", "mkosi.manifest"):
-        if want not in artefacts:
-            raise BuildError(f"{name}: mkosi produced no {want} (got {os.listdir(staging)})")
+    artefacts = mkosi_outputs(staging, name)
     packages = read_packages(artefacts.pop("mkosi.manifest"))
 
     final = opts.out / f".{name}.new"
