@@ -141,7 +141,7 @@ def _port_chain(port: Port) -> list[str]:
         f"    ether type ip ip saddr != {port.ip} drop",
         "    icmpv6 type { nd-router-advert, nd-redirect } drop",
         f"    ether type ip6 ip6 saddr != {_set(['::', *own6])} drop",
-        "    ip6 saddr :: meta l4proto != ipv6-icmp drop",
+        "    ip6 saddr :: meta l4proto != 58 drop",  # ICMPv6 by number: no /etc/protocols
         "    ip6 saddr :: icmpv6 type != "
         "{ nd-neighbor-solicit, mld-listener-report, mld2-listener-report } drop",
         f"    icmpv6 type nd-neighbor-advert @th,64,128 != {targets} drop",
