@@ -68,7 +68,7 @@ class SeedFolder:
         (a read-only folder) is reported and the seeds are still served only by token.
         """
         try:
-            if not stat.S_ISDIR(self.folder.lstat().st_mode):
+            if not self.folder.is_dir():  # the configured folder may be a link (to /data)
                 return
             _private(self.folder, 0o700)
             for entry in os.scandir(self.folder):
@@ -79,7 +79,7 @@ class SeedFolder:
 
 
 def _private(path: Path, mode: int) -> None:
-    current = path.lstat().st_mode
+    current = path.stat().st_mode
     if current & 0o077:
         log.warning("seeds: %s was readable by others (mode %o): now %o", path, current & 0o777,
                     mode)  # fmt: skip

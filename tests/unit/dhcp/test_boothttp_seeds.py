@@ -195,7 +195,8 @@ def test_seed_folder_is_made_private(tmp_path: Path) -> None:
     folder.chmod(0o755)
     (folder / f"{MAC}.tar").write_bytes(SEED)
     (folder / f"{MAC}.tar").chmod(0o644)
-    SeedFolder(folder).tighten()
+    (tmp_path / "link").symlink_to(folder)  # /etc/hatchery is a link to /data on a node
+    SeedFolder(tmp_path / "link").tighten()
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     assert stat.S_IMODE((folder / f"{MAC}.tar").stat().st_mode) == 0o600
     SeedFolder(tmp_path / "absent").tighten()  # nothing to do, no error
