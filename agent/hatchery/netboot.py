@@ -3,8 +3,12 @@
 For each bridge with a ``boot:`` section the agent answers unknown machines' DHCP (the
 births range) with PXE/iPXE/HTTP-boot options, advertises IPv6 "no router" so iPXE does not
 stall, and runs the boot HTTP service: per-MAC iPXE scripts and the artefacts of the image
-this node runs (exported from its image store into ``<state>/netboot/<bridge>/``), plus each
-machine's seed (``<seeds>/<mac>.tar``) so it comes up with its own certificate and config.
+this node runs (exported from its image store into ``<state>/netboot/<bridge>/``, public),
+plus each machine's seed (``<seeds>/<mac>.tar``) so it comes up with its own certificate and
+config. A seed holds a private key: it is read from the seeds folder only when the machine
+redeems the single-use birth token its boot script named, and never copied where the public
+artefacts are. The boot HTTP service and the DHCP server share one birth-lease table, so a
+script (and its token) goes only to the address our DHCP leased to that MAC.
 """
 
 from __future__ import annotations
@@ -15,14 +19,18 @@ import ipaddress
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from hatchery.boothttp.app import BootHttpConfig, BootHttpServer
 from hatchery.boothttp.profiles import Profile, Profiles
+from hatchery.boothttp.seeds import SeedFolder
 from hatchery.config import BootServiceConfig
 from hatchery.dhcp.leases import BirthLeases
 from hatchery.dhcp.responder import BootConfig
+from hatchery.errors import ConfigError
 from hatchery.images.manifest import Role
 from hatchery.images.store import ImageStore, StoreError
 from hatchery.ra import RaResponder
@@ -36,15 +44,26 @@ IPXE_BINARIES = ("undionly.kpxe", "ipxe.efi", "snponly.efi")
 
 
 def default_profiles(cmdline: str) -> Profiles:
-    """Every machine boots this node's image, with its seed named on the command line."""
+    """Every machine boots this node's image (the boot service adds its seed's token URL)."""
     profile = Profile(
         name="hypervisor",
         image="hypervisor/current",
         role="hypervisor",
-        cmdline=f"{cmdline} hatchery.seed={{{{base_url}}}}/artefacts/seeds/{{{{mac}}}}.tar",
+        cmdline=cmdline,
         template=DEFAULT_TEMPLATE.read_text(),
     )
     return Profiles({"hypervisor": profile}, {}, "hypervisor")
+
+
+@dataclass(frozen=True, slots=True)
+class BirthLeaseHolders:
+    """The DHCP server's birth leases as the boot HTTP service asks them: who holds MAC's?"""
+
+    leases: BirthLeases
+
+    def birth_address(self, mac: str) -> ipaddress.IPv4Address | None:
+        binding = self.leases.binding(mac, time.time())
+        return binding.ip if binding is not None else None
 
 
 def copy_ipxe_binaries(target: Path, source: Path = IPXE_DIR) -> list[str]:
@@ -78,16 +97,21 @@ class Netboot:
         self._images = images
         self._version = version
         self._births_file = state_dir / f"dhcp-births-{bridge}.json"
+        self._births: BirthLeases | None = None
         self._http: BootHttpServer | None = None
         self._ra: RaResponder | None = None
         self._task: asyncio.Task[None] | None = None
         self._tftp: TftpServer | None = None
 
     def births(self) -> BirthLeases | None:
+        """The bridge's one birth-lease table, shared by its DHCP server (which writes it) and
+        its boot HTTP service (which reads who holds a MAC's lease); None without a range."""
         c = self.config
         if c.births_start is None or c.births_end is None:
             return None
-        return BirthLeases(c.births_start, c.births_end, self._births_file)
+        if self._births is None:
+            self._births = BirthLeases(c.births_start, c.births_end, self._births_file)
+        return self._births
 
     def dhcp_boot(self, server_ip: ipaddress.IPv4Address) -> BootConfig:
         return BootConfig(http_base=f"http://{server_ip}:{self.config.http_port}",
@@ -95,7 +119,8 @@ class Netboot:
 
     # --- the artefacts ---------------------------------------------------------------------
     def refresh(self) -> None:
-        """Export the running image (when the store has it) and copy the seeds; idempotent."""
+        """Export the running image (when the store has it), keep the seeds private;
+        idempotent."""
         version = self._images.current() or self._version()
         target = self.root / "hypervisor" / version
         try:
@@ -117,14 +142,7 @@ class Netboot:
                 tmp.unlink()
             tmp.symlink_to(version)
             tmp.replace(current)
-        seeds = self.root / "seeds"
-        seeds.mkdir(parents=True, exist_ok=True)
-        if self.config.seeds.is_dir():
-            for seed in self.config.seeds.glob("*.tar"):
-                copy = seeds / seed.name.lower()
-                if not copy.exists() or copy.stat().st_mtime < seed.stat().st_mtime:
-                    shutil.copy2(seed, copy)
-                    copy.chmod(0o600)
+        SeedFolder(self.config.seeds).tighten()
 
     async def _refresher(self) -> None:
         while True:
@@ -132,16 +150,48 @@ class Netboot:
             await asyncio.to_thread(self.refresh)
 
     # --- the services -------------------------------------------------------------------
-    async def start(self, server_ip: ipaddress.IPv4Address) -> None:
+    def prepare(self) -> None:
+        """Everything before the services start (blocking: run it in a worker thread).
+
+        Refuses a seeds folder inside the public artefact folder, and removes the copies of
+        seeds that agents before birth tokens kept there (``<root>/seeds``, served to
+        anyone): an upgraded node must not keep serving them. Then the first ``refresh``.
+        """
         (self.root / "hypervisor").mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(self.refresh)
+        if self.config.seeds.resolve().is_relative_to(self.root.resolve()):
+            raise ConfigError(
+                f"boot.seeds: {self.config.seeds} is inside {self.root}, which is served to "
+                "anyone on the boot network; keep seeds elsewhere (default /etc/hatchery/seeds)"
+            )
+        legacy = self.root / "seeds"
+        if legacy.is_dir() and not legacy.is_symlink():
+            shutil.rmtree(legacy)
+            log.warning("netboot on %s: removed %s, public copies of seeds made by an older "
+                        "agent", self.bridge, legacy)  # fmt: skip
+        self.refresh()
+
+    def http_config(self) -> BootHttpConfig:
+        """The boot HTTP service's configuration: this bridge's profiles, artefacts, birth
+        leases and seeds (seeds only with a births range: a token is bound to a lease)."""
         profiles = (
             Profiles.load(self.config.profiles)
             if self.config.profiles is not None
             else default_profiles(self.config.cmdline)
         )
-        self._http = BootHttpServer(BootHttpConfig(self.root, profiles), str(server_ip),
-                                    self.config.http_port)  # fmt: skip
+        births = self.births()
+        if births is None and any(self.config.seeds.glob("*.tar")):
+            log.warning("netboot on %s: no births range, so no seed is handed out (seeds go "
+                        "only to holders of a birth lease)", self.bridge)  # fmt: skip
+        return BootHttpConfig(
+            self.root, profiles,
+            births=BirthLeaseHolders(births) if births is not None else None,
+            seeds=SeedFolder(self.config.seeds) if births is not None else None,
+        )  # fmt: skip
+
+    async def start(self, server_ip: ipaddress.IPv4Address) -> None:
+        await asyncio.to_thread(self.prepare)
+        config = self.http_config()
+        self._http = BootHttpServer(config, str(server_ip), self.config.http_port)
         await self._http.start()
         self._ra = RaResponder(self.bridge)
         await self._ra.start()

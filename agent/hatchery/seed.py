@@ -4,12 +4,14 @@ A freshly born node has a blank /data: no agent configuration, no certificate. T
 how the operator (or the peer that births it) gives it those, once, before the agent starts:
 
 * QEMU's firmware config (``-fw_cfg name=opt/hatchery/seed,file=seed.tar``), for VMs and tests;
-* ``hatchery.seed=http://…`` on the kernel command line, served by the peer that PXE-booted
-  the node (its boot HTTP service).
+* ``hatchery.seed=http://…/seed/<token>`` on the kernel command line, served by the peer that
+  PXE-booted the node (its boot HTTP service): the token is single-use, short-lived and bound
+  to this machine's MAC and birth-lease address, so this fetch is the one that succeeds.
 
 Only regular files and directories below ``hatchery/`` and ``systemd/network/`` are taken
 (absolute paths, ``..``, links and devices are refused); files are written atomically, keys
-0600. The seed holds the node's private key: serve it only on the trusted boot network.
+0600, and the seeds of the nodes this node will birth (``hatchery/seeds/``, each with a
+private key) 0600 in a 0700 folder.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import logging
 import os
 import tarfile
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -39,11 +43,16 @@ class SeedError(HatcheryError):
     """The seed is unreadable or holds something it may not."""
 
 
+SEEDS = "hatchery/seeds/"  # nested seeds: private keys of the nodes this node births
+
+
 def _cmdline_url(cmdline: str) -> str | None:
+    """The last ``hatchery.seed=`` (the kernel's own rule: a later argument wins)."""
+    url = None
     for arg in cmdline.split():
         if arg.startswith("hatchery.seed="):
-            return arg.split("=", 1)[1]
-    return None
+            url = arg.split("=", 1)[1]
+    return url
 
 
 def find_seed(cmdline_path: Path = Path("/proc/cmdline"), fw_cfg: Path = FW_CFG) -> bytes | None:
@@ -63,20 +72,35 @@ def find_seed(cmdline_path: Path = Path("/proc/cmdline"), fw_cfg: Path = FW_CFG)
         return None
     if not url.startswith(("http://", "https://")):
         raise SeedError(f"hatchery.seed must be an http(s) URL, not {url!r}")
+    refused = False
     for attempt in range(30):  # the network may still be coming up
         try:
             with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 (scheme checked)
                 data: bytes = resp.read(MAX_SEED + 1)
             break
         except OSError as exc:
-            log.info("seed: %s not reachable yet (%s), attempt %d", url, exc, attempt + 1)
+            refused = isinstance(exc, urllib.error.HTTPError) and exc.code == 404
+            # the URL holds a birth token: log where, never the token
+            log.info("seed: %s not available yet (%s), attempt %d", _origin(url), exc,
+                     attempt + 1)  # fmt: skip
             time.sleep(2)
     else:
-        raise SeedError(f"cannot fetch the seed from {url}")
+        hint = (
+            "a birth token is single-use and short-lived, and answers only the address the "
+            "peer's DHCP leased to this machine: boot it from the network again for a fresh one"
+        )
+        raise SeedError(f"cannot fetch the seed from {_origin(url)}",
+                        hint=hint if refused else None)  # fmt: skip
     if len(data) > MAX_SEED:
         raise SeedError(f"the seed at {url} is larger than {MAX_SEED} bytes")
-    log.info("seed: %d bytes from %s", len(data), url)
+    log.info("seed: %d bytes from %s", len(data), _origin(url))
     return data
+
+
+def _origin(url: str) -> str:
+    """``scheme://host:port`` of ``url``: what may be logged of a URL that holds a token."""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def apply_seed(data: bytes, etc: Path) -> list[str]:
@@ -103,8 +127,11 @@ def apply_seed(data: bytes, etc: Path) -> list[str]:
             source = archive.extractfile(member)
             assert source is not None
             target = etc / name
-            target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-            private = name.endswith((".key", ".private")) or "/tls/" in f"/{name}"
+            nested = name.startswith(SEEDS)
+            target.parent.mkdir(parents=True, exist_ok=True, mode=0o700 if nested else 0o755)
+            if nested:
+                target.parent.chmod(0o700)  # also when it was there before
+            private = nested or name.endswith((".key", ".private")) or "/tls/" in f"/{name}"
             write_atomic(target, source.read(), 0o600 if private else 0o644)
             written.append(str(target))
     return written

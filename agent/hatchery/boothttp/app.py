@@ -1,31 +1,44 @@
 """The boot HTTP service (aiohttp).
 
 - ``GET /boot/ipxe?mac=MAC``: the iPXE script of that machine's profile (pxe/profiles.yaml);
-  an unknown MAC gets the default profile, or 404 with a reason when there is none.
-- ``GET /artefacts/PATH``: kernels and initrds under the artefact root;
-  ``GET /ipxe/NAME``: the iPXE binaries (for UEFI HTTP Boot clients). Both are sent with
-  ``FileResponse``: range requests, conditional GETs, and the kernel's sendfile (zero copy).
+  an unknown MAC gets the default profile, or 404 with a reason when there is none. With the
+  DHCP server's birth leases (``births``), only the address holding MAC's birth lease gets
+  it; with a seed folder too, the script carries ``hatchery.seed=BASE/seed/TOKEN``, a birth
+  token minted for that MAC and address (``tokens.py``).
+- ``GET /seed/TOKEN``: the machine's seed (it holds its private key), once, to the address
+  the token was minted for while that address still holds the machine's birth lease; the
+  token is then burnt. Anything else — an unknown, reused or expired token, another
+  address — is the same 404 with the same body.
+- ``GET /artefacts/PATH``: kernels and initrds under the artefact root (public: signed
+  images); ``GET /ipxe/NAME``: the iPXE binaries (for UEFI HTTP Boot clients). Both are sent
+  with ``FileResponse``: range requests, conditional GETs, and the kernel's sendfile.
 
 Artefact paths go through the path jail shared with TFTP (``hatchery.jail``): no absolute
 names, no ``..``, the resolved file must lie inside the root, and the file is served from
 the descriptor the jail checked, not re-opened by name. Every refusal is a 404 that says no
-more than "not found".
+more than "not found". Seeds are never under the artefact root.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import logging
 import mimetypes
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 from hatchery import jail
 from hatchery.boothttp.profiles import Profiles
+from hatchery.boothttp.seeds import SeedFolder
+from hatchery.boothttp.tokens import DEFAULT_TTL, BirthTokens, Grant
 from hatchery.dhcp.leases import normalise_mac
 from hatchery.errors import HatcheryError
 
@@ -44,15 +57,46 @@ class BootHttpError(HatcheryError):
     """The boot HTTP service cannot start."""
 
 
+class BirthAddresses(Protocol):
+    """What the boot HTTP service needs from the DHCP server's birth leases."""
+
+    def birth_address(self, mac: str) -> ipaddress.IPv4Address | None:
+        """The address holding ``mac``'s unexpired birth lease now, or None."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class BootHttpConfig:
+    """``births`` None: scripts for anyone who asks, and no seeds (the service alone, as
+    ``serve http`` runs it). With ``births``, a script goes only to the holder of its MAC's
+    birth lease; with ``seeds`` too, it names a single-use seed URL when MAC has a seed."""
+
     root: Path  # artefact root: <root>/<image>/vmlinuz, <root>/<image>/initrd
     profiles: Profiles | None = None  # None: no scripts (every MAC refused)
     ipxe_dir: Path | None = DEFAULT_IPXE_DIR
     public_url: str | None = None  # base URL written into scripts; default: from Host
+    births: BirthAddresses | None = None
+    seeds: SeedFolder | None = None
+    seed_ttl: float = DEFAULT_TTL  # seconds a birth token lives
+
+    def __post_init__(self) -> None:
+        if self.seeds is not None and self.births is None:
+            # Without the lease table nothing binds a token to the machine that boots.
+            raise BootHttpError("seeds are handed out only with the DHCP birth leases")
 
 
 CONFIG = web.AppKey("config", BootHttpConfig)
+TOKENS = web.AppKey("tokens", BirthTokens)
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+def _client_ip(request: web.Request) -> ipaddress.IPv4Address | None:
+    """The peer's IPv4 address (an IPv4-mapped IPv6 peer too), from the socket itself."""
+    try:
+        addr = ipaddress.ip_address(request.remote or "")
+    except ValueError:
+        return None
+    return addr.ipv4_mapped if isinstance(addr, ipaddress.IPv6Address) else addr
 
 
 def _base_url(request: web.Request, config: BootHttpConfig) -> str:
@@ -72,16 +116,52 @@ async def boot_script(request: web.Request) -> web.StreamResponse:
         mac = normalise_mac(raw)
     except ValueError:
         return web.Response(status=400, text=f"no valid ?mac= given: {raw[:40]!r}\n")
+    client = _client_ip(request)
+    if config.births is not None and (client is None or config.births.birth_address(mac) != client):
+        # The script may name a seed token: it goes to the machine that holds the birth
+        # lease of MAC (our DHCP gave it that address), to no one else who knows the MAC.
+        log.info("boot script for %s refused to %s: not the holder of its birth lease", mac,
+                 request.remote)  # fmt: skip
+        return web.Response(
+            status=404, text=f"no boot script for {mac} at this address (no birth lease)\n"
+        )
     profile = config.profiles.for_mac(mac) if config.profiles is not None else None
     if profile is None:
         log.info("boot script refused for %s: no profile and no default", mac)
         return web.Response(
             status=404, text=f"no boot profile for {mac} and no default profile configured\n"
         )
-    log.info("boot script for %s: profile %s (image %s)", mac, profile.name, profile.image)
+    base = _base_url(request, config)
+    seed_url = None
+    if config.seeds is not None and client is not None:
+        if await asyncio.to_thread(config.seeds.path, mac) is not None:
+            token = request.app[TOKENS].mint(mac, client, time.monotonic())
+            seed_url = f"{base}/seed/{token}"
+    log.info("boot script for %s: profile %s (image %s), to %s%s", mac, profile.name,
+             profile.image, client, ", with a seed token" if seed_url else "")  # fmt: skip
     return web.Response(
-        text=profile.render(mac, _base_url(request, config)), content_type="text/plain"
+        text=profile.render(mac, base, seed_url), content_type="text/plain", headers=NO_STORE
     )
+
+
+async def seed(request: web.Request) -> web.StreamResponse:
+    """The machine's seed, for its live birth token from the address it was minted for."""
+    config = request.app[CONFIG]
+    client = _client_ip(request)
+    births, seeds = config.births, config.seeds
+    grant: Grant | None = None
+    if births is not None and seeds is not None and client is not None:
+        grant = request.app[TOKENS].redeem(
+            request.match_info["token"], client, time.monotonic(),
+            lambda g: births.birth_address(g.mac) == g.ip,
+        )  # fmt: skip
+    data = await asyncio.to_thread(seeds.read, grant.mac) if grant and seeds else None
+    if grant is None or data is None:
+        # One answer for every refusal: the body says nothing about which check failed.
+        log.info("seed refused to %s", request.remote)  # never the token: it may be live
+        return web.Response(status=404, text="not found\n", headers=NO_STORE)
+    log.info("seed for %s handed to %s; its token is burnt", grant.mac, client)
+    return web.Response(body=data, content_type="application/x-tar", headers=NO_STORE)
 
 
 class _OpenedFileResponse(web.FileResponse):
@@ -141,7 +221,9 @@ async def ipxe_binary(request: web.Request) -> web.StreamResponse:
 def make_app(config: BootHttpConfig) -> web.Application:
     app = web.Application()
     app[CONFIG] = config
+    app[TOKENS] = BirthTokens(config.seed_ttl)
     app.router.add_get("/boot/ipxe", boot_script)
+    app.router.add_get("/seed/{token}", seed)
     app.router.add_get("/artefacts/{path:.+}", artefact)
     app.router.add_get("/ipxe/{name}", ipxe_binary)
     return app

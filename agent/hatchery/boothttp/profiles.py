@@ -4,6 +4,10 @@ boots, chosen per MAC, per group of MACs, or by a default; and the iPXE script r
 Templates are iPXE scripts with ``{{name}}`` placeholders (iPXE itself owns ``${...}``).
 Every placeholder a template uses must be known, checked when the profiles are loaded, so a
 typo fails at start rather than when a node boots.
+
+A profile never names the machine's seed: the boot HTTP service appends
+``hatchery.seed=<single-use URL>`` to the command line itself, for the machine holding the
+birth lease only (a seed holds a private key; there is no public seed URL to write here).
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ class Profile:
     kernel: str = "vmlinuz"
     initrd: str = "initrd"
 
-    def render(self, mac: str, base_url: str) -> str:
+    def render(self, mac: str, base_url: str, seed_url: str | None = None) -> str:
+        """The script for ``mac``; ``seed_url`` (a birth token's URL) ends the command line."""
         base = base_url.rstrip("/")
         values = {
             "base_url": base,
@@ -45,10 +50,11 @@ class Profile:
             "profile": self.name,
             "mac": mac,
         }
-        # The command line may name the machine too (e.g. its seed: {{base_url}}/…/{{mac}}.tar).
-        values["cmdline"] = _PLACEHOLDER.sub(
-            lambda m: values.get(m.group(1), m.group(0)), self.cmdline
-        )
+        # The command line may name the machine too ({{mac}}, {{base_url}}, …).
+        cmdline = _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), self.cmdline)
+        if seed_url is not None:
+            cmdline = f"{cmdline} hatchery.seed={seed_url}".strip()
+        values["cmdline"] = cmdline
         return _PLACEHOLDER.sub(lambda m: values[m.group(1)], self.template)
 
 
@@ -144,6 +150,11 @@ def _profile(name: str, raw: Mapping[str, Any], base_dir: Path) -> Profile:
     cmdline = str(raw.get("cmdline", ""))
     if "\n" in cmdline:
         raise ConfigError(f"{where}.cmdline: must be one line")
+    if "hatchery.seed=" in cmdline:
+        raise ConfigError(
+            f"{where}.cmdline: remove hatchery.seed=; the boot service adds it itself, with a "
+            "single-use token, for the machine holding the birth lease only"
+        )
     return Profile(
         name=name,
         image=_path_part(raw["image"], f"{where}.image"),

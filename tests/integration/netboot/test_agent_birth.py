@@ -1,5 +1,9 @@
 """A real agent births a machine: DHCP births range, iPXE script, the image from the agent's
-own store, and the machine's seed named on its command line — QEMU's iPXE ROM, no disk."""
+own store, and the machine's seed named on its command line — QEMU's iPXE ROM, no disk.
+
+The seed holds the machine's private key: it is not an artefact, the host (on the bridge,
+without a birth lease) gets neither the script nor the seed, and the machine gets its seed
+once, through the single-use birth token its script named; asking again gets a 404."""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ import hashlib
 import io
 import json
 import random
+import re
+import stat
 import subprocess
 import tarfile
 import time
@@ -52,7 +58,10 @@ request="GET $path HTTP/1.0\r\nHost: $hostport\r\n\r\n"
 # the agent's own seed fetch, hatchery.seed, does not run: it does not half-close).
 { printf "$request"; sleep 2; } | nc "${hostport%:*}" "${hostport#*:}" > /tmp/reply
 status=$(head -n 1 /tmp/reply | tr -d '\r')
-echo "BIRTH-SEED $status $(grep -c 'listen: 0.0.0.0:6976' /tmp/reply) END"
+# The token is single-use: the same request from the same machine now gets a 404.
+{ printf "$request"; sleep 2; } | nc "${hostport%:*}" "${hostport#*:}" > /tmp/again
+again=$(head -n 1 /tmp/again | tr -d '\r')
+echo "BIRTH-SEED $status $(grep -c 'listen: 0.0.0.0:6976' /tmp/reply) AGAIN $again END"
 poweroff -f
 """
 )
@@ -100,6 +109,7 @@ def test_agent_births_a_machine(
     seeds = tmp_path / "seeds"
     seeds.mkdir()
     (seeds / f"{MAC}.tar").write_bytes(seed_tar())
+    (seeds / f"{MAC}.tar").chmod(0o644)  # the agent makes it private
     net = f"10.{random.randrange(16, 250)}.{random.randrange(0, 250)}"
     http_port = free_port()
     pki = Pki.make(tmp_path / "pki")
@@ -122,6 +132,18 @@ def test_agent_births_a_machine(
             while not exported.exists():
                 assert time.monotonic() < deadline, "the agent did not export its image"
                 time.sleep(1)
+            base = f"http://{net}.1:{http_port}"
+
+            def status(url: str) -> str:
+                argv = [curl, "-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "30", url]
+                return subprocess.run(argv, capture_output=True, text=True).stdout
+
+            # The host is on the bridge but holds no birth lease: no seed, no script.
+            assert status(f"{base}/artefacts/seeds/{MAC}.tar") == "404"
+            assert status(f"{base}/artefacts/seeds/{MAC.upper()}.tar") == "404"
+            assert status(f"{base}/boot/ipxe?mac={MAC}") == "404"
+            assert status(f"{base}/artefacts/hypervisor/current/vmlinuz") == "200"  # public
+            assert stat.S_IMODE((seeds / f"{MAC}.tar").stat().st_mode) == 0o600
             subprocess.run(["ip", "tuntap", "add", tap, "mode", "tap"], check=True)
             subprocess.run(["ip", "link", "set", tap, "master", br, "up"], check=True)
             spec = GuestSpec(name="birth", accel=choose_accel(), memory_mib=512,
@@ -130,12 +152,14 @@ def test_agent_births_a_machine(
             with run_guest(argv) as guest:
                 guest.wait_for(b" END", timeout=420)
             console = guest.output.decode(errors="replace")
-            assert (
-                f"BIRTH-CMDLINE seed=http://{net}.1:{http_port}/artefacts/seeds/{MAC}.tar"
-                in console
-            )
+            url = re.search(r"BIRTH-CMDLINE seed=(\S+)", console)
+            assert url is not None, console[-2000:]
+            assert re.fullmatch(rf"{re.escape(base)}/seed/[A-Za-z0-9_-]{{43}}", url[1]), url[1]
             assert f"BIRTH-LEASE ip={net}.5" in console
-            assert "BIRTH-SEED HTTP/1.0 200 OK 1 END" in console, console[-2000:]
+            assert "BIRTH-SEED HTTP/1.0 200 OK 1 AGAIN HTTP/1.0 404 Not Found END" in console, (
+                console[-2000:]
+            )
+            assert status(url[1]) == "404"  # burnt, and the host is not the machine anyway
             # Firmware PXE ROMs get iPXE itself over the agent's TFTP (curl's client here).
             got = subprocess.run([curl, "-sS", "--max-time", "30", f"tftp://{net}.1/undionly.kpxe"],
                                  capture_output=True, check=True).stdout  # fmt: skip

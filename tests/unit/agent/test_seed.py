@@ -68,3 +68,27 @@ def test_finds_the_firmware_config_first(tmp_path: Path) -> None:
     cmdline.write_text("hatchery.seed=file:///etc/shadow\n")
     with pytest.raises(SeedError, match="http"):
         find_seed(cmdline, tmp_path / "absent")
+
+
+def test_nested_seeds_are_private(tmp_path: Path) -> None:
+    """The seeds of the nodes this node births hold their private keys: 0600 in a 0700
+    folder, even when the folder was there, readable, before."""
+    (tmp_path / "hatchery" / "seeds").mkdir(parents=True, mode=0o755)
+    (tmp_path / "hatchery" / "seeds").chmod(0o755)
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as t:
+        info = tarfile.TarInfo("hatchery/seeds/52:54:00:de:00:0b.tar")
+        info.size, info.mode = 13, 0o644
+        t.addfile(info, io.BytesIO(b"a nested seed"))
+    apply_seed(out.getvalue(), tmp_path)
+    nested = tmp_path / "hatchery" / "seeds" / "52:54:00:de:00:0b.tar"
+    assert nested.read_bytes() == b"a nested seed"
+    assert nested.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "hatchery" / "seeds").stat().st_mode & 0o777 == 0o700
+
+
+def test_the_last_seed_url_on_the_command_line_wins(tmp_path: Path) -> None:
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("hatchery.seed=http://10.0.0.1:8080/old hatchery.seed=ftp://x/new\n")
+    with pytest.raises(SeedError, match="ftp://x/new"):
+        find_seed(cmdline, tmp_path / "absent")
