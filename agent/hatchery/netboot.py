@@ -20,7 +20,7 @@ from pathlib import Path
 
 from hatchery.boothttp.app import BootHttpConfig, BootHttpServer
 from hatchery.boothttp.profiles import Profile, Profiles
-from hatchery.config import BootServiceConfig
+from hatchery.config import BootServiceConfig, ConnectionLimits
 from hatchery.dhcp.leases import BirthLeases
 from hatchery.dhcp.responder import BootConfig
 from hatchery.images.manifest import Role
@@ -71,8 +71,10 @@ class Netboot:
         state_dir: Path,
         images: ImageStore,
         version: Callable[[], str],
+        limits: ConnectionLimits | None = None,
     ) -> None:
         self.bridge = bridge
+        self.limits = limits or ConnectionLimits()
         self.config = config
         self.root = state_dir / "netboot" / bridge
         self._images = images
@@ -141,7 +143,7 @@ class Netboot:
             else default_profiles(self.config.cmdline)
         )
         self._http = BootHttpServer(BootHttpConfig(self.root, profiles), str(server_ip),
-                                    self.config.http_port)  # fmt: skip
+                                    self.config.http_port, self.limits)  # fmt: skip
         await self._http.start()
         self._ra = RaResponder(self.bridge)
         await self._ra.start()
