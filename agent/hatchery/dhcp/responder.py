@@ -34,6 +34,9 @@ from hatchery.dhcp.packet import (
 
 log = logging.getLogger(__name__)
 
+#: At most one "birth range is full" line per this many seconds.
+FULL_LOG_INTERVAL = 60.0
+
 
 @dataclass(frozen=True, slots=True)
 class BootConfig:
@@ -120,6 +123,8 @@ class Responder:
         self.static = static
         self.births = births  # None: birthing disabled, unknown MACs get no answer
         self._common = _common_options(config)
+        self._full = 0  # DISCOVERs unanswered because the birth range is full, not yet logged
+        self._full_logged = float("-inf")
 
     # --- entry point --------------------------------------------------------------------
 
@@ -163,8 +168,13 @@ class Responder:
             return None
         ip = self.births.offer(mac, request.requested_ip, now)
         if ip is None:
-            log.warning("DISCOVER from %s: birth range %s-%s is full", mac, self.births.start,
-                        self.births.end)  # fmt: skip
+            self._full += 1
+            if now - self._full_logged >= FULL_LOG_INTERVAL or now < self._full_logged:
+                # One line per interval: a flood of forged DISCOVERs must not flood the log.
+                log.warning("birth range %s-%s is full: %d DISCOVER(s) not answered, the "
+                            "last from %s", self.births.start, self.births.end, self._full,
+                            mac)  # fmt: skip
+                self._full, self._full_logged = 0, now
             return None
         return self._reply(request, MessageType.OFFER, ip, None, True)
 
@@ -211,12 +221,25 @@ class Responder:
     # --- RFC 2131 4.3.3 / 4.3.4: DHCPDECLINE, DHCPRELEASE -------------------------------------
 
     def _decline(self, request: DhcpPacket, now: float) -> None:
+        """Honoured only from the client holding the offer or lease (``BirthLeases.decline``).
+
+        The client is known by chaddr alone: the server reads DHCP from a UDP socket, which
+        does not see the Ethernet frame's source MAC, so it cannot check that the frame came
+        from chaddr. What keeps a VM from declining for another machine is that chaddr must
+        hold the offer or lease of the very address declined (which the VM would have to
+        guess while the real client's offer lasts), and that VMs' ports may send DHCP only
+        with their own source MAC (``metadata/ruleset.py``).
+        """
         if request.server_id != self.config.server_ip or request.requested_ip is None:
             return
-        log.warning("%s declined %s: the address is in use by someone else", request.mac,
-                    request.requested_ip)  # fmt: skip
-        if self.births is not None and self.static.lookup(request.mac) is None:
-            self.births.decline(request.mac, request.requested_ip, now)
+        if self.births is None or self.static.lookup(request.mac) is not None:
+            return
+        if self.births.decline(request.mac, request.requested_ip, now):
+            log.warning("%s declined %s: the address is in use by someone else", request.mac,
+                        request.requested_ip)  # fmt: skip
+        else:
+            log.debug("DECLINE of %s from %s, which does not hold it: ignored",
+                      request.requested_ip, request.mac)  # fmt: skip
 
     def _release(self, request: DhcpPacket) -> None:
         if request.server_id not in (None, self.config.server_ip):

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import ipaddress
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -345,3 +346,64 @@ def test_static_leases_from_file(tmp_path: Path) -> None:
     assert leases.lookup("52:54:00:aa:00:01") == Lease("52:54:00:aa:00:01", IP("10.9.0.5"))
     second = leases.lookup("52:54:00:aa:00:02")
     assert second is not None and second.boot
+
+
+def _decline(mac: str, ip: IP) -> DhcpPacket:
+    return msg(
+        MessageType.DECLINE, mac, opt_ip(Opt.SERVER_ID, SERVER), opt_ip(Opt.REQUESTED_IP, ip)
+    )
+
+
+def test_a_decline_from_anyone_but_the_holder_is_ignored() -> None:
+    """Issue 14: one forged DECLINE blocked an address for ten minutes."""
+    b = births()
+    r = responder(b)
+    offer = r.handle(boot_msg(MessageType.DISCOVER, "52:54:00:aa:00:01"), NOW)
+    assert offer is not None
+    assert r.handle(_decline("52:54:00:ee:ee:ee", offer.yiaddr), NOW + 1) is None
+    assert b.held == (1, 0)
+    # The offer lapses unused: the address is free again, not blocked for ten minutes.
+    later = r.handle(boot_msg(MessageType.DISCOVER, "52:54:00:aa:00:02"), NOW + 120)
+    assert later is not None and later.yiaddr == offer.yiaddr
+    # Declines of addresses nobody was given, in or out of the range, are no-ops.
+    for n in range(1000):
+        r.handle(_decline(f"52:54:00:ee:{n // 256:02x}:{n % 256:02x}", IP("10.9.0.100") + n), NOW)
+    assert b.held[1] == 0
+
+
+def test_the_holder_may_decline_its_lease() -> None:
+    b = births()
+    r = responder(b)
+    mac = "52:54:00:aa:00:01"
+    ip = _bind(r, mac)
+    r.handle(_decline(mac, ip), NOW + 1)
+    assert b.held[1] == 1 and b.binding(mac, NOW + 1) is None
+
+
+def test_birth_tables_stay_bounded_under_a_flood_of_forged_macs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 14: offers were never pruned, so forged DISCOVERs grew the table for ever (and
+    every packet scanned it). Expired offers go, the table stays within the range, and the
+    "range is full" warning comes once a minute, not once a packet."""
+    caplog.set_level(logging.WARNING)
+    b = births(size=10)
+    r = responder(b)
+    n = 0
+    for round_ in range(200):
+        now = NOW + round_ * 61.0  # each round's offers have expired by the next
+        for _ in range(30):
+            n += 1
+            mac = ":".join(f"{x:02x}" for x in (0x52, 0x54, 1, n >> 16, (n >> 8) & 255, n & 255))
+            r.handle(boot_msg(MessageType.DISCOVER, mac), now)
+        assert b.held[0] <= 10
+    # A real node still gets an address once the flood's offers lapse.
+    assert r.handle(boot_msg(MessageType.DISCOVER, "52:54:00:aa:00:01"), now + 61) is not None
+    assert len(caplog.records) <= 200  # one per minute of the flood, not 4000
+
+
+def test_offers_are_capped_even_in_a_huge_range() -> None:
+    b = BirthLeases(IP("10.0.0.0"), IP("10.255.255.255"), max_held=100)
+    for n in range(500):
+        b.offer(f"52:54:02:00:{n >> 8:02x}:{n & 255:02x}", None, NOW)
+    assert b.held[0] == 100
