@@ -105,6 +105,8 @@ class _Guarded(asyncio.Protocol):
         self.host = host
         self.made = False
         self._released = False
+        # The header deadline runs from accept, so a TLS handshake counts against it.
+        self._deadline = asyncio.get_running_loop().time() + listener.limits.header_timeout
         self._timer: asyncio.TimerHandle | None = None
         self._transport: asyncio.BaseTransport | None = None
 
@@ -112,7 +114,7 @@ class _Guarded(asyncio.Protocol):
         self.made = True
         self._transport = transport
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self._listener.limits.header_timeout, self._too_slow)
+        self._timer = loop.call_at(self._deadline, self._too_slow)
         self._listener._by_handler[self.handler] = self
         self.handler.connection_made(transport)
 
