@@ -333,10 +333,16 @@ class _AcceptLoop(asyncio.AbstractServer):
             if not listener._admit(host):
                 conn.close()
                 continue
-            conn.setblocking(False)
-            server = listener.runner.server
-            assert server is not None
-            guarded = _Guarded(listener, server(), host)
+            try:
+                conn.setblocking(False)
+                server = listener.runner.server
+                assert server is not None
+                guarded = _Guarded(listener, server(), host)
+            except Exception:  # a bug must not end the accept loop: drop this connection
+                log.exception("%s: cannot take a connection from %s", listener.name, host)
+                conn.close()
+                listener._release(host)
+                continue
             if listener.tls is None:
                 await self._connect(conn, guarded)  # no handshake: returns at once
             else:
@@ -357,13 +363,13 @@ class _AcceptLoop(asyncio.AbstractServer):
             )
         except asyncio.CancelledError:
             if not guarded.made:
-                conn.close()
-                guarded.release()
+                guarded.release()  # asyncio closed the transport, and with it the socket
             raise
-        except (OSError, ssl.SSLError, ValueError):  # handshake failed or timed out
+        except Exception as exc:  # the handshake failed or timed out: nothing to log each time
             if not guarded.made:
-                conn.close()
                 guarded.release()
+            if not isinstance(exc, OSError | ssl.SSLError):
+                listener._event(f"failed connections ({type(exc).__name__})")
 
     def close(self) -> None:
         task, self._task = self._task, None
