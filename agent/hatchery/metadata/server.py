@@ -81,10 +81,28 @@ class _Tokens:
         return entry is not None and entry[0] == vm and entry[1] > now
 
 
+@dataclass
+class _Refusals:
+    """Requests refused for an unknown source, logged as one line per ``interval`` seconds:
+    anything on the bridge can reach 169.254.169.254, and must not be able to flood the log."""
+
+    interval: float = 60.0
+    count: int = 0
+    logged: float = float("-inf")
+
+    def refused(self, remote: str, now: float) -> None:
+        self.count += 1
+        if now - self.logged >= self.interval:
+            log.warning("metadata: %d request(s) from unknown addresses refused, the last from %s",
+                        self.count, remote)  # fmt: skip
+            self.count, self.logged = 0, now
+
+
 VM = web.RequestKey("vm", VmMetadata)
 BRIDGE = web.AppKey("bridge", str)
 SOURCE = web.AppKey("source", MetadataSource)
 TOKENS = web.AppKey("tokens", _Tokens)
+REFUSALS = web.AppKey("refusals", _Refusals)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -104,7 +122,7 @@ async def identify(request: web.Request, handler: Handler) -> web.StreamResponse
         raise web.HTTPForbidden(text="unknown source\n") from None
     vm = request.app[SOURCE].vm_by_ip(request.app[BRIDGE], remote)
     if vm is None:
-        log.warning("metadata request from unknown address %s refused", remote)
+        request.app[REFUSALS].refused(remote, time.monotonic())
         raise web.HTTPForbidden(text="unknown source\n")
     token = request.headers.get(TOKEN_HEADER)
     if token is not None and not request.app[TOKENS].valid(token, vm.uuid, time.time()):
@@ -204,6 +222,7 @@ def make_app(bridge: str, source: MetadataSource) -> web.Application:
     app[BRIDGE] = bridge
     app[SOURCE] = source
     app[TOKENS] = _Tokens()
+    app[REFUSALS] = _Refusals()
     r = app.router
     r.add_put("/latest/api/token", put_token)
     r.add_get("/datasource/SmallStack", smallstack)
