@@ -30,7 +30,6 @@ import contextlib
 import logging
 import socket
 import ssl
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +39,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from hatchery.config import ConnectionLimits
 from hatchery.errors import HatcheryError
+from hatchery.log import EventSummary
 
 log = logging.getLogger(__name__)
 
@@ -66,29 +66,6 @@ class ListenerStats:
     @property
     def refused(self) -> int:
         return self.over_client_limit + self.over_total_limit
-
-
-class _Summary:
-    """Counts events and writes them as one log line per interval, not one per event."""
-
-    def __init__(self, name: str, interval: float) -> None:
-        self._name = name
-        self._interval = interval
-        self._pending: Counter[str] = Counter()
-        self._last = time.monotonic()
-
-    def count(self, what: str) -> None:
-        self._pending[what] += 1
-        self.maybe_flush()
-
-    def maybe_flush(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not self._pending or (not force and now - self._last < self._interval):
-            return
-        parts = ", ".join(f"{n} {what}" for what, n in sorted(self._pending.items()))
-        log.warning("%s: in the last %.0f s: %s", self._name, now - self._last, parts)
-        self._pending.clear()
-        self._last = now
 
 
 class _Guarded(asyncio.Protocol):
@@ -125,7 +102,7 @@ class _Guarded(asyncio.Protocol):
 
     def _too_slow(self) -> None:
         self._timer = None
-        self._listener._event("header timeouts")
+        self._listener._event("connections cut off by the header timeout", self.host)
         self._listener.stats.header_timeouts += 1
         if self._transport is not None:
             self._transport.abort()  # type: ignore[attr-defined]
@@ -182,7 +159,7 @@ class HttpListener:
         self.tls = tls
         self.name = name
         self.stats = ListenerStats()
-        self._summary = _Summary(name, limits.log_interval)
+        self._summary = EventSummary(log, name, limits.log_interval)
         self._runner: web.AppRunner | None = None
         self._sites: list[_LimitedSite] = []
         self._by_handler: dict[RequestHandler, _Guarded] = {}
@@ -243,18 +220,18 @@ class HttpListener:
         if runner is not None:
             await runner.cleanup()  # stops the sites (accept loops), then the connections
         self._sites.clear()
-        self._summary.maybe_flush(force=True)
+        self._summary.flush(force=True)
 
     # --- admission ------------------------------------------------------------------------
     def _admit(self, host: str) -> bool:
         limits, stats = self.limits, self.stats
         if self._total >= limits.total:
             stats.over_total_limit += 1
-            self._event("refused over the total limit")
+            self._event("connections refused over the total limit", host)
             return False
         if stats.open[host] >= limits.per_client:
             stats.over_client_limit += 1
-            self._event("refused over the per-client limit")
+            self._event("connections refused over the per-client limit", host)
             return False
         self._total += 1
         stats.open[host] += 1
@@ -269,8 +246,8 @@ class HttpListener:
         else:
             del self.stats.open[host]
 
-    def _event(self, what: str) -> None:
-        self._summary.count(what)
+    def _event(self, what: str, source: str = "") -> None:
+        self._summary.count(what, source)
 
     def _accept_error(self, exc: OSError) -> None:
         self.stats.accept_errors += 1

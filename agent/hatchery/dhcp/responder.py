@@ -31,6 +31,7 @@ from hatchery.dhcp.packet import (
     opt_u8,
     opt_u32,
 )
+from hatchery.log import EventSummary
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +124,8 @@ class Responder:
         self.static = static
         self.births = births  # None: birthing disabled, unknown MACs get no answer
         self._common = _common_options(config)
-        self._full = 0  # DISCOVERs unanswered because the birth range is full, not yet logged
-        self._full_logged = float("-inf")
+        where = f"dhcp births {births.start}-{births.end}" if births is not None else "dhcp"
+        self._full = EventSummary(log, where, FULL_LOG_INTERVAL)
 
     # --- entry point --------------------------------------------------------------------
 
@@ -168,13 +169,8 @@ class Responder:
             return None
         ip = self.births.offer(mac, request.requested_ip, now)
         if ip is None:
-            self._full += 1
-            if now - self._full_logged >= FULL_LOG_INTERVAL or now < self._full_logged:
-                # One line per interval: a flood of forged DISCOVERs must not flood the log.
-                log.warning("birth range %s-%s is full: %d DISCOVER(s) not answered, the "
-                            "last from %s", self.births.start, self.births.end, self._full,
-                            mac)  # fmt: skip
-                self._full, self._full_logged = 0, now
+            # One line per interval: a flood of forged DISCOVERs must not flood the log.
+            self._full.count("DISCOVERs not answered: the birth range is full", mac, now)
             return None
         return self._reply(request, MessageType.OFFER, ip, None, True)
 

@@ -26,6 +26,8 @@ from typing import Protocol
 
 from aiohttp import web
 
+from hatchery.log import EventSummary
+
 log = logging.getLogger(__name__)
 TOKEN_HEADER = "X-aws-ec2-metadata-token"
 TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
@@ -81,28 +83,12 @@ class _Tokens:
         return entry is not None and entry[0] == vm and entry[1] > now
 
 
-@dataclass
-class _Refusals:
-    """Requests refused for an unknown source, logged as one line per ``interval`` seconds:
-    anything on the bridge can reach 169.254.169.254, and must not be able to flood the log."""
-
-    interval: float = 60.0
-    count: int = 0
-    logged: float = float("-inf")
-
-    def refused(self, remote: str, now: float) -> None:
-        self.count += 1
-        if now - self.logged >= self.interval:
-            log.warning("metadata: %d request(s) from unknown addresses refused, the last from %s",
-                        self.count, remote)  # fmt: skip
-            self.count, self.logged = 0, now
-
-
 VM = web.RequestKey("vm", VmMetadata)
 BRIDGE = web.AppKey("bridge", str)
 SOURCE = web.AppKey("source", MetadataSource)
 TOKENS = web.AppKey("tokens", _Tokens)
-REFUSALS = web.AppKey("refusals", _Refusals)
+# Anything on the bridge can reach 169.254.169.254: refusals are summarised, not logged each.
+REFUSALS = web.AppKey("refusals", EventSummary)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -122,7 +108,7 @@ async def identify(request: web.Request, handler: Handler) -> web.StreamResponse
         raise web.HTTPForbidden(text="unknown source\n") from None
     vm = request.app[SOURCE].vm_by_ip(request.app[BRIDGE], remote)
     if vm is None:
-        request.app[REFUSALS].refused(remote, time.monotonic())
+        request.app[REFUSALS].count("requests from unknown addresses refused", remote)
         raise web.HTTPForbidden(text="unknown source\n")
     token = request.headers.get(TOKEN_HEADER)
     if token is not None and not request.app[TOKENS].valid(token, vm.uuid, time.time()):
@@ -222,7 +208,7 @@ def make_app(bridge: str, source: MetadataSource) -> web.Application:
     app[BRIDGE] = bridge
     app[SOURCE] = source
     app[TOKENS] = _Tokens()
-    app[REFUSALS] = _Refusals()
+    app[REFUSALS] = EventSummary(log, f"metadata on {bridge}")
     r = app.router
     r.add_put("/latest/api/token", put_token)
     r.add_get("/datasource/SmallStack", smallstack)

@@ -37,6 +37,7 @@ from typing import Any, cast
 
 from hatchery import jail
 from hatchery.errors import HatcheryError
+from hatchery.log import EventSummary
 from hatchery.tftp.packet import (
     ERROR,
     MAX_BLKSIZE,
@@ -451,6 +452,7 @@ class TftpServer:
         self.port = port
         self.limits = limits or TftpLimits()
         self._flood = _Flood(self.limits.requests_per_second, self.limits.request_burst)
+        self._refusals = EventSummary(log, "tftp")
         self._listener: asyncio.DatagramTransport | None = None
         self._transfers: dict[tuple[Address, str], _TransferPort] = {}  # pending or running
         self._per_client: dict[str, int] = {}  # pending or running, per client address
@@ -539,7 +541,9 @@ class TftpServer:
             try:
                 self._read_request(packet, addr)
             except Refused as exc:
-                log.info("refused %r to %s: %s", packet.filename, host, exc.message)
+                # Counted, not logged each: request sources are forgeable over UDP.
+                log.debug("refused %r to %s: %s", packet.filename, host, exc.message)
+                self._refusals.count(f"requests refused ({exc.code.name})", host)
                 self._refuse(sendto, addr, exc.code, exc.message)
         # Anything else on the listening port belongs to no transfer: dropped unanswered.
 

@@ -5,6 +5,7 @@ tests/integration/tftp."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -379,6 +380,17 @@ async def test_a_long_timeout_option_is_not_acknowledged(root: Path, client: Cli
         assert oack == OACK((("tsize", "11"),))
         await client.send(RRQ("text", "octet", (("timeout", "5"),)), server.address)
         assert (await client.recv())[0] == OACK((("timeout", "5"),))
+
+
+async def test_refusals_are_summarised_not_logged_each(
+    root: Path, client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="hatchery")
+    async with _server(root, request_burst=1000) as server:
+        for _ in range(100):
+            await client.send(RRQ("missing", "octet"), server.address)
+            await client.recv()
+    assert len([r for r in caplog.records if "refused" in r.getMessage()]) == 1
 
 
 async def test_start_fails_clearly(tmp_path: Path) -> None:
