@@ -17,7 +17,8 @@ limits (``config.ConnectionLimits``):
   gets a timer at accept (``ssl_handshake_timeout`` for TLS, then our own) that aborts it
   unless its first request's headers are complete within ``header_timeout``. Completion is
   seen through the server's public ``request_factory`` hook, called once per parsed request.
-- **A quiet log under attack.** Refusals, header timeouts and accept errors are counted and
+- **A quiet log under attack.** Refusals, header timeouts, accept errors and malformed
+  requests (which aiohttp would log with a traceback each) are counted and
   written as at most one WARNING line per ``log_interval`` (and one at close), never one
   line per connection: an attacker must not be able to flood the journal (issue 14 saw
   ~500k lines in 22 s).
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
 from hatchery.config import ConnectionLimits
@@ -66,6 +68,29 @@ class ListenerStats:
     @property
     def refused(self) -> int:
         return self.over_client_limit + self.over_total_limit
+
+
+class _RequestLog(logging.Logger):
+    """aiohttp's per-connection log for one listener (its handlers' ``logger``).
+
+    aiohttp logs every malformed request (a bad method, a header line over 8 KiB...) with a
+    traceback, at ERROR for most kinds: anyone can send one per connection, so those become
+    counts in the listener's summary. Anything else (a bug in a handler) goes on to
+    aiohttp's own logger as before.
+    """
+
+    def __init__(self, listener: HttpListener) -> None:
+        super().__init__(f"{__name__}.requests")
+        self._listener = listener
+
+    def handle(self, record: logging.LogRecord) -> None:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            self._listener._event(f"malformed requests ({type(exc).__name__})")
+            return
+        aiohttp_log = logging.getLogger("aiohttp.server")
+        if aiohttp_log.isEnabledFor(record.levelno):
+            aiohttp_log.handle(record)
 
 
 class _Guarded(asyncio.Protocol):
@@ -178,7 +203,10 @@ class HttpListener:
 
     async def start(self) -> None:
         runner = web.AppRunner(
-            self.app, access_log=None, keepalive_timeout=self.limits.idle_timeout
+            self.app,
+            access_log=None,
+            keepalive_timeout=self.limits.idle_timeout,
+            logger=_RequestLog(self),
         )
         await runner.setup()
         server = runner.server

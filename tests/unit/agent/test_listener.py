@@ -162,6 +162,25 @@ async def test_close_releases_everything() -> None:
 
 
 # --- the servers as found in issue 14 -------------------------------------------------------
+async def test_malformed_requests_do_not_flood_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    """aiohttp logs each malformed request with a traceback, at ERROR for a header line
+    over 8 KiB: one line (and a traceback) per connection anyone can open."""
+    caplog.set_level(logging.INFO)
+    server = ApiServer(_app(), None)
+    await server.start("127.0.0.1", 0)
+    try:
+        for n in range(50):
+            reader, writer = await _open(server.port)
+            bad = b"GET / HTTP/1.1\r\nX: " + b"a" * 20000 if n % 2 else b"garbage"
+            writer.write(bad + b"\r\n\r\n")
+            await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+    finally:
+        await server.close()
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) <= 2, lines
+
+
 async def _held_then_closed(port: int, held_count: int) -> int:
     """Open ``held_count`` idle connections from one client: how many the server closed."""
     held = [await _open(port) for _ in range(held_count)]
