@@ -35,8 +35,9 @@ from hatchery.log import EventSummary
 
 log = logging.getLogger(__name__)
 
-#: At most one "birth range is full" line per this many seconds.
-FULL_LOG_INTERVAL = 60.0
+#: At most one line per this many seconds about what strangers can cause at will (a full
+#: birth range, NAKs).
+SUMMARY_INTERVAL = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,8 +125,7 @@ class Responder:
         self.static = static
         self.births = births  # None: birthing disabled, unknown MACs get no answer
         self._common = _common_options(config)
-        where = f"dhcp births {births.start}-{births.end}" if births is not None else "dhcp"
-        self._full = EventSummary(log, where, FULL_LOG_INTERVAL)
+        self._summary = EventSummary(log, f"dhcp as {config.server_ip}", SUMMARY_INTERVAL)
 
     # --- entry point --------------------------------------------------------------------
 
@@ -170,7 +170,7 @@ class Responder:
         ip = self.births.offer(mac, request.requested_ip, now)
         if ip is None:
             # One line per interval: a flood of forged DISCOVERs must not flood the log.
-            self._full.count("DISCOVERs not answered: the birth range is full", mac, now)
+            self._summary.count("DISCOVERs not answered: the birth range is full", mac, now)
             return None
         return self._reply(request, MessageType.OFFER, ip, None, True)
 
@@ -187,19 +187,19 @@ class Responder:
         wanted = request.requested_ip
         if wanted is None:
             if server_id is not None:
-                return self._nak(request, "SELECTING without a requested address")
+                return self._nak(request, now, "SELECTING without a requested address")
             wanted = request.ciaddr  # RENEWING/REBINDING: the address is in ciaddr
             if wanted == ZERO_IP:
                 return None
         lease = self.static.lookup(mac)
         if lease is not None:
             if wanted != lease.ip or lease.ip not in self.config.network:
-                return self._nak(request, f"address {wanted} is not yours")
+                return self._nak(request, now, f"address {wanted} is not yours")
             return self._reply(request, MessageType.ACK, lease.ip, lease.hostname, lease.boot)
         if self.births is None:
             return None
         if wanted not in self.config.network:
-            return self._nak(request, f"address {wanted} is not on this network")
+            return self._nak(request, now, f"address {wanted} is not on this network")
         if server_id is None:
             # INIT-REBOOT, RENEWING, REBINDING: silent without a record of the client,
             # NAK when its address is not the one we bound (RFC 2131 4.3.2)
@@ -207,11 +207,11 @@ class Responder:
             if bound is None:
                 return None
             if bound.ip != wanted:
-                return self._nak(request, f"address {wanted} is not yours")
+                return self._nak(request, now, f"address {wanted} is not yours")
         elif wanted not in self.births:
-            return self._nak(request, f"address {wanted} is not in the birth range")
+            return self._nak(request, now, f"address {wanted} is not in the birth range")
         if not self.births.commit(mac, wanted, self.config.lease_time, now):
-            return self._nak(request, f"address {wanted} is taken")
+            return self._nak(request, now, f"address {wanted} is taken")
         return self._reply(request, MessageType.ACK, wanted, None, True)
 
     # --- RFC 2131 4.3.3 / 4.3.4: DHCPDECLINE, DHCPRELEASE -------------------------------------
@@ -255,8 +255,10 @@ class Responder:
 
     # --- building replies -------------------------------------------------------------------
 
-    def _nak(self, request: DhcpPacket, why: str) -> DhcpPacket:
-        log.info("NAK to %s: %s", request.mac, why)
+    def _nak(self, request: DhcpPacket, now: float, why: str) -> DhcpPacket:
+        # Anyone can provoke a NAK with a forged REQUEST: counted, each one only at DEBUG.
+        log.debug("NAK to %s: %s", request.mac, why)
+        self._summary.count("NAKs sent", request.mac, now)
         return DhcpPacket(
             op=Op.BOOTREPLY,
             xid=request.xid,

@@ -407,3 +407,15 @@ def test_offers_are_capped_even_in_a_huge_range() -> None:
     for n in range(500):
         b.offer(f"52:54:02:00:{n >> 8:02x}:{n & 255:02x}", None, NOW)
     assert b.held[0] == 100
+
+
+def test_forged_requests_do_not_flood_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    """A NAK is anyone's for a forged REQUEST: one summary line, not a line per packet."""
+    caplog.set_level(logging.INFO, logger="hatchery")
+    r = responder(births())
+    for n in range(100):
+        wrong = msg(MessageType.REQUEST, VM_MAC, opt_ip(Opt.SERVER_ID, SERVER),
+                    opt_ip(Opt.REQUESTED_IP, IP("10.9.0.50") + n))  # fmt: skip
+        reply = r.handle(wrong, NOW + n / 10)  # 100 packets in 10 s
+        assert reply is not None and reply.message_type == MessageType.NAK
+    assert len(caplog.records) == 1, [rec.getMessage() for rec in caplog.records]
