@@ -7,6 +7,7 @@ dict/file-backed implementation used by tests and ``hatchery-agent serve dhcp``.
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import json
 import logging
@@ -125,10 +126,14 @@ class BirthLeases:
     The tables cannot be grown without bound or made slow by a flood of forged requests
     (issue 14): every address is held by at most one offer, lease or decline, so each table
     stays within the range's size, and at most ``max_held`` in any case (a range may be a
-    /8). Answering costs O(1) per address considered: indexes by address answer "is it
-    taken?", and expired offers and declines are dropped from the front of their tables,
-    which are kept in expiry order (each hold is a constant, so insertion order is expiry
-    order), instead of being scanned on every packet.
+    /8). Answering costs O(log n), never a scan: indexes by address answer "is it taken?";
+    expired offers and declines are dropped from the front of their tables, which are kept
+    in expiry order (each hold is a constant, so insertion order is expiry order); leases'
+    expiries wait in a heap; and the lowest free address comes from a heap of addresses
+    freed since (an address that was given and came back) or, failing that, from the part
+    of the range never handed out yet (``_fresh``). Heap entries are checked when taken and
+    dropped if the address was given away meanwhile: every address coming free again is
+    pushed anew.
 
     Deciding never writes: a change (commit, release) only marks the leases ``unsaved``, and
     whoever sends the answer takes the write (``take_write``) and runs it first — the DHCP
@@ -156,6 +161,10 @@ class BirthLeases:
         self._offers: dict[str, Binding] = {}  # in expiry order
         self._offer_ip: dict[ipaddress.IPv4Address, str] = {}  # address -> MAC of its offer
         self._declined: dict[ipaddress.IPv4Address, float] = {}  # in expiry order
+        self._lease_expiries: list[tuple[float, str, int]] = []  # heap: (expires, MAC, IP)
+        self._freed: list[int] = []  # heap of addresses that came free (maybe stale)
+        self._fresh = int(start)  # no address from here to ``end`` was handed out yet
+        self._size = int(end) - int(start) + 1
         self._unsaved = False
         if path is not None:
             self._load(path)
@@ -184,8 +193,11 @@ class BirthLeases:
         other = self._lease_ip.get(b.ip)
         if other is not None:
             self._leases.pop(other, None)
+        if old is not None and old.ip != b.ip:
+            self._free(old.ip)
         self._leases[b.mac] = b
         self._lease_ip[b.ip] = b.mac
+        heapq.heappush(self._lease_expiries, (b.expires, b.mac, int(b.ip)))
 
     def _changed(self) -> None:
         self._unsaved = self.path is not None
@@ -252,9 +264,23 @@ class BirthLeases:
         b = self._leases.get(mac)
         return b if b is not None and b.expires > now else None
 
+    def _free(self, ip: ipaddress.IPv4Address) -> None:
+        """``ip`` came free: the next lowest-free search may give it out."""
+        if ip in self:
+            heapq.heappush(self._freed, int(ip))
+            if len(self._freed) > 2 * min(self._size, self.max_held * 3) + 64:
+                self._freed = sorted(set(self._freed))  # drop repeats; a sorted list is a heap
+
     def _prune(self, now: float) -> None:
-        """Drop expired offers and declines from the front of their (expiry-ordered) tables:
-        O(1) per entry dropped, nothing scanned."""
+        """Drop expired offers and declines from the front of their (expiry-ordered) tables,
+        and free the addresses of expired leases (kept, for the client's next request):
+        O(log n) per entry, nothing scanned."""
+        expiries = self._lease_expiries
+        while expiries and expiries[0][0] <= now:
+            expires, holder, raw_ip = heapq.heappop(expiries)
+            lease = self._leases.get(holder)
+            if lease is not None and lease.expires == expires and int(lease.ip) == raw_ip:
+                self._free(lease.ip)
         offers = self._offers
         while offers:
             mac, b = next(iter(offers.items()))
@@ -267,11 +293,28 @@ class BirthLeases:
             if until > now:
                 break
             del declined[ip]
+            self._free(ip)
 
     def _drop_offer(self, mac: str) -> None:
         b = self._offers.pop(mac, None)
         if b is not None and self._offer_ip.get(b.ip) == mac:
             del self._offer_ip[b.ip]
+            self._free(b.ip)
+
+    def _lowest_free(self, mac: str, now: float) -> ipaddress.IPv4Address | None:
+        """The lowest address ``mac`` may have: the freed heap's or the never-given part's."""
+        freed = self._freed
+        while freed and self._taken(ipaddress.IPv4Address(freed[0]), mac, now):
+            heapq.heappop(freed)  # given away since: pushed again when it comes free
+        end = int(self.end)
+        while self._fresh <= end and self._taken(ipaddress.IPv4Address(self._fresh), mac, now):
+            self._fresh += 1  # taken by a request for it by name: freed later, then pushed
+        if freed and (self._fresh > end or freed[0] < self._fresh):
+            return ipaddress.IPv4Address(heapq.heappop(freed))
+        if self._fresh <= end:
+            self._fresh += 1
+            return ipaddress.IPv4Address(self._fresh - 1)
+        return None
 
     def _taken(self, ip: ipaddress.IPv4Address, mac: str, now: float) -> bool:
         """Whether ``ip`` is held by anyone but ``mac`` (a lease, an offer or a decline)."""
@@ -298,17 +341,8 @@ class BirthLeases:
             if candidate is not None and candidate in self and not self._taken(candidate, mac, now):
                 choice = candidate
                 break
-        if choice is None and len(self._offer_ip) + len(self._declined) > int(self.end) - int(
-            self.start
-        ):
-            return None  # every address is offered or declined: no scan needed to know
         if choice is None:
-            ip = self.start
-            while ip <= self.end:
-                if not self._taken(ip, mac, now):
-                    choice = ip
-                    break
-                ip += 1
+            choice = self._lowest_free(mac, now)
         if choice is not None:
             self._drop_offer(mac)  # re-inserted at the back: the table stays in expiry order
             self._offers[mac] = Binding(mac, choice, now + self.offer_hold)
@@ -333,6 +367,7 @@ class BirthLeases:
         del self._leases[mac]
         if self._lease_ip.get(b.ip) == mac:
             del self._lease_ip[b.ip]
+            self._free(b.ip)
         self._changed()
         return True
 

@@ -7,6 +7,7 @@ import dataclasses
 import ipaddress
 import json
 import logging
+import random
 from pathlib import Path
 
 import pytest
@@ -419,3 +420,58 @@ def test_forged_requests_do_not_flood_the_log(caplog: pytest.LogCaptureFixture) 
         reply = r.handle(wrong, NOW + n / 10)  # 100 packets in 10 s
         assert reply is not None and reply.message_type == MessageType.NAK
     assert len(caplog.records) == 1, [rec.getMessage() for rec in caplog.records]
+
+
+def test_lowest_free_address_matches_a_full_scan() -> None:
+    """The freed heap and the never-given cursor give exactly what scanning the range for
+    the lowest free address would, through offers, leases, releases, declines and expiry."""
+    rng = random.Random(14)
+    b = BirthLeases(IP("10.9.0.100"), IP("10.9.0.139"), offer_hold=60, decline_hold=600)
+    macs = [f"52:54:00:bb:00:{n:02x}" for n in range(80)]
+    now = NOW
+    for _ in range(4000):
+        now += rng.choice((0.0, 1.0, 5.0, 30.0, 200.0))
+        mac = rng.choice(macs)
+        action = rng.random()
+        if action < 0.5:
+            b._prune(now)
+            fresh_client = b._leases.get(mac) is None and b._offers.get(mac) is None
+            expected = next((ip for ip in (IP("10.9.0.100") + n for n in range(40))
+                             if not b._taken(ip, mac, now)), None)  # fmt: skip
+            got = b.offer(mac, None, now)
+            if fresh_client:
+                assert got == expected
+        elif action < 0.6:
+            b.offer(mac, IP("10.9.0.100") + rng.randrange(45), now)
+        elif action < 0.8:
+            held = b._offers.get(mac)
+            if held is not None:
+                b.commit(mac, held.ip, rng.choice((100, 1200)), now)
+        elif action < 0.9:
+            b.release(mac)
+        else:
+            held = b._offers.get(mac) or b._leases.get(mac)
+            if held is not None:
+                b.decline(mac, held.ip, now)
+
+
+def test_discover_costs_no_scan_of_a_full_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A /16 birth range full of leases: a flood of DISCOVERs from new MACs checks a few
+    addresses each, not 65 536."""
+    b = BirthLeases(IP("10.8.0.0"), IP("10.8.255.255"), max_held=100_000)
+    for n in range(65536):
+        mac = ":".join(f"{x:02x}" for x in (0x52, 0x54, 0, 0, n >> 8, n & 255))
+        assert b.offer(mac, None, NOW) == IP("10.8.0.0") + n
+        assert b.commit(mac, IP("10.8.0.0") + n, 3600, NOW)
+    checks = 0
+    taken = b._taken
+
+    def counted(ip: IP, mac: str, now: float) -> bool:
+        nonlocal checks
+        checks += 1
+        return taken(ip, mac, now)
+
+    monkeypatch.setattr(b, "_taken", counted)
+    for n in range(1000):
+        assert b.offer(f"52:54:01:00:{n >> 8:02x}:{n & 255:02x}", None, NOW + 1) is None
+    assert checks < 10_000
