@@ -33,7 +33,7 @@ import socket
 import ssl
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -130,7 +130,7 @@ class _Guarded(asyncio.Protocol):
         self._listener._event("connections cut off by the header timeout", self.host)
         self._listener.stats.header_timeouts += 1
         if self._transport is not None:
-            self._transport.abort()  # type: ignore[attr-defined]
+            cast(asyncio.Transport, self._transport).abort()
 
     def data_received(self, data: bytes) -> None:
         self.handler.data_received(data)
