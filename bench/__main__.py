@@ -10,6 +10,7 @@ BENCHMARKS = {
     "agent-overhead": "bench.agent_overhead",
     "boot-http": "bench.boothttp",
     "dhcp": "bench.dhcp",
+    "flood": "bench.flood",
     "images": "bench.images",
     "kernel-boot": "bench.kernel_boot",
     "metadata": "bench.metadata",

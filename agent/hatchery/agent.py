@@ -173,7 +173,8 @@ class Agent:
                 api = await self._api(stack)
             directory = VmDirectory(self.manager)
             self.metadata = MetadataService(directory, directory.ports_of,
-                                            services=node_services(self.config))  # fmt: skip
+                                            services=node_services(self.config),
+                                            limits=self.config.limits)  # fmt: skip
             stack.push_async_callback(self.metadata.close)
             for bridge in self.config.bridges:
                 if bridge.metadata:
@@ -221,7 +222,7 @@ class Agent:
         # The agent's own certificate is its client certificate towards peers.
         peer_tls = client_context(config.tls.ca, config.tls.cert, config.tls.key)
         images = ImagesContext.build(self.images, KeyDirectory(config.image_keys), peer_tls)
-        api = ApiServer(make_app(context, images), tls)
+        api = ApiServer(make_app(context, images), tls, config.limits)
         await api.start(config.listen_host, config.listen_port)
         stack.push_async_callback(api.close)
         return api
@@ -240,7 +241,7 @@ class Agent:
         if bridge.boot is not None:
             async with part(f"network boot on {bridge.name}"):
                 netboot = Netboot(bridge.name, bridge.boot, self.config.state_dir, self.images,
-                                  self.health.version)  # fmt: skip
+                                  self.health.version, self.config.limits)  # fmt: skip
                 await netboot.start(interface_ipv4(bridge.name).ip)
                 stack.push_async_callback(netboot.stop)
         async with part(f"dhcp on {bridge.name}"):

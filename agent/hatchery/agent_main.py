@@ -21,7 +21,7 @@ from hatchery.boothttp import cli as boothttp_cli
 from hatchery.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
 from hatchery.dhcp import cli as dhcp_cli
 from hatchery.errors import HatcheryError, report
-from hatchery.host import notify, watchdog_interval
+from hatchery.host import notify, open_notify, watchdog_interval
 from hatchery.log import setup_logging
 from hatchery.seed import run_seed
 from hatchery.tftp import cli as tftp_cli
@@ -46,6 +46,7 @@ async def _watchdog(interval: float) -> None:
 
 async def run_agent(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
     """Run every part until SIGTERM/SIGINT (or ``stop``); READY=1 once all have started."""
+    open_notify()  # before any listener: the watchdog's socket is never short of an fd
     agent = Agent(config)
     async with agent.running():
         stop = stop or asyncio.Event()

@@ -74,6 +74,27 @@ class CapacityConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """Limits on every HTTP listener of the agent (API, metadata, boot HTTP), per listener.
+
+    Why these defaults: one client (a VM, a machine on the boot network, a tenant) must not
+    be able to hold the sockets, memory or file descriptors everyone else needs. 64
+    connections is more than any honest client opens (curl, iPXE, cloud-init and the rollout
+    tool use one or a few); 1024 in all stays far below ``LimitNOFILE`` of the unit (65536),
+    so the API, metadata and boot HTTP of several bridges fit at once. An idle keep-alive
+    connection is closed after 15 s (aiohttp's default is an hour), and a connection that has
+    not sent its first request's headers (TLS handshake included) after 10 s is cut off, so
+    a client sending a byte at a time (slowloris) cannot hold a slot either.
+    """
+
+    per_client: int = 64  # connections open at once from one client address
+    total: int = 1024  # connections open at once on one listener, all clients together
+    idle_timeout: float = 15.0  # seconds a keep-alive connection may wait for a request
+    header_timeout: float = 10.0  # seconds from accept to the first request's headers
+    log_interval: float = 60.0  # at most one summary line of refusals per interval
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     state_dir: Path = DEFAULT_STATE_DIR
     listen_host: str = "0.0.0.0"
@@ -90,6 +111,7 @@ class AgentConfig:
     bridges: tuple[BridgeConfig, ...] = ()
     image_keys: Path = DEFAULT_IMAGE_KEYS
     root: Path = Path("/")  # where live patches apply (tests point it elsewhere)
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
 
 
 class _Reader:
@@ -175,6 +197,32 @@ _BRIDGE = BridgeConfig(name="")
 _BOOT = BootServiceConfig()
 _CAPACITY = CapacityConfig()
 _AGENT = AgentConfig()
+_LIMITS = ConnectionLimits()
+
+
+def _limits(r: _Reader) -> ConnectionLimits:
+    def count(name: str, default: int) -> int:
+        return _positive(r.get(name, int, default), r.key(name), minimum=1)
+
+    def seconds(name: str, default: float) -> float:
+        value = float(r.get(name, (int, float), default))
+        if not value > 0:
+            raise ConfigError(f"{r.key(name)}: must be > 0, got {value:g}")
+        return value
+
+    limits = ConnectionLimits(
+        per_client=count("per_client", _LIMITS.per_client),
+        total=count("total", _LIMITS.total),
+        idle_timeout=seconds("idle_timeout", _LIMITS.idle_timeout),
+        header_timeout=seconds("header_timeout", _LIMITS.header_timeout),
+        log_interval=seconds("log_interval", _LIMITS.log_interval),
+    )
+    if limits.per_client > limits.total:
+        raise ConfigError(
+            f"{r.key('per_client')}: {limits.per_client} is more than total ({limits.total})"
+        )
+    r.finish()
+    return limits
 
 
 def _bridge(r: _Reader) -> BridgeConfig:
@@ -273,6 +321,7 @@ def parse_config(data: Any) -> AgentConfig:
         raise ConfigError("bridges: a bridge is listed twice")
     image_keys = Path(r.get("image_keys", str, str(defaults.image_keys)))
     root = Path(r.get("root", str, str(defaults.root)))
+    limits = _limits(r.sub("limits"))
     r.finish()
     return AgentConfig(
         state_dir=state_dir,
@@ -286,6 +335,7 @@ def parse_config(data: Any) -> AgentConfig:
         bridges=bridges,
         image_keys=image_keys,
         root=root,
+        limits=limits,
     )
 
 

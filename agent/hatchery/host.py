@@ -39,6 +39,7 @@ __all__ = [
     "Completed",
     "failed_units",
     "notify",
+    "open_notify",
     "run",
     "run_async",
     "systemctl",
@@ -179,18 +180,42 @@ async def failed_units(systemctl: str | None = None, timeout: float = 10.0) -> l
 
 
 # --- sd_notify ----------------------------------------------------------------------------------
+_notify_socket: socket.socket | None = None
+
+
+def open_notify() -> None:
+    """Open the one socket every ``notify`` sends through (idempotent); call it at start.
+
+    One unconnected datagram socket for the process's whole life, so a watchdog ping never
+    needs a new file descriptor: a process whose descriptors are exhausted (a flood of
+    connections, issue 14) still tells systemd it is alive rather than being killed for it.
+    Unconnected (``sendto`` names the address each time) so it survives systemd re-creating
+    its socket (``daemon-reexec``); non-blocking so a busy systemd never stalls the loop.
+    """
+    global _notify_socket
+    if _notify_socket is None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        _notify_socket = sock
+
+
 def notify(state: str) -> bool:
     """Tell systemd ``state`` (``READY=1``, ``WATCHDOG=1``…), one datagram as sd_notify(3)
     sends it, without libsystemd. Returns whether a supervisor was told: with no
-    ``$NOTIFY_SOCKET`` (not started by systemd) it does nothing."""
+    ``$NOTIFY_SOCKET`` (not started by systemd) it does nothing; a send that fails is
+    logged and answered False, never raised (the watchdog task must not die of it)."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return False
     if address.startswith("@"):
         address = "\0" + address[1:]  # an abstract socket
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.connect(address)
-        sock.sendall(state.encode())
+    try:
+        open_notify()
+        assert _notify_socket is not None
+        _notify_socket.sendto(state.encode(), address)
+    except OSError as exc:
+        log.warning("cannot notify systemd (%s): %s", state.split("=", 1)[0], exc)
+        return False
     return True
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from hatchery.boothttp.app import BootHttpConfig, BootHttpServer
 from hatchery.boothttp.profiles import Profile, Profiles
 from hatchery.boothttp.seeds import SeedFolder
-from hatchery.config import BootServiceConfig
+from hatchery.config import BootServiceConfig, ConnectionLimits
 from hatchery.dhcp.leases import BirthLeases
 from hatchery.dhcp.responder import BootConfig
 from hatchery.errors import ConfigError
@@ -90,8 +90,10 @@ class Netboot:
         state_dir: Path,
         images: ImageStore,
         version: Callable[[], str],
+        limits: ConnectionLimits | None = None,
     ) -> None:
         self.bridge = bridge
+        self.limits = limits or ConnectionLimits()
         self.config = config
         self.root = state_dir / "netboot" / bridge
         self._images = images
@@ -191,7 +193,8 @@ class Netboot:
     async def start(self, server_ip: ipaddress.IPv4Address) -> None:
         await asyncio.to_thread(self.prepare)
         config = self.http_config()
-        self._http = BootHttpServer(config, str(server_ip), self.config.http_port)
+        self._http = BootHttpServer(config, str(server_ip), self.config.http_port,
+                                    self.limits)  # fmt: skip
         await self._http.start()
         self._ra = RaResponder(self.bridge)
         await self._ra.start()

@@ -69,6 +69,7 @@ def test_agent_unit_is_enabled_by_preset(host: testinfra.host.Host) -> None:
     wanted = (
         "Type=notify",
         "WatchdogSec=",
+        "LimitNOFILE=",
         "Restart=on-failure",
         "KillMode=process",
         "ExecStart=/usr/bin/hatchery-agent run --config /etc/hatchery/agent.yaml",

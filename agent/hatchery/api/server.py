@@ -4,6 +4,10 @@ The agent serves one app (``api.app.make_app``) on ``listen_host:listen_port`` a
 every bridge's metadata namespace, on 169.254.169.254 at the same port; all of them speak
 mutual TLS with the same context. This is the only place the agent opens API sockets, so
 ``agent.py`` only wires and the metadata service only hands over a socket.
+
+All of these sockets are one ``HttpListener``: one set of connection caps and timeouts
+(``config.ConnectionLimits``), so a VM holding connections through 169.254.169.254 counts
+against the same total as everyone else and cannot starve the node's own address.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import ssl
 
 from aiohttp import web
 
+from hatchery.config import ConnectionLimits
 from hatchery.errors import HatcheryError
+from hatchery.listener import HttpListener, ListenerError, ListenerStats
 
 log = logging.getLogger(__name__)
 
@@ -27,33 +33,40 @@ class ApiServer:
     """``app`` behind ``tls`` (None only for tests of the app itself); ``close`` is idempotent
     and stops every listener, the metadata namespaces' ones included."""
 
-    def __init__(self, app: web.Application, tls: ssl.SSLContext | None) -> None:
-        self._app = app
+    def __init__(
+        self,
+        app: web.Application,
+        tls: ssl.SSLContext | None,
+        limits: ConnectionLimits | None = None,
+    ) -> None:
+        self._listener = HttpListener(app, limits or ConnectionLimits(), tls=tls, name="api")
         self._tls = tls
-        self._runner: web.AppRunner | None = None
+        self._started = False
         self.port = 0
+
+    @property
+    def stats(self) -> ListenerStats:
+        """Connections admitted, refused and cut (for tests and benchmarks)."""
+        return self._listener.stats
 
     async def start(self, host: str, port: int) -> None:
         """Listen on ``host:port`` (port 0: any free port, then read ``port``)."""
-        runner = web.AppRunner(self._app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port, ssl_context=self._tls)
+        await self._listener.start()
         try:
-            await site.start()
-        except OSError as exc:
-            await runner.cleanup()
-            raise ApiServerError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
-        self._runner = runner
-        self.port = int(runner.addresses[0][1])  # what port 0 became
+            self.port = await self._listener.listen(host, port)
+        except ListenerError as exc:
+            await self._listener.close()
+            raise ApiServerError(exc.message) from exc
+        self._started = True
         log.info("api on %s:%d (%s)", host, self.port, "mutual TLS" if self._tls else "no TLS")
 
     async def serve_on(self, sock: socket.socket) -> None:
         """Also serve on ``sock``, a listening socket made elsewhere (inside a namespace)."""
-        if self._runner is None:
+        if not self._started:
             raise ApiServerError("the API is not started: it cannot serve on another socket")
-        await web.SockSite(self._runner, sock, ssl_context=self._tls).start()
+        await self._listener.serve_on(sock)
 
     async def close(self) -> None:
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            await runner.cleanup()
+        if self._started:
+            self._started = False
+            await self._listener.close()

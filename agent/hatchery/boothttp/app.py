@@ -39,8 +39,10 @@ from hatchery import jail
 from hatchery.boothttp.profiles import Profiles
 from hatchery.boothttp.seeds import SeedFolder
 from hatchery.boothttp.tokens import DEFAULT_TTL, BirthTokens, Grant
+from hatchery.config import ConnectionLimits
 from hatchery.dhcp.leases import normalise_mac
 from hatchery.errors import HatcheryError
+from hatchery.listener import HttpListener, ListenerError, ListenerStats
 
 log = logging.getLogger(__name__)
 
@@ -230,25 +232,37 @@ def make_app(config: BootHttpConfig) -> web.Application:
 
 
 class BootHttpServer:
-    """The service started on ``host:port``; ``stop`` is idempotent."""
+    """The service started on ``host:port``, behind the connection limits every HTTP
+    listener of the agent has (``hatchery.listener``); ``stop`` is idempotent."""
 
-    def __init__(self, config: BootHttpConfig, host: str, port: int) -> None:
+    def __init__(
+        self,
+        config: BootHttpConfig,
+        host: str,
+        port: int,
+        limits: ConnectionLimits | None = None,
+    ) -> None:
         self.config, self.host, self.port = config, host, port
-        self._runner: web.AppRunner | None = None
+        self.limits = limits or ConnectionLimits()
+        self._listener: HttpListener | None = None
+
+    @property
+    def stats(self) -> ListenerStats | None:
+        """Connections admitted, refused and cut; None before ``start``."""
+        return self._listener.stats if self._listener is not None else None
 
     async def start(self) -> None:
-        runner = web.AppRunner(make_app(self.config), access_log=None)
-        await runner.setup()
+        listener = HttpListener(make_app(self.config), self.limits, name="boot http")
+        await listener.start()
         try:
-            await web.TCPSite(runner, self.host, self.port, reuse_address=True).start()
-        except OSError as exc:
-            await runner.cleanup()
-            where = f"{self.host}:{self.port}"
-            raise BootHttpError(f"cannot listen on {where}: {exc.strerror}") from exc
-        self._runner = runner
+            self.port = await listener.listen(self.host, self.port, reuse_address=True)
+        except ListenerError as exc:
+            await listener.close()
+            raise BootHttpError(exc.message) from exc
+        self._listener = listener
         log.info("boot http: serving %s on %s:%d", self.config.root, self.host, self.port)
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            await runner.cleanup()
+        if self._listener is not None:
+            listener, self._listener = self._listener, None
+            await listener.close()

@@ -7,6 +7,7 @@ dict/file-backed implementation used by tests and ``hatchery-agent serve dhcp``.
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import json
 import logging
@@ -118,7 +119,21 @@ class BirthLeases:
     Offers are held in memory for ``offer_hold`` seconds; committed leases (ACKed) are written
     to ``path`` (JSON, atomically) if a path is given. A corrupt file is moved aside to
     ``<name>.corrupt-<time>`` and reported, never silently overwritten. Declined addresses are
-    skipped for ``decline_hold`` seconds (RFC 2131 section 4.3.3).
+    skipped for ``decline_hold`` seconds (RFC 2131 section 4.3.3), but only when the client
+    declining holds the offer or lease of that address: anyone else's DECLINE is ignored, or
+    one forged packet would block an address for ten minutes.
+
+    The tables cannot be grown without bound or made slow by a flood of forged requests
+    (issue 14): every address is held by at most one offer, lease or decline, so each table
+    stays within the range's size, and at most ``max_held`` in any case (a range may be a
+    /8). Answering costs O(log n), never a scan: indexes by address answer "is it taken?";
+    expired offers and declines are dropped from the front of their tables, which are kept
+    in expiry order (each hold is a constant, so insertion order is expiry order); leases'
+    expiries wait in a heap; and the lowest free address comes from a heap of addresses
+    freed since (an address that was given and came back) or, failing that, from the part
+    of the range never handed out yet (``_fresh``). Heap entries are checked when taken and
+    dropped if the address was given away meanwhile: every address coming free again is
+    pushed anew.
 
     Deciding never writes: a change (commit, release) only marks the leases ``unsaved``, and
     whoever sends the answer takes the write (``take_write``) and runs it first — the DHCP
@@ -134,14 +149,22 @@ class BirthLeases:
         *,
         offer_hold: float = 60.0,
         decline_hold: float = 600.0,
+        max_held: int = 4096,
     ) -> None:
         if end < start:
             raise ConfigError(f"birth range: end {end} is before start {start}")
         self.start, self.end, self.path = start, end, path
         self.offer_hold, self.decline_hold = offer_hold, decline_hold
+        self.max_held = max_held
         self._leases: dict[str, Binding] = {}
-        self._offers: dict[str, Binding] = {}
-        self._declined: dict[ipaddress.IPv4Address, float] = {}
+        self._lease_ip: dict[ipaddress.IPv4Address, str] = {}  # address -> MAC of its lease
+        self._offers: dict[str, Binding] = {}  # in expiry order
+        self._offer_ip: dict[ipaddress.IPv4Address, str] = {}  # address -> MAC of its offer
+        self._declined: dict[ipaddress.IPv4Address, float] = {}  # in expiry order
+        self._lease_expiries: list[tuple[float, str, int]] = []  # heap: (expires, MAC, IP)
+        self._freed: list[int] = []  # heap of addresses that came free (maybe stale)
+        self._fresh = int(start)  # no address from here to ``end`` was handed out yet
+        self._size = int(end) - int(start) + 1
         self._unsaved = False
         if path is not None:
             self._load(path)
@@ -156,10 +179,25 @@ class BirthLeases:
             for item in doc["leases"]:
                 b = Binding(normalise_mac(item["mac"]), ipaddress.IPv4Address(item["ip"]),
                             float(item["expires"]))  # fmt: skip
-                self._leases[b.mac] = b
+                self._bind(b)
         except (ValueError, KeyError, TypeError) as exc:
             state.set_aside(path, str(exc))
             self._leases.clear()
+            self._lease_ip.clear()
+
+    def _bind(self, b: Binding) -> None:
+        """Record lease ``b``, replacing the MAC's old lease and any lease of the address."""
+        old = self._leases.pop(b.mac, None)
+        if old is not None and self._lease_ip.get(old.ip) == b.mac:
+            del self._lease_ip[old.ip]
+        other = self._lease_ip.get(b.ip)
+        if other is not None:
+            self._leases.pop(other, None)
+        if old is not None and old.ip != b.ip:
+            self._free(old.ip)
+        self._leases[b.mac] = b
+        self._lease_ip[b.ip] = b.mac
+        heapq.heappush(self._lease_expiries, (b.expires, b.mac, int(b.ip)))
 
     def _changed(self) -> None:
         self._unsaved = self.path is not None
@@ -216,62 +254,144 @@ class BirthLeases:
     def leases(self) -> tuple[Binding, ...]:
         return tuple(self._leases.values())
 
+    @property
+    def held(self) -> tuple[int, int]:
+        """How many offers and declines are held in memory (for tests and benchmarks)."""
+        return len(self._offers), len(self._declined)
+
     def binding(self, mac: str, now: float) -> Binding | None:
         """The committed, unexpired lease of ``mac``."""
         b = self._leases.get(mac)
         return b if b is not None and b.expires > now else None
 
-    def _in_use(self, now: float, mac: str) -> set[ipaddress.IPv4Address]:
-        used = {b.ip for b in self._leases.values() if b.mac != mac and b.expires > now}
-        used |= {b.ip for b in self._offers.values() if b.mac != mac and b.expires > now}
-        used |= {ip for ip, until in self._declined.items() if until > now}
-        return used
+    def _free(self, ip: ipaddress.IPv4Address) -> None:
+        """``ip`` came free: the next lowest-free search may give it out."""
+        if ip in self:
+            heapq.heappush(self._freed, int(ip))
+            if len(self._freed) > 2 * min(self._size, self.max_held * 3) + 64:
+                self._freed = sorted(set(self._freed))  # drop repeats; a sorted list is a heap
+
+    def _prune(self, now: float) -> None:
+        """Drop expired offers and declines from the front of their (expiry-ordered) tables,
+        and free the addresses of expired leases (kept, for the client's next request):
+        O(log n) per entry, nothing scanned."""
+        expiries = self._lease_expiries
+        while expiries and expiries[0][0] <= now:
+            expires, holder, raw_ip = heapq.heappop(expiries)
+            lease = self._leases.get(holder)
+            if lease is not None and lease.expires == expires and int(lease.ip) == raw_ip:
+                self._free(lease.ip)
+        offers = self._offers
+        while offers:
+            mac, b = next(iter(offers.items()))
+            if b.expires > now:
+                break
+            self._drop_offer(mac)
+        declined = self._declined
+        while declined:
+            ip, until = next(iter(declined.items()))
+            if until > now:
+                break
+            del declined[ip]
+            self._free(ip)
+
+    def _drop_offer(self, mac: str) -> None:
+        b = self._offers.pop(mac, None)
+        if b is not None and self._offer_ip.get(b.ip) == mac:
+            del self._offer_ip[b.ip]
+            self._free(b.ip)
+
+    def _lowest_free(self, mac: str, now: float) -> ipaddress.IPv4Address | None:
+        """The lowest address ``mac`` may have: the freed heap's or the never-given part's."""
+        freed = self._freed
+        while freed and self._taken(ipaddress.IPv4Address(freed[0]), mac, now):
+            heapq.heappop(freed)  # given away since: pushed again when it comes free
+        end = int(self.end)
+        while self._fresh <= end and self._taken(ipaddress.IPv4Address(self._fresh), mac, now):
+            self._fresh += 1  # taken by a request for it by name: freed later, then pushed
+        if freed and (self._fresh > end or freed[0] < self._fresh):
+            return ipaddress.IPv4Address(heapq.heappop(freed))
+        if self._fresh <= end:
+            self._fresh += 1
+            return ipaddress.IPv4Address(self._fresh - 1)
+        return None
+
+    def _taken(self, ip: ipaddress.IPv4Address, mac: str, now: float) -> bool:
+        """Whether ``ip`` is held by anyone but ``mac`` (a lease, an offer or a decline)."""
+        if self._declined.get(ip, 0.0) > now:
+            return True
+        holder = self._lease_ip.get(ip)
+        if holder is not None and holder != mac and self._leases[holder].expires > now:
+            return True
+        holder = self._offer_ip.get(ip)
+        return holder is not None and holder != mac and self._offers[holder].expires > now
 
     def offer(
         self, mac: str, requested: ipaddress.IPv4Address | None, now: float
     ) -> ipaddress.IPv4Address | None:
         """Choose an address for ``mac`` (RFC 2131 4.3.1: its current or previous one, else the
-        requested one if free, else the first free one) and hold it briefly; None if full."""
-        used = self._in_use(now, mac)
+        requested one if free, else the first free one) and hold it briefly; None if the
+        range is full or ``max_held`` offers are held already."""
+        self._prune(now)
+        if mac not in self._offers and len(self._offers) >= self.max_held:
+            return None
         choice: ipaddress.IPv4Address | None = None
         previous = self._leases.get(mac) or self._offers.get(mac)
         for candidate in (previous.ip if previous else None, requested):
-            if candidate is not None and candidate in self and candidate not in used:
+            if candidate is not None and candidate in self and not self._taken(candidate, mac, now):
                 choice = candidate
                 break
         if choice is None:
-            ip = self.start
-            while ip <= self.end:
-                if ip not in used:
-                    choice = ip
-                    break
-                ip += 1
+            choice = self._lowest_free(mac, now)
         if choice is not None:
+            self._drop_offer(mac)  # re-inserted at the back: the table stays in expiry order
             self._offers[mac] = Binding(mac, choice, now + self.offer_hold)
+            self._offer_ip[choice] = mac
         return choice
 
     def commit(self, mac: str, ip: ipaddress.IPv4Address, lease_time: int, now: float) -> bool:
         """Bind ``ip`` to ``mac`` for ``lease_time`` seconds and persist; False if taken."""
-        if ip not in self or ip in self._in_use(now, mac):
+        self._prune(now)
+        if ip not in self or self._taken(ip, mac, now):
             return False
-        self._offers.pop(mac, None)
-        self._leases[mac] = Binding(mac, ip, now + lease_time)
+        self._drop_offer(mac)
+        self._bind(Binding(mac, ip, now + lease_time))
         self._changed()
         return True
 
     def release(self, mac: str, ip: ipaddress.IPv4Address | None = None) -> bool:
         b = self._leases.get(mac)
-        self._offers.pop(mac, None)
+        self._drop_offer(mac)
         if b is None or (ip is not None and b.ip != ip):
             return False
         del self._leases[mac]
+        if self._lease_ip.get(b.ip) == mac:
+            del self._lease_ip[b.ip]
+            self._free(b.ip)
         self._changed()
         return True
 
     def forget_offer(self, mac: str) -> None:
-        self._offers.pop(mac, None)
+        self._drop_offer(mac)
 
-    def decline(self, mac: str, ip: ipaddress.IPv4Address, now: float) -> None:
-        """The client found ``ip`` in use: do not hand it out for a while."""
+    def holds(self, mac: str, ip: ipaddress.IPv4Address, now: float) -> bool:
+        """Whether ``mac`` holds ``ip`` now, by an unexpired offer or lease."""
+        offer = self._offers.get(mac)
+        lease = self._leases.get(mac)
+        return any(b is not None and b.ip == ip and b.expires > now for b in (offer, lease))
+
+    def decline(self, mac: str, ip: ipaddress.IPv4Address, now: float) -> bool:
+        """The client found ``ip`` in use: do not hand it out for a while.
+
+        Honoured (True) only if ``mac`` holds ``ip``: RFC 2131 4.3.3 has the client decline
+        the address the server gave *it*. Anyone else's DECLINE changes nothing (False).
+        """
+        self._prune(now)
+        if ip not in self or not self.holds(mac, ip, now):
+            return False
+        if ip not in self._declined and len(self._declined) >= self.max_held:
+            return False
+        self._declined.pop(ip, None)  # re-inserted at the back: expiry order
         self._declined[ip] = now + self.decline_hold
         self.release(mac, ip)
+        return True

@@ -31,8 +31,13 @@ from hatchery.dhcp.packet import (
     opt_u8,
     opt_u32,
 )
+from hatchery.log import EventSummary
 
 log = logging.getLogger(__name__)
+
+#: At most one line per this many seconds about what strangers can cause at will (a full
+#: birth range, NAKs).
+SUMMARY_INTERVAL = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +125,7 @@ class Responder:
         self.static = static
         self.births = births  # None: birthing disabled, unknown MACs get no answer
         self._common = _common_options(config)
+        self._summary = EventSummary(log, f"dhcp as {config.server_ip}", SUMMARY_INTERVAL)
 
     # --- entry point --------------------------------------------------------------------
 
@@ -163,8 +169,8 @@ class Responder:
             return None
         ip = self.births.offer(mac, request.requested_ip, now)
         if ip is None:
-            log.warning("DISCOVER from %s: birth range %s-%s is full", mac, self.births.start,
-                        self.births.end)  # fmt: skip
+            # One line per interval: a flood of forged DISCOVERs must not flood the log.
+            self._summary.count("DISCOVERs not answered: the birth range is full", mac, now)
             return None
         return self._reply(request, MessageType.OFFER, ip, None, True)
 
@@ -181,19 +187,19 @@ class Responder:
         wanted = request.requested_ip
         if wanted is None:
             if server_id is not None:
-                return self._nak(request, "SELECTING without a requested address")
+                return self._nak(request, now, "SELECTING without a requested address")
             wanted = request.ciaddr  # RENEWING/REBINDING: the address is in ciaddr
             if wanted == ZERO_IP:
                 return None
         lease = self.static.lookup(mac)
         if lease is not None:
             if wanted != lease.ip or lease.ip not in self.config.network:
-                return self._nak(request, f"address {wanted} is not yours")
+                return self._nak(request, now, f"address {wanted} is not yours")
             return self._reply(request, MessageType.ACK, lease.ip, lease.hostname, lease.boot)
         if self.births is None:
             return None
         if wanted not in self.config.network:
-            return self._nak(request, f"address {wanted} is not on this network")
+            return self._nak(request, now, f"address {wanted} is not on this network")
         if server_id is None:
             # INIT-REBOOT, RENEWING, REBINDING: silent without a record of the client,
             # NAK when its address is not the one we bound (RFC 2131 4.3.2)
@@ -201,22 +207,35 @@ class Responder:
             if bound is None:
                 return None
             if bound.ip != wanted:
-                return self._nak(request, f"address {wanted} is not yours")
+                return self._nak(request, now, f"address {wanted} is not yours")
         elif wanted not in self.births:
-            return self._nak(request, f"address {wanted} is not in the birth range")
+            return self._nak(request, now, f"address {wanted} is not in the birth range")
         if not self.births.commit(mac, wanted, self.config.lease_time, now):
-            return self._nak(request, f"address {wanted} is taken")
+            return self._nak(request, now, f"address {wanted} is taken")
         return self._reply(request, MessageType.ACK, wanted, None, True)
 
     # --- RFC 2131 4.3.3 / 4.3.4: DHCPDECLINE, DHCPRELEASE -------------------------------------
 
     def _decline(self, request: DhcpPacket, now: float) -> None:
+        """Honoured only from the client holding the offer or lease (``BirthLeases.decline``).
+
+        The client is known by chaddr alone: the server reads DHCP from a UDP socket, which
+        does not see the Ethernet frame's source MAC, so it cannot check that the frame came
+        from chaddr. What keeps a VM from declining for another machine is that chaddr must
+        hold the offer or lease of the very address declined (which the VM would have to
+        guess while the real client's offer lasts), and that VMs' ports may send DHCP only
+        with their own source MAC (``metadata/ruleset.py``).
+        """
         if request.server_id != self.config.server_ip or request.requested_ip is None:
             return
-        log.warning("%s declined %s: the address is in use by someone else", request.mac,
-                    request.requested_ip)  # fmt: skip
-        if self.births is not None and self.static.lookup(request.mac) is None:
-            self.births.decline(request.mac, request.requested_ip, now)
+        if self.births is None or self.static.lookup(request.mac) is not None:
+            return
+        if self.births.decline(request.mac, request.requested_ip, now):
+            log.warning("%s declined %s: the address is in use by someone else", request.mac,
+                        request.requested_ip)  # fmt: skip
+        else:
+            log.debug("DECLINE of %s from %s, which does not hold it: ignored",
+                      request.requested_ip, request.mac)  # fmt: skip
 
     def _release(self, request: DhcpPacket) -> None:
         if request.server_id not in (None, self.config.server_ip):
@@ -236,8 +255,10 @@ class Responder:
 
     # --- building replies -------------------------------------------------------------------
 
-    def _nak(self, request: DhcpPacket, why: str) -> DhcpPacket:
-        log.info("NAK to %s: %s", request.mac, why)
+    def _nak(self, request: DhcpPacket, now: float, why: str) -> DhcpPacket:
+        # Anyone can provoke a NAK with a forged REQUEST: counted, each one only at DEBUG.
+        log.debug("NAK to %s: %s", request.mac, why)
+        self._summary.count("NAKs sent", request.mac, now)
         return DhcpPacket(
             op=Op.BOOTREPLY,
             xid=request.xid,

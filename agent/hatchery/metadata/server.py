@@ -26,6 +26,8 @@ from typing import Protocol
 
 from aiohttp import web
 
+from hatchery.log import EventSummary
+
 log = logging.getLogger(__name__)
 TOKEN_HEADER = "X-aws-ec2-metadata-token"
 TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
@@ -85,6 +87,8 @@ VM = web.RequestKey("vm", VmMetadata)
 BRIDGE = web.AppKey("bridge", str)
 SOURCE = web.AppKey("source", MetadataSource)
 TOKENS = web.AppKey("tokens", _Tokens)
+# Anything on the bridge can reach 169.254.169.254: refusals are summarised, not logged each.
+REFUSALS = web.AppKey("refusals", EventSummary)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -104,7 +108,7 @@ async def identify(request: web.Request, handler: Handler) -> web.StreamResponse
         raise web.HTTPForbidden(text="unknown source\n") from None
     vm = request.app[SOURCE].vm_by_ip(request.app[BRIDGE], remote)
     if vm is None:
-        log.warning("metadata request from unknown address %s refused", remote)
+        request.app[REFUSALS].count("requests from unknown addresses refused", remote)
         raise web.HTTPForbidden(text="unknown source\n")
     token = request.headers.get(TOKEN_HEADER)
     if token is not None and not request.app[TOKENS].valid(token, vm.uuid, time.time()):
@@ -204,6 +208,7 @@ def make_app(bridge: str, source: MetadataSource) -> web.Application:
     app[BRIDGE] = bridge
     app[SOURCE] = source
     app[TOKENS] = _Tokens()
+    app[REFUSALS] = EventSummary(log, f"metadata on {bridge}")
     r = app.router
     r.add_put("/latest/api/token", put_token)
     r.add_get("/datasource/SmallStack", smallstack)

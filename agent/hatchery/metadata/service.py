@@ -16,9 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from aiohttp import web
-
-from hatchery.config import API_PORT, AgentConfig, BootServiceConfig
+from hatchery.config import API_PORT, AgentConfig, BootServiceConfig, ConnectionLimits
+from hatchery.listener import HttpListener
 from hatchery.metadata.plumbing import BridgePlumbing
 from hatchery.metadata.ruleset import TFTP_PORT, NodeServices, Port
 from hatchery.metadata.server import MetadataSource, make_app
@@ -54,7 +53,7 @@ class ApiListener(Protocol):
 @dataclass
 class _Bridge:
     plumbing: BridgePlumbing
-    runner: web.AppRunner
+    listener: HttpListener
 
 
 class MetadataService:
@@ -64,8 +63,10 @@ class MetadataService:
         ports_of: Callable[[str], Sequence[Port]],
         port: int = METADATA_PORT,
         services: NodeServices = DEFAULT_NODE_SERVICES,
+        limits: ConnectionLimits | None = None,
     ) -> None:
         self._source = source
+        self._limits = limits or ConnectionLimits()
         self._ports_of = ports_of
         self._port = port
         self._services = services
@@ -79,19 +80,21 @@ class MetadataService:
     ) -> None:
         """Set up ``bridge``'s namespace, rules and server; serve ``api`` there too if given."""
         plumbing = BridgePlumbing(bridge, subnets, self._services)
-        runner = web.AppRunner(make_app(bridge, self._source), access_log=None)
+        # Every VM of the bridge reaches this one listener: its per-client cap is per VM.
+        listener = HttpListener(make_app(bridge, self._source), self._limits,
+                                name=f"metadata on {bridge}")  # fmt: skip
         try:
             await plumbing.setup()
             await plumbing.apply_ports(self._ports_of(bridge))
-            await runner.setup()
-            await web.SockSite(runner, plumbing.listen(self._port)).start()
+            await listener.start()
+            await listener.serve_on(plumbing.listen(self._port))
             if api is not None:
                 await api.serve_on(plumbing.listen(api.port))
         except BaseException:
-            await runner.cleanup()
+            await listener.close()
             await plumbing.teardown()
             raise
-        self._bridges[bridge] = _Bridge(plumbing, runner)
+        self._bridges[bridge] = _Bridge(plumbing, listener)
         log.info("metadata service on %s: 169.254.169.254:%d", bridge, self._port)
 
     async def ports_changed(self, bridge: str) -> None:
@@ -106,7 +109,7 @@ class MetadataService:
         rules keep protecting running VMs while it is down.
         """
         for bridge, entry in list(self._bridges.items()):
-            await entry.runner.cleanup()
+            await entry.listener.close()
             if teardown:
                 await entry.plumbing.teardown()
             del self._bridges[bridge]

@@ -10,6 +10,14 @@ Limits: concurrent transfers (in all and per client address), file size, and a t
 of requests per client address; requests over the bucket are dropped unanswered so a flood
 costs nothing but the receive. A retransmitted RRQ for a transfer already under way is
 ignored (the transfer retransmits by itself).
+
+A request takes a transfer slot (and a worker thread) only once its client has answered the
+first packet (the ACK of the OACK, or of block 1). Until then it is *pending*: driven on the
+event loop, counted against its own small cap and the client address's cap, and dropped
+after at most ``answer_wait`` seconds. A request's source address is not proof of anything
+over UDP; forged RRQs (issue 14: 64 of them with ``timeout 255`` held every slot for
+minutes) now hold only a pending place for seconds, never a slot of a real transfer, and a
+client's ``timeout`` option above ``max_timeout`` is not acknowledged.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from typing import Any, cast
 
 from hatchery import jail
 from hatchery.errors import HatcheryError
+from hatchery.log import EventSummary
 from hatchery.tftp.packet import (
     ERROR,
     MAX_BLKSIZE,
@@ -104,7 +113,10 @@ class TftpLimits:
     max_blksize: int = MAX_BLKSIZE
     max_windowsize: int = 64
     timeout: float = 1.0  # seconds before a retransmission, unless the client negotiates
+    max_timeout: int = 5  # largest RFC 2349 timeout acknowledged (the RFC allows 255)
     retries: int = 5
+    max_pending: int = 64  # requests whose client has not answered yet, in all
+    answer_wait: float = 10.0  # seconds a pending request waits for its client's answer
     requests_per_second: float = 20.0  # per client address, sustained
     request_burst: int = 40  # per client address, at once
 
@@ -203,6 +215,9 @@ class _TransferPort:
         self._stopping = threading.Event()
         self._forgotten = False
         self._started = time.monotonic()
+        self.pending = True  # until the client answers; then a worker thread takes over
+        self._timer: asyncio.TimerHandle | None = None
+        self._answer_by = 0.0
         self.machine = ReadTransfer(
             source,
             self._send,
@@ -217,7 +232,80 @@ class _TransferPort:
             target=self._run, name=f"tftp {peer[0]}:{peer[1]} {name}", daemon=True
         )
 
+    # -- pending, on the loop thread: until the client answers the first packet -------------
+
+    def begin(self) -> None:
+        """Send the first packet (OACK or DATA 1) and wait on the loop for the answer."""
+        self._sock.setblocking(False)
+        now = time.monotonic()
+        self._answer_by = now + self._server.limits.answer_wait
+        self.machine.start(now)
+        self._loop.add_reader(self._sock.fileno(), self._readable)
+        self._arm(now)
+
+    def _arm(self, now: float) -> None:
+        at = min(self.machine.deadline, self._answer_by)
+        self._timer = self._loop.call_later(max(at - now, 0.0), self._tick)
+
+    def _readable(self) -> None:
+        buf = bytearray(_RECEIVE_BUFFER)
+        view = memoryview(buf)
+        while self.pending:
+            try:
+                size, addr = self._sock.recvfrom_into(buf)
+            except BlockingIOError:
+                break
+            except OSError as exc:  # e.g. an ICMP error queued on the socket
+                log.debug("TFTP transfer of %s to %s: %s", self.name, self.peer[0], exc)
+                continue
+            if addr == self.peer:
+                self.machine.on_datagram(view[:size], time.monotonic())
+                if self.machine.finished:  # an error, or a one-block file already acked
+                    self._end_pending()
+                elif self.machine.answered:
+                    self._server._promote(self)
+            else:
+                self._stray(view[:size], addr)
+
+    def _tick(self) -> None:
+        self._timer = None
+        if not self.pending:
+            return
+        now = time.monotonic()
+        if now >= self._answer_by:
+            log.debug("TFTP request of %s from %s: no answer, dropped", self.name, self.peer[0])
+            self._end_pending()
+            return
+        if now >= self.machine.deadline:
+            self.machine.on_timeout(now)
+            if self.machine.finished:
+                log.debug("TFTP request of %s from %s: %s", self.name, self.peer[0],
+                          self.machine.error)  # fmt: skip
+                self._end_pending()
+                return
+        self._arm(now)
+
+    def _leave_loop(self) -> None:
+        self.pending = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(self._sock.fileno())
+
+    def _end_pending(self) -> None:
+        """The request ends before it took a slot: no answer, an error, or all sent."""
+        self._leave_loop()
+        if self.machine.state is State.DONE:
+            self._report()
+        self._sock.close()
+        self.machine.source.close()
+        self._finished()
+
     def open(self) -> None:
+        """The client answered: hand the transfer to a worker thread (it holds a slot now)."""
+        self._leave_loop()
+        self._sock.setblocking(True)
         self.thread.start()
 
     # -- the worker thread ---------------------------------------------------------------------
@@ -241,7 +329,6 @@ class _TransferPort:
         receive = sock.recvfrom_into
         clock = time.monotonic
         waiting = 0.0  # the SO_RCVTIMEO set now
-        machine.start(clock())
         stopping = self._stopping.is_set
         while not machine.finished and not stopping():
             # The receive timeout is the retransmission timer: after an ACK it is the whole
@@ -332,6 +419,9 @@ class _TransferPort:
 
     def close(self) -> None:
         """Stop the transfer (on the loop thread): wake the worker, forget it now."""
+        if self.pending:
+            self._end_pending()
+            return
         self._stopping.set()
         with contextlib.suppress(OSError):  # ENOTCONN on UDP, but the reader wakes anyway
             self._sock.shutdown(socket.SHUT_RDWR)
@@ -362,9 +452,11 @@ class TftpServer:
         self.port = port
         self.limits = limits or TftpLimits()
         self._flood = _Flood(self.limits.requests_per_second, self.limits.request_burst)
+        self._refusals = EventSummary(log, "tftp")
         self._listener: asyncio.DatagramTransport | None = None
-        self._transfers: dict[tuple[Address, str], _TransferPort] = {}
-        self._per_client: dict[str, int] = {}
+        self._transfers: dict[tuple[Address, str], _TransferPort] = {}  # pending or running
+        self._per_client: dict[str, int] = {}  # pending or running, per client address
+        self._running = 0  # transfers holding a slot (their client answered)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
@@ -383,7 +475,13 @@ class TftpServer:
 
     @property
     def active_transfers(self) -> int:
-        return len(self._transfers)
+        """Transfers holding a slot: their client answered the first packet."""
+        return self._running
+
+    @property
+    def pending_transfers(self) -> int:
+        """Requests whose client has not answered the first packet yet."""
+        return len(self._transfers) - self._running
 
     async def start(self) -> None:
         if self._listener is not None:
@@ -443,7 +541,9 @@ class TftpServer:
             try:
                 self._read_request(packet, addr)
             except Refused as exc:
-                log.info("refused %r to %s: %s", packet.filename, host, exc.message)
+                # Counted, not logged each: request sources are forgeable over UDP.
+                log.debug("refused %r to %s: %s", packet.filename, host, exc.message)
+                self._refusals.count(f"requests refused ({exc.code.name})", host)
                 self._refuse(sendto, addr, exc.code, exc.message)
         # Anything else on the listening port belongs to no transfer: dropped unanswered.
 
@@ -459,7 +559,7 @@ class TftpServer:
             raise Refused(ErrorCode.ILLEGAL_OPERATION, f"mode {request.mode!r} not supported")
         host = str(addr[0])
         limits = self.limits
-        if len(self._transfers) >= limits.max_transfers:
+        if self._running >= limits.max_transfers or self.pending_transfers >= limits.max_pending:
             raise Refused(ErrorCode.NOT_DEFINED, "server busy: too many transfers")
         if self._per_client.get(host, 0) >= limits.max_transfers_per_client:
             raise Refused(ErrorCode.NOT_DEFINED, "too many transfers from this client")
@@ -483,29 +583,41 @@ class TftpServer:
                 max_blksize=limits.max_blksize,
                 max_windowsize=limits.max_windowsize,
                 default_timeout=limits.timeout,
+                max_timeout=limits.max_timeout,
             )
             sock = self._transfer_socket()
         except BaseException:
             source.close()
             raise
+        port = _TransferPort(self, sock, addr, request.filename, source, settings)
+        self._transfers[key] = port
+        self._per_client[host] = self._per_client.get(host, 0) + 1
+        port.begin()  # pending: no slot, no thread, until the client answers
+
+    def _promote(self, port: _TransferPort) -> None:
+        """``port``'s client answered: give it a slot and a thread, or refuse if none is left."""
+        if self._running >= self.limits.max_transfers:
+            port.machine.abort(ErrorCode.NOT_DEFINED, "server busy: too many transfers")
+            port._end_pending()
+            return
         log.info(
             "RRQ %s from %s:%d, %d bytes, blksize %d, windowsize %d",
-            request.filename,
-            host,
-            addr[1],
-            source.size,
-            settings.blksize,
-            settings.windowsize,
+            port.name,
+            port.peer[0],
+            port.peer[1],
+            port.machine.source.size,
+            port.machine.blksize,
+            port.machine.windowsize,
         )
-        port = _TransferPort(self, sock, addr, request.filename, source, settings)
+        self._running += 1
         try:
             port.open()
         except RuntimeError as exc:  # no thread to be had
-            sock.close()
-            source.close()
-            raise Refused(ErrorCode.NOT_DEFINED, f"cannot start the transfer: {exc}") from exc
-        self._transfers[key] = port
-        self._per_client[host] = self._per_client.get(host, 0) + 1
+            log.warning("TFTP transfer of %s to %s: cannot start: %s", port.name, port.peer[0],
+                        exc)  # fmt: skip
+            self._running -= 1
+            port.machine.abort(ErrorCode.NOT_DEFINED, "cannot start the transfer")
+            port._end_pending()
 
     def _transfer_socket(self) -> socket.socket:
         sock = socket.socket(self._family, socket.SOCK_DGRAM)
@@ -522,6 +634,8 @@ class TftpServer:
         key = (port.peer, port.name)
         if self._transfers.get(key) is port:
             del self._transfers[key]
+            if port.thread.is_alive() or port.thread.ident is not None:
+                self._running -= 1
             host = str(port.peer[0])
             left = self._per_client.get(host, 1) - 1
             if left > 0:

@@ -63,11 +63,17 @@ def negotiate(
     max_blksize: int,
     max_windowsize: int,
     default_timeout: float,
+    max_timeout: int = 255,
 ) -> Negotiated:
     """RFC 2347 "Negotiation Protocol": acknowledge only recognised options with valid values.
 
     Unknown options and out-of-range values are left out of the OACK (never an error), and
     an acknowledged value is never larger than the one requested.
+
+    ``timeout`` above ``max_timeout`` is not acknowledged (the transfer keeps the server's
+    own timeout): RFC 2349 lets a client ask for up to 255 s, and forged requests asking for
+    that held every transfer slot for minutes (issue 14). RFC 2349 requires an acknowledged
+    timeout to equal the requested one, so declining the option is the only way to cap it.
     """
     blksize, windowsize, timeout = DEFAULT_BLKSIZE, 1, default_timeout
     acked: list[tuple[str, str]] = []
@@ -82,7 +88,7 @@ def negotiate(
                 acked.append((name, str(size)))
         elif name == "timeout":  # RFC 2349 "Timeout Interval Option": 1..255 seconds
             number = _number(value, 1, 255)
-            if number is not None:
+            if number is not None and number <= max_timeout:
                 timeout = float(number)
                 acked.append((name, str(number)))
         elif name == "windowsize":  # RFC 7440 section 3: 1..65535 blocks
@@ -215,6 +221,12 @@ class ReadTransfer:
     def finished(self) -> bool:
         return self.state is State.DONE or self.state is State.FAILED
 
+    @property
+    def answered(self) -> bool:
+        """Whether the client answered the first packet: ACK 0 of the OACK, or ACK 1. Until
+        then its address may be forged, so the server gives it no transfer slot."""
+        return self.acked >= 1 or (bool(self._oack) and self.state is not State.OACK_SENT)
+
     def start(self, now: float) -> None:
         self.deadline = now + self.timeout
         if self._oack:
@@ -269,6 +281,10 @@ class ReadTransfer:
                 pos += 4 + length
             self._batch(view[:pos], segment)
             block = end + 1
+
+    def abort(self, code: ErrorCode, message: str) -> None:
+        """End the transfer with ``message`` sent to the client (RFC 1350 section 7)."""
+        self._abort(code, message)
 
     def _abort(self, code: ErrorCode, message: str) -> None:
         self.state = State.FAILED

@@ -110,3 +110,24 @@ def test_policy_file(tmp_path: Path) -> None:
     path.write_text("groups: [1]\n")
     with pytest.raises(ConfigError, match="groups"):
         load_policy(path)
+
+
+def test_connection_limits() -> None:
+    config = parse_config({"limits": {"per_client": 8, "total": 100, "idle_timeout": 5}})
+    assert config.limits.per_client == 8 and config.limits.total == 100
+    assert config.limits.idle_timeout == 5.0
+    assert config.limits.header_timeout == AgentConfig().limits.header_timeout
+
+
+@pytest.mark.parametrize(
+    ("limits", "key"),
+    [
+        ({"per_client": 0}, "limits.per_client"),
+        ({"per_client": 10, "total": 5}, "limits.per_client"),
+        ({"header_timeout": 0}, "limits.header_timeout"),
+        ({"idle": 3}, "limits.idle"),
+    ],
+)
+def test_bad_connection_limits_name_the_key(limits: dict[str, int], key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        parse_config({"limits": limits})

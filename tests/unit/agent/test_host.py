@@ -88,6 +88,47 @@ def test_notify_sends_one_datagram(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
         assert listener.recv(64) == b"READY=1"
 
 
+_FILL_FDS = """
+import errno, os, resource, sys
+from hatchery import host
+assert host.notify("READY=1")  # the agent opens its notify socket at start
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+held = []
+try:
+    while True:
+        held.append(os.open("/dev/null", os.O_RDONLY))
+except OSError as exc:
+    assert exc.errno == errno.EMFILE, exc
+for n in range(3):
+    assert host.notify(f"WATCHDOG=1 {n}"), "ping lost"
+print(len(held))
+"""
+
+
+def test_watchdog_pings_go_out_with_the_fd_table_full(tmp_path: Path) -> None:
+    """Issue 14: a flood of connections used up every descriptor and sd_notify, which opened
+    a socket per ping, could not ping: systemd killed the agent. Pings need no new fd."""
+    import subprocess
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(str(tmp_path / "notify"))
+        listener.settimeout(5)
+        env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")}
+        done = subprocess.run([sys.executable, "-c", _FILL_FDS], env=env, capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert int(done.stdout) > 10  # the table really was filled
+        got = [listener.recv(64) for _ in range(4)]
+    assert got == [b"READY=1", b"WATCHDOG=1 0", b"WATCHDOG=1 1", b"WATCHDOG=1 2"]
+
+
+def test_notify_failure_is_reported_not_raised(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "nobody-listens"))
+    assert host.notify("WATCHDOG=1") is False
+
+
 def test_watchdog_interval(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WATCHDOG_USEC", "30000000")
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
@@ -102,3 +143,15 @@ def test_the_agent_unit_is_named_once() -> None:
     spelled = [p for p in agent.rglob("*.py") if '"hatchery-agent.service"' in p.read_text()]
     assert spelled == [Path(host.__file__)], spelled
     assert sys.modules["hatchery.host"].AGENT_UNIT == "hatchery-agent.service"
+
+
+def test_agent_unit_has_room_for_the_connection_caps() -> None:
+    """The unit's fd limit holds several listeners' total caps (API, metadata and boot HTTP
+    of a few bridges) with room to spare; the default soft limit of 1024 does not."""
+    from hatchery.config import ConnectionLimits
+
+    unit = Path(__file__).parents[3] / "images/hypervisor/mkosi.extra/usr/lib/systemd/system"
+    text = (unit / host.AGENT_UNIT).read_text()
+    limit = next(int(line.split("=", 1)[1]) for line in text.splitlines()
+                 if line.startswith("LimitNOFILE="))  # fmt: skip
+    assert limit >= 16 * ConnectionLimits().total

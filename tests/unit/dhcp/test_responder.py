@@ -6,6 +6,8 @@ import asyncio
 import dataclasses
 import ipaddress
 import json
+import logging
+import random
 from pathlib import Path
 
 import pytest
@@ -345,3 +347,131 @@ def test_static_leases_from_file(tmp_path: Path) -> None:
     assert leases.lookup("52:54:00:aa:00:01") == Lease("52:54:00:aa:00:01", IP("10.9.0.5"))
     second = leases.lookup("52:54:00:aa:00:02")
     assert second is not None and second.boot
+
+
+def _decline(mac: str, ip: IP) -> DhcpPacket:
+    return msg(
+        MessageType.DECLINE, mac, opt_ip(Opt.SERVER_ID, SERVER), opt_ip(Opt.REQUESTED_IP, ip)
+    )
+
+
+def test_a_decline_from_anyone_but_the_holder_is_ignored() -> None:
+    """Issue 14: one forged DECLINE blocked an address for ten minutes."""
+    b = births()
+    r = responder(b)
+    offer = r.handle(boot_msg(MessageType.DISCOVER, "52:54:00:aa:00:01"), NOW)
+    assert offer is not None
+    assert r.handle(_decline("52:54:00:ee:ee:ee", offer.yiaddr), NOW + 1) is None
+    assert b.held == (1, 0)
+    # The offer lapses unused: the address is free again, not blocked for ten minutes.
+    later = r.handle(boot_msg(MessageType.DISCOVER, "52:54:00:aa:00:02"), NOW + 120)
+    assert later is not None and later.yiaddr == offer.yiaddr
+    # Declines of addresses nobody was given, in or out of the range, are no-ops.
+    for n in range(1000):
+        r.handle(_decline(f"52:54:00:ee:{n // 256:02x}:{n % 256:02x}", IP("10.9.0.100") + n), NOW)
+    assert b.held[1] == 0
+
+
+def test_the_holder_may_decline_its_lease() -> None:
+    b = births()
+    r = responder(b)
+    mac = "52:54:00:aa:00:01"
+    ip = _bind(r, mac)
+    r.handle(_decline(mac, ip), NOW + 1)
+    assert b.held[1] == 1 and b.binding(mac, NOW + 1) is None
+
+
+def test_birth_tables_stay_bounded_under_a_flood_of_forged_macs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 14: offers were never pruned, so forged DISCOVERs grew the table for ever (and
+    every packet scanned it). Expired offers go, the table stays within the range, and the
+    "range is full" warning comes once a minute, not once a packet."""
+    caplog.set_level(logging.WARNING)
+    b = births(size=10)
+    r = responder(b)
+    n = 0
+    for round_ in range(200):
+        now = NOW + round_ * 61.0  # each round's offers have expired by the next
+        for _ in range(30):
+            n += 1
+            mac = ":".join(f"{x:02x}" for x in (0x52, 0x54, 1, n >> 16, (n >> 8) & 255, n & 255))
+            r.handle(boot_msg(MessageType.DISCOVER, mac), now)
+        assert b.held[0] <= 10
+    # A real node still gets an address once the flood's offers lapse.
+    assert r.handle(boot_msg(MessageType.DISCOVER, "52:54:00:aa:00:01"), now + 61) is not None
+    assert len(caplog.records) <= 200  # one per minute of the flood, not 4000
+
+
+def test_offers_are_capped_even_in_a_huge_range() -> None:
+    b = BirthLeases(IP("10.0.0.0"), IP("10.255.255.255"), max_held=100)
+    for n in range(500):
+        b.offer(f"52:54:02:00:{n >> 8:02x}:{n & 255:02x}", None, NOW)
+    assert b.held[0] == 100
+
+
+def test_forged_requests_do_not_flood_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    """A NAK is anyone's for a forged REQUEST: one summary line, not a line per packet."""
+    caplog.set_level(logging.INFO, logger="hatchery")
+    r = responder(births())
+    for n in range(100):
+        wrong = msg(MessageType.REQUEST, VM_MAC, opt_ip(Opt.SERVER_ID, SERVER),
+                    opt_ip(Opt.REQUESTED_IP, IP("10.9.0.50") + n))  # fmt: skip
+        reply = r.handle(wrong, NOW + n / 10)  # 100 packets in 10 s
+        assert reply is not None and reply.message_type == MessageType.NAK
+    assert len(caplog.records) == 1, [rec.getMessage() for rec in caplog.records]
+
+
+def test_lowest_free_address_matches_a_full_scan() -> None:
+    """The freed heap and the never-given cursor give exactly what scanning the range for
+    the lowest free address would, through offers, leases, releases, declines and expiry."""
+    rng = random.Random(14)
+    b = BirthLeases(IP("10.9.0.100"), IP("10.9.0.139"), offer_hold=60, decline_hold=600)
+    macs = [f"52:54:00:bb:00:{n:02x}" for n in range(80)]
+    now = NOW
+    for _ in range(4000):
+        now += rng.choice((0.0, 1.0, 5.0, 30.0, 200.0))
+        mac = rng.choice(macs)
+        action = rng.random()
+        if action < 0.5:
+            b._prune(now)
+            fresh_client = b._leases.get(mac) is None and b._offers.get(mac) is None
+            expected = next((ip for ip in (IP("10.9.0.100") + n for n in range(40))
+                             if not b._taken(ip, mac, now)), None)  # fmt: skip
+            got = b.offer(mac, None, now)
+            if fresh_client:
+                assert got == expected
+        elif action < 0.6:
+            b.offer(mac, IP("10.9.0.100") + rng.randrange(45), now)
+        elif action < 0.8:
+            held = b._offers.get(mac)
+            if held is not None:
+                b.commit(mac, held.ip, rng.choice((100, 1200)), now)
+        elif action < 0.9:
+            b.release(mac)
+        else:
+            held = b._offers.get(mac) or b._leases.get(mac)
+            if held is not None:
+                b.decline(mac, held.ip, now)
+
+
+def test_discover_costs_no_scan_of_a_full_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A /16 birth range full of leases: a flood of DISCOVERs from new MACs checks a few
+    addresses each, not 65 536."""
+    b = BirthLeases(IP("10.8.0.0"), IP("10.8.255.255"), max_held=100_000)
+    for n in range(65536):
+        mac = ":".join(f"{x:02x}" for x in (0x52, 0x54, 0, 0, n >> 8, n & 255))
+        assert b.offer(mac, None, NOW) == IP("10.8.0.0") + n
+        assert b.commit(mac, IP("10.8.0.0") + n, 3600, NOW)
+    checks = 0
+    taken = b._taken
+
+    def counted(ip: IP, mac: str, now: float) -> bool:
+        nonlocal checks
+        checks += 1
+        return taken(ip, mac, now)
+
+    monkeypatch.setattr(b, "_taken", counted)
+    for n in range(1000):
+        assert b.offer(f"52:54:01:00:{n >> 8:02x}:{n & 255:02x}", None, NOW + 1) is None
+    assert checks < 10_000

@@ -5,6 +5,7 @@ tests/integration/tftp."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -218,7 +219,8 @@ async def test_concurrency_limits(root: Path) -> None:
             await clients[2].send(RRQ("big", "octet"), server.address)
             packet, _ = await clients[2].recv()
             assert isinstance(packet, ERROR) and "from this client" in packet.message
-            assert server.active_transfers == 2
+            # Neither client answered: both pending, neither holds a slot.
+            assert (server.pending_transfers, server.active_transfers) == (2, 0)
         finally:
             for c in clients:
                 c.close()
@@ -229,7 +231,10 @@ async def test_global_transfer_limit(root: Path) -> None:
         first, second = Client(), Client()
         try:
             await first.send(RRQ("big", "octet"), server.address)
+            _, tid = await first.recv()
+            await first.send(ACK(1), tid)  # the answer: now it holds the one slot
             await first.recv()
+            assert server.active_transfers == 1
             await second.send(RRQ("big", "octet"), server.address)
             packet, _ = await second.recv()
             assert isinstance(packet, ERROR) and "busy" in packet.message
@@ -254,7 +259,7 @@ async def test_retransmitted_request_starts_no_second_transfer(root: Path, clien
         await client.send(RRQ("big", "octet"), server.address)
         await client.recv()
         assert await client.silent()
-        assert server.active_transfers == 1
+        assert server.pending_transfers == 1
 
 
 async def test_foreign_tid_gets_error_5_and_the_transfer_goes_on(
@@ -270,10 +275,11 @@ async def test_foreign_tid_gets_error_5_and_the_transfer_goes_on(
             assert isinstance(packet, ERROR) and packet.code == ErrorCode.UNKNOWN_TID
         finally:
             stranger.close()
-        assert server.active_transfers == 1
+        assert server.pending_transfers == 1
         await client.send(ACK(1), tid)
         await asyncio.sleep(0.05)
-        assert first == DATA(1, b"hello tftp\n") and server.active_transfers == 0
+        assert first == DATA(1, b"hello tftp\n")
+        assert (server.pending_transfers, server.active_transfers) == (0, 0)
 
 
 async def test_retransmits_on_timeout_then_gives_up(root: Path, client: Client) -> None:
@@ -316,10 +322,75 @@ async def test_stop_aborts_transfers(root: Path, client: Client) -> None:
     server = _server(root)
     await server.start()
     await client.send(RRQ("big", "octet"), server.address)
+    _, tid = await client.recv()
+    await client.send(ACK(1), tid)
     await client.recv()
     assert server.active_transfers == 1
     await server.stop()
     assert server.active_transfers == 0
+
+
+async def test_unanswered_requests_hold_no_transfer_slot(root: Path) -> None:
+    """Issue 14: forged RRQs (whose "client" never answers) held every transfer slot. A
+    request takes a slot only once its client answers the first packet."""
+    limits = {"max_transfers": 2, "max_transfers_per_client": 100}
+    async with _server(root, **limits) as server:
+        forged = [Client() for _ in range(6)]
+        real = Client()
+        try:
+            for c in forged:
+                await c.send(RRQ("big", "octet", (("timeout", "255"),)), server.address)
+                assert isinstance((await c.recv())[0], DATA)  # 255 s declined: no OACK
+            assert (server.pending_transfers, server.active_transfers) == (6, 0)
+            assert await real.fetch(server.address, "big") == (root / "big").read_bytes()
+        finally:
+            for c in [*forged, real]:
+                c.close()
+
+
+async def test_a_pending_request_is_dropped_after_answer_wait(root: Path, client: Client) -> None:
+    async with _server(root, timeout=0.1, retries=100, answer_wait=0.4) as server:
+        await client.send(RRQ("big", "octet"), server.address)
+        await client.recv()
+        assert server.pending_transfers == 1
+        await asyncio.sleep(0.7)
+        assert server.pending_transfers == 0
+
+
+async def test_pending_requests_are_capped(root: Path) -> None:
+    async with _server(root, max_pending=2, max_transfers_per_client=100) as server:
+        clients = [Client() for _ in range(3)]
+        try:
+            for c in clients:
+                await c.send(RRQ("big", "octet"), server.address)
+            packet, _ = await clients[2].recv()
+            assert isinstance(packet, ERROR) and "busy" in packet.message
+        finally:
+            for c in clients:
+                c.close()
+
+
+async def test_a_long_timeout_option_is_not_acknowledged(root: Path, client: Client) -> None:
+    """RFC 2349 allows 1..255 s and an OACK must echo the value; above the server's cap the
+    option is declined, so the transfer keeps the server's own short timeout."""
+    async with _server(root) as server:
+        options = (("timeout", "255"), ("tsize", "0"))
+        await client.send(RRQ("small", "octet", options), server.address)
+        oack, _ = await client.recv()
+        assert oack == OACK((("tsize", "11"),))
+        await client.send(RRQ("text", "octet", (("timeout", "5"),)), server.address)
+        assert (await client.recv())[0] == OACK((("timeout", "5"),))
+
+
+async def test_refusals_are_summarised_not_logged_each(
+    root: Path, client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="hatchery")
+    async with _server(root, request_burst=1000) as server:
+        for _ in range(100):
+            await client.send(RRQ("missing", "octet"), server.address)
+            await client.recv()
+    assert len([r for r in caplog.records if "refused" in r.getMessage()]) == 1
 
 
 async def test_start_fails_clearly(tmp_path: Path) -> None:
