@@ -193,8 +193,8 @@ async def test_owner_group_acts_on_its_own_vms_only(api: Api) -> None:
     listed = await (await api.client.get("/v1/vms", headers=team)).json()
     assert [vm["name"] for vm in listed["vms"]] == ["web1"]
     assert (await api.client.get("/v1/vms/web1", headers=team)).status == 200
-    assert (await api.client.get("/v1/vms/db1", headers=team)).status == 403
-    assert (await api.client.delete("/v1/vms/db1", headers=team)).status == 403
+    assert (await api.client.get("/v1/vms/db1", headers=team)).status == 404  # unseen = missing
+    assert (await api.client.delete("/v1/vms/db1", headers=team)).status == 404
     assert (await api.client.get("/v1/vms", headers=NOBODY)).status == 200
     assert [vm.name for vm in api.manager.records()] == ["db1", "web1"]
 
