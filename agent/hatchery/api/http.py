@@ -151,14 +151,21 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 # --- identity and permission --------------------------------------------------------------------
 def tls_identity(request: web.Request) -> Identity | None:
-    """The verified client certificate's identity (CN, OUs as groups); None without one.
+    """The verified client certificate's identity (CN, OUs as groups); None without one, and
+    None for a certificate whose extended key usage lacks ``clientAuth`` (a node's
+    server-only certificate is no caller).
 
     The server's TLS context already refuses connections without a certificate signed by
     the fleet's CA; this reads the certificate the handshake verified.
     """
     transport = request.transport
     ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-    return identity_from_peercert(ssl_object.getpeercert()) if ssl_object is not None else None
+    if ssl_object is None:
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    if der is None:
+        return None
+    return identity_from_peercert(ssl_object.getpeercert(), der)
 
 
 class Open(Enum):
