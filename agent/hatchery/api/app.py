@@ -38,8 +38,9 @@ from hatchery.api.policy import Policy
 from hatchery.api.validate import BadRequest, Body
 from hatchery.qemu.cmdline import DEFAULT_MACHINE, MACHINES
 from hatchery.upgrade.controller import Upgrader
-from hatchery.vms.manager import CreateRequest, NotFound, VmManager
-from hatchery.vms.model import DiskBoot, KernelBoot, VmRecord, VmState
+from hatchery.vms.manager import CreateRequest, DiskRequest, KernelRequest, NotFound, VmManager
+from hatchery.vms.model import VmRecord, VmState
+from hatchery.vms.sources import parse_source
 from hatchery.wire import BootStatus, Health, Mode, Phase, UpgradeStatus
 
 log = logging.getLogger(__name__)
@@ -136,15 +137,16 @@ def _create_request(body: Body) -> CreateRequest:
     disk = body.obj("disk")
     kernel_boot = disk_boot = None
     if kernel is not None:
-        kernel_boot = KernelBoot(
-            kernel=str(kernel.text("kernel", required=True, max_len=4096)),
-            initrd=kernel.text("initrd", max_len=4096),
+        initrd = kernel.value("initrd")
+        kernel_boot = KernelRequest(
+            kernel=parse_source(kernel.value("kernel", required=True), "kernel.kernel"),
+            initrd=parse_source(initrd, "kernel.initrd") if initrd is not None else None,
             cmdline=str(kernel.text("cmdline", default="console=ttyS0", max_len=4096)),
         )
         kernel.finish("kernel.")
     if disk is not None:
         fmt = disk.choice("format", ("qcow2", "raw"), default="qcow2")
-        disk_boot = DiskBoot(str(disk.text("image", required=True, max_len=4096)), fmt)
+        disk_boot = DiskRequest(parse_source(disk.value("image", required=True), "disk.image"), fmt)
         disk.finish("disk.")
     if (kernel_boot is None) == (disk_boot is None):
         raise BadRequest("give exactly one of kernel (direct kernel boot) or disk", "kernel")

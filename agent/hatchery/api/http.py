@@ -48,6 +48,7 @@ from hatchery.pki import Identity, identity_from_peercert
 from hatchery.upgrade.controller import UpgradeError
 from hatchery.vms.manager import NotFound, VmError
 from hatchery.vms.model import VmStateError
+from hatchery.vms.sources import SourceError
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class Unavailable(HatcheryError):
 STATUS: dict[type[HatcheryError], int] = {
     BadRequest: 400,
     ManifestError: 400,
+    SourceError: 400,
     VmError: 400,
     Unauthenticated: 401,
     Forbidden: 403,
