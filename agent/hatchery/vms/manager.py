@@ -81,10 +81,12 @@ async def _check_qcow2(path: Path) -> None:
         )
 
 
-#: QEMU's seccomp filter for every VM: no obsolete system calls, no setuid/setgid, no
-#: fork/exec (QEMU needs neither: taps are made by the agent, ``script=no``), no changes of
-#: scheduling or CPU affinity. A guest that escapes into QEMU finds these shut.
-SANDBOX = ("-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny")
+#: QEMU's seccomp filter for every VM: no obsolete system calls, no changes of scheduling or
+#: CPU affinity, so a guest that escapes into QEMU finds those shut. ``elevateprivileges=deny``
+#: and ``spawn=deny`` are not here yet: QEMU (7.2 here) installs the filter before it
+#: daemonizes, and ``-daemonize`` needs the ``fork`` and ``setsid`` they forbid (QEMU dies of
+#: SIGSYS). They need QEMU started without ``-daemonize`` (``vms/process.py``).
+SANDBOX = ("-sandbox", "on,obsolete=deny,resourcecontrol=deny")
 
 
 @dataclass(frozen=True, slots=True)
