@@ -175,3 +175,16 @@ async def test_qemu_is_sandboxed_and_boots_only_its_own_copies(api: Api) -> None
     with pytest.raises(VmError, match="outside its folder"):
         api.manager._argv(old)
     assert os.path.dirname(body["kernel_boot"]["kernel"]).endswith("/vms/v1")
+
+
+def test_the_cli_names_store_artefacts() -> None:
+    from hatchery.cli.vm import _source
+    from hatchery.errors import HatcheryError
+
+    assert _source("image:v2:appliance-vm.vmlinux") == {
+        "image": "v2",
+        "artefact": "appliance-vm.vmlinux",
+    }
+    assert _source("/data/artefacts/vmlinux") == "/data/artefacts/vmlinux"
+    with pytest.raises(HatcheryError):
+        _source("image:v2")
