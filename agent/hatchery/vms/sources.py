@@ -126,11 +126,13 @@ _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 def refusal(address: Address, own: set[Address], management: tuple[Network, ...]) -> str | None:
     """Why a fetch must not go to ``address`` (None: it may). Pure.
 
-    An IPv6 address that carries an IPv4 one (mapped, 6to4, NAT64) is judged by that too,
+    An IPv6 address that carries an IPv4 one (mapped, 6to4, Teredo, NAT64) is judged by that too,
     since the packets end up there.
     """
     if isinstance(address, ipaddress.IPv6Address):
         inner = address.ipv4_mapped or address.sixtofour
+        if inner is None and address.teredo is not None:
+            inner = address.teredo[1]
         if inner is None and address in _NAT64:
             inner = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
         if inner is not None:

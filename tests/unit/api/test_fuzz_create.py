@@ -16,6 +16,7 @@ import asyncio
 import ipaddress
 import json
 import os
+import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,9 @@ class World:
         self.manager = NoQemu(root, self.pool, HostCapacity(64, 1 << 30, 1 << 30),
                               AccelChoice(Accel.TCG, "t"), sources=sources)  # fmt: skip
         (root / "image-keys").mkdir()
-        images = ImagesContext.build(self.store, KeyDirectory(root / "image-keys"), None)  # type: ignore[arg-type]
+        # A fetcher that is never reached: no image route is called here.
+        tls = ssl.create_default_context()
+        images = ImagesContext.build(self.store, KeyDirectory(root / "image-keys"), tls)
         context = ApiContext(self.manager, self.pool, load_policy(None), NodeHealth("v1"),
                              time.time())  # fmt: skip
         self.app = make_app(context, images, identify=header_identity)

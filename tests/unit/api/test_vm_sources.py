@@ -127,7 +127,8 @@ async def test_a_url_to_the_node_itself_is_refused(api: Api) -> None:
         ("169.254.169.254", "link-local"), ("fe80::1", "link-local"), ("224.0.0.1", "multicast"),
         ("ff02::1", "multicast"), ("0.0.0.0", "unspecified"), ("::", "unspecified"),
         ("0.1.2.3", "this host"), ("255.255.255.255", "reserved"), ("240.0.0.1", "reserved"),
-        ("2002:7f00:1::", "loopback"), ("64:ff9b::7f00:1", "loopback"),
+        ("2002:7f00:1::", "loopback"), ("64:ff9b::7f00:1", "loopback"), ("::7f00:1", "reserved"),
+        ("2001:0:4136:e378:8000:63bf:80ff:fffe", "loopback"),  # Teredo, client 127.0.0.1
         ("192.0.2.7", "own"), ("10.9.0.5", "management"), ("fd99::5", "management"),
         ("8.8.8.8", None), ("10.1.2.3", None), ("2001:4860::8888", None),
     ],
