@@ -11,6 +11,8 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -106,6 +108,17 @@ def test_issued_usages(tmp_path: Path) -> None:
     assert _usages(server.cert) == {ExtendedKeyUsageOID.SERVER_AUTH}
     assert _usages(client.cert) == {ExtendedKeyUsageOID.CLIENT_AUTH}
     assert _usages(both.cert) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+    # The CLI: --server alone is a server certificate; --client makes an agent's (both).
+    for name, extra, usages in (
+        ("web", [], {ExtendedKeyUsageOID.SERVER_AUTH}),
+        ("node-a", ["--client", "--group", "node"],
+         {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}),
+    ):  # fmt: skip
+        cli = str(Path(sys.executable).parent / "hatchery")
+        subprocess.run([cli, "ca", "issue", "--dir", str(tmp_path / "ca"), "--name", name,
+                        "--server", "10.0.0.2", *extra, "--out", str(tmp_path / "cli")],
+                       check=True, capture_output=True)  # fmt: skip
+        assert _usages(tmp_path / "cli" / f"{name}.pem") == usages
     with pytest.raises(pki.PkiError):
         pki.issue(tmp_path / "ca", "x", tmp_path, client=False)
     with pytest.raises(pki.PkiError):

@@ -38,7 +38,7 @@ from tests.unit.api.conftest import ADMIN, NOBODY, READER, Api, header_identity,
 ROUTES: dict[tuple[str, str], object] = {
     ("GET", "/healthz"): ANY_CLIENT,
     ("GET", "/metrics"): "health.read",
-    ("GET", "/v1/vms"): "vm.read",  # filtered: each VM by vm.read or its owner group
+    ("GET", "/v1/vms"): "vm.read",  # filtered: each VM by vm.read, or vm.read:own of its group
     ("POST", "/v1/vms"): "vm.manage",
     ("GET", "/v1/vms/{name}"): "vm.read",
     ("DELETE", "/v1/vms/{name}"): "vm.manage",
