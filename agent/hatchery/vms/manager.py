@@ -58,6 +58,15 @@ class NotFound(VmError):
     """No VM of that name."""
 
 
+def _tail(path: Path, lines: int = 5) -> str:
+    """The last lines of a log (QEMU's own output), joined; empty if there is none."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "; ".join(text.strip().splitlines()[-lines:])
+
+
 async def _check_qcow2(path: Path) -> None:
     """Refuse a qcow2 image that refers to other files (backing file, external data file)."""
     info = await host.run_async(["qemu-img", "info", "-f", "qcow2", "--output=json", str(path)],
@@ -81,12 +90,11 @@ async def _check_qcow2(path: Path) -> None:
         )
 
 
-#: QEMU's seccomp filter for every VM: no obsolete system calls, no changes of scheduling or
-#: CPU affinity, so a guest that escapes into QEMU finds those shut. ``elevateprivileges=deny``
-#: and ``spawn=deny`` are not here yet: QEMU (7.2 here) installs the filter before it
-#: daemonizes, and ``-daemonize`` needs the ``fork`` and ``setsid`` they forbid (QEMU dies of
-#: SIGSYS). They need QEMU started without ``-daemonize`` (``vms/process.py``).
-SANDBOX = ("-sandbox", "on,obsolete=deny,resourcecontrol=deny")
+#: QEMU's seccomp filter for every VM: no obsolete system calls, no setuid/setgid or new
+#: sessions, no fork/exec (QEMU needs none of them: the agent makes the taps, ``script=no``),
+#: no changes of scheduling or CPU affinity. A guest that escapes into QEMU finds these shut.
+#: (It is why QEMU is not started with ``-daemonize``: see ``process.launch``.)
+SANDBOX = ("-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny")
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,7 +393,11 @@ class VmManager:
                 await netdev.ensure_tap(netdev.tap_name(vm.uuid), vm.bridge)
                 await self._ports_changed(vm.bridge)
                 pid = await process.launch(
-                    self._argv(vm), self._vm_dir(name) / "pid", f"hatchery-vm-{name}"
+                    self._argv(vm),
+                    self._vm_dir(name) / "pid",
+                    f"hatchery-vm-{name}",
+                    qmp=self._vm_dir(name) / "qmp",
+                    output=self._vm_dir(name) / "qemu.log",
                 )
             except HatcheryError as exc:
                 self._transition(vm, Event.START_FAILED, reason=f"start failed: {exc.message}")
@@ -394,9 +406,18 @@ class VmManager:
             try:
                 await self._attach(vm, pid)
             except (MonitorError, ProcessLookupError) as exc:
-                process.kill(pid, vm.uuid)
-                self._transition(self.get(name), Event.DIED, pid=None, reason=str(exc))
-                raise VmError(f"vm {name} started but QMP failed: {exc}") from exc
+                current = self.get(name)
+                if current.state is VmState.STARTING and process.is_ours(pid, vm.uuid):
+                    process.kill(pid, vm.uuid)
+                    self._transition(current, Event.DIED, pid=None, reason=str(exc))
+                    raise VmError(f"vm {name} started but QMP failed: {exc}") from exc
+                if current.state is VmState.STARTING:  # died; its exit watch has not run yet
+                    live = self._live.pop(name, None)
+                    if live is not None and live.watch is not None:
+                        live.watch.close()
+                    current = self._transition(current, Event.START_FAILED, pid=None,
+                                               reason=self._start_failure(name))  # fmt: skip
+                raise VmError(f"cannot start vm {name}: {current.reason}") from exc
             return self._transition(vm, Event.STARTED, started=time.time())
 
     async def _attach(self, vm: VmRecord, pid: int) -> None:
@@ -408,7 +429,21 @@ class VmManager:
 
         live.watch = process.ExitWatch(pid, lambda: self._on_exit(vm.name))
         live.monitor = Monitor(vm.name, self._vm_dir(vm.name) / "qmp", on_event)
-        await live.monitor.connect()
+        # QMP answers once QEMU is initialised; if QEMU exits first (a kernel it cannot
+        # load), stop waiting at once: its exit watch has recorded why.
+        connect = asyncio.ensure_future(live.monitor.connect())
+        exited = asyncio.ensure_future(live.watch.exited.wait())
+        try:
+            await asyncio.wait({connect, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+            if not connect.done():
+                connect.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await connect
+        if connect.cancelled():
+            raise MonitorError(f"vm {vm.name}: QEMU exited before QMP answered")
+        connect.result()
 
     def _on_qmp_event(self, name: str, kind: str, data: dict[str, Any]) -> None:
         vm = self._vms.get(name)
@@ -434,11 +469,17 @@ class VmManager:
         clean = live is not None and live.shutdown_seen
         event = Event.STOPPED if clean else Event.DIED
         reason = None if clean or vm.state is VmState.STOPPING else "QEMU exited unexpectedly"
+        if vm.state is VmState.STARTING and not clean:  # it gave up while initialising
+            event, reason = Event.START_FAILED, self._start_failure(name)
         with contextlib.suppress(VmStateError):
             self._transition(vm, event, pid=None, reason=reason)
         if reason:
             log.error("vm %s: %s", name, reason)
         asyncio.create_task(netdev.delete_link(netdev.tap_name(vm.uuid)), name=f"untap-{name}")
+
+    def _start_failure(self, name: str) -> str:
+        """Why QEMU gave up while starting: the end of its own output."""
+        return "start failed: " + (_tail(self._vm_dir(name) / "qemu.log") or "QEMU exited")
 
     # --- stop -------------------------------------------------------------------------
     async def stop(self, name: str, timeout: float = 30.0, force: bool = False) -> VmRecord:

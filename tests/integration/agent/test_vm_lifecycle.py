@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -151,6 +152,14 @@ def test_vm_outlives_agent_and_is_readopted(lab: dict, require_tool: Callable[[s
     agent.start()
     listed = {v["name"]: v for v in agent.cli_json("vm", "list")["vms"]}
     assert listed["app1"]["state"] == "running" and listed["app1"]["pid"] == pid
+    # A graceful stop of the agent (what a unit restart or a live patch does) leaves it too.
+    agent.kill(signal.SIGTERM)
+    assert qemu_alive(pid), "stopping the agent stopped the VM"
+    agent.start()
+    # QEMU runs under its seccomp filter (mode 2), in a session of its own.
+    status = Path(f"/proc/{pid}/status").read_text()
+    assert "Seccomp:\t2" in status, status
+    assert os.getsid(pid) == pid
 
     stopped = agent.cli_json("vm", "stop", "app1", "--timeout", "3")
     assert stopped["state"] == "stopped"
@@ -254,6 +263,16 @@ def test_refusals_change_nothing(
     big = agent.cli("vm", "create", "huge", "--kernel", str(lab["kernel"]), "--memory",
                     str(1024 * 1024), check=False)  # fmt: skip
     assert big.returncode == 1 and "memory" in big.stderr and "capacity" in big.stderr
+    # A kernel QEMU cannot load: refused at once with QEMU's own words, the VM stopped.
+    junk = Path(lab["initrd"]).parent / "junk"
+    junk.write_bytes(b"not a kernel")
+    started = time.monotonic()
+    failed = agent.cli("vm", "create", "junk", "--kernel", str(junk), check=False)
+    assert failed.returncode == 1 and "cannot start vm junk" in failed.stderr, failed.stderr
+    assert time.monotonic() - started < 8, "the failed start was not noticed at once"
+    shown = agent.cli_json("vm", "show", "junk")
+    assert shown["state"] == "stopped" and shown["reason"].startswith("start failed:"), shown
+    agent.cli("vm", "destroy", "junk")
     # Malformed input: 400 naming the field.
     bad = agent.cli("vm", "create", "Bad_Name", "--kernel", str(lab["kernel"]), check=False)
     assert bad.returncode == 1 and "bad vm name" in bad.stderr
