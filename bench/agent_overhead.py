@@ -98,7 +98,9 @@ def run() -> None:
         with bridge("10.254.77.1/24") as br:
             pool = {"start": "10.254.77.10", "end": "10.254.77.30"}
             subnets = [{"cidr": "10.254.77.0/24", "pool": pool}]
-            agent = AgentProcess.configure(tmp, pki, [{"name": br, "subnets": subnets}])
+            folders = [str(kernel.vmlinux().parent), str(initrd.parent)]  # VM sources
+            agent = AgentProcess.configure(tmp, pki, [{"name": br, "subnets": subnets}],
+                                           vm_sources={"folders": folders})  # fmt: skip
             agent.start()
             ours_api, ours_marker, hand_exec, hand_marker = [], [], [], []
             try:

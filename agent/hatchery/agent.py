@@ -1,6 +1,7 @@
 """The agent's parts, started in order and stopped in reverse (the composition root).
 
-state → address pool → capacity → VMs (re-adopted) → image store → API → metadata and DHCP (per
+state → address pool → capacity → image store → VMs (re-adopted; they boot from the store
+too) → API → metadata and DHCP (per
 bridge). A part that cannot start stops the agent with "cannot start <part>: <why>". Stopping
 never stops a VM, and leaves each bridge's anti-spoofing rules in place while the agent is away.
 """
@@ -40,6 +41,7 @@ from hatchery.upgrade.controller import Upgrader
 from hatchery.upgrade.store_source import StoreImages
 from hatchery.vms.manager import VmManager
 from hatchery.vms.model import VmState
+from hatchery.vms.sources import SourceFetcher
 
 log = logging.getLogger(__name__)
 
@@ -162,10 +164,10 @@ class Agent:
                 self.pool = self._pool(stack)
             async with part("capacity"):
                 capacity = self._capacity()
-            async with part("vms"):
-                self.manager = await self._vms(stack, capacity)
             async with part("image store"):
                 self.images = ImageStore(self.config.state_dir / "images")
+            async with part("vms"):
+                self.manager = await self._vms(stack, capacity)
             async with part("upgrades"):
                 self.upgrader = self._upgrades(stack)
                 self.health = NodeHealth(upgrades=self.upgrader)
@@ -201,8 +203,10 @@ class Agent:
         return capacity
 
     async def _vms(self, stack: contextlib.AsyncExitStack, capacity: HostCapacity) -> VmManager:
+        sources = SourceFetcher(self.config.vm_sources, self.images)
         manager = VmManager(self.config.state_dir, self.pool, capacity, self.accel,
-                            self.config.qemu_binary, port_rules=self.guard)  # fmt: skip
+                            self.config.qemu_binary, port_rules=self.guard,
+                            sources=sources)  # fmt: skip
         stack.push_async_callback(manager.close)
         await manager.adopt_all()
         return manager

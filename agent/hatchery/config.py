@@ -95,6 +95,23 @@ class ConnectionLimits:
 
 
 @dataclass(frozen=True, slots=True)
+class VmSourcesConfig:
+    """Where a VM's kernel, initrd and disk may come from besides the image store.
+
+    ``folders``: artefact folders whose files a VM request may name by absolute path (read
+    through the path jail). URLs are fetched only from addresses that are none of loopback,
+    link-local, multicast, unspecified or reserved, none of the node's own and none in
+    ``management_networks``; at most ``max_download_bytes`` within ``download_timeout``
+    seconds, redirects included.
+    """
+
+    folders: tuple[Path, ...] = ()
+    management_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    max_download_bytes: int = 4 * 1024**3
+    download_timeout: float = 1800.0
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     state_dir: Path = DEFAULT_STATE_DIR
     listen_host: str = "0.0.0.0"
@@ -112,6 +129,7 @@ class AgentConfig:
     image_keys: Path = DEFAULT_IMAGE_KEYS
     root: Path = Path("/")  # where live patches apply (tests point it elsewhere)
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    vm_sources: VmSourcesConfig = field(default_factory=VmSourcesConfig)
 
 
 class _Reader:
@@ -196,6 +214,7 @@ def _subnet(r: _Reader) -> SubnetConfig:
 _BRIDGE = BridgeConfig(name="")
 _BOOT = BootServiceConfig()
 _CAPACITY = CapacityConfig()
+_SOURCES = VmSourcesConfig()
 _AGENT = AgentConfig()
 _LIMITS = ConnectionLimits()
 
@@ -223,6 +242,29 @@ def _limits(r: _Reader) -> ConnectionLimits:
         )
     r.finish()
     return limits
+
+
+def _vm_sources(r: _Reader) -> VmSourcesConfig:
+    folders = []
+    for i, text in enumerate(r.get("folders", list, [])):
+        if not isinstance(text, str) or not text.startswith("/") or text.rstrip("/") == "":
+            raise ConfigError(
+                f"{r.key('folders')}[{i}]: an absolute folder path (not /) is required"
+            )
+        folders.append(Path(text))
+    networks = []
+    for i, text in enumerate(r.get("management_networks", list, [])):
+        try:
+            networks.append(ipaddress.ip_network(str(text), strict=False))
+        except ValueError as exc:
+            raise ConfigError(f"{r.key('management_networks')}[{i}]: {exc}") from exc
+    size = _positive(r.get("max_download_bytes", int, _SOURCES.max_download_bytes),
+                     r.key("max_download_bytes"), 1)  # fmt: skip
+    timeout = float(r.get("download_timeout", (int, float), _SOURCES.download_timeout))
+    if timeout <= 0:
+        raise ConfigError(f"{r.key('download_timeout')}: must be > 0")
+    r.finish()
+    return VmSourcesConfig(tuple(folders), tuple(networks), size, timeout)
 
 
 def _bridge(r: _Reader) -> BridgeConfig:
@@ -322,6 +364,7 @@ def parse_config(data: Any) -> AgentConfig:
     image_keys = Path(r.get("image_keys", str, str(defaults.image_keys)))
     root = Path(r.get("root", str, str(defaults.root)))
     limits = _limits(r.sub("limits"))
+    vm_sources = _vm_sources(r.sub("vm_sources"))
     r.finish()
     return AgentConfig(
         state_dir=state_dir,
@@ -336,6 +379,7 @@ def parse_config(data: Any) -> AgentConfig:
         image_keys=image_keys,
         root=root,
         limits=limits,
+        vm_sources=vm_sources,
     )
 
 

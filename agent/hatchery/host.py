@@ -19,7 +19,7 @@ import os
 import shutil
 import socket
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +42,7 @@ __all__ = [
     "open_notify",
     "run",
     "run_async",
+    "spawn",
     "systemctl",
     "systemd_running",
     "watchdog_interval",
@@ -125,6 +126,69 @@ async def run_async(
     if check and returncode != 0:
         raise CommandError(argv, returncode, stderr)
     return Completed(tuple(argv), returncode, stdout, stderr)
+
+
+#: Processes ``spawn`` started that may still run.
+_DETACHED: set[subprocess.Popen[bytes]] = set()
+
+
+async def spawn(
+    argv: Sequence[str],
+    *,
+    log: Path,
+    ready: Callable[[], bool],
+    timeout: float = DEFAULT_TIMEOUT,
+) -> int:
+    """Start a long-lived process in a session of its own, its output appended to ``log``,
+    and return its PID once ``ready()`` holds. For processes that must outlive the agent and
+    cannot daemonize themselves (a VM's QEMU, whose seccomp filter forbids the ``fork`` and
+    ``setsid`` of ``-daemonize``).
+
+    Started with ``subprocess.Popen``, not asyncio: an asyncio subprocess transport kills its
+    process when it is closed or collected, which would stop every VM when the agent stops.
+    Nothing waits for it after this returns: its watcher reaps it (``os.waitid`` on its
+    pidfd), or init once the agent is gone.
+
+    :raise CommandError: it cannot be started, exits before it is ready (with the tail of
+        ``log``), or is not ready within ``timeout`` (then it is killed).
+    """
+    loop = asyncio.get_running_loop()
+    offset = log.stat().st_size if log.exists() else 0
+    for gone in [p for p in _DETACHED if p.poll() is not None]:  # reaps any not yet reaped
+        _DETACHED.discard(gone)
+    try:
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                start_new_session=True,
+            )  # fmt: skip
+    except OSError as exc:
+        raise CommandError(argv, None, reason=f"cannot run: {exc.strerror or exc}") from exc
+    deadline = loop.time() + timeout
+    try:
+        while not ready():
+            code = proc.poll()
+            if code is not None:
+                raise CommandError(argv, code, _log_tail(log, offset))
+            if loop.time() > deadline:
+                raise CommandError(argv, None, reason=f"not ready after {timeout:g}s")
+            await asyncio.sleep(0.05)
+    except BaseException:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        raise
+    _DETACHED.add(proc)  # held, so that it is not collected (and warned about) while it runs
+    return proc.pid
+
+
+def _log_tail(log: Path, offset: int) -> str:
+    try:
+        with log.open("rb") as f:
+            f.seek(offset)
+            return f.read()[-4096:].decode(errors="replace")
+    except OSError:
+        return ""
 
 
 async def _kill(proc: asyncio.subprocess.Process) -> None:

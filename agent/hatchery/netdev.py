@@ -69,3 +69,20 @@ async def ensure_tap(tap: str, bridge: str) -> None:
 
 async def delete_link(name: str) -> None:
     await asyncio.to_thread(_delete, name)
+
+
+def _local_addresses() -> set[str]:
+    with IPRoute() as ipr:
+        found = set()
+        for msg in ipr.get_addr():
+            for attr in ("IFA_LOCAL", "IFA_ADDRESS"):
+                value = msg.get_attr(attr)
+                if value:
+                    found.add(str(value))
+        return found
+
+
+async def local_addresses() -> set[str]:
+    """Every address on the node's interfaces (in the agent's namespace), read now: what a
+    URL the agent fetches for a tenant must never reach."""
+    return await asyncio.to_thread(_local_addresses)

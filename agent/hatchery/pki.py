@@ -133,16 +133,24 @@ def issue(
     *,
     groups: tuple[str, ...] = (),
     server_names: tuple[str, ...] = (),
+    client: bool | None = None,
     days: int = LEAF_DAYS,
 ) -> IssuedPair:
-    """Issue a certificate for ``name``: a client one, and a server one too if ``server_names``.
+    """Issue a certificate for ``name``: a server one if ``server_names``, a client one if
+    ``client`` (by default: when there are no ``server_names``).
+
+    The extended key usage says which: ``serverAuth`` for a server, ``clientAuth`` for a
+    client, and the API takes only a ``clientAuth`` certificate as a caller's identity, so a
+    certificate issued to serve (a node's, a test server's) is no client credential unless
+    it was issued as both. An agent's is both: it serves the API and is the node's identity
+    towards its peers when it fetches images (``client=True``, group ``node``).
 
     Writes ``out_dir/<name>.pem`` (the certificate) and ``out_dir/<name>.key`` (0600).
     """
     if not name or "/" in name or name.startswith("."):
         raise PkiError(f"bad certificate name {name!r}")
     for group in groups:
-        if not group or "," in group or "=" in group:
+        if not group or any(c in group for c in ",=*:"):
             raise PkiError(f"bad group name {group!r}")
     if not 1 <= days <= 3650:
         raise PkiError(f"certificate lifetime must be 1..3650 days, not {days}")
@@ -150,9 +158,18 @@ def issue(
     key = ec.generate_private_key(ec.SECP256R1())
     attributes = [x509.NameAttribute(NameOID.COMMON_NAME, name)]
     attributes += [x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, g) for g in groups]
-    usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
+    if client is None:
+        client = not server_names
+    if not client and not server_names:
+        raise PkiError(f"certificate {name}: neither a client nor a server certificate")
+    usages = [ExtendedKeyUsageOID.CLIENT_AUTH] if client else []
     if server_names:
         usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
+    key_usage = x509.KeyUsage(
+        digital_signature=True, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+        encipher_only=False, decipher_only=False,
+    )  # fmt: skip
     now = dt.datetime.now(dt.UTC)
     builder = (
         x509.CertificateBuilder()
@@ -163,6 +180,7 @@ def issue(
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(key_usage, critical=True)
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
@@ -207,9 +225,27 @@ def client_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
     return ctx
 
 
-def identity_from_peercert(peercert: dict[str, object] | None) -> Identity | None:
-    """Who the verified peer is, from ``SSLSocket.getpeercert()``; None without a certificate."""
+def is_client_cert(der: bytes) -> bool:
+    """Whether the DER certificate ``der`` may act as a client: its extended key usage lists
+    ``clientAuth``. One without the extension is refused too (every certificate ``issue``
+    makes has one), so a server-only certificate is never a caller's identity."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except (ValueError, x509.ExtensionNotFound):
+        return False
+    return ExtendedKeyUsageOID.CLIENT_AUTH in usage
+
+
+def identity_from_peercert(
+    peercert: dict[str, object] | None, der: bytes | None = None
+) -> Identity | None:
+    """Who the verified peer is, from ``SSLSocket.getpeercert()``; None without a certificate,
+    and None when ``der`` (the same certificate, ``getpeercert(binary_form=True)``) is given
+    and is not a client certificate (see ``is_client_cert``)."""
     if not peercert:
+        return None
+    if der is not None and not is_client_cert(der):
         return None
     name = ""
     groups: set[str] = set()

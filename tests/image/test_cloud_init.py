@@ -116,6 +116,8 @@ def lab(tmp_path: Path, require_root: None, require_tool: Callable[[str], str]) 
             pki_,
             [{"name": br, "subnets": [{"cidr": f"{subnet}.0/24", "gateway": f"{subnet}.1",
                                        "pool": {"start": f"{subnet}.10", "end": f"{subnet}.11"}}]}],
+            # The guest's kernel and initrd are VM sources in artefact folders.
+            vm_sources={"folders": sorted({str(image.kernel.parent), str(image.initrd.parent)})},
         )  # fmt: skip
         lab = Lab(agent, image, br, subnet, [])
         try:

@@ -25,6 +25,7 @@ from hatchery.api.http import (
     Identify,
     TooLarge,
     Unavailable,
+    Visible,
     allowed,
     caller,
     json_body,
@@ -37,8 +38,9 @@ from hatchery.api.policy import Policy
 from hatchery.api.validate import BadRequest, Body
 from hatchery.qemu.cmdline import DEFAULT_MACHINE, MACHINES
 from hatchery.upgrade.controller import Upgrader
-from hatchery.vms.manager import CreateRequest, VmManager
-from hatchery.vms.model import DiskBoot, KernelBoot, VmRecord, VmState
+from hatchery.vms.manager import CreateRequest, DiskRequest, KernelRequest, NotFound, VmManager
+from hatchery.vms.model import VmRecord, VmState
+from hatchery.vms.sources import parse_source
 from hatchery.wire import BootStatus, Health, Mode, Phase, UpgradeStatus
 
 log = logging.getLogger(__name__)
@@ -135,15 +137,16 @@ def _create_request(body: Body) -> CreateRequest:
     disk = body.obj("disk")
     kernel_boot = disk_boot = None
     if kernel is not None:
-        kernel_boot = KernelBoot(
-            kernel=str(kernel.text("kernel", required=True, max_len=4096)),
-            initrd=kernel.text("initrd", max_len=4096),
+        initrd = kernel.value("initrd")
+        kernel_boot = KernelRequest(
+            kernel=parse_source(kernel.value("kernel", required=True), "kernel.kernel"),
+            initrd=parse_source(initrd, "kernel.initrd") if initrd is not None else None,
             cmdline=str(kernel.text("cmdline", default="console=ttyS0", max_len=4096)),
         )
         kernel.finish("kernel.")
     if disk is not None:
         fmt = disk.choice("format", ("qcow2", "raw"), default="qcow2")
-        disk_boot = DiskBoot(str(disk.text("image", required=True, max_len=4096)), fmt)
+        disk_boot = DiskRequest(parse_source(disk.value("image", required=True), "disk.image"), fmt)
         disk.finish("disk.")
     if (kernel_boot is None) == (disk_boot is None):
         raise BadRequest("give exactly one of kernel (direct kernel boot) or disk", "kernel")
@@ -183,16 +186,24 @@ def _vm(request: web.Request) -> VmRecord:
     return request.app[CONTEXT].manager.get(request.match_info["name"])
 
 
-async def vm_owner(request: web.Request) -> str | None:
-    """The owner group of the VM in the path, for the guard (a 404 when there is no such VM)."""
-    return _vm(request).owner_group
+async def vm_owner(request: web.Request, visible: Visible) -> str | None:
+    """The owner group of the VM in the path, for the guard. A VM the caller may not see is
+    refused with the very error a missing one gets (same status, same body): a tenant
+    cannot tell another group's VM from no VM."""
+    vm = _vm(request)
+    if not visible(vm.owner_group):
+        raise NotFound(f"no vm named {vm.name!r}")
+    return vm.owner_group
 
 
-async def owner_in_body(request: web.Request) -> str | None:
-    """The owner group a create asks for: its members may create VMs their group owns.
+async def owner_in_body(request: web.Request, visible: Visible) -> str | None:
+    """The owner group a create asks for: the guard checks that the caller holds a grant
+    for *that* group (``vm.manage:own`` under it) or an unscoped ``vm.manage``. The body
+    only names the target; it never grants anything.
 
-    Read leniently (a malformed body names no owner): the handler validates the body, after
-    the guard, so a caller without the permission learns nothing from validation errors.
+    Read leniently (a malformed body names no owner, which only an unscoped grant covers):
+    the handler validates the body after the guard, so a caller without the permission
+    learns nothing from validation errors.
     """
     try:
         owner = (await json_body(request)).peek("owner_group")
@@ -211,18 +222,18 @@ async def create_vm(request: web.Request) -> web.Response:
     return web.json_response(vm_view(vm), status=201)
 
 
-@require("vm.read", owner=vm_owner)
+@require("vm.read", owner=vm_owner, seen_with="vm.read")
 async def show_vm(request: web.Request) -> web.Response:
     return web.json_response(vm_view(_vm(request)))
 
 
-@require("vm.manage", owner=vm_owner)
+@require("vm.manage", owner=vm_owner, seen_with="vm.read")
 async def start_vm(request: web.Request) -> web.Response:
     vm = _vm(request)
     return web.json_response(vm_view(await request.app[CONTEXT].manager.start(vm.name)))
 
 
-@require("vm.manage", owner=vm_owner)
+@require("vm.manage", owner=vm_owner, seen_with="vm.read")
 async def stop_vm(request: web.Request) -> web.Response:
     vm = _vm(request)
     body = await json_body(request) if request.can_read_body else Body({})
@@ -233,14 +244,14 @@ async def stop_vm(request: web.Request) -> web.Response:
     return web.json_response(vm_view(stopped))
 
 
-@require("vm.manage", owner=vm_owner)
+@require("vm.manage", owner=vm_owner, seen_with="vm.read")
 async def destroy_vm(request: web.Request) -> web.Response:
     vm = _vm(request)
     await request.app[CONTEXT].manager.destroy(vm.name)
     return web.json_response({"destroyed": vm.name})
 
 
-@require("vm.read", owner=vm_owner)
+@require("vm.read", owner=vm_owner, seen_with="vm.read")
 async def console(request: web.Request) -> web.Response:
     vm = _vm(request)
     try:
@@ -263,7 +274,7 @@ def _tail(path: Path, want: int) -> bytes:
         return b""
 
 
-@require("vm.manage", owner=vm_owner)
+@require("vm.manage", owner=vm_owner, seen_with="vm.read")
 async def put_user_data(request: web.Request) -> web.Response:
     vm = _vm(request)
     data = await read_body(request, MAX_USER_DATA, field="user_data")

@@ -9,7 +9,9 @@ pieces, so a client meets one behaviour everywhere:
   the resolver is an ``AppKey`` of the app, never something a request can choose.
 - **Permission.** ``@require(permission)`` wraps every handler, so the check runs before the
   handler reads anything; ``ANY_CLIENT`` marks the few routes any verified client may call.
-  A route whose object has an owner group (a VM) passes ``owner=`` to look that group up.
+  A route whose object has an owner group (a VM) passes ``owner=`` to look that group up:
+  a grant scoped to that group (``vm.manage:own``) is then enough, and an object the caller
+  may not see answers like a missing one.
 - **Bodies.** ``read_body`` reads under a size limit (413 above it); ``json_body`` hands the
   bytes to ``validate.Body``, whose errors name the field.
 - **Errors.** Every error, ours or aiohttp's, is ``{"error", "field", "hint"}`` (``field`` and
@@ -28,7 +30,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from hatchery.addresses import PoolError
-from hatchery.api.policy import Policy
+from hatchery.api.policy import Policy, Scope
 from hatchery.api.validate import BadRequest, Body
 from hatchery.capacity import CapacityError
 from hatchery.errors import HatcheryError
@@ -46,6 +48,7 @@ from hatchery.pki import Identity, identity_from_peercert
 from hatchery.upgrade.controller import UpgradeError
 from hatchery.vms.manager import NotFound, VmError
 from hatchery.vms.model import VmStateError
+from hatchery.vms.sources import SourceError
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,8 @@ MAX_BODY = 1024 * 1024
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Identify = Callable[[web.Request], Identity | None]
-OwnerOf = Callable[[web.Request], Awaitable[str | None]]
+Visible = Callable[[str | None], bool]
+OwnerOf = Callable[[web.Request, Visible], Awaitable[str | None]]
 
 IDENTIFY: web.AppKey[Identify] = web.AppKey("identify")
 POLICY = web.AppKey("policy", Policy)
@@ -84,6 +88,7 @@ class Unavailable(HatcheryError):
 STATUS: dict[type[HatcheryError], int] = {
     BadRequest: 400,
     ManifestError: 400,
+    SourceError: 400,
     VmError: 400,
     Unauthenticated: 401,
     Forbidden: 403,
@@ -148,14 +153,21 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 # --- identity and permission --------------------------------------------------------------------
 def tls_identity(request: web.Request) -> Identity | None:
-    """The verified client certificate's identity (CN, OUs as groups); None without one.
+    """The verified client certificate's identity (CN, OUs as groups); None without one, and
+    None for a certificate whose extended key usage lacks ``clientAuth`` (a node's
+    server-only certificate is no caller).
 
     The server's TLS context already refuses connections without a certificate signed by
     the fleet's CA; this reads the certificate the handshake verified.
     """
     transport = request.transport
     ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-    return identity_from_peercert(ssl_object.getpeercert()) if ssl_object is not None else None
+    if ssl_object is None:
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    if der is None:
+        return None
+    return identity_from_peercert(ssl_object.getpeercert(), der)
 
 
 class Open(Enum):
@@ -169,15 +181,24 @@ ANY_CLIENT = Open.ANY_CLIENT
 
 
 def require(
-    permission: str | Open, *, owner: OwnerOf | None = None, filtered: bool = False
+    permission: str | Open,
+    *,
+    owner: OwnerOf | None = None,
+    seen_with: str | None = None,
+    filtered: bool = False,
 ) -> Callable[[Handler], Handler]:
     """The guard every handler starts with: identify the caller, then check ``permission``.
 
-    ``owner`` looks up the owner group of the object the request is about (a VM), so that
-    group may act on it without the permission in general (see ``Policy.allows``); a
-    ``NotFound`` from the lookup is a 404. ``filtered`` is for lists: any identified caller
-    gets through and the handler keeps only the items ``allowed`` lets them see. The guarded
-    handler carries ``permission`` so a test can check that no route goes unguarded.
+    Without ``owner`` the permission must hold on everything (an unscoped grant). With
+    ``owner``, the route is about an object that has an owner group (a VM) and a scoped
+    grant (``vm.manage:own``) for that group is enough. A caller who holds the permission
+    nowhere gets its 403 before anything is looked up or read. ``owner`` is then asked for
+    the object's owner group; it gets a ``visible`` test and must answer an object the caller
+    may not see exactly like a missing one (a 404), so that no one learns another group's
+    names. Visible means: ``seen_with`` (``vm.read``) or ``permission`` covers its owner.
+    ``filtered`` is for lists: any identified caller gets through and the handler keeps only
+    the items ``allowed`` lets them see. The guarded handler carries ``permission`` so a test
+    can check that no route goes unguarded.
     """
     if filtered and (owner is not None or isinstance(permission, Open)):
         raise ValueError("a filtered route checks its permission per item, not per request")
@@ -193,10 +214,7 @@ def require(
                 )
             request[IDENTITY] = who
             if isinstance(permission, str) and not filtered:
-                owner_group = await owner(request) if owner is not None else None
-                if not request.app[POLICY].allows(who, permission, owner_group):
-                    groups = ", ".join(sorted(who.groups)) or "none"
-                    raise Forbidden(f"{who.name} (groups: {groups}) may not {permission}")
+                await _check(request, who, permission, owner, seen_with)
             return await handler(request)
 
         guarded.permission = permission  # type: ignore[attr-defined]
@@ -205,13 +223,42 @@ def require(
     return wrap
 
 
+async def _check(
+    request: web.Request,
+    who: Identity,
+    permission: str,
+    owner: OwnerOf | None,
+    seen_with: str | None,
+) -> None:
+    policy = request.app[POLICY]
+    scope = policy.scope(who, permission)
+    seen = policy.scope(who, seen_with) if seen_with is not None else Scope()
+    groups = ", ".join(sorted(who.groups)) or "none"
+    refusal = f"{who.name} (groups: {groups}) may not {permission}"
+    if owner is None:
+        if not scope.everything:
+            raise Forbidden(refusal)
+        return
+    if not scope and not seen:
+        raise Forbidden(refusal)  # depends on the identity only: tells nothing about objects
+
+    def visible(owner_group: str | None) -> bool:
+        return scope.covers(owner_group) or seen.covers(owner_group)
+
+    owner_group = await owner(request, visible)
+    if not scope.covers(owner_group):
+        target = f"owner group {owner_group}" if owner_group else "a vm without an owner group"
+        raise Forbidden(f"{refusal} for {target}")
+
+
 def caller(request: web.Request) -> Identity:
     """Who sent ``request`` (set by ``require``, which ran before the handler)."""
     return request[IDENTITY]
 
 
 def allowed(request: web.Request, permission: str, owner_group: str | None = None) -> bool:
-    """Whether the caller holds ``permission`` on an object of ``owner_group`` (for lists)."""
+    """Whether the caller holds ``permission`` on an object of ``owner_group`` (for lists:
+    a scoped grant counts for the objects its group owns)."""
     return request.app[POLICY].allows(caller(request), permission, owner_group)
 
 

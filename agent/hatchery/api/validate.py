@@ -53,6 +53,11 @@ class Body:
             return None
         return self._data[name]
 
+    def value(self, name: str, *, required: bool = False) -> Any:
+        """The raw JSON value of ``name`` (None when absent), for a field that has its own
+        parser (a VM source: a string or an object)."""
+        return self._get(name, required)
+
     def text(
         self, name: str, *, required: bool = False, default: str | None = None, max_len: int = 255
     ) -> str | None:

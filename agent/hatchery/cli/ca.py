@@ -23,9 +23,10 @@ def _issue(args: argparse.Namespace) -> int:
         args.out or args.dir,
         groups=tuple(args.group),
         server_names=tuple(args.server),
+        client=args.client or not args.server,
         days=args.days,
     )
-    kind = "server and client" if args.server else "client"
+    kind = ("server and client" if args.client else "server") if args.server else "client"
     groups = ", ".join(args.group) or "none"
     print(f"{kind} certificate for {args.name} (groups: {groups}): {pair.cert}, key {pair.key}")
     return 0
@@ -47,7 +48,13 @@ def register(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME_OR_IP",
-        help="also a server certificate for this DNS name or IP (repeatable): for agents",
+        help="a server certificate for this DNS name or IP (repeatable): for agents",
+    )
+    issue.add_argument(
+        "--client",
+        action="store_true",
+        help="with --server, a client certificate too: an agent's, which is its identity "
+        "(--group node) when it fetches images from peers",
     )
     issue.add_argument("--days", type=int, default=pki.LEAF_DAYS)
     issue.add_argument("--out", type=Path, default=None, help="where to write (default: --dir)")

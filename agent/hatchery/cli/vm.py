@@ -96,17 +96,34 @@ def _render_vm(vm: Any, _: argparse.Namespace) -> None:
 
 
 # --- vm ------------------------------------------------------------------------------
+SOURCE_HELP = (
+    "a file in one of the node's artefact folders (absolute path), an http(s) URL, or "
+    "image:VERSION:ARTEFACT (an artefact of an image in the node's store, by role or name)"
+)
+
+
+def _source(text: str) -> str | dict[str, str]:
+    """A VM source as the API takes it: ``image:VERSION:ARTEFACT`` is a store artefact (an
+    absolute path or a URL never starts so), anything else goes as it is."""
+    if text.startswith("image:"):
+        version, sep, artefact = text[len("image:") :].partition(":")
+        if not sep or not version or not artefact:
+            raise HatcheryError(f"{text!r}: a store artefact is image:VERSION:ARTEFACT")
+        return {"image": version, "artefact": artefact}
+    return text
+
+
 async def _create(client: AgentClient, args: argparse.Namespace) -> Any:
     body: dict[str, Any] = {
         "name": args.name, "vcpus": args.vcpus, "memory_mib": args.memory,
         "disk_mib": args.disk_size, "start": not args.no_start, "machine": args.machine,
     }  # fmt: skip
     if args.kernel:
-        body["kernel"] = {"kernel": str(args.kernel), "cmdline": args.cmdline}
+        body["kernel"] = {"kernel": _source(args.kernel), "cmdline": args.cmdline}
         if args.initrd:
-            body["kernel"]["initrd"] = str(args.initrd)
+            body["kernel"]["initrd"] = _source(args.initrd)
     elif args.disk:
-        body["disk"] = {"image": args.disk}
+        body["disk"] = {"image": _source(args.disk), "format": args.disk_format}
     else:
         raise HatcheryError("give --kernel (direct kernel boot) or --disk IMAGE")
     if args.bridge:
@@ -240,10 +257,13 @@ def register_vm(parser: argparse.ArgumentParser) -> None:
 
     create = sub.add_parser("create", help="create (and start) a VM")
     create.add_argument("name")
-    create.add_argument("--kernel", help="direct kernel boot: a path on the agent's host, or a URL")
-    create.add_argument("--initrd", help="a path on the agent's host, or a URL")
+    create.add_argument("--kernel", help="direct kernel boot: " + SOURCE_HELP)
+    create.add_argument("--initrd", help=SOURCE_HELP)
     create.add_argument("--cmdline", default="console=ttyS0")
-    create.add_argument("--disk", help="disk boot: image file on the host")
+    create.add_argument("--disk", help="disk boot: the image the root volume is made from: "
+                        + SOURCE_HELP)  # fmt: skip
+    create.add_argument("--disk-format", choices=("qcow2", "raw"), default="qcow2",
+                        help="how the disk image is read (default: qcow2)")  # fmt: skip
     create.add_argument("--vcpus", type=int, default=1)
     create.add_argument("--memory", type=int, default=256, help="MiB")
     create.add_argument("--disk-size", type=int, default=0, help="MiB")

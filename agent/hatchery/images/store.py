@@ -430,6 +430,17 @@ class ImageStore:
         fsync_dir(directory)
         return out
 
+    def artefact_chunks(self, version: str, artefact: str) -> Iterator[bytes]:
+        """The content of one artefact of a stored image, named by role (``kernel``) or file
+        name, verified while it is read (``CorruptObject`` at the end if it does not): a VM
+        booted from the store boots exactly what was signed."""
+        manifest = self.manifest(version).manifest
+        for role, found in manifest.artefacts.items():
+            if artefact in (str(role), found.name):
+                return self.read_object(found.sha256, found.size)
+        names = ", ".join(sorted(str(r) for r in manifest.artefacts))
+        raise StoreError(f"image {version} has no artefact {artefact[:128]!r} (it has {names})")
+
     def usage(self) -> int:
         """Bytes the objects take on disk (compressed)."""
         return sum(self.object_path(s).stat().st_size for s in self.objects())

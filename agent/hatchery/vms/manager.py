@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
+import os
 import shutil
 import time
 import uuid as uuidlib
@@ -19,11 +21,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-import aiohttp
-
 from hatchery import host, netdev, state
 from hatchery.addresses import AddressPool
 from hatchery.capacity import HostCapacity, Resources
+from hatchery.config import VmSourcesConfig
 from hatchery.errors import CommandError, HatcheryError
 from hatchery.qemu.accel import AccelChoice
 from hatchery.qemu.cmdline import DEFAULT_MACHINE, DirectKernel, GuestSpec, Nic, build_argv
@@ -41,44 +42,12 @@ from hatchery.vms.model import (
     next_state,
 )
 from hatchery.vms.monitor import Monitor, MonitorError
+from hatchery.vms.sources import FolderFile, Source, SourceError, SourceFetcher
 
 log = logging.getLogger(__name__)
 
 METADATA_URL = "http://169.254.169.254/nocloud/"
 LIVE_STATES = (VmState.STARTING, VmState.RUNNING, VmState.STOPPING)
-
-
-MAX_DOWNLOAD = 1024 * 1024 * 1024
-
-
-def _is_url(text: str) -> bool:
-    return text.startswith(("http://", "https://"))
-
-
-async def download(url: str, dest: Path, limit: int = MAX_DOWNLOAD) -> Path:
-    """Fetch ``url`` into ``dest`` (atomically, at most ``limit`` bytes)."""
-    tmp = dest.with_name(dest.name + ".part")
-    size = 0
-    try:
-        timeout = aiohttp.ClientTimeout(total=1800, sock_connect=15)
-        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as resp:
-            if resp.status != 200:
-                raise VmError(f"cannot download {url}: HTTP {resp.status}")
-            with tmp.open("wb") as out:
-                async for chunk in resp.content.iter_chunked(1 << 20):
-                    size += len(chunk)
-                    if size > limit:
-                        raise VmError(f"{url} is larger than {limit} bytes")
-                    out.write(chunk)
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        tmp.unlink(missing_ok=True)
-        raise VmError(f"cannot download {url}: {exc or type(exc).__name__}") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(dest)
-    log.info("downloaded %s (%d bytes)", url, size)
-    return dest
 
 
 class VmError(HatcheryError):
@@ -89,6 +58,63 @@ class NotFound(VmError):
     """No VM of that name."""
 
 
+def _tail(path: Path, lines: int = 5) -> str:
+    """The last lines of a log (QEMU's own output), joined; empty if there is none."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "; ".join(text.strip().splitlines()[-lines:])
+
+
+async def _check_qcow2(path: Path) -> None:
+    """Refuse a qcow2 image that refers to other files (backing file, external data file)."""
+    info = await host.run_async(["qemu-img", "info", "-f", "qcow2", "--output=json", str(path)],
+                                timeout=60)  # fmt: skip
+    try:
+        data = json.loads(info.stdout)
+    except ValueError as exc:
+        raise VmError(f"qemu-img info gave no JSON for {path.name}") from exc
+    specific = data.get("format-specific", {}).get("data", {})
+    if data.get("backing-filename") or data.get("full-backing-filename"):
+        raise SourceError(
+            "disk.image: the qcow2 image names a backing file: refused",
+            "disk.image",
+            hint="flatten it (qemu-img convert) or send it raw",
+        )
+    if specific.get("data-file"):
+        raise SourceError(
+            "disk.image: the qcow2 image names an external data file: refused",
+            "disk.image",
+            hint="flatten it (qemu-img convert) or send it raw",
+        )
+
+
+#: QEMU's seccomp filter for every VM: no obsolete system calls, no setuid/setgid or new
+#: sessions, no fork/exec (QEMU needs none of them: the agent makes the taps, ``script=no``),
+#: no changes of scheduling or CPU affinity. A guest that escapes into QEMU finds these shut.
+#: (It is why QEMU is not started with ``-daemonize``: see ``process.launch``.)
+SANDBOX = ("-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny")
+
+
+@dataclass(frozen=True, slots=True)
+class KernelRequest:
+    """Direct kernel boot as asked for: where the kernel and initrd come from."""
+
+    kernel: Source
+    initrd: Source | None = None
+    cmdline: str = "console=ttyS0"
+
+
+@dataclass(frozen=True, slots=True)
+class DiskRequest:
+    """Disk boot as asked for: the image the root volume is made from, in its declared
+    format (``raw`` or ``qcow2``; what it is read as, whatever its bytes look like)."""
+
+    image: Source
+    format: str = "qcow2"
+
+
 @dataclass(frozen=True, slots=True)
 class CreateRequest:
     name: str
@@ -96,8 +122,8 @@ class CreateRequest:
     memory_mib: int = 256
     disk_mib: int = 0
     bridge: str | None = None
-    kernel_boot: KernelBoot | None = None
-    disk_boot: DiskBoot | None = None
+    kernel_boot: KernelRequest | None = None
+    disk_boot: DiskRequest | None = None
     user_data: str = ""
     public_keys: tuple[str, ...] = ()
     owner_group: str | None = None
@@ -133,8 +159,10 @@ class VmManager:
         qemu_binary: str = "qemu-system-x86_64",
         on_change: Callable[[VmRecord], None] | None = None,
         port_rules: PortRules | None = None,
+        sources: SourceFetcher | None = None,
     ) -> None:
         self._port_rules = port_rules
+        self._sources = sources or SourceFetcher(VmSourcesConfig())
         self._dir = state_dir / "vms"
         self._pool = pool
         self._capacity = capacity
@@ -243,26 +271,28 @@ class VmManager:
             if req.name in self._vms:
                 raise VmError(f"a vm named {req.name} already exists")
             self._capacity.check(self.used(), Resources(req.vcpus, req.memory_mib, req.disk_mib))
-            if req.kernel_boot is not None:
-                for path in (req.kernel_boot.kernel, req.kernel_boot.initrd):
-                    if path is not None and not _is_url(path) and not Path(path).is_file():
-                        raise VmError(f"kernel boot file {path} does not exist on this host")
+            if req.kernel_boot is not None:  # refuse a path outside the folders before anything
+                for source, where in ((req.kernel_boot.kernel, "kernel.kernel"),
+                                      (req.kernel_boot.initrd, "kernel.initrd")):  # fmt: skip
+                    if isinstance(source, FolderFile):
+                        os.close(self._sources.open_in_folder(source.path, where).fd)
+            elif req.disk_boot is not None and isinstance(req.disk_boot.image, FolderFile):
+                os.close(self._sources.open_in_folder(req.disk_boot.image.path, "disk.image").fd)
             address = self._pool.allocate(req.name, req.bridge)
             vm_uuid = str(uuidlib.uuid4())
             vm = VmRecord(
                 name=req.name, uuid=vm_uuid, state=VmState.STOPPED, vcpus=req.vcpus,
                 memory_mib=req.memory_mib, disk_mib=req.disk_mib, bridge=address.subnet.bridge,
                 ip=str(address.ip), mac=address.mac, owner_group=req.owner_group,
-                kernel_boot=req.kernel_boot, disk_boot=req.disk_boot, user_data=req.user_data,
-                public_keys=req.public_keys, created=time.time(), machine=req.machine,
-                labels=dict(req.labels),
+                user_data=req.user_data, public_keys=req.public_keys, created=time.time(),
+                machine=req.machine, labels=dict(req.labels),
             )  # fmt: skip
             try:
                 self._vm_dir(req.name).mkdir(parents=True, exist_ok=False)
                 if req.disk_boot is not None:
-                    await self._make_volume(vm)
-                if vm.kernel_boot is not None:
-                    vm = replace(vm, kernel_boot=await self._fetch_kernel(vm.name, vm.kernel_boot))
+                    vm = replace(vm, disk_boot=await self._make_volume(vm, req.disk_boot))
+                if req.kernel_boot is not None:
+                    vm = replace(vm, kernel_boot=await self._fetch_kernel(vm.name, req.kernel_boot))
                 self._save(vm)
             except BaseException:
                 shutil.rmtree(self._vm_dir(req.name), ignore_errors=True)
@@ -274,37 +304,43 @@ class VmManager:
             return await self.start(req.name)
         return vm
 
-    async def _fetch_kernel(self, name: str, boot: KernelBoot) -> KernelBoot:
-        """Kernel and initrd given as URLs are downloaded into the VM's folder, once."""
-        kernel, initrd = boot.kernel, boot.initrd
-        if _is_url(kernel):
-            kernel = str(await download(kernel, self._vm_dir(name) / "kernel"))
-        if initrd is not None and _is_url(initrd):
-            initrd = str(await download(initrd, self._vm_dir(name) / "initrd"))
-        return KernelBoot(kernel, initrd, boot.cmdline)
+    async def _fetch_kernel(self, name: str, boot: KernelRequest) -> KernelBoot:
+        """Kernel and initrd are copied into the VM's folder, once: QEMU opens only those."""
+        kernel = self._vm_dir(name) / "kernel"
+        await self._sources.fetch(boot.kernel, kernel, "kernel.kernel")
+        initrd = None
+        if boot.initrd is not None:
+            initrd = self._vm_dir(name) / "initrd"
+            await self._sources.fetch(boot.initrd, initrd, "kernel.initrd")
+        return KernelBoot(str(kernel), str(initrd) if initrd else None, boot.cmdline)
 
-    async def _make_volume(self, vm: VmRecord) -> None:
-        assert vm.disk_boot is not None
-        source = vm.disk_boot.image
+    async def _make_volume(self, vm: VmRecord, disk: DiskRequest) -> DiskBoot:
+        """The root volume, converted from the image copied into the VM's folder.
+
+        ``qemu-img`` always gets the declared format (``-f``): an image declared raw is read
+        as raw bytes even if they form a qcow2 header, so no backing file it names is ever
+        opened. A declared qcow2 may name neither a backing file nor an external data file
+        (both would be host paths of the tenant's choosing): ``qemu-img info``, which opens
+        no backing file, tells, and such an image is refused.
+        """
+        source = self._vm_dir(vm.name) / "source.img"
         volume = self._vm_dir(vm.name) / "root.qcow2"
-        if _is_url(source):
-            fetched = await download(source, self._vm_dir(vm.name) / "source.img")
-            source = str(fetched)
-        elif not Path(source).is_file():
-            raise VmError(f"disk image {source} does not exist on this host")
+        await self._sources.fetch(disk.image, source, "disk.image")
         try:
-            await host.run_async(["qemu-img", "convert", "-O", "qcow2", source, str(volume)],
-                                 timeout=3600)  # fmt: skip
+            if disk.format == "qcow2":
+                await _check_qcow2(source)
+            await host.run_async(["qemu-img", "convert", "-f", disk.format, "-O", "qcow2",
+                                  str(source), str(volume)], timeout=3600)  # fmt: skip
         except CommandError as exc:
             raise VmError(f"cannot make the root volume: {exc.message}") from exc
         finally:
-            if _is_url(vm.disk_boot.image):
-                Path(source).unlink(missing_ok=True)
+            source.unlink(missing_ok=True)
         if vm.disk_mib:
             try:
                 await host.run_async(["qemu-img", "resize", str(volume), f"{vm.disk_mib}M"])
             except CommandError as exc:
                 raise VmError(f"cannot resize the root volume: {exc.message}") from exc
+        return DiskBoot(str(disk.image), disk.format)
 
     # --- start ----------------------------------------------------------------------------
     def _argv(self, vm: VmRecord) -> list[str]:
@@ -312,8 +348,15 @@ class VmManager:
         boot = None
         if vm.kernel_boot is not None:
             kb = vm.kernel_boot
+            for path in (kb.kernel, kb.initrd):
+                if path is not None and Path(path).parent != vm_dir:
+                    raise VmError(
+                        f"vm {vm.name} boots {path}, a host path outside its folder",
+                        hint="it was created before sources were checked: destroy and re-create it",
+                    )
             boot = DirectKernel(Path(kb.kernel), Path(kb.initrd) if kb.initrd else None, kb.cmdline)
         extra = [
+            *SANDBOX,
             "-uuid", vm.uuid,
             "-chardev",
             f"socket,id=console,path={vm_dir / 'console'},server=on,wait=off,"
@@ -350,7 +393,11 @@ class VmManager:
                 await netdev.ensure_tap(netdev.tap_name(vm.uuid), vm.bridge)
                 await self._ports_changed(vm.bridge)
                 pid = await process.launch(
-                    self._argv(vm), self._vm_dir(name) / "pid", f"hatchery-vm-{name}"
+                    self._argv(vm),
+                    self._vm_dir(name) / "pid",
+                    f"hatchery-vm-{name}",
+                    qmp=self._vm_dir(name) / "qmp",
+                    output=self._vm_dir(name) / "qemu.log",
                 )
             except HatcheryError as exc:
                 self._transition(vm, Event.START_FAILED, reason=f"start failed: {exc.message}")
@@ -359,9 +406,18 @@ class VmManager:
             try:
                 await self._attach(vm, pid)
             except (MonitorError, ProcessLookupError) as exc:
-                process.kill(pid, vm.uuid)
-                self._transition(self.get(name), Event.DIED, pid=None, reason=str(exc))
-                raise VmError(f"vm {name} started but QMP failed: {exc}") from exc
+                current = self.get(name)
+                if current.state is VmState.STARTING and process.is_ours(pid, vm.uuid):
+                    process.kill(pid, vm.uuid)
+                    self._transition(current, Event.DIED, pid=None, reason=str(exc))
+                    raise VmError(f"vm {name} started but QMP failed: {exc}") from exc
+                if current.state is VmState.STARTING:  # died; its exit watch has not run yet
+                    live = self._live.pop(name, None)
+                    if live is not None and live.watch is not None:
+                        live.watch.close()
+                    current = self._transition(current, Event.START_FAILED, pid=None,
+                                               reason=self._start_failure(name))  # fmt: skip
+                raise VmError(f"cannot start vm {name}: {current.reason}") from exc
             return self._transition(vm, Event.STARTED, started=time.time())
 
     async def _attach(self, vm: VmRecord, pid: int) -> None:
@@ -373,7 +429,21 @@ class VmManager:
 
         live.watch = process.ExitWatch(pid, lambda: self._on_exit(vm.name))
         live.monitor = Monitor(vm.name, self._vm_dir(vm.name) / "qmp", on_event)
-        await live.monitor.connect()
+        # QMP answers once QEMU is initialised; if QEMU exits first (a kernel it cannot
+        # load), stop waiting at once: its exit watch has recorded why.
+        connect = asyncio.ensure_future(live.monitor.connect())
+        exited = asyncio.ensure_future(live.watch.exited.wait())
+        try:
+            await asyncio.wait({connect, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+            if not connect.done():
+                connect.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await connect
+        if connect.cancelled():
+            raise MonitorError(f"vm {vm.name}: QEMU exited before QMP answered")
+        connect.result()
 
     def _on_qmp_event(self, name: str, kind: str, data: dict[str, Any]) -> None:
         vm = self._vms.get(name)
@@ -399,11 +469,17 @@ class VmManager:
         clean = live is not None and live.shutdown_seen
         event = Event.STOPPED if clean else Event.DIED
         reason = None if clean or vm.state is VmState.STOPPING else "QEMU exited unexpectedly"
+        if vm.state is VmState.STARTING and not clean:  # it gave up while initialising
+            event, reason = Event.START_FAILED, self._start_failure(name)
         with contextlib.suppress(VmStateError):
             self._transition(vm, event, pid=None, reason=reason)
         if reason:
             log.error("vm %s: %s", name, reason)
         asyncio.create_task(netdev.delete_link(netdev.tap_name(vm.uuid)), name=f"untap-{name}")
+
+    def _start_failure(self, name: str) -> str:
+        """Why QEMU gave up while starting: the end of its own output."""
+        return "start failed: " + (_tail(self._vm_dir(name) / "qemu.log") or "QEMU exited")
 
     # --- stop -------------------------------------------------------------------------
     async def stop(self, name: str, timeout: float = 30.0, force: bool = False) -> VmRecord:

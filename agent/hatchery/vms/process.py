@@ -1,7 +1,7 @@
 """QEMU processes that outlive the agent.
 
-QEMU is started with ``-daemonize`` (its own session, re-parented to init) and, where systemd
-runs, inside its own transient scope, so neither a SIGKILL of the agent nor systemd
+QEMU is started in a session of its own (re-parented to init when the agent goes) and,
+where systemd runs, inside its own transient scope, so neither a SIGKILL of the agent nor systemd
 restarting the agent's unit stops a VM. The agent finds the process again through the
 pidfile and checks ``/proc/PID/cmdline`` for the VM's UUID, so a recycled PID is never
 mistaken for the VM. Exit is watched with a pidfd, which works for processes that are not
@@ -37,19 +37,32 @@ def scope_prefix(unit: str) -> list[str]:
     return [runner, "--scope", "--quiet", "--collect", f"--unit={unit}", "--"]
 
 
-async def launch(argv: list[str], pidfile: Path, unit: str, timeout: float = 60.0) -> int:
-    """Start QEMU daemonized; return its PID once it runs (the QMP socket is ready then).
+async def launch(
+    argv: list[str], pidfile: Path, unit: str, *, qmp: Path, output: Path, timeout: float = 60.0
+) -> int:
+    """Start QEMU detached; return its PID once it wrote its pidfile and its QMP socket
+    exists (the caller connects to QMP, which answers once QEMU is initialised).
 
-    :raise CommandError: QEMU failed to start or did not daemonize within ``timeout``.
-    :raise ProcessError: it started but wrote no pidfile.
+    Not with ``-daemonize``: QEMU installs its seccomp filter before it daemonizes, and the
+    filter forbids the ``fork`` and ``setsid`` that needs (``spawn=deny``,
+    ``elevateprivileges=deny``). The agent starts it in a session of its own instead
+    (``host.spawn``), its stdout and stderr appended to ``output``.
+
+    :raise CommandError: QEMU failed to start (the tail of ``output`` says why) or was not
+        ready within ``timeout``.
     """
     pidfile.unlink(missing_ok=True)
-    full = [*scope_prefix(unit), *argv, "-daemonize", "-pidfile", str(pidfile)]
+    qmp.unlink(missing_ok=True)
+    full = [*scope_prefix(unit), *argv, "-pidfile", str(pidfile)]
     log.debug("exec %s", " ".join(full))
-    await host.run_async(full, timeout=timeout, new_session=True)
+
+    def ready() -> bool:
+        return read_pidfile(pidfile) is not None and qmp.exists()
+
+    await host.spawn(full, log=output, ready=ready, timeout=timeout)
     pid = read_pidfile(pidfile)
-    if pid is None:
-        raise ProcessError(f"QEMU started but wrote no pidfile {pidfile}")
+    if pid is None:  # it removes its pidfile as it exits
+        raise ProcessError(f"QEMU exited right after it started (see {output})")
     return pid
 
 
@@ -90,6 +103,9 @@ class ExitWatch:
         self._loop.add_reader(self._fd, self._fire)
 
     def _fire(self) -> None:
+        if self._fd is not None:  # our own child (started by this agent): reap it
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitid(os.P_PIDFD, self._fd, os.WEXITED | os.WNOHANG)
         self.close()
         self.exited.set()
         self._on_exit()

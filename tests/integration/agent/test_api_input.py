@@ -18,10 +18,12 @@ from hatchery.api.policy import load_policy
 from hatchery.api.server import ApiServer
 from hatchery.capacity import HostCapacity
 from hatchery.client import AgentClient, ApiError, Credentials
+from hatchery.config import VmSourcesConfig
 from hatchery.health import NodeHealth
 from hatchery.pki import server_context
 from hatchery.qemu.accel import Accel, AccelChoice
 from hatchery.vms.manager import VmManager
+from hatchery.vms.sources import SourceFetcher
 from hatchery_lab.agent import Pki
 
 
@@ -32,11 +34,15 @@ async def api(tmp_path: Path) -> AsyncIterator[tuple[AgentClient, VmManager, Pat
     pool = AddressPool(tmp_path / "pool.db")
     pool.add_subnet(Subnet("br0", ipaddress.IPv4Network("10.5.0.0/24"), None, ()))
     pool.add_range(ipaddress.IPv4Address("10.5.0.10"), ipaddress.IPv4Address("10.5.0.19"))
-    manager = VmManager(tmp_path, pool, HostCapacity(8, 4096, 10_000), AccelChoice(Accel.TCG, "t"))
+    artefacts = tmp_path / "artefacts"
+    artefacts.mkdir()
+    sources = SourceFetcher(VmSourcesConfig(folders=(artefacts,)))
+    manager = VmManager(tmp_path, pool, HostCapacity(8, 4096, 10_000), AccelChoice(Accel.TCG, "t"),
+                        sources=sources)  # fmt: skip
     app = make_app(ApiContext(manager, pool, load_policy(None), NodeHealth("v1"), time.time()))
     server = ApiServer(app, server_context(pki.ca, pki.server.cert, pki.server.key))
     await server.start("127.0.0.1", 0)
-    kernel = tmp_path / "kernel"
+    kernel = artefacts / "kernel"
     kernel.write_bytes(b"not really a kernel")
     try:
         async with AgentClient(

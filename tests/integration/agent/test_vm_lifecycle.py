@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ from hatchery_lab.guest import (
     find_guest_kernel,
 )
 from hatchery_lab.net import bridge
+from hatchery_lab.vmns import ns_vm
 from tests.conftest import missing
 
 # The guest asks the agent's DHCP server for its address, then its identity from the
@@ -65,7 +67,9 @@ def lab(tmp_path: Path, require_root: None, require_tool: Callable[[str], str]) 
     assert isinstance(kernel, GuestKernel)
     octet = random.randrange(16, 250)
     subnet = f"10.{octet}.77"
-    initrd = tmp_path / "initrd"
+    artefacts = tmp_path / "artefacts"  # VM sources come from artefact folders, not anywhere
+    artefacts.mkdir()
+    initrd = artefacts / "initrd"
     modules = [kernel.module(m) for m in VIRTIO_NET_MODULES]
     lease = Entry.file("bin/lease", LEASE_SCRIPT.encode(), 0o755)
     initrd.write_bytes(busybox_initramfs(GUEST_INIT, modules=modules, files=[lease]))
@@ -76,10 +80,12 @@ def lab(tmp_path: Path, require_root: None, require_tool: Callable[[str], str]) 
             pki_,
             [{"name": br, "subnets": [{"cidr": f"{subnet}.0/24", "gateway": f"{subnet}.1",
                                        "pool": {"start": f"{subnet}.10", "end": f"{subnet}.11"}}]}],
+            vm_sources={"folders": [str(kernel.vmlinux().parent), str(artefacts)]},
         )  # fmt: skip
         agent.start()
         try:
-            yield {"agent": agent, "kernel": kernel.vmlinux(), "initrd": initrd, "subnet": subnet}
+            yield {"agent": agent, "kernel": kernel.vmlinux(), "initrd": initrd, "subnet": subnet,
+                   "bridge": br}  # fmt: skip
         finally:
             agent.kill()
             for vm_dir in (agent.state_dir / "vms").glob("*"):
@@ -146,6 +152,14 @@ def test_vm_outlives_agent_and_is_readopted(lab: dict, require_tool: Callable[[s
     agent.start()
     listed = {v["name"]: v for v in agent.cli_json("vm", "list")["vms"]}
     assert listed["app1"]["state"] == "running" and listed["app1"]["pid"] == pid
+    # A graceful stop of the agent (what a unit restart or a live patch does) leaves it too.
+    agent.kill(signal.SIGTERM)
+    assert qemu_alive(pid), "stopping the agent stopped the VM"
+    agent.start()
+    # QEMU runs under its seccomp filter (mode 2), in a session of its own.
+    status = Path(f"/proc/{pid}/status").read_text()
+    assert "Seccomp:\t2" in status, status
+    assert os.getsid(pid) == pid
 
     stopped = agent.cli_json("vm", "stop", "app1", "--timeout", "3")
     assert stopped["state"] == "stopped"
@@ -156,26 +170,55 @@ def test_vm_outlives_agent_and_is_readopted(lab: dict, require_tool: Callable[[s
     assert agent.cli_json("vm", "list")["vms"] == []
 
 
+# A web server for VM sources that is not on the node: it runs in a namespace on the lab's
+# bridge. ``/to/<path>`` redirects to ``<path>`` on the same server; ``/away`` redirects to
+# the node's own API on loopback, which the agent must refuse to follow.
+SOURCE_SERVER = r"""
+import http.server, sys
+port, away = int(sys.argv[1]), sys.argv[2]
+class Handler(http.server.SimpleHTTPRequestHandler):
+    def do_GET(self):
+        if self.path.startswith("/to/") or self.path == "/away":
+            self.send_response(302)
+            self.send_header("Location", away if self.path == "/away" else self.path[3:])
+            self.end_headers()
+            return
+        super().do_GET()
+http.server.ThreadingHTTPServer(("0.0.0.0", port), Handler).serve_forever()
+"""
+
+
 def test_vm_killed_while_agent_down_is_crashed(lab: dict, tmp_path: Path) -> None:
-    """Also: the kernel and initrd come by URL (the agent downloads them into the VM folder)."""
+    """Also: the kernel and initrd come by URL (the agent downloads them into the VM folder),
+    from a server off the node, through a redirect; URLs to the node itself are refused."""
     agent: AgentProcess = lab["agent"]
     served = tmp_path / "served"
     served.mkdir()
     (served / "vmlinux").write_bytes(Path(lab["kernel"]).read_bytes())
     (served / "initrd").write_bytes(Path(lab["initrd"]).read_bytes())
     port = free_port()
-    web = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                            "--directory", str(served)], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        time.sleep(1)
-        base = f"http://127.0.0.1:{port}"
-        vm = agent.cli_json("vm", "create", "app2", "--kernel", f"{base}/vmlinux", "--initrd",
-                            f"{base}/initrd", "--cmdline", "console=ttyS0 quiet",
-                            "--memory", "192")  # fmt: skip
-    finally:
-        web.kill()
-        web.wait()
+    subnet = lab["subnet"]
+    with ns_vm(lab["bridge"], "52:54:00:5e:00:32", f"{subnet}.50") as ns:
+        web = subprocess.Popen(
+            ["ip", "netns", "exec", ns.netns, sys.executable, "-c", SOURCE_SERVER, str(port),
+             f"http://127.0.0.1:{agent.port}/healthz"],
+            cwd=served, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            time.sleep(1)
+            base = f"http://{subnet}.50:{port}"
+            for refused in (f"{base}/away", f"http://127.0.0.1:{agent.port}/healthz",
+                            f"http://{subnet}.1:{agent.port}/healthz"):  # fmt: skip
+                answer = agent.cli("vm", "create", "bad", "--kernel", f"{base}/vmlinux",
+                                   "--initrd", refused, check=False)  # fmt: skip
+                assert answer.returncode == 1 and "HTTP 400" in answer.stderr, answer.stderr
+                assert "refused" in answer.stderr, answer.stderr
+            vm = agent.cli_json("vm", "create", "app2", "--kernel", f"{base}/to/vmlinux",
+                                "--initrd", f"{base}/initrd", "--cmdline", "console=ttyS0 quiet",
+                                "--memory", "192")  # fmt: skip
+        finally:
+            web.kill()
+            web.wait()
     assert vm["kernel_boot"]["kernel"].endswith("/vms/app2/kernel")
     _wait_console(agent, "app2", "GUEST-UP")
     agent.kill()
@@ -220,6 +263,16 @@ def test_refusals_change_nothing(
     big = agent.cli("vm", "create", "huge", "--kernel", str(lab["kernel"]), "--memory",
                     str(1024 * 1024), check=False)  # fmt: skip
     assert big.returncode == 1 and "memory" in big.stderr and "capacity" in big.stderr
+    # A kernel QEMU cannot load: refused at once with QEMU's own words, the VM stopped.
+    junk = Path(lab["initrd"]).parent / "junk"
+    junk.write_bytes(b"not a kernel")
+    started = time.monotonic()
+    failed = agent.cli("vm", "create", "junk", "--kernel", str(junk), check=False)
+    assert failed.returncode == 1 and "cannot start vm junk" in failed.stderr, failed.stderr
+    assert time.monotonic() - started < 8, "the failed start was not noticed at once"
+    shown = agent.cli_json("vm", "show", "junk")
+    assert shown["state"] == "stopped" and shown["reason"].startswith("start failed:"), shown
+    agent.cli("vm", "destroy", "junk")
     # Malformed input: 400 naming the field.
     bad = agent.cli("vm", "create", "Bad_Name", "--kernel", str(lab["kernel"]), check=False)
     assert bad.returncode == 1 and "bad vm name" in bad.stderr

@@ -56,10 +56,10 @@ class Cluster:
     nodes: list[Node] = field(default_factory=list)
 
     async def node(self, name: str, *middlewares: Middleware) -> Node:
-        # The agent's certificate doubles as its client certificate towards peers: its group
-        # must be allowed images.read there (the default policy's reader group is).
-        pair = pki.issue(self.pki.root / "ca", name, self.tmp / name / "tls", groups=("reader",),
-                         server_names=("127.0.0.1",))  # fmt: skip
+        # The agent's certificate doubles as its client certificate towards peers (issued as
+        # both): its group must be allowed images.read there (the default policy's node is).
+        pair = pki.issue(self.pki.root / "ca", name, self.tmp / name / "tls", groups=("node",),
+                         server_names=("127.0.0.1",), client=True)  # fmt: skip
         node = Node(name, ImageStore(self.tmp / name / "images"), self.tmp / name / "image-keys",
                     free_port(), self.pki, pair)  # fmt: skip
 

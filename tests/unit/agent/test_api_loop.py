@@ -31,10 +31,12 @@ from hatchery.addresses import AddressPool, Subnet
 from hatchery.api.app import ApiContext, HealthSource, make_app
 from hatchery.api.policy import load_policy
 from hatchery.capacity import HostCapacity
+from hatchery.config import VmSourcesConfig
 from hatchery.health import NodeHealth
 from hatchery.pki import client_context, server_context
 from hatchery.qemu.accel import Accel, AccelChoice
 from hatchery.vms.manager import VmManager
+from hatchery.vms.sources import SourceFetcher
 from hatchery.wire import BootStatus, UpgradeStatus
 from hatchery_lab.agent import Pki
 
@@ -60,7 +62,9 @@ class Api:
                     ipaddress.IPv4Address("10.5.0.10"), ipaddress.IPv4Address("10.5.0.19")
                 )
             capacity = HostCapacity(8, 4096, 10_000)
-            manager = VmManager(self.tmp, pool, capacity, AccelChoice(Accel.TCG, "test"))
+            sources = SourceFetcher(VmSourcesConfig(folders=(self.tmp,)))  # make_vm's kernel
+            manager = VmManager(self.tmp, pool, capacity, AccelChoice(Accel.TCG, "test"),
+                                sources=sources)  # fmt: skip
             app = make_app(ApiContext(manager, pool, load_policy(None), health, time.time()))
             server = TestServer(app, host="127.0.0.1")
             await server.start_server(ssl=server_context(self.pki.ca, self.pki.server.cert,

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,20 @@ def test_connection_limits() -> None:
 def test_bad_connection_limits_name_the_key(limits: dict[str, int], key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         parse_config({"limits": limits})
+
+
+def test_vm_sources() -> None:
+    config = parse_config({**GOOD, "vm_sources": {
+        "folders": ["/data/artefacts"], "management_networks": ["10.0.0.0/24", "fd00::/64"],
+        "max_download_bytes": 1024, "download_timeout": 30}})  # fmt: skip
+    sources = config.vm_sources
+    assert sources.folders == (Path("/data/artefacts"),)
+    assert [str(n) for n in sources.management_networks] == ["10.0.0.0/24", "fd00::/64"]
+    assert sources.max_download_bytes == 1024 and sources.download_timeout == 30
+    assert parse_config(GOOD).vm_sources.max_download_bytes == 4 * 1024**3
+    for bad, where in (({"folders": ["data"]}, "folders[0]"), ({"folders": ["/"]}, "folders[0]"),
+                       ({"management_networks": ["nope"]}, "management_networks[0]"),
+                       ({"max_download_bytes": 0}, "max_download_bytes"),
+                       ({"typo": 1}, "vm_sources.typo")):  # fmt: skip
+        with pytest.raises(ConfigError, match=re.escape(where)):
+            parse_config({**GOOD, "vm_sources": bad})

@@ -24,12 +24,14 @@ from hatchery.api.app import ApiContext, make_app
 from hatchery.api.images import ImagesContext
 from hatchery.api.policy import load_policy
 from hatchery.capacity import HostCapacity
+from hatchery.config import VmSourcesConfig
 from hatchery.health import NodeHealth
 from hatchery.images.signing import KeyDirectory
 from hatchery.images.store import ImageStore
 from hatchery.pki import Identity
 from hatchery.qemu.accel import Accel, AccelChoice
 from hatchery.vms.manager import VmManager
+from hatchery.vms.sources import SourceFetcher
 
 WHO = "X-Test-Who"
 
@@ -66,15 +68,19 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
     pool = AddressPool(tmp_path / "pool.db")
     pool.add_subnet(Subnet("br0", ipaddress.IPv4Network("10.5.0.0/24"), None, ()))
     pool.add_range(ipaddress.IPv4Address("10.5.0.10"), ipaddress.IPv4Address("10.5.0.19"))
-    manager = VmManager(tmp_path, pool, HostCapacity(8, 4096, 10_000), AccelChoice(Accel.TCG, "t"))
     store = ImageStore(tmp_path / "images")
+    artefacts = tmp_path / "artefacts"
+    artefacts.mkdir()
+    sources = SourceFetcher(VmSourcesConfig(folders=(artefacts,)), store)
+    manager = VmManager(tmp_path, pool, HostCapacity(8, 4096, 10_000), AccelChoice(Accel.TCG, "t"),
+                        sources=sources)  # fmt: skip
     keys = tmp_path / "image-keys"
     keys.mkdir()
     # A fetcher that is never reached: the requests below are refused before any fetch.
     images = ImagesContext.build(store, KeyDirectory(keys), ssl.create_default_context())
     context = ApiContext(manager, pool, load_policy(None), NodeHealth("v1"), time.time())
     app = make_app(context, images, identify=header_identity)
-    kernel = tmp_path / "kernel"
+    kernel = artefacts / "kernel"  # in the artefact folder: a source a request may name
     kernel.write_bytes(b"not really a kernel")
     try:
         async with TestClient(TestServer(app)) as client:

@@ -38,7 +38,7 @@ from tests.unit.api.conftest import ADMIN, NOBODY, READER, Api, header_identity,
 ROUTES: dict[tuple[str, str], object] = {
     ("GET", "/healthz"): ANY_CLIENT,
     ("GET", "/metrics"): "health.read",
-    ("GET", "/v1/vms"): "vm.read",  # filtered: each VM by vm.read or its owner group
+    ("GET", "/v1/vms"): "vm.read",  # filtered: each VM by vm.read, or vm.read:own of its group
     ("POST", "/v1/vms"): "vm.manage",
     ("GET", "/v1/vms/{name}"): "vm.read",
     ("DELETE", "/v1/vms/{name}"): "vm.manage",
@@ -193,8 +193,8 @@ async def test_owner_group_acts_on_its_own_vms_only(api: Api) -> None:
     listed = await (await api.client.get("/v1/vms", headers=team)).json()
     assert [vm["name"] for vm in listed["vms"]] == ["web1"]
     assert (await api.client.get("/v1/vms/web1", headers=team)).status == 200
-    assert (await api.client.get("/v1/vms/db1", headers=team)).status == 403
-    assert (await api.client.delete("/v1/vms/db1", headers=team)).status == 403
+    assert (await api.client.get("/v1/vms/db1", headers=team)).status == 404  # unseen = missing
+    assert (await api.client.delete("/v1/vms/db1", headers=team)).status == 404
     assert (await api.client.get("/v1/vms", headers=NOBODY)).status == 200
     assert [vm.name for vm in api.manager.records()] == ["db1", "web1"]
 

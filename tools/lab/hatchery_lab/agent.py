@@ -45,8 +45,9 @@ class Pki:
     def make(cls, root: Path) -> Pki:
         pki.init_ca(root / "ca")
         made = cls(root)
+        # Like a node's: it serves the API and is the agent's identity towards peers.
         made.server = pki.issue(root / "ca", "agent", root / "agent", server_names=("127.0.0.1",),
-                                groups=("node",))  # fmt: skip
+                                groups=("node",), client=True)  # fmt: skip
         return made
 
     server: pki.IssuedPair = field(init=False)
