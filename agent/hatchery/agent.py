@@ -1,9 +1,10 @@
 """The agent's parts, started in order and stopped in reverse (the composition root).
 
 state → address pool → capacity → image store → VMs (re-adopted; they boot from the store
-too) → API → metadata and DHCP (per
-bridge). A part that cannot start stops the agent with "cannot start <part>: <why>". Stopping
-never stops a VM, and leaves each bridge's anti-spoofing rules in place while the agent is away.
+too) → upgrades → API → metadata (per bridge; from then on VM port changes reach the rules)
+→ network boot and DHCP (per bridge). A part that cannot start stops the agent with "cannot
+start <part>: <why>". Stopping never stops a VM, and leaves each bridge's anti-spoofing rules
+in place while the agent is away.
 """
 
 from __future__ import annotations
