@@ -15,7 +15,7 @@ from pathlib import Path
 from bench.report import median, table, write_section
 from hatchery.config import ConnectionLimits
 from hatchery_lab import flood
-from hatchery_lab.agent import AgentProcess, Pki
+from hatchery_lab.agent import AgentProcess
 
 HELD = 2000
 REQUESTS = 30
@@ -34,9 +34,7 @@ def _p95(values: list[float]) -> float:
 def run() -> None:
     with tempfile.TemporaryDirectory(prefix="hatchery-bench-flood-") as tmp_name:
         tmp = Path(tmp_name)
-        agent = AgentProcess.configure(tmp, Pki.make(tmp / "pki"), bridges=[])
-        agent.start(timeout=120)
-        try:
+        with AgentProcess.bare(tmp) as agent:
             flood.timed_healthz(agent.port, agent.pki)  # warm up
             quiet = _latencies(agent)
             lines_before = len(agent.log_path.read_text().splitlines())
@@ -44,8 +42,6 @@ def run() -> None:
                 closed = flood.closed_by_server(held, wait=5.0)
                 flooded = _latencies(agent)
                 logged = len(agent.log_path.read_text().splitlines()) - lines_before
-        finally:
-            agent.kill()
     worst = max(median(flooded), _p95(flooded))
     rows = [
         ["no flood", f"{median(quiet):.1f}", f"{_p95(quiet):.1f}", "-", "-"],

@@ -15,19 +15,15 @@ import pytest
 
 from hatchery.config import ConnectionLimits
 from hatchery_lab import flood
-from hatchery_lab.agent import AgentProcess, Pki
+from hatchery_lab.agent import AgentProcess
 
 HELD = 2000
 
 
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[AgentProcess]:
-    proc = AgentProcess.configure(tmp_path, Pki.make(tmp_path / "pki"), bridges=[])
-    proc.start(timeout=120)
-    try:
+    with AgentProcess.bare(tmp_path) as proc:
         yield proc
-    finally:
-        proc.kill()
 
 
 def test_idle_connections_from_one_client_do_not_starve_another(agent: AgentProcess) -> None:

@@ -9,18 +9,14 @@ from pathlib import Path
 import pytest
 
 from hatchery.images.signing import generate_key
-from hatchery_lab.agent import AgentProcess, Pki
+from hatchery_lab.agent import AgentProcess
 from tests.support.synthetic_images import signed_build
 
 
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[AgentProcess]:
-    proc = AgentProcess.configure(tmp_path, Pki.make(tmp_path / "pki"), bridges=[])
-    proc.start(timeout=120)
-    try:
+    with AgentProcess.bare(tmp_path) as proc:
         yield proc
-    finally:
-        proc.kill()
 
 
 def test_the_agent_serves_its_store_and_refuses_untrusted_images(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +91,18 @@ class AgentProcess:
         path = tmp / "agent.yaml"
         path.write_text(yaml.safe_dump(config))
         return cls(path, state_dir, port, pki_, tmp / "agent.log")
+
+    @classmethod
+    @contextlib.contextmanager
+    def bare(cls, tmp: Path, timeout: float = 120) -> Iterator[AgentProcess]:
+        """An agent with its own PKI and no bridges, running, killed afterwards: the API, the
+        store and the listeners without any network plumbing."""
+        agent = cls.configure(tmp, Pki.make(tmp / "pki"), bridges=[])
+        agent.start(timeout=timeout)
+        try:
+            yield agent
+        finally:
+            agent.kill()
 
     def start(self, timeout: float = 30) -> None:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
