@@ -579,6 +579,7 @@ def build_one(name: str, opts: BuildOptions, step: str) -> Path:
         path.rename(final / canonical)
     if name == "appliance-vm":
         write_vmlinux(final / f"{name}.vmlinuz", final / f"{name}.vmlinux")
+    artefact_meta = {p.name: (sha256_file(p), p.stat().st_size) for p in sorted(final.iterdir())}
     manifest = {
         "image": name,
         "version": opts.version,
@@ -587,17 +588,13 @@ def build_one(name: str, opts: BuildOptions, step: str) -> Path:
         "mkosi_version": extra["mkosi"],
         "packages": packages,
         "python_wheels": [w.name for w in wheels],
-        "artefacts": {
-            p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-            for p in sorted(final.iterdir())
-        },
+        "artefacts": {f: {"sha256": h, "bytes": n} for f, (h, n) in artefact_meta.items()},
     }
     _write_json(final / "manifest.json", manifest)
     shutil.rmtree(out, ignore_errors=True)
     final.rename(out)
     shutil.rmtree(staging, ignore_errors=True)
-    sizes = ", ".join(f"{f} {p.stat().st_size / 1e6:.1f} MB" for f, p in sorted(
-        (p.name, p) for p in out.iterdir() if p.name != "manifest.json"))  # fmt: skip
+    sizes = ", ".join(f"{f} {n / 1e6:.1f} MB" for f, (_, n) in artefact_meta.items())
     log(f"{step} {name}: built in {time.monotonic() - started:.0f} s: {sizes}")
     # After the artefacts are in place: with --locked the build fails, yet what was built
     # stays inspectable (its manifest lists the exact versions).
