@@ -80,7 +80,7 @@ class ConnectionLimits:
     Why these defaults: one client (a VM, a machine on the boot network, a tenant) must not
     be able to hold the sockets, memory or file descriptors everyone else needs. 64
     connections is more than any honest client opens (curl, iPXE, cloud-init and the rollout
-    tool use one or a few); 1024 in all stays far below ``LimitNOFILE`` of the unit (65536),
+    tool use one or a few); 1024 per socket stays far below ``LimitNOFILE`` of the unit (65536),
     so the API, metadata and boot HTTP of several bridges fit at once. An idle keep-alive
     connection is closed after 15 s (aiohttp's default is an hour), and a connection that has
     not sent its first request's headers (TLS handshake included) after 10 s is cut off, so
@@ -88,7 +88,7 @@ class ConnectionLimits:
     """
 
     per_client: int = 64  # connections open at once from one client address
-    total: int = 1024  # connections open at once on one listener, all clients together
+    total: int = 1024  # connections open at once on one listening socket, all clients together
     idle_timeout: float = 15.0  # seconds a keep-alive connection may wait for a request
     header_timeout: float = 10.0  # seconds from accept to the first request's headers
     log_interval: float = 60.0  # at most one summary line of refusals per interval

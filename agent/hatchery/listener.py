@@ -27,6 +27,7 @@ limits (``config.ConnectionLimits``):
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import socket
@@ -101,10 +102,13 @@ class _Guarded(asyncio.Protocol):
     connection's place in the caps exactly once, however the connection ends.
     """
 
-    def __init__(self, listener: HttpListener, handler: RequestHandler, host: str) -> None:
+    def __init__(
+        self, listener: HttpListener, handler: RequestHandler, host: str, sock: int
+    ) -> None:
         self._listener = listener
         self.handler = handler
         self.host = host
+        self.sock = sock  # the listening socket it came through (its fd): the total's key
         self.made = False
         self._released = False
         # The header deadline runs from accept, so a TLS handshake counts against it.
@@ -159,16 +163,18 @@ class _Guarded(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self._listener._by_handler.pop(self.handler, None)
-        self._listener._release(self.host)
+        self._listener._release(self.host, self.sock)
 
 
 class HttpListener:
     """``app`` served on any number of sockets, all behind one set of ``limits``.
 
     ``await start()`` once, then ``listen(host, port)`` and/or ``serve_on(sock)``;
-    ``close()`` stops every socket and connection and is idempotent. The caps count all of
-    this listener's sockets together: the API on the node's address and in every metadata
-    namespace is one listener. ``tls`` (a server context) makes every socket speak TLS.
+    ``close()`` stops every socket and connection and is idempotent. The per-client cap
+    counts a client address over all of this listener's sockets; the total is per listening
+    socket, so the VMs that reach the API through a metadata namespace (one socket per
+    bridge) can never fill the place of the operators on the node's own address. ``tls`` (a
+    server context) makes every socket speak TLS.
     """
 
     def __init__(
@@ -188,7 +194,7 @@ class HttpListener:
         self._runner: web.AppRunner | None = None
         self._sites: list[_LimitedSite] = []
         self._by_handler: dict[RequestHandler, _Guarded] = {}
-        self._total = 0
+        self._totals: collections.Counter[int] = collections.Counter()  # per socket
 
     @property
     def runner(self) -> web.AppRunner:
@@ -251,9 +257,9 @@ class HttpListener:
         self._summary.flush(force=True)
 
     # --- admission ------------------------------------------------------------------------
-    def _admit(self, host: str) -> bool:
+    def _admit(self, host: str, sock: int) -> bool:
         limits, stats = self.limits, self.stats
-        if self._total >= limits.total:
+        if self._totals[sock] >= limits.total:
             stats.over_total_limit += 1
             self._event("connections refused over the total limit", host)
             return False
@@ -261,13 +267,13 @@ class HttpListener:
             stats.over_client_limit += 1
             self._event("connections refused over the per-client limit", host)
             return False
-        self._total += 1
+        self._totals[sock] += 1
         stats.open[host] += 1
         stats.accepted += 1
         return True
 
-    def _release(self, host: str) -> None:
-        self._total -= 1
+    def _release(self, host: str, sock: int) -> None:
+        self._totals[sock] -= 1
         left = self.stats.open[host] - 1
         if left > 0:
             self.stats.open[host] = left
@@ -335,18 +341,18 @@ class _AcceptLoop(asyncio.AbstractServer):
                 await asyncio.sleep(ACCEPT_BACKOFF)
                 continue
             host = str(addr[0])
-            if not listener._admit(host):
+            if not listener._admit(host, self._sock.fileno()):
                 conn.close()
                 continue
             try:
                 conn.setblocking(False)
                 server = listener.runner.server
                 assert server is not None
-                guarded = _Guarded(listener, server(), host)
+                guarded = _Guarded(listener, server(), host, self._sock.fileno())
             except Exception:  # a bug must not end the accept loop: drop this connection
                 log.exception("%s: cannot take a connection from %s", listener.name, host)
                 conn.close()
-                listener._release(host)
+                listener._release(host, self._sock.fileno())
                 continue
             if listener.tls is None:
                 await self._connect(conn, guarded)  # no handshake: returns at once

@@ -115,6 +115,22 @@ async def test_total_cap() -> None:
         _close_all(held)
 
 
+async def test_total_cap_is_per_socket() -> None:
+    """The API listens on the node's address and inside every metadata namespace: the VMs
+    filling the namespace's socket must not take the operators' places on the other."""
+    limits = ConnectionLimits(per_client=10, total=3)
+    async with _listener(limits) as (listener, vm_port):
+        operator_port = await listener.listen("127.0.0.1", 0)
+        held = [await _open(vm_port, f"127.0.0.{n}") for n in range(2, 5)]  # three VMs
+        await asyncio.sleep(0.1)
+        reader, writer = await _open(vm_port, "127.0.0.5")
+        assert await _closed_by_server(reader, 2), "the VM socket's total was not enforced"
+        writer.close()
+        assert b"pong" in await _get(operator_port)  # the operators' socket still admits
+        assert listener.stats.over_total_limit == 1
+        _close_all(held)
+
+
 async def test_slow_headers_are_cut_off() -> None:
     limits = ConnectionLimits(header_timeout=0.5, idle_timeout=30)
     async with _listener(limits) as (listener, port):
