@@ -15,6 +15,11 @@ and ``inet hatchery_<br>``, both replaced in one ``nft -f`` transaction on every
   - IPv4: source is the VM's address; DHCP *client* traffic from 0.0.0.0:68 to :67 is the
     one exception. No DHCP/BOOTP *server* traffic (udp sport 67, or dport 68): a VM never
     answers a PXE-booting node.
+  - DHCP requests (udp dport 67) carry the VM's own MAC as ``chaddr``, with hardware type 1
+    and length 6 (Ethernet, RFC 2131 section 2): the node's DHCP server reads a UDP socket
+    and never sees the frame's source MAC, so this is what keeps a VM from asking for, or
+    DECLINE-ing, another machine's address in its name. ``chaddr`` is bits 224..271 of the
+    UDP payload (op, htype, hlen, hops, xid, secs, flags and four addresses come first).
   - IPv6: source is the VM's link-local address derived from its MAC (modified EUI-64 in
     fe80::/64, RFC 4291 section 2.5.1 and appendix A), one of the port's IPv6 pool addresses,
     or ``::`` for duplicate address detection and MLD reports only (RFC 4862 section 5.4.2,
@@ -137,6 +142,8 @@ def _port_chain(port: Port) -> list[str]:
         f"    ether type arp arp saddr ip != {{ 0.0.0.0, {port.ip} }} drop",
         "    udp sport { 67, 547 } drop",
         "    udp dport { 68, 546 } drop",
+        "    udp dport 67 @ih,8,16 != 0x0106 drop",  # htype 1 (Ethernet), hlen 6
+        f"    udp dport 67 @ih,224,48 != 0x{port.mac.replace(':', '').lower()} drop",
         "    ether type ip ip saddr 0.0.0.0 udp sport 68 udp dport 67 accept",
         f"    ether type ip ip saddr != {port.ip} drop",
         "    icmpv6 type { nd-router-advert, nd-redirect } drop",

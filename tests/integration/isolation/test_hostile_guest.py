@@ -220,13 +220,7 @@ def test_rogue_dhcp_server_cannot_answer_a_booting_node(lab: Lab) -> None:
     assert "ip" not in got, got
     assert "DHCPOFFER(eth0)" in rogue.text(), rogue.text()  # it did answer
     # The node's own DHCP server births the same machine, with the rogue still answering.
-    leases = lab.tmp / "leases.yaml"
-    leases.write_text(f'"{lab.tenant.mac}": {{ip: {lab.tenant.ip}, hostname: tenant}}\n')
-    legit = lab.env.agent("dhcp", "dhcp", "--interface", lab.env.bridge, "--no-ra",
-                          "--birth-range", f"{s}.{BIRTHS[0]}-{s}.{BIRTHS[1]}",
-                          "--state-dir", str(lab.tmp / "dhcp"), "--leases", str(leases),
-                          "--router", lab.server_ip)  # fmt: skip
-    legit.wait_for("dhcp: serving on")
+    legit = _node_dhcp(lab)
     got = lab.udhcpc(lab.victim, "-V", PXE_CLIENT, tries=5)
     assert got.get("serverid") == lab.server_ip, got
     assert got.get("ip") == f"{s}.{BIRTHS[0]}", got
@@ -239,6 +233,40 @@ def test_rogue_dhcp_server_cannot_answer_a_booting_node(lab: Lab) -> None:
     got = lab.udhcpc(lab.victim, "-V", PXE_CLIENT, tries=5)
     assert got.get("serverid") == lab.rogue.ip, got
     assert got.get("router") == lab.rogue.ip and got.get("boot_file") == "evil.kpxe", got
+
+
+def _node_dhcp(lab: Lab) -> Service:
+    """The agent's real DHCP server on the bridge: the tenant's static lease and a birth range."""
+    s = lab.env.subnet
+    leases = lab.tmp / "leases.yaml"
+    leases.write_text(f'"{lab.tenant.mac}": {{ip: {lab.tenant.ip}, hostname: tenant}}\n')
+    server = lab.env.agent("dhcp", "dhcp", "--interface", lab.env.bridge, "--no-ra",
+                           "--birth-range", f"{s}.{BIRTHS[0]}-{s}.{BIRTHS[1]}",
+                           "--state-dir", str(lab.tmp / "dhcp"), "--leases", str(leases),
+                           "--router", lab.server_ip)  # fmt: skip
+    server.wait_for("dhcp: serving on")
+    return server
+
+
+def _offers_to(lab: Lab, guest: Guest, chaddr: str) -> list[str]:
+    out = guest.ok(sys.executable, "-m", "hatchery_lab.isolation", "discover", "eth0", chaddr)
+    return [line.split()[1] for line in out.splitlines() if line.startswith("offer ")]
+
+
+def test_a_vm_cannot_ask_for_another_machines_lease(lab: Lab) -> None:
+    """chaddr is the VM's own MAC: the DHCP server, which never sees the frame's source,
+    cannot be asked for (or made to DECLINE) the tenant's address by another VM."""
+    server = _node_dhcp(lab)
+    assert _offers_to(lab, lab.rogue, lab.tenant.mac) == []
+    # The same packet with the sender's own chaddr passes (the rogue has no lease: a VM
+    # port's own DISCOVER is not a network-boot client, so no birth offer either).
+    got = lab.udhcpc(lab.tenant, tries=5)
+    assert (got.get("ip"), got.get("serverid")) == (lab.tenant.ip, lab.server_ip), got
+    assert _offers_to(lab, lab.tenant, lab.tenant.mac) == [lab.tenant.ip]
+    # Without the rules the forged request is answered with the tenant's address.
+    lab.remove_rules()
+    assert _offers_to(lab, lab.rogue, lab.tenant.mac) == [lab.tenant.ip]
+    server.stop()
 
 
 def _ra(lab: Lab, prefix: str) -> None:

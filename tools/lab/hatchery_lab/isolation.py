@@ -17,6 +17,11 @@ another's address. Plain raw ICMPv6 sockets; the kernel fills in the checksum.
 802.1Q-tagged IPv4 frame, 802.1ad, LLDP, Wake-on-LAN, the IEEE local-experimental type, an
 802.3/LLC frame as STP uses), each carrying a marker, plus an ordinary IPv4 UDP broadcast
 through the kernel as the control; ``... sniff IFACE SECONDS`` prints which markers arrived.
+
+``... discover IFACE CHADDR`` sends a DHCPDISCOVER from udp/68 with ``CHADDR`` as the client
+hardware address (broadcast flag set, so any answer is broadcast back) and prints
+``offer YIADDR`` for each OFFER to that ``CHADDR`` within two seconds: a guest asking the
+node's DHCP server for another machine's lease in its name.
 The kernel here has no 802.1Q module (``ip link add ... type vlan`` fails), so the tagged
 frame is built by hand.
 """
@@ -40,6 +45,15 @@ from pathlib import Path
 from aiohttp import web
 
 from hatchery.api.server import ApiServer
+from hatchery.dhcp.packet import (
+    BROADCAST_FLAG,
+    DecodeError,
+    DhcpPacket,
+    MessageType,
+    Op,
+    Opt,
+    opt_u8,
+)
 from hatchery.metadata.ruleset import NodeServices, Port
 from hatchery.metadata.server import VmMetadata
 from hatchery.metadata.service import MetadataService
@@ -195,6 +209,33 @@ def sniff(iface: str, seconds: float) -> set[str]:
     return seen
 
 
+def discover_as(iface: str, chaddr: str, seconds: float = 2.0) -> list[str]:
+    """The addresses the DHCP servers on ``iface`` offer to ``chaddr`` (see the module doc)."""
+    mac = bytes.fromhex(chaddr.replace(":", ""))
+    xid = int.from_bytes(mac[-4:], "big")
+    request = DhcpPacket(op=Op.BOOTREQUEST, xid=xid, chaddr=mac, flags=BROADCAST_FLAG,
+                         options=(opt_u8(Opt.MESSAGE_TYPE, MessageType.DISCOVER),))  # fmt: skip
+    offers: list[str] = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, iface.encode())
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", 68))
+        sock.settimeout(0.2)
+        sock.sendto(request.encode(), ("255.255.255.255", 67))
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                answer = DhcpPacket.decode(sock.recv(2048))
+            except (TimeoutError, DecodeError):
+                continue
+            if (answer.op, answer.xid, answer.chaddr) == (Op.BOOTREPLY, xid, mac) and (
+                answer.message_type is MessageType.OFFER
+            ):
+                offers.append(str(answer.yiaddr))
+    return offers
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hatchery_lab.isolation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -209,6 +250,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sniffer = sub.add_parser("sniff")
     sniffer.add_argument("iface")
     sniffer.add_argument("seconds", type=float)
+    forge = sub.add_parser("discover")
+    forge.add_argument("iface")
+    forge.add_argument("chaddr")
     args = parser.parse_args(argv)
     if args.command == "node":
         with contextlib.suppress(KeyboardInterrupt):
@@ -217,6 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         send(args.iface, router_advertisement(_mac(args.iface), args.prefix))
     elif args.command == "na":
         send(args.iface, neighbour_advertisement(_mac(args.iface), args.target))
+    elif args.command == "discover":
+        for offer in discover_as(args.iface, args.chaddr):
+            print("offer", offer, flush=True)
     elif args.command == "frames":
         send_frames(args.iface)
     else:
