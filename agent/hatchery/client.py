@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json as jsonlib
 import os
 import ssl
 from dataclasses import dataclass
@@ -35,6 +36,41 @@ class ApiError(HatcheryError):
         super().__init__(message, hint=hint)
         self.status = status
         self.field = field
+
+
+# The largest answer a client reads from an agent. Answers are untrusted (a compromised
+# or broken node may stream without end); the largest legitimate one, a VM's console tail
+# or a listing of hundreds of VMs, is well under this.
+MAX_ANSWER_BYTES = 16 << 20
+
+
+class AnswerTooLarge(ValueError):
+    """An agent's answer went past the reader's limit; nothing past it was read."""
+
+
+async def read_answer(resp: aiohttp.ClientResponse, limit: int = MAX_ANSWER_BYTES) -> bytes:
+    """The body of ``resp``, read up to ``limit`` bytes; more than that raises
+    ``AnswerTooLarge`` instead of holding the rest in memory."""
+    if resp.content_length is not None and resp.content_length > limit:
+        raise AnswerTooLarge(f"answer of {resp.content_length} bytes, over {limit}")
+    body = await resp.content.read(limit + 1)
+    while len(body) <= limit:  # read(n) returns what is buffered; keep going to EOF or limit
+        more = await resp.content.read(limit + 1 - len(body))
+        if not more:
+            return body
+        body += more
+    raise AnswerTooLarge(f"answer over {limit} bytes")
+
+
+def decode_answer(raw: bytes, content_type: str) -> Any:
+    """JSON when the agent says so (and it parses), else text: what ``request`` returns."""
+    text = raw.decode("utf-8", errors="replace")
+    if content_type == "application/json":
+        try:
+            return jsonlib.loads(text)
+        except ValueError:
+            return text
+    return text
 
 
 def error_from_answer(status: int, body: Any) -> ApiError:
@@ -125,10 +161,10 @@ class AgentClient:
             async with self._session.request(
                 method, self.base + path, json=json, data=data
             ) as resp:
-                if resp.content_type == "application/json":
-                    body: Any = await resp.json()
-                else:
-                    body = await resp.text()
+                try:
+                    body = decode_answer(await read_answer(resp), resp.content_type)
+                except AnswerTooLarge as exc:
+                    raise ApiError(f"{method} {path}: {exc}", resp.status) from exc
                 if resp.status >= 400:
                     raise error_from_answer(resp.status, body)
                 return body

@@ -3,7 +3,9 @@
 One ``ClientSession`` for the whole fleet: the connector caps open connections, so thousands
 of hosts share a bounded pool without a thread each. Answers are untrusted: anything that does
 not parse is an ``AgentError`` naming the host, never a crash. The documents are the agent's
-own wire schema (``hatchery.wire``), read tolerantly.
+own wire schema (``hatchery.wire``), read tolerantly, and never more than
+``MAX_ANSWER_BYTES`` of one: a rollout holds hundreds of answers at once, and one broken or
+hostile node must not fill the operator's memory.
 """
 
 from __future__ import annotations
@@ -17,9 +19,13 @@ from typing import Any
 
 import aiohttp
 
+from hatchery.client import AnswerTooLarge, read_answer
 from hatchery.wire import Health, Mode, UpgradeStatus
 from hatchery_rollout.errors import AgentError
 from hatchery_rollout.inventory import Host
+
+# An upgrade status or health answer is a few hundred bytes.
+MAX_ANSWER_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +97,10 @@ class AgentClient:
                 else None
             )
             async with self._session.request(method, url, json=body, timeout=timeout) as resp:
-                text = await resp.text()
+                text = (await read_answer(resp, MAX_ANSWER_BYTES)).decode(errors="replace")
                 status = resp.status
+        except AnswerTooLarge as exc:
+            raise AgentError(f"{host.name} ({host.address}): {method} {path}: {exc}") from exc
         except (TimeoutError, aiohttp.ClientError, ssl.SSLError, OSError) as exc:
             detail = str(exc) or type(exc).__name__
             raise AgentError(f"{host.name} ({host.address}): {method} {path}: {detail}") from exc
