@@ -22,6 +22,10 @@ limits (``config.ConnectionLimits``):
   written as at most one WARNING line per ``log_interval`` (and one at close), never one
   line per connection: an attacker must not be able to flood the journal (issue 14 saw
   ~500k lines in 22 s).
+- **Counted.** With a ``meter`` (``hatchery.metrics.HttpMeter``), every answer is counted by
+  route pattern and status, with its time to the answer's headers, by a middleware placed
+  outside all others (so an error another middleware turns into a 4xx/5xx is counted as
+  that status). Files sent whole add their size (``count_sent``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -43,12 +48,47 @@ from aiohttp.web_protocol import RequestHandler
 from hatchery.config import ConnectionLimits
 from hatchery.errors import HatcheryError
 from hatchery.log import EventSummary
+from hatchery.metrics import HttpMeter
 
 log = logging.getLogger(__name__)
 
 #: How long the accept loop pauses after accept() fails (EMFILE, ENFILE, ENOBUFS): the
 #: kernel keeps the connection queued; retrying at once would spin the loop.
 ACCEPT_BACKOFF = 0.1
+
+
+HTTP_METER = web.AppKey("http_meter", HttpMeter)
+_Handler = Any  # aiohttp's handler type: (web.Request) -> Awaitable[web.StreamResponse]
+
+
+def _route(request: web.Request) -> str:
+    """The matched route's pattern (``/v1/vms/{name}``): bounded, never a client's path."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "other"
+
+
+@web.middleware
+async def _count_requests(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    meter = request.app[HTTP_METER]
+    started = time.perf_counter()
+    status = 500
+    try:
+        response: web.StreamResponse = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        meter.answered(_route(request), status, time.perf_counter() - started)
+
+
+def count_sent(request: web.BaseRequest, size: int) -> None:
+    """A file of ``size`` bytes was sent whole on ``request`` (no-op without a meter)."""
+    if isinstance(request, web.Request):
+        meter = request.app.get(HTTP_METER)
+        if meter is not None:
+            meter.sent(size)
 
 
 class ListenerError(HatcheryError):
@@ -69,6 +109,16 @@ class ListenerStats:
     @property
     def refused(self) -> int:
         return self.over_client_limit + self.over_total_limit
+
+    def outcomes(self) -> dict[str, int]:
+        """The counts by outcome, as ``/metrics`` shows them."""
+        return {
+            "accepted": self.accepted,
+            "over_client_limit": self.over_client_limit,
+            "over_total_limit": self.over_total_limit,
+            "header_timeout": self.header_timeouts,
+            "accept_error": self.accept_errors,
+        }
 
 
 class _RequestLog(logging.Logger):
@@ -184,12 +234,18 @@ class HttpListener:
         *,
         tls: ssl.SSLContext | None = None,
         name: str = "http",
+        meter: HttpMeter | None = None,
     ) -> None:
+        if meter is not None:
+            app[HTTP_METER] = meter
+            app.middlewares.insert(0, _count_requests)
         self.app = app
         self.limits = limits
         self.tls = tls
         self.name = name
         self.stats = ListenerStats()
+        if meter is not None:
+            meter.track(self.stats.outcomes)
         self._summary = EventSummary(log, name, limits.log_interval)
         self._runner: web.AppRunner | None = None
         self._sites: list[_LimitedSite] = []
