@@ -23,9 +23,10 @@ limits (``config.ConnectionLimits``):
   line per connection: an attacker must not be able to flood the journal (issue 14 saw
   ~500k lines in 22 s).
 - **Counted.** With a ``meter`` (``hatchery.metrics.HttpMeter``), every answer is counted by
-  route pattern and status, with its time to the answer's headers, by a middleware placed
-  outside all others (so an error another middleware turns into a 4xx/5xx is counted as
-  that status). Files sent whole add their size (``count_sent``).
+  route pattern and status as its headers go out (``on_response_prepare``: the status is
+  final there, a range request's 206 and an error turned into an answer included), with
+  the time since the request reached the outermost middleware. Files sent whole add their
+  size (``count_sent``).
 """
 
 from __future__ import annotations
@@ -67,20 +68,22 @@ def _route(request: web.Request) -> str:
     return resource.canonical if resource is not None else "other"
 
 
+_STARTED = web.RequestKey("hatchery_started", float)
+
+
 @web.middleware
-async def _count_requests(request: web.Request, handler: _Handler) -> web.StreamResponse:
-    meter = request.app[HTTP_METER]
-    started = time.perf_counter()
-    status = 500
-    try:
-        response: web.StreamResponse = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    finally:
-        meter.answered(_route(request), status, time.perf_counter() - started)
+async def _note_start(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    request[_STARTED] = time.perf_counter()
+    response: web.StreamResponse = await handler(request)
+    return response
+
+
+async def _count_answer(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: the status is final here (a range request's 206 is set as
+    ``FileResponse`` prepares), errors turned into answers included."""
+    started = request.get(_STARTED)
+    seconds = time.perf_counter() - started if started is not None else 0.0
+    request.app[HTTP_METER].answered(_route(request), response.status, seconds)
 
 
 def count_sent(request: web.BaseRequest, size: int) -> None:
@@ -238,7 +241,8 @@ class HttpListener:
     ) -> None:
         if meter is not None:
             app[HTTP_METER] = meter
-            app.middlewares.insert(0, _count_requests)
+            app.middlewares.insert(0, _note_start)
+            app.on_response_prepare.append(_count_answer)
         self.app = app
         self.limits = limits
         self.tls = tls

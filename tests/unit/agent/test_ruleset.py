@@ -70,7 +70,10 @@ def test_ipv6_sources_are_the_link_local_the_pool_and_dad_only() -> None:
 def test_node_services_are_closed_to_marked_packets_only() -> None:
     script = render("br0", "m", "aa:bb:cc:dd:ee:ff", PORTS, SERVICES)
     assert 'iifname { "hv-a", "hv-b" } meta mark set meta mark | 0x10000000' in script
-    assert "th dport { 6976, 8080 } counter drop" in script and "th dport { 69 } counter drop" in script
+    assert (
+        "th dport { 6976, 8080 } counter drop" in script
+        and "th dport { 69 } counter drop" in script
+    )
     no_services = render("br0", "m", "aa:bb:cc:dd:ee:ff", PORTS, NodeServices(udp=()))
     assert "dport" not in no_services.rsplit("table inet", 1)[1]
 
