@@ -213,8 +213,9 @@ class Agent:
         return manager
 
     def _upgrades(self, stack: contextlib.AsyncExitStack) -> Upgrader:
-        upgrader = Upgrader(self.config.state_dir, StoreImages(self.images), self.config.root,
-                            vms=self.manager)  # fmt: skip
+        # Re-verified at each use against the keys trusted then (a removed key stops its images).
+        images = StoreImages(self.images, KeyDirectory(self.config.image_keys))
+        upgrader = Upgrader(self.config.state_dir, images, self.config.root, vms=self.manager)
         upgrader.settle_boot()  # a reboot-mode upgrade's outcome, before the API answers
         stack.push_async_callback(upgrader.close)
         return upgrader

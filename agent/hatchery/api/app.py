@@ -41,7 +41,7 @@ from hatchery.upgrade.controller import Upgrader
 from hatchery.vms.manager import CreateRequest, DiskRequest, KernelRequest, NotFound, VmManager
 from hatchery.vms.model import VmRecord, VmState
 from hatchery.vms.sources import parse_source
-from hatchery.wire import BootStatus, Health, Mode, Phase, UpgradeStatus
+from hatchery.wire import BootStatus, Health, Mode, Phase, UpgradeRequest, UpgradeStatus
 
 log = logging.getLogger(__name__)
 MAX_USER_DATA = 256 * 1024
@@ -348,7 +348,7 @@ async def add_subnet(request: web.Request) -> web.Response:
     return web.json_response({"added": added}, status=201 if added else 200)
 
 
-@require(ANY_CLIENT)
+@require("upgrade.read")
 async def upgrade_status(request: web.Request) -> web.Response:
     """``?wait=SECONDS`` (at most 60) holds the answer while an upgrade is running."""
     ctx = request.app[CONTEXT]
@@ -365,19 +365,27 @@ async def upgrade_status(request: web.Request) -> web.Response:
 @require("upgrade.manage")
 async def start_upgrade(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
-    body = await json_body(request)
+    asked = _upgrade_request(await json_body(request))
+    if ctx.upgrader is None:
+        raise Unavailable("upgrades are not enabled on this agent")
+    status, answer = await ctx.upgrader.request(asked.version, asked.mode, asked.guard_seconds,
+                                                allow_downgrade=asked.allow_downgrade)  # fmt: skip
+    log.info("%s asked for an upgrade to %s (%s%s): %s", caller(request).name, asked.version,
+             asked.mode, ", downgrade allowed" if asked.allow_downgrade else "",
+             answer.state)  # fmt: skip
+    return web.json_response(answer.to_json(), status=status)
+
+
+def _upgrade_request(body: Body) -> UpgradeRequest:
+    """The wire schema's ``UpgradeRequest`` from a body, every field checked."""
     version = str(body.text("version", required=True, max_len=128))
     mode_text = body.choice("mode", tuple(Mode), default=Mode.LIVE)
     guard = body.integer("guard_seconds", default=0, low=0, high=3600)
+    allow_downgrade = body.flag("allow_downgrade", default=False)
     body.finish()
     if 0 < guard < 30:
         raise BadRequest("guard_seconds must be at least 30", "guard_seconds")
-    if ctx.upgrader is None:
-        raise Unavailable("upgrades are not enabled on this agent")
-    status, answer = await ctx.upgrader.request(version, Mode(mode_text), guard or None)
-    log.info("%s asked for an upgrade to %s (%s): %s", caller(request).name, version,
-             mode_text, answer.state)  # fmt: skip
-    return web.json_response(answer.to_json(), status=status)
+    return UpgradeRequest(version, Mode(mode_text), guard or None, allow_downgrade)
 
 
 def make_app(

@@ -176,7 +176,7 @@ class Open(Enum):
     ANY_CLIENT = "any verified client"
 
 
-#: ``@require(ANY_CLIENT)``: health and upgrade status, which every node and operator reads.
+#: ``@require(ANY_CLIENT)``: health, which every node and operator reads.
 ANY_CLIENT = Open.ANY_CLIENT
 
 
