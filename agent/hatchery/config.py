@@ -60,9 +60,14 @@ class BridgeConfig:
 
 @dataclass(frozen=True, slots=True)
 class TlsConfig:
+    """The API's mutual-TLS files. ``crl``: the CA's revocation list, loaded into every TLS
+    context and reloaded when it changes; a missing file means no revocation check (with a
+    warning) until one is installed there (``PUT /v1/pki/crl`` writes it)."""
+
     ca: Path
     cert: Path
     key: Path
+    crl: Path
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +123,10 @@ class AgentConfig:
     listen_port: int = API_PORT
     tls: TlsConfig = field(
         default_factory=lambda: TlsConfig(
-            DEFAULT_TLS_DIR / "ca.pem", DEFAULT_TLS_DIR / "agent.pem", DEFAULT_TLS_DIR / "agent.key"
+            DEFAULT_TLS_DIR / "ca.pem",
+            DEFAULT_TLS_DIR / "agent.pem",
+            DEFAULT_TLS_DIR / "agent.key",
+            DEFAULT_TLS_DIR / "crl.pem",
         )
     )
     policy: Path | None = None
@@ -328,6 +336,7 @@ def parse_config(data: Any) -> AgentConfig:
         Path(tls_r.get("ca", str, str(defaults.tls.ca))),
         Path(tls_r.get("cert", str, str(defaults.tls.cert))),
         Path(tls_r.get("key", str, str(defaults.tls.key))),
+        Path(tls_r.get("crl", str, str(defaults.tls.crl))),
     )
     tls_r.finish()
     policy = r.get("policy", str)
