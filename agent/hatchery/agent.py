@@ -190,7 +190,9 @@ class Agent:
             for bridge in self.config.bridges:
                 if bridge.metadata:
                     async with part(f"metadata on {bridge.name}"):
-                        await self.metadata.add_bridge(bridge.name, self._subnets(bridge), api=api)
+                        await self.metadata.add_bridge(
+                            bridge.name, self._subnets(bridge), api=api,
+                            require_token=bridge.metadata_require_token)  # fmt: skip
             self.guard.attach(self.metadata)
             for bridge in self.config.bridges:
                 if bridge.dhcp and bridge.subnets:

@@ -56,6 +56,8 @@ class BridgeConfig:
     metadata: bool = True
     dhcp: bool = True
     boot: BootServiceConfig | None = None
+    # ``metadata: {require_token: true}``: GETs need an IMDSv2 token (breaks NoCloud guests).
+    metadata_require_token: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,11 +285,22 @@ def _bridge(r: _Reader) -> BridgeConfig:
     subnets = tuple(
         _subnet(_Reader(s, f"{r.key('subnets')}[{i}]")) for i, s in enumerate(subnets_raw)
     )
-    metadata = r.get("metadata", bool, _BRIDGE.metadata)
+    metadata, require_token = _metadata(r)
     dhcp = r.get("dhcp", bool, _BRIDGE.dhcp)
     boot = _boot(r.sub("boot"), subnets) if r.get("boot", dict) is not None else None
     r.finish()
-    return BridgeConfig(name, subnets, metadata, dhcp, boot)
+    return BridgeConfig(name, subnets, metadata, dhcp, boot, require_token)
+
+
+def _metadata(bridge: _Reader) -> tuple[bool, bool]:
+    """``metadata``: a bool (serve it or not), or a mapping (served) with ``require_token``."""
+    value = bridge.get("metadata", (bool, dict), _BRIDGE.metadata)
+    if isinstance(value, bool):
+        return value, _BRIDGE.metadata_require_token
+    r = bridge.sub("metadata")
+    require_token = r.get("require_token", bool, _BRIDGE.metadata_require_token)
+    r.finish()
+    return True, require_token
 
 
 def _boot(r: _Reader, subnets: tuple[SubnetConfig, ...]) -> BootServiceConfig:
