@@ -231,10 +231,12 @@ class Revoked:
 
 @dataclass(frozen=True, slots=True)
 class RevokedList:
-    """``revoked.json``: the serials the CA has revoked and the last CRL number it used."""
+    """``revoked.json``: the serials the CA has revoked, the last CRL number and the last
+    ``lastUpdate`` it used (each CRL's is later than the one before: see ``issue_crl``)."""
 
     crl_number: int = 0
     entries: tuple[Revoked, ...] = ()
+    last_update: dt.datetime | None = None
 
     def serials(self) -> frozenset[int]:
         return frozenset(e.serial for e in self.entries)
@@ -255,7 +257,9 @@ def read_revoked(ca_dir: Path) -> RevokedList:
             )  # fmt: skip
             for e in data["revoked"]
         )
-        return RevokedList(int(data["crl_number"]), entries)
+        last = data.get("last_update")
+        last_update = dt.datetime.fromisoformat(last) if last else None
+        return RevokedList(int(data["crl_number"]), entries, last_update)
     except FileNotFoundError:
         return RevokedList()
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -264,7 +268,11 @@ def read_revoked(ca_dir: Path) -> RevokedList:
 
 
 def _write_revoked(ca_dir: Path, revoked: RevokedList) -> None:
-    doc = {"crl_number": revoked.crl_number, "revoked": [e.to_json() for e in revoked.entries]}
+    doc = {
+        "crl_number": revoked.crl_number,
+        "last_update": revoked.last_update.isoformat() if revoked.last_update else None,
+        "revoked": [e.to_json() for e in revoked.entries],
+    }
     _write_public(ca_dir / REVOKED_FILE, (json.dumps(doc, indent=2) + "\n").encode())
 
 
@@ -306,7 +314,7 @@ def revoke(ca_dir: Path, cert_or_serial: str, reason: str = "unspecified",
     entry = next((e for e in revoked.entries if e.serial == serial), None)
     if entry is None:
         entry = Revoked(serial, reason, dt.datetime.now(dt.UTC).replace(microsecond=0), name)
-        revoked = RevokedList(revoked.crl_number, (*revoked.entries, entry))
+        revoked = RevokedList(revoked.crl_number, (*revoked.entries, entry), revoked.last_update)
         _write_revoked(ca_dir, revoked)
     return entry, issue_crl(ca_dir, days=days)
 
@@ -314,18 +322,26 @@ def revoke(ca_dir: Path, cert_or_serial: str, reason: str = "unspecified",
 def issue_crl(ca_dir: Path, *, days: int = CRL_DAYS) -> Path:
     """Sign ``crl.pem`` in ``ca_dir`` from the revoked list, with the next CRL number and a
     ``nextUpdate`` ``days`` ahead; return its path. The number is saved before the CRL is
-    written, so two CRLs never share one."""
+    written, so two CRLs never share one.
+
+    Each CRL's ``lastUpdate`` is at least a second after the previous one's, even when two
+    are issued within a second: OpenSSL, holding several CRLs of one CA, uses the one with
+    the latest ``lastUpdate`` (the first of equals), and agents refuse a CRL that is not
+    later than theirs (``revocation``)."""
     if not 1 <= days <= 366:
         raise PkiError(f"CRL lifetime must be 1..366 days, not {days}")
     ca_cert, ca_key = _load_ca(ca_dir)
     revoked = read_revoked(ca_dir)
-    revoked = RevokedList(revoked.crl_number + 1, revoked.entries)
-    _write_revoked(ca_dir, revoked)
     now = dt.datetime.now(dt.UTC)
+    last = (now - BACKDATE).replace(microsecond=0)
+    if revoked.last_update is not None and last <= revoked.last_update:
+        last = revoked.last_update + dt.timedelta(seconds=1)
+    revoked = RevokedList(revoked.crl_number + 1, revoked.entries, last)
+    _write_revoked(ca_dir, revoked)
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(ca_cert.subject)
-        .last_update(now - BACKDATE)
+        .last_update(last)
         .next_update(now + dt.timedelta(days=days))
         .add_extension(x509.CRLNumber(revoked.crl_number), critical=False)
         .add_extension(

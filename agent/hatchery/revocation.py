@@ -10,7 +10,8 @@ Where it is enforced:
   store, ``verify_flags`` gains ``VERIFY_CRL_CHECK_LEAF``), so every new connection uses the
   new CRL without a restart and without the listener or the fetcher knowing about it.
   OpenSSL picks the CRL with the latest ``lastUpdate`` when a store holds several of one
-  issuer, and ``install`` only ever accepts newer ones, so the store's older CRLs never win.
+  issuer, and only a CRL with a later ``lastUpdate`` (and a higher number) than the one in
+  force is accepted, so the store's older CRLs never win.
 - **At the HTTP layer** too (``is_revoked``, asked by the API's identity resolver): the same
   serials answer 401. This is what still enforces the list while the CRL has expired.
 
@@ -89,11 +90,13 @@ def _info(crl: x509.CertificateRevocationList) -> CrlInfo:
 
 
 def _newer(new: x509.CertificateRevocationList, old: x509.CertificateRevocationList) -> bool:
-    """Whether ``new`` supersedes ``old``: a higher CRL number when both have one (RFC 5280
-    5.2.3: numbers increase), else a later ``lastUpdate``."""
+    """Whether ``new`` supersedes ``old``: a later ``lastUpdate``, and a higher CRL number
+    when both have one (RFC 5280 5.2.3: numbers increase). The later ``lastUpdate`` is what
+    makes OpenSSL use it: a store holding several CRLs of one CA takes the latest, the first
+    of equals (``hatchery ca crl`` makes each at least a second later than the last)."""
     a, b = crl_number(new), crl_number(old)
-    if a is not None and b is not None:
-        return a > b
+    if a is not None and b is not None and a <= b:
+        return False
     return new.last_update_utc > old.last_update_utc
 
 
