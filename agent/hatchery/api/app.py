@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from hatchery.addresses import AddressPool, Subnet
-from hatchery.api import images
+from hatchery.api import crl, images
 from hatchery.api.http import (
     ANY_CLIENT,
     Identify,
@@ -37,6 +37,7 @@ from hatchery.api.http import (
 from hatchery.api.policy import Policy
 from hatchery.api.validate import BadRequest, Body
 from hatchery.qemu.cmdline import DEFAULT_MACHINE, MACHINES
+from hatchery.revocation import Revocations
 from hatchery.upgrade.controller import Upgrader
 from hatchery.vms.manager import CreateRequest, DiskRequest, KernelRequest, NotFound, VmManager
 from hatchery.vms.model import VmRecord, VmState
@@ -392,11 +393,13 @@ def make_app(
     context: ApiContext,
     image_store: images.ImagesContext | None = None,
     *,
+    revocations: Revocations | None = None,
     identify: Identify = tls_identity,
     middlewares: tuple[Middleware, ...] = (),
 ) -> web.Application:
     """The API app: ``identify`` says who calls (the TLS peer certificate unless a test
-    drives the app in-process); the image routes exist when ``image_store`` is given."""
+    drives the app in-process); the image routes exist when ``image_store`` is given, the CRL
+    routes (and the revocation check of callers) when ``revocations`` is."""
     app = new_app(context.policy, identify, middlewares)
     app[CONTEXT] = context
     app.router.add_get("/healthz", healthz)
@@ -417,4 +420,6 @@ def make_app(
     app.router.add_post("/v1/upgrade", start_upgrade)
     if image_store is not None:
         images.add_routes(app, image_store)
+    if revocations is not None:
+        crl.add_routes(app, revocations)
     return app
