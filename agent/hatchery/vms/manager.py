@@ -217,18 +217,56 @@ class VmManager:
 
     # --- start-up: re-adopt ------------------------------------------------------------
     async def adopt_all(self) -> None:
-        """Load every record; reconnect to live QEMUs; settle the rest."""
+        """Load every record; reconnect to live QEMUs; settle the rest.
+
+        What a crash in the middle of a create left is cleaned up first (see ``_reserve``):
+        a folder without ``vm.json``, a record still ``creating``, an address whose owner
+        has no folder. A folder whose record was kept aside as corrupt stays, with its
+        address, for the operator to look at.
+        """
         self._dir.mkdir(parents=True, exist_ok=True)
+        for folder in sorted(self._dir.iterdir()):
+            if (folder.is_dir() and not (folder / "vm.json").exists()
+                    and not any(folder.glob("vm.json.corrupt-*"))):  # fmt: skip
+                shutil.rmtree(folder, ignore_errors=True)
+                freed = self._release_held_by(folder.name)
+                log.warning("vm %s: removed its folder, which has no record (the agent stopped "
+                            "while creating it); free again: %s", folder.name,
+                            ", ".join(freed) or "no address")  # fmt: skip
         for path, raw in state.iter_json_files_nested(self._dir, "vm.json"):
             try:
                 vm = VmRecord.from_json(raw)
             except (TypeError, ValueError, KeyError) as exc:
                 state.set_aside(path, f"not a VM record: {exc}")
                 continue
+            if vm.state is VmState.CREATING:
+                self._forget_creating(vm)
+                log.warning("vm %s: removed, the agent stopped while creating it; %s is free "
+                            "again", vm.name, vm.ip)  # fmt: skip
+                continue
             self._vms[vm.name] = vm
             with contextlib.suppress(HatcheryError):
                 self._pool.claim(ipaddress.IPv4Address(vm.ip), vm.name)
             await self._adopt(vm)
+        self._release_unowned()
+
+    def _release_unowned(self) -> None:
+        """Return to the pool every address held by a name that has no folder here: the
+        agent stopped between taking it and writing the record."""
+        folders = {folder.name for folder in self._dir.iterdir() if folder.is_dir()}
+        for row in self._pool.listing():
+            owner = row["owner"]
+            if owner is not None and owner not in folders:
+                self._pool.release(ipaddress.IPv4Address(row["ip"]), owner)
+                log.warning("address %s: released, its owner %s has no record (the agent "
+                            "stopped while creating it)", row["ip"], owner)  # fmt: skip
+
+    def _release_held_by(self, name: str) -> list[str]:
+        """Release every address ``name`` holds; the addresses released."""
+        held = [row["ip"] for row in self._pool.listing() if row["owner"] == name]
+        for ip in held:
+            self._pool.release(ipaddress.IPv4Address(ip), name)
+        return held
 
     async def _adopt(self, vm: VmRecord) -> None:
         alive = vm.pid is not None and process.is_ours(vm.pid, vm.uuid)
@@ -268,41 +306,74 @@ class VmManager:
         if (req.kernel_boot is None) == (req.disk_boot is None):
             raise VmError("a vm needs exactly one of kernel boot or disk boot")
         async with self._lock(req.name):
-            if req.name in self._vms:
-                raise VmError(f"a vm named {req.name} already exists")
-            self._capacity.check(self.used(), Resources(req.vcpus, req.memory_mib, req.disk_mib))
-            if req.kernel_boot is not None:  # refuse a path outside the folders before anything
-                for source, where in ((req.kernel_boot.kernel, "kernel.kernel"),
-                                      (req.kernel_boot.initrd, "kernel.initrd")):  # fmt: skip
-                    if isinstance(source, FolderFile):
-                        os.close(self._sources.open_in_folder(source.path, where).fd)
-            elif req.disk_boot is not None and isinstance(req.disk_boot.image, FolderFile):
-                os.close(self._sources.open_in_folder(req.disk_boot.image.path, "disk.image").fd)
-            address = self._pool.allocate(req.name, req.bridge)
-            vm_uuid = str(uuidlib.uuid4())
-            vm = VmRecord(
-                name=req.name, uuid=vm_uuid, state=VmState.STOPPED, vcpus=req.vcpus,
-                memory_mib=req.memory_mib, disk_mib=req.disk_mib, bridge=address.subnet.bridge,
-                ip=str(address.ip), mac=address.mac, owner_group=req.owner_group,
-                user_data=req.user_data, public_keys=req.public_keys, created=time.time(),
-                machine=req.machine, labels=dict(req.labels),
-            )  # fmt: skip
+            vm = self._reserve(req)
             try:
-                self._vm_dir(req.name).mkdir(parents=True, exist_ok=False)
                 if req.disk_boot is not None:
                     vm = replace(vm, disk_boot=await self._make_volume(vm, req.disk_boot))
                 if req.kernel_boot is not None:
                     vm = replace(vm, kernel_boot=await self._fetch_kernel(vm.name, req.kernel_boot))
-                self._save(vm)
+                vm = self._transition(vm, Event.CREATED)
             except BaseException:
-                shutil.rmtree(self._vm_dir(req.name), ignore_errors=True)
-                self._vms.pop(req.name, None)
-                self._pool.release(address.ip, req.name)
+                self._forget_creating(vm)
                 raise
             log.info("vm %s: created (%s on %s)", vm.name, vm.ip, vm.bridge)
         if req.start:
             return await self.start(req.name)
         return vm
+
+    def _reserve(self, req: CreateRequest) -> VmRecord:
+        """Check capacity, take an address and persist the record in ``creating``: one step.
+
+        Synchronous on purpose: no other create runs between the capacity check and the
+        record that counts in ``used()``, so parallel creates that each fit alone cannot
+        overcommit the host. The record is on disk before any slow work, so an agent that
+        dies while fetching finds it at its next start (``adopt_all``) and cleans it up. A
+        crash between the pool write and the record write leaves a pool row whose owner has
+        no record, or a folder without ``vm.json``: both are cleaned up at start too.
+        """
+        if req.name in self._vms:
+            raise VmError(f"a vm named {req.name} already exists")
+        self._capacity.check(self.used(), Resources(req.vcpus, req.memory_mib, req.disk_mib))
+        if req.kernel_boot is not None:  # refuse a path outside the folders before anything
+            for source, field_name in ((req.kernel_boot.kernel, "kernel.kernel"),
+                                       (req.kernel_boot.initrd, "kernel.initrd")):  # fmt: skip
+                if isinstance(source, FolderFile):
+                    os.close(self._sources.open_in_folder(source.path, field_name).fd)
+        if req.disk_boot is not None and isinstance(req.disk_boot.image, FolderFile):
+            os.close(self._sources.open_in_folder(req.disk_boot.image.path, "disk.image").fd)
+        folder = self._vm_dir(req.name)
+        try:
+            folder.mkdir(parents=True, exist_ok=False)
+        except FileExistsError:
+            raise VmError(
+                f"vm {req.name}: its folder {folder} is there without a record "
+                "(a corrupt vm.json kept aside?)",
+                hint="look at it, then remove the folder",
+            ) from None
+        address = None
+        try:
+            address = self._pool.allocate(req.name, req.bridge)
+            vm = VmRecord(
+                name=req.name, uuid=str(uuidlib.uuid4()), state=VmState.CREATING,
+                vcpus=req.vcpus, memory_mib=req.memory_mib, disk_mib=req.disk_mib,
+                bridge=address.subnet.bridge, ip=str(address.ip), mac=address.mac,
+                owner_group=req.owner_group, user_data=req.user_data,
+                public_keys=req.public_keys, created=time.time(), machine=req.machine,
+                labels=dict(req.labels),
+            )  # fmt: skip
+            return self._save(vm)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            self._vms.pop(req.name, None)
+            if address is not None:
+                self._pool.release(address.ip, req.name)
+            raise
+
+    def _forget_creating(self, vm: VmRecord) -> None:
+        """Undo a create: its folder (record included), its address, its place in ``used()``."""
+        shutil.rmtree(self._vm_dir(vm.name), ignore_errors=True)
+        self._vms.pop(vm.name, None)
+        self._pool.release(ipaddress.IPv4Address(vm.ip), vm.name)
 
     async def _fetch_kernel(self, name: str, boot: KernelRequest) -> KernelBoot:
         """Kernel and initrd are copied into the VM's folder, once: QEMU opens only those."""

@@ -38,6 +38,9 @@ def test_allowed_actions(state: VmState, action: Action, expected: VmState) -> N
         (VmState.STOPPED, Action.STOP),
         (VmState.DESTROYING, Action.START),
         (VmState.STOPPING, Action.DESTROY),
+        (VmState.CREATING, Action.START),  # its sources are still being fetched
+        (VmState.CREATING, Action.STOP),
+        (VmState.CREATING, Action.DESTROY),
     ],
 )
 def test_refused_actions_say_why(state: VmState, action: Action) -> None:
@@ -46,8 +49,8 @@ def test_refused_actions_say_why(state: VmState, action: Action) -> None:
 
 
 def test_every_state_is_reachable_and_can_end() -> None:
-    reachable = {VmState.STOPPED}
-    frontier = [VmState.STOPPED]
+    reachable = {VmState.CREATING}  # every VM starts there
+    frontier = [VmState.CREATING]
     while frontier:
         current = frontier.pop()
         for (src, _), dst in TRANSITIONS.items():
