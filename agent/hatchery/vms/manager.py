@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 
 METADATA_URL = "http://169.254.169.254/nocloud/"
 LIVE_STATES = (VmState.STARTING, VmState.RUNNING, VmState.STOPPING)
+#: Seconds a QEMU that does not answer QMP gets between SIGTERM and SIGKILL.
+KILL_GRACE = 5.0
+#: Seconds a running QEMU gets to answer QMP when the agent re-adopts it (it answers at once).
+ADOPT_QMP_TIMEOUT = 10.0
 
 
 class VmError(HatcheryError):
@@ -271,15 +275,17 @@ class VmManager:
     async def _adopt(self, vm: VmRecord) -> None:
         alive = vm.pid is not None and process.is_ours(vm.pid, vm.uuid)
         if vm.state is VmState.DESTROYING:
-            await self._finish_destroy(vm)
+            try:
+                await self._finish_destroy(vm)
+            except VmError as exc:
+                log.error("%s", exc.message)
         elif vm.state in LIVE_STATES or vm.state is VmState.PAUSED:
             if alive:
                 assert vm.pid is not None
                 try:
-                    await self._attach(vm, vm.pid)
+                    await self._attach(vm, vm.pid, timeout=ADOPT_QMP_TIMEOUT)
                 except (MonitorError, ProcessLookupError) as exc:
-                    log.warning("vm %s: cannot re-attach: %s", vm.name, exc)
-                    self._settle_dead(vm, "QEMU did not answer on QMP after the agent restarted")
+                    await self._unanswering(vm, vm.pid, exc)
                     return
                 log.info("vm %s: re-adopted running QEMU pid %s", vm.name, vm.pid)
                 if vm.state is VmState.STARTING:
@@ -288,6 +294,29 @@ class VmManager:
                     asyncio.create_task(self.stop(vm.name), name=f"resume-stop-{vm.name}")
             else:
                 self._settle_dead(vm, "QEMU exited while the agent was down")
+
+    async def _unanswering(self, vm: VmRecord, pid: int, exc: HatcheryError | OSError) -> None:
+        """A QEMU of ours that does not answer QMP is stopped, not forgotten: left running,
+        it would hold the VM's tap and disk while the record says crashed, and a destroy
+        would give its address to another VM. Settled as crashed once it is gone; if even
+        SIGKILL does not end it, the record keeps its PID (destroy tries again)."""
+        log.warning("vm %s: cannot re-attach: %s; stopping QEMU pid %s", vm.name, exc, pid)
+        await self._let_go(vm.name)
+        why = f"QEMU did not answer on QMP after the agent restarted ({exc})"
+        if await process.terminate(pid, vm.uuid, grace=KILL_GRACE):
+            self._settle_dead(vm, why + "; the agent stopped it")
+        else:
+            self._transition(vm, Event.DIED, reason=why + f"; pid {pid} does not exit")
+            log.error("vm %s: QEMU pid %s does not answer and does not exit", vm.name, pid)
+
+    async def _let_go(self, name: str) -> None:
+        """Drop the agent's QMP connection and exit watch of ``name``, if it has them."""
+        live = self._live.pop(name, None)
+        if live is not None:
+            if live.watch is not None:
+                live.watch.close()
+            if live.monitor is not None:
+                await live.monitor.close()
 
     def _settle_dead(self, vm: VmRecord, why: str) -> None:
         if vm.state is VmState.STOPPING:
@@ -491,7 +520,9 @@ class VmManager:
                 raise VmError(f"cannot start vm {name}: {current.reason}") from exc
             return self._transition(vm, Event.STARTED, started=time.time())
 
-    async def _attach(self, vm: VmRecord, pid: int) -> None:
+    async def _attach(self, vm: VmRecord, pid: int, timeout: float = 30.0) -> None:
+        """Connect QMP (within ``timeout``: a QEMU that was just started may still be
+        loading its kernel) and watch the process's exit."""
         live = _Live()
         self._live[vm.name] = live
 
@@ -502,7 +533,7 @@ class VmManager:
         live.monitor = Monitor(vm.name, self._vm_dir(vm.name) / "qmp", on_event)
         # QMP answers once QEMU is initialised; if QEMU exits first (a kernel it cannot
         # load), stop waiting at once: its exit watch has recorded why.
-        connect = asyncio.ensure_future(live.monitor.connect())
+        connect = asyncio.ensure_future(live.monitor.connect(timeout))
         exited = asyncio.ensure_future(live.watch.exited.wait())
         try:
             await asyncio.wait({connect, exited}, return_when=asyncio.FIRST_COMPLETED)
@@ -595,8 +626,11 @@ class VmManager:
             await self._finish_destroy(self.get(name))
 
     async def _finish_destroy(self, vm: VmRecord) -> None:
-        if vm.pid is not None:
-            process.kill(vm.pid, vm.uuid)
+        """Kill QEMU if it still runs, then free what the VM held. The address is released
+        only once QEMU is gone, so no other VM gets it while this one can still send."""
+        if vm.pid is not None and not await process.terminate(vm.pid, vm.uuid, grace=0):
+            raise VmError(f"vm {vm.name}: QEMU pid {vm.pid} does not exit; the vm stays "
+                          "destroying and keeps its address", hint="destroy it again")  # fmt: skip
         await netdev.delete_link(netdev.tap_name(vm.uuid))
         shutil.rmtree(self._vm_dir(vm.name), ignore_errors=True)
         self._pool.release(ipaddress.IPv4Address(vm.ip), vm.name)

@@ -24,6 +24,7 @@ from hatchery.vms.model import (
         (VmState.RUNNING, Action.STOP, VmState.STOPPING),
         (VmState.RUNNING, Action.DESTROY, VmState.DESTROYING),
         (VmState.STOPPED, Action.DESTROY, VmState.DESTROYING),
+        (VmState.DESTROYING, Action.DESTROY, VmState.DESTROYING),  # QEMU did not exit: again
     ],
 )
 def test_allowed_actions(state: VmState, action: Action, expected: VmState) -> None:
