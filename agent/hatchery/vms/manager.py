@@ -300,8 +300,11 @@ class VmManager:
         it would hold the VM's tap and disk while the record says crashed, and a destroy
         would give its address to another VM. Settled as crashed once it is gone; if even
         SIGKILL does not end it, the record keeps its PID (destroy tries again)."""
-        log.warning("vm %s: cannot re-attach: %s; stopping QEMU pid %s", vm.name, exc, pid)
         await self._let_go(vm.name)
+        if not process.is_ours(pid, vm.uuid):  # it exited in the meantime
+            self._settle_dead(vm, "QEMU exited while the agent was re-adopting it")
+            return
+        log.warning("vm %s: cannot re-attach: %s; stopping QEMU pid %s", vm.name, exc, pid)
         why = f"QEMU did not answer on QMP after the agent restarted ({exc})"
         if await process.terminate(pid, vm.uuid, grace=KILL_GRACE):
             self._settle_dead(vm, why + "; the agent stopped it")
