@@ -39,6 +39,7 @@ from hatchery.netboot import Netboot
 from hatchery.netdev import tap_name
 from hatchery.pki import client_context, server_context
 from hatchery.qemu.accel import choose_accel
+from hatchery.revocation import Revocations
 from hatchery.upgrade.controller import Upgrader
 from hatchery.upgrade.store_source import StoreImages
 from hatchery.vms.manager import VmManager
@@ -57,6 +58,13 @@ async def part(name: str) -> AsyncIterator[None]:
         raise HatcheryError(f"cannot start {name}: {exc.message}", hint=exc.hint) from exc
     except OSError as exc:
         raise HatcheryError(f"cannot start {name}: {exc}") from exc
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    """Stop an owned background task and wait for it; its cancellation stays its own."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def seed_pool(config: AgentConfig, pool: AddressPool) -> None:
@@ -188,7 +196,9 @@ class Agent:
             for bridge in self.config.bridges:
                 if bridge.metadata:
                     async with part(f"metadata on {bridge.name}"):
-                        await self.metadata.add_bridge(bridge.name, self._subnets(bridge), api=api)
+                        await self.metadata.add_bridge(
+                            bridge.name, self._subnets(bridge), api=api,
+                            require_token=bridge.metadata_require_token)  # fmt: skip
             self.guard.attach(self.metadata)
             for bridge in self.config.bridges:
                 if bridge.dhcp and bridge.subnets:
@@ -219,8 +229,10 @@ class Agent:
         return manager
 
     def _upgrades(self, stack: contextlib.AsyncExitStack) -> Upgrader:
-        upgrader = Upgrader(self.config.state_dir, StoreImages(self.images), self.config.root,
-                            vms=self.manager, meter=self.metrics.upgrade())  # fmt: skip
+        # Re-verified at each use against the keys trusted then (a removed key stops its images).
+        images = StoreImages(self.images, KeyDirectory(self.config.image_keys))
+        upgrader = Upgrader(self.config.state_dir, images, self.config.root, vms=self.manager,
+                            meter=self.metrics.upgrade())  # fmt: skip
         upgrader.settle_boot()  # a reboot-mode upgrade's outcome, before the API answers
         stack.push_async_callback(upgrader.close)
         return upgrader
@@ -228,12 +240,17 @@ class Agent:
     async def _api(self, stack: contextlib.AsyncExitStack) -> ApiServer:
         config = self.config
         tls = server_context(config.tls.ca, config.tls.cert, config.tls.key)
-        context = ApiContext(self.manager, self.pool, load_policy(config.policy), self.health,
-                             time.time(), self.upgrader, self.metrics)  # fmt: skip
         # The agent's own certificate is its client certificate towards peers.
         peer_tls = client_context(config.tls.ca, config.tls.cert, config.tls.key)
+        # Both contexts refuse revoked certificates; the CRL is re-read when it changes.
+        revocations = Revocations(config.tls.crl, config.tls.ca, (tls, peer_tls))
+        revocations.start()
+        watcher = asyncio.create_task(revocations.run(), name="crl reload")
+        stack.push_async_callback(_cancel, watcher)
+        context = ApiContext(self.manager, self.pool, load_policy(config.policy), self.health,
+                             time.time(), self.upgrader, self.metrics)  # fmt: skip
         images = ImagesContext.build(self.images, KeyDirectory(config.image_keys), peer_tls)
-        api = ApiServer(make_app(context, images), tls, config.limits,
+        api = ApiServer(make_app(context, images, revocations=revocations), tls, config.limits,
                         self.metrics.http("api"))  # fmt: skip
         await api.start(config.listen_host, config.listen_port)
         stack.push_async_callback(api.close)

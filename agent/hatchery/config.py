@@ -56,13 +56,20 @@ class BridgeConfig:
     metadata: bool = True
     dhcp: bool = True
     boot: BootServiceConfig | None = None
+    # ``metadata: {require_token: true}``: GETs need an IMDSv2 token (breaks NoCloud guests).
+    metadata_require_token: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class TlsConfig:
+    """The API's mutual-TLS files. ``crl``: the CA's revocation list, loaded into every TLS
+    context and reloaded when it changes; a missing file means no revocation check (with a
+    warning) until one is installed there (``PUT /v1/pki/crl`` writes it)."""
+
     ca: Path
     cert: Path
     key: Path
+    crl: Path
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +125,10 @@ class AgentConfig:
     listen_port: int = API_PORT
     tls: TlsConfig = field(
         default_factory=lambda: TlsConfig(
-            DEFAULT_TLS_DIR / "ca.pem", DEFAULT_TLS_DIR / "agent.pem", DEFAULT_TLS_DIR / "agent.key"
+            DEFAULT_TLS_DIR / "ca.pem",
+            DEFAULT_TLS_DIR / "agent.pem",
+            DEFAULT_TLS_DIR / "agent.key",
+            DEFAULT_TLS_DIR / "crl.pem",
         )
     )
     policy: Path | None = None
@@ -275,11 +285,22 @@ def _bridge(r: _Reader) -> BridgeConfig:
     subnets = tuple(
         _subnet(_Reader(s, f"{r.key('subnets')}[{i}]")) for i, s in enumerate(subnets_raw)
     )
-    metadata = r.get("metadata", bool, _BRIDGE.metadata)
+    metadata, require_token = _metadata(r)
     dhcp = r.get("dhcp", bool, _BRIDGE.dhcp)
     boot = _boot(r.sub("boot"), subnets) if r.get("boot", dict) is not None else None
     r.finish()
-    return BridgeConfig(name, subnets, metadata, dhcp, boot)
+    return BridgeConfig(name, subnets, metadata, dhcp, boot, require_token)
+
+
+def _metadata(bridge: _Reader) -> tuple[bool, bool]:
+    """``metadata``: a bool (serve it or not), or a mapping (served) with ``require_token``."""
+    value = bridge.get("metadata", (bool, dict), _BRIDGE.metadata)
+    if isinstance(value, bool):
+        return value, _BRIDGE.metadata_require_token
+    r = bridge.sub("metadata")
+    require_token = r.get("require_token", bool, _BRIDGE.metadata_require_token)
+    r.finish()
+    return True, require_token
 
 
 def _boot(r: _Reader, subnets: tuple[SubnetConfig, ...]) -> BootServiceConfig:
@@ -328,6 +349,7 @@ def parse_config(data: Any) -> AgentConfig:
         Path(tls_r.get("ca", str, str(defaults.tls.ca))),
         Path(tls_r.get("cert", str, str(defaults.tls.cert))),
         Path(tls_r.get("key", str, str(defaults.tls.key))),
+        Path(tls_r.get("crl", str, str(defaults.tls.crl))),
     )
     tls_r.finish()
     policy = r.get("policy", str)

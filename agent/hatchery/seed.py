@@ -30,7 +30,7 @@ from pathlib import Path
 
 from hatchery import host
 from hatchery.errors import CommandError, HatcheryError
-from hatchery.state import write_atomic
+from hatchery.state import write_atomic, write_private
 
 log = logging.getLogger(__name__)
 FW_CFG = Path("/sys/firmware/qemu_fw_cfg/by_name/opt/hatchery/seed/raw")
@@ -132,7 +132,10 @@ def apply_seed(data: bytes, etc: Path) -> list[str]:
             if nested:
                 target.parent.chmod(0o700)  # also when it was there before
             private = nested or name.endswith((".key", ".private")) or "/tls/" in f"/{name}"
-            write_atomic(target, source.read(), 0o600 if private else 0o644)
+            if private:  # never through a symlink planted there; replaces the last seed's
+                write_private(target, source.read(), force=True)
+            else:
+                write_atomic(target, source.read(), 0o644)
             written.append(str(target))
     return written
 

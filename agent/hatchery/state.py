@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,19 +36,53 @@ def fsync_dir(directory: Path) -> None:
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file.
+
+    The temporary has a random name and is created with ``O_EXCL|O_NOFOLLOW``, so a file or
+    symlink planted at a predictable temporary name is never opened, truncated or written
+    through; ``mode`` is set with ``fchmod`` at creation, whatever the umask. The rename
+    replaces a symlink at ``path`` itself, never its target.
+    """
+    _write_new(path, data, mode, replace=True)
+
+
+def write_private(path: Path, data: bytes, *, force: bool = False) -> None:
+    """Write key material to ``path``: mode 0600 from creation, never through a symlink.
+
+    Refuses (``StateError``) when anything exists at ``path``, a symlink included, unless
+    ``force``: then the new file replaces whatever is there (a symlink is replaced, its
+    target untouched). Either way the content goes to a fresh ``O_EXCL|O_NOFOLLOW`` file,
+    fsynced, and appears at ``path`` in one step (link or rename), the folder fsynced: a
+    crash leaves the old key or the new one, never a torn one. The one helper for every
+    private key and seed the project writes.
+    """
+    _write_new(path, data, 0o600, replace=force)
+
+
+def _write_new(path: Path, data: bytes, mode: int, *, replace: bool) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(8)}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        fd = os.open(tmp, flags, mode)
         try:
+            os.fchmod(fd, mode)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path, follow_symlinks=False)  # EEXIST if anything is at path
+            os.unlink(tmp)
         fsync_dir(path.parent)
+    except FileExistsError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StateError(
+            f"cannot write {path}: it already exists", hint="pass --force to replace it"
+        ) from exc
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise StateError(f"cannot write {path}: {exc.strerror or exc}") from exc

@@ -1,4 +1,4 @@
-"""The agent's wire schema: what ``/healthz`` and ``/v1/upgrade`` say, as typed values.
+"""The agent's wire schema: what ``/healthz`` and ``/v1/upgrade`` say and take, as typed values.
 
 One definition shared by the agent (which writes these documents, and persists the upgrade
 status in the same form), the ``hatchery`` CLI and ``hatchery-rollout`` (which read them), as
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
 
-__all__ = ["BootStatus", "Health", "Mode", "Phase", "UpgradeStatus"]
+__all__ = ["BootStatus", "Health", "Mode", "Phase", "UpgradeRequest", "UpgradeStatus"]
 
 
 class Mode(StrEnum):
@@ -56,6 +56,30 @@ def _enum(kind: type[_E], value: object) -> _E | None:
         return kind(value) if isinstance(value, str) else None
     except ValueError:
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class UpgradeRequest:
+    """The body of ``POST /v1/upgrade``.
+
+    ``guard_seconds``: reboot mode only (None: the agent's default). ``allow_downgrade``: a
+    version older than the running one is refused (409) unless this is true. Optional
+    fields are sent only when set, so an older agent, which refuses fields it does not know,
+    still takes a plain request.
+    """
+
+    version: str
+    mode: Mode = Mode.LIVE
+    guard_seconds: int | None = None
+    allow_downgrade: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"version": self.version, "mode": self.mode.value}
+        if self.guard_seconds is not None:
+            body["guard_seconds"] = self.guard_seconds
+        if self.allow_downgrade:
+            body["allow_downgrade"] = True
+        return body
 
 
 @dataclass(frozen=True, slots=True)

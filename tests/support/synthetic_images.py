@@ -18,13 +18,15 @@ def make_build(
     kernel_size: int = 64 * 1024,
     initrd_size: int = 256 * 1024,
     kernel: bytes | None = None,
+    initrd: bytes | None = None,
 ) -> Path:
-    """A build directory with a kernel, an initrd and the build's manifest.json."""
+    """A build directory with a kernel, an initrd and the build's manifest.json (random
+    content unless given)."""
     out = root / f"{image}-{version}"
     out.mkdir(parents=True)
     contents = {
         f"{image}.vmlinuz": kernel if kernel is not None else os.urandom(kernel_size),
-        f"{image}.cpio.zst": os.urandom(initrd_size),
+        f"{image}.cpio.zst": initrd if initrd is not None else os.urandom(initrd_size),
     }
     for name, data in contents.items():
         (out / name).write_bytes(data)

@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from hatchery.addresses import AddressPool, Subnet
-from hatchery.api import images
+from hatchery.api import crl, images
 from hatchery.api.http import (
     ANY_CLIENT,
     Identify,
@@ -38,11 +38,12 @@ from hatchery.api.policy import Policy
 from hatchery.api.validate import BadRequest, Body
 from hatchery.metrics import CONTENT_TYPE, Metrics, ReadCollector, Reading
 from hatchery.qemu.cmdline import DEFAULT_MACHINE, MACHINES
+from hatchery.revocation import Revocations
 from hatchery.upgrade.controller import Upgrader
 from hatchery.vms.manager import CreateRequest, DiskRequest, KernelRequest, NotFound, VmManager
 from hatchery.vms.model import VmRecord, VmState
 from hatchery.vms.sources import parse_source
-from hatchery.wire import BootStatus, Health, Mode, Phase, UpgradeStatus
+from hatchery.wire import BootStatus, Health, Mode, Phase, UpgradeRequest, UpgradeStatus
 
 log = logging.getLogger(__name__)
 MAX_USER_DATA = 256 * 1024
@@ -360,7 +361,7 @@ async def add_subnet(request: web.Request) -> web.Response:
     return web.json_response({"added": added}, status=201 if added else 200)
 
 
-@require(ANY_CLIENT)
+@require("upgrade.read")
 async def upgrade_status(request: web.Request) -> web.Response:
     """``?wait=SECONDS`` (at most 60) holds the answer while an upgrade is running."""
     ctx = request.app[CONTEXT]
@@ -377,30 +378,40 @@ async def upgrade_status(request: web.Request) -> web.Response:
 @require("upgrade.manage")
 async def start_upgrade(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
-    body = await json_body(request)
+    asked = _upgrade_request(await json_body(request))
+    if ctx.upgrader is None:
+        raise Unavailable("upgrades are not enabled on this agent")
+    status, answer = await ctx.upgrader.request(asked.version, asked.mode, asked.guard_seconds,
+                                                allow_downgrade=asked.allow_downgrade)  # fmt: skip
+    log.info("%s asked for an upgrade to %s (%s%s): %s", caller(request).name, asked.version,
+             asked.mode, ", downgrade allowed" if asked.allow_downgrade else "",
+             answer.state)  # fmt: skip
+    return web.json_response(answer.to_json(), status=status)
+
+
+def _upgrade_request(body: Body) -> UpgradeRequest:
+    """The wire schema's ``UpgradeRequest`` from a body, every field checked."""
     version = str(body.text("version", required=True, max_len=128))
     mode_text = body.choice("mode", tuple(Mode), default=Mode.LIVE)
     guard = body.integer("guard_seconds", default=0, low=0, high=3600)
+    allow_downgrade = body.flag("allow_downgrade", default=False)
     body.finish()
     if 0 < guard < 30:
         raise BadRequest("guard_seconds must be at least 30", "guard_seconds")
-    if ctx.upgrader is None:
-        raise Unavailable("upgrades are not enabled on this agent")
-    status, answer = await ctx.upgrader.request(version, Mode(mode_text), guard or None)
-    log.info("%s asked for an upgrade to %s (%s): %s", caller(request).name, version,
-             mode_text, answer.state)  # fmt: skip
-    return web.json_response(answer.to_json(), status=status)
+    return UpgradeRequest(version, Mode(mode_text), guard or None, allow_downgrade)
 
 
 def make_app(
     context: ApiContext,
     image_store: images.ImagesContext | None = None,
     *,
+    revocations: Revocations | None = None,
     identify: Identify = tls_identity,
     middlewares: tuple[Middleware, ...] = (),
 ) -> web.Application:
     """The API app: ``identify`` says who calls (the TLS peer certificate unless a test
-    drives the app in-process); the image routes exist when ``image_store`` is given."""
+    drives the app in-process); the image routes exist when ``image_store`` is given, the CRL
+    routes (and the revocation check of callers) when ``revocations`` is."""
     app = new_app(context.policy, identify, middlewares)
     app[CONTEXT] = context
     context.metrics.add(node_gauges(context.manager, context.pool))
@@ -422,4 +433,6 @@ def make_app(
     app.router.add_post("/v1/upgrade", start_upgrade)
     if image_store is not None:
         images.add_routes(app, image_store)
+    if revocations is not None:
+        crl.add_routes(app, revocations)
     return app

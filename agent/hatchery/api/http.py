@@ -45,6 +45,7 @@ from hatchery.images.store import (
     ObjectNotFound,
 )
 from hatchery.pki import Identity, identity_from_peercert
+from hatchery.revocation import CrlRefused, CrlStale, Revocations
 from hatchery.upgrade.controller import UpgradeError
 from hatchery.vms.manager import NotFound, VmError
 from hatchery.vms.model import VmStateError
@@ -61,6 +62,8 @@ Visible = Callable[[str | None], bool]
 OwnerOf = Callable[[web.Request, Visible], Awaitable[str | None]]
 
 IDENTIFY: web.AppKey[Identify] = web.AppKey("identify")
+#: The node's revocation list, when the agent has one: ``tls_identity`` refuses its serials.
+REVOCATIONS = web.AppKey("revocations", Revocations)
 POLICY = web.AppKey("policy", Policy)
 IDENTITY = web.RequestKey("identity", Identity)
 _RAW_BODY = web.RequestKey("raw_body", bytes)
@@ -88,6 +91,8 @@ class Unavailable(HatcheryError):
 STATUS: dict[type[HatcheryError], int] = {
     BadRequest: 400,
     ManifestError: 400,
+    CrlRefused: 422,
+    CrlStale: 409,
     SourceError: 400,
     VmError: 400,
     Unauthenticated: 401,
@@ -155,10 +160,12 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 def tls_identity(request: web.Request) -> Identity | None:
     """The verified client certificate's identity (CN, OUs as groups); None without one, and
     None for a certificate whose extended key usage lacks ``clientAuth`` (a node's
-    server-only certificate is no caller).
+    server-only certificate is no caller), and None for a revoked one.
 
     The server's TLS context already refuses connections without a certificate signed by
-    the fleet's CA; this reads the certificate the handshake verified.
+    the fleet's CA, and a revoked one while the CRL is current; this reads the certificate
+    the handshake verified, and checks the revoked serials again: that is what refuses them
+    while the CRL has expired (``revocation``), and a connection opened before the CRL came.
     """
     transport = request.transport
     ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
@@ -166,6 +173,9 @@ def tls_identity(request: web.Request) -> Identity | None:
         return None
     der = ssl_object.getpeercert(binary_form=True)
     if der is None:
+        return None
+    revocations = request.app.get(REVOCATIONS)
+    if revocations is not None and revocations.is_revoked_der(der):
         return None
     return identity_from_peercert(ssl_object.getpeercert(), der)
 
@@ -176,7 +186,7 @@ class Open(Enum):
     ANY_CLIENT = "any verified client"
 
 
-#: ``@require(ANY_CLIENT)``: health and upgrade status, which every node and operator reads.
+#: ``@require(ANY_CLIENT)``: health, which every node and operator reads.
 ANY_CLIENT = Open.ANY_CLIENT
 
 

@@ -56,7 +56,10 @@ class ApiServer:
         """Listen on ``host:port`` (port 0: any free port, then read ``port``)."""
         await self._listener.start()
         try:
-            self.port = await self._listener.listen(host, port)
+            # SO_REUSEADDR: an agent killed with requests in flight leaves their connections
+            # in TIME_WAIT on this port; without it the restarted agent could not listen for
+            # a minute. (Linux still refuses a second listener on the same port.)
+            self.port = await self._listener.listen(host, port, reuse_address=True)
         except ListenerError as exc:
             await self._listener.close()
             raise ApiServerError(exc.message) from exc

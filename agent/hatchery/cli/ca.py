@@ -1,11 +1,17 @@
-"""``hatchery ca``: make the CA and issue certificates for people, tools and agents."""
+"""``hatchery ca``: make the CA, issue certificates for people, tools and agents, revoke them
+and distribute the revocation list (CRL) to agents."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 from pathlib import Path
+from typing import Any
 
 from hatchery import pki
+from hatchery.cli.vm import connection_args
+from hatchery.client import AgentClient, Credentials
 
 DEFAULT_CA_DIR = Path("/etc/hatchery/ca")
 
@@ -25,10 +31,45 @@ def _issue(args: argparse.Namespace) -> int:
         server_names=tuple(args.server),
         client=args.client or not args.server,
         days=args.days,
+        force=args.force,
     )
     kind = ("server and client" if args.client else "server") if args.server else "client"
     groups = ", ".join(args.group) or "none"
     print(f"{kind} certificate for {args.name} (groups: {groups}): {pair.cert}, key {pair.key}")
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    entry, crl = pki.revoke(args.dir, args.cert_or_serial, args.reason, days=args.days)
+    who = f" ({entry.name})" if entry.name else ""
+    print(f"revoked serial {entry.serial:x}{who}: {entry.reason}; CRL {crl}")
+    print("push it to every agent: hatchery ca push-crl --agent HOST (or copy it to tls.crl)")
+    return 0
+
+
+def _crl(args: argparse.Namespace) -> int:
+    crl = pki.issue_crl(args.dir, days=args.days)
+    revoked = pki.read_revoked(args.dir)
+    print(f"CRL number {revoked.crl_number} ({len(revoked.entries)} revoked, valid "
+          f"{args.days} days): {crl}")  # fmt: skip
+    return 0
+
+
+def _push_crl(args: argparse.Namespace) -> int:
+    data = (args.crl or args.dir / pki.CRL_FILE).read_bytes()
+
+    async def go() -> Any:
+        creds = Credentials.from_env(args.ca, args.cert, args.key)
+        async with AgentClient(args.agent, creds) as client:
+            return await client.request("PUT", "/v1/pki/crl", data=data)
+
+    answer = asyncio.run(go())
+    if args.json:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+    else:
+        crl = answer["crl"]
+        print(f"{args.agent}: CRL number {crl['number']} in force ({crl['revoked']} revoked, "
+              f"next update {crl['next_update']})")  # fmt: skip
     return 0
 
 
@@ -56,6 +97,27 @@ def register(parser: argparse.ArgumentParser) -> None:
         help="with --server, a client certificate too: an agent's, which is its identity "
         "(--group node) when it fetches images from peers",
     )
-    issue.add_argument("--days", type=int, default=pki.LEAF_DAYS)
+    issue.add_argument("--days", type=int, default=pki.LEAF_DAYS,
+                       help=f"lifetime (default {pki.LEAF_DAYS}; renew before)")  # fmt: skip
     issue.add_argument("--out", type=Path, default=None, help="where to write (default: --dir)")
+    issue.add_argument("--force", action="store_true",
+                       help="replace an existing key and certificate (renewal)")  # fmt: skip
     issue.set_defaults(func=_issue)
+    revoke = sub.add_parser("revoke", help="revoke a certificate and issue a new CRL")
+    revoke.add_argument("cert_or_serial", metavar="CERT_OR_SERIAL",
+                        help="the certificate's PEM file, or its serial in hex "
+                        "(as openssl x509 -noout -serial prints it)")  # fmt: skip
+    revoke.add_argument("--reason", default="unspecified", choices=sorted(pki.REASONS))
+    revoke.add_argument("--dir", type=Path, default=DEFAULT_CA_DIR, help="the CA's folder")
+    revoke.add_argument("--days", type=int, default=pki.CRL_DAYS, help="the CRL's lifetime")
+    revoke.set_defaults(func=_revoke)
+    crl = sub.add_parser("crl", help="(re)issue the CRL from the revoked list")
+    crl.add_argument("--dir", type=Path, default=DEFAULT_CA_DIR, help="the CA's folder")
+    crl.add_argument("--days", type=int, default=pki.CRL_DAYS,
+                     help=f"until nextUpdate (default {pki.CRL_DAYS})")  # fmt: skip
+    crl.set_defaults(func=_crl)
+    push = sub.add_parser("push-crl", help="install the CRL on an agent (PUT /v1/pki/crl)")
+    push.add_argument("--dir", type=Path, default=DEFAULT_CA_DIR, help="the CA's folder")
+    push.add_argument("--crl", type=Path, default=None, help="the CRL (default: DIR/crl.pem)")
+    connection_args(push)
+    push.set_defaults(func=_push_crl)

@@ -77,6 +77,49 @@ def check_version(value: object, where: str = "version") -> str:
     return value
 
 
+def _order(char: str) -> int:
+    """dpkg's weight of a non-digit character: ``~`` before the end, the end before
+    letters, letters before everything else."""
+    if char == "~":
+        return -1
+    if char.isalpha():
+        return ord(char)
+    return ord(char) + 256
+
+
+def _split_digits(text: str) -> tuple[str, str]:
+    end = 0
+    while end < len(text) and text[end].isdigit():
+        end += 1
+    return text[:end], text[end:]
+
+
+def compare_versions(a: str, b: str) -> int:
+    """Order two image versions: -1 if ``a`` is older, 0 if equal, 1 if newer.
+
+    Debian's version order (dpkg's ``verrevcmp``), which the version grammar above allows:
+    runs of digits compare as numbers, other characters by dpkg's weights, so ``v9 < v10``,
+    ``0.1.9 < 0.1.10``, ``1.0~rc1 < 1.0 < 1.0+hotfix1``. This is what "older" means for a
+    downgrade (the manifests carry no build time: SourceDateEpoch is fixed for
+    reproducibility, the same for every build).
+    """
+    while a or b:
+        head_a, head_b = a, b
+        while head_a and not head_a[0].isdigit() or head_b and not head_b[0].isdigit():
+            ca = _order(head_a[0]) if head_a and not head_a[0].isdigit() else 0
+            cb = _order(head_b[0]) if head_b and not head_b[0].isdigit() else 0
+            if ca != cb:
+                return -1 if ca < cb else 1
+            head_a = head_a[1:] if head_a and not head_a[0].isdigit() else head_a
+            head_b = head_b[1:] if head_b and not head_b[0].isdigit() else head_b
+        digits_a, a = _split_digits(head_a)
+        digits_b, b = _split_digits(head_b)
+        na, nb = int(digits_a or "0"), int(digits_b or "0")
+        if na != nb:
+            return -1 if na < nb else 1
+    return 0
+
+
 def canonical_json(value: Any) -> bytes:
     """The one byte form of a JSON value that is signed: sorted keys, no spaces, ASCII."""
     return json.dumps(

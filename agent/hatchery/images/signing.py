@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from hatchery.errors import HatcheryError
 from hatchery.images.manifest import SIGNED_NAME, Manifest, SignedManifest, from_build_dir
-from hatchery.state import write_atomic
+from hatchery.state import write_atomic, write_private
 
 log = logging.getLogger(__name__)
 DEFAULT_KEYS_DIR = Path("/etc/hatchery/image-keys")
@@ -77,8 +76,7 @@ def generate_key(out_dir: Path, name: str = DEFAULT_KEY_NAME, *, force: bool = F
     )
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(private_path, pem, mode=0o600)
-        os.chmod(private_path, 0o600)
+        write_private(private_path, pem, force=force)
         write_atomic(public_path, public_pem(key.public_key()), mode=0o644)
     except (OSError, HatcheryError) as exc:
         raise SigningError(f"cannot write the key pair in {out_dir}: {exc}") from exc

@@ -6,11 +6,22 @@ frame from a VM port whose MAC, IPv4 or ARP claims are not that VM's. Served:
 * SmallStack: ``/datasource/SmallStack``, ``/latest/dynamic/epoch-time`` (seconds.nanoseconds),
   ``/latest/dynamic/instance-identity/document``, ``/latest/user-data``;
 * EC2-style ``/latest/meta-data/`` (instance-id, local-ipv4, hostname, local-hostname, mac,
-  public-keys/) with IMDSv2 tokens accepted (``PUT /latest/api/token``);
+  public-keys/) with IMDSv2 session tokens (``PUT /latest/api/token``, see ``_Tokens``);
 * NoCloud ``/nocloud/{meta-data,user-data,vendor-data}`` for stock cloud-init, which the
   agent points guests at through the SMBIOS serial ``ds=nocloud-net;s=http://169.254.169.254/nocloud/``.
 
 Anything else is a 404; anything but GET/PUT a 405; bodies over 1 KiB are refused.
+
+IMDSv2 tokens, as EC2 has them: ``PUT /latest/api/token`` with
+``X-aws-ec2-metadata-token-ttl-seconds: 1..21600`` answers a token, valid for that VM only
+(its uuid and source address) until the TTL ends; a request carrying a token that is not
+the VM's own, or expired, is a 401. A PUT with ``X-Forwarded-For`` is refused, as EC2 does,
+so a proxy in the guest that forwards requests cannot fetch a token for someone else. With
+``require_token`` (the bridge's ``metadata: {require_token: true}``), every GET needs a
+valid token (401 without): what protects a guest whose application can be made to send GET
+requests (SSRF). It is off by default because stock cloud-init's NoCloud datasource (what
+the SMBIOS serial points guests at) and the SmallStack clients send plain GETs; cloud-init's
+EC2 datasource asks for a token first and works either way.
 """
 
 from __future__ import annotations
@@ -20,8 +31,9 @@ import json
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from aiohttp import web
@@ -31,7 +43,9 @@ from hatchery.log import EventSummary
 log = logging.getLogger(__name__)
 TOKEN_HEADER = "X-aws-ec2-metadata-token"
 TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
-MAX_TOKENS = 4096
+TOKENS_PER_VM = 16
+MAX_VMS = 4096
+MAX_TTL = 21600  # seconds: EC2's limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,30 +77,65 @@ class MetadataSource(Protocol):
     def vm_by_ip(self, bridge: str, ip: str) -> VmMetadata | None: ...
 
 
-@dataclass
 class _Tokens:
-    """IMDSv2 session tokens, bound to the VM that asked for them."""
+    """IMDSv2 session tokens, one small table per VM, so that no VM can evict another's.
 
-    issued: dict[str, tuple[str, float]] = field(default_factory=dict)  # token -> (vm, expiry)
+    Each VM (its uuid and source address) keeps at most ``per_vm`` live tokens, its oldest
+    dropped first when it asks for more; at most ``max_vms`` VMs hold tokens at once, the VM
+    that asked least recently losing its table first (only VMs the bridge knows ever get
+    this far, so in practice the bound is the bridge's VMs). Expired tokens are dropped when
+    their VM asks again, and every VM's when the table of VMs is full.
+    """
+
+    def __init__(self, per_vm: int = TOKENS_PER_VM, max_vms: int = MAX_VMS) -> None:
+        self.per_vm = per_vm
+        self.max_vms = max_vms
+        self._by_vm: OrderedDict[str, OrderedDict[str, float]] = OrderedDict()
 
     def issue(self, vm: str, ttl: int, now: float) -> str:
-        if len(self.issued) >= MAX_TOKENS:
-            self.issued = {t: v for t, v in self.issued.items() if v[1] > now}
-            while len(self.issued) >= MAX_TOKENS:
-                self.issued.pop(next(iter(self.issued)))
+        tokens = self._by_vm.get(vm)
+        if tokens is None:
+            if len(self._by_vm) >= self.max_vms:
+                self._prune(now)
+            while len(self._by_vm) >= self.max_vms:
+                self._by_vm.popitem(last=False)
+            tokens = self._by_vm[vm] = OrderedDict()
+        self._by_vm.move_to_end(vm)
+        for token in [t for t, expiry in tokens.items() if expiry <= now]:
+            del tokens[token]
+        while len(tokens) >= self.per_vm:
+            tokens.popitem(last=False)
         token = secrets.token_urlsafe(32)
-        self.issued[token] = (vm, now + ttl)
+        tokens[token] = now + ttl
         return token
 
     def valid(self, token: str, vm: str, now: float) -> bool:
-        entry = self.issued.get(token)
-        return entry is not None and entry[0] == vm and entry[1] > now
+        tokens = self._by_vm.get(vm)
+        expiry = tokens.get(token) if tokens is not None else None
+        return expiry is not None and expiry > now
+
+    def count(self, vm: str) -> int:
+        """Tokens held for ``vm`` (for tests and metrics)."""
+        return len(self._by_vm.get(vm, {}))
+
+    def _prune(self, now: float) -> None:
+        for vm, tokens in list(self._by_vm.items()):
+            for token in [t for t, expiry in tokens.items() if expiry <= now]:
+                del tokens[token]
+            if not tokens:
+                del self._by_vm[vm]
+
+
+def _holder(vm: VmMetadata, remote: str) -> str:
+    """Whose tokens: the VM's uuid and the address it asked from (a token is good for both)."""
+    return f"{vm.uuid}@{remote}"
 
 
 VM = web.RequestKey("vm", VmMetadata)
 BRIDGE = web.AppKey("bridge", str)
 SOURCE = web.AppKey("source", MetadataSource)
 TOKENS = web.AppKey("tokens", _Tokens)
+REQUIRE_TOKEN = web.AppKey("require_token", bool)
 # Anything on the bridge can reach 169.254.169.254: refusals are summarised, not logged each.
 REFUSALS = web.AppKey("refusals", EventSummary)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -111,20 +160,27 @@ async def identify(request: web.Request, handler: Handler) -> web.StreamResponse
         request.app[REFUSALS].count("requests from unknown addresses refused", remote)
         raise web.HTTPForbidden(text="unknown source\n")
     token = request.headers.get(TOKEN_HEADER)
-    if token is not None and not request.app[TOKENS].valid(token, vm.uuid, time.time()):
-        raise web.HTTPUnauthorized(text="invalid or expired token\n")
+    if token is not None:
+        if not request.app[TOKENS].valid(token, _holder(vm, remote), time.time()):
+            request.app[REFUSALS].count("requests with an invalid or expired token", remote)
+            raise web.HTTPUnauthorized(text="invalid or expired token\n")
+    elif request.app[REQUIRE_TOKEN] and request.method != "PUT":
+        raise web.HTTPUnauthorized(text="a token is required: PUT /latest/api/token first\n")
     request[VM] = vm
     return await handler(request)
 
 
 async def put_token(request: web.Request) -> web.Response:
+    if "X-Forwarded-For" in request.headers:
+        raise web.HTTPForbidden(text="a token is not issued through a proxy\n")
     try:
         ttl = int(request.headers.get(TTL_HEADER, ""))
     except ValueError:
-        raise web.HTTPBadRequest(text=f"{TTL_HEADER} must be 1..21600\n") from None
-    if not 1 <= ttl <= 21600:
-        raise web.HTTPBadRequest(text=f"{TTL_HEADER} must be 1..21600\n")
-    token = request.app[TOKENS].issue(request[VM].uuid, ttl, time.time())
+        raise web.HTTPBadRequest(text=f"{TTL_HEADER} must be 1..{MAX_TTL}\n") from None
+    if not 1 <= ttl <= MAX_TTL:
+        raise web.HTTPBadRequest(text=f"{TTL_HEADER} must be 1..{MAX_TTL}\n")
+    holder = _holder(request[VM], request.remote or "")
+    token = request.app[TOKENS].issue(holder, ttl, time.time())
     return web.Response(text=token, headers={TTL_HEADER: str(ttl)}, content_type="text/plain")
 
 
@@ -203,11 +259,15 @@ async def nocloud_vendor_data(request: web.Request) -> web.Response:
     return _text("")
 
 
-def make_app(bridge: str, source: MetadataSource) -> web.Application:
+def make_app(
+    bridge: str, source: MetadataSource, *, require_token: bool = False
+) -> web.Application:
+    """The metadata app of ``bridge``; ``require_token``: every GET needs an IMDSv2 token."""
     app = web.Application(client_max_size=1024, middlewares=[identify])
     app[BRIDGE] = bridge
     app[SOURCE] = source
     app[TOKENS] = _Tokens()
+    app[REQUIRE_TOKEN] = require_token
     app[REFUSALS] = EventSummary(log, f"metadata on {bridge}")
     r = app.router
     r.add_put("/latest/api/token", put_token)

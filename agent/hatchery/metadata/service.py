@@ -88,12 +88,15 @@ class MetadataService:
         bridge: str,
         subnets: Sequence[ipaddress.IPv4Network],
         api: ApiListener | None = None,
+        *,
+        require_token: bool = False,
     ) -> None:
-        """Set up ``bridge``'s namespace, rules and server; serve ``api`` there too if given."""
+        """Set up ``bridge``'s namespace, rules and server; serve ``api`` there too if given.
+        ``require_token``: the metadata server answers GETs only with an IMDSv2 token."""
         plumbing = BridgePlumbing(bridge, subnets, self._services)
         # Every VM of the bridge reaches this one listener: its per-client cap is per VM.
-        listener = HttpListener(make_app(bridge, self._source), self._limits,
-                                name=f"metadata on {bridge}",
+        listener = HttpListener(make_app(bridge, self._source, require_token=require_token),
+                                self._limits, name=f"metadata on {bridge}",
                                 meter=self._metrics.http("metadata", bridge))  # fmt: skip
         try:
             await plumbing.setup()

@@ -18,16 +18,18 @@ import logging
 import platform
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from hatchery import host, state
 from hatchery.errors import HatcheryError
 from hatchery.health import read_version
+from hatchery.images.manifest import compare_versions
 from hatchery.metrics import Metrics, UpgradeMeter
-from hatchery.upgrade import model, reboot
+from hatchery.upgrade import livepatch, model, reboot
 from hatchery.upgrade.archive import ArchiveError, has_modules, index_root, open_root
-from hatchery.upgrade.livepatch import LivePatch, units_to_restart
+from hatchery.upgrade.fingerprint import Fingerprint
+from hatchery.upgrade.livepatch import LivePatch, Recovery, units_to_restart
 from hatchery.upgrade.model import (
     BootStatus,
     ImageSource,
@@ -95,7 +97,24 @@ class Upgrader:
     def _resume(self, status: UpgradeStatus) -> UpgradeStatus:
         """An upgrade the previous agent left running: a live patch restarts the agent last,
         so the new agent tells how it ended; a reboot's end is ``settle_boot``'s to tell once
-        the guard was armed, and a failure if the agent stopped before that."""
+        the guard was armed, and a failure if the agent stopped before that.
+
+        A live patch the previous agent did not finish (its work folder is still in the
+        root) is settled first, whatever the status file says: finished if every step is in
+        place, else rolled back; the status then says which (never ``done`` half-applied).
+        """
+        try:
+            recovery = livepatch.recover(self._root)
+        except OSError as exc:
+            log.error("cannot settle the interrupted live patch: %s", exc)
+            why = f"an interrupted live patch could not be rolled back: {exc}"
+            ended = model.failed(status, time.time(), why)
+            self._write(ended, self._next())
+            return ended
+        if recovery is not None:
+            ended = self._recovered(status, recovery)
+            self._write(ended, self._next())
+            return ended
         if status.state is not Phase.RUNNING:
             return status
         if status.mode is Mode.REBOOT:
@@ -110,6 +129,46 @@ class Upgrader:
             ended = model.failed(status, time.time(), "the agent restarted during the patch")
         self._write(ended, self._next())
         return ended
+
+    def _recovered(self, status: UpgradeStatus, recovery: Recovery) -> UpgradeStatus:
+        """The status after ``recover`` settled an interrupted live patch (blocking: a
+        finished patch still needs its units restarted and the store's pointer moved)."""
+        now = time.time()
+        target = status.target or recovery.target
+        if status.state is not Phase.RUNNING or status.mode is not Mode.LIVE:
+            status = model.running(target or "unknown", Mode.LIVE, now)
+        running = self._version()
+        if recovery.phase == "staging":
+            why = f"the agent stopped while staging the live patch to {target}: nothing changed"
+            return model.failed(status, now, why, target=target)
+        if not recovery.completed:
+            why = (f"the agent stopped during the live patch to {target}: rolled back "
+                   f"({recovery.restored} steps undone); the node runs {running}")  # fmt: skip
+            return model.failed(status, now, why, target=target)
+        try:
+            restarted = self._restart(recovery.changed, agent=False)
+            if self._images is not None and target is not None:
+                self._images.set_current(target)
+        except HatcheryError as exc:
+            why = f"the live patch to {target} was in place, but finishing it failed: {exc.message}"
+            return model.failed(status, now, why, target=target)
+        units = ", ".join(restarted) or "none"
+        detail = (f"the agent stopped during the live patch to {target} after every file was "
+                  f"in place: finished it; restarted: {units}")  # fmt: skip
+        return model.done(status, now, detail, target=target)
+
+    def _restart(self, changed: Iterable[str], *, agent: bool) -> list[str]:
+        """Reload systemd and restart the units whose files changed (blocking); the agent's
+        own only if ``agent`` (its caller restarts it last otherwise). Return all of them.
+
+        :raise CommandError: systemctl failed.
+        """
+        units = units_to_restart(self._root, changed)
+        host.systemctl("daemon-reload")
+        others = [u for u in units if u != host.AGENT_UNIT or agent]
+        if others:
+            host.systemctl("try-restart", *others)
+        return units
 
     # --- the status ---------------------------------------------------------------------------
     @property
@@ -160,16 +219,25 @@ class Upgrader:
 
     # --- requests -----------------------------------------------------------------------------
     async def request(
-        self, version: str, mode: Mode, guard_seconds: int | None = None
+        self,
+        version: str,
+        mode: Mode,
+        guard_seconds: int | None = None,
+        *,
+        allow_downgrade: bool = False,
     ) -> tuple[int, UpgradeStatus]:
         """Accept (202), report a no-op (200) or refuse an upgrade to ``version``.
 
         ``guard_seconds``: reboot mode only, how long the new version has to come up before
         the boot guard falls back to the running one (default: the constructor's). The same
         request while it runs is accepted again and starts nothing (idempotent per version).
+        A version older than the running one (``compare_versions``) is refused unless
+        ``allow_downgrade``. The image is re-verified first: its manifest against the keys
+        trusted now, each artefact against its signed sha256.
 
         :raise UpgradeError: refused (its ``status`` is the HTTP status: 404 not in the store,
-            409 another upgrade runs or this is no Hatchery image, 422 live mode cannot).
+            409 another upgrade runs, this is no Hatchery image or a downgrade was not
+            allowed, 422 the image no longer verifies or live mode cannot).
         :raise StateError: the status cannot be persisted; nothing was started.
         """
         async with self._request_lock:
@@ -189,6 +257,13 @@ class Upgrader:
             if version == running:
                 detail = f"already running {version}: nothing to do"
                 return 200, UpgradeStatus(Phase.DONE, target=version, mode=mode, detail=detail)
+            if not allow_downgrade and compare_versions(version, running) < 0:
+                raise UpgradeError(
+                    f"image {version} is older than the running {running}: refusing a "
+                    "downgrade", 409,
+                    hint='send "allow_downgrade": true (hatchery-rollout --allow-downgrade) '
+                    "to install it anyway",
+                )  # fmt: skip
             await asyncio.to_thread(self._check, version, mode, running)
             await self._record(model.running(version, mode, time.time()))
             guard = guard_seconds or self._guard_seconds
@@ -209,11 +284,16 @@ class Upgrader:
                 f"image {version} is not in this node's store", 404,
                 hint="publish it (hatchery image publish) or fetch it from a peer first",
             )  # fmt: skip
+        try:
+            self._images.verify(version)
+        except HatcheryError as exc:
+            raise UpgradeError(f"image {version} cannot be used: {exc.message}", 422,
+                               hint=exc.hint) from exc  # fmt: skip
         if mode is Mode.LIVE:
             self._check_same_kernel(self._images, running, version)
 
     def _check_same_kernel(self, images: ImageSource, running: str, version: str) -> None:
-        ours = images.artefact_digest(running, "kernel") if images.has(running) else None
+        ours = self._running_digest(images, running)
         theirs = images.artefact_digest(version, "kernel")
         if ours is not None and theirs is not None and ours != theirs:
             raise UpgradeError(
@@ -231,6 +311,18 @@ class Upgrader:
             f"image {version} has no modules for the running kernel {self._release}: "
             "live patch cannot change the kernel", 422, hint="use --mode reboot",
         )  # fmt: skip
+
+    @staticmethod
+    def _running_digest(images: ImageSource, running: str) -> str | None:
+        """The running image's kernel digest; None when the store lacks it or it no longer
+        verifies (a retired key): the root's modules then decide alone."""
+        if not images.has(running):
+            return None
+        try:
+            return images.artefact_digest(running, "kernel")
+        except HatcheryError as exc:
+            log.warning("running image %s: %s", running, exc.message)
+            return None
 
     async def _run(self, version: str, mode: Mode, guard_seconds: int) -> None:
         """The upgrade's task: whatever ends it is recorded, except the agent's own end."""
@@ -254,7 +346,7 @@ class Upgrader:
             await self._record(ended)
         except HatcheryError as exc:  # the API still tells, the file could not
             log.error("cannot record the upgrade's failure: %s", exc.message)
-            self._status = ended
+            self._show(ended)
 
     # --- live ---------------------------------------------------------------------------------
     async def _live(self, version: str) -> None:
@@ -275,30 +367,43 @@ class Upgrader:
         """
         assert self._images is not None
         running = self._version()
-        current = None
-        if self._images.has(running):
-            with self._images.open_artefact(running, "initrd") as raw:
-                current = index_root(open_root(raw))
-        else:
-            log.warning("running image %s is not in the store: patching without deletions", running)
+        current = self._current_index(self._images, running)
         patch = LivePatch(self._root, current)
         with self._images.open_artefact(version, "initrd") as raw:
             plan = patch.stage(open_root(raw))
         if not plan.changes:
+            patch.commit()
             self._images.set_current(version)
             return LiveOutcome("no changes")
-        patch.apply(plan)
-        patch.commit()
-        units = units_to_restart(self._root, plan.changed_paths)
-        log.info("live patch to %s applied (%s); restarting %s", version, plan.summary(),
-                 ", ".join(units) or "nothing")  # fmt: skip
-        host.systemctl("daemon-reload")
-        others = [u for u in units if u != host.AGENT_UNIT]
-        if others:
-            host.systemctl("try-restart", *others)
-        self._images.set_current(version)
+        patch.apply(plan, version=version)
+        # The journal stays until the units are restarted and the store points at the new
+        # version: a crash before that is finished by the next agent (``recover``).
+        try:
+            units = self._restart(plan.changed_paths, agent=False)
+            log.info("live patch to %s applied (%s); restarted %s", version, plan.summary(),
+                     ", ".join(units) or "nothing")  # fmt: skip
+            self._images.set_current(version)
+        finally:
+            patch.commit()
         detail = f"{plan.summary()}; restarted: {', '.join(units) or 'none'}"
         return LiveOutcome(detail, host.AGENT_UNIT in units and host.systemd_running())
+
+    @staticmethod
+    def _current_index(images: ImageSource, running: str) -> dict[str, Fingerprint] | None:
+        """The running image's fingerprints for the three-way patch; None (patch without
+        deletions) when the store lacks it or it no longer verifies."""
+        if not images.has(running):
+            log.warning("running image %s is not in the store: patching without deletions",
+                        running)  # fmt: skip
+            return None
+        try:
+            images.verify(running)
+            with images.open_artefact(running, "initrd") as raw:
+                return index_root(open_root(raw))
+        except HatcheryError as exc:
+            log.warning("running image %s does not verify (%s): patching without deletions",
+                        running, exc.message)  # fmt: skip
+            return None
 
     # --- reboot -------------------------------------------------------------------------------
     async def _reboot(self, version: str, guard_seconds: int) -> None:

@@ -46,15 +46,28 @@ class ImageSource(Protocol):
         """Whether the store holds image ``version`` (False, not an error, when unreadable)."""
         ...
 
-    def open_artefact(self, version: str, role: str) -> AbstractContextManager[BinaryIO]:
-        """The artefact's bytes as built (``initrd``: the root, zstd-compressed cpio).
+    def verify(self, version: str) -> None:
+        """Check the image again before it is used: its manifest against the keys trusted
+        *now*, and every artefact's content against the sha256 the manifest signs.
 
-        :raise HatcheryError: the image has no such artefact, or the store cannot read it.
+        :raise HatcheryError: it does not verify (the message says which part and why).
+        """
+        ...
+
+    def open_artefact(self, version: str, role: str) -> AbstractContextManager[BinaryIO]:
+        """The artefact's bytes as built (``initrd``: the root, zstd-compressed cpio); a
+        reader that reaches the end has read exactly what was signed, or gets an error.
+
+        :raise HatcheryError: the image has no such artefact, its manifest is not trusted,
+            or the store cannot read it.
         """
         ...
 
     def artefact_digest(self, version: str, role: str) -> str | None:
-        """The artefact's sha256, None if the image has none of that role."""
+        """The artefact's sha256 as signed, None if the image has none of that role.
+
+        :raise HatcheryError: the manifest is not trusted (any more).
+        """
         ...
 
     def set_current(self, version: str) -> None:

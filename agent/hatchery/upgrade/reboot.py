@@ -11,6 +11,11 @@ Files under ``<state>/boot/``:
   the reason. The agent, at start, finishes the story either way (``settle``, then
   ``clear``).
 
+Every file here is written durably (temporary file, fsync, rename, fsync of the folder)
+before the jump: a direct ``kexec -e`` does not sync, and a staged image cut short by a
+crash must never be booted. A staged image already present is reused only if its sha256 is
+the one the image's manifest signs; otherwise it is staged again.
+
 These are blocking functions (file copies, kexec) for a worker thread or for start-up. None
 of them records the upgrade's status: they return what happened and the controller, the
 only writer of the status, records it.
@@ -18,7 +23,9 @@ only writer of the status, records it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -26,6 +33,7 @@ from pathlib import Path
 
 from hatchery import host
 from hatchery.errors import HatcheryError
+from hatchery.state import fsync_dir, write_atomic
 from hatchery.upgrade.model import BootOutcome, ImageSource
 
 log = logging.getLogger(__name__)
@@ -45,29 +53,79 @@ def armed(state_dir: Path) -> bool:
     return (pending_dir(state_dir) / "version").exists()
 
 
-def stage(images: ImageSource, state_dir: Path, version: str) -> Path:
-    """Copy ``version``'s kernel and initrd out of the store (once); return their folder.
+CHUNK = 1 << 20
 
-    :raise HatcheryError: the store cannot give them.
+
+class StagingError(HatcheryError):
+    """An artefact copied out of the store is not what the image's manifest signs."""
+
+
+def stage(images: ImageSource, state_dir: Path, version: str) -> Path:
+    """Copy ``version``'s kernel and initrd out of the store, durably; return their folder.
+
+    A file staged before is kept only if its sha256 is the manifest's (a copy cut short by
+    a crash, or changed on /data since, is staged again).
+
+    :raise HatcheryError: the store cannot give them, or they do not match the manifest.
     :raise OSError: they cannot be written.
     """
     target = boot_dir(state_dir) / version
     target.mkdir(parents=True, exist_ok=True)
+    fsync_dir(target.parent)
+    fsync_dir(target.parent.parent)
     for role, name in (("kernel", "vmlinuz"), ("initrd", "initrd")):
+        want = images.artefact_digest(version, role)
+        if want is None:
+            raise StagingError(f"image {version} has no {role}")
         out = target / name
         if out.exists():
-            continue
-        tmp = out.with_name(name + ".tmp")
-        with images.open_artefact(version, role) as src, tmp.open("wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-        tmp.replace(out)
+            if sha256_of(out) == want:
+                continue
+            log.warning("staged %s is not image %s's %s (cut short or changed): staging it "
+                        "again", out, version, role)  # fmt: skip
+        _copy(images, version, role, out, want)
     return target
 
 
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _copy(images: ImageSource, version: str, role: str, out: Path, want: str) -> None:
+    """Write the artefact to ``out`` only once it is whole, checked and on disk."""
+    tmp = out.with_name(out.name + ".tmp")
+    digest = hashlib.sha256()
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            with images.open_artefact(version, role) as src:
+                while chunk := src.read(CHUNK):
+                    digest.update(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if digest.hexdigest() != want:
+            raise StagingError(
+                f"image {version}'s {role} read from the store hashes to {digest.hexdigest()}, "
+                f"not the signed {want} (changed on /data?)"
+            )
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    """A small file of ``pending/``, durably (the boot guard reads it after the jump)."""
+    write_atomic(path, text.encode(), mode=0o644)
 
 
 def prepare(
@@ -89,6 +147,7 @@ def prepare(
     pending = pending_dir(state_dir)
     shutil.rmtree(pending, ignore_errors=True)
     pending.mkdir(parents=True)
+    fsync_dir(pending.parent)
     _write(pending / "restore", "".join(f"{n}\n" for n in restore))
     _write(pending / "previous", previous + "\n")
     _write(pending / "guard-seconds", f"{guard_seconds}\n")

@@ -1,16 +1,27 @@
-"""The image store as the upgrade controller's ``ImageSource``."""
+"""The image store as the upgrade controller's ``ImageSource``, re-verified at every use.
+
+The store verified an image when it was added, but an upgrade comes later: a key may have
+been removed from the trusted image keys since (a retired or leaked key must stop its
+images at once), or an object on /data may have changed. So every use checks again: the
+manifest's signature against the keys trusted *now* (``KeySource``, read at each call), and
+each artefact's sha256 and size while it is read (``ImageStore.read_object``).
+"""
 
 from __future__ import annotations
 
-from typing import BinaryIO
+import io
+from collections.abc import Iterator
+from typing import Any, BinaryIO, cast
 
-from hatchery.images.manifest import Role
+from hatchery.images.manifest import Artefact, Manifest, Role
+from hatchery.images.signing import KeySource
 from hatchery.images.store import ImageStore, StoreError
 
 
 class StoreImages:
-    def __init__(self, store: ImageStore) -> None:
+    def __init__(self, store: ImageStore, keys: KeySource) -> None:
         self._store = store
+        self._keys = keys
 
     def has(self, version: str) -> bool:
         try:
@@ -18,18 +29,65 @@ class StoreImages:
         except StoreError:
             return False
 
-    def _sha(self, version: str, role: str) -> str | None:
-        artefact = self._store.manifest(version).manifest.artefacts.get(Role(role))
-        return artefact.sha256 if artefact is not None else None
+    def _manifest(self, version: str) -> Manifest:
+        """The stored manifest, its signature checked against the keys trusted now.
+
+        :raise StoreError: it cannot be read. :raise VerificationError: it is not trusted.
+        """
+        signed = self._store.manifest(version)
+        self._keys.trusted().verify(signed)
+        return signed.manifest
+
+    def _artefact(self, version: str, role: str) -> Artefact | None:
+        return self._manifest(version).artefacts.get(Role(role))
+
+    def verify(self, version: str) -> None:
+        """Signature, then every artefact read through and hashed (``CorruptObject`` if one
+        does not match what the manifest signs)."""
+        for artefact in self._manifest(version).artefacts.values():
+            for _ in self._store.read_object(artefact.sha256, artefact.size):
+                pass
 
     def open_artefact(self, version: str, role: str) -> BinaryIO:
-        sha = self._sha(version, role)
-        if sha is None:
+        artefact = self._artefact(version, role)
+        if artefact is None:
             raise StoreError(f"image {version} has no {role}")
-        return self._store.open_object(sha)
+        chunks = self._store.read_object(artefact.sha256, artefact.size)
+        return cast(BinaryIO, io.BufferedReader(_ChunkStream(chunks), 1 << 20))
 
     def artefact_digest(self, version: str, role: str) -> str | None:
-        return self._sha(version, role)
+        artefact = self._artefact(version, role)
+        return artefact.sha256 if artefact is not None else None
 
     def set_current(self, version: str) -> None:
         self._store.set_current(version)
+
+
+class _ChunkStream(io.RawIOBase):
+    """A verified chunk iterator as a readable stream: the iterator's own check (a
+    ``CorruptObject`` when the content ends and does not match) reaches the reader."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._rest = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._rest:
+            try:
+                self._rest = next(self._chunks)
+            except StopIteration:
+                return 0
+        n = min(len(buffer), len(self._rest))
+        buffer[:n] = self._rest[:n]
+        self._rest = self._rest[n:]
+        return n
+
+    def close(self) -> None:
+        """Close the object file now, not when the generator is collected."""
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
+        super().close()

@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 
 METADATA_URL = "http://169.254.169.254/nocloud/"
 LIVE_STATES = (VmState.STARTING, VmState.RUNNING, VmState.STOPPING)
+#: Seconds a QEMU that does not answer QMP gets between SIGTERM and SIGKILL.
+KILL_GRACE = 5.0
+#: Seconds a running QEMU gets to answer QMP when the agent re-adopts it (it answers at once).
+ADOPT_QMP_TIMEOUT = 10.0
 
 
 class VmError(HatcheryError):
@@ -221,31 +225,71 @@ class VmManager:
 
     # --- start-up: re-adopt ------------------------------------------------------------
     async def adopt_all(self) -> None:
-        """Load every record; reconnect to live QEMUs; settle the rest."""
+        """Load every record; reconnect to live QEMUs; settle the rest.
+
+        What a crash in the middle of a create left is cleaned up first (see ``_reserve``):
+        a folder without ``vm.json``, a record still ``creating``, an address whose owner
+        has no folder. A folder whose record was kept aside as corrupt stays, with its
+        address, for the operator to look at.
+        """
         self._dir.mkdir(parents=True, exist_ok=True)
+        for folder in sorted(self._dir.iterdir()):
+            if (folder.is_dir() and not (folder / "vm.json").exists()
+                    and not any(folder.glob("vm.json.corrupt-*"))):  # fmt: skip
+                shutil.rmtree(folder, ignore_errors=True)
+                freed = self._release_held_by(folder.name)
+                log.warning("vm %s: removed its folder, which has no record (the agent stopped "
+                            "while creating it); free again: %s", folder.name,
+                            ", ".join(freed) or "no address")  # fmt: skip
         for path, raw in state.iter_json_files_nested(self._dir, "vm.json"):
             try:
                 vm = VmRecord.from_json(raw)
             except (TypeError, ValueError, KeyError) as exc:
                 state.set_aside(path, f"not a VM record: {exc}")
                 continue
+            if vm.state is VmState.CREATING:
+                self._forget_creating(vm)
+                log.warning("vm %s: removed, the agent stopped while creating it; %s is free "
+                            "again", vm.name, vm.ip)  # fmt: skip
+                continue
             self._vms[vm.name] = vm
             with contextlib.suppress(HatcheryError):
                 self._pool.claim(ipaddress.IPv4Address(vm.ip), vm.name)
             await self._adopt(vm)
+        self._release_unowned()
+
+    def _release_unowned(self) -> None:
+        """Return to the pool every address held by a name that has no folder here: the
+        agent stopped between taking it and writing the record."""
+        folders = {folder.name for folder in self._dir.iterdir() if folder.is_dir()}
+        for row in self._pool.listing():
+            owner = row["owner"]
+            if owner is not None and owner not in folders:
+                self._pool.release(ipaddress.IPv4Address(row["ip"]), owner)
+                log.warning("address %s: released, its owner %s has no record (the agent "
+                            "stopped while creating it)", row["ip"], owner)  # fmt: skip
+
+    def _release_held_by(self, name: str) -> list[str]:
+        """Release every address ``name`` holds; the addresses released."""
+        held = [row["ip"] for row in self._pool.listing() if row["owner"] == name]
+        for ip in held:
+            self._pool.release(ipaddress.IPv4Address(ip), name)
+        return held
 
     async def _adopt(self, vm: VmRecord) -> None:
         alive = vm.pid is not None and process.is_ours(vm.pid, vm.uuid)
         if vm.state is VmState.DESTROYING:
-            await self._finish_destroy(vm)
+            try:
+                await self._finish_destroy(vm)
+            except VmError as exc:
+                log.error("%s", exc.message)
         elif vm.state in LIVE_STATES or vm.state is VmState.PAUSED:
             if alive:
                 assert vm.pid is not None
                 try:
-                    await self._attach(vm, vm.pid)
+                    await self._attach(vm, vm.pid, timeout=ADOPT_QMP_TIMEOUT)
                 except (MonitorError, ProcessLookupError) as exc:
-                    log.warning("vm %s: cannot re-attach: %s", vm.name, exc)
-                    self._settle_dead(vm, "QEMU did not answer on QMP after the agent restarted")
+                    await self._unanswering(vm, vm.pid, exc)
                     return
                 log.info("vm %s: re-adopted running QEMU pid %s", vm.name, vm.pid)
                 if vm.state is VmState.STARTING:
@@ -254,6 +298,32 @@ class VmManager:
                     asyncio.create_task(self.stop(vm.name), name=f"resume-stop-{vm.name}")
             else:
                 self._settle_dead(vm, "QEMU exited while the agent was down")
+
+    async def _unanswering(self, vm: VmRecord, pid: int, exc: HatcheryError | OSError) -> None:
+        """A QEMU of ours that does not answer QMP is stopped, not forgotten: left running,
+        it would hold the VM's tap and disk while the record says crashed, and a destroy
+        would give its address to another VM. Settled as crashed once it is gone; if even
+        SIGKILL does not end it, the record keeps its PID (destroy tries again)."""
+        await self._let_go(vm.name)
+        if not process.is_ours(pid, vm.uuid):  # it exited in the meantime
+            self._settle_dead(vm, "QEMU exited while the agent was re-adopting it")
+            return
+        log.warning("vm %s: cannot re-attach: %s; stopping QEMU pid %s", vm.name, exc, pid)
+        why = f"QEMU did not answer on QMP after the agent restarted ({exc})"
+        if await process.terminate(pid, vm.uuid, grace=KILL_GRACE):
+            self._settle_dead(vm, why + "; the agent stopped it")
+        else:
+            self._transition(vm, Event.DIED, reason=why + f"; pid {pid} does not exit")
+            log.error("vm %s: QEMU pid %s does not answer and does not exit", vm.name, pid)
+
+    async def _let_go(self, name: str) -> None:
+        """Drop the agent's QMP connection and exit watch of ``name``, if it has them."""
+        live = self._live.pop(name, None)
+        if live is not None:
+            if live.watch is not None:
+                live.watch.close()
+            if live.monitor is not None:
+                await live.monitor.close()
 
     def _settle_dead(self, vm: VmRecord, why: str) -> None:
         if vm.state is VmState.STOPPING:
@@ -272,41 +342,74 @@ class VmManager:
         if (req.kernel_boot is None) == (req.disk_boot is None):
             raise VmError("a vm needs exactly one of kernel boot or disk boot")
         async with self._lock(req.name):
-            if req.name in self._vms:
-                raise VmError(f"a vm named {req.name} already exists")
-            self._capacity.check(self.used(), Resources(req.vcpus, req.memory_mib, req.disk_mib))
-            if req.kernel_boot is not None:  # refuse a path outside the folders before anything
-                for source, where in ((req.kernel_boot.kernel, "kernel.kernel"),
-                                      (req.kernel_boot.initrd, "kernel.initrd")):  # fmt: skip
-                    if isinstance(source, FolderFile):
-                        os.close(self._sources.open_in_folder(source.path, where).fd)
-            elif req.disk_boot is not None and isinstance(req.disk_boot.image, FolderFile):
-                os.close(self._sources.open_in_folder(req.disk_boot.image.path, "disk.image").fd)
-            address = self._pool.allocate(req.name, req.bridge)
-            vm_uuid = str(uuidlib.uuid4())
-            vm = VmRecord(
-                name=req.name, uuid=vm_uuid, state=VmState.STOPPED, vcpus=req.vcpus,
-                memory_mib=req.memory_mib, disk_mib=req.disk_mib, bridge=address.subnet.bridge,
-                ip=str(address.ip), mac=address.mac, owner_group=req.owner_group,
-                user_data=req.user_data, public_keys=req.public_keys, created=time.time(),
-                machine=req.machine, labels=dict(req.labels),
-            )  # fmt: skip
+            vm = self._reserve(req)
             try:
-                self._vm_dir(req.name).mkdir(parents=True, exist_ok=False)
                 if req.disk_boot is not None:
                     vm = replace(vm, disk_boot=await self._make_volume(vm, req.disk_boot))
                 if req.kernel_boot is not None:
                     vm = replace(vm, kernel_boot=await self._fetch_kernel(vm.name, req.kernel_boot))
-                self._save(vm)
+                vm = self._transition(vm, Event.CREATED)
             except BaseException:
-                shutil.rmtree(self._vm_dir(req.name), ignore_errors=True)
-                self._vms.pop(req.name, None)
-                self._pool.release(address.ip, req.name)
+                self._forget_creating(vm)
                 raise
             log.info("vm %s: created (%s on %s)", vm.name, vm.ip, vm.bridge)
         if req.start:
             return await self.start(req.name)
         return vm
+
+    def _reserve(self, req: CreateRequest) -> VmRecord:
+        """Check capacity, take an address and persist the record in ``creating``: one step.
+
+        Synchronous on purpose: no other create runs between the capacity check and the
+        record that counts in ``used()``, so parallel creates that each fit alone cannot
+        overcommit the host. The record is on disk before any slow work, so an agent that
+        dies while fetching finds it at its next start (``adopt_all``) and cleans it up. A
+        crash between the pool write and the record write leaves a pool row whose owner has
+        no record, or a folder without ``vm.json``: both are cleaned up at start too.
+        """
+        if req.name in self._vms:
+            raise VmError(f"a vm named {req.name} already exists")
+        self._capacity.check(self.used(), Resources(req.vcpus, req.memory_mib, req.disk_mib))
+        if req.kernel_boot is not None:  # refuse a path outside the folders before anything
+            for source, field_name in ((req.kernel_boot.kernel, "kernel.kernel"),
+                                       (req.kernel_boot.initrd, "kernel.initrd")):  # fmt: skip
+                if isinstance(source, FolderFile):
+                    os.close(self._sources.open_in_folder(source.path, field_name).fd)
+        if req.disk_boot is not None and isinstance(req.disk_boot.image, FolderFile):
+            os.close(self._sources.open_in_folder(req.disk_boot.image.path, "disk.image").fd)
+        folder = self._vm_dir(req.name)
+        try:
+            folder.mkdir(parents=True, exist_ok=False)
+        except FileExistsError:
+            raise VmError(
+                f"vm {req.name}: its folder {folder} is there without a record "
+                "(a corrupt vm.json kept aside?)",
+                hint="look at it, then remove the folder",
+            ) from None
+        address = None
+        try:
+            address = self._pool.allocate(req.name, req.bridge)
+            vm = VmRecord(
+                name=req.name, uuid=str(uuidlib.uuid4()), state=VmState.CREATING,
+                vcpus=req.vcpus, memory_mib=req.memory_mib, disk_mib=req.disk_mib,
+                bridge=address.subnet.bridge, ip=str(address.ip), mac=address.mac,
+                owner_group=req.owner_group, user_data=req.user_data,
+                public_keys=req.public_keys, created=time.time(), machine=req.machine,
+                labels=dict(req.labels),
+            )  # fmt: skip
+            return self._save(vm)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            self._vms.pop(req.name, None)
+            if address is not None:
+                self._pool.release(address.ip, req.name)
+            raise
+
+    def _forget_creating(self, vm: VmRecord) -> None:
+        """Undo a create: its folder (record included), its address, its place in ``used()``."""
+        shutil.rmtree(self._vm_dir(vm.name), ignore_errors=True)
+        self._vms.pop(vm.name, None)
+        self._pool.release(ipaddress.IPv4Address(vm.ip), vm.name)
 
     async def _fetch_kernel(self, name: str, boot: KernelRequest) -> KernelBoot:
         """Kernel and initrd are copied into the VM's folder, once: QEMU opens only those."""
@@ -424,7 +527,9 @@ class VmManager:
                 raise VmError(f"cannot start vm {name}: {current.reason}") from exc
             return self._transition(vm, Event.STARTED, started=time.time())
 
-    async def _attach(self, vm: VmRecord, pid: int) -> None:
+    async def _attach(self, vm: VmRecord, pid: int, timeout: float = 30.0) -> None:
+        """Connect QMP (within ``timeout``: a QEMU that was just started may still be
+        loading its kernel) and watch the process's exit."""
         live = _Live()
         self._live[vm.name] = live
 
@@ -435,7 +540,7 @@ class VmManager:
         live.monitor = Monitor(vm.name, self._vm_dir(vm.name) / "qmp", on_event)
         # QMP answers once QEMU is initialised; if QEMU exits first (a kernel it cannot
         # load), stop waiting at once: its exit watch has recorded why.
-        connect = asyncio.ensure_future(live.monitor.connect())
+        connect = asyncio.ensure_future(live.monitor.connect(timeout))
         exited = asyncio.ensure_future(live.watch.exited.wait())
         try:
             await asyncio.wait({connect, exited}, return_when=asyncio.FIRST_COMPLETED)
@@ -528,8 +633,11 @@ class VmManager:
             await self._finish_destroy(self.get(name))
 
     async def _finish_destroy(self, vm: VmRecord) -> None:
-        if vm.pid is not None:
-            process.kill(vm.pid, vm.uuid)
+        """Kill QEMU if it still runs, then free what the VM held. The address is released
+        only once QEMU is gone, so no other VM gets it while this one can still send."""
+        if vm.pid is not None and not await process.terminate(vm.pid, vm.uuid, grace=0):
+            raise VmError(f"vm {vm.name}: QEMU pid {vm.pid} does not exit; the vm stays "
+                          "destroying and keeps its address", hint="destroy it again")  # fmt: skip
         await netdev.delete_link(netdev.tap_name(vm.uuid))
         shutil.rmtree(self._vm_dir(vm.name), ignore_errors=True)
         self._pool.release(ipaddress.IPv4Address(vm.ip), vm.name)

@@ -14,6 +14,7 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}[a-z0-9]$|^[a-z0-9]$")
 
 
 class VmState(StrEnum):
+    CREATING = "creating"  # record, address and capacity held; sources being fetched
     STOPPED = "stopped"
     STARTING = "starting"
     RUNNING = "running"
@@ -32,6 +33,7 @@ class Action(StrEnum):
 class Event(StrEnum):
     """What can happen to a VM, requested or not."""
 
+    CREATED = "created"  # its sources are in its folder
     START_REQUESTED = "start requested"
     STARTED = "started"
     START_FAILED = "start failed"
@@ -45,6 +47,9 @@ class Event(StrEnum):
 
 S, E = VmState, Event
 TRANSITIONS: dict[tuple[VmState, Event], VmState] = {
+    # A VM in ``creating`` leaves it only as created; a failed create (or one an agent
+    # crash interrupted, found at the next start) removes the record instead.
+    (S.CREATING, E.CREATED): S.STOPPED,
     (S.STOPPED, E.START_REQUESTED): S.STARTING,
     (S.CRASHED, E.START_REQUESTED): S.STARTING,
     (S.STARTING, E.STARTED): S.RUNNING,
@@ -65,6 +70,7 @@ TRANSITIONS: dict[tuple[VmState, Event], VmState] = {
     (S.CRASHED, E.DESTROY_REQUESTED): S.DESTROYING,
     (S.RUNNING, E.DESTROY_REQUESTED): S.DESTROYING,
     (S.STARTING, E.DESTROY_REQUESTED): S.DESTROYING,
+    (S.DESTROYING, E.DESTROY_REQUESTED): S.DESTROYING,  # again, if QEMU did not exit
     (S.DESTROYING, E.STOPPED): S.DESTROYING,
     (S.DESTROYING, E.DIED): S.DESTROYING,
 }

@@ -36,11 +36,21 @@ class Monitor:
         self._events: asyncio.Task[None] | None = None
 
     async def connect(self, timeout: float = 10.0) -> None:
+        """Connect within ``timeout`` seconds, the greeting and capabilities negotiation
+        included: a QEMU that accepts the connection but never greets (hung, or stopped
+        with SIGSTOP) fails here instead of holding the caller forever.
+
+        :raise MonitorError: no QMP session within ``timeout``.
+        """
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             try:
-                await self._qmp.connect(str(self._socket))
+                async with asyncio.timeout_at(deadline):
+                    await self._qmp.connect(str(self._socket))
                 break
+            except TimeoutError as exc:  # before OSError, of which it is a subclass
+                raise MonitorError(f"vm {self.name}: QMP did not answer within "
+                                   f"{timeout:g}s") from exc  # fmt: skip
             except (QMPError, OSError) as exc:
                 if asyncio.get_running_loop().time() > deadline:
                     raise MonitorError(f"vm {self.name}: cannot connect to QMP: {exc}") from exc

@@ -115,3 +115,46 @@ class ExitWatch:
             self._loop.remove_reader(self._fd)
             os.close(self._fd)
             self._fd = None
+
+
+async def terminate(pid: int, marker: str, grace: float = 5.0, wait: float = 10.0) -> bool:
+    """Stop the VM's QEMU: SIGTERM, SIGKILL if it still runs after ``grace`` seconds (at once
+    if ``grace`` is 0); True once it is gone (or ``pid`` is no longer the VM's QEMU), False
+    if it outlived ``wait`` seconds after SIGKILL.
+
+    The process is held by a pidfd opened before ``is_ours`` is checked, and signalled and
+    watched through it: a PID recycled meanwhile is never signalled. Works for a QEMU that
+    is not our child (one a previous agent started); one that is, is reaped.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        if not is_ours(pid, marker):
+            return True
+        steps = ((signal.SIGTERM, grace),) if grace > 0 else ()
+        for sig, timeout in (*steps, (signal.SIGKILL, wait)):
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, sig)
+            if await _exited(fd, timeout):
+                with contextlib.suppress(ChildProcessError, OSError):
+                    os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
+                return True
+        return False
+    finally:
+        os.close(fd)
+
+
+async def _exited(pidfd: int, timeout: float) -> bool:
+    """Whether the process behind ``pidfd`` exits within ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    loop.add_reader(pidfd, done.set)
+    try:
+        await asyncio.wait_for(done.wait(), timeout)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(pidfd)

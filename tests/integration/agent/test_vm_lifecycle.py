@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import random
@@ -232,6 +233,65 @@ def test_vm_killed_while_agent_down_is_crashed(lab: dict, tmp_path: Path) -> Non
     assert health["healthy"] is False and health["checks"]["vms"].startswith("fail")
     agent.cli("vm", "destroy", "app2")
     assert agent.cli_json("pool", "list")["free"] == 2
+
+
+# A source server that stalls: it promises a large file, sends a little, then nothing.
+STALLING_SERVER = r"""
+import http.server, sys, time
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(64 << 20))
+        self.end_headers()
+        self.wfile.write(b"\0" * 65536)
+        self.wfile.flush()
+        time.sleep(600)
+http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+def test_agent_killed_mid_download_leaves_nothing_behind(lab: dict, tmp_path: Path) -> None:
+    """Issue 14: a create holds its address and capacity in a persisted ``creating`` record
+    from the start; an agent SIGKILLed while downloading frees both at its next start, and
+    the name can be created again."""
+    agent: AgentProcess = lab["agent"]
+    subnet = lab["subnet"]
+    port = free_port()
+    with ns_vm(lab["bridge"], "52:54:00:5e:00:33", f"{subnet}.51") as ns:
+        web = subprocess.Popen(
+            ["ip", "netns", "exec", ns.netns, sys.executable, "-c", STALLING_SERVER, str(port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            time.sleep(1)
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                create = pool.submit(agent.cli, "vm", "create", "slow1", "--kernel",
+                                     f"http://{subnet}.51:{port}/vmlinux", "--no-start",
+                                     check=False)  # fmt: skip
+                folder = agent.state_dir / "vms" / "slow1"
+                try:
+                    deadline = time.monotonic() + 60
+                    while not (folder / "kernel.part").exists():  # downloading
+                        assert time.monotonic() < deadline, "the download never started"
+                        assert not create.done(), create.result().stderr
+                        time.sleep(0.2)
+                    listed = agent.cli_json("vm", "list")["vms"]
+                    assert [(v["name"], v["state"]) for v in listed] == [("slow1", "creating")]
+                    assert agent.cli_json("pool", "list")["free"] == 1
+                finally:
+                    agent.kill()  # SIGKILL in the middle of the download
+                assert create.result().returncode != 0
+        finally:
+            web.kill()
+            web.wait()
+    agent.start()
+    assert agent.cli_json("vm", "list")["vms"] == []
+    assert agent.cli_json("pool", "list")["free"] == 2
+    assert not folder.exists()
+    assert "vm slow1: removed, the agent stopped while creating it" in agent.log_path.read_text()
+    vm = agent.cli_json("vm", "create", "slow1", "--kernel", str(lab["kernel"]), "--no-start")
+    assert vm["state"] == "stopped" and vm["ip"] == f"{subnet}.10"
+    agent.cli("vm", "destroy", "slow1")
 
 
 def test_refusals_change_nothing(

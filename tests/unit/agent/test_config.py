@@ -149,3 +149,32 @@ def test_vm_sources() -> None:
                        ({"typo": 1}, "vm_sources.typo")):  # fmt: skip
         with pytest.raises(ConfigError, match=re.escape(where)):
             parse_config({**GOOD, "vm_sources": bad})
+
+
+def test_crl_path_has_one_default_beside_the_ca() -> None:
+    assert parse_config({}).tls.crl == Path("/etc/hatchery/tls/crl.pem")
+    assert parse_config({"tls": {"crl": "/x/crl.pem"}}).tls.crl == Path("/x/crl.pem")
+
+
+def test_bridge_metadata_is_a_bool_or_a_mapping() -> None:
+    def bridge(metadata: object) -> tuple[bool, bool]:
+        b = parse_config({"bridges": [{"name": "br0", "metadata": metadata}]}).bridges[0]
+        return b.metadata, b.metadata_require_token
+
+    assert parse_config({"bridges": [{"name": "br0"}]}).bridges[0].metadata_require_token is False
+    assert bridge(True) == (True, False)
+    assert bridge(False) == (False, False)
+    assert bridge({"require_token": True}) == (True, True)
+    assert bridge({}) == (True, False)
+    with pytest.raises(ConfigError, match=r"bridges\[0\]\.metadata\.require_tokens: unknown key"):
+        bridge({"require_tokens": True})
+    with pytest.raises(ConfigError, match=r"bridges\[0\]\.metadata\.require_token: expected bool"):
+        bridge({"require_token": "yes"})
+
+
+def test_only_admin_may_manage_the_pki() -> None:
+    """``PUT /v1/pki/crl`` needs ``pki.manage``: in the default policy only ``admin`` has it."""
+    policy = load_policy(None)
+    assert policy.allows(Identity("root", frozenset({"admin"})), "pki.manage")
+    for group in ("ops", "reader", "node", "web"):
+        assert not policy.allows(Identity("x", frozenset({group})), "pki.manage"), group

@@ -24,6 +24,7 @@ from hatchery.vms.model import (
         (VmState.RUNNING, Action.STOP, VmState.STOPPING),
         (VmState.RUNNING, Action.DESTROY, VmState.DESTROYING),
         (VmState.STOPPED, Action.DESTROY, VmState.DESTROYING),
+        (VmState.DESTROYING, Action.DESTROY, VmState.DESTROYING),  # QEMU did not exit: again
     ],
 )
 def test_allowed_actions(state: VmState, action: Action, expected: VmState) -> None:
@@ -38,6 +39,9 @@ def test_allowed_actions(state: VmState, action: Action, expected: VmState) -> N
         (VmState.STOPPED, Action.STOP),
         (VmState.DESTROYING, Action.START),
         (VmState.STOPPING, Action.DESTROY),
+        (VmState.CREATING, Action.START),  # its sources are still being fetched
+        (VmState.CREATING, Action.STOP),
+        (VmState.CREATING, Action.DESTROY),
     ],
 )
 def test_refused_actions_say_why(state: VmState, action: Action) -> None:
@@ -46,8 +50,8 @@ def test_refused_actions_say_why(state: VmState, action: Action) -> None:
 
 
 def test_every_state_is_reachable_and_can_end() -> None:
-    reachable = {VmState.STOPPED}
-    frontier = [VmState.STOPPED]
+    reachable = {VmState.CREATING}  # every VM starts there
+    frontier = [VmState.CREATING]
     while frontier:
         current = frontier.pop()
         for (src, _), dst in TRANSITIONS.items():

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hatchery.wire import BootStatus, Health, Mode, Phase, UpgradeStatus
+from hatchery.wire import BootStatus, Health, Mode, Phase, UpgradeRequest, UpgradeStatus
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
@@ -87,3 +87,11 @@ def test_newer_and_older_agents_are_understood() -> None:
 def test_no_version_is_no_health_answer(doc: Any) -> None:
     with pytest.raises(ValueError, match="no version"):
         Health.from_json(doc)
+
+
+def test_an_upgrade_request_sends_optional_fields_only_when_set() -> None:
+    # An older agent refuses fields it does not know: a plain request must stay plain.
+    assert UpgradeRequest("v2").to_json() == {"version": "v2", "mode": "live"}
+    full = UpgradeRequest("v1", Mode.REBOOT, guard_seconds=90, allow_downgrade=True)
+    assert full.to_json() == {"version": "v1", "mode": "reboot", "guard_seconds": 90,
+                              "allow_downgrade": True}  # fmt: skip

@@ -50,7 +50,7 @@ ROUTES: dict[tuple[str, str], object] = {
     ("POST", "/v1/pool"): "pool.manage",
     ("GET", "/v1/subnets"): "pool.read",
     ("POST", "/v1/subnets"): "pool.manage",
-    ("GET", "/v1/upgrade"): ANY_CLIENT,
+    ("GET", "/v1/upgrade"): "upgrade.read",
     ("POST", "/v1/upgrade"): "upgrade.manage",
     ("GET", "/v1/images"): "images.read",
     ("POST", "/v1/images"): "images.manage",
@@ -199,11 +199,11 @@ async def test_owner_group_acts_on_its_own_vms_only(api: Api) -> None:
     assert [vm.name for vm in api.manager.records()] == ["db1", "web1"]
 
 
-async def test_health_and_upgrade_status_need_only_an_identity(api: Api) -> None:
+async def test_health_needs_only_an_identity(api: Api) -> None:
     assert (await api.client.get("/healthz")).status == 401
     health = await api.client.get("/healthz", headers=NOBODY)
     assert health.status == 200 and (await health.json())["version"] == "v1"
-    assert (await api.client.get("/v1/upgrade", headers=NOBODY)).status == 200
+    assert (await api.client.get("/v1/upgrade", headers=NOBODY)).status == 403
     assert (await api.client.get("/metrics", headers=NOBODY)).status == 403
 
 

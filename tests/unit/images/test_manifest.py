@@ -17,6 +17,7 @@ from hatchery.images.manifest import (
     SignedManifest,
     canonical_json,
     check_version,
+    compare_versions,
     from_build_dir,
     parse_signed,
 )
@@ -204,3 +205,14 @@ def test_accepted_versions_are_safe_file_names(text: str) -> None:
     root = Path("/store/images")
     assert (root / f"{version}.json").resolve().parent == root
     assert not version.startswith(".") and "/" not in version and "\x00" not in version
+
+
+@pytest.mark.parametrize(
+    ("older", "newer"),
+    [("v1", "v2"), ("v9", "v10"), ("0.1.9", "0.1.10"), ("1.0~rc1", "1.0"), ("1.0", "1.0+fix1"),
+     ("1.0", "1.0a"), ("2026.01.5", "2026.01.12"), ("0.1.0", "0.2.0"), ("1.0~", "1.0~a")],
+)  # fmt: skip
+def test_versions_are_ordered_like_debian_versions(older: str, newer: str) -> None:
+    assert compare_versions(older, newer) == -1
+    assert compare_versions(newer, older) == 1
+    assert compare_versions(newer, newer) == 0

@@ -95,3 +95,21 @@ def test_a_restarted_agent_finishes_the_live_patch_keeping_its_detail(
     upgrader = make(setup)  # the node runs v1: the patch to v1 went through
     assert upgrader.status.state is Phase.DONE
     assert upgrader.status.detail == "1 replace; restarted: ssh.service; the agent came back on v1"
+
+
+async def test_a_downgrade_is_refused_unless_allowed(setup: tuple[Path, DirImages, Path]) -> None:
+    root, images, _ = setup
+    upgrader = make(setup)
+    await upgrader.request("v2", Mode.LIVE)
+    await wait_done(upgrader)
+    assert version_of(root) == "v2"
+    with pytest.raises(UpgradeError) as err:
+        await upgrader.request("v1", Mode.LIVE)
+    assert err.value.status == 409
+    assert "v1 is older than the running v2" in err.value.message
+    assert err.value.hint is not None and "allow_downgrade" in err.value.hint
+    assert upgrader.status.target == "v2" and version_of(root) == "v2"
+    code, _ = await upgrader.request("v1", Mode.LIVE, allow_downgrade=True)
+    assert code == 202
+    await wait_done(upgrader)
+    assert upgrader.status.state is Phase.DONE and version_of(root) == "v1"

@@ -23,6 +23,17 @@ X-Hatchery-Restart-On=/opt/hatchery/
 SSHD_UNIT = b"[Service]\nExecStart=/usr/sbin/sshd -D\n"
 
 
+class FailAt:
+    """An ``Interrupt`` that fails the patch at one step of one phase."""
+
+    def __init__(self, phase: str, step: int) -> None:
+        self.at = (phase, step)
+
+    def __call__(self, phase: str, step: int) -> None:
+        if (phase, step) == self.at:
+            raise LivePatchError(f"injected failure at {phase} step {step}")
+
+
 def image(version: str, **overrides: bytes | None) -> bytes:
     files: dict[str, bytes | None] = {
         "usr/lib/os-release": f"IMAGE_VERSION={version}\n".encode(),
@@ -100,7 +111,7 @@ def test_failure_half_way_restores_everything(node: Path) -> None:
     patch = LivePatch(node, index_root(io.BytesIO(image("v1"))))
     plan = patch.stage(io.BytesIO(v2))
     with pytest.raises(LivePatchError, match="injected"):
-        patch.apply(plan, fail_after=3)
+        patch.apply(plan, interrupt=FailAt("apply", 3))
     after = {p: p.read_bytes() for p in node.rglob("*") if p.is_file() and not p.is_symlink()}
     assert after == before
     assert [p for p in node.rglob("*") if ".hatchery-" in p.name] == []

@@ -172,3 +172,31 @@ def test_an_agent_that_stopped_before_the_reboot_is_not_left_running(tmp_path: P
     pending(tmp_path, "v3", "v2")
     upgrader = boot(tmp_path, images, "v3", Vms())
     assert upgrader.status.state is Phase.DONE and upgrader.status.detail == "rebooted into v3"
+
+
+def test_a_truncated_staged_file_is_detected_and_staged_again(tmp_path: Path) -> None:
+    """A staged copy cut short (a crash while copying, on main written without fsync and
+    reused as it was) is never booted: its sha256 is checked against the image's first."""
+    images = images_at(tmp_path)
+    staged = reboot.stage(images, tmp_path, "v2")
+    initrd = (images.folder / "v2" / "initrd").read_bytes()
+    assert (staged / "initrd").read_bytes() == initrd
+    (staged / "initrd").write_bytes(initrd[: len(initrd) // 2])
+    (staged / "vmlinuz").write_bytes(b"kernel-X")  # the same size, other bytes
+    again = reboot.stage(images, tmp_path, "v2")
+    assert again == staged
+    assert (staged / "initrd").read_bytes() == initrd
+    assert (staged / "vmlinuz").read_bytes() == b"kernel-1"
+    assert sorted(p.name for p in staged.iterdir()) == ["initrd", "vmlinuz"]
+
+
+def test_an_artefact_that_does_not_match_its_digest_is_not_staged(tmp_path: Path) -> None:
+    class Lying(DirImages):
+        def artefact_digest(self, version: str, role: str) -> str | None:
+            return "0" * 64
+
+    images = Lying(tmp_path / "images")
+    images.add("v2", root_image("v2"))
+    with pytest.raises(reboot.StagingError, match="not the signed"):
+        reboot.stage(images, tmp_path, "v2")
+    assert list((reboot.boot_dir(tmp_path) / "v2").iterdir()) == []

@@ -83,7 +83,12 @@ class AgentProcess:
         config = {
             "state_dir": str(state_dir),
             "listen": f"127.0.0.1:{port}",
-            "tls": {"ca": str(pki_.ca), "cert": str(pki_.server.cert), "key": str(pki_.server.key)},
+            "tls": {
+                "ca": str(pki_.ca),
+                "cert": str(pki_.server.cert),
+                "key": str(pki_.server.key),
+                "crl": str(tmp / "tls" / "crl.pem"),
+            },  # never the host's /etc/hatchery
             "capacity": {"reserve_memory_mib": 512, "reserve_disk_mib": 0},
             "bridges": bridges,
             **extra,

@@ -61,7 +61,8 @@ def seed_tar(
     """The node's seed: agent.yaml, TLS files, trusted image keys, br0 network config; with
     ``boot``, the node births peers on br0 (``extra`` can carry their seeds)."""
     pair = pki.issue(pki_.root / "ca", spec.name, pki_.root / "nodes",
-                     groups=("node",), server_names=(spec.ip,), client=True)  # fmt: skip
+                     groups=("node",), server_names=(spec.ip,), client=True,
+                     force=True)  # fmt: skip
     agent_yaml = {
         "listen": "0.0.0.0:6976",
         "bridges": [{

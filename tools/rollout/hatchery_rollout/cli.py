@@ -184,6 +184,7 @@ def _exec_options(args: argparse.Namespace) -> ExecOptions:
         pre_hook=args.pre_hook,
         post_hook=args.post_hook,
         hook_timeout=args.hook_timeout,
+        allow_downgrade=args.allow_downgrade,
     )
 
 
@@ -406,6 +407,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--fleet", type=Path, required=True, help="inventory file or location tree")
     run.add_argument("--version", required=True, help="target image version")
     run.add_argument("--mode", choices=[str(m) for m in Mode], default="live")
+    run.add_argument(
+        "--allow-downgrade", action="store_true",
+        help="install VERSION even on hosts that run a newer one (agents refuse it otherwise)",
+    )  # fmt: skip
     run.add_argument("--journal", type=Path, default=None, help="journal file (new)")
     run.add_argument("--dry-run", action="store_true", help="survey and plan; change nothing")
     run.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")

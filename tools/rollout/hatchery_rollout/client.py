@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 
 from hatchery.client import AnswerTooLarge, read_answer
-from hatchery.wire import Health, Mode, UpgradeStatus
+from hatchery.wire import Health, UpgradeRequest, UpgradeStatus
 from hatchery_rollout.errors import AgentError
 from hatchery_rollout.inventory import Host
 
@@ -125,10 +125,8 @@ class AgentClient:
         except ValueError as exc:
             raise AgentError(f"{host.name}: GET /healthz: bad answer: {exc}") from exc
 
-    async def upgrade(self, host: Host, version: str, mode: Mode) -> PostResult:
-        status, data = await self._call(
-            host, "POST", "/v1/upgrade", {"version": version, "mode": mode.value}
-        )
+    async def upgrade(self, host: Host, request: UpgradeRequest) -> PostResult:
+        status, data = await self._call(host, "POST", "/v1/upgrade", request.to_json())
         return PostResult(status, UpgradeStatus.from_json(data))
 
     async def upgrade_status(self, host: Host, wait: float = 0.0) -> UpgradeStatus:

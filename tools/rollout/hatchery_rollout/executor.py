@@ -28,7 +28,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from hatchery.wire import Health, Mode, Phase
+from hatchery.wire import Health, Mode, Phase, UpgradeRequest
 from hatchery_rollout.client import AgentClient
 from hatchery_rollout.errors import AgentError, RolloutError
 from hatchery_rollout.inventory import Host
@@ -48,9 +48,15 @@ class ExecOptions:
     pre_hook: str | None = None
     post_hook: str | None = None
     hook_timeout: float = 600.0
+    allow_downgrade: bool = False
+
+    def request(self) -> UpgradeRequest:
+        """What each host is sent (the wire schema's ``POST /v1/upgrade`` body)."""
+        return UpgradeRequest(self.version, self.mode, allow_downgrade=self.allow_downgrade)
 
     def to_json(self) -> dict[str, object]:
         return {
+            "allow_downgrade": self.allow_downgrade,
             "mode": str(self.mode),
             "poll_interval": self.poll_interval,
             "upgrade_timeout": self.upgrade_timeout,
@@ -79,6 +85,7 @@ class ExecOptions:
             pre_hook=text("pre_hook"),
             post_hook=text("post_hook"),
             hook_timeout=num("hook_timeout", 600.0),
+            allow_downgrade=data.get("allow_downgrade") is True,
         )
 
 
@@ -219,7 +226,7 @@ class Executor:
     async def _post(self, host: Host, rec: HostRecord) -> None:
         await self._set(host, rec, HostState.POSTING, mode=str(self.opts.mode))
         try:
-            result = await self.client.upgrade(host, self.opts.version, self.opts.mode)
+            result = await self.client.upgrade(host, self.opts.request())
         except AgentError as exc:
             raise HostFailed(f"upgrade request refused: {exc}") from exc
         await self._set(host, rec, HostState.POSTED, status=result.status)

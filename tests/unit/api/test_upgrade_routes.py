@@ -1,0 +1,102 @@
+"""The upgrade routes: who may read the status, and the downgrade refusal (issue 14).
+
+The real app and the real upgrade controller on a folder standing in for the node's root,
+driven in-process (identities from the test resolver, as in conftest). On main
+``GET /v1/upgrade`` answered any verified client, and an older version was installed
+without a word.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from hatchery.addresses import AddressPool
+from hatchery.api.app import ApiContext, make_app
+from hatchery.api.policy import load_policy
+from hatchery.capacity import HostCapacity
+from hatchery.health import NodeHealth
+from hatchery.qemu.accel import Accel, AccelChoice
+from hatchery.upgrade.controller import Upgrader
+from hatchery.vms.manager import VmManager
+from tests.support.upgrade_roots import RELEASE, DirImages, root_image, unpack, wait_done
+from tests.unit.api.conftest import ADMIN, READER, header_identity, who
+
+NODE = who("node-a", "node")
+TENANT = who("walt", "web")
+OPS = who("otto", "ops")
+
+
+class Node:
+    def __init__(self, root: Path, upgrader: Upgrader, client: TestClient) -> None:  # type: ignore[type-arg]
+        self.root = root
+        self.upgrader = upgrader
+        self.client = client
+
+    def version(self) -> str:
+        return (self.root / "usr/lib/os-release").read_text().strip().split("=", 1)[1]
+
+
+@pytest.fixture
+async def node(tmp_path: Path) -> AsyncIterator[Node]:
+    root = tmp_path / "root"
+    root.mkdir()
+    unpack(root_image("v2"), root)  # the node runs v2
+    images = DirImages(tmp_path / "images")
+    for each in ("v1", "v2"):
+        images.add(each, root_image(each))
+
+    def version() -> str:
+        return (root / "usr/lib/os-release").read_text().strip().split("=", 1)[1]
+
+    upgrader = Upgrader(tmp_path, images, root, version=version, kernel_release=RELEASE)
+    with AddressPool(tmp_path / "pool.db") as pool:
+        manager = VmManager(tmp_path, pool, HostCapacity(1, 1, 1), AccelChoice(Accel.TCG, "t"))
+        health = NodeHealth(upgrades=upgrader)
+        context = ApiContext(manager, pool, load_policy(None), health, time.time(), upgrader)
+        app = make_app(context, identify=header_identity)
+        async with TestClient(TestServer(app)) as client:
+            yield Node(root, upgrader, client)
+        await upgrader.close()
+
+
+CALLERS = [(ADMIN, 200), (OPS, 200), (READER, 200), (NODE, 403), (TENANT, 403)]
+
+
+@pytest.mark.parametrize(("headers", "status"), CALLERS)
+async def test_the_upgrade_status_needs_upgrade_read(
+    node: Node, headers: dict[str, str], status: int
+) -> None:
+    resp = await node.client.get("/v1/upgrade", headers=headers)
+    assert resp.status == status, await resp.text()
+    if status == 403:
+        assert "may not upgrade.read" in (await resp.json())["error"]
+    else:
+        assert (await resp.json())["state"] == "idle"
+
+
+async def test_a_downgrade_is_refused_with_both_versions_and_the_hint(node: Node) -> None:
+    resp = await node.client.post("/v1/upgrade", json={"version": "v1"}, headers=ADMIN)
+    assert resp.status == 409
+    body = await resp.json()
+    assert "v1 is older than the running v2" in body["error"]
+    assert "allow_downgrade" in body["hint"]
+    assert node.version() == "v2" and node.upgrader.status.state.value == "idle"
+
+
+async def test_a_downgrade_goes_through_when_the_request_allows_it(node: Node) -> None:
+    body = {"version": "v1", "mode": "live", "allow_downgrade": True}
+    resp = await node.client.post("/v1/upgrade", json=body, headers=ADMIN)
+    assert resp.status == 202, await resp.text()
+    await wait_done(node.upgrader)
+    assert node.version() == "v1" and node.upgrader.status.state.value == "done"
+
+
+async def test_allow_downgrade_must_be_a_boolean(node: Node) -> None:
+    body = {"version": "v1", "allow_downgrade": "yes"}
+    resp = await node.client.post("/v1/upgrade", json=body, headers=ADMIN)
+    assert resp.status == 400 and (await resp.json())["field"] == "allow_downgrade"
