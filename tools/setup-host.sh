@@ -27,6 +27,8 @@ packages=(
   bubblewrap systemd-container python3-pefile
   # networking and real protocol clients/peers (reference peers only in tests and benchmarks)
   nftables iproute2 iputils-ping curl atftp udhcpc dnsmasq-base tftpd-hpa nginx-light
+  # metrics: promtool checks our /metrics, a real Prometheus scrapes it in a test
+  prometheus
   # python and linters
   python3 python3-venv python3-dev gcc shellcheck make git
 )
@@ -71,10 +73,21 @@ if ((${#missing[@]})); then
     touch "$stamp_dir/apt-updated"
   fi
   log "installing system packages: ${missing[*]}"
+  # The reference servers (nginx, tftpd-hpa, prometheus) are for tests and benchmarks only:
+  # their packages must not start them, not even for a moment, on this machine's addresses.
+  # policy-rc.d answering 101 ("action forbidden") is Debian's way to say so to invoke-rc.d.
+  guard=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    guard=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\n# hatchery setup: no service starts while packages install\nexit 101\n' > "$guard"
+    chmod 755 "$guard"
+    trap 'rm -f "$guard"' EXIT
+  fi
   apt-get install -y -q --no-install-recommends "${packages[@]}"
   apt-get install -y -q --no-install-recommends -t bookworm-backports "${backport_packages[@]}"
+  if [ -n "$guard" ]; then rm -f "$guard"; trap - EXIT; fi
   # the reference servers are for tests and benchmarks only: never left running
-  for svc in tftpd-hpa atftpd nginx; do
+  for svc in tftpd-hpa atftpd nginx prometheus; do
     if [ -x "/etc/init.d/$svc" ]; then "/etc/init.d/$svc" stop >/dev/null 2>&1 || true; fi
   done
 else

@@ -34,6 +34,7 @@ from hatchery.images.store import ImageStore
 from hatchery.metadata.ruleset import Port
 from hatchery.metadata.server import VmMetadata
 from hatchery.metadata.service import MetadataService, node_services
+from hatchery.metrics import Metrics
 from hatchery.netboot import Netboot
 from hatchery.netdev import tap_name
 from hatchery.pki import client_context, server_context
@@ -113,7 +114,9 @@ class PoolLeases:
         return Lease(address.mac, address.ip, hostname=owner)
 
 
-def dhcp_for(bridge: BridgeConfig, pool: AddressPool, netboot: Netboot | None) -> DhcpServer:
+def dhcp_for(
+    bridge: BridgeConfig, pool: AddressPool, netboot: Netboot | None, metrics: Metrics
+) -> DhcpServer:
     """A DHCP server on ``bridge`` for the subnet holding the bridge's own address; with
     ``netboot``, it also answers machines being birthed (PXE, iPXE, UEFI HTTP Boot)."""
     own = interface_ipv4(bridge.name)
@@ -128,7 +131,8 @@ def dhcp_for(bridge: BridgeConfig, pool: AddressPool, netboot: Netboot | None) -
         boot=netboot.dhcp_boot(own.ip) if netboot is not None else None,
     )  # fmt: skip
     births = netboot.births() if netboot is not None else None
-    return DhcpServer(bridge.name, Responder(config, PoolLeases(pool, bridge.name), births))
+    responder = Responder(config, PoolLeases(pool, bridge.name), births)
+    return DhcpServer(bridge.name, responder, metrics=metrics)
 
 
 class BridgeGuard:
@@ -162,6 +166,7 @@ class Agent:
         self.config = config
         self.accel = choose_accel(config.accel)
         self.guard = BridgeGuard({b.name for b in config.bridges if b.metadata})
+        self.metrics = Metrics()  # every part counts into it; GET /metrics shows it
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Agent]:
@@ -185,7 +190,8 @@ class Agent:
             directory = VmDirectory(self.manager)
             self.metadata = MetadataService(directory, directory.ports_of,
                                             services=node_services(self.config),
-                                            limits=self.config.limits)  # fmt: skip
+                                            limits=self.config.limits,
+                                            metrics=self.metrics)  # fmt: skip
             stack.push_async_callback(self.metadata.close)
             for bridge in self.config.bridges:
                 if bridge.metadata:
@@ -217,7 +223,7 @@ class Agent:
         sources = SourceFetcher(self.config.vm_sources, self.images)
         manager = VmManager(self.config.state_dir, self.pool, capacity, self.accel,
                             self.config.qemu_binary, port_rules=self.guard,
-                            sources=sources)  # fmt: skip
+                            sources=sources, meter=self.metrics.vms())  # fmt: skip
         stack.push_async_callback(manager.close)
         await manager.adopt_all()
         return manager
@@ -225,7 +231,8 @@ class Agent:
     def _upgrades(self, stack: contextlib.AsyncExitStack) -> Upgrader:
         # Re-verified at each use against the keys trusted then (a removed key stops its images).
         images = StoreImages(self.images, KeyDirectory(self.config.image_keys))
-        upgrader = Upgrader(self.config.state_dir, images, self.config.root, vms=self.manager)
+        upgrader = Upgrader(self.config.state_dir, images, self.config.root, vms=self.manager,
+                            meter=self.metrics.upgrade())  # fmt: skip
         upgrader.settle_boot()  # a reboot-mode upgrade's outcome, before the API answers
         stack.push_async_callback(upgrader.close)
         return upgrader
@@ -241,9 +248,10 @@ class Agent:
         watcher = asyncio.create_task(revocations.run(), name="crl reload")
         stack.push_async_callback(_cancel, watcher)
         context = ApiContext(self.manager, self.pool, load_policy(config.policy), self.health,
-                             time.time(), self.upgrader)  # fmt: skip
+                             time.time(), self.upgrader, self.metrics)  # fmt: skip
         images = ImagesContext.build(self.images, KeyDirectory(config.image_keys), peer_tls)
-        api = ApiServer(make_app(context, images, revocations=revocations), tls, config.limits)
+        api = ApiServer(make_app(context, images, revocations=revocations), tls, config.limits,
+                        self.metrics.http("api"))  # fmt: skip
         await api.start(config.listen_host, config.listen_port)
         stack.push_async_callback(api.close)
         return api
@@ -262,10 +270,11 @@ class Agent:
         if bridge.boot is not None:
             async with part(f"network boot on {bridge.name}"):
                 netboot = Netboot(bridge.name, bridge.boot, self.config.state_dir, self.images,
-                                  self.health.version, self.config.limits)  # fmt: skip
+                                  self.health.version, self.config.limits,
+                                  self.metrics)  # fmt: skip
                 await netboot.start(interface_ipv4(bridge.name).ip)
                 stack.push_async_callback(netboot.stop)
         async with part(f"dhcp on {bridge.name}"):
-            server = dhcp_for(bridge, self.pool, netboot)
+            server = dhcp_for(bridge, self.pool, netboot, self.metrics)
             await server.start()
             stack.callback(server.stop)

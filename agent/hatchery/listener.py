@@ -22,6 +22,11 @@ limits (``config.ConnectionLimits``):
   written as at most one WARNING line per ``log_interval`` (and one at close), never one
   line per connection: an attacker must not be able to flood the journal (issue 14 saw
   ~500k lines in 22 s).
+- **Counted.** With a ``meter`` (``hatchery.metrics.HttpMeter``), every answer is counted by
+  route pattern and status as its headers go out (``on_response_prepare``: the status is
+  final there, a range request's 206 and an error turned into an answer included), with
+  the time since the request reached the outermost middleware. Files sent whole add their
+  size (``count_sent``).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -43,12 +49,49 @@ from aiohttp.web_protocol import RequestHandler
 from hatchery.config import ConnectionLimits
 from hatchery.errors import HatcheryError
 from hatchery.log import EventSummary
+from hatchery.metrics import HttpMeter
 
 log = logging.getLogger(__name__)
 
 #: How long the accept loop pauses after accept() fails (EMFILE, ENFILE, ENOBUFS): the
 #: kernel keeps the connection queued; retrying at once would spin the loop.
 ACCEPT_BACKOFF = 0.1
+
+
+HTTP_METER = web.AppKey("http_meter", HttpMeter)
+_Handler = Any  # aiohttp's handler type: (web.Request) -> Awaitable[web.StreamResponse]
+
+
+def _route(request: web.Request) -> str:
+    """The matched route's pattern (``/v1/vms/{name}``): bounded, never a client's path."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "other"
+
+
+_STARTED = web.RequestKey("hatchery_started", float)
+
+
+@web.middleware
+async def _note_start(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    request[_STARTED] = time.perf_counter()
+    response: web.StreamResponse = await handler(request)
+    return response
+
+
+async def _count_answer(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: the status is final here (a range request's 206 is set as
+    ``FileResponse`` prepares), errors turned into answers included."""
+    started = request.get(_STARTED)
+    seconds = time.perf_counter() - started if started is not None else 0.0
+    request.app[HTTP_METER].answered(_route(request), response.status, seconds)
+
+
+def count_sent(request: web.BaseRequest, size: int) -> None:
+    """A file of ``size`` bytes was sent whole on ``request`` (no-op without a meter)."""
+    if isinstance(request, web.Request):
+        meter = request.app.get(HTTP_METER)
+        if meter is not None:
+            meter.sent(size)
 
 
 class ListenerError(HatcheryError):
@@ -69,6 +112,16 @@ class ListenerStats:
     @property
     def refused(self) -> int:
         return self.over_client_limit + self.over_total_limit
+
+    def outcomes(self) -> dict[str, int]:
+        """The counts by outcome, as ``/metrics`` shows them."""
+        return {
+            "accepted": self.accepted,
+            "over_client_limit": self.over_client_limit,
+            "over_total_limit": self.over_total_limit,
+            "header_timeout": self.header_timeouts,
+            "accept_error": self.accept_errors,
+        }
 
 
 class _RequestLog(logging.Logger):
@@ -184,12 +237,19 @@ class HttpListener:
         *,
         tls: ssl.SSLContext | None = None,
         name: str = "http",
+        meter: HttpMeter | None = None,
     ) -> None:
+        if meter is not None:
+            app[HTTP_METER] = meter
+            app.middlewares.insert(0, _note_start)
+            app.on_response_prepare.append(_count_answer)
         self.app = app
         self.limits = limits
         self.tls = tls
         self.name = name
         self.stats = ListenerStats()
+        if meter is not None:
+            meter.track(self.stats.outcomes)
         self._summary = EventSummary(log, name, limits.log_interval)
         self._runner: web.AppRunner | None = None
         self._sites: list[_LimitedSite] = []

@@ -33,6 +33,7 @@ from hatchery.dhcp.responder import BootConfig
 from hatchery.errors import ConfigError
 from hatchery.images.manifest import Role
 from hatchery.images.store import ImageStore, StoreError
+from hatchery.metrics import Metrics
 from hatchery.ra import RaResponder
 from hatchery.tftp.server import TftpServer
 
@@ -91,9 +92,11 @@ class Netboot:
         images: ImageStore,
         version: Callable[[], str],
         limits: ConnectionLimits | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.bridge = bridge
         self.limits = limits or ConnectionLimits()
+        self.metrics = metrics or Metrics()
         self.config = config
         self.root = state_dir / "netboot" / bridge
         self._images = images
@@ -193,8 +196,9 @@ class Netboot:
     async def start(self, server_ip: ipaddress.IPv4Address) -> None:
         await asyncio.to_thread(self.prepare)
         config = self.http_config()
+        meter = self.metrics.http("boot", self.bridge)
         self._http = BootHttpServer(config, str(server_ip), self.config.http_port,
-                                    self.limits)  # fmt: skip
+                                    self.limits, meter)  # fmt: skip
         await self._http.start()
         self._ra = RaResponder(self.bridge)
         await self._ra.start()
@@ -202,7 +206,8 @@ class Netboot:
             # Firmware PXE ROMs fetch iPXE itself over TFTP; everything big then goes over HTTP.
             tftp_root = self.root / "tftp"
             await asyncio.to_thread(copy_ipxe_binaries, tftp_root)
-            self._tftp = TftpServer(tftp_root, str(server_ip), 69)
+            self._tftp = TftpServer(tftp_root, str(server_ip), 69,
+                                    meter=self.metrics.tftp(self.bridge))  # fmt: skip
             await self._tftp.start()
         self._task = asyncio.create_task(self._refresher(), name=f"netboot-{self.bridge}")
 

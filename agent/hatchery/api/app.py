@@ -11,7 +11,7 @@ import asyncio
 import ipaddress
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -36,6 +36,7 @@ from hatchery.api.http import (
 )
 from hatchery.api.policy import Policy
 from hatchery.api.validate import BadRequest, Body
+from hatchery.metrics import CONTENT_TYPE, Metrics, ReadCollector, Reading
 from hatchery.qemu.cmdline import DEFAULT_MACHINE, MACHINES
 from hatchery.revocation import Revocations
 from hatchery.upgrade.controller import Upgrader
@@ -70,6 +71,7 @@ class ApiContext:
     health: HealthSource
     started: float
     upgrader: Upgrader | None = None
+    metrics: Metrics = field(default_factory=Metrics)
 
 
 CONTEXT = web.AppKey("context", ApiContext)
@@ -106,30 +108,40 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response(health.to_json())
 
 
+def node_gauges(manager: VmManager, pool: AddressPool) -> ReadCollector:
+    """VMs by state, pool addresses and capacity: read from the manager and pool when scraped."""
+
+    def vms() -> list[tuple[tuple[str, ...], float]]:
+        counts = {s.value: 0 for s in VmState}
+        for vm in manager.records():
+            counts[vm.state.value] += 1
+        return [((state,), n) for state, n in counts.items()]
+
+    def addresses() -> list[tuple[tuple[str, ...], float]]:
+        stats = pool.stats()
+        return [(("free",), stats.free), (("used",), stats.total - stats.free)]
+
+    def capacity() -> list[tuple[tuple[str, ...], float]]:
+        used, total = manager.used(), manager.capacity
+        return [
+            ((resource, kind), getattr(amount, resource))
+            for resource in ("vcpus", "memory_mib", "disk_mib")
+            for kind, amount in (("total", total), ("used", used))
+        ]
+
+    return ReadCollector([
+        Reading("hatchery_vms", "VMs by state.", ("state",), vms),
+        Reading("hatchery_pool_addresses", "Addresses in the pool.", ("status",), addresses),
+        Reading("hatchery_capacity", "Capacity offered to VMs and used by them.",
+              ("resource", "kind"), capacity),
+    ])  # fmt: skip
+
+
 @require("health.read")
 async def metrics(request: web.Request) -> web.Response:
-    ctx = request.app[CONTEXT]
-    counts = {s.value: 0 for s in VmState}
-    for vm in ctx.manager.records():
-        counts[vm.state.value] += 1
-    used, cap, pool = ctx.manager.used(), ctx.manager.capacity, ctx.pool.stats()
-    lines = ["# HELP hatchery_vms VMs by state.", "# TYPE hatchery_vms gauge"]
-    lines += [f'hatchery_vms{{state="{s}"}} {n}' for s, n in counts.items()]
-    lines += [
-        "# HELP hatchery_pool_addresses Addresses in the pool.",
-        "# TYPE hatchery_pool_addresses gauge",
-        f'hatchery_pool_addresses{{status="free"}} {pool.free}',
-        f'hatchery_pool_addresses{{status="used"}} {pool.total - pool.free}',
-        "# HELP hatchery_capacity Capacity offered to VMs and used by them.",
-        "# TYPE hatchery_capacity gauge",
-        f'hatchery_capacity{{resource="vcpus",kind="total"}} {cap.vcpus}',
-        f'hatchery_capacity{{resource="vcpus",kind="used"}} {used.vcpus}',
-        f'hatchery_capacity{{resource="memory_mib",kind="total"}} {cap.memory_mib}',
-        f'hatchery_capacity{{resource="memory_mib",kind="used"}} {used.memory_mib}',
-        f'hatchery_capacity{{resource="disk_mib",kind="total"}} {cap.disk_mib}',
-        f'hatchery_capacity{{resource="disk_mib",kind="used"}} {used.disk_mib}',
-    ]
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+    """Every family of ``hatchery.metrics``, in the Prometheus text format (0.0.4)."""
+    body = await request.app[CONTEXT].metrics.scrape()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 # --- VMs --------------------------------------------------------------------------------
@@ -402,6 +414,7 @@ def make_app(
     routes (and the revocation check of callers) when ``revocations`` is."""
     app = new_app(context.policy, identify, middlewares)
     app[CONTEXT] = context
+    context.metrics.add(node_gauges(context.manager, context.pool))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/vms", list_vms)

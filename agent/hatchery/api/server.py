@@ -21,6 +21,7 @@ from aiohttp import web
 from hatchery.config import ConnectionLimits
 from hatchery.errors import HatcheryError
 from hatchery.listener import HttpListener, ListenerError, ListenerStats
+from hatchery.metrics import HttpMeter
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,10 @@ class ApiServer:
         app: web.Application,
         tls: ssl.SSLContext | None,
         limits: ConnectionLimits | None = None,
+        meter: HttpMeter | None = None,
     ) -> None:
-        self._listener = HttpListener(app, limits or ConnectionLimits(), tls=tls, name="api")
+        self._listener = HttpListener(app, limits or ConnectionLimits(), tls=tls, name="api",
+                                      meter=meter)  # fmt: skip
         self._tls = tls
         self._started = False
         self.port = 0

@@ -42,7 +42,8 @@ from hatchery.boothttp.tokens import DEFAULT_TTL, BirthTokens, Grant
 from hatchery.config import ConnectionLimits
 from hatchery.dhcp.leases import normalise_mac
 from hatchery.errors import HatcheryError
-from hatchery.listener import HttpListener, ListenerError, ListenerStats
+from hatchery.listener import HttpListener, ListenerError, ListenerStats, count_sent
+from hatchery.metrics import HttpMeter
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +187,12 @@ class _OpenedFileResponse(web.FileResponse):
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         try:
-            return await super().prepare(request)
+            writer = await super().prepare(request)
         finally:
             self._close()
+        if self.status in (200, 206) and request.method == "GET":
+            count_sent(request, self.content_length or 0)
+        return writer
 
     def _close(self) -> None:
         fd, self._fd = getattr(self, "_fd", None), None
@@ -241,9 +245,11 @@ class BootHttpServer:
         host: str,
         port: int,
         limits: ConnectionLimits | None = None,
+        meter: HttpMeter | None = None,
     ) -> None:
         self.config, self.host, self.port = config, host, port
         self.limits = limits or ConnectionLimits()
+        self.meter = meter
         self._listener: HttpListener | None = None
 
     @property
@@ -252,7 +258,9 @@ class BootHttpServer:
         return self._listener.stats if self._listener is not None else None
 
     async def start(self) -> None:
-        listener = HttpListener(make_app(self.config), self.limits, name="boot http")
+        listener = HttpListener(
+            make_app(self.config), self.limits, name="boot http", meter=self.meter
+        )
         await listener.start()
         try:
             self.port = await listener.listen(self.host, self.port, reuse_address=True)

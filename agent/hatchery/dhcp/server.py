@@ -26,6 +26,7 @@ from typing import cast
 from hatchery.dhcp.packet import DecodeError, DhcpPacket
 from hatchery.dhcp.responder import Responder, client_kind, destination
 from hatchery.errors import HatcheryError
+from hatchery.metrics import DhcpMeter, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,18 @@ def open_socket(interface: str, port: int = SERVER_PORT) -> socket.socket:
 
 
 class DhcpProtocol(asyncio.DatagramProtocol):
-    def __init__(self, responder: Responder, clock: Callable[[], float] = time.time) -> None:
+    """Every datagram is counted once in ``meter`` (type, outcome: answered, ignored,
+    malformed, failed, unsaved, unsent); the attributes below are the same counts in total."""
+
+    def __init__(
+        self,
+        responder: Responder,
+        clock: Callable[[], float] = time.time,
+        meter: DhcpMeter | None = None,
+    ) -> None:
         self.responder = responder
         self.clock = clock
+        self.meter = meter or Metrics().dhcp("")
         self.transport: asyncio.DatagramTransport | None = None
         self.answered = 0
         self.malformed = 0  # not DHCP: dropped without a reply
@@ -90,12 +100,14 @@ class DhcpProtocol(asyncio.DatagramProtocol):
             request = DhcpPacket.decode(data)
         except DecodeError as exc:
             self.malformed += 1
+            self.meter.received("unknown", "malformed")
             log.debug("dropped %d bytes from %s:%d: %s", len(data), addr[0], addr[1], exc)
             return
         try:
             reply = self.responder.handle(request, self.clock())
         except Exception:  # a bug must not take the service down; say so loudly
             self.failed += 1
+            self.meter.received(request.message_type.name, "failed")
             log.exception("responder failed on a %s from %s", request.message_type.name,
                           request.mac)  # fmt: skip
             return
@@ -122,6 +134,7 @@ class DhcpProtocol(asyncio.DatagramProtocol):
                 except (HatcheryError, OSError) as exc:
                     births.changed_again()
                     self.unsaved += 1
+                    self.meter.received(request.message_type.name, "unsaved")
                     log.error("cannot save the birth leases, %s not answered: %s", request.mac,
                               exc)  # fmt: skip
                     return
@@ -129,6 +142,7 @@ class DhcpProtocol(asyncio.DatagramProtocol):
 
     def _send(self, request: DhcpPacket, reply: DhcpPacket | None, data: bytes) -> None:
         if reply is None or self.transport is None:
+            self.meter.received(request.message_type.name, "ignored")
             return
         dest = destination(request, reply)
         if log.isEnabledFor(logging.DEBUG):
@@ -141,6 +155,10 @@ class DhcpProtocol(asyncio.DatagramProtocol):
             self.answered += 1
         except OSError as exc:
             log.warning("cannot send to %s: %s", dest[0], exc)
+            self.meter.received(request.message_type.name, "unsent")
+            return
+        self.meter.received(request.message_type.name, "answered")
+        self.meter.replied(reply.message_type.name, client_kind(request).value)
 
     def drop_pending(self) -> None:
         for task in list(self._writes):
@@ -153,8 +171,15 @@ class DhcpProtocol(asyncio.DatagramProtocol):
 class DhcpServer:
     """A started DHCP service on one interface; ``stop`` is idempotent."""
 
-    def __init__(self, interface: str, responder: Responder, port: int = SERVER_PORT) -> None:
+    def __init__(
+        self,
+        interface: str,
+        responder: Responder,
+        port: int = SERVER_PORT,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.interface, self.responder, self.port = interface, responder, port
+        self.meter = (metrics or Metrics()).dhcp(interface)
         self._transport: asyncio.DatagramTransport | None = None
         self.protocol: DhcpProtocol | None = None
 
@@ -162,7 +187,7 @@ class DhcpServer:
         loop = asyncio.get_running_loop()
         sock = open_socket(self.interface, self.port)
         transport, protocol = await loop.create_datagram_endpoint(
-            lambda: DhcpProtocol(self.responder), sock=sock
+            lambda: DhcpProtocol(self.responder, meter=self.meter), sock=sock
         )
         self._transport, self.protocol = transport, protocol
         log.info("dhcp: serving on %s port %d as %s", self.interface, self.port,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ipaddress
+import json
 import logging
 import os
 import socket
@@ -21,7 +22,15 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from hatchery import host
 from hatchery.errors import HatcheryError
-from hatchery.metadata.ruleset import METADATA_IP, NodeServices, Port, render, render_delete
+from hatchery.metadata.ruleset import (
+    METADATA_IP,
+    NodeServices,
+    Port,
+    drops,
+    render,
+    render_delete,
+    table_name,
+)
 from hatchery.netdev import link_index
 
 log = logging.getLogger(__name__)
@@ -129,6 +138,21 @@ class BridgePlumbing:
         script = render(self.bridge, self.names.outer, self.inner_mac, ports, self._services)
         async with self._lock:
             await asyncio.to_thread(_nft, script)
+
+    async def dropped(self) -> dict[str, int]:
+        """Packets the bridge's tables dropped, by reason, since they were last replaced
+        (a VM port came or went): nft counters restart with their table."""
+        total: dict[str, int] = {}
+        for family in ("bridge", "inet"):
+            done = await host.run_async(["nft", "-j", "list", "table", family,
+                                         table_name(self.bridge)])  # fmt: skip
+            try:
+                listing = json.loads(done.stdout)
+            except ValueError as exc:
+                raise PlumbingError(f"nft -j list table {family}: not JSON: {exc}") from exc
+            for reason, packets in drops(listing).items():
+                total[reason] = total.get(reason, 0) + packets
+        return total
 
     def listen(self, port: int) -> socket.socket:
         """A TCP socket bound to 169.254.169.254:``port`` inside the namespace."""

@@ -70,6 +70,7 @@ import ipaddress
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 METADATA_IP = "169.254.169.254"
 TFTP_PORT = 69
@@ -131,27 +132,35 @@ def _ipv6(port: Port) -> list[str]:
     return own
 
 
+def _drop(reason: str) -> str:
+    """A counted drop, named: ``drops`` reads the counters back by ``reason`` for /metrics."""
+    return f'counter drop comment "{reason}"'
+
+
 def _port_chain(port: Port) -> list[str]:
     own6 = _ipv6(port)
     targets = _set(f"0x{int(ipaddress.IPv6Address(a)):032x}" for a in own6)
+    mac = port.mac.replace(":", "").lower()
     return [
         f"  chain {_chain(port.iface)} {{",
-        f"    ether saddr != {port.mac} drop",
-        "    ether type != { ip, arp, ip6 } drop",
-        f"    ether type arp arp saddr ether != {port.mac} drop",
-        f"    ether type arp arp saddr ip != {{ 0.0.0.0, {port.ip} }} drop",
-        "    udp sport { 67, 547 } drop",
-        "    udp dport { 68, 546 } drop",
-        "    udp dport 67 @ih,8,16 != 0x0106 drop",  # htype 1 (Ethernet), hlen 6
-        f"    udp dport 67 @ih,224,48 != 0x{port.mac.replace(':', '').lower()} drop",
+        f"    ether saddr != {port.mac} {_drop('mac')}",
+        f"    ether type != {{ ip, arp, ip6 }} {_drop('ethertype')}",
+        f"    ether type arp arp saddr ether != {port.mac} {_drop('arp')}",
+        f"    ether type arp arp saddr ip != {{ 0.0.0.0, {port.ip} }} {_drop('arp')}",
+        f"    udp sport {{ 67, 547 }} {_drop('dhcp-server')}",
+        f"    udp dport {{ 68, 546 }} {_drop('dhcp-server')}",
+        f"    udp dport 67 @ih,8,16 != 0x0106 {_drop('dhcp-chaddr')}",  # htype 1, hlen 6
+        f"    udp dport 67 @ih,224,48 != 0x{mac} {_drop('dhcp-chaddr')}",
         "    ether type ip ip saddr 0.0.0.0 udp sport 68 udp dport 67 accept",
-        f"    ether type ip ip saddr != {port.ip} drop",
-        "    icmpv6 type { nd-router-advert, nd-redirect } drop",
-        f"    ether type ip6 ip6 saddr != {_set(['::', *own6])} drop",
-        "    ip6 saddr :: meta l4proto != 58 drop",  # ICMPv6 by number: no /etc/protocols
+        f"    ether type ip ip saddr != {port.ip} {_drop('ipv4-source')}",
+        f"    icmpv6 type {{ nd-router-advert, nd-redirect }} {_drop('router')}",
+        f"    ether type ip6 ip6 saddr != {_set(['::', *own6])} {_drop('ipv6-source')}",
+        # ICMPv6 by number: the image has no /etc/protocols
+        f"    ip6 saddr :: meta l4proto != 58 {_drop('ipv6-source')}",
         "    ip6 saddr :: icmpv6 type != "
-        "{ nd-neighbor-solicit, mld-listener-report, mld2-listener-report } drop",
-        f"    icmpv6 type nd-neighbor-advert @th,64,128 != {targets} drop",
+        f"{{ nd-neighbor-solicit, mld-listener-report, mld2-listener-report }} "
+        f"{_drop('ipv6-source')}",
+        f"    icmpv6 type nd-neighbor-advert @th,64,128 != {targets} {_drop('neighbour')}",
         "  }",
     ]
 
@@ -208,9 +217,30 @@ def render(
         if numbers:
             dports = _set(str(n) for n in sorted(set(numbers)))
             lines.append(f"    meta mark & {mark} == {mark} meta l4proto {proto} "
-                         f"th dport {dports} drop")  # fmt: skip
+                         f"th dport {dports} {_drop('node-service')}")  # fmt: skip
     lines += ["  }", "}"]
     return "\n".join(lines) + "\n"
+
+
+DROP_REASONS = (
+    "mac", "ethertype", "arp", "dhcp-server", "dhcp-chaddr", "ipv4-source", "router",
+    "ipv6-source", "neighbour", "node-service",
+)  # fmt: skip
+
+
+def drops(listing: dict[str, Any]) -> dict[str, int]:
+    """Packets dropped by reason, from ``nft -j list table ...`` of a table ``render`` made
+    (every reason present, 0 if none). Rules without a known reason are not counted."""
+    found = dict.fromkeys(DROP_REASONS, 0)
+    for item in listing.get("nftables", []):
+        rule = item.get("rule") if isinstance(item, dict) else None
+        if not isinstance(rule, dict) or rule.get("comment") not in found:
+            continue
+        for expr in rule.get("expr", []):
+            counter = expr.get("counter") if isinstance(expr, dict) else None
+            if isinstance(counter, dict) and isinstance(counter.get("packets"), int):
+                found[rule["comment"]] += counter["packets"]
+    return found
 
 
 def render_delete(bridge: str) -> str:

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from hatchery.config import API_PORT, AgentConfig, BootServiceConfig, ConnectionLimits
+from hatchery.errors import HatcheryError
 from hatchery.listener import HttpListener
 from hatchery.metadata.plumbing import BridgePlumbing
 from hatchery.metadata.ruleset import TFTP_PORT, NodeServices, Port
 from hatchery.metadata.server import MetadataSource, make_app
+from hatchery.metrics import Metrics, ReadCollector, Reading
 
 log = logging.getLogger(__name__)
 METADATA_PORT = 80
@@ -64,9 +66,18 @@ class MetadataService:
         port: int = METADATA_PORT,
         services: NodeServices = DEFAULT_NODE_SERVICES,
         limits: ConnectionLimits | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._source = source
         self._limits = limits or ConnectionLimits()
+        self._metrics = metrics or Metrics()
+        self._dropped: dict[str, dict[str, int]] = {}  # bridge -> reason -> packets
+        self._metrics.add(ReadCollector([Reading(
+            "hatchery_bridge_dropped_packets",
+            "Packets from VM ports the bridge rules dropped, by reason, since the bridge's "
+            "VM ports last changed (nft counters restart with their tables).",
+            ("bridge", "reason"), self._dropped_samples, counter=True,
+        )]), refresh=self._read_dropped)  # fmt: skip
         self._ports_of = ports_of
         self._port = port
         self._services = services
@@ -85,8 +96,8 @@ class MetadataService:
         plumbing = BridgePlumbing(bridge, subnets, self._services)
         # Every VM of the bridge reaches this one listener: its per-client cap is per VM.
         listener = HttpListener(make_app(bridge, self._source, require_token=require_token),
-                                self._limits,
-                                name=f"metadata on {bridge}")  # fmt: skip
+                                self._limits, name=f"metadata on {bridge}",
+                                meter=self._metrics.http("metadata", bridge))  # fmt: skip
         try:
             await plumbing.setup()
             await plumbing.apply_ports(self._ports_of(bridge))
@@ -100,6 +111,20 @@ class MetadataService:
             raise
         self._bridges[bridge] = _Bridge(plumbing, listener)
         log.info("metadata service on %s: 169.254.169.254:%d", bridge, self._port)
+
+    def _dropped_samples(self) -> list[tuple[tuple[str, ...], float]]:
+        return [((bridge, reason), packets) for bridge, by_reason in self._dropped.items()
+                for reason, packets in by_reason.items()]  # fmt: skip
+
+    async def _read_dropped(self) -> None:
+        for bridge, entry in list(self._bridges.items()):
+            try:
+                self._dropped[bridge] = await entry.plumbing.dropped()
+            except HatcheryError as exc:  # a scrape must not fail for one bridge
+                log.warning("cannot read the drop counters of %s: %s", bridge, exc)
+                self._dropped.pop(bridge, None)
+        for gone in set(self._dropped) - set(self._bridges):
+            del self._dropped[gone]
 
     async def ports_changed(self, bridge: str) -> None:
         entry = self._bridges.get(bridge)

@@ -38,6 +38,7 @@ from typing import Any, cast
 from hatchery import jail
 from hatchery.errors import HatcheryError
 from hatchery.log import EventSummary
+from hatchery.metrics import Metrics, TftpMeter
 from hatchery.tftp.packet import (
     ERROR,
     MAX_BLKSIZE,
@@ -298,6 +299,8 @@ class _TransferPort:
         self._leave_loop()
         if self.machine.state is State.DONE:
             self._report()
+        else:  # never answered, refused on promotion, or stopped: no slot was taken
+            self._server.meter.ended("not_started", 0, self.machine.timeouts)
         self._sock.close()
         self.machine.source.close()
         self._finished()
@@ -395,8 +398,10 @@ class _TransferPort:
     def _report(self) -> None:
         machine = self.machine
         elapsed = time.monotonic() - self._started
+        meter = self._server.meter
         if machine.state is State.DONE:
             size = machine.source.size
+            meter.ended("done", size, machine.timeouts)
             log.info(
                 "sent %s to %s: %d bytes in %.2f s (%.1f MB/s, %d timeouts)",
                 self.name,
@@ -409,6 +414,7 @@ class _TransferPort:
         else:
             why = machine.error or "stopped"
             log.info("transfer of %s to %s failed: %s", self.name, self.peer[0], why)
+            meter.ended("failed", 0, machine.timeouts)
 
     # -- the loop thread -------------------------------------------------------------------------
 
@@ -446,8 +452,10 @@ class TftpServer:
         host: str = "0.0.0.0",
         port: int = 69,
         limits: TftpLimits | None = None,
+        meter: TftpMeter | None = None,
     ) -> None:
         self.root = os.path.realpath(root)
+        self.meter = meter or Metrics().tftp()
         self.host = host
         self.port = port
         self.limits = limits or TftpLimits()
@@ -536,6 +544,7 @@ class TftpServer:
             log.debug("ignoring garbage from %s: %s", host, exc)
             return
         if isinstance(packet, WRQ):
+            self.meter.request("refused_write")
             self._refuse(sendto, addr, ErrorCode.ACCESS_VIOLATION, "this server is read-only")
         elif isinstance(packet, RRQ):
             try:
@@ -544,6 +553,7 @@ class TftpServer:
                 # Counted, not logged each: request sources are forgeable over UDP.
                 log.debug("refused %r to %s: %s", packet.filename, host, exc.message)
                 self._refusals.count(f"requests refused ({exc.code.name})", host)
+                self.meter.request(f"refused_{exc.code.name.lower()}")
                 self._refuse(sendto, addr, exc.code, exc.message)
         # Anything else on the listening port belongs to no transfer: dropped unanswered.
 
@@ -593,6 +603,7 @@ class TftpServer:
         self._transfers[key] = port
         self._per_client[host] = self._per_client.get(host, 0) + 1
         port.begin()  # pending: no slot, no thread, until the client answers
+        self.meter.request("accepted")
 
     def _promote(self, port: _TransferPort) -> None:
         """``port``'s client answered: give it a slot and a thread, or refuse if none is left."""

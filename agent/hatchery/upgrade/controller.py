@@ -25,6 +25,7 @@ from hatchery import host, state
 from hatchery.errors import HatcheryError
 from hatchery.health import read_version
 from hatchery.images.manifest import compare_versions
+from hatchery.metrics import Metrics, UpgradeMeter
 from hatchery.upgrade import livepatch, model, reboot
 from hatchery.upgrade.archive import ArchiveError, has_modules, index_root, open_root
 from hatchery.upgrade.fingerprint import Fingerprint
@@ -71,8 +72,10 @@ class Upgrader:
         kernel_release: str | None = None,
         guard_seconds: int = reboot.GUARD_SECONDS,
         jump: Callable[[Path], None] = reboot.jump,
+        meter: UpgradeMeter | None = None,
     ) -> None:
         self._state_dir = state_dir
+        self._meter = meter or Metrics().upgrade()
         self._file = state_dir / "upgrade.json"
         self._images = images
         self._root = root
@@ -88,6 +91,7 @@ class Upgrader:
         self._file_lock = threading.Lock()
         self._sequence = 0  # of status writes: an older one never overwrites a newer one
         self._written = 0
+        self._status = UpgradeStatus()
         self._status = self._resume(UpgradeStatus.from_json(state.read_json(self._file)))
 
     def _resume(self, status: UpgradeStatus) -> UpgradeStatus:
@@ -199,11 +203,18 @@ class Upgrader:
         :raise StateError: the file cannot be written; the shown status is unchanged.
         """
         await asyncio.to_thread(self._write, status, self._next())
-        self._status = status
+        self._show(status)
 
     def _record_now(self, status: UpgradeStatus) -> None:
         """``_record`` for start-up, before the API answers anyone."""
         self._write(status, self._next())
+        self._show(status)
+
+    def _show(self, status: UpgradeStatus) -> None:
+        """``status`` is the node's now; an upgrade that ended is counted for /metrics."""
+        ended = status.state in (Phase.DONE, Phase.FAILED)
+        if ended and status != self._status:
+            self._meter.ended(status.mode.value if status.mode else "", status.state.value)
         self._status = status
 
     # --- requests -----------------------------------------------------------------------------
@@ -335,7 +346,7 @@ class Upgrader:
             await self._record(ended)
         except HatcheryError as exc:  # the API still tells, the file could not
             log.error("cannot record the upgrade's failure: %s", exc.message)
-            self._status = ended
+            self._show(ended)
 
     # --- live ---------------------------------------------------------------------------------
     async def _live(self, version: str) -> None:

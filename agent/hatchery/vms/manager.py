@@ -26,6 +26,7 @@ from hatchery.addresses import AddressPool
 from hatchery.capacity import HostCapacity, Resources
 from hatchery.config import VmSourcesConfig
 from hatchery.errors import CommandError, HatcheryError
+from hatchery.metrics import Metrics, VmMeter
 from hatchery.qemu.accel import AccelChoice
 from hatchery.qemu.cmdline import DEFAULT_MACHINE, DirectKernel, GuestSpec, Nic, build_argv
 from hatchery.vms import process
@@ -164,8 +165,10 @@ class VmManager:
         on_change: Callable[[VmRecord], None] | None = None,
         port_rules: PortRules | None = None,
         sources: SourceFetcher | None = None,
+        meter: VmMeter | None = None,
     ) -> None:
         self._port_rules = port_rules
+        self._meter = meter or Metrics().vms()
         self._sources = sources or SourceFetcher(VmSourcesConfig())
         self._dir = state_dir / "vms"
         self._pool = pool
@@ -190,6 +193,7 @@ class VmManager:
 
     def _transition(self, vm: VmRecord, event: Event, **changes: Any) -> VmRecord:
         new_state = next_state(vm.name, vm.state, event)
+        self._meter.event(event.name.lower())
         if new_state is not vm.state:
             log.info("vm %s: %s -> %s (%s)", vm.name, vm.state, new_state, event)
         return self._save(vm.with_state(new_state, **changes))

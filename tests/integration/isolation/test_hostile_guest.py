@@ -16,6 +16,7 @@ victim's own kernel doing SLAAC and neighbour discovery, ping, curl (HTTP, HTTPS
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -28,7 +29,7 @@ import pytest
 from hatchery import pki
 from hatchery.config import AgentConfig, BootServiceConfig, BridgeConfig
 from hatchery.metadata.plumbing import Names
-from hatchery.metadata.ruleset import Port, link_local, render_delete, table_name
+from hatchery.metadata.ruleset import Port, drops, link_local, render_delete, table_name
 from hatchery.metadata.service import node_services
 from hatchery_lab.isolation import API_REPLY, CONTROL, ETHERTYPES, NodeSpec
 from hatchery_lab.net import unique_name
@@ -198,6 +199,12 @@ def lab(require_root: None, require_tool: Callable[[str], str], tmp_path: Path) 
                                              text=True).stdout  # fmt: skip
 
 
+def _dropped(lab: Lab) -> dict[str, int]:
+    """The bridge table's drop counters by reason, as the agent reads them for /metrics."""
+    out = lab.env.run("nft", "-j", "list", "table", "bridge", table_name(lab.env.bridge)).stdout
+    return drops(json.loads(out))
+
+
 def _dnsmasq(lab: Lab) -> Service:
     """A rogue DHCP/PXE server in the rogue VM: it offers its own range, itself as router."""
     s, (lo, hi) = lab.env.subnet, ROGUE_RANGE
@@ -219,6 +226,7 @@ def test_rogue_dhcp_server_cannot_answer_a_booting_node(lab: Lab) -> None:
     got = lab.udhcpc(lab.victim, "-V", PXE_CLIENT)
     assert "ip" not in got, got
     assert "DHCPOFFER(eth0)" in rogue.text(), rogue.text()  # it did answer
+    assert _dropped(lab)["dhcp-server"] >= 1  # and /metrics says why it was not heard
     # The node's own DHCP server births the same machine, with the rogue still answering.
     legit = _node_dhcp(lab)
     got = lab.udhcpc(lab.victim, "-V", PXE_CLIENT, tries=5)
@@ -258,6 +266,7 @@ def test_a_vm_cannot_ask_for_another_machines_lease(lab: Lab) -> None:
     cannot be asked for (or made to DECLINE) the tenant's address by another VM."""
     server = _node_dhcp(lab)
     assert _offers_to(lab, lab.rogue, lab.tenant.mac) == []
+    assert _dropped(lab)["dhcp-chaddr"] == 1
     # The same packet with the sender's own chaddr passes (the rogue has no lease: a VM
     # port's own DISCOVER is not a network-boot client, so no birth offer either).
     got = lab.udhcpc(lab.tenant, tries=5)

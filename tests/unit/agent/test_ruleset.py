@@ -48,29 +48,32 @@ def test_priorities_put_antispoofing_first() -> None:
     assert "priority -350" in script and "priority dstnat" in script
     assert script.index("chain antispoof") < script.index("chain to_metadata")
     assert 'iifname { "hv-a", "hv-b" } ether type ip ip daddr 169.254.169.254' in script
-    assert "ether saddr != 52:54:0a:00:00:0a drop" in script
-    assert "arp saddr ip != { 0.0.0.0, 10.0.0.11 } drop" in script
+    assert "ether saddr != 52:54:0a:00:00:0a counter drop" in script
+    assert "arp saddr ip != { 0.0.0.0, 10.0.0.11 } counter drop" in script
     assert 'iifname "hmdx" oifname != { "hv-a", "hv-b" } drop' in script
 
 
 def test_dhcp_server_traffic_is_dropped_before_the_client_exception() -> None:
     chain = render("br0", "m", "aa:bb:cc:dd:ee:ff", PORTS).split("chain port_hv_a {")[1]
-    server = chain.index("udp sport { 67, 547 } drop")
-    assert server < chain.index("udp dport { 68, 546 } drop")
+    server = chain.index("udp sport { 67, 547 } counter drop")
+    assert server < chain.index("udp dport { 68, 546 } counter drop")
     assert server < chain.index("ip saddr 0.0.0.0 udp sport 68 udp dport 67 accept")
 
 
 def test_ipv6_sources_are_the_link_local_the_pool_and_dad_only() -> None:
     script = render("br0", "m", "aa:bb:cc:dd:ee:ff", PORTS)
-    assert "ip6 saddr != { ::, fe80::5054:aff:fe00:a, fd00::10 } drop" in script
-    assert "ip6 saddr != { ::, fe80::5054:aff:fe00:b } drop" in script
-    assert "icmpv6 type { nd-router-advert, nd-redirect } drop" in script
+    assert "ip6 saddr != { ::, fe80::5054:aff:fe00:a, fd00::10 } counter drop" in script
+    assert "ip6 saddr != { ::, fe80::5054:aff:fe00:b } counter drop" in script
+    assert "icmpv6 type { nd-router-advert, nd-redirect } counter drop" in script
 
 
 def test_node_services_are_closed_to_marked_packets_only() -> None:
     script = render("br0", "m", "aa:bb:cc:dd:ee:ff", PORTS, SERVICES)
     assert 'iifname { "hv-a", "hv-b" } meta mark set meta mark | 0x10000000' in script
-    assert "th dport { 6976, 8080 } drop" in script and "th dport { 69 } drop" in script
+    assert (
+        "th dport { 6976, 8080 } counter drop" in script
+        and "th dport { 69 } counter drop" in script
+    )
     no_services = render("br0", "m", "aa:bb:cc:dd:ee:ff", PORTS, NodeServices(udp=()))
     assert "dport" not in no_services.rsplit("table inet", 1)[1]
 
