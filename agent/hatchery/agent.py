@@ -217,7 +217,7 @@ class Agent:
         sources = SourceFetcher(self.config.vm_sources, self.images)
         manager = VmManager(self.config.state_dir, self.pool, capacity, self.accel,
                             self.config.qemu_binary, port_rules=self.guard,
-                            sources=sources)  # fmt: skip
+                            sources=sources, isolation=self.config.vms)  # fmt: skip
         stack.push_async_callback(manager.close)
         await manager.adopt_all()
         return manager
