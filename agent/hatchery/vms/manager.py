@@ -26,7 +26,7 @@ from hatchery.addresses import AddressPool
 from hatchery.capacity import HostCapacity, Resources
 from hatchery.config import VmIsolationConfig, VmSourcesConfig
 from hatchery.errors import CommandError, HatcheryError
-from hatchery.qemu.accel import AccelChoice
+from hatchery.qemu.accel import Accel, AccelChoice
 from hatchery.qemu.cmdline import DEFAULT_MACHINE, DirectKernel, GuestSpec, Nic, build_argv
 from hatchery.vms import process, sandbox
 from hatchery.vms.model import (
@@ -169,6 +169,8 @@ class VmManager:
         self._isolation = isolation or VmIsolationConfig()
         if not self._isolation.unprivileged:
             log.warning("vms.unprivileged is off: every VM's QEMU runs as root")
+        elif accel.accel is Accel.KVM and (problem := sandbox.kvm_problem()) is not None:
+            log.error("QEMU runs as a user of its own VM's and cannot use KVM: %s", problem)
         self._port_rules = port_rules
         self._sources = sources or SourceFetcher(VmSourcesConfig())
         self._dir = state_dir / "vms"

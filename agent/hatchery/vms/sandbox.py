@@ -139,6 +139,21 @@ def kvm_gid() -> int | None:
         return None
 
 
+def kvm_problem(device: Path = Path("/dev/kvm")) -> str | None:
+    """Why a QEMU in the ``kvm`` group (and no other) could not open ``device``; None if
+    it can. Debian's udev makes it 0660 root:kvm; a node that makes it 0600 needs its own
+    rule, or ``vms.unprivileged: false``."""
+    try:
+        st = device.stat()
+    except OSError as exc:
+        return f"{device}: {exc.strerror}"
+    kvm = kvm_gid()
+    if st.st_mode & 0o006 == 0o006 or (kvm == st.st_gid and st.st_mode & 0o060 == 0o060):
+        return None
+    return (f"{device} is mode {st.st_mode & 0o777:o}, group {st.st_gid}: not read-write "
+            f"for the kvm group ({'missing' if kvm is None else kvm})")  # fmt: skip
+
+
 def qemu_user(uid: int) -> QemuUser:
     kvm = kvm_gid()
     return QemuUser(uid, uid, (kvm,) if kvm is not None else ())

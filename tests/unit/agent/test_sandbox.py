@@ -16,6 +16,7 @@ from hatchery.vms.sandbox import (
     SandboxError,
     VmFiles,
     checked_socket,
+    kvm_problem,
     open_untrusted,
     pick_uid,
     prepare,
@@ -130,3 +131,14 @@ def test_qmp_is_reached_only_on_the_vms_own_socket(tmp_path: Path) -> None:
         other.symlink_to(path)  # a hostile QEMU pointing at another VM's monitor
         with pytest.raises(OSError, match="not the VM's socket"):  # O_PATH: the link itself
             checked_socket(other, (UID, 0))
+
+
+def test_kvm_device_must_be_open_to_the_kvm_group(tmp_path: Path) -> None:
+    device = tmp_path / "kvm"
+    device.write_bytes(b"")
+    device.chmod(0o600)  # how this test machine has it: root only
+    problem = kvm_problem(device)
+    assert problem is not None and "mode 600" in problem
+    device.chmod(0o666)
+    assert kvm_problem(device) is None
+    assert kvm_problem(tmp_path / "missing") is not None
