@@ -223,7 +223,8 @@ class Agent:
         sources = SourceFetcher(self.config.vm_sources, self.images)
         manager = VmManager(self.config.state_dir, self.pool, capacity, self.accel,
                             self.config.qemu_binary, port_rules=self.guard,
-                            sources=sources, meter=self.metrics.vms())  # fmt: skip
+                            sources=sources, isolation=self.config.vms,
+                            meter=self.metrics.vms())  # fmt: skip
         stack.push_async_callback(manager.close)
         await manager.adopt_all()
         return manager

@@ -119,6 +119,27 @@ class VmSourcesConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class VmIsolationConfig:
+    """Who each VM's QEMU runs as (config key ``vms``).
+
+    ``unprivileged``: QEMU drops to a user of its own before it runs (``setpriv``: no
+    capabilities, ``no_new_privs``), so a guest that escapes into QEMU can read and write
+    only its own VM's disk and sockets, not another VM's, the agent's keys or /data. Off,
+    QEMU runs as root as it did before (logged at start; for a node where it cannot work).
+
+    ``uid_first``/``uid_count``: the uids handed out, one per VM, gid = uid. The default,
+    0x7FF00000 and 65536 of them, sits in what systemd's UIDS-GIDS.md calls unused
+    (1879048192-2147483647): above the container range (524288-1879048191), below
+    systemd's foreign range (0x7FFE0000-0x7FFEFFFF) and below 2^31, where tools break.
+    No /etc/passwd entries: nothing needs a name for them.
+    """
+
+    unprivileged: bool = True
+    uid_first: int = 0x7FF00000
+    uid_count: int = 0x10000
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     state_dir: Path = DEFAULT_STATE_DIR
     listen_host: str = "0.0.0.0"
@@ -140,6 +161,7 @@ class AgentConfig:
     root: Path = Path("/")  # where live patches apply (tests point it elsewhere)
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
     vm_sources: VmSourcesConfig = field(default_factory=VmSourcesConfig)
+    vms: VmIsolationConfig = field(default_factory=VmIsolationConfig)
 
 
 class _Reader:
@@ -227,6 +249,7 @@ _CAPACITY = CapacityConfig()
 _SOURCES = VmSourcesConfig()
 _AGENT = AgentConfig()
 _LIMITS = ConnectionLimits()
+_VMS = VmIsolationConfig()
 
 
 def _limits(r: _Reader) -> ConnectionLimits:
@@ -275,6 +298,20 @@ def _vm_sources(r: _Reader) -> VmSourcesConfig:
         raise ConfigError(f"{r.key('download_timeout')}: must be > 0")
     r.finish()
     return VmSourcesConfig(tuple(folders), tuple(networks), size, timeout)
+
+
+def _vms(r: _Reader) -> VmIsolationConfig:
+    first = r.get("uid_first", int, _VMS.uid_first)
+    count = r.get("uid_count", int, _VMS.uid_count)
+    if first < 65536:
+        raise ConfigError(f"{r.key('uid_first')}: must be >= 65536 (above system, regular, "
+                          f"dynamic users and nobody), got {first}")  # fmt: skip
+    if count < 1 or first + count > 2**31:
+        raise ConfigError(f"{r.key('uid_count')}: the range must hold >= 1 uid and end "
+                          f"below 2^31, got {first}+{count}")  # fmt: skip
+    config = VmIsolationConfig(r.get("unprivileged", bool, _VMS.unprivileged), first, count)
+    r.finish()
+    return config
 
 
 def _bridge(r: _Reader) -> BridgeConfig:
@@ -387,6 +424,7 @@ def parse_config(data: Any) -> AgentConfig:
     root = Path(r.get("root", str, str(defaults.root)))
     limits = _limits(r.sub("limits"))
     vm_sources = _vm_sources(r.sub("vm_sources"))
+    vms = _vms(r.sub("vms"))
     r.finish()
     return AgentConfig(
         state_dir=state_dir,
@@ -402,6 +440,7 @@ def parse_config(data: Any) -> AgentConfig:
         root=root,
         limits=limits,
         vm_sources=vm_sources,
+        vms=vms,
     )
 
 

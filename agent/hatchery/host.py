@@ -138,11 +138,14 @@ async def spawn(
     log: Path,
     ready: Callable[[], bool],
     timeout: float = DEFAULT_TIMEOUT,
+    cwd: Path | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> int:
     """Start a long-lived process in a session of its own, its output appended to ``log``,
     and return its PID once ``ready()`` holds. For processes that must outlive the agent and
     cannot daemonize themselves (a VM's QEMU, whose seccomp filter forbids the ``fork`` and
-    ``setsid`` of ``-daemonize``).
+    ``setsid`` of ``-daemonize``). ``cwd``: its working directory; ``pass_fds``: descriptors
+    it inherits (at the same numbers).
 
     Started with ``subprocess.Popen``, not asyncio: an asyncio subprocess transport kills its
     process when it is closed or collected, which would stop every VM when the agent stops.
@@ -160,7 +163,7 @@ async def spawn(
         with log.open("ab") as out:
             proc = subprocess.Popen(
                 list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                start_new_session=True,
+                start_new_session=True, cwd=cwd, pass_fds=tuple(pass_fds),
             )  # fmt: skip
     except OSError as exc:
         raise CommandError(argv, None, reason=f"cannot run: {exc.strerror or exc}") from exc

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ from hatchery.revocation import Revocations
 from hatchery.upgrade.controller import Upgrader
 from hatchery.vms.manager import CreateRequest, DiskRequest, KernelRequest, NotFound, VmManager
 from hatchery.vms.model import VmRecord, VmState
+from hatchery.vms.sandbox import open_untrusted
 from hatchery.vms.sources import parse_source
 from hatchery.wire import BootStatus, Health, Mode, Phase, UpgradeRequest, UpgradeStatus
 
@@ -277,13 +279,17 @@ async def console(request: web.Request) -> web.Response:
 
 
 def _tail(path: Path, want: int) -> bytes:
-    """The last ``want`` bytes of ``path``; nothing if it does not exist (yet)."""
+    """The last ``want`` bytes of ``path``; nothing if it does not exist (yet). QEMU writes
+    it, in a folder of its own: never read through a symlink it put there, nor a FIFO."""
     try:
-        with path.open("rb") as f:
+        with os.fdopen(open_untrusted(path), "rb") as f:
             size = f.seek(0, 2)
             f.seek(max(size - want, 0))
             return f.read()
     except FileNotFoundError:
+        return b""
+    except OSError as exc:
+        log.warning("console log %s refused: %s", path, exc)
         return b""
 
 

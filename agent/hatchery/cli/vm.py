@@ -85,7 +85,7 @@ def _render_vms(result: Any, _: argparse.Namespace) -> None:
 
 def _render_vm(vm: Any, _: argparse.Namespace) -> None:
     for key in ("name", "state", "ip", "mac", "bridge", "vcpus", "memory_mib", "disk_mib",
-                "machine", "owner_group", "pid", "uuid", "reason"):  # fmt: skip
+                "machine", "owner_group", "pid", "uid", "uuid", "reason"):  # fmt: skip
         print(f"{key + ':':<13}{vm.get(key) if vm.get(key) is not None else '-'}")
     print(f"{'uptime:':<13}{_uptime(vm.get('uptime'))}")
     if vm.get("kernel_boot"):

@@ -38,6 +38,7 @@ class Nic:
 
     tap: str
     mac: str
+    fd: int | None = None  # the tap already opened by the caller and passed to QEMU
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +76,9 @@ def build_argv(spec: GuestSpec, binary: str = QEMU_BINARY) -> list[str]:
             argv += ["-initrd", str(spec.boot.initrd)]
     for index, nic in enumerate(spec.nics):
         netdev = f"net{index}"
+        tap = f"fd={nic.fd}" if nic.fd is not None else f"ifname={nic.tap},script=no,downscript=no"
         argv += [
-            "-netdev", f"tap,id={netdev},ifname={nic.tap},script=no,downscript=no",
+            "-netdev", f"tap,id={netdev},{tap}",
             "-device", f"virtio-net-pci,netdev={netdev},mac={nic.mac}",
         ]  # fmt: skip
     if spec.qmp_socket is not None:

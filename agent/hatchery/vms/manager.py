@@ -24,12 +24,12 @@ from typing import Any, Protocol
 from hatchery import host, netdev, state
 from hatchery.addresses import AddressPool
 from hatchery.capacity import HostCapacity, Resources
-from hatchery.config import VmSourcesConfig
+from hatchery.config import VmIsolationConfig, VmSourcesConfig
 from hatchery.errors import CommandError, HatcheryError
 from hatchery.metrics import Metrics, VmMeter
-from hatchery.qemu.accel import AccelChoice
+from hatchery.qemu.accel import Accel, AccelChoice
 from hatchery.qemu.cmdline import DEFAULT_MACHINE, DirectKernel, GuestSpec, Nic, build_argv
-from hatchery.vms import process
+from hatchery.vms import process, sandbox
 from hatchery.vms.model import (
     NAME_RE,
     Action,
@@ -165,8 +165,14 @@ class VmManager:
         on_change: Callable[[VmRecord], None] | None = None,
         port_rules: PortRules | None = None,
         sources: SourceFetcher | None = None,
+        isolation: VmIsolationConfig | None = None,
         meter: VmMeter | None = None,
     ) -> None:
+        self._isolation = isolation or VmIsolationConfig()
+        if not self._isolation.unprivileged:
+            log.warning("vms.unprivileged is off: every VM's QEMU runs as root")
+        elif accel.accel is Accel.KVM and (problem := sandbox.kvm_problem()) is not None:
+            log.error("QEMU runs as a user of its own VM's and cannot use KVM: %s", problem)
         self._port_rules = port_rules
         self._meter = meter or Metrics().vms()
         self._sources = sources or SourceFetcher(VmSourcesConfig())
@@ -183,6 +189,9 @@ class VmManager:
     # --- records ------------------------------------------------------------------------
     def _vm_dir(self, name: str) -> Path:
         return self._dir / name
+
+    def _files(self, vm: VmRecord) -> sandbox.VmFiles:
+        return sandbox.VmFiles(self._vm_dir(vm.name), legacy=vm.uid is None)
 
     def _save(self, vm: VmRecord) -> VmRecord:
         state.write_json(self._vm_dir(vm.name) / "vm.json", vm.to_json())
@@ -221,7 +230,8 @@ class VmManager:
         return self._capacity
 
     def console_log(self, name: str) -> Path:
-        return self._vm_dir(self.get(name).name) / "console.log"
+        """Written by QEMU, so open it with ``sandbox.open_untrusted``."""
+        return self._files(self.get(name)).console_log
 
     # --- start-up: re-adopt ------------------------------------------------------------
     async def adopt_all(self) -> None:
@@ -413,11 +423,12 @@ class VmManager:
 
     async def _fetch_kernel(self, name: str, boot: KernelRequest) -> KernelBoot:
         """Kernel and initrd are copied into the VM's folder, once: QEMU opens only those."""
-        kernel = self._vm_dir(name) / "kernel"
+        files = sandbox.VmFiles(self._vm_dir(name))
+        kernel = files.kernel
         await self._sources.fetch(boot.kernel, kernel, "kernel.kernel")
         initrd = None
         if boot.initrd is not None:
-            initrd = self._vm_dir(name) / "initrd"
+            initrd = files.initrd
             await self._sources.fetch(boot.initrd, initrd, "kernel.initrd")
         return KernelBoot(str(kernel), str(initrd) if initrd else None, boot.cmdline)
 
@@ -431,7 +442,7 @@ class VmManager:
         no backing file, tells, and such an image is refused.
         """
         source = self._vm_dir(vm.name) / "source.img"
-        volume = self._vm_dir(vm.name) / "root.qcow2"
+        volume = sandbox.VmFiles(self._vm_dir(vm.name)).disk
         await self._sources.fetch(disk.image, source, "disk.image")
         try:
             if disk.format == "qcow2":
@@ -450,28 +461,31 @@ class VmManager:
         return DiskBoot(str(disk.image), disk.format)
 
     # --- start ----------------------------------------------------------------------------
-    def _argv(self, vm: VmRecord) -> list[str]:
-        vm_dir = self._vm_dir(vm.name)
+    def _argv(self, vm: VmRecord, tap_fd: int) -> list[str]:
+        """QEMU's command line: every path relative to the VM's folder, QEMU's working
+        directory (``sandbox``); the tap as the descriptor ``tap_fd`` the agent opened."""
+        files = self._files(vm)
         boot = None
         if vm.kernel_boot is not None:
             kb = vm.kernel_boot
             for path in (kb.kernel, kb.initrd):
-                if path is not None and Path(path).parent != vm_dir:
+                if path is not None and Path(path).parent != files.dir:
                     raise VmError(
                         f"vm {vm.name} boots {path}, a host path outside its folder",
                         hint="it was created before sources were checked: destroy and re-create it",
                     )
-            boot = DirectKernel(Path(kb.kernel), Path(kb.initrd) if kb.initrd else None, kb.cmdline)
+            initrd = Path(files.rel(Path(kb.initrd))) if kb.initrd else None
+            boot = DirectKernel(Path(files.rel(Path(kb.kernel))), initrd, kb.cmdline)
         extra = [
             *SANDBOX,
             "-uuid", vm.uuid,
             "-chardev",
-            f"socket,id=console,path={vm_dir / 'console'},server=on,wait=off,"
-            f"logfile={vm_dir / 'console.log'},logappend=on",
+            f"socket,id=console,path={files.rel(files.console)},server=on,wait=off,"
+            f"logfile={files.rel(files.console_log)},logappend=on",
         ]  # fmt: skip
         if vm.disk_boot is not None:
             extra += [
-                "-drive", f"file={vm_dir / 'root.qcow2'},if=virtio,format=qcow2,cache=none",
+                "-drive", f"file={files.rel(files.disk)},if=virtio,format=qcow2,cache=none",
             ]  # fmt: skip
         spec = GuestSpec(
             name=vm.name,
@@ -480,9 +494,9 @@ class VmManager:
             vcpus=vm.vcpus,
             machine=vm.machine,
             boot=boot,
-            nics=(Nic(netdev.tap_name(vm.uuid), vm.mac),),
+            nics=(Nic(netdev.tap_name(vm.uuid), vm.mac, fd=tap_fd),),
             serial="chardev:console",
-            qmp_socket=vm_dir / "qmp",
+            qmp_socket=Path(files.rel(files.qmp)),
             smbios=(
                 f"type=1,manufacturer=Hatchery,product=Hatchery VM,uuid={vm.uuid},"
                 f"serial=ds=nocloud-net;s={METADATA_URL}",
@@ -491,24 +505,43 @@ class VmManager:
         )
         return build_argv(spec, self._qemu)
 
+    def _user(self, vm: VmRecord) -> sandbox.QemuUser | None:
+        """Who its QEMU runs as: its own uid, or root where the node does not allow that."""
+        if vm.uid is None or not self._isolation.unprivileged:
+            return None
+        return sandbox.qemu_user(vm.uid)
+
     async def start(self, name: str) -> VmRecord:
         async with self._lock(name):
             vm = self.get(name)
             check_action(name, vm.state, Action.START)
-            vm = self._transition(vm, Event.START_REQUESTED, reason=None)
+            uid = vm.uid  # picked and saved with no await between: no two VMs get one uid
+            if uid is None:
+                uid = sandbox.pick_uid((v.uid for v in self._vms.values()), self._isolation)
+            vm = self._transition(vm, Event.START_REQUESTED, reason=None, uid=uid)
+            files, user = self._files(vm), self._user(vm)
+            tap = netdev.tap_name(vm.uuid)
+            tap_fd: int | None = None
             try:
-                await netdev.ensure_tap(netdev.tap_name(vm.uuid), vm.bridge)
+                await asyncio.to_thread(sandbox.prepare, files, user)
+                await netdev.ensure_tap(tap, vm.bridge, owner=user.uid if user else None)
                 await self._ports_changed(vm.bridge)
+                tap_fd = netdev.open_tap(tap)
                 pid = await process.launch(
-                    self._argv(vm),
-                    self._vm_dir(name) / "pid",
+                    self._argv(vm, tap_fd),
                     f"hatchery-vm-{name}",
-                    qmp=self._vm_dir(name) / "qmp",
-                    output=self._vm_dir(name) / "qemu.log",
+                    qmp=files.qmp,
+                    output=files.qemu_log,
+                    cwd=files.dir,
+                    user=user,
+                    pass_fds=(tap_fd,),
                 )
             except HatcheryError as exc:
                 self._transition(vm, Event.START_FAILED, reason=f"start failed: {exc.message}")
                 raise VmError(f"cannot start vm {name}: {exc.message}") from exc
+            finally:
+                if tap_fd is not None:
+                    os.close(tap_fd)  # QEMU holds its own copy
             vm = self._save(vm.with_state(VmState.STARTING, pid=pid))
             try:
                 await self._attach(vm, pid)
@@ -537,7 +570,8 @@ class VmManager:
             self._on_qmp_event(vm.name, kind, data)
 
         live.watch = process.ExitWatch(pid, lambda: self._on_exit(vm.name))
-        live.monitor = Monitor(vm.name, self._vm_dir(vm.name) / "qmp", on_event)
+        owners = (0,) if vm.uid is None else (vm.uid, 0)  # 0: QEMU as root (unprivileged off)
+        live.monitor = Monitor(vm.name, self._files(vm).qmp, on_event, owners)
         # QMP answers once QEMU is initialised; if QEMU exits first (a kernel it cannot
         # load), stop waiting at once: its exit watch has recorded why.
         connect = asyncio.ensure_future(live.monitor.connect(timeout))
@@ -588,7 +622,8 @@ class VmManager:
 
     def _start_failure(self, name: str) -> str:
         """Why QEMU gave up while starting: the end of its own output."""
-        return "start failed: " + (_tail(self._vm_dir(name) / "qemu.log") or "QEMU exited")
+        log_path = sandbox.VmFiles(self._vm_dir(name)).qemu_log  # the agent's file, not QEMU's
+        return "start failed: " + (_tail(log_path) or "QEMU exited")
 
     # --- stop -------------------------------------------------------------------------
     async def stop(self, name: str, timeout: float = 30.0, force: bool = False) -> VmRecord:

@@ -135,6 +135,9 @@ class VmRecord:
     machine: str = DEFAULT_MACHINE
     reason: str | None = None  # why it is crashed/stopped, for the operator
     labels: dict[str, str] = field(default_factory=dict)
+    # the uid (= gid) its QEMU runs as (``vms/sandbox.py``), the VM's own; given at its
+    # first start (a record from an older agent has none until then), kept for its life
+    uid: int | None = None
 
     def with_state(self, state: VmState, **changes: Any) -> VmRecord:
         return replace(self, state=state, **changes)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
 from hatchery.errors import HatcheryError
+from hatchery.vms.sandbox import checked_socket
 
 log = logging.getLogger(__name__)
 WATCHED_EVENTS = frozenset({"SHUTDOWN", "STOP", "RESUME", "RESET", "POWERDOWN"})
@@ -28,9 +30,19 @@ class MonitorError(HatcheryError):
 
 
 class Monitor:
-    def __init__(self, name: str, socket: Path, on_event: Callable[[str, dict[str, Any]], None]):
+    def __init__(
+        self,
+        name: str,
+        socket: Path,
+        on_event: Callable[[str, dict[str, Any]], None],
+        owners: tuple[int, ...] = (0,),
+    ):
+        """``owners``: the uids the socket may belong to (QEMU's); it is connected to only
+        if it is a socket of theirs, never through a symlink (``sandbox.checked_socket``):
+        a hostile QEMU cannot point the agent at another VM's monitor."""
         self.name = name
         self._socket = socket
+        self._owners = owners
         self._on_event = on_event
         self._qmp = QMPClient(name)
         self._events: asyncio.Task[None] | None = None
@@ -45,8 +57,12 @@ class Monitor:
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             try:
-                async with asyncio.timeout_at(deadline):
-                    await self._qmp.connect(str(self._socket))
+                fd = checked_socket(self._socket, self._owners)
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await self._qmp.connect(f"/proc/self/fd/{fd}")
+                finally:
+                    os.close(fd)
                 break
             except TimeoutError as exc:  # before OSError, of which it is a subclass
                 raise MonitorError(f"vm {self.name}: QMP did not answer within "

@@ -3,7 +3,7 @@
 QEMU is started in a session of its own (re-parented to init when the agent goes) and,
 where systemd runs, inside its own transient scope, so neither a SIGKILL of the agent nor systemd
 restarting the agent's unit stops a VM. The agent finds the process again through the
-pidfile and checks ``/proc/PID/cmdline`` for the VM's UUID, so a recycled PID is never
+PID in its record and checks ``/proc/PID/cmdline`` for the VM's UUID, so a recycled PID is never
 mistaken for the VM. Exit is watched with a pidfd, which works for processes that are not
 our children.
 """
@@ -21,6 +21,7 @@ from pathlib import Path
 
 from hatchery import host
 from hatchery.errors import HatcheryError
+from hatchery.vms.sandbox import QemuUser, setpriv_binary
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,24 @@ def scope_prefix(unit: str) -> list[str]:
 
 
 async def launch(
-    argv: list[str], pidfile: Path, unit: str, *, qmp: Path, output: Path, timeout: float = 60.0
+    argv: list[str],
+    unit: str,
+    *,
+    qmp: Path,
+    output: Path,
+    cwd: Path,
+    user: QemuUser | None = None,
+    pass_fds: tuple[int, ...] = (),
+    timeout: float = 60.0,
 ) -> int:
-    """Start QEMU detached; return its PID once it wrote its pidfile and its QMP socket
-    exists (the caller connects to QMP, which answers once QEMU is initialised).
+    """Start QEMU detached; return its PID once its QMP socket exists (the caller connects
+    to QMP, which answers once QEMU is initialised).
+
+    The scope is made as root (``systemd-run --scope`` runs the rest in place), then, with
+    ``user``, ``setpriv`` drops to that user and execs QEMU: the PID returned is QEMU's,
+    whose command line carries the VM's UUID (``is_ours``). QEMU runs in ``cwd``, the VM's
+    folder; its paths are relative to it (see ``sandbox``). No ``-pidfile``: QEMU resolves
+    that path to an absolute one, which its user may not search, and the PID is known here.
 
     Not with ``-daemonize``: QEMU installs its seccomp filter before it daemonizes, and the
     filter forbids the ``fork`` and ``setsid`` that needs (``spawn=deny``,
@@ -50,27 +65,14 @@ async def launch(
 
     :raise CommandError: QEMU failed to start (the tail of ``output`` says why) or was not
         ready within ``timeout``.
+    :raise SandboxError: ``user`` is given and ``setpriv`` is missing.
     """
-    pidfile.unlink(missing_ok=True)
     qmp.unlink(missing_ok=True)
-    full = [*scope_prefix(unit), *argv, "-pidfile", str(pidfile)]
-    log.debug("exec %s", " ".join(full))
-
-    def ready() -> bool:
-        return read_pidfile(pidfile) is not None and qmp.exists()
-
-    await host.spawn(full, log=output, ready=ready, timeout=timeout)
-    pid = read_pidfile(pidfile)
-    if pid is None:  # it removes its pidfile as it exits
-        raise ProcessError(f"QEMU exited right after it started (see {output})")
-    return pid
-
-
-def read_pidfile(pidfile: Path) -> int | None:
-    try:
-        return int(pidfile.read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
+    drop = user.setpriv(setpriv_binary()) if user is not None else []
+    full = [*scope_prefix(unit), *drop, *argv]
+    log.debug("exec %s (in %s)", " ".join(full), cwd)
+    return await host.spawn(full, log=output, ready=lambda: os.path.lexists(qmp),
+                            timeout=timeout, cwd=cwd, pass_fds=pass_fds)  # fmt: skip
 
 
 def is_ours(pid: int, marker: str) -> bool:

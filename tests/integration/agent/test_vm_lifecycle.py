@@ -89,12 +89,10 @@ def lab(tmp_path: Path, require_root: None, require_tool: Callable[[str], str]) 
                    "bridge": br}  # fmt: skip
         finally:
             agent.kill()
-            for vm_dir in (agent.state_dir / "vms").glob("*"):
-                pid_file = vm_dir / "pid"
-                if pid_file.exists():
-                    pid = int(pid_file.read_text())
-                    if qemu_alive(pid):
-                        os.kill(pid, 9)
+            for record in (agent.state_dir / "vms").glob("*/vm.json"):
+                pid = json.loads(record.read_text()).get("pid")
+                if pid is not None and qemu_alive(pid):
+                    os.kill(pid, 9)
             for link in subprocess.run(
                 ["ip", "-o", "link"], capture_output=True, text=True
             ).stdout.splitlines():
@@ -345,3 +343,93 @@ def test_refusals_change_nothing(
     empty = agent.cli("vm", "create", "p3", "--kernel", str(lab["kernel"]), check=False)
     assert empty.returncode == 1 and "no free address" in empty.stderr
     assert [v["name"] for v in agent.cli_json("vm", "list")["vms"]] == ["p1", "p2"]
+
+
+def _as_uid(uid: int, *argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` with exactly the credentials a VM's QEMU has (and its working folder)."""
+    return subprocess.run(
+        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
+         "--bounding-set=-all", "--no-new-privs", "--", *argv],
+        cwd=cwd, capture_output=True, text=True, errors="replace", timeout=30,
+    )  # fmt: skip
+
+
+def _status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
+
+
+def test_each_vm_qemu_runs_as_its_own_user(lab: dict, require_tool: Callable[[str], str]) -> None:
+    """Issue 14: a guest that escapes into QEMU holds a uid of its VM's own, no capability,
+    no_new_privs and the seccomp filter; it reaches its own files and nothing of another
+    VM's or the agent's. The VM still boots and gets its lease; an agent restart, stop and
+    destroy still work."""
+    require_tool("setpriv")
+    agent: AgentProcess = lab["agent"]
+    vms = agent.state_dir / "vms"
+    first = _create(lab, "own1")
+    # Created without starting (like a record of an older agent): no uid yet, it gets one
+    # at its first start, and its files are handed over then.
+    agent.cli("vm", "create", "own2", "--kernel", str(lab["kernel"]), "--initrd",
+              str(lab["initrd"]), "--cmdline", "console=ttyS0 quiet", "--memory", "192",
+              "--no-start")  # fmt: skip
+    shown = agent.cli_json("vm", "show", "own2")
+    assert shown["uid"] is None and (vms / "own2" / "kernel").stat().st_uid == 0
+    # A tap of its name left without an owner (which any uid could attach to): remade.
+    stale = f"hv-{shown['uuid'].replace('-', '')[:12]}"
+    subprocess.run(["ip", "tuntap", "add", "dev", stale, "mode", "tap"], check=True)
+    try:
+        second = agent.cli_json("vm", "start", "own2")
+    except AssertionError:
+        subprocess.run(["ip", "link", "del", stale], check=False)
+        raise
+    uids = [vm["uid"] for vm in (first, second)]
+    assert uids == [0x7FF00000, 0x7FF00001], uids  # the lowest free of the default range
+    for vm in (first, second):
+        uid, gid = vm["uid"], vm["uid"]
+        status = _status(vm["pid"])
+        assert status["Uid"].split() == [str(uid)] * 4, status["Uid"]  # real, eff, saved, fs
+        assert status["Gid"].split() == [str(gid)] * 4, status["Gid"]
+        assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) == 0
+        assert int(status["CapBnd"], 16) == int(status["CapInh"], 16) == 0
+        assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2", status
+        tap = f"hv-{vm['uuid'].replace('-', '')[:12]}"
+        assert Path(f"/sys/class/net/{tap}/owner").read_text().strip() == str(uid)
+        folder = vms / vm["name"]
+        st = folder.stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, gid, 0o710)
+        assert (folder / "run").stat().st_uid == uid
+        record = (folder / "vm.json").stat()
+        assert (record.st_uid, record.st_mode & 0o777) == (0, 0o600)
+    _wait_console(agent, "own1", "LEASE ")  # it boots and gets its address as before
+
+    # What QEMU of own1 can reach, tried with its credentials from its working folder.
+    own1, own2 = vms / "own1", vms / "own2"
+    uid1 = uids[0]
+    assert _as_uid(uid1, "cat", "kernel", cwd=own1).returncode == 0  # its own kernel
+    assert _as_uid(uid1, "cat", "run/console.log", cwd=own1).returncode == 0
+    secrets = (str(own2 / "kernel"), str(agent.pki.server.key), str(agent.config_path))
+    for path in ("vm.json", "qemu.log", "../own2/kernel", "../own2/run/console.log", *secrets):
+        denied = _as_uid(uid1, "cat", path, cwd=own1)
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr, (path, denied)
+    for argv in (["sh", "-c", "echo '{}' > vm.json"], ["touch", "planted"],
+                 ["touch", "../own2/run/planted"]):  # fmt: skip
+        assert _as_uid(uid1, *argv, cwd=own1).returncode != 0, argv
+    assert _as_uid(uid1, "touch", "run/mine", cwd=own1).returncode == 0  # its own folder
+    # The console log is read without following a link QEMU could plant there.
+    (own1 / "run" / "console.log").rename(own1 / "run" / "old.log")
+    (own1 / "run" / "console.log").symlink_to(agent.pki.server.key)
+    assert "PRIVATE KEY" not in agent.cli("vm", "console", "own1").stdout
+
+    agent.kill()  # a restarted agent re-adopts both (their QMP sockets are QEMU's)
+    agent.start()
+    listed = {v["name"]: v for v in agent.cli_json("vm", "list")["vms"]}
+    assert [listed[n]["state"] for n in ("own1", "own2")] == ["running", "running"]
+    assert listed["own1"]["pid"] == first["pid"] and listed["own1"]["uid"] == uid1
+    assert agent.cli_json("vm", "stop", "own1", "--timeout", "1")["state"] == "stopped"
+    assert not qemu_alive(first["pid"])
+    again = agent.cli_json("vm", "start", "own1")  # the same uid for life
+    assert again["uid"] == uid1 and _status(again["pid"])["Uid"].split()[0] == str(uid1)
+    for name in ("own1", "own2"):
+        agent.cli("vm", "destroy", name)
+    assert agent.cli_json("vm", "list")["vms"] == []

@@ -1,8 +1,8 @@
 """A failed re-adoption never leaves a QEMU the agent forgot.
 
-A restarted agent finds each VM's QEMU by its pidfile and UUID and reconnects QMP. A QEMU
-that is ours but does not answer (here: stopped with SIGSTOP, so its QMP socket accepts
-and never greets) is stopped by the agent, then the VM is ``crashed`` with the reason; its
+A restarted agent finds each VM's QEMU by the PID in its record and its UUID, and reconnects
+QMP. A QEMU that is ours but does not answer (here: stopped with SIGSTOP, so its QMP socket
+accepts and never greets) is stopped by the agent, then the VM is ``crashed`` with the reason; its
 address stays held until destroy. A QEMU that answers is re-adopted running, as before.
 
 Real QEMU (``-machine none``: no guest needed to have a QMP monitor), started the way the
@@ -38,12 +38,13 @@ async def _launch(vm_dir: Path, vm_uuid: str) -> int:
     argv = ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-no-user-config",
             "-display", "none", "-uuid", vm_uuid,
             "-qmp", f"unix:{vm_dir / 'qmp'},server=on,wait=off"]  # fmt: skip
-    return await process.launch(argv, vm_dir / "pid", f"hatchery-test-{vm_dir.name}",
-                                qmp=vm_dir / "qmp", output=vm_dir / "qemu.log")  # fmt: skip
+    return await process.launch(argv, f"hatchery-test-{vm_dir.name}", qmp=vm_dir / "qmp",
+                                output=vm_dir / "qemu.log", cwd=vm_dir)  # fmt: skip
 
 
 async def _leave_running_vm(tmp_path: Path, pool: AddressPool, name: str) -> VmRecord:
-    """A VM as a previous agent left it: its record ``running``, its QEMU alive."""
+    """A VM as a previous agent left it: its record ``running``, its QEMU alive (as root, its
+    QMP socket in the VM's folder: a record without a uid, from before per-VM users)."""
     vm_uuid = str(uuid.uuid4())
     vm_dir = tmp_path / "vms" / name
     pid = await _launch(vm_dir, vm_uuid)

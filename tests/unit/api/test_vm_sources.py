@@ -167,7 +167,7 @@ async def test_qemu_is_sandboxed_and_boots_only_its_own_copies(api: Api) -> None
     status, body = await _create(api, kernel={"kernel": str(api.kernel)})
     assert status == 201
     vm = api.manager.get("v1")
-    argv = api.manager._argv(vm)
+    argv = api.manager._argv(vm, tap_fd=3)
     i = argv.index("-sandbox")
     assert argv[i : i + 2] == list(SANDBOX)
     for option in ("obsolete", "elevateprivileges", "spawn", "resourcecontrol"):
@@ -176,7 +176,7 @@ async def test_qemu_is_sandboxed_and_boots_only_its_own_copies(api: Api) -> None
     # A record from before sources were checked, naming a host path: it does not start.
     old = vm.with_state(VmState.STOPPED, kernel_boot=KernelBoot("/etc/hatchery/tls/agent.key"))
     with pytest.raises(VmError, match="outside its folder"):
-        api.manager._argv(old)
+        api.manager._argv(old, tap_fd=3)
     assert os.path.dirname(body["kernel_boot"]["kernel"]).endswith("/vms/v1")
 
 

@@ -1,0 +1,247 @@
+"""Who a VM's QEMU runs as, and which of the VM's files it may touch.
+
+Each VM has a uid of its own (gid = uid, from ``vms.uid_first``/``uid_count``; no
+/etc/passwd entry). QEMU is started as root inside its scope, then ``setpriv`` drops to that
+uid with no capabilities, an empty bounding set and ``no_new_privs`` before it execs QEMU;
+QEMU's own seccomp filter (``-sandbox``) follows. (QEMU's ``-runas`` is not used: on QEMU
+7.2 its own ``elevateprivileges=deny`` filter kills the ``setuid`` it would make.)
+
+What QEMU may reach is decided by the folder of its VM, which is its working directory
+(the agent ``chdir``s there as root before dropping): every path QEMU is given is relative,
+so QEMU needs no search permission on the agent's state directory (0700, root) above it.
+
+======================  ======================  =====  =====================================
+path (in ``vms/NAME``)  owner                   mode   why
+======================  ======================  =====  =====================================
+``.``                   root:VM gid             0710   QEMU may enter, not list or write
+``vm.json``             root                    0600   the agent's record: QEMU cannot touch
+``qemu.log``            root                    0600   QEMU's output, written through an fd
+``root.qcow2``          root:VM gid             0660   the disk: QEMU reads and writes it
+``kernel``, ``initrd``  root:VM gid             0640   read only
+``run/``                VM uid                  0700   QEMU's own: QMP and console sockets,
+                                                       ``console.log``
+======================  ======================  =====  =====================================
+
+Everything in ``run/`` is made by a process that may be hostile: the agent opens files
+there without following symlinks and only if they are what they should be (``open_untrusted``,
+``checked_socket``). Another VM's uid can enter neither this folder (0710, other gid) nor
+``run/``, and its tap belongs to this VM's uid (see ``netdev``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import grp
+import logging
+import os
+import shutil
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from hatchery.config import VmIsolationConfig
+from hatchery.errors import HatcheryError
+
+log = logging.getLogger(__name__)
+
+
+class SandboxError(HatcheryError):
+    """QEMU cannot be confined as configured."""
+
+
+@dataclass(frozen=True, slots=True)
+class VmFiles:
+    """The files of one VM, by name: the one place that names them.
+
+    ``legacy``: a QEMU started by an agent from before per-VM users (its record has no uid)
+    keeps its sockets and console log in the VM's folder itself until its next start.
+    """
+
+    dir: Path
+    legacy: bool = False
+
+    @property
+    def run(self) -> Path:
+        return self.dir if self.legacy else self.dir / "run"
+
+    @property
+    def qmp(self) -> Path:
+        return self.run / "qmp"
+
+    @property
+    def console(self) -> Path:
+        return self.run / "console"
+
+    @property
+    def console_log(self) -> Path:
+        return self.run / "console.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.dir / "qemu.log"
+
+    @property
+    def disk(self) -> Path:
+        return self.dir / "root.qcow2"
+
+    @property
+    def kernel(self) -> Path:
+        return self.dir / "kernel"
+
+    @property
+    def initrd(self) -> Path:
+        return self.dir / "initrd"
+
+    def rel(self, path: Path) -> str:
+        """``path`` as QEMU is given it: relative to the folder, its working directory."""
+        return str(path.relative_to(self.dir))
+
+
+@dataclass(frozen=True, slots=True)
+class QemuUser:
+    """The credentials QEMU runs with; ``groups``: supplementary (``kvm`` where it exists)."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+
+    def setpriv(self, binary: str) -> list[str]:
+        """The prefix that drops to this user before exec: no capabilities (inheritable,
+        ambient and bounding set cleared), ``no_new_privs`` so no setuid file regains any."""
+        groups = f"--groups={','.join(map(str, self.groups))}" if self.groups else "--clear-groups"
+        return [binary, f"--reuid={self.uid}", f"--regid={self.gid}", groups,
+                "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all",
+                "--no-new-privs", "--"]  # fmt: skip
+
+
+def pick_uid(used: Iterable[int | None], config: VmIsolationConfig) -> int:
+    """The lowest uid of the configured range that no VM holds.
+
+    :raise SandboxError: every uid of the range is taken.
+    """
+    taken = {u for u in used if u is not None}
+    for uid in range(config.uid_first, config.uid_first + config.uid_count):
+        if uid not in taken:
+            return uid
+    raise SandboxError(
+        f"no free VM uid in {config.uid_first}+{config.uid_count}",
+        hint="widen vms.uid_count in the agent's config",
+    )
+
+
+def kvm_gid() -> int | None:
+    """The ``kvm`` group (owner of /dev/kvm, 0660, under Debian's udev rules), if any."""
+    try:
+        return grp.getgrnam("kvm").gr_gid
+    except KeyError:
+        return None
+
+
+def kvm_problem(device: Path = Path("/dev/kvm")) -> str | None:
+    """Why a QEMU in the ``kvm`` group (and no other) could not open ``device``; None if
+    it can. Debian's udev makes it 0660 root:kvm; a node that makes it 0600 needs its own
+    rule, or ``vms.unprivileged: false``."""
+    try:
+        st = device.stat()
+    except OSError as exc:
+        return f"{device}: {exc.strerror}"
+    kvm = kvm_gid()
+    if st.st_mode & 0o006 == 0o006 or (kvm == st.st_gid and st.st_mode & 0o060 == 0o060):
+        return None
+    return (f"{device} is mode {st.st_mode & 0o777:o}, group {st.st_gid}: not read-write "
+            f"for the kvm group ({'missing' if kvm is None else kvm})")  # fmt: skip
+
+
+def qemu_user(uid: int) -> QemuUser:
+    kvm = kvm_gid()
+    return QemuUser(uid, uid, (kvm,) if kvm is not None else ())
+
+
+def setpriv_binary() -> str:
+    """:raise SandboxError: ``setpriv`` (util-linux) is not installed."""
+    found = shutil.which("setpriv")
+    if found is None:
+        raise SandboxError(
+            "setpriv (util-linux) is not installed: QEMU cannot drop to its own user",
+            hint="install util-linux, or set vms.unprivileged: false",
+        )
+    return found
+
+
+def prepare(files: VmFiles, user: QemuUser | None) -> None:
+    """Give the VM's files the owners and modes of the table above (``user`` None: QEMU
+    runs as root, everything root's). Done at every start, so files of a VM made by an
+    older agent, or left by a start under other settings, are put right.
+
+    :raise SandboxError: an owner or mode cannot be set.
+    """
+    try:
+        _prepare(files, user)
+    except OSError as exc:
+        raise SandboxError(f"cannot prepare {exc.filename or files.dir} for QEMU: "
+                           f"{exc.strerror or exc}") from exc  # fmt: skip
+
+
+def _prepare(files: VmFiles, user: QemuUser | None) -> None:
+    uid, gid = (user.uid, user.gid) if user is not None else (0, 0)
+    os.chown(files.dir, 0, gid, follow_symlinks=False)
+    os.chmod(files.dir, 0o710 if user is not None else 0o700)
+    run = files.run
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISDIR(os.lstat(run).st_mode):  # not ours: QEMU makes only sockets
+            run.unlink()
+    run.mkdir(mode=0o700, exist_ok=True)
+    for entry in run.iterdir():  # the last QEMU's: its sockets go, anything odd it made too
+        if stat.S_ISREG(os.lstat(entry).st_mode):
+            os.chown(entry, uid, gid, follow_symlinks=False)
+        elif not stat.S_ISDIR(os.lstat(entry).st_mode):
+            entry.unlink()
+    os.chown(run, uid, gid, follow_symlinks=False)
+    os.chmod(run, 0o700)
+    for path, mode in ((files.disk, 0o660), (files.kernel, 0o640), (files.initrd, 0o640)):
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISREG(os.lstat(path).st_mode):  # the agent made them: never a link
+                os.chown(path, 0, gid)
+                os.chmod(path, mode)
+    fd = os.open(files.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    try:  # the agent's record of what QEMU said; QEMU writes it through an inherited fd
+        os.fchown(fd, 0, 0)
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    if not files.legacy:
+        old = files.dir / "console.log"  # where an older agent kept it: keep its history
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISREG(os.lstat(old).st_mode):
+                os.replace(old, files.console_log)
+                os.chown(files.console_log, uid, gid, follow_symlinks=False)
+
+
+def open_untrusted(path: Path) -> int:
+    """Open for reading a file that a hostile QEMU may have replaced: never through a
+    symlink, never blocking (a FIFO), and only a regular file.
+
+    :raise OSError: it does not exist, is a symlink (``ELOOP``) or is not a regular file.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{path.name} is not a regular file")
+    return fd
+
+
+def checked_socket(path: Path, owners: Iterable[int]) -> int:
+    """An ``O_PATH`` descriptor of the socket at ``path`` if it is a socket (not a symlink
+    to one) owned by one of ``owners``; connect through ``/proc/self/fd/N``, so a QEMU that
+    swaps the name for another VM's socket between the check and the connect gains nothing.
+
+    :raise OSError: missing, a symlink, not a socket, or someone else's.
+    """
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    st = os.fstat(fd)
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid not in set(owners):
+        os.close(fd)
+        raise OSError(errno.EPERM, f"{path.name} is not the VM's socket (uid {st.st_uid})")
+    return fd
