@@ -59,18 +59,21 @@ def prepare_artefacts(workdir: Path) -> tuple[Path, Path]:
     return root, profiles
 
 
-def start_our_services(env: NetEnv, root: Path, profiles: Path, *extra_dhcp: str) -> None:
-    """DHCP (+RA) and boot HTTP from ``hatchery-agent serve``, in the server namespace."""
+def start_our_services(
+    env: NetEnv, root: Path, profiles: Path, *extra_dhcp: str, proxy: bool = False
+) -> None:
+    """DHCP (+RA) and boot HTTP from ``hatchery-agent serve``, in the server namespace.
+    ``proxy``: proxyDHCP beside another DHCP server on the bridge, no births range."""
     http = env.agent("http", "http", "--root", str(root), "--profiles", str(profiles),
                      "--listen", f"{env.server_ip}:{HTTP_PORT}")  # fmt: skip
+    mode = ["--proxy"] if proxy else ["--birth-range", f"{env.subnet}.100-{env.subnet}.199"]
     dhcp = env.agent(
-        "dhcp", "dhcp", "--interface", env.bridge,
-        "--birth-range", f"{env.subnet}.100-{env.subnet}.199",
+        "dhcp", "dhcp", "--interface", env.bridge, *mode,
         "--http-url", f"http://{env.server_ip}:{HTTP_PORT}",
         "--state-dir", str(env.workdir / "state"), *extra_dhcp,
     )  # fmt: skip
     http.wait_for("boot http: serving")
-    dhcp.wait_for("dhcp: serving on")
+    dhcp.wait_for("proxyDHCP on" if proxy else "dhcp: serving on")
     dhcp.wait_for("ra: advertising")
 
 
