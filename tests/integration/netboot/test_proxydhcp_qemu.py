@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from hatchery.netboot import copy_ipxe_binaries
 from hatchery_lab import pxe_chain
 from hatchery_lab.guest import find_guest_kernel
 from hatchery_lab.netenv import NetEnv, Service, sh
@@ -99,3 +100,25 @@ def test_uefi_ovmf_boots_through_the_proxy(proxy_lab: NetEnv) -> None:
     boot = pxe_chain.boot_guest(proxy_lab, mac, "uefi", timeout=600)
     check_proxy_only(proxy_lab, mac)
     print(f"UEFI proxyDHCP chain: {boot.seconds:.1f} s from QEMU start to the guest marker")
+
+
+def test_ovmf_own_pxe_gets_ipxe_over_tftp_through_the_proxy(proxy_lab: NetEnv) -> None:
+    """The classic proxyDHCP client: UEFI firmware's own PXE (EDK2's PxeBcDxe, QEMU's iPXE
+    ROM switched off). It gets ``ipxe.efi`` from our proxy and TFTP, that iPXE does DHCP
+    again, and from then on it is the iPXE path above."""
+    if not pxe_chain.OVMF_CODE.exists():
+        missing("OVMF is not installed (package ovmf)")
+    env = proxy_lab
+    tftp_root = env.workdir / "tftp"
+    copy_ipxe_binaries(tftp_root)
+    if not (tftp_root / "ipxe.efi").exists():
+        missing("no /usr/lib/ipxe/ipxe.efi (package ipxe)")
+    tftp = env.agent("tftp", "tftp", "--root", str(tftp_root), "--listen", f"{env.server_ip}:69")
+    tftp.wait_for("TFTP serving")
+    mac = "52:54:00:5e:01:03"
+    boot = pxe_chain.boot_guest(env, mac, "uefi-pxe", timeout=600)
+    firmware = [p for p in wire(env) if p["mac"] == mac and p["src"] == env.server_ip
+                and p["file"] == "ipxe.efi"]  # fmt: skip
+    assert firmware and {p["yiaddr"] for p in firmware} == {"0.0.0.0"}, firmware
+    check_proxy_only(env, mac)
+    print(f"OVMF PXE proxyDHCP chain: {boot.seconds:.1f} s from QEMU start to the guest marker")

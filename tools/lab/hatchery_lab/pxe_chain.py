@@ -78,10 +78,12 @@ def start_our_services(
 
 
 def qemu_argv(env: NetEnv, tap: str, mac: str, firmware: str) -> list[str]:
-    """``firmware``: ``bios`` (SeaBIOS), ``uefi`` (OVMF with QEMU's iPXE ROM) or
-    ``uefi-http`` (OVMF's own network stack: the ROM is switched off with ``romfile=``)."""
+    """``firmware``: ``bios`` (SeaBIOS), ``uefi`` (OVMF with QEMU's iPXE ROM),
+    ``uefi-http`` (OVMF's own network stack: the ROM is switched off with ``romfile=``) or
+    ``uefi-pxe`` (OVMF's own stack and its PXEv4: ``ipxe.efi`` over TFTP, then iPXE)."""
     extra = ["-boot", "n", "-no-reboot"]
-    if firmware in ("uefi", "uefi-http"):
+    own_stack = firmware in ("uefi-http", "uefi-pxe")
+    if firmware in ("uefi", "uefi-http", "uefi-pxe"):
         vars_copy = env.workdir / "OVMF_VARS.fd"
         shutil.copyfile(OVMF_VARS, vars_copy)
         extra += [
@@ -92,7 +94,7 @@ def qemu_argv(env: NetEnv, tap: str, mac: str, firmware: str) -> list[str]:
         name=f"pxe-{firmware}",
         accel=choose_accel(),
         memory_mib=512,
-        nics=() if firmware == "uefi-http" else (Nic(tap, mac),),
+        nics=() if own_stack else (Nic(tap, mac),),
         extra=tuple(extra),
     )
     argv = build_argv(spec)
@@ -103,6 +105,9 @@ def qemu_argv(env: NetEnv, tap: str, mac: str, firmware: str) -> list[str]:
             "-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=n",
             "-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=n",
         ]  # fmt: skip
+    if firmware == "uefi-pxe":  # PXEv4 only: no ~65 s of DHCPv6 for PXEv6 first
+        argv += ["-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=n"]
+    if own_stack:
         argv += [
             "-netdev", f"tap,id=net0,ifname={tap},script=no,downscript=no",
             "-device", f"virtio-net-pci,netdev=net0,mac={mac},romfile=",
