@@ -47,9 +47,11 @@ from hatchery.dhcp.server import ProxyProtocol
 from hatchery.images.store import ImageStore
 from hatchery.netboot import Netboot, ProxyAddressHolders
 from tests.conftest import IN_CI
-from tests.unit.dhcp.test_boothttp_seeds import REPO, SEED, TOKEN_URL, get
+from tests.support.boot_http import TOKEN_URL, get
 
 IP = ipaddress.IPv4Address
+REPO = Path(__file__).resolve().parents[3]
+SEED = b"hatchery/tls/agent.key: the node's private key"
 GOLDEN = Path(__file__).parent / "golden"
 SERVER = IP("10.9.0.1")
 NOW = 1_000_000.0
