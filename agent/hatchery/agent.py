@@ -23,10 +23,11 @@ from hatchery.api.images import ImagesContext
 from hatchery.api.policy import load_policy
 from hatchery.api.server import ApiServer
 from hatchery.capacity import HostCapacity, probe
-from hatchery.config import AgentConfig, BridgeConfig
+from hatchery.config import AgentConfig, BridgeConfig, DhcpMode
 from hatchery.dhcp.leases import Lease
+from hatchery.dhcp.proxy import ProxyConfig, ProxyResponder
 from hatchery.dhcp.responder import DhcpConfig, Responder
-from hatchery.dhcp.server import DhcpServer, interface_ipv4
+from hatchery.dhcp.server import DhcpServer, ProxyDhcpServer, interface_ipv4
 from hatchery.errors import HatcheryError
 from hatchery.health import NodeHealth
 from hatchery.images.signing import KeyDirectory
@@ -116,10 +117,16 @@ class PoolLeases:
 
 def dhcp_for(
     bridge: BridgeConfig, pool: AddressPool, netboot: Netboot | None, metrics: Metrics
-) -> DhcpServer:
+) -> DhcpServer | ProxyDhcpServer:
     """A DHCP server on ``bridge`` for the subnet holding the bridge's own address; with
-    ``netboot``, it also answers machines being birthed (PXE, iPXE, UEFI HTTP Boot)."""
+    ``netboot``, it also answers machines being birthed (PXE, iPXE, UEFI HTTP Boot). In
+    proxy mode (``boot.dhcp: proxy``), only the proxyDHCP service: no address, not even
+    VMs' (the site's DHCP server owns the bridge's addresses)."""
     own = interface_ipv4(bridge.name)
+    bindings = netboot.proxy_bindings() if netboot is not None else None
+    if netboot is not None and bindings is not None:
+        proxy = ProxyConfig(server_ip=own.ip, boot=netboot.dhcp_boot(own.ip))
+        return ProxyDhcpServer(bridge.name, ProxyResponder(proxy, bindings), metrics=metrics)
     subnet = next((s for s in bridge.subnets if own.ip in s.cidr), None)
     if subnet is None:
         raise HatcheryError(
@@ -201,7 +208,8 @@ class Agent:
                             require_token=bridge.metadata_require_token)  # fmt: skip
             self.guard.attach(self.metadata)
             for bridge in self.config.bridges:
-                if bridge.dhcp and bridge.subnets:
+                proxy = bridge.boot is not None and bridge.boot.dhcp is DhcpMode.PROXY
+                if proxy or (bridge.dhcp and bridge.subnets):
                     await self._network_services(stack, bridge)
             async with part("upgrade after boot"):
                 await self.upgrader.after_boot()  # VMs a reboot-mode upgrade stopped

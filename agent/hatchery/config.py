@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +37,19 @@ class SubnetConfig:
     pool_end: ipaddress.IPv4Address | None = None
 
 
+class DhcpMode(StrEnum):
+    """How a bridge's boot service speaks DHCP (``boot.dhcp``)."""
+
+    FULL = "full"  # we are the bridge's DHCP server: births range, VM leases, boot answers
+    PROXY = "proxy"  # the site's server gives addresses; we give PXE/iPXE boot answers only
+
+
 @dataclass(frozen=True, slots=True)
 class BootServiceConfig:
     """Birthing peers on this bridge: DHCP for unknown machines, iPXE scripts, artefacts."""
 
     http_port: int = 8080
+    dhcp: DhcpMode = DhcpMode.FULL
     births_start: ipaddress.IPv4Address | None = None
     births_end: ipaddress.IPv4Address | None = None
     profiles: Path | None = None  # default: every machine boots this node's running image
@@ -358,9 +367,20 @@ def _boot(r: _Reader, subnets: tuple[SubnetConfig, ...]) -> BootServiceConfig:
             raise ConfigError(
                 f"{births.key('start')}: the range is in none of the bridge's subnets"
             )
+    mode_text = r.get("dhcp", str, _BOOT.dhcp.value)
+    try:
+        mode = DhcpMode(mode_text)
+    except ValueError:
+        raise ConfigError(f"{r.key('dhcp')}: must be full or proxy, not {mode_text!r}") from None
+    if mode is DhcpMode.PROXY and start is not None:
+        raise ConfigError(
+            f"{births.key('start')}: a births range gives addresses, and in dhcp: proxy mode "
+            "the site's DHCP server gives them; drop births"
+        )
     profiles = r.get("profiles", str)
     config = BootServiceConfig(
         http_port=port,
+        dhcp=mode,
         births_start=start,
         births_end=end,
         profiles=Path(profiles) if profiles else None,

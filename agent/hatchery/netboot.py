@@ -8,7 +8,10 @@ plus each machine's seed (``<seeds>/<mac>.tar``) so it comes up with its own cer
 config. A seed holds a private key: it is read from the seeds folder only when the machine
 redeems the single-use birth token its boot script named, and never copied where the public
 artefacts are. The boot HTTP service and the DHCP server share one birth-lease table, so a
-script (and its token) goes only to the address our DHCP leased to that MAC.
+script (and its token) goes only to the address our DHCP leased to that MAC. In proxyDHCP
+mode (``boot.dhcp: proxy``) the site's DHCP server gives the address, and the table shared
+is instead the address each MAC's iPXE came from to our proxy on port 4011
+(``dhcp/proxy.py``): the script and token go only there.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ from pathlib import Path
 from hatchery.boothttp.app import BootHttpConfig, BootHttpServer
 from hatchery.boothttp.profiles import Profile, Profiles
 from hatchery.boothttp.seeds import SeedFolder
-from hatchery.config import BootServiceConfig, ConnectionLimits
+from hatchery.config import BootServiceConfig, ConnectionLimits, DhcpMode
 from hatchery.dhcp.leases import BirthLeases
+from hatchery.dhcp.proxy import ProxyBindings
 from hatchery.dhcp.responder import BootConfig
 from hatchery.errors import ConfigError
 from hatchery.images.manifest import Role
@@ -67,6 +71,17 @@ class BirthLeaseHolders:
         return binding.ip if binding is not None else None
 
 
+@dataclass(frozen=True, slots=True)
+class ProxyAddressHolders:
+    """The proxy's observed addresses as the boot HTTP service asks them: where did MAC's
+    iPXE come from (its ProxyDHCPREQUEST on 4011)?"""
+
+    bindings: ProxyBindings
+
+    def birth_address(self, mac: str) -> ipaddress.IPv4Address | None:
+        return self.bindings.address(mac, time.time())
+
+
 def copy_ipxe_binaries(target: Path, source: Path = IPXE_DIR) -> list[str]:
     """Copy Debian's iPXE binaries into the TFTP root as plain files (some are symlinks out
     of /usr/lib/ipxe, which the TFTP jail would rightly refuse)."""
@@ -103,6 +118,7 @@ class Netboot:
         self._version = version
         self._births_file = state_dir / f"dhcp-births-{bridge}.json"
         self._births: BirthLeases | None = None
+        self._proxy = ProxyBindings() if config.dhcp is DhcpMode.PROXY else None
         self._http: BootHttpServer | None = None
         self._ra: RaResponder | None = None
         self._task: asyncio.Task[None] | None = None
@@ -117,6 +133,11 @@ class Netboot:
         if self._births is None:
             self._births = BirthLeases(c.births_start, c.births_end, self._births_file)
         return self._births
+
+    def proxy_bindings(self) -> ProxyBindings | None:
+        """In proxy mode, the bridge's one table of observed addresses, shared by its
+        proxyDHCP service (which writes it) and its boot HTTP service; None otherwise."""
+        return self._proxy
 
     def dhcp_boot(self, server_ip: ipaddress.IPv4Address) -> BootConfig:
         return BootConfig(http_base=f"http://{server_ip}:{self.config.http_port}",
@@ -184,13 +205,17 @@ class Netboot:
             else default_profiles(self.config.cmdline)
         )
         births = self.births()
-        if births is None and any(self.config.seeds.glob("*.tar")):
+        holders: BirthLeaseHolders | ProxyAddressHolders | None = None
+        if births is not None:
+            holders = BirthLeaseHolders(births)
+        elif self._proxy is not None:
+            holders = ProxyAddressHolders(self._proxy)
+        if holders is None and any(self.config.seeds.glob("*.tar")):
             log.warning("netboot on %s: no births range, so no seed is handed out (seeds go "
                         "only to holders of a birth lease)", self.bridge)  # fmt: skip
         return BootHttpConfig(
-            self.root, profiles,
-            births=BirthLeaseHolders(births) if births is not None else None,
-            seeds=SeedFolder(self.config.seeds) if births is not None else None,
+            self.root, profiles, births=holders,
+            seeds=SeedFolder(self.config.seeds) if holders is not None else None,
         )  # fmt: skip
 
     async def start(self, server_ip: ipaddress.IPv4Address) -> None:

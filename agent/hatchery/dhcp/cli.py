@@ -13,8 +13,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from hatchery.dhcp.leases import BirthLeases, StaticLeases
+from hatchery.dhcp.proxy import ProxyConfig, ProxyResponder
 from hatchery.dhcp.responder import BootConfig, DhcpConfig, Responder
-from hatchery.dhcp.server import DhcpServer, interface_ipv4
+from hatchery.dhcp.server import DhcpServer, ProxyDhcpServer, interface_ipv4
 from hatchery.errors import ConfigError
 from hatchery.ra import RaResponder
 
@@ -73,6 +74,9 @@ def add_dhcp_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-tftp", action="store_true", help="no TFTP here: iPXE and HTTP Boot only")
     p.add_argument("--bios-file", default="undionly.kpxe")
     p.add_argument("--efi-file", default="ipxe.efi")
+    p.add_argument("--proxy", action="store_true",
+                   help="proxyDHCP: boot answers only (ports 67 and 4011), beside the site's "
+                   "DHCP server; no address is ever given")  # fmt: skip
     p.add_argument("--no-ra", action="store_true", help="do not send IPv6 router advertisements")
     p.add_argument("--port", type=int, default=67, help=argparse.SUPPRESS)
 
@@ -108,9 +112,27 @@ def build_responder(args: argparse.Namespace) -> Responder:
     return Responder(config, static, births)
 
 
+def build_proxy(args: argparse.Namespace) -> ProxyResponder:
+    """The proxyDHCP responder: only boot options, so nothing about leases may be given."""
+    for flag, value in (("--birth-range", args.birth_range), ("--leases", args.leases),
+                        ("--router", args.router), ("--dns", args.dns)):  # fmt: skip
+        if value:
+            raise ConfigError(f"{flag}: the proxy gives no addresses or network settings",
+                              hint="the site's DHCP server gives them; drop the flag")  # fmt: skip
+    if not args.http_url:
+        raise ConfigError("--proxy needs --http-url: boot answers are all it gives")
+    server_ip: ipaddress.IPv4Address = args.server_ip or interface_ipv4(args.interface).ip
+    boot = BootConfig(args.http_url, not args.no_tftp, args.tftp_server, args.bios_file,
+                      args.efi_file)  # fmt: skip
+    return ProxyResponder(ProxyConfig(server_ip, boot))
+
+
 def run_dhcp(args: argparse.Namespace) -> int:
-    responder = build_responder(args)
-    server = DhcpServer(args.interface, responder, args.port)
+    server: DhcpServer | ProxyDhcpServer
+    if args.proxy:
+        server = ProxyDhcpServer(args.interface, build_proxy(args), args.port)
+    else:
+        server = DhcpServer(args.interface, build_responder(args), args.port)
     ra = None if args.no_ra else RaResponder(args.interface)
 
     async def start() -> None:

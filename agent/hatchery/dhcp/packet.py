@@ -54,6 +54,7 @@ class Opt(IntEnum):
     HOSTNAME = 12  # 3.14
     DOMAIN_NAME = 15  # 3.17
     BROADCAST_ADDRESS = 28  # 5.3
+    VENDOR_SPECIFIC = 43  # 8.4 (PXE: its vendor options, PXE 2.1 table 2-1)
     REQUESTED_IP = 50  # 9.1
     LEASE_TIME = 51  # 9.2
     OVERLOAD = 52  # 9.3

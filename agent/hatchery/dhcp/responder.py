@@ -286,7 +286,7 @@ class Responder:
             options.append(opt_str(Opt.HOSTNAME, hostname))
         siaddr, file = ZERO_IP, b""
         if boot and cfg.boot is not None:
-            siaddr, file, boot_options = self._boot(request, cfg.boot)
+            siaddr, file, boot_options = boot_answer(request, cfg.boot, cfg.server_ip)
             options += boot_options
         return DhcpPacket(
             op=Op.BOOTREPLY,
@@ -301,39 +301,41 @@ class Responder:
             options=tuple(options),
         )
 
-    def _boot(
-        self, request: DhcpPacket, boot: BootConfig
-    ) -> tuple[ipaddress.IPv4Address, bytes, list[Option]]:
-        """siaddr, the header's file field and the boot options for a network-boot client."""
-        kind = client_kind(request)
-        arch = request.client_arch[0] if request.client_arch else None
-        base = boot.http_base.rstrip("/")
-        if kind == ClientKind.IPXE:
-            url = f"{base}{boot.script_path}?mac={request.mac}"
-            no_wait = encapsulate(Opt.IPXE, [Option(IpxeOpt.NO_PXEDHCP, b"\x01")])
-            return self.config.server_ip, _file(url), [opt_str(Opt.BOOTFILE, url), no_wait]
-        if kind == ClientKind.HTTP:
-            if arch not in (None, ClientArch.HTTP_X64):
-                log.info("%s: HTTP Boot for arch %s: no binary for it", request.mac, arch)
-                return ZERO_IP, b"", []
-            url = f"{base}{boot.http_efi_path}"
-            # UEFI 2.x 24.7.2: the offer must carry vendor class "HTTPClient" to be used
-            options = [opt_str(Opt.BOOTFILE, url), opt_str(Opt.VENDOR_CLASS, b"HTTPClient")]
-            return self.config.server_ip, _file(url), options
-        if kind == ClientKind.PXE and not boot.tftp:
-            log.info("%s: PXE ROM, but no TFTP here: address only", request.mac)
-        elif kind == ClientKind.PXE:
-            if arch == ClientArch.BIOS or arch is None:
-                name = boot.bios_file
-            elif arch in (ClientArch.EFI_X64, ClientArch.EFI_BC):
-                name = boot.efi_file
-            else:
-                log.info("%s: PXE for arch %s: no binary for it", request.mac, arch)
-                return ZERO_IP, b"", []
-            tftp = boot.tftp_server or self.config.server_ip
-            options = [opt_str(Opt.TFTP_SERVER, str(tftp)), opt_str(Opt.BOOTFILE, name)]
-            return tftp, _file(name), options
-        return ZERO_IP, b"", []
+
+def boot_answer(
+    request: DhcpPacket, boot: BootConfig, server_ip: ipaddress.IPv4Address
+) -> tuple[ipaddress.IPv4Address, bytes, list[Option]]:
+    """siaddr, the header's file field and the boot options for a network-boot client
+    (RFC 4578 2.1 for the architecture; both the full server and the proxy answer with it)."""
+    kind = client_kind(request)
+    arch = request.client_arch[0] if request.client_arch else None
+    base = boot.http_base.rstrip("/")
+    if kind == ClientKind.IPXE:
+        url = f"{base}{boot.script_path}?mac={request.mac}"
+        no_wait = encapsulate(Opt.IPXE, [Option(IpxeOpt.NO_PXEDHCP, b"\x01")])
+        return server_ip, _file(url), [opt_str(Opt.BOOTFILE, url), no_wait]
+    if kind == ClientKind.HTTP:
+        if arch not in (None, ClientArch.HTTP_X64):
+            log.info("%s: HTTP Boot for arch %s: no binary for it", request.mac, arch)
+            return ZERO_IP, b"", []
+        url = f"{base}{boot.http_efi_path}"
+        # UEFI 2.x 24.7.2: the offer must carry vendor class "HTTPClient" to be used
+        options = [opt_str(Opt.BOOTFILE, url), opt_str(Opt.VENDOR_CLASS, b"HTTPClient")]
+        return server_ip, _file(url), options
+    if kind == ClientKind.PXE and not boot.tftp:
+        log.info("%s: PXE ROM, but no TFTP here: address only", request.mac)
+    elif kind == ClientKind.PXE:
+        if arch == ClientArch.BIOS or arch is None:
+            name = boot.bios_file
+        elif arch in (ClientArch.EFI_X64, ClientArch.EFI_BC):
+            name = boot.efi_file
+        else:
+            log.info("%s: PXE for arch %s: no binary for it", request.mac, arch)
+            return ZERO_IP, b"", []
+        tftp = boot.tftp_server or server_ip
+        options = [opt_str(Opt.TFTP_SERVER, str(tftp)), opt_str(Opt.BOOTFILE, name)]
+        return tftp, _file(name), options
+    return ZERO_IP, b"", []
 
 
 def _file(name: str) -> bytes:

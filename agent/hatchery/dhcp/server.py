@@ -1,4 +1,5 @@
-"""The DHCP transport: one UDP socket on port 67 bound to one interface; it only moves bytes.
+"""The DHCP transport: one UDP socket on port 67 bound to one interface (and 4011 too in
+proxy mode, ``ProxyDhcpServer``); it only moves bytes.
 
 Decoding, deciding and addressing are elsewhere (packet, responder, ``destination``); this
 module opens the socket (SO_BINDTODEVICE so several bridges can each have a server, and
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from typing import cast
 
 from hatchery.dhcp.packet import DecodeError, DhcpPacket
+from hatchery.dhcp.proxy import PXE_PORT, ProxyResponder, gives_no_address
 from hatchery.dhcp.responder import Responder, client_kind, destination
 from hatchery.errors import HatcheryError
 from hatchery.metrics import DhcpMeter, Metrics
@@ -201,3 +203,117 @@ class DhcpServer:
             self._transport = None
         if self.protocol is not None:
             self.protocol.drop_pending()
+
+
+class ProxyProtocol(asyncio.DatagramProtocol):
+    """One proxyDHCP socket (port 67 or 4011): decode, ask the responder, send.
+
+    Replies go where ``destination`` says on port 67 (a proxy OFFER is broadcast to a client
+    that has no address yet), and back to the request's source on 4011 (PXE 2.1 2.2.5: the
+    client sends from its new address and waits for the answer from port 4011). Whatever
+    the responder returns, a reply that would give an address is not sent (``refused``):
+    proxy mode must never compete with the site's DHCP server.
+    """
+
+    def __init__(
+        self,
+        responder: ProxyResponder,
+        port: int,
+        clock: Callable[[], float] = time.time,
+        meter: DhcpMeter | None = None,
+    ) -> None:
+        self.responder, self.port, self.clock = responder, port, clock
+        self.meter = meter or Metrics().dhcp("")
+        self.transport: asyncio.DatagramTransport | None = None
+        self.answered = 0
+        self.malformed = 0
+        self.failed = 0
+        self.refused = 0  # replies that would have given an address: never sent
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            request = DhcpPacket.decode(data)
+        except DecodeError as exc:
+            self.malformed += 1
+            self.meter.received("unknown", "malformed")
+            log.debug("dropped %d bytes from %s:%d: %s", len(data), addr[0], addr[1], exc)
+            return
+        kind = request.message_type.name
+        try:
+            if self.port == PXE_PORT:
+                source = ipaddress.IPv4Address(addr[0])
+                reply = self.responder.request(request, source, self.clock())
+                dest = addr
+            else:
+                reply = self.responder.discover(request, self.clock())
+                dest = destination(request, reply) if reply is not None else addr
+        except Exception:  # a bug must not take the service down; say so loudly
+            self.failed += 1
+            self.meter.received(kind, "failed")
+            log.exception("proxy responder failed on a %s from %s", request.message_type.name,
+                          request.mac)  # fmt: skip
+            return
+        if reply is None or self.transport is None:
+            self.meter.received(kind, "ignored")
+            return
+        if not gives_no_address(reply):
+            self.refused += 1
+            self.meter.received(kind, "refused")
+            log.error("proxy: a reply to %s would give an address: not sent", request.mac)
+            return
+        log.debug("%s %s (%s) on %d -> %s yiaddr=%s to %s:%d file=%r",
+                  request.message_type.name, request.mac, client_kind(request), self.port,
+                  reply.message_type.name, reply.yiaddr, dest[0], dest[1],
+                  reply.bootfile.decode(errors="replace"))  # fmt: skip
+        try:
+            self.transport.sendto(reply.encode(), dest)
+            self.answered += 1
+        except OSError as exc:
+            log.warning("cannot send to %s: %s", dest[0], exc)
+            self.meter.received(kind, "unsent")
+            return
+        self.meter.received(kind, "answered")
+        self.meter.replied(reply.message_type.name, client_kind(request).value)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("socket error: %s", exc)
+
+
+class ProxyDhcpServer:
+    """The proxyDHCP service on one interface: UDP 67 and 4011; ``stop`` is idempotent."""
+
+    def __init__(
+        self, interface: str, responder: ProxyResponder, port: int = SERVER_PORT,
+        pxe_port: int = PXE_PORT, metrics: Metrics | None = None,
+    ) -> None:  # fmt: skip
+        self.interface, self.responder = interface, responder
+        self.meter = (metrics or Metrics()).dhcp(interface)
+        self.ports = (port, pxe_port)
+        self._transports: list[asyncio.DatagramTransport] = []
+        self.protocols: list[ProxyProtocol] = []
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            for port in self.ports:
+                sock = open_socket(self.interface, port)
+                transport, protocol = await loop.create_datagram_endpoint(
+                    lambda port=port: ProxyProtocol(  # type: ignore[misc]
+                        self.responder, port, meter=self.meter
+                    ),
+                    sock=sock,
+                )
+                self._transports.append(transport)
+                self.protocols.append(protocol)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("dhcp: proxyDHCP on %s ports %d and %d as %s (no addresses given)",
+                 self.interface, *self.ports, self.responder.config.server_ip)  # fmt: skip
+
+    def stop(self) -> None:
+        while self._transports:
+            self._transports.pop().close()

@@ -8,6 +8,7 @@ once, through the single-use birth token its script named; asking again gets a 4
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -17,9 +18,10 @@ import stat
 import subprocess
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 import zstandard
 
 from hatchery.images.signing import generate_key, sign_build_dir
@@ -36,6 +38,7 @@ from hatchery_lab.guest import (
     run_guest,
 )
 from hatchery_lab.net import bridge, unique_name
+from hatchery_lab.vmns import ns_vm
 from tests.conftest import missing
 from tests.support.synthetic_images import make_build
 
@@ -77,9 +80,33 @@ def seed_tar() -> bytes:
     return out.getvalue()
 
 
+@contextlib.contextmanager
+def site_dhcp(dnsmasq: str, br: str, net: str, workdir: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """The site's DHCP server for proxy mode: dnsmasq on a namespace of its own on the bridge,
+    addresses only (the same range the births range would be), no boot options, no TFTP."""
+    with ns_vm(br, "52:54:00:b1:47:fe", f"{net}.2") as site:
+        log = (workdir / "site-dnsmasq.log").open("wb")
+        argv = ["ip", "netns", "exec", site.netns, dnsmasq, "--no-daemon", "--port=0",
+                "--conf-file=/dev/null", "--interface=eth0", "--bind-interfaces", "--user=root",
+                "--group=root", "--no-ping", f"--dhcp-range={net}.50,{net}.59,255.255.255.0,1h",
+                f"--dhcp-leasefile={workdir / 'site.leases'}", "--log-dhcp", "--log-facility=-",
+                f"--pid-file={workdir / 'site.pid'}"]  # fmt: skip
+        server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        try:
+            yield server
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
+
+
+@pytest.mark.parametrize("mode", ["full", "proxy"])
 def test_agent_births_a_machine(
-    tmp_path: Path, require_root: None, require_tool: Callable[[str], str]
+    tmp_path: Path, require_root: None, require_tool: Callable[[str], str], mode: str
 ) -> None:
+    """``full``: our DHCP gives the birth lease. ``proxy`` (``boot.dhcp: proxy``): dnsmasq
+    gives the address, our proxyDHCP only the boot answers; the script and the seed go to
+    the address the machine's iPXE came from on port 4011, with the same guarantees."""
     require_tool("qemu-system-x86_64")
     curl = require_tool("curl")
     kernel = find_guest_kernel()
@@ -113,14 +140,19 @@ def test_agent_births_a_machine(
     net = f"10.{random.randrange(16, 250)}.{random.randrange(0, 250)}"
     http_port = free_port()
     pki = Pki.make(tmp_path / "pki")
-    with bridge(f"{net}.1/24") as br:
+    dhcp: dict[str, object] = {"births": {"start": f"{net}.50", "end": f"{net}.59"}}
+    if mode == "proxy":
+        dhcp = {"dhcp": "proxy"}
+    dnsmasq = require_tool("dnsmasq") if mode == "proxy" else ""
+    with bridge(f"{net}.1/24") as br, contextlib.ExitStack() as stack:
+        if mode == "proxy":
+            stack.enter_context(site_dhcp(dnsmasq, br, net, tmp_path))
         agent = AgentProcess.configure(
             tmp_path, pki,
             [{"name": br, "metadata": False,
               "subnets": [{"cidr": f"{net}.0/24", "gateway": f"{net}.1"}],
-              "boot": {"http_port": http_port, "births": {"start": f"{net}.50", "end": f"{net}.59"},
-                       "seeds": str(seeds), "cmdline": "console=ttyS0 quiet panic=-1",
-                       "tftp": True}}],
+              "boot": {"http_port": http_port, **dhcp, "seeds": str(seeds),
+                       "cmdline": "console=ttyS0 quiet panic=-1", "tftp": True}}],
             root=str(tmp_path / "root"), image_keys=str(key.public.parent),
         )  # fmt: skip
         tap = unique_name("hbt")
@@ -160,6 +192,10 @@ def test_agent_births_a_machine(
                 console[-2000:]
             )
             assert status(url[1]) == "404"  # burnt, and the host is not the machine anyway
+            if mode == "proxy":  # the address came from the site's server, not from us
+                site_log = (tmp_path / "site-dnsmasq.log").read_text()
+                assert re.search(rf"DHCPACK\(eth0\) {re.escape(net)}\.5\d {MAC}", site_log)
+                assert "proxyDHCP on" in agent.log_path.read_text()
             # Firmware PXE ROMs get iPXE itself over the agent's TFTP (curl's client here).
             got = subprocess.run([curl, "-sS", "--max-time", "30", f"tftp://{net}.1/undionly.kpxe"],
                                  capture_output=True, check=True).stdout  # fmt: skip

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from hatchery.api.policy import Policy, load_policy
-from hatchery.config import AgentConfig, load_config, parse_config
+from hatchery.config import AgentConfig, DhcpMode, load_config, parse_config
 from hatchery.errors import ConfigError
 from hatchery.pki import Identity
 
@@ -178,3 +178,19 @@ def test_only_admin_may_manage_the_pki() -> None:
     assert policy.allows(Identity("root", frozenset({"admin"})), "pki.manage")
     for group in ("ops", "reader", "node", "web"):
         assert not policy.allows(Identity("x", frozenset({group})), "pki.manage"), group
+
+
+def test_boot_dhcp_mode_defaults_to_full_and_may_be_proxy() -> None:
+    def boot(section: dict[str, object]) -> dict[str, object]:
+        return {"bridges": [{**GOOD["bridges"][0], "boot": section}]}  # type: ignore[index]
+
+    full = parse_config(boot({"http_port": 8080})).bridges[0].boot
+    assert full is not None and full.dhcp is DhcpMode.FULL
+    proxy = parse_config(boot({"dhcp": "proxy"})).bridges[0].boot
+    assert proxy is not None and proxy.dhcp is DhcpMode.PROXY
+    with pytest.raises(ConfigError, match=re.escape("bridges[0].boot.dhcp: must be full or proxy")):
+        parse_config(boot({"dhcp": "relay"}))
+    births = {"start": "10.1.0.100", "end": "10.1.0.110"}
+    assert parse_config(boot({"births": births})).bridges[0].boot is not None
+    with pytest.raises(ConfigError, match=re.escape("bridges[0].boot.births.start: a births")):
+        parse_config(boot({"dhcp": "proxy", "births": births}))

@@ -7,14 +7,12 @@ birth lease in these tests) or from 127.0.0.2 (anyone else on the boot network).
 from __future__ import annotations
 
 import ipaddress
-import re
 import stat
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
@@ -25,12 +23,12 @@ from hatchery.config import BootServiceConfig
 from hatchery.errors import ConfigError
 from hatchery.images.store import ImageStore
 from hatchery.netboot import Netboot
+from tests.support.boot_http import TOKEN_URL, get
 
 REPO = Path(__file__).resolve().parents[3]
 MAC = "52:54:00:b1:47:01"
 HOLDER, STRANGER = "127.0.0.1", "127.0.0.2"
 SEED = b"hatchery/tls/agent.key: the node's private key" * 20
-TOKEN_URL = re.compile(r"hatchery\.seed=(http://[^ ]+/seed/([A-Za-z0-9_-]{43}))(?: |$)", re.M)
 
 
 @dataclass
@@ -41,20 +39,6 @@ class Leases:
 
     def birth_address(self, mac: str) -> ipaddress.IPv4Address | None:
         return self.held.get(mac)
-
-
-@dataclass(frozen=True)
-class Answer:
-    status: int
-    body: bytes
-    headers: dict[str, str]
-
-
-async def get(server: TestServer, path: str, source: str = HOLDER) -> Answer:
-    connector = aiohttp.TCPConnector(local_addr=(source, 0), force_close=True)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        async with session.get(server.make_url(path)) as resp:
-            return Answer(resp.status, await resp.read(), dict(resp.headers))
 
 
 @pytest.fixture

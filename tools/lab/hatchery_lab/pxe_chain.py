@@ -59,26 +59,31 @@ def prepare_artefacts(workdir: Path) -> tuple[Path, Path]:
     return root, profiles
 
 
-def start_our_services(env: NetEnv, root: Path, profiles: Path, *extra_dhcp: str) -> None:
-    """DHCP (+RA) and boot HTTP from ``hatchery-agent serve``, in the server namespace."""
+def start_our_services(
+    env: NetEnv, root: Path, profiles: Path, *extra_dhcp: str, proxy: bool = False
+) -> None:
+    """DHCP (+RA) and boot HTTP from ``hatchery-agent serve``, in the server namespace.
+    ``proxy``: proxyDHCP beside another DHCP server on the bridge, no births range."""
     http = env.agent("http", "http", "--root", str(root), "--profiles", str(profiles),
                      "--listen", f"{env.server_ip}:{HTTP_PORT}")  # fmt: skip
+    mode = ["--proxy"] if proxy else ["--birth-range", f"{env.subnet}.100-{env.subnet}.199"]
     dhcp = env.agent(
-        "dhcp", "dhcp", "--interface", env.bridge,
-        "--birth-range", f"{env.subnet}.100-{env.subnet}.199",
+        "dhcp", "dhcp", "--interface", env.bridge, *mode,
         "--http-url", f"http://{env.server_ip}:{HTTP_PORT}",
         "--state-dir", str(env.workdir / "state"), *extra_dhcp,
     )  # fmt: skip
     http.wait_for("boot http: serving")
-    dhcp.wait_for("dhcp: serving on")
+    dhcp.wait_for("proxyDHCP on" if proxy else "dhcp: serving on")
     dhcp.wait_for("ra: advertising")
 
 
 def qemu_argv(env: NetEnv, tap: str, mac: str, firmware: str) -> list[str]:
-    """``firmware``: ``bios`` (SeaBIOS), ``uefi`` (OVMF with QEMU's iPXE ROM) or
-    ``uefi-http`` (OVMF's own network stack: the ROM is switched off with ``romfile=``)."""
+    """``firmware``: ``bios`` (SeaBIOS), ``uefi`` (OVMF with QEMU's iPXE ROM),
+    ``uefi-http`` (OVMF's own network stack: the ROM is switched off with ``romfile=``) or
+    ``uefi-pxe`` (OVMF's own stack and its PXEv4: ``ipxe.efi`` over TFTP, then iPXE)."""
     extra = ["-boot", "n", "-no-reboot"]
-    if firmware in ("uefi", "uefi-http"):
+    own_stack = firmware in ("uefi-http", "uefi-pxe")
+    if firmware in ("uefi", "uefi-http", "uefi-pxe"):
         vars_copy = env.workdir / "OVMF_VARS.fd"
         shutil.copyfile(OVMF_VARS, vars_copy)
         extra += [
@@ -89,7 +94,7 @@ def qemu_argv(env: NetEnv, tap: str, mac: str, firmware: str) -> list[str]:
         name=f"pxe-{firmware}",
         accel=choose_accel(),
         memory_mib=512,
-        nics=() if firmware == "uefi-http" else (Nic(tap, mac),),
+        nics=() if own_stack else (Nic(tap, mac),),
         extra=tuple(extra),
     )
     argv = build_argv(spec)
@@ -100,6 +105,9 @@ def qemu_argv(env: NetEnv, tap: str, mac: str, firmware: str) -> list[str]:
             "-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=n",
             "-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=n",
         ]  # fmt: skip
+    if firmware == "uefi-pxe":  # PXEv4 only: no ~65 s of DHCPv6 for PXEv6 first
+        argv += ["-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=n"]
+    if own_stack:
         argv += [
             "-netdev", f"tap,id=net0,ifname={tap},script=no,downscript=no",
             "-device", f"virtio-net-pci,netdev=net0,mac={mac},romfile=",
