@@ -16,7 +16,9 @@ A host whose upgrade request may already have reached its agent (resume after a 
 the request is not sent again; otherwise it is re-sent (the POST is idempotent per version).
 
 A failed host halts the rollout: no new host starts, hosts in flight finish, the next wave
-never starts.
+never starts. With ``soak``, each wave but the last is followed by a wait and one more health
+check of its hosts (a host that degraded meanwhile fails). ``pause`` holds back hosts not
+started yet until ``go`` (the CLI wires them to SIGUSR1 and SIGUSR2).
 """
 
 from __future__ import annotations
