@@ -191,7 +191,7 @@ class Agent:
                 self.manager = await self._vms(stack, capacity)
             async with part("upgrades"):
                 self.upgrader = self._upgrades(stack)
-                self.health = NodeHealth(upgrades=self.upgrader)
+                self.health = NodeHealth(upgrades=self.upgrader, state_dir=self.config.state_dir)
             async with part("api"):
                 api = await self._api(stack)
             directory = VmDirectory(self.manager)

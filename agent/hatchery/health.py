@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -66,8 +67,10 @@ class NodeHealth:
         upgrades: UpgradeView | None = None,
         failed_units: FailedUnits = host.failed_units,
         cache_seconds: float = UNITS_CACHE_SECONDS,
+        state_dir: Path | None = None,
     ) -> None:
         self._fixed_version = version
+        self._state_dir = state_dir
         self._upgrades = upgrades
         self._failed_units = failed_units
         self._cache_seconds = cache_seconds
@@ -105,6 +108,16 @@ class NodeHealth:
         self._asking = None
         if not task.cancelled() and task.exception() is None:
             self._units = (time.monotonic(), task.result())
+
+    def free_bytes(self) -> int | None:
+        """Free space on the state folder's file system (what a fetch or a reboot's staging
+        needs), for an unprivileged user; None without a state folder."""
+        if self._state_dir is None:
+            return None
+        try:
+            return shutil.disk_usage(self._state_dir).free
+        except OSError:
+            return None
 
     def upgrade_status(self) -> UpgradeStatus:
         return self._upgrades.status if self._upgrades is not None else UpgradeStatus()

@@ -159,6 +159,7 @@ class Health:
     upgrade: UpgradeStatus = UpgradeStatus()
     boot: BootStatus = BootStatus()
     uptime: float | None = None
+    free_bytes: int | None = None  # free on the agent's state folder (/data): staging room
 
     @property
     def vms_total(self) -> int | None:
@@ -181,6 +182,7 @@ class Health:
             "upgrade": self.upgrade.to_json(),
             "boot": self.boot.to_json(),
             "uptime": self.uptime,
+            "free_bytes": self.free_bytes,
         }
 
     @classmethod
@@ -215,4 +217,9 @@ class Health:
             upgrade=UpgradeStatus.from_json(data.get("upgrade")),
             boot=BootStatus.from_json(data.get("boot")),
             uptime=_number(data.get("uptime")),
+            free_bytes=free
+            if isinstance(free := data.get("free_bytes"), int)
+            and not isinstance(free, bool)
+            and free >= 0
+            else None,
         )

@@ -64,6 +64,8 @@ class HealthSource(Protocol):
 
     def boot_status(self) -> BootStatus: ...
 
+    def free_bytes(self) -> int | None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class ApiContext:
@@ -106,6 +108,7 @@ async def healthz(request: web.Request) -> web.Response:
         upgrade=ctx.health.upgrade_status(),
         boot=ctx.health.boot_status(),
         uptime=round(time.time() - ctx.started, 1),
+        free_bytes=ctx.health.free_bytes(),
     )
     return web.json_response(health.to_json())
 

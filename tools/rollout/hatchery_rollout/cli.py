@@ -1,7 +1,9 @@
 """``hatchery-rollout``: upgrade a fleet in growing-concurrency waves, health-gated, resumable.
 
-Commands: ``plan`` (print waves and the predicted time), ``run`` (upgrade), ``resume JOURNAL``
-(continue after a crash or a halt), ``status JOURNAL``. Errors are one line plus a hint;
+Commands: ``plan`` (print waves and the predicted time), ``run`` (preflight, then upgrade),
+``resume JOURNAL`` (continue after a crash or a halt), ``status JOURNAL``. While ``run`` or
+``resume`` upgrades, SIGUSR1 pauses it (hosts in flight finish, no new host starts) and
+SIGUSR2 lets it go on. Errors are one line plus a hint;
 tracebacks only with ``--debug``. Exit status: 0 done, 1 error, 3 halted by a failed host.
 """
 
@@ -9,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import logging
 import resource
+import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -23,10 +27,11 @@ from hatchery.client import Credentials
 from hatchery.errors import HatcheryError, report
 from hatchery.log import setup_logging
 from hatchery.wire import Health, Mode
+from hatchery_rollout import preflight
 from hatchery_rollout.client import AgentClient
-from hatchery_rollout.errors import AgentError, JournalError, RolloutError
+from hatchery_rollout.errors import JournalError, RolloutError
 from hatchery_rollout.executor import ExecOptions, Executor, Outcome
-from hatchery_rollout.inventory import Host, load_fleet, synthetic_fleet
+from hatchery_rollout.inventory import DEFAULT_PORT, Fleet, Host, load_fleet, synthetic_fleet
 from hatchery_rollout.journal import HostRecord, HostState, Journal, JournalState, read_journal
 from hatchery_rollout.planner import (
     Plan,
@@ -152,28 +157,6 @@ def _client(args: argparse.Namespace, *, keepalive: float | None = 2.0) -> Agent
     )
 
 
-async def _survey(client: AgentClient, hosts: Sequence[Host], limit: int) -> dict[str, Health]:
-    """Everybody's health before anything changes (VM counts, versions); all must answer."""
-    sem = asyncio.Semaphore(limit)
-    errors: list[str] = []
-    out: dict[str, Health] = {}
-
-    async def one(host: Host) -> None:
-        async with sem:
-            try:
-                out[host.name] = await client.health(host)
-            except AgentError as exc:
-                errors.append(str(exc))
-
-    await asyncio.gather(*(one(h) for h in hosts))
-    if errors:
-        raise RolloutError(
-            f"{len(errors)} of {len(hosts)} hosts did not answer: {errors[0]}",
-            hint="fix or remove them from the inventory, or plan without asking: --no-survey",
-        )
-    return out
-
-
 def _exec_options(args: argparse.Namespace) -> ExecOptions:
     return ExecOptions(
         version=args.version,
@@ -185,7 +168,48 @@ def _exec_options(args: argparse.Namespace) -> ExecOptions:
         post_hook=args.post_hook,
         hook_timeout=args.hook_timeout,
         allow_downgrade=args.allow_downgrade,
+        soak=args.soak,
     )
+
+
+def _predicted_seconds(plan: Plan, args: argparse.Namespace) -> float:
+    """The rollout's predicted length: its waves one after the other, soaks between them."""
+    soak = float(args.soak)
+    return plan.predict_barrier(args.host_seconds) + soak * max(0, len(plan.waves) - 1)
+
+
+async def _preflight(
+    args: argparse.Namespace, fleet: Fleet, plan_options: PlanOptions
+) -> tuple[dict[str, Health], list[preflight.Problem], list[Host]]:
+    """Ask every host; the problems that would stop the rollout; the hosts to fetch for."""
+    t0 = time.monotonic()
+    async with _client(args, keepalive=None) as surveyor:
+        facts = await preflight.gather(surveyor, fleet.hosts, args.connections)
+        source = None
+        if args.fetch_from is not None:
+            peer = Host("peer", args.fetch_from if ":" in args.fetch_from
+                        else f"{args.fetch_from}:{DEFAULT_PORT}")  # fmt: skip
+            source = await preflight.source_of(surveyor, peer, args.version)
+    log.info("surveyed %d hosts in %.1fs", len(facts), time.monotonic() - t0)
+    found = preflight.problems(fleet.hosts, facts, args.version, source)
+    survey = {n: f.health for n, f in facts.items() if f.health is not None}
+    plan = make_plan(_to_upgrade(fleet, survey, args.version), plan_options, fleet.levels)
+    creds = Credentials.from_env(args.ca, args.cert, args.key)
+    predicted = _predicted_seconds(plan, args)
+    now = dt.datetime.now(dt.UTC)
+    cert = preflight.certificate_problem(creds.cert, now, predicted, args.cert_margin)
+    if cert is not None:
+        found.insert(0, cert)
+    fetch = preflight.missing_image(fleet.hosts, facts, args.version) if source else []
+    return survey, found, fetch
+
+
+def _to_upgrade(fleet: Fleet, survey: Mapping[str, Health], version: str) -> list[Host]:
+    return [
+        replace(h, vms=survey[h.name].vms_total if h.name in survey else h.vms)
+        for h in fleet.hosts
+        if not (h.name in survey and survey[h.name].version == version)
+    ]
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -193,25 +217,35 @@ async def _run(args: argparse.Namespace) -> int:
     options = _exec_options(args)
     plan_options = _plan_options(args)
     survey: dict[str, Health] = {}
+    found: list[preflight.Problem] = []
+    fetch: list[Host] = []
     if not args.no_survey:
-        t0 = time.monotonic()
-        async with _client(args, keepalive=None) as surveyor:
-            survey = await _survey(surveyor, fleet.hosts, args.connections)
-        log.info("surveyed %d hosts in %.1fs", len(survey), time.monotonic() - t0)
+        survey, found, fetch = await _preflight(args, fleet, plan_options)
     on_target = {n for n, h in survey.items() if h.version == options.version}
-    hosts = [
-        replace(h, vms=survey[h.name].vms_total if h.name in survey else h.vms)
-        for h in fleet.hosts
-        if h.name not in on_target
-    ]
-    plan = make_plan(hosts, plan_options, fleet.levels)
+    plan = make_plan(_to_upgrade(fleet, survey, options.version), plan_options, fleet.levels)
     if args.dry_run:
         extra: dict[str, Any] = {"already on target": len(on_target)}
         if survey:
             failing = sum(1 for h in survey.values() if h.failing())
             extra["hosts failing a check now (baseline)"] = failing
+        if fetch:
+            extra[f"hosts to fetch {options.version} from {args.fetch_from}"] = len(fetch)
+        extra["preflight"] = f"{len(found)} problem(s)" if found else "ok"
         _print_plan(plan, args.host_seconds, args.json, extra)
-        return 0
+        for problem in found:
+            print(f"problem: {problem.line()}", file=sys.stderr)
+        return 1 if found else 0
+    if found:
+        raise preflight.refuse(found)
+    if fetch:
+        print(f"fetching {options.version} from {args.fetch_from} on {len(fetch)} host(s)",
+              file=sys.stderr)  # fmt: skip
+        async with _client(args, keepalive=None) as fetcher:
+            failed = await preflight.distribute(
+                fetcher, fetch, args.fetch_from, options.version, args.fetch_concurrency
+            )
+        if failed:
+            raise preflight.refuse(failed)
     client = _client(args)  # TLS files are checked before the journal is made
     journal_path = args.journal or Path(
         f"hatchery-rollout-{options.version}-{time.strftime('%Y%m%dT%H%M%S')}.jsonl"
@@ -257,10 +291,15 @@ async def _execute(
     )
     progress = Progress(todo, len(waves), interval=args.progress_interval)
     executor = Executor(hosts, waves, records, journal, client, options, progress)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGUSR1, executor.pause)
+    loop.add_signal_handler(signal.SIGUSR2, executor.go)
     try:
         with progress:
             outcome = await executor.run()
     finally:
+        loop.remove_signal_handler(signal.SIGUSR1)
+        loop.remove_signal_handler(signal.SIGUSR2)
         await journal.aclose()
     _print_table(waves, records, outcome)
     if outcome.halted_by is not None:
@@ -415,7 +454,24 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="survey and plan; change nothing")
     run.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
     run.add_argument("--host-seconds", type=float, default=15.0, help="for --dry-run's prediction")
-    run.add_argument("--no-survey", action="store_true", help="do not ask every host first")
+    run.add_argument(
+        "--no-survey", action="store_true",
+        help="do not ask every host first (no preflight: problems show up host by host)",
+    )  # fmt: skip
+    run.add_argument(
+        "--fetch-from", default=None, metavar="PEER",
+        help="hosts without the image fetch it from this agent (HOST[:PORT]) before wave 1",
+    )  # fmt: skip
+    run.add_argument("--fetch-concurrency", type=int, default=4,
+                     help="hosts fetching from the peer at once (4)")  # fmt: skip
+    run.add_argument(
+        "--cert-margin", type=float, default=3600.0,
+        help="seconds the client certificate must outlive the predicted end (3600)",
+    )  # fmt: skip
+    run.add_argument(
+        "--soak", type=float, default=0.0,
+        help="seconds to wait after each wave, then re-check its hosts' health (0)",
+    )  # fmt: skip
     run.add_argument("--poll-interval", type=float, default=2.0)
     run.add_argument("--upgrade-timeout", type=float, default=1800.0)
     run.add_argument("--health-timeout", type=float, default=300.0)

@@ -29,6 +29,31 @@ MAX_ANSWER_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
+class ImageListing:
+    """A host's image store (``GET /v1/images``): usable versions and their sizes in bytes.
+    A version whose manifest the agent cannot read is left out: it cannot be installed."""
+
+    sizes: Mapping[str, int]
+
+    @classmethod
+    def from_json(cls, data: object) -> ImageListing:
+        images = data.get("images") if isinstance(data, Mapping) else None
+        if not isinstance(images, list):
+            raise ValueError("no images list")
+        sizes: dict[str, int] = {}
+        for entry in images:
+            if not isinstance(entry, Mapping) or entry.get("error") is not None:
+                continue
+            version, size = entry.get("version"), entry.get("size")
+            if isinstance(version, str) and isinstance(size, int) and not isinstance(size, bool):
+                sizes[version] = size
+        return cls(sizes)
+
+
+FETCH_SECONDS = 1800.0  # an image fetch between peers: hundreds of MB over a busy network
+
+
+@dataclass(frozen=True, slots=True)
 class PostResult:
     status: int
     upgrade: UpgradeStatus
@@ -115,6 +140,7 @@ class AgentClient:
             raise AgentError(
                 f"{host.name}: {method} {path}: HTTP {status}: {message or text[:200] or '-'}",
                 hint=hint if isinstance(hint, str) else None,
+                status=status,
             )
         return status, data
 
@@ -124,6 +150,24 @@ class AgentClient:
             return Health.from_json(data)
         except ValueError as exc:
             raise AgentError(f"{host.name}: GET /healthz: bad answer: {exc}") from exc
+
+    async def images(self, host: Host) -> ImageListing | None:
+        """The host's image store; None if the agent has no image routes (no store)."""
+        try:
+            _, data = await self._call(host, "GET", "/v1/images")
+        except AgentError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        try:
+            return ImageListing.from_json(data)
+        except ValueError as exc:
+            raise AgentError(f"{host.name}: GET /v1/images: bad answer: {exc}") from exc
+
+    async def fetch_image(self, host: Host, peer: str, version: str) -> None:
+        """``POST /v1/images/fetch``: the host fetches ``version`` from the agent at ``peer``."""
+        body = {"peer": peer, "version": version}
+        await self._call(host, "POST", "/v1/images/fetch", body, extra_time=FETCH_SECONDS)
 
     async def upgrade(self, host: Host, request: UpgradeRequest) -> PostResult:
         status, data = await self._call(host, "POST", "/v1/upgrade", request.to_json())

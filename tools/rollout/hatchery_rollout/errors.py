@@ -22,4 +22,9 @@ class JournalError(RolloutError):
 
 
 class AgentError(RolloutError):
-    """An agent answered with an error or could not be reached."""
+    """An agent answered with an error (``status``, its HTTP status) or could not be reached
+    (``status`` None)."""
+
+    def __init__(self, message: str, *, hint: str | None = None, status: int | None = None):
+        super().__init__(message, hint=hint)
+        self.status = status

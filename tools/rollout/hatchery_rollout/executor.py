@@ -16,7 +16,9 @@ A host whose upgrade request may already have reached its agent (resume after a 
 the request is not sent again; otherwise it is re-sent (the POST is idempotent per version).
 
 A failed host halts the rollout: no new host starts, hosts in flight finish, the next wave
-never starts.
+never starts. With ``soak``, each wave but the last is followed by a wait and one more health
+check of its hosts (a host that degraded meanwhile fails). ``pause`` holds back hosts not
+started yet until ``go`` (the CLI wires them to SIGUSR1 and SIGUSR2).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class ExecOptions:
     post_hook: str | None = None
     hook_timeout: float = 600.0
     allow_downgrade: bool = False
+    soak: float = 0.0  # seconds after each wave before its hosts' health is checked again
 
     def request(self) -> UpgradeRequest:
         """What each host is sent (the wire schema's ``POST /v1/upgrade`` body)."""
@@ -64,6 +67,7 @@ class ExecOptions:
             "pre_hook": self.pre_hook,
             "post_hook": self.post_hook,
             "hook_timeout": self.hook_timeout,
+            "soak": self.soak,
         }
 
     @classmethod
@@ -86,6 +90,7 @@ class ExecOptions:
             post_hook=text("post_hook"),
             hook_timeout=num("hook_timeout", 600.0),
             allow_downgrade=data.get("allow_downgrade") is True,
+            soak=num("soak", 0.0),
         )
 
 
@@ -128,6 +133,29 @@ class Executor:
         self.progress = progress
         self.outcome = Outcome()
         self._halt = asyncio.Event()
+        self._going = asyncio.Event()  # cleared while paused: no host starts
+        self._going.set()
+        self._notes: set[asyncio.Task[None]] = set()
+
+    def pause(self) -> None:
+        """No new host starts until ``go``; hosts already upgrading finish (SIGUSR1)."""
+        if self._going.is_set():
+            self._going.clear()
+            log.warning("paused: hosts in flight finish, no new host starts (SIGUSR2 goes on)")
+            self._note("pause")
+
+    def _note(self, kind: str) -> None:
+        """Journal ``kind`` from a signal handler (not a coroutine): queued, not waited for."""
+        task = asyncio.get_running_loop().create_task(self.journal.append(kind, wait=False))
+        self._notes.add(task)
+        task.add_done_callback(self._notes.discard)
+
+    def go(self) -> None:
+        """Start hosts again after ``pause`` (SIGUSR2)."""
+        if not self._going.is_set():
+            self._going.set()
+            log.warning("going on")
+            self._note("continue")
 
     async def run(self) -> Outcome:
         for index, wave in enumerate(self.waves):
@@ -140,6 +168,11 @@ class Executor:
             if todo:
                 await asyncio.gather(*(self._one(n) for n in todo))
             self.outcome.wave_seconds.append(time.monotonic() - started)
+            last = index == len(self.waves) - 1
+            if todo and self.opts.soak > 0 and not last and not self._halt.is_set():
+                await self._soak(
+                    index, [n for n in todo if self.records[n].state is HostState.DONE]
+                )
         if self.outcome.halted_by is None:
             await self.journal.append("end", result="done")
         else:
@@ -147,7 +180,30 @@ class Executor:
             await self.journal.append("end", result="halted", host=host, reason=reason)
         return self.outcome
 
+    async def _soak(self, index: int, names: Sequence[str]) -> None:
+        """Wait ``soak`` seconds, then each host of the wave must still be healthy (against
+        its baseline): a host that degrades after it was done halts the rollout."""
+        log.info("step %d done: soaking %gs", index + 1, self.opts.soak)
+        await self.journal.append("soak", step=index + 1, seconds=self.opts.soak)
+        await asyncio.sleep(self.opts.soak)
+
+        async def recheck(name: str) -> None:
+            host, rec = self.hosts[name], self.records[name]
+            try:
+                health = await self.client.health(host)
+            except AgentError as exc:
+                await self._fail(host, rec, f"after the soak: {exc}")
+                return
+            new = tuple(c for c in health.failing() if c not in set(rec.baseline or ()))
+            if health.version != self.opts.version or new:
+                what = health.detail(new) if new else f"runs {health.version}"
+                await self._fail(host, rec, f"unhealthy after the soak: {what}")
+
+        await asyncio.gather(*(recheck(n) for n in names))
+
     async def _one(self, name: str) -> None:
+        if not self._going.is_set():
+            await self._going.wait()
         if self._halt.is_set():  # a host of this wave failed before this one started
             self.outcome.not_started += 1
             return

@@ -14,7 +14,10 @@ failures at run time (to "repair" a host).
 Config keys: ``hosts`` (count), ``ca``, ``cert``, ``key``, ``version`` (running at start),
 ``upgrade_delay``, ``racks`` (hosts per rack), ``fail_health``, ``baseline_fail``,
 ``fail_upgrade``, ``fallback``, ``already`` (names), ``vms`` (name -> count), ``fleet``,
-``ready`` (paths).
+``ready`` (paths); for the preflight: ``target`` (the version every store holds, default
+``v2``), ``image_size`` (bytes), ``missing_image`` (names whose store lacks ``target``; a
+``POST /v1/images/fetch`` adds it), ``free_bytes`` (each host's /data, default 100 GiB) and
+``low_space`` (names with 1 MiB free).
 """
 
 from __future__ import annotations
@@ -53,11 +56,15 @@ class SimHost:
     first_post: float | None = None
     first_unhealthy: float | None = None
     fallback: bool = False
+    images: set[str] = field(default_factory=set)
+    free_bytes: int = 100 << 30
+    fetches: int = 0
 
 
 @dataclass(slots=True)
 class Sim:
     delay: float
+    image_size: int = 100 << 20
     hosts: dict[int, SimHost] = field(default_factory=dict)  # by local port
     fail_health: set[str] = field(default_factory=set)
     baseline_fail: set[str] = field(default_factory=set)
@@ -100,6 +107,7 @@ class Sim:
             vms={"total": h.vms, "running": h.vms, "stopped": 0, "crashed": 0},
             upgrade=self.upgrade_status(h),
             boot=BootStatus(h.fallback, reason),
+            free_bytes=h.free_bytes,
         ).to_json()
 
 
@@ -175,6 +183,25 @@ async def post_upgrade(request: web.Request) -> web.Response:
     return web.json_response(sim.upgrade_doc(h), status=202)
 
 
+async def list_images(request: web.Request) -> web.Response:
+    h = _host(request)
+    size = request.app[SIM].image_size
+    return web.json_response(
+        {"images": [{"version": v, "size": size} for v in sorted(h.images)], "current": h.version}
+    )
+
+
+async def fetch_image(request: web.Request) -> web.Response:
+    h = _host(request)
+    body = await request.json()
+    version = body.get("version") if isinstance(body, dict) else None
+    if not isinstance(version, str) or not isinstance(body.get("peer"), str):
+        return _error(400, "peer and version required")
+    h.fetches += 1
+    h.images.add(version)
+    return web.json_response({"version": version, "added": 1}, status=201)
+
+
 async def stats(request: web.Request) -> web.Response:
     sim = request.app[SIM]
     out = {}
@@ -188,6 +215,7 @@ async def stats(request: web.Request) -> web.Response:
             "first_unhealthy": h.first_unhealthy,
             "version": h.version,
             "state": h.state,
+            "fetches": h.fetches,
         }
     return web.json_response(out)
 
@@ -213,7 +241,11 @@ async def serve(config: dict[str, Any]) -> None:
     want = min(hard, max(soft, count + 1024))
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     width = max(5, len(str(count)))
-    sim = Sim(delay=float(config.get("upgrade_delay", 0.02)))
+    sim = Sim(delay=float(config.get("upgrade_delay", 0.02)),
+              image_size=int(config.get("image_size", 100 << 20)))  # fmt: skip
+    missing = set(config.get("missing_image", ()))
+    low = set(config.get("low_space", ()))
+    free = int(config.get("free_bytes", 100 << 30))
     for key in ("fail_health", "baseline_fail", "fail_upgrade", "fallback"):
         setattr(sim, key, set(config.get(key, ())))
     already = set(config.get("already", ()))
@@ -227,6 +259,8 @@ async def serve(config: dict[str, Any]) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/upgrade", get_upgrade)
     app.router.add_post("/v1/upgrade", post_upgrade)
+    app.router.add_get("/v1/images", list_images)
+    app.router.add_post("/v1/images/fetch", fetch_image)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     admin_app = web.Application()
@@ -245,8 +279,10 @@ async def serve(config: dict[str, Any]) -> None:
         port = sock.getsockname()[1]
         name = f"host{i:0{width}d}"
         sim.hosts[port] = SimHost(
-            name, target if name in already else version, vms=int(vms.get(name, 0))
-        )
+            name, target if name in already else version, vms=int(vms.get(name, 0)),
+            images={version} if name in missing else {version, target},
+            free_bytes=1 << 20 if name in low else free,
+        )  # fmt: skip
         await web.SockSite(runner, sock, ssl_context=ctx, backlog=512).start()
         lines.append(
             f"  - {{name: {name}, address: '127.0.0.1:{port}', location: sim/b1/r{i // racks}}}"
