@@ -96,7 +96,8 @@ def test_soak_rechecks_each_wave_and_halts_on_a_host_that_degraded(
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
-        while sim.stats()["host00000"]["version"] != "v2":  # wave 1 is host00000 alone
+        # Wave 1 is host00000 alone; once done, the journal says the soak began.
+        while '"t":"soak"' not in (journal.read_text() if journal.exists() else ""):
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.05)
         sim.configure(baseline_fail=["host00000"])  # it degrades while the wave soaks
