@@ -6,7 +6,9 @@ how the operator (or the peer that births it) gives it those, once, before the a
 * QEMU's firmware config (``-fw_cfg name=opt/hatchery/seed,file=seed.tar``), for VMs and tests;
 * ``hatchery.seed=http://…/seed/<token>`` on the kernel command line, served by the peer that
   PXE-booted the node (its boot HTTP service): the token is single-use, short-lived and bound
-  to this machine's MAC and birth-lease address, so this fetch is the one that succeeds.
+  to this machine's MAC and birth-lease address, so this fetch is the one that succeeds. The
+  node posts a public key it just made and gets the seed sealed to it (``hatchery.sealing``):
+  the private key inside never crosses the boot network readable.
 
 Only regular files and directories below ``hatchery/`` and ``systemd/network/`` are taken
 (absolute paths, ``..``, links and devices are refused); files are written atomically, keys
@@ -30,6 +32,7 @@ from pathlib import Path
 
 from hatchery import host
 from hatchery.errors import CommandError, HatcheryError
+from hatchery.sealing import OVERHEAD, SealError, SeedKey
 from hatchery.state import write_atomic, write_private
 
 log = logging.getLogger(__name__)
@@ -73,10 +76,13 @@ def find_seed(cmdline_path: Path = Path("/proc/cmdline"), fw_cfg: Path = FW_CFG)
     if not url.startswith(("http://", "https://")):
         raise SeedError(f"hatchery.seed must be an http(s) URL, not {url!r}")
     refused = False
+    key = SeedKey()  # in memory only; a new one for every boot
     for attempt in range(30):  # the network may still be coming up
+        kind = {"Content-Type": "application/octet-stream"}
+        request = urllib.request.Request(url, data=key.public, method="POST", headers=kind)
         try:
-            with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 (scheme checked)
-                data: bytes = resp.read(MAX_SEED + 1)
+            with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310 (scheme checked)
+                sealed: bytes = resp.read(MAX_SEED + OVERHEAD + 1)
             break
         except OSError as exc:
             refused = isinstance(exc, urllib.error.HTTPError) and exc.code == 404
@@ -91,9 +97,13 @@ def find_seed(cmdline_path: Path = Path("/proc/cmdline"), fw_cfg: Path = FW_CFG)
         )
         raise SeedError(f"cannot fetch the seed from {_origin(url)}",
                         hint=hint if refused else None)  # fmt: skip
-    if len(data) > MAX_SEED:
-        raise SeedError(f"the seed at {url} is larger than {MAX_SEED} bytes")
-    log.info("seed: %d bytes from %s", len(data), _origin(url))
+    if len(sealed) > MAX_SEED + OVERHEAD:
+        raise SeedError(f"the seed at {_origin(url)} is larger than {MAX_SEED} bytes")
+    try:
+        data = key.open(sealed)
+    except SealError as exc:
+        raise SeedError(f"the seed from {_origin(url)} cannot be opened: {exc.message}") from exc
+    log.info("seed: %d bytes from %s, sealed to this boot's key", len(data), _origin(url))
     return data
 
 

@@ -5,10 +5,11 @@
   DHCP server's birth leases (``births``), only the address holding MAC's birth lease gets
   it; with a seed folder too, the script carries ``hatchery.seed=BASE/seed/TOKEN``, a birth
   token minted for that MAC and address (``tokens.py``).
-- ``GET /seed/TOKEN``: the machine's seed (it holds its private key), once, to the address
-  the token was minted for while that address still holds the machine's birth lease; the
-  token is then burnt. Anything else — an unknown, reused or expired token, another
-  address — is the same 404 with the same body.
+- ``POST /seed/TOKEN`` with a 32-byte X25519 public key: the machine's seed (it holds its
+  private key), sealed to that key (``hatchery.sealing``), once, to the address the token
+  was minted for while that address still holds the machine's birth lease; the token is then
+  burnt. Anything else — an unknown, reused or expired token, another address — is the same
+  404 with the same body; a body that is not a key is a 400 and burns nothing.
 - ``GET /artefacts/PATH``: kernels and initrds under the artefact root (public: signed
   images); ``GET /ipxe/NAME``: the iPXE binaries (for UEFI HTTP Boot clients). Both are sent
   with ``FileResponse``: range requests, conditional GETs, and the kernel's sendfile.
@@ -44,6 +45,7 @@ from hatchery.dhcp.leases import normalise_mac
 from hatchery.errors import HatcheryError
 from hatchery.listener import HttpListener, ListenerError, ListenerStats, count_sent
 from hatchery.metrics import HttpMeter
+from hatchery.sealing import KEY_SIZE, SealError, public_key, seal
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +150,14 @@ async def boot_script(request: web.Request) -> web.StreamResponse:
 
 
 async def seed(request: web.Request) -> web.StreamResponse:
-    """The machine's seed, for its live birth token from the address it was minted for."""
+    """The machine's seed, sealed to the public key in the body (``hatchery.sealing``), for
+    its live birth token from the address it was minted for."""
     config = request.app[CONFIG]
+    body = await request.content.read(KEY_SIZE + 1)
+    try:
+        recipient = public_key(body)
+    except SealError as exc:  # checked before the token: a bad body burns nothing
+        return web.Response(status=400, text=f"{exc.message}\n", headers=NO_STORE)
     client = _client_ip(request)
     births, seeds = config.births, config.seeds
     grant: Grant | None = None
@@ -163,8 +171,13 @@ async def seed(request: web.Request) -> web.StreamResponse:
         # One answer for every refusal: the body says nothing about which check failed.
         log.info("seed refused to %s", request.remote)  # never the token: it may be live
         return web.Response(status=404, text="not found\n", headers=NO_STORE)
-    log.info("seed for %s handed to %s; its token is burnt", grant.mac, client)
-    return web.Response(body=data, content_type="application/x-tar", headers=NO_STORE)
+    try:
+        sealed = seal(data, recipient)
+    except SealError as exc:
+        log.warning("seed for %s not handed to %s: %s", grant.mac, client, exc.message)
+        return web.Response(status=400, text=f"{exc.message}\n", headers=NO_STORE)
+    log.info("seed for %s handed to %s, sealed to its key; its token is burnt", grant.mac, client)
+    return web.Response(body=sealed, content_type="application/octet-stream", headers=NO_STORE)
 
 
 class _OpenedFileResponse(web.FileResponse):
@@ -229,7 +242,7 @@ def make_app(config: BootHttpConfig) -> web.Application:
     app[CONFIG] = config
     app[TOKENS] = BirthTokens(config.seed_ttl)
     app.router.add_get("/boot/ipxe", boot_script)
-    app.router.add_get("/seed/{token}", seed)
+    app.router.add_post("/seed/{token}", seed)
     app.router.add_get("/artefacts/{path:.+}", artefact)
     app.router.add_get("/ipxe/{name}", ipxe_binary)
     return app

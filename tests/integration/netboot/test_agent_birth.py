@@ -28,6 +28,7 @@ from hatchery.images.signing import generate_key, sign_build_dir
 from hatchery.metadata.service import teardown_bridge
 from hatchery.qemu.accel import choose_accel
 from hatchery.qemu.cmdline import GuestSpec, Nic, build_argv
+from hatchery.sealing import SeedKey
 from hatchery_lab.agent import AgentProcess, Pki, free_port
 from hatchery_lab.cpio_writer import Entry
 from hatchery_lab.guest import (
@@ -46,6 +47,8 @@ MAC = "52:54:00:b1:47:01"
 LEASE = r"""#!/bin/sh
 [ "$1" = bound ] && ip addr add "$ip/$mask" dev "$interface" && echo "BIRTH-LEASE ip=$ip"
 """
+KEY = SeedKey()  # the newborn's: the test opens what the guest received
+KEY_OCTAL = "".join(f"\\{b:03o}" for b in KEY.public)
 INIT = (
     INIT_PRELUDE
     + r"""
@@ -55,18 +58,20 @@ i=0; while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1
 ip link set eth0 up
 udhcpc -i eth0 -q -n -t 20 -T 1 -s /bin/lease
 hostport=${seed#http://}; hostport=${hostport%%/*}; path=/${seed#http://*/}
-request="GET $path HTTP/1.0\r\nHost: $hostport\r\n\r\n"
+request="POST $path HTTP/1.0\r\nHost: $hostport\r\nContent-Length: 32\r\n\r\n"
+# The seed is asked for with the newborn's public key and comes back sealed to it.
 # Keep nc's sending side open while the answer comes: busybox nc half-closes at the end of
 # its input, and aiohttp drops a connection whose FIN it reads before it has answered (a race
 # the agent's own seed fetch, hatchery.seed, does not run: it does not half-close).
-{ printf "$request"; sleep 2; } | nc "${hostport%:*}" "${hostport#*:}" > /tmp/reply
+{ printf "$request"; printf '@KEY@'; sleep 2; } | nc "${hostport%:*}" "${hostport#*:}" > /tmp/reply
 status=$(head -n 1 /tmp/reply | tr -d '\r')
 # The token is single-use: the same request from the same machine now gets a 404.
-{ printf "$request"; sleep 2; } | nc "${hostport%:*}" "${hostport#*:}" > /tmp/again
+{ printf "$request"; printf '@KEY@'; sleep 2; } | nc "${hostport%:*}" "${hostport#*:}" > /tmp/again
 again=$(head -n 1 /tmp/again | tr -d '\r')
+echo "BIRTH-REPLY $(od -An -tx1 -v /tmp/reply | tr -d ' \n') REPLY-END"
 echo "BIRTH-SEED $status $(grep -c 'listen: 0.0.0.0:6976' /tmp/reply) AGAIN $again END"
 poweroff -f
-"""
+""".replace("@KEY@", KEY_OCTAL)
 )
 
 
@@ -166,8 +171,9 @@ def test_agent_births_a_machine(
                 time.sleep(1)
             base = f"http://{net}.1:{http_port}"
 
-            def status(url: str) -> str:
-                argv = [curl, "-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "30", url]
+            def status(url: str, *extra: str) -> str:
+                argv = [curl, "-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "30", *extra,
+                        url]  # fmt: skip
                 return subprocess.run(argv, capture_output=True, text=True).stdout
 
             # The host is on the bridge but holds no birth lease: no seed, no script.
@@ -188,10 +194,20 @@ def test_agent_births_a_machine(
             assert url is not None, console[-2000:]
             assert re.fullmatch(rf"{re.escape(base)}/seed/[A-Za-z0-9_-]{{43}}", url[1]), url[1]
             assert f"BIRTH-LEASE ip={net}.5" in console
-            assert "BIRTH-SEED HTTP/1.0 200 OK 1 AGAIN HTTP/1.0 404 Not Found END" in console, (
+            # Sealed on the wire (the plain text is not in what the guest received), and
+            # it opens with the newborn's key to exactly the seed.
+            assert "BIRTH-SEED HTTP/1.0 200 OK 0 AGAIN HTTP/1.0 404 Not Found END" in console, (
                 console[-2000:]
             )
-            assert status(url[1]) == "404"  # burnt, and the host is not the machine anyway
+            reply = re.search(r"BIRTH-REPLY ([0-9a-f]+) REPLY-END", console)
+            assert reply is not None, console[-2000:]
+            _, _, body = bytes.fromhex(reply[1]).partition(b"\r\n\r\n")
+            assert KEY.open(body) == seed_tar()
+            key_file = tmp_path / "key.bin"
+            key_file.write_bytes(SeedKey().public)
+            # burnt, and the host is not the machine anyway; a plain GET gets no seed at all
+            assert status(url[1], "--data-binary", f"@{key_file}") == "404"
+            assert status(url[1]) == "405"
             if mode == "proxy":  # the address came from the site's server, not from us
                 site_log = (tmp_path / "site-dnsmasq.log").read_text()
                 assert re.search(rf"DHCPACK\(eth0\) {re.escape(net)}\.5\d {MAC}", site_log)

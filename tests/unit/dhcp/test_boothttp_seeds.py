@@ -6,6 +6,7 @@ birth lease in these tests) or from 127.0.0.2 (anyone else on the boot network).
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import stat
 import time
@@ -23,12 +24,15 @@ from hatchery.config import BootServiceConfig
 from hatchery.errors import ConfigError
 from hatchery.images.store import ImageStore
 from hatchery.netboot import Netboot
-from tests.support.boot_http import TOKEN_URL, get
+from hatchery.sealing import SeedKey
+from hatchery.seed import find_seed
+from tests.support.boot_http import TOKEN_URL, get, post
 
 REPO = Path(__file__).resolve().parents[3]
 MAC = "52:54:00:b1:47:01"
 HOLDER, STRANGER = "127.0.0.1", "127.0.0.2"
 SEED = b"hatchery/tls/agent.key: the node's private key" * 20
+KEY = SeedKey()  # the newborn's
 
 
 @dataclass
@@ -81,31 +85,53 @@ async def script_token(server: TestServer) -> tuple[str, str]:
 async def test_the_holder_gets_its_seed_once(server: TestServer) -> None:
     url, token = await script_token(server)
     assert url == f"http://{HOLDER}:{server.port}/seed/{token}"
-    first = await get(server, f"/seed/{token}")
+    first = await post(server, f"/seed/{token}", KEY.public)
     assert first.status == 200
-    assert first.body == SEED
+    assert KEY.open(first.body) == SEED  # sealed to the key it sent
+    assert SEED not in first.body
     assert first.headers["Cache-Control"] == "no-store"
-    again = await get(server, f"/seed/{token}")
+    again = await post(server, f"/seed/{token}", KEY.public)
     assert (again.status, again.body) == (404, b"not found\n")
+
+
+async def test_no_plain_seed_and_a_bad_key_burns_nothing(server: TestServer) -> None:
+    """A GET (an older newborn, or a sniffer's replay) gets no seed at all; a body that is
+    not a 32-byte key is refused before the token is looked at, so the token still works."""
+    _, token = await script_token(server)
+    assert (await get(server, f"/seed/{token}")).status == 405
+    for body in (b"", b"x" * 31, b"x" * 33, KEY.public + b"\n"):
+        bad = await post(server, f"/seed/{token}", body)
+        assert bad.status == 400 and SEED not in bad.body, body
+    assert KEY.open((await post(server, f"/seed/{token}", KEY.public)).body) == SEED
+
+
+async def test_the_newborns_own_fetch_opens_its_sealed_seed(
+    server: TestServer, tmp_path: Path
+) -> None:
+    """``hatchery.seed`` as the born node runs it (``find_seed``), against the real route."""
+    url, _ = await script_token(server)
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text(f"console=ttyS0 hatchery.seed={url}\n")
+    assert await asyncio.to_thread(find_seed, cmdline, tmp_path / "no-fw-cfg") == SEED
 
 
 async def test_another_address_gets_a_404_and_leaves_the_token(server: TestServer) -> None:
     _, token = await script_token(server)
-    probe = await get(server, f"/seed/{token}", source=STRANGER)
+    probe = await post(server, f"/seed/{token}", KEY.public, source=STRANGER)
     assert (probe.status, probe.body) == (404, b"not found\n")
-    assert (await get(server, f"/seed/{token}")).status == 200
+    assert (await post(server, f"/seed/{token}", KEY.public)).status == 200
 
 
 async def test_refusals_look_alike(server: TestServer, leases: Leases) -> None:
     _, token = await script_token(server)
     answers = [
-        await get(server, "/seed/" + "A" * 43),  # unknown
-        await get(server, "/seed/x"),  # malformed
-        await get(server, f"/seed/{token[:-1]}"),  # almost
-        await get(server, f"/seed/{token}", source=STRANGER),  # another address
+        await post(server, "/seed/" + "A" * 43, KEY.public),  # unknown
+        await post(server, "/seed/x", KEY.public),  # malformed
+        await post(server, f"/seed/{token[:-1]}", KEY.public),  # almost
+        await post(server, f"/seed/{token}", KEY.public, source=STRANGER),  # another address
     ]
     leases.held.clear()  # the lease went away since the script
-    answers.append(await get(server, f"/seed/{token}"))
+    answers.append(await post(server, f"/seed/{token}", KEY.public))
     assert {(a.status, a.body) for a in answers} == {(404, b"not found\n")}
 
 
@@ -113,15 +139,15 @@ async def test_an_expired_token_gets_a_404(tmp_path: Path, seeds: Path, leases: 
     app = make_app(config(tmp_path, seeds, leases, ttl=0.0))
     async with TestServer(app, host=HOLDER) as server:
         _, token = await script_token(server)
-        assert (await get(server, f"/seed/{token}")).status == 404
+        assert (await post(server, f"/seed/{token}", KEY.public)).status == 404
 
 
 async def test_a_new_boot_gets_a_fresh_token(server: TestServer) -> None:
     _, first = await script_token(server)
     _, second = await script_token(server)
     assert first != second
-    assert (await get(server, f"/seed/{first}")).status == 404
-    assert (await get(server, f"/seed/{second}")).status == 200
+    assert (await post(server, f"/seed/{first}", KEY.public)).status == 404
+    assert (await post(server, f"/seed/{second}", KEY.public)).status == 200
 
 
 async def test_the_script_goes_only_to_the_lease_holder(server: TestServer, leases: Leases) -> None:
@@ -215,9 +241,9 @@ async def test_the_agent_serves_seeds_by_token_only(tmp_path: Path, seeds: Path)
         assert births is not None and births is nb.births()  # one table, shared with DHCP
         assert births.commit(MAC, ipaddress.IPv4Address(HOLDER), 3600, now=time.time())
         _, token = await script_token(server)
-        assert (await get(server, f"/seed/{token}", source=STRANGER)).status == 404
-        assert (await get(server, f"/seed/{token}")).body == SEED
-        assert (await get(server, f"/seed/{token}")).status == 404
+        assert (await post(server, f"/seed/{token}", KEY.public, source=STRANGER)).status == 404
+        assert KEY.open((await post(server, f"/seed/{token}", KEY.public)).body) == SEED
+        assert (await post(server, f"/seed/{token}", KEY.public)).status == 404
 
 
 def test_the_agent_refuses_seeds_inside_the_served_folder(tmp_path: Path) -> None:
