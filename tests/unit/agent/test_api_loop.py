@@ -164,6 +164,9 @@ class BlockingHealth:
     def boot_status(self) -> BootStatus:
         return BootStatus()
 
+    def free_bytes(self) -> int | None:
+        return None
+
 
 async def test_the_detector_sees_a_blocking_health_check(
     api: Api, caplog: pytest.LogCaptureFixture

@@ -46,8 +46,9 @@ from hatchery.dhcp.responder import BootConfig
 from hatchery.dhcp.server import ProxyProtocol
 from hatchery.images.store import ImageStore
 from hatchery.netboot import Netboot, ProxyAddressHolders
+from hatchery.sealing import SeedKey
 from tests.conftest import IN_CI
-from tests.support.boot_http import TOKEN_URL, get
+from tests.support.boot_http import TOKEN_URL, get, post
 
 IP = ipaddress.IPv4Address
 REPO = Path(__file__).resolve().parents[3]
@@ -297,10 +298,12 @@ async def test_script_and_seed_go_only_to_the_address_seen_on_4011(tmp_path: Pat
         script = await get(server, path)
         assert script.status == 200
         [(_, token)] = TOKEN_URL.findall(script.body.decode())
-        assert (await get(server, f"/seed/{token}", source=str(STRANGER))).status == 404
-        first = await get(server, f"/seed/{token}")
-        assert (first.status, first.body) == (200, SEED)
-        assert (await get(server, f"/seed/{token}")).status == 404  # single use
+        key = SeedKey()
+        seed_path = f"/seed/{token}"
+        assert (await post(server, seed_path, key.public, source=str(STRANGER))).status == 404
+        first = await post(server, seed_path, key.public)
+        assert first.status == 200 and key.open(first.body) == SEED
+        assert (await post(server, seed_path, key.public)).status == 404  # single use
 
 
 def test_netboot_in_proxy_mode_shares_its_bindings_with_boot_http(tmp_path: Path) -> None:
