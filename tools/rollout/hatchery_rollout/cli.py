@@ -183,7 +183,9 @@ async def _preflight(
 ) -> tuple[dict[str, Health], list[preflight.Problem], list[Host]]:
     """Ask every host; the problems that would stop the rollout; the hosts to fetch for."""
     t0 = time.monotonic()
-    async with _client(args, keepalive=None) as surveyor:
+    # Two requests per host, one after the other: kept alive just long enough for the second
+    # to reuse the first one's TLS connection (a handshake is most of a request's cost).
+    async with _client(args, keepalive=1.0) as surveyor:
         facts = await preflight.gather(surveyor, fleet.hosts, args.connections)
         source = None
         if args.fetch_from is not None:
