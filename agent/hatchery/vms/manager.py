@@ -934,7 +934,8 @@ class VmManager:
             feeding = asyncio.ensure_future(asyncio.to_thread(migration.feed_stream, saved,
                                                               write))  # fmt: skip
             await live.monitor.execute("migrate-incoming", {"uri": "fd:resume"})
-            await migration.wait_running(live.monitor, SUSPEND_TIMEOUT, f"vm {name}: resume")
+            await migration.wait_done(live.monitor, SUSPEND_TIMEOUT, f"vm {name}: resume")
+            await live.monitor.execute("cont")  # it was saved paused, and so it is loaded
             await feeding
         except (HatcheryError, OSError) as exc:
             why = exc.message if isinstance(exc, HatcheryError) else str(exc)
