@@ -754,6 +754,8 @@ class VmManager:
             except (HatcheryError, OSError) as exc:
                 why = exc.message if isinstance(exc, HatcheryError) else str(exc)
                 await self._drop_incoming(vm, new, new_pid)
+                if new_pid is not None and (said := _tail(files.qemu_log, 2)):
+                    why += f" (QEMU: {said})"
                 if hdr:
                     with contextlib.suppress(OSError):
                         netdev.set_vnet_hdr_size(tap_fd, hdr)

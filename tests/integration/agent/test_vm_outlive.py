@@ -196,6 +196,20 @@ def test_refresh_moves_the_guest_to_a_new_qemu_without_a_reboot(lab: dict) -> No
     assert again["pid"] != moved["pid"] and not qemu_alive(moved["pid"])
     assert _next_tick(agent, "mover", len(_ticks(agent, "mover")))[0] == boot
     assert _ping(lab["ip"])
+
+    # A new QEMU that cannot start (its kernel unreadable to the VM's uid): the refresh
+    # fails with the reason, the guest runs on in the QEMU it had, undisturbed.
+    kernel = agent.state_dir / "vms" / "mover" / "kernel"
+    kernel.chmod(0o600)
+    failed = agent.cli("vm", "refresh", "mover", check=False)
+    kernel.chmod(0o640)
+    assert failed.returncode == 1 and "HTTP 500" in failed.stderr, failed.stderr
+    assert "cannot refresh vm mover" in failed.stderr and "kernel" in failed.stderr
+    shown = agent.cli_json("vm", "show", "mover")
+    assert shown["state"] == "running" and shown["pid"] == again["pid"]
+    assert shown["reason"].startswith("refresh failed: ")
+    assert _next_tick(agent, "mover", len(_ticks(agent, "mover")))[0] == boot
+    assert _ping(lab["ip"])
     assert agent.cli_json("vm", "stop", "mover", "--force")["state"] == "stopped"
     assert not qemu_alive(again["pid"])
 
