@@ -191,6 +191,16 @@ def test_refresh_moves_the_guest_to_a_new_qemu_without_a_reboot(lab: dict) -> No
     agent.start()
     shown = agent.cli_json("vm", "show", "mover")
     assert shown["state"] == "running" and shown["pid"] == moved["pid"]
+    # An agent that stopped in the middle of a refresh whose new QEMU is gone: the old one
+    # keeps the guest, the record says so.
+    agent.kill()
+    record = agent.state_dir / "vms" / "mover" / "vm.json"
+    data = json.loads(record.read_text())
+    record.write_text(json.dumps({**data, "state": "refreshing", "incoming_pid": None}))
+    agent.start()
+    shown = agent.cli_json("vm", "show", "mover")
+    assert shown["state"] == "running" and shown["pid"] == moved["pid"]
+    assert "refresh interrupted" in shown["reason"]
     # It can be refreshed again (the tap descriptor was the new QEMU's own), and stopped.
     again = agent.cli_json("vm", "refresh", "mover")
     assert again["pid"] != moved["pid"] and not qemu_alive(moved["pid"])
