@@ -8,10 +8,13 @@ and a VM keeps its port while the agent restarts.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import errno
 import fcntl
 import logging
 import os
 import struct
+from pathlib import Path
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -95,6 +98,75 @@ def open_tap(tap: str) -> int:
             os.close(fd)
         raise NetdevError(f"cannot attach to tap {tap}: {exc.strerror or exc}") from exc
     return fd
+
+
+_TUNGETIFF = 0x800454D2
+_TUNGETVNETHDRSZ = 0x800454D7
+_TUNSETVNETHDRSZ = 0x400454D8
+_SYS_PIDFD_GETFD = 438  # x86_64, Linux >= 5.6; Python's os has no wrapper
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def attached_tap(fd: int) -> str:
+    """The name of the tap the descriptor ``fd`` is attached to (``TUNGETIFF``): the
+    kernel's answer, whatever the process that held it claims."""
+    out = fcntl.ioctl(fd, _TUNGETIFF, struct.pack("16sH", b"", 0))
+    return out[:16].rstrip(b"\0").decode()
+
+
+def vnet_hdr_size(fd: int) -> int:
+    """The virtio-net header size of the tap behind ``fd`` (one setting for the device)."""
+    return int(struct.unpack("i", fcntl.ioctl(fd, _TUNGETVNETHDRSZ, struct.pack("i", 0)))[0])
+
+
+def set_vnet_hdr_size(fd: int, size: int) -> None:
+    fcntl.ioctl(fd, _TUNSETVNETHDRSZ, struct.pack("i", size))
+
+
+def take_tap_fd(pid: int, tap: str) -> int:
+    """A descriptor for the very queue of ``tap`` that process ``pid`` (a running QEMU)
+    holds, copied out of it with ``pidfd_getfd`` (the agent, root, may), for the QEMU that
+    replaces it (``vm refresh``).
+
+    Why a copy and not a second open: a tap made without ``IFF_MULTI_QUEUE`` takes one
+    attachment only (a second ``TUNSETIFF`` fails with ``EBUSY`` while QEMU holds it), and
+    a multi-queue tap would spread the host's frames over both processes' queues while one
+    of them is paused. The copy is the same open file: the new QEMU reads what the old one
+    stops reading, and nothing is lost in between but what the guest's pause holds up.
+
+    The descriptor is found by the kernel's ``/proc/PID/fdinfo`` (``iff:``) and checked
+    with ``TUNGETIFF`` on the copy: a hostile QEMU cannot hand over anything but its tap.
+
+    :raise NetdevError: no descriptor of ``pid`` is attached to ``tap``.
+    """
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError as exc:
+        raise NetdevError(f"cannot reach QEMU pid {pid}: {exc.strerror}") from exc
+    try:
+        for info in sorted(Path(f"/proc/{pid}/fdinfo").iterdir(), key=lambda p: int(p.name)):
+            try:
+                if f"iff:\t{tap}\n" not in info.read_text():
+                    continue
+            except OSError:
+                continue
+            fd = _libc.syscall(_SYS_PIDFD_GETFD, pidfd, int(info.name), 0)
+            if fd < 0:
+                code = ctypes.get_errno()
+                raise NetdevError(f"cannot take tap {tap} from QEMU pid {pid}: "
+                                  f"{os.strerror(code)}")  # fmt: skip
+            try:
+                if attached_tap(fd) == tap:
+                    return int(fd)
+            except OSError:
+                pass
+            os.close(fd)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise NetdevError(f"cannot read the descriptors of pid {pid}: {exc}") from exc
+    finally:
+        os.close(pidfd)
+    raise NetdevError(f"QEMU pid {pid} holds no descriptor of tap {tap}")
 
 
 def _delete(name: str) -> None:

@@ -269,6 +269,22 @@ async def destroy_vm(request: web.Request) -> web.Response:
     return web.json_response({"destroyed": vm.name})
 
 
+@require("vm.manage", owner=vm_owner, seen_with="vm.read")
+async def refresh_vm(request: web.Request) -> web.Response:
+    """Move a running VM onto a new QEMU process (live, no guest reboot)."""
+    vm = _vm(request)
+    log.info("%s refreshes vm %s", caller(request).name, vm.name)
+    return web.json_response(vm_view(await request.app[CONTEXT].manager.refresh(vm.name)))
+
+
+@require("vm.manage", owner=vm_owner, seen_with="vm.read")
+async def suspend_vm(request: web.Request) -> web.Response:
+    """Save a VM's whole state to its folder and stop its QEMU; a start resumes it."""
+    vm = _vm(request)
+    log.info("%s suspends vm %s", caller(request).name, vm.name)
+    return web.json_response(vm_view(await request.app[CONTEXT].manager.suspend(vm.name)))
+
+
 @require("vm.read", owner=vm_owner, seen_with="vm.read")
 async def console(request: web.Request) -> web.Response:
     vm = _vm(request)
@@ -432,6 +448,8 @@ def make_app(
     app.router.add_delete("/v1/vms/{name}", destroy_vm)
     app.router.add_post("/v1/vms/{name}/start", start_vm)
     app.router.add_post("/v1/vms/{name}/stop", stop_vm)
+    app.router.add_post("/v1/vms/{name}/refresh", refresh_vm)
+    app.router.add_post("/v1/vms/{name}/suspend", suspend_vm)
     app.router.add_get("/v1/vms/{name}/console", console)
     app.router.add_put("/v1/vms/{name}/user-data", put_user_data)
     app.router.add_get("/v1/pool", list_pool)

@@ -47,7 +47,7 @@ from hatchery.images.store import (
 from hatchery.pki import Identity, identity_from_peercert
 from hatchery.revocation import CrlRefused, CrlStale, Revocations
 from hatchery.upgrade.controller import UpgradeError
-from hatchery.vms.manager import NotFound, VmError
+from hatchery.vms.manager import MoveFailed, NotFound, VmError
 from hatchery.vms.model import VmStateError
 from hatchery.vms.sources import SourceError
 
@@ -95,6 +95,7 @@ STATUS: dict[type[HatcheryError], int] = {
     CrlStale: 409,
     SourceError: 400,
     VmError: 400,
+    MoveFailed: 500,  # a refresh or suspend that failed: the VM runs on where it was
     Unauthenticated: 401,
     Forbidden: 403,
     NotFound: 404,

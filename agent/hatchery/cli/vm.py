@@ -85,7 +85,8 @@ def _render_vms(result: Any, _: argparse.Namespace) -> None:
 
 def _render_vm(vm: Any, _: argparse.Namespace) -> None:
     for key in ("name", "state", "ip", "mac", "bridge", "vcpus", "memory_mib", "disk_mib",
-                "machine", "owner_group", "pid", "uid", "uuid", "reason"):  # fmt: skip
+                "machine", "owner_group", "pid", "uid", "uuid", "reason", "pause_seconds",
+                "state_file"):  # fmt: skip
         print(f"{key + ':':<13}{vm.get(key) if vm.get(key) is not None else '-'}")
     print(f"{'uptime:':<13}{_uptime(vm.get('uptime'))}")
     if vm.get("kernel_boot"):
@@ -167,6 +168,14 @@ async def _start(client: AgentClient, args: argparse.Namespace) -> Any:
 async def _stop(client: AgentClient, args: argparse.Namespace) -> Any:
     body = {"timeout": args.timeout, "force": args.force}
     return await client.request("POST", f"/v1/vms/{args.name}/stop", json=body)
+
+
+async def _refresh(client: AgentClient, args: argparse.Namespace) -> Any:
+    return await client.request("POST", f"/v1/vms/{args.name}/refresh")
+
+
+async def _suspend(client: AgentClient, args: argparse.Namespace) -> Any:
+    return await client.request("POST", f"/v1/vms/{args.name}/suspend")
 
 
 async def _destroy(client: AgentClient, args: argparse.Namespace) -> Any:
@@ -282,6 +291,18 @@ def register_vm(parser: argparse.ArgumentParser) -> None:
         ("show", _show, _render_vm, "show one VM"),
         ("start", _start, _say("vm {r[name]} is {r[state]}"), "start a VM"),
         ("destroy", _destroy, _say("vm {r[destroyed]} destroyed"), "stop hard and delete"),
+        (
+            "refresh",
+            _refresh,
+            _say("vm {r[name]} runs on QEMU pid {r[pid]}"),
+            "move a running VM onto a new QEMU process (no guest reboot)",
+        ),
+        (
+            "suspend",
+            _suspend,
+            _say("vm {r[name]} is {r[state]}"),
+            "save a VM's state to its folder and stop QEMU; start resumes it",
+        ),
     ):
         cmd = sub.add_parser(name, help=help_text)
         if name != "list":

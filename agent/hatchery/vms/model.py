@@ -22,12 +22,19 @@ class VmState(StrEnum):
     PAUSED = "paused"
     CRASHED = "crashed"
     DESTROYING = "destroying"
+    # moving to a new QEMU process on this host (``vm refresh``): the old one runs the
+    # guest until the new one has it; the record's ``incoming_pid`` names the new one
+    REFRESHING = "refreshing"
+    SUSPENDING = "suspending"  # paused, its state being saved to a file in its folder
+    SUSPENDED = "suspended"  # no QEMU; ``state_file`` holds the guest (RAM and devices)
 
 
 class Action(StrEnum):
     START = "start"
     STOP = "stop"
     DESTROY = "destroy"
+    REFRESH = "refresh"
+    SUSPEND = "suspend"
 
 
 class Event(StrEnum):
@@ -43,6 +50,13 @@ class Event(StrEnum):
     PAUSED = "paused"  # QMP STOP: QEMU paused the guest (I/O error, or an operator)
     RESUMED = "resumed"
     DESTROY_REQUESTED = "destroy requested"
+    REFRESH_REQUESTED = "refresh requested"
+    REFRESHED = "refreshed"  # the new QEMU runs the guest; the old one is gone
+    REFRESH_FAILED = "refresh failed"  # the old QEMU kept (or got back) the guest
+    SUSPEND_REQUESTED = "suspend requested"
+    SUSPENDED = "suspended"  # state file written and synced; QEMU gone
+    SUSPEND_FAILED = "suspend failed"  # QEMU kept the guest and runs it again
+    RESUME_REQUESTED = "resume requested"  # a start of a suspended VM: QEMU ``-incoming``
 
 
 S, E = VmState, Event
@@ -73,12 +87,27 @@ TRANSITIONS: dict[tuple[VmState, Event], VmState] = {
     (S.DESTROYING, E.DESTROY_REQUESTED): S.DESTROYING,  # again, if QEMU did not exit
     (S.DESTROYING, E.STOPPED): S.DESTROYING,
     (S.DESTROYING, E.DIED): S.DESTROYING,
+    # ``vm refresh``: only a running guest (the new QEMU starts it once it has it)
+    (S.RUNNING, E.REFRESH_REQUESTED): S.REFRESHING,
+    (S.REFRESHING, E.REFRESHED): S.RUNNING,
+    (S.REFRESHING, E.REFRESH_FAILED): S.RUNNING,
+    (S.REFRESHING, E.DIED): S.CRASHED,  # the QEMU that had the guest vanished
+    # suspend to a file, resume from it (reboot upgrades); a paused guest resumes running
+    (S.RUNNING, E.SUSPEND_REQUESTED): S.SUSPENDING,
+    (S.PAUSED, E.SUSPEND_REQUESTED): S.SUSPENDING,
+    (S.SUSPENDING, E.SUSPENDED): S.SUSPENDED,
+    (S.SUSPENDING, E.SUSPEND_FAILED): S.RUNNING,
+    (S.SUSPENDING, E.DIED): S.CRASHED,
+    (S.SUSPENDED, E.RESUME_REQUESTED): S.STARTING,  # a failed resume cold-starts it
+    (S.SUSPENDED, E.DESTROY_REQUESTED): S.DESTROYING,
 }
 
 _ACTION_EVENT = {
     Action.START: E.START_REQUESTED,
     Action.STOP: E.STOP_REQUESTED,
     Action.DESTROY: E.DESTROY_REQUESTED,
+    Action.REFRESH: E.REFRESH_REQUESTED,
+    Action.SUSPEND: E.SUSPEND_REQUESTED,
 }
 
 
@@ -138,6 +167,13 @@ class VmRecord:
     # the uid (= gid) its QEMU runs as (``vms/sandbox.py``), the VM's own; given at its
     # first start (a record from an older agent has none until then), kept for its life
     uid: int | None = None
+    # the new QEMU while ``refreshing`` (a restarted agent decides which one keeps the VM)
+    incoming_pid: int | None = None
+    # while ``suspended``: the saved guest, and when it was paused (for ``pause_seconds``)
+    state_file: str | None = None
+    suspended_at: float | None = None
+    # how long the guest was last paused by a refresh or a suspend and resume, in seconds
+    pause_seconds: float | None = None
 
     def with_state(self, state: VmState, **changes: Any) -> VmRecord:
         return replace(self, state=state, **changes)

@@ -87,6 +87,18 @@ class Monitor:
         except (QMPError, OSError, EOFError) as exc:
             raise MonitorError(f"vm {self.name}: QMP {command} failed: {exc}") from exc
 
+    async def pass_fd(self, name: str, fd: int) -> None:
+        """Give QEMU a copy of ``fd`` under ``name`` (SCM_RIGHTS, then ``getfd``), e.g. a
+        migration channel (``fd:NAME``). The caller keeps and closes its own copy.
+
+        :raise MonitorError: QEMU did not take it.
+        """
+        try:
+            self._qmp.send_fd_scm(fd)
+        except (QMPError, OSError) as exc:
+            raise MonitorError(f"vm {self.name}: cannot pass a descriptor: {exc}") from exc
+        await self.execute("getfd", {"fdname": name})
+
     async def powerdown(self) -> None:
         await self.execute("system_powerdown")
 

@@ -75,6 +75,20 @@ class VmFiles:
         return self.run / "console"
 
     @property
+    def qmp_next(self) -> Path:
+        """The QMP socket of the QEMU a refresh starts, renamed to ``qmp`` once it has won."""
+        return self.run / "qmp.next"
+
+    @property
+    def console_next(self) -> Path:
+        return self.run / "console.next"
+
+    @property
+    def saved(self) -> Path:
+        """A suspended guest's state (RAM and devices), the agent's file: QEMU never opens it."""
+        return self.dir / "suspend.state"
+
+    @property
     def console_log(self) -> Path:
         return self.run / "console.log"
 

@@ -44,6 +44,8 @@ ROUTES: dict[tuple[str, str], object] = {
     ("DELETE", "/v1/vms/{name}"): "vm.manage",
     ("POST", "/v1/vms/{name}/start"): "vm.manage",
     ("POST", "/v1/vms/{name}/stop"): "vm.manage",
+    ("POST", "/v1/vms/{name}/refresh"): "vm.manage",
+    ("POST", "/v1/vms/{name}/suspend"): "vm.manage",
     ("GET", "/v1/vms/{name}/console"): "vm.read",
     ("PUT", "/v1/vms/{name}/user-data"): "vm.manage",
     ("GET", "/v1/pool"): "pool.read",
