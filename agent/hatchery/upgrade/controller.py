@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import platform
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -41,6 +42,9 @@ from hatchery.upgrade.model import (
 )
 
 log = logging.getLogger(__name__)
+
+
+SUSPEND_HEADROOM = 256 << 20  # beyond the VMs' memory: the staged kernel and initrd, logs
 
 
 class UpgradeError(HatcheryError):
@@ -291,6 +295,27 @@ class Upgrader:
                                hint=exc.hint) from exc  # fmt: skip
         if mode is Mode.LIVE:
             self._check_same_kernel(self._images, running, version)
+        else:
+            self._check_room_for_vms()
+
+    def _check_room_for_vms(self) -> None:
+        """A reboot saves every running VM's memory to /data: refuse before anything stops
+        if it cannot fit (with ``SUSPEND_HEADROOM`` left for the staged kernel and logs)."""
+        if self._vms is None:
+            return
+        names = self._vms.running_names()
+        need = (self._vms.memory_mib(names) << 20) + SUSPEND_HEADROOM if names else 0
+        try:
+            free = shutil.disk_usage(self._state_dir).free
+        except OSError:
+            return
+        if need > free:
+            raise UpgradeError(
+                f"a reboot upgrade saves the memory of {len(names)} running VM(s) to /data: "
+                f"{need / (1 << 30):.2f} GiB needed, {free / (1 << 30):.2f} GiB free",
+                409,
+                hint="free space on /data, or stop some VMs first (they are then cold-started)",
+            )
 
     def _check_same_kernel(self, images: ImageSource, running: str, version: str) -> None:
         ours = self._running_digest(images, running)
@@ -413,11 +438,11 @@ class Upgrader:
             reboot.prepare, self._images, self._state_dir, version, self._version(), restore,
             guard_seconds,
         )  # fmt: skip
-        detail = f"staged {version}; stopping {len(restore)} VMs, then kexec"
+        detail = f"staged {version}; saving {len(restore)} VMs to /data, then kexec"
         await self._record(model.note(self._status, detail))
         if self._vms is not None:
             for name in restore:
-                await self._vms.stop_for_reboot(name)
+                await self._vms.suspend_for_reboot(name)
         self._handing_over = True  # the shutdown that follows is the plan
         try:
             await asyncio.to_thread(self._jump, staged)

@@ -86,6 +86,15 @@ class VmControl(Protocol):
         """Stop ``name`` softly, keeping it to be restored."""
         ...
 
+    async def suspend_for_reboot(self, name: str) -> None:
+        """Save ``name``'s whole state to /data and quit its QEMU (``restore`` resumes it);
+        stop it softly if that fails."""
+        ...
+
+    def memory_mib(self, names: list[str]) -> int:
+        """What saving ``names`` takes on /data at most: their guest memory."""
+        ...
+
     async def restore(self, name: str) -> None:
         """Start ``name`` again after the reboot.
 

@@ -1050,6 +1050,9 @@ class VmManager:
     async def stop_for_reboot(self, name: str) -> None:
         await self.stop(name, timeout=30)
 
+    def memory_mib(self, names: list[str]) -> int:
+        return sum(self._vms[n].memory_mib for n in names if n in self._vms)
+
     async def restore(self, name: str) -> None:
         """Start it again after the reboot; a suspended one is resumed (``start``)."""
         vm = self._vms.get(name)
@@ -1057,10 +1060,9 @@ class VmManager:
             await self.start(name)
 
     async def suspend_for_reboot(self, name: str) -> None:
-        """The hook a reboot upgrade that keeps guests' memory calls instead of
-        ``stop_for_reboot`` (after staging, before the jump; ``restore`` resumes it): save
-        it to /data, or stop it softly if that fails. Not wired into the controller yet: it
-        needs the disk-space check and the per-VM report of issue 16."""
+        """What a reboot upgrade does to each running VM after staging, before the jump
+        (``restore`` resumes it after the boot): save it to /data, or stop it softly if
+        that fails (``restore`` then cold-starts it)."""
         try:
             await self.suspend(name)
         except VmError as exc:

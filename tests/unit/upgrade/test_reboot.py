@@ -11,24 +11,32 @@ import pytest
 from hatchery.errors import CommandError
 from hatchery.state import write_json
 from hatchery.upgrade import reboot
-from hatchery.upgrade.controller import Upgrader
+from hatchery.upgrade.controller import UpgradeError, Upgrader
 from hatchery.upgrade.model import BootStatus, Mode, Phase
 from tests.support.upgrade_roots import DirImages, root_image, wait_done
 
 
 class Vms:
-    """A small VmControl: which VMs run, and which were stopped and restored."""
+    """A small VmControl: which VMs run (512 MiB each), which were saved and restored."""
 
-    def __init__(self, running: list[str] | None = None) -> None:
+    def __init__(self, running: list[str] | None = None, memory_mib: int = 512) -> None:
         self.running = list(running or [])
         self.stopped: list[str] = []
+        self.suspended: list[str] = []
         self.restored: list[str] = []
+        self.each_mib = memory_mib
 
     def running_names(self) -> list[str]:
         return list(self.running)
 
     async def stop_for_reboot(self, name: str) -> None:
         self.stopped.append(name)
+
+    async def suspend_for_reboot(self, name: str) -> None:
+        self.suspended.append(name)
+
+    def memory_mib(self, names: list[str]) -> int:
+        return self.each_mib * len(names)
 
     async def restore(self, name: str) -> None:
         if name == "broken":
@@ -92,10 +100,10 @@ async def test_reboot_request_stages_arms_stops_and_jumps(tmp_path: Path) -> Non
     assert (armed / "previous").read_text() == "v2\n"
     assert (armed / "guard-seconds").read_text() == "90\n"
     assert (armed / "restore").read_text() == "web1\ndb1\n"
-    assert vms.stopped == ["web1", "db1"]
+    assert vms.suspended == ["web1", "db1"] and vms.stopped == []  # memory kept, not stopped
     await upgrader.close()  # the shutdown that follows a kexec is no failure
     assert upgrader.status.state is Phase.RUNNING
-    assert upgrader.status.detail == "staged v3; stopping 2 VMs, then kexec"
+    assert upgrader.status.detail == "staged v3; saving 2 VMs to /data, then kexec"
 
     after = Vms()
     new = boot(tmp_path, images, "v3", after)
@@ -200,3 +208,19 @@ def test_an_artefact_that_does_not_match_its_digest_is_not_staged(tmp_path: Path
     with pytest.raises(reboot.StagingError, match="not the signed"):
         reboot.stage(images, tmp_path, "v2")
     assert list((reboot.boot_dir(tmp_path) / "v2").iterdir()) == []
+
+
+async def test_a_reboot_without_room_to_save_the_vms_is_refused_before_anything_stops(
+    tmp_path: Path,
+) -> None:
+    """Saving every running VM's memory must fit on /data (here: far more than any disk)."""
+    images, jumps = images_at(tmp_path), Jumps()
+    vms = Vms(["web1", "db1"], memory_mib=1 << 40)  # 1 EiB each: more than any disk
+    upgrader = Upgrader(tmp_path, images, tmp_path, vms=vms, version=lambda: "v2", jump=jumps)
+    with pytest.raises(
+        UpgradeError, match=r"saves the memory of 2 running VM\(s\) to /data"
+    ) as err:
+        await upgrader.request("v3", Mode.REBOOT, guard_seconds=90)
+    assert err.value.status == 409
+    assert vms.suspended == vms.stopped == [] and jumps.taken == []
+    assert not reboot.pending_dir(tmp_path).exists()
