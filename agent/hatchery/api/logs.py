@@ -15,14 +15,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 
 from aiohttp import web
 
-from hatchery.api.http import Unavailable, require
+from hatchery.api.http import Unavailable, caller, require
 from hatchery.api.validate import BadRequest
 from hatchery.logs import LogSource, check_unit, parse_since
 
+log = logging.getLogger(__name__)
 MAX_LINES = 10_000
 MAX_FOLLOW_LINES = 100_000
 MAX_STREAMS = 8
@@ -74,6 +76,8 @@ async def get_logs(request: web.Request) -> web.StreamResponse:
         raise Unavailable(f"{streams[0]} log answers are open already, as many as this agent "
                           "serves at once", hint="try again later")  # fmt: skip
     streams[0] += 1
+    log.info("%s reads the node's logs (unit %s%s)", caller(request).name,
+             unit or "of the agent", ", following" if follow else "")  # fmt: skip
     entries = source.entries(unit, since, lines, follow)
     handler = asyncio.current_task()
     assert handler is not None

@@ -111,7 +111,8 @@ async def attach(client: AgentClient, name: str, read_only: bool) -> None:
                     return
 
         with raw_terminal(stdin):
-            loop.add_reader(stdin, on_key)
+            if not read_only or os.isatty(stdin):  # a watcher without a terminal: until killed
+                loop.add_reader(stdin, on_key)
             for sig in (signal.SIGTERM, signal.SIGHUP):
                 loop.add_signal_handler(sig, detached.set)
             tasks = [asyncio.create_task(show(), name="console-show"),
