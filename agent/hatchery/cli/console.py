@@ -67,7 +67,11 @@ async def attach(client: AgentClient, name: str, read_only: bool) -> None:
     """
     mode = "read" if read_only else "write"
     async with client.websocket(f"/v1/vms/{quote(name, safe='')}/console/attach?mode={mode}") as ws:
-        hello = await ws.receive_json(timeout=30)
+        try:
+            hello = await ws.receive_json(timeout=30)
+        except (TypeError, ValueError, TimeoutError) as exc:  # closed at once, or not ours
+            raise ConsoleEnded(f"vm {name}: the agent did not open the console "
+                               f"(code {ws.close_code})") from exc  # fmt: skip
         role = hello.get("role") if isinstance(hello, dict) else None
         _say(f"Connected to vm {name} as {role}. Escape character is ^]")
         loop = asyncio.get_running_loop()

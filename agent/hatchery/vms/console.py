@@ -284,6 +284,9 @@ class Consoles:
         def forget(hub: ConsoleHub) -> None:
             if self._hubs.get(uuid) is hub:
                 del self._hubs[uuid]
+            lock = self._opening.get(uuid)
+            if lock is not None and not lock.locked():  # nobody holds or awaits it
+                del self._opening[uuid]
 
         return forget
 

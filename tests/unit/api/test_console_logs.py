@@ -199,3 +199,15 @@ async def test_another_unit_needs_a_journal(api: Api) -> None:
     assert resp.status == 503 and "no journal" in (await resp.json())["error"]
     ok = await api.client.get("/v1/logs?unit=hatchery-agent.service", headers=ADMIN)
     assert ok.status == 200
+
+
+async def test_log_streams_are_capped_and_freed_when_clients_leave(api: Api) -> None:
+    follows = [await api.client.get("/v1/logs?follow=1&lines=1", headers=ADMIN) for _ in range(8)]
+    assert all(r.status == 200 for r in follows)
+    refused = await api.client.get("/v1/logs", headers=ADMIN)
+    assert refused.status == 503 and "as many as" in (await refused.json())["error"]
+    for resp in follows:
+        resp.close()  # the client leaves; nothing more is logged meanwhile
+    async with asyncio.timeout(10):
+        while (await api.client.get("/v1/logs?lines=1", headers=ADMIN)).status != 200:
+            await asyncio.sleep(0.2)
