@@ -32,6 +32,8 @@ from hatchery.errors import HatcheryError
 from hatchery.health import NodeHealth
 from hatchery.images.signing import KeyDirectory
 from hatchery.images.store import ImageStore
+from hatchery.log import recent_log
+from hatchery.logs import node_logs
 from hatchery.metadata.ruleset import Port
 from hatchery.metadata.server import VmMetadata
 from hatchery.metadata.service import MetadataService, node_services
@@ -256,8 +258,11 @@ class Agent:
         revocations.start()
         watcher = asyncio.create_task(revocations.run(), name="crl reload")
         stack.push_async_callback(_cancel, watcher)
+        node_log = node_logs(recent_log())
+        log.info("GET /v1/logs reads %s", "the journal" if node_log.name == "journal"
+                 else "the agent's recent lines (no journal here)")  # fmt: skip
         context = ApiContext(self.manager, self.pool, load_policy(config.policy), self.health,
-                             time.time(), self.upgrader, self.metrics)  # fmt: skip
+                             time.time(), self.upgrader, self.metrics, logs=node_log)  # fmt: skip
         images = ImagesContext.build(self.images, KeyDirectory(config.image_keys), peer_tls)
         api = ApiServer(make_app(context, images, revocations=revocations), tls, config.limits,
                         self.metrics.http("api"))  # fmt: skip

@@ -22,7 +22,7 @@ from hatchery.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
 from hatchery.dhcp import cli as dhcp_cli
 from hatchery.errors import HatcheryError, report
 from hatchery.host import notify, open_notify, watchdog_interval
-from hatchery.log import setup_logging
+from hatchery.log import recent_log, setup_logging
 from hatchery.seed import run_seed
 from hatchery.tftp import cli as tftp_cli
 
@@ -92,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return SERVE_COMMANDS[args.service][1](args)
         if args.command == "seed":
             return run_seed()
+        recent_log()  # from the first line on: what GET /v1/logs serves without a journal
         config = load_config(getattr(args, "config", DEFAULT_CONFIG_PATH))
         asyncio.run(run_agent(config))
     except HatcheryError as exc:

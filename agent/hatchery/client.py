@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json as jsonlib
 import os
 import ssl
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,11 +138,21 @@ def agent_url(address: str) -> str:
     return f"https://{address}"
 
 
+#: The longest line of a streamed answer (``GET /v1/logs``) a client takes.
+MAX_STREAM_LINE = 1 << 20
+#: The largest WebSocket message a client takes from an agent (a console sends 4 KiB ones).
+MAX_WS_MESSAGE = 64 * 1024
+
+
 class AgentClient:
-    def __init__(self, address: str, credentials: Credentials, timeout: float = 300.0) -> None:
+    def __init__(
+        self, address: str, credentials: Credentials, timeout: float | None = 300.0
+    ) -> None:
+        """``timeout``: for a whole request, answer included (None: none, for consoles and
+        followed logs, which last as long as the operator wants)."""
         self.base = agent_url(address)
         self._ssl = credentials.context()
-        self._timeout = aiohttp.ClientTimeout(total=timeout, connect=10)
+        self._timeout = aiohttp.ClientTimeout(total=timeout, connect=10, sock_connect=10)
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> AgentClient:
@@ -157,7 +169,7 @@ class AgentClient:
     ) -> Any:
         """Send one request; return the JSON (or text) answer, or raise ``ApiError``."""
         assert self._session is not None, "use 'async with AgentClient(...)'"
-        try:
+        with self._errors():
             async with self._session.request(
                 method, self.base + path, json=json, data=data
             ) as resp:
@@ -168,6 +180,53 @@ class AgentClient:
                 if resp.status >= 400:
                     raise error_from_answer(resp.status, body)
                 return body
+
+    async def lines(self, path: str, limit: int = MAX_STREAM_LINE) -> AsyncIterator[bytes]:
+        """A streamed answer's lines as they come (``GET /v1/logs?follow=1``), each at most
+        ``limit`` bytes (``ApiError`` past it); ``ApiError`` for a refusal."""
+        assert self._session is not None, "use 'async with AgentClient(...)'"
+        with self._errors():
+            async with self._session.get(self.base + path) as resp:
+                if resp.status >= 400:
+                    body = decode_answer(await read_answer(resp), resp.content_type)
+                    raise error_from_answer(resp.status, body)
+                pending = bytearray()
+                async for chunk in resp.content.iter_any():
+                    pending += chunk
+                    while (end := pending.find(b"\n")) >= 0:
+                        yield bytes(pending[:end])
+                        del pending[: end + 1]
+                    if len(pending) > limit:
+                        raise ApiError(f"GET {path}: a line over {limit} bytes", resp.status)
+                if pending:
+                    yield bytes(pending)
+
+    @contextlib.asynccontextmanager
+    async def websocket(self, path: str) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+        """A WebSocket to ``path`` (``/v1/vms/NAME/console/attach``). A refused upgrade says
+        only its status, so the same URL is asked again as a plain GET, whose answer is the
+        agent's error body (the route refuses before it attaches anything): the ``ApiError``
+        names why."""
+        assert self._session is not None, "use 'async with AgentClient(...)'"
+        with self._errors():
+            try:
+                ws = await self._session.ws_connect(
+                    self.base + path, max_msg_size=MAX_WS_MESSAGE, heartbeat=30.0
+                )
+            except aiohttp.WSServerHandshakeError as exc:
+                await self.request("GET", path)  # raises the agent's own refusal
+                raise ApiError(f"GET {path}: WebSocket refused (HTTP {exc.status})",
+                               exc.status) from exc  # fmt: skip
+        try:
+            yield ws
+        finally:
+            await ws.close()
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Connection and TLS failures as one ``ApiError`` each, with a hint."""
+        try:
+            yield
         except aiohttp.ClientConnectorCertificateError as exc:
             raise ApiError(
                 f"{self.base}: the agent's certificate is not trusted: {exc.certificate_error}",

@@ -19,7 +19,7 @@ import os
 import shutil
 import socket
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +43,7 @@ __all__ = [
     "run",
     "run_async",
     "spawn",
+    "stream_lines",
     "systemctl",
     "systemd_running",
     "watchdog_interval",
@@ -126,6 +127,68 @@ async def run_async(
     if check and returncode != 0:
         raise CommandError(argv, returncode, stderr)
     return Completed(tuple(argv), returncode, stdout, stderr)
+
+
+async def stream_lines(
+    argv: Sequence[str], *, max_line: int = 64 * 1024, max_lines: int | None = None
+) -> AsyncGenerator[str]:
+    """Run ``argv`` and yield its output line by line as it comes (``journalctl --follow``).
+
+    Bounded whatever the command prints: a line is cut to ``max_line`` bytes (the rest of it
+    skipped), at most ``max_lines`` lines are yielded, stderr's last 4 KiB are kept. The
+    command is killed when the consumer stops early (close the generator: ``aclosing``) or
+    is cancelled; cancellation passes through untouched.
+
+    :raise CommandError: it cannot be started, or it exits non-zero (with its stderr).
+    """
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+    except OSError as exc:
+        raise CommandError(argv, None, reason=f"cannot run: {exc.strerror or exc}") from exc
+    assert proc.stdout is not None and proc.stderr is not None
+    stderr = bytearray()
+
+    async def drain_stderr(pipe: asyncio.StreamReader) -> None:
+        while chunk := await pipe.read(4096):
+            stderr.extend(chunk)
+            del stderr[:-4096]
+
+    errors = asyncio.create_task(drain_stderr(proc.stderr), name=f"stderr-{argv[0]}")
+    count, buffer, skipping = 0, bytearray(), False
+    try:
+        while max_lines is None or count < max_lines:
+            chunk = await proc.stdout.read(64 * 1024)
+            if not chunk:
+                break
+            buffer += chunk
+            while (end := buffer.find(b"\n")) >= 0 and (max_lines is None or count < max_lines):
+                line = bytes(buffer[: min(end, max_line)])
+                del buffer[: end + 1]
+                if skipping:  # the tail of a line already cut
+                    skipping = False
+                    continue
+                count += 1
+                yield line.decode(errors="replace")
+            if len(buffer) > max_line and not skipping:
+                count += 1
+                yield bytes(buffer[:max_line]).decode(errors="replace")
+                skipping = True
+            if skipping:
+                buffer.clear()
+        if buffer and not skipping and (max_lines is None or count < max_lines):
+            yield bytes(buffer[:max_line]).decode(errors="replace")  # no newline at the end
+            count += 1
+        if max_lines is None or count < max_lines:  # it ended by itself: did it fail?
+            await proc.wait()
+            await errors
+            if proc.returncode:
+                raise CommandError(argv, proc.returncode, stderr.decode(errors="replace"))
+    finally:
+        errors.cancel()
+        await _kill(proc)
 
 
 #: Processes ``spawn`` started that may still run.

@@ -1,12 +1,18 @@
-"""One logging set-up for every Hatchery program: plain lines, %-style, DEBUG with --debug."""
+"""One logging set-up for every Hatchery program: plain lines, %-style, DEBUG with --debug.
+
+The agent also keeps its most recent lines in memory (``RecentLog``), so ``hatchery logs``
+can show them on a node without a journal (tests, containers); where systemd runs, the
+journal is read instead (``hatchery.logs``).
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 
 def setup_logging(debug: bool = False) -> None:
@@ -18,6 +24,73 @@ def setup_logging(debug: bool = False) -> None:
     # pyroute2 and qemu.qmp narrate every message at DEBUG: keep them to warnings.
     for noisy in ("pyroute2", "qemu.qmp"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@dataclass(frozen=True, slots=True)
+class LogLine:
+    """One line the agent logged: ``seq`` counts every line since start (never reused)."""
+
+    seq: int
+    time: float
+    level: str
+    logger: str
+    message: str
+
+
+class RecentLog(logging.Handler):
+    """The last ``capacity`` lines logged, each cut to ``max_line`` characters: a ring of
+    bounded size (``capacity * max_line`` characters at most) whatever is logged, lost at a
+    restart. Records may come from worker threads: ``emit`` runs under the handler's lock
+    (``Handler.handle`` takes it) and readers take it too.
+    """
+
+    def __init__(self, capacity: int = 2000, max_line: int = 2048) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.max_line = max_line
+        self._lines: deque[LogLine] = deque(maxlen=capacity)
+        self._seq = 0
+        self._format = logging.Formatter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if record.exc_info:
+                message += "\n" + self._format.formatException(record.exc_info)
+        except Exception:  # a bad %-format must not stop the logging of others
+            message = str(record.msg)
+        if len(message) > self.max_line:
+            message = message[: self.max_line - 1] + "…"
+        self._seq += 1
+        self._lines.append(
+            LogLine(self._seq, record.created, record.levelname.lower(), record.name, message)
+        )
+
+    def after(self, seq: int = 0) -> list[LogLine]:
+        """The lines kept whose ``seq`` is over ``seq``, oldest first."""
+        self.acquire()
+        try:
+            if self._seq <= seq:
+                return []
+            return [line for line in self._lines if line.seq > seq]
+        finally:
+            self.release()
+
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
+
+def recent_log() -> RecentLog:
+    """The ``RecentLog`` on the root logger, installed at the first call (the agent's start):
+    it keeps what the other handlers are given."""
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if isinstance(handler, RecentLog):
+            return handler
+    handler = RecentLog()
+    root.addHandler(handler)
+    return handler
 
 
 class EventSummary:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
 
-__all__ = ["BootStatus", "Health", "Mode", "Phase", "UpgradeRequest", "UpgradeStatus"]
+__all__ = ["BootStatus", "Health", "LogEntry", "Mode", "Phase", "UpgradeRequest", "UpgradeStatus"]
 
 
 class Mode(StrEnum):
@@ -223,3 +223,32 @@ class Health:
             and free >= 0
             else None,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    """One line of ``GET /v1/logs`` (newline-delimited JSON, one entry a line), from the
+    node's journal or the agent's own recent lines: ``time`` in Unix seconds, ``unit`` the
+    systemd unit, ``level`` one of debug, info, warning, error, critical, ``source`` the
+    logger or syslog identifier."""
+
+    time: float
+    unit: str
+    level: str
+    source: str
+    message: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"time": self.time, "unit": self.unit, "level": self.level,
+                "source": self.source, "message": self.message}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: object) -> LogEntry | None:
+        """None for anything that is not an entry (a newer agent's other lines)."""
+        if not isinstance(data, Mapping):
+            return None
+        time, message = _number(data.get("time")), _text(data.get("message"))
+        if time is None or message is None:
+            return None
+        return cls(time, _text(data.get("unit")) or "", _text(data.get("level")) or "info",
+                   _text(data.get("source")) or "", message)  # fmt: skip

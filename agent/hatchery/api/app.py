@@ -2,7 +2,8 @@
 
 Served over HTTPS with mutual TLS (``api.server``); every handler starts with the
 ``api.http.require`` guard naming its permission, reads its body through ``api.validate``
-and fails with the one error body. The image routes are in ``api.images``.
+and fails with the one error body. The image routes are in ``api.images``, the attachable
+console in ``api.console``, the node's logs in ``api.logs``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from hatchery.addresses import AddressPool, Subnet
-from hatchery.api import crl, images
+from hatchery.api import console as live_console
+from hatchery.api import crl, images, logs
 from hatchery.api.http import (
     ANY_CLIENT,
     Identify,
@@ -37,10 +39,13 @@ from hatchery.api.http import (
 )
 from hatchery.api.policy import Policy
 from hatchery.api.validate import BadRequest, Body
+from hatchery.log import recent_log
+from hatchery.logs import LogSource, node_logs
 from hatchery.metrics import CONTENT_TYPE, Metrics, ReadCollector, Reading
 from hatchery.qemu.cmdline import DEFAULT_MACHINE, MACHINES
 from hatchery.revocation import Revocations
 from hatchery.upgrade.controller import Upgrader
+from hatchery.vms.console import Consoles
 from hatchery.vms.manager import CreateRequest, DiskRequest, KernelRequest, NotFound, VmManager
 from hatchery.vms.model import VmRecord, VmState
 from hatchery.vms.sandbox import open_untrusted
@@ -76,6 +81,8 @@ class ApiContext:
     started: float
     upgrader: Upgrader | None = None
     metrics: Metrics = field(default_factory=Metrics)
+    consoles: Consoles = field(default_factory=Consoles)
+    logs: LogSource = field(default_factory=lambda: node_logs(recent_log()))
 
 
 CONTEXT = web.AppKey("context", ApiContext)
@@ -452,6 +459,8 @@ def make_app(
     app.router.add_post("/v1/vms/{name}/suspend", suspend_vm)
     app.router.add_get("/v1/vms/{name}/console", console)
     app.router.add_put("/v1/vms/{name}/user-data", put_user_data)
+    live_console.add_routes(app, context.manager, context.consoles)
+    logs.add_routes(app, context.logs)
     app.router.add_get("/v1/pool", list_pool)
     app.router.add_post("/v1/pool", add_pool)
     app.router.add_get("/v1/subnets", list_subnets)

@@ -44,9 +44,11 @@ from hatchery.images.store import (
     MissingObjects,
     ObjectNotFound,
 )
+from hatchery.logs import LogsUnavailable
 from hatchery.pki import Identity, identity_from_peercert
 from hatchery.revocation import CrlRefused, CrlStale, Revocations
 from hatchery.upgrade.controller import UpgradeError
+from hatchery.vms.console import ConsoleBusy, ConsoleError
 from hatchery.vms.manager import MoveFailed, NotFound, VmError
 from hatchery.vms.model import VmStateError
 from hatchery.vms.sources import SourceError
@@ -102,6 +104,7 @@ STATUS: dict[type[HatcheryError], int] = {
     ObjectNotFound: 404,
     ImageNotFound: 404,
     CapacityError: 409,
+    ConsoleBusy: 409,
     ImageConflict: 409,
     MissingObjects: 409,
     PoolError: 409,
@@ -111,6 +114,8 @@ STATUS: dict[type[HatcheryError], int] = {
     VerificationError: 422,
     FetchError: 502,
     Unavailable: 503,
+    ConsoleError: 503,
+    LogsUnavailable: 503,
 }
 
 

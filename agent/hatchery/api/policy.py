@@ -1,8 +1,12 @@
 """Who may do what: groups from the client certificate mapped to permissions.
 
 Permissions are ``<area>.<verb>`` strings (``vm.read``, ``vm.manage``, ``pool.manage``,
-``upgrade.manage``); a pattern may end in ``*`` (``vm.*``, ``*``) or start with ``*.``
-(``*.read``). A plain pattern grants the permission on everything of its area.
+``upgrade.manage``), or ``<area>.<part>.<verb>`` for a part of an area
+(``node.logs.read``). In a pattern, ``*`` alone is every permission; a ``*`` segment stands
+for exactly one segment (``vm.*``, ``*.read``), so ``*.read`` does not cover
+``node.logs.read``: the node's logs show every tenant's VM names and activity, and are
+granted by name (``ops``), not with "read everything" (``reader``). A plain pattern grants
+the permission on everything of its area.
 
 A VM has an owner group. The pattern ``vm.manage:own`` (or ``vm.read:own``, ``vm.*:own``)
 grants the permission only on the VMs owned by *the group the grant is listed under*: under
@@ -33,18 +37,19 @@ from hatchery.pki import Identity
 
 #: The suffix of a grant that holds only on objects owned by the grant's group.
 OWN = ":own"
-_PATTERN = re.compile(r"\*|(\*|[a-z][a-z0-9_]*)\.(\*|[a-z][a-z0-9_]*)")
+_SEGMENT = r"(\*|[a-z][a-z0-9_]*)"
+_PATTERN = re.compile(rf"\*|{_SEGMENT}(\.{_SEGMENT}){{1,2}}")
 
 DEFAULT_POLICY: dict[str, tuple[str, ...]] = {
     "admin": ("*",),
-    "ops": ("vm.*", "pool.read", "health.read", "upgrade.read"),
+    "ops": ("vm.*", "pool.read", "health.read", "upgrade.read", "node.logs.read"),
     "reader": ("*.read",),
     # Agents: their certificates carry this group, so peers let them fetch images and health.
     # Node-to-node work only: a node certificate never creates, reads or destroys a VM.
     "node": ("images.read", "health.read"),
 }
 #: Every group not listed above: a tenant, which reads and manages only the VMs it owns.
-DEFAULT_OTHER_GROUPS: tuple[str, ...] = ("vm.read" + OWN, "vm.manage" + OWN)
+DEFAULT_OTHER_GROUPS: tuple[str, ...] = ("vm.read" + OWN, "vm.manage" + OWN, "vm.console" + OWN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,11 +70,13 @@ class Scope:
 
 
 def _matches(pattern: str, permission: str) -> bool:
-    if pattern == permission:
+    """``*`` matches everything; otherwise segment by segment, a ``*`` segment any one."""
+    if pattern == "*" or pattern == permission:
         return True
-    if pattern.endswith("*") and permission.startswith(pattern[:-1]):
-        return True
-    return pattern.startswith("*.") and permission.endswith(pattern[1:])
+    wanted, given = pattern.split("."), permission.split(".")
+    return len(wanted) == len(given) and all(
+        w in ("*", g) for w, g in zip(wanted, given, strict=True)
+    )
 
 
 def check_pattern(pattern: str, where: str) -> str:
@@ -79,7 +86,8 @@ def check_pattern(pattern: str, where: str) -> str:
     if _PATTERN.fullmatch(base) is None:
         raise ConfigError(
             f"{where}: {pattern!r} is not a permission pattern",
-            hint="area.verb, area.*, *.verb or *, optionally followed by :own for vm.* grants",
+            hint="area.verb, area.part.verb, area.*, *.verb or *, optionally followed by :own "
+            "for vm.* grants",
         )
     if scoped and not base.startswith("vm."):
         raise ConfigError(f"{where}: {pattern!r}: only vm permissions can be scoped to :own "

@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from hatchery.cli import ca, image, vm
+from hatchery.cli import ca, image, logs, vm
 from hatchery.errors import HatcheryError, report
 from hatchery.log import setup_logging
 from hatchery.qemu.accel import choose_accel
@@ -22,6 +22,7 @@ COMMAND_GROUPS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]]
     "pool": ("the agent's address pool", vm.register_pool),
     "subnet": ("the agent's subnets", vm.register_subnet),
     "health": ("the agent's health and version", vm.register_health),
+    "logs": ("the node's journal or the agent's log (--unit, --since, --follow)", logs.register),
     "image": ("signing keys, signed images, publish to and fetch between agents", image.register),
 }
 

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from hatchery.cli import console as live_console
 from hatchery.client import AgentClient, Credentials
 from hatchery.errors import HatcheryError
 from hatchery.qemu.cmdline import DEFAULT_MACHINE, MACHINES
@@ -200,6 +201,15 @@ async def _console(client: AgentClient, args: argparse.Namespace) -> Any:
         await asyncio.sleep(1)
 
 
+def _console_command(args: argparse.Namespace) -> int:
+    """The log (``--follow``: as it grows), or ``--attach`` (``cli.console``)."""
+    if args.attach:
+        return live_console.run(args)
+    if args.read_only:
+        raise HatcheryError("--read-only goes with --attach")
+    return _command(_console, _quiet)(args)
+
+
 def _quiet(_: Any, __: argparse.Namespace) -> None:
     return None
 
@@ -315,10 +325,17 @@ def register_vm(parser: argparse.ArgumentParser) -> None:
     stop.add_argument("--force", action="store_true", help="hard stop at once")
     stop.set_defaults(func=_command(_stop, _say("vm {r[name]} is {r[state]}")))
 
-    console = sub.add_parser("console", help="print the VM's serial console")
+    console = sub.add_parser("console", help="print the VM's serial console, or --attach to it")
     console.add_argument("name")
     console.add_argument("--follow", "-f", action="store_true")
-    console.set_defaults(func=_command(_console, _quiet))
+    console.add_argument(
+        "--attach",
+        action="store_true",
+        help="interactive: type into the console (raw terminal, Ctrl-] detaches)",
+    )
+    console.add_argument("--read-only", action="store_true",
+                         help="with --attach: watch only (vm.read is enough)")  # fmt: skip
+    console.set_defaults(func=_console_command)
 
     user_data = sub.add_parser("user-data", help="replace the VM's user data")
     user_data.add_argument("name")

@@ -249,6 +249,12 @@ class VmManager:
         """Written by QEMU, so open it with ``sandbox.open_untrusted``."""
         return self._files(self.get(name)).console_log
 
+    def console_socket(self, name: str) -> tuple[Path, tuple[int, ...]]:
+        """VM ``name``'s console socket and the uids it may belong to: QEMU makes it, so
+        connect only through ``sandbox.checked_socket`` (``vms.console`` does)."""
+        vm = self.get(name)
+        return self._files(vm).console, sandbox.socket_owners(vm.uid)
+
     # --- start-up: re-adopt ------------------------------------------------------------
     async def adopt_all(self) -> None:
         """Load every record; reconnect to live QEMUs; settle the rest.
@@ -638,7 +644,7 @@ class VmManager:
             self._on_qmp_event(vm.name, live, kind, data)
 
         live.watch = process.ExitWatch(pid, lambda: self._on_exit(vm.name, live))
-        owners = (0,) if vm.uid is None else (vm.uid, 0)  # 0: QEMU as root (unprivileged off)
+        owners = sandbox.socket_owners(vm.uid)
         files = self._files(vm)
         live.monitor = Monitor(vm.name, files.qmp_next if incoming else files.qmp, on_event,
                                owners)  # fmt: skip

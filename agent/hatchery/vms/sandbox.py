@@ -246,6 +246,12 @@ def open_untrusted(path: Path) -> int:
     return fd
 
 
+def socket_owners(uid: int | None) -> tuple[int, ...]:
+    """Who may own a VM's sockets: its QEMU's uid, or root (a QEMU started as root: an older
+    agent's VM, or ``vms.unprivileged: false``)."""
+    return (0,) if uid is None else (uid, 0)
+
+
 def checked_socket(path: Path, owners: Iterable[int]) -> int:
     """An ``O_PATH`` descriptor of the socket at ``path`` if it is a socket (not a symlink
     to one) owned by one of ``owners``; connect through ``/proc/self/fd/N``, so a QEMU that

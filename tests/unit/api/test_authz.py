@@ -66,7 +66,8 @@ async def test_another_groups_vm_looks_missing(api: Api) -> None:
     made = await api.client.post("/v1/vms", json=_vm(api, "db1", owner_group="db"), headers=DB)
     assert made.status == 201
     for method, tail in (("GET", ""), ("DELETE", ""), ("POST", "/start"), ("POST", "/stop"),
-                         ("GET", "/console"), ("PUT", "/user-data")):  # fmt: skip
+                         ("GET", "/console"), ("PUT", "/user-data"), ("GET", "/console/attach"),
+                         ("GET", "/console/attach?mode=read")):  # fmt: skip
         theirs = await api.client.request(method, f"/v1/vms/db1{tail}", headers=WEB)
         missing = await api.client.request(method, f"/v1/vms/nope{tail}", headers=WEB)
         assert theirs.status == missing.status == 404, (method, tail)
@@ -118,6 +119,13 @@ def test_the_default_policy_is_explicit() -> None:
     assert policy.allows(node, "images.read") and policy.allows(node, "health.read")
     tenant = Identity("t", frozenset({"web"}))
     assert policy.allows(tenant, "vm.manage", "web") and not policy.allows(tenant, "vm.manage")
+    assert policy.allows(tenant, "vm.console", "web") and not policy.allows(tenant, "vm.console")
+    # The node's logs show every tenant's VM names: ops and admin by name, not "*.read".
+    for group, logs in (("admin", True), ("ops", True), ("reader", False), ("web", False),
+                        ("node", False)):  # fmt: skip
+        member = Identity("m", frozenset({group}))
+        assert policy.allows(member, "node.logs.read") is logs, group
+        assert policy.allows(member, "vm.console", "web") is (group in ("admin", "ops", "web"))
     for pattern in (*DEFAULT_OTHER_GROUPS, *(p for ps in DEFAULT_POLICY.values() for p in ps)):
         check_pattern(pattern, "default")
 
@@ -142,3 +150,19 @@ def test_policy_file_with_other_groups(tmp_path: Path) -> None:
     path.write_text("groups: {}\nextra: 1\n")
     with pytest.raises(ConfigError, match="extra"):
         load_policy(path)
+
+
+def test_a_star_segment_stands_for_one_segment() -> None:
+    """``*.read`` is "read any area", not "read any part of any area": ``node.logs.read``
+    is granted by name (or by ``node.logs.*``, ``node.*.read``, ``*``)."""
+    check_pattern("node.logs.read", "groups.ops")
+    check_pattern("node.*.read", "groups.ops")
+    with pytest.raises(ConfigError):
+        check_pattern("a.b.c.d", "groups.ops")
+    policy = Policy({"r": ("*.read",), "o": ("node.*.read",), "v": ("vm.*",), "a": ("*",)})
+    for group, permission, granted in (
+        ("r", "vm.read", True), ("r", "node.logs.read", False), ("o", "node.logs.read", True),
+        ("o", "vm.read", False), ("v", "vm.console", True), ("v", "vm.x.read", False),
+        ("a", "node.logs.read", True),
+    ):  # fmt: skip
+        assert policy.allows(Identity("m", frozenset({group})), permission) is granted

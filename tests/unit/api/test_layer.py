@@ -47,11 +47,13 @@ ROUTES: dict[tuple[str, str], object] = {
     ("POST", "/v1/vms/{name}/refresh"): "vm.manage",
     ("POST", "/v1/vms/{name}/suspend"): "vm.manage",
     ("GET", "/v1/vms/{name}/console"): "vm.read",
+    ("GET", "/v1/vms/{name}/console/attach"): "vm.read",  # a writer needs vm.console too
     ("PUT", "/v1/vms/{name}/user-data"): "vm.manage",
     ("GET", "/v1/pool"): "pool.read",
     ("POST", "/v1/pool"): "pool.manage",
     ("GET", "/v1/subnets"): "pool.read",
     ("POST", "/v1/subnets"): "pool.manage",
+    ("GET", "/v1/logs"): "node.logs.read",
     ("GET", "/v1/upgrade"): "upgrade.read",
     ("POST", "/v1/upgrade"): "upgrade.manage",
     ("GET", "/v1/images"): "images.read",

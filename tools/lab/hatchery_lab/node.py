@@ -25,7 +25,7 @@ from hatchery import pki
 from hatchery.client import AgentClient, ApiError, Credentials
 from hatchery.qemu.accel import choose_accel
 from hatchery.qemu.cmdline import DirectKernel, GuestSpec, Nic, build_argv
-from hatchery_lab.agent import Pki
+from hatchery_lab.agent import BIN, Pki
 from hatchery_lab.net import unique_name
 
 
@@ -153,6 +153,17 @@ class RunningNode:
     async def api(self, method: str, path: str, **kwargs: Any) -> Any:
         async with AgentClient(self.address, self.credentials, timeout=900) as client:
             return await client.request(method, path, **kwargs)
+
+    def agent_log(self, lines: int = 200, since: str = "30m") -> str:
+        """The node's agent log through ``hatchery logs`` (its journal, over the API): what
+        to show when the node fails a step while its agent still answers. The CLI's error
+        instead when it cannot be read."""
+        creds = self.credentials
+        argv = [str(BIN / "hatchery"), "logs", "--lines", str(lines), "--since", since,
+                "--agent", self.address, "--ca", str(creds.ca), "--cert", str(creds.cert),
+                "--key", str(creds.key)]  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+        return done.stdout if done.returncode == 0 else f"(hatchery logs: {done.stderr.strip()})"
 
     def health(self) -> dict[str, Any] | None:
         try:

@@ -226,7 +226,9 @@ def run_story(workdir: Path, say: Callable[[str], None] = _say) -> Story:
                 workdir / "rollout.log", say,
             )  # fmt: skip
             if status != 0:
-                raise RuntimeError(f"the rollout failed:\n{output}")
+                logs = "".join(f"\n--- {node.spec.name}: hatchery logs --since 30m\n"
+                               f"{node.agent_log()}" for node in (node_a, node_b))  # fmt: skip
+                raise RuntimeError(f"the rollout failed:\n{output}{logs}")
             after = _api(node_b, "GET", "/v1/vms/app1")
             versions = [node.wait_agent(600)["version"] for node in (node_a, node_b)]
             story.facts.update(vm_after=after, versions=versions, rollout=output)
