@@ -73,7 +73,6 @@ async def attach(client: AgentClient, name: str, read_only: bool) -> None:
             raise ConsoleEnded(f"vm {name}: the agent did not open the console "
                                f"(code {ws.close_code})") from exc  # fmt: skip
         role = hello.get("role") if isinstance(hello, dict) else None
-        _say(f"Connected to vm {name} as {role}. Escape character is ^]")
         loop = asyncio.get_running_loop()
         stdin = sys.stdin.fileno()
         detached = asyncio.Event()
@@ -115,6 +114,8 @@ async def attach(client: AgentClient, name: str, read_only: bool) -> None:
                     return
 
         with raw_terminal(stdin):
+            # Said once the terminal is raw: what the user types from here goes to the guest.
+            _say(f"Connected to vm {name} as {role}. Escape character is ^]")
             if not read_only or os.isatty(stdin):  # a watcher without a terminal: until killed
                 loop.add_reader(stdin, on_key)
             for sig in (signal.SIGTERM, signal.SIGHUP):
