@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 import time
 from urllib.parse import urlencode
@@ -54,7 +55,27 @@ def _run(args: argparse.Namespace) -> int:
     async def go() -> None:
         creds = Credentials.from_env(args.ca, args.cert, args.key)
         async with AgentClient(args.agent, creds, timeout=None if args.follow else 300) as client:
-            await show(client, args)
+            if not args.follow:
+                await show(client, args)
+                return
+            # Ctrl-C ends a follow at once, whatever the stream is waiting for: our own
+            # handler, not the cancellation asyncio.run would send into aiohttp's reads.
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGINT, stop.set)
+            loop.add_signal_handler(signal.SIGTERM, stop.set)
+            following = asyncio.create_task(show(client, args), name="logs-follow")
+            stopping = asyncio.create_task(stop.wait(), name="logs-stop")
+            try:
+                await asyncio.wait({following, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (following, stopping):
+                    task.cancel()
+                await asyncio.gather(following, stopping, return_exceptions=True)
+                loop.remove_signal_handler(signal.SIGINT)
+                loop.remove_signal_handler(signal.SIGTERM)
+            if not following.cancelled():
+                following.result()  # it ended by itself: its error, if it had one
 
     try:
         asyncio.run(go())
