@@ -1070,6 +1070,9 @@ class VmManager:
         vm = self._vms.get(name)
         if vm is None:
             return VmOutcome(name, VmResult.STOPPED, reason="it no longer exists")
+        if vm.state in (VmState.RUNNING, VmState.PAUSED):  # no QEMU outlives a kexec
+            why = f"it was already {vm.state.value} after the boot: started afresh, not resumed"
+            return VmOutcome(name, VmResult.COLD_STARTED, reason=why)
         if vm.state not in (VmState.STOPPED, VmState.CRASHED, VmState.SUSPENDED):
             why = f"it was {vm.state.value} after the boot, not restored"
             return VmOutcome(name, VmResult.STOPPED, reason=why)
