@@ -13,7 +13,18 @@ from typing import Any
 
 from hatchery_rollout.journal import HostState, read_journal
 from tests.integration.rollout.conftest import SimFleet, Tls
-from tests.integration.rollout.test_rollout_sim import FAST, rollout, run_args
+
+FAST = ["--poll-interval", "0.01", "--progress-interval", "2"]
+
+
+def rollout(tls: Tls, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "hatchery_rollout.cli", *args, *tls.args()]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+
+
+def run_args(sim: SimFleet, journal: Path) -> list[str]:
+    return ["run", "--fleet", str(sim.fleet), "--version", "v2", "--journal", str(journal)]
+
 
 HOSTS = 12  # linear waves: 0 | 1-2 | 3-5 | 6-9 | 10-11: host00004 is in step 3
 COLD = "host00004"
