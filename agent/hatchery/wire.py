@@ -19,7 +19,17 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
 
-__all__ = ["BootStatus", "Health", "LogEntry", "Mode", "Phase", "UpgradeRequest", "UpgradeStatus"]
+__all__ = [
+    "BootStatus",
+    "Health",
+    "LogEntry",
+    "Mode",
+    "Phase",
+    "UpgradeRequest",
+    "UpgradeStatus",
+    "VmOutcome",
+    "VmResult",
+]
 
 
 class Mode(StrEnum):
@@ -82,12 +92,68 @@ class UpgradeRequest:
         return body
 
 
+class VmResult(StrEnum):
+    """What a reboot-mode upgrade did to a VM that ran before it: ``restoring`` until the
+    agent of the new boot has dealt with it, then ``resumed`` (memory kept), ``cold-started``
+    (booted afresh: the guest lost its memory), ``stopped`` (not running, and not brought back)
+    or ``failed`` (bringing it back raised an error)."""
+
+    RESTORING = "restoring"
+    RESUMED = "resumed"
+    COLD_STARTED = "cold-started"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class VmOutcome:
+    """One VM in a reboot-mode upgrade's report: ``pause_seconds`` (``resumed``) is how long
+    the guest was paused, from the pause before its state was saved to running again after
+    the boot; ``reason`` (any other result) says why it was not resumed."""
+
+    name: str
+    result: VmResult
+    pause_seconds: float | None = None
+    reason: str | None = None
+
+    @property
+    def degraded(self) -> bool:
+        """Whether the guest lost its memory or is not running (anything but resumed, once
+        the agent is done with it)."""
+        return self.result not in (VmResult.RESUMED, VmResult.RESTORING)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "result": self.result.value,
+                "pause_seconds": self.pause_seconds, "reason": self.reason}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: object) -> VmOutcome | None:
+        """None for anything that is not an outcome, or a result this side does not know (a
+        newer agent's)."""
+        if not isinstance(data, Mapping):
+            return None
+        name, result = _text(data.get("name")), _enum(VmResult, data.get("result"))
+        if name is None or result is None:
+            return None
+        pause = _number(data.get("pause_seconds"))
+        return cls(name, result, pause if pause is not None and pause >= 0 else None,
+                   _text(data.get("reason")))  # fmt: skip
+
+
+def _outcomes(data: object) -> tuple[VmOutcome, ...]:
+    if not isinstance(data, list):
+        return ()
+    return tuple(o for o in map(VmOutcome.from_json, data) if o is not None)
+
+
 @dataclass(frozen=True, slots=True)
 class UpgradeStatus:
     """A node's latest upgrade (``GET /v1/upgrade``, ``upgrade`` in ``/healthz``).
 
     ``error`` says why it failed; ``detail`` what it did (``3 replace; restarted: ssh.service``)
-    or, for a reboot that fell back, ``fallback``. Times are Unix seconds.
+    or, for a reboot that fell back, ``fallback``. Times are Unix seconds. ``vms``: after a
+    reboot-mode upgrade, one outcome per VM that ran before it (empty otherwise, and from an
+    agent older than the report).
     """
 
     state: Phase = Phase.IDLE
@@ -97,6 +163,7 @@ class UpgradeStatus:
     started: float | None = None
     finished: float | None = None
     detail: str | None = None
+    vms: tuple[VmOutcome, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -107,7 +174,14 @@ class UpgradeStatus:
             "started": self.started,
             "finished": self.finished,
             "detail": self.detail,
+            "vms": [vm.to_json() for vm in self.vms],
         }
+
+    @property
+    def restoring(self) -> bool:
+        """Whether the agent is still bringing back VMs after a reboot (the report is not
+        final yet)."""
+        return any(vm.result is VmResult.RESTORING for vm in self.vms)
 
     @classmethod
     def from_json(cls, data: object) -> UpgradeStatus:
@@ -122,6 +196,7 @@ class UpgradeStatus:
             started=_number(data.get("started")),
             finished=_number(data.get("finished")),
             detail=_text(data.get("detail")),
+            vms=_outcomes(data.get("vms")),
         )
 
 

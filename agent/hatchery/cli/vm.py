@@ -15,7 +15,7 @@ from hatchery.cli import console as live_console
 from hatchery.client import AgentClient, Credentials
 from hatchery.errors import HatcheryError
 from hatchery.qemu.cmdline import DEFAULT_MACHINE, MACHINES
-from hatchery.wire import Health
+from hatchery.wire import Health, Phase, UpgradeStatus, VmResult
 
 Run = Callable[[AgentClient, argparse.Namespace], Awaitable[Any]]
 
@@ -269,6 +269,26 @@ def _render_health(answer: Any, _: argparse.Namespace) -> None:
     for name, value in sorted(h.checks.items()):
         print(f"  {name}: {value}")
     print(f"  vms: {h.vms.get('running', 0)} running of {h.vms_total or 0}")
+    for line in upgrade_lines(h.upgrade):
+        print(f"  {line}")
+
+
+def upgrade_lines(status: UpgradeStatus) -> list[str]:
+    """The latest upgrade in a few lines: its state and, after a reboot, one line per VM
+    that ran before it (resumed with its pause, or why not)."""
+    if status.state is Phase.IDLE:
+        return []
+    mode = f" ({status.mode.value})" if status.mode else ""
+    said = status.error if status.state is Phase.FAILED else status.detail
+    lines = [f"upgrade to {status.target or '?'}{mode}: {status.state.value}"
+             + (f": {said}" if said else "")]  # fmt: skip
+    for vm in status.vms:
+        if vm.result is VmResult.RESUMED and vm.pause_seconds is not None:
+            lines.append(f"  vm {vm.name}: resumed after a {vm.pause_seconds:.1f}s pause")
+        else:
+            lines.append(f"  vm {vm.name}: {vm.result.value}"
+                         + (f": {vm.reason}" if vm.reason else ""))  # fmt: skip
+    return lines
 
 
 def register_vm(parser: argparse.ArgumentParser) -> None:

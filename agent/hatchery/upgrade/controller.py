@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import platform
 import shutil
@@ -39,6 +40,8 @@ from hatchery.upgrade.model import (
     Phase,
     UpgradeStatus,
     VmControl,
+    VmOutcome,
+    VmResult,
 )
 
 log = logging.getLogger(__name__)
@@ -119,6 +122,10 @@ class Upgrader:
             ended = self._recovered(status, recovery)
             self._write(ended, self._next())
             return ended
+        if status.restoring:  # the previous agent stopped while it brought the VMs back
+            settled = model.unfinished(status, "the agent stopped before it restored this VM")
+            self._write(settled, self._next())
+            return settled
         if status.state is not Phase.RUNNING:
             return status
         if status.mode is Mode.REBOOT:
@@ -217,7 +224,9 @@ class Upgrader:
     def _show(self, status: UpgradeStatus) -> None:
         """``status`` is the node's now; an upgrade that ended is counted for /metrics."""
         ended = status.state in (Phase.DONE, Phase.FAILED)
-        if ended and status != self._status:
+        # a VM's outcome added to the report of an upgrade that ended is not another end
+        other = dataclasses.replace(status, vms=()) != dataclasses.replace(self._status, vms=())
+        if ended and other:
             self._meter.ended(status.mode.value if status.mode else "", status.state.value)
         self._status = status
 
@@ -473,21 +482,37 @@ class Upgrader:
                                  detail=model.FALLBACK)  # fmt: skip
             log.error("upgrade to %s failed, running %s: %s", outcome.version,
                       outcome.running, outcome.reason)  # fmt: skip
+        if self._vms is not None:  # each VM reported ``restoring`` until after_boot's word
+            ended = model.restoring(ended, outcome.restore)
         self._record_now(ended)
         reboot.clear(self._state_dir)
         self._restore = outcome.restore
 
     async def after_boot(self) -> None:
         """Restore the VMs a reboot-mode upgrade stopped (once the node's network is up); one
-        that cannot be restored is logged and the others go on."""
+        that cannot be restored is logged and the others go on. What became of each is
+        recorded in the status as soon as it is known (resumed, cold-started, stopped or
+        failed, see ``wire.VmResult``)."""
         restore, self._restore = self._restore, ()
         if self._vms is None:
             return
         for name in restore:
             try:
-                await self._vms.restore(name)
+                outcome = await self._vms.restore(name)
             except HatcheryError as exc:
                 log.error("cannot restore vm %s after the reboot: %s", name, exc.message)
+                outcome = VmOutcome(name, VmResult.FAILED, reason=exc.message)
+            await self._report(outcome)
+
+    async def _report(self, outcome: VmOutcome) -> None:
+        """Record one VM's outcome in the upgrade's report (shown even if the file cannot
+        be written: the API still tells)."""
+        reported = model.restored(self._status, outcome)
+        try:
+            await self._record(reported)
+        except HatcheryError as exc:
+            log.error("cannot record vm %s's outcome: %s", outcome.name, exc.message)
+            self._show(reported)
 
     async def close(self) -> None:
         """Stop a running upgrade's task (idempotent); it records why, unless it was the

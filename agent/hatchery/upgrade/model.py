@@ -19,7 +19,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from typing import BinaryIO, Protocol
 
-from hatchery.wire import BootStatus, Mode, Phase, UpgradeStatus
+from hatchery.wire import BootStatus, Mode, Phase, UpgradeStatus, VmOutcome, VmResult
 
 __all__ = [
     "FALLBACK",
@@ -31,11 +31,16 @@ __all__ = [
     "Phase",
     "UpgradeStatus",
     "VmControl",
+    "VmOutcome",
+    "VmResult",
     "boot_status",
     "done",
     "failed",
     "note",
+    "restored",
+    "restoring",
     "running",
+    "unfinished",
 ]
 
 
@@ -95,10 +100,12 @@ class VmControl(Protocol):
         """What saving ``names`` takes on /data at most: their guest memory."""
         ...
 
-    async def restore(self, name: str) -> None:
-        """Start ``name`` again after the reboot.
+    async def restore(self, name: str) -> VmOutcome:
+        """Start ``name`` again after the reboot; what became of it: resumed (with its
+        pause), cold-started or left stopped (with the reason).
 
-        :raise HatcheryError: it cannot be started (logged by the caller, the others go on).
+        :raise HatcheryError: it cannot be started (reported ``failed`` by the caller, the
+            others go on).
         """
         ...
 
@@ -165,6 +172,29 @@ def failed(
     kept = detail if detail is not None else status.detail
     return replace(status, state=Phase.FAILED, target=target or status.target, error=error,
                    finished=now, detail=kept)  # fmt: skip
+
+
+def restoring(status: UpgradeStatus, names: tuple[str, ...]) -> UpgradeStatus:
+    """The report of a reboot's VMs, before the agent of the new boot has brought them back:
+    each ``restoring`` (a reader waits for the final word)."""
+    return replace(status, vms=tuple(VmOutcome(n, VmResult.RESTORING) for n in names))
+
+
+def restored(status: UpgradeStatus, outcome: VmOutcome) -> UpgradeStatus:
+    """The report with ``outcome`` in its VM's place (appended if it was not listed)."""
+    listed = any(vm.name == outcome.name for vm in status.vms)
+    vms = tuple(outcome if vm.name == outcome.name else vm for vm in status.vms)
+    return replace(status, vms=vms if listed else (*vms, outcome))
+
+
+def unfinished(status: UpgradeStatus, why: str) -> UpgradeStatus:
+    """A report the previous agent left ``restoring`` (it stopped before bringing the VMs
+    back): those VMs are ``failed``, ``why`` the reason, so no reader waits for ever."""
+    vms = tuple(
+        VmOutcome(vm.name, VmResult.FAILED, reason=why) if vm.result is VmResult.RESTORING else vm
+        for vm in status.vms
+    )
+    return replace(status, vms=vms)
 
 
 FALLBACK = "fallback"

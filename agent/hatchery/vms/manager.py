@@ -46,6 +46,7 @@ from hatchery.vms.model import (
 )
 from hatchery.vms.monitor import Monitor, MonitorError
 from hatchery.vms.sources import FolderFile, Source, SourceError, SourceFetcher
+from hatchery.wire import VmOutcome, VmResult
 
 log = logging.getLogger(__name__)
 
@@ -1059,21 +1060,47 @@ class VmManager:
     def memory_mib(self, names: list[str]) -> int:
         return sum(self._vms[n].memory_mib for n in names if n in self._vms)
 
-    async def restore(self, name: str) -> None:
-        """Start it again after the reboot; a suspended one is resumed (``start``)."""
+    async def restore(self, name: str) -> VmOutcome:
+        """Start it again after the reboot; a suspended one is resumed (``start``), and
+        cold-started if that fails. What became of it, for the upgrade's report: resumed
+        with its measured pause, or cold-started or stopped with the reason.
+
+        :raise VmError: it could not be started at all.
+        """
         vm = self._vms.get(name)
-        if vm is not None and vm.state in (VmState.STOPPED, VmState.CRASHED, VmState.SUSPENDED):
-            await self.start(name)
+        if vm is None:
+            return VmOutcome(name, VmResult.STOPPED, reason="it no longer exists")
+        if vm.state in (VmState.RUNNING, VmState.PAUSED):  # no QEMU outlives a kexec
+            why = f"it was already {vm.state.value} after the boot: started afresh, not resumed"
+            return VmOutcome(name, VmResult.COLD_STARTED, reason=why)
+        if vm.state not in (VmState.STOPPED, VmState.CRASHED, VmState.SUSPENDED):
+            why = f"it was {vm.state.value} after the boot, not restored"
+            return VmOutcome(name, VmResult.STOPPED, reason=why)
+        suspended, before = vm.state is VmState.SUSPENDED, vm.reason
+        after = await self.start(name)
+        if suspended and after.state is VmState.RUNNING and after.reason is None:
+            return VmOutcome(name, VmResult.RESUMED, pause_seconds=after.pause_seconds)
+        if suspended:  # ``_resume`` fell back to a cold start and says why
+            why = after.reason or "resume failed; cold-started"
+        else:
+            why = f"it was {vm.state.value} before the boot, not saved" + (
+                f" ({before})" if before else ""
+            )
+        return VmOutcome(name, VmResult.COLD_STARTED, reason=why)
 
     async def suspend_for_reboot(self, name: str) -> None:
         """What a reboot upgrade does to each running VM after staging, before the jump
         (``restore`` resumes it after the boot): save it to /data, or stop it softly if
-        that fails (``restore`` then cold-starts it)."""
+        that fails (``restore`` then cold-starts it; the suspend's failure stays in its
+        record for the upgrade's report)."""
         try:
             await self.suspend(name)
         except VmError as exc:
             log.error("vm %s: %s; stopping it for the reboot instead", name, exc.message)
             await self.stop_for_reboot(name)
+            vm = self._vms.get(name)
+            if vm is not None and vm.state in (VmState.STOPPED, VmState.CRASHED):
+                self._save(replace(vm, reason=f"suspend failed: {exc.message}"))
 
     # --- user data ------------------------------------------------------------------------
     async def set_user_data(self, name: str, user_data: str) -> VmRecord:

@@ -9,7 +9,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hatchery.wire import BootStatus, Health, Mode, Phase, UpgradeRequest, UpgradeStatus
+from hatchery.wire import (
+    BootStatus,
+    Health,
+    Mode,
+    Phase,
+    UpgradeRequest,
+    UpgradeStatus,
+    VmOutcome,
+    VmResult,
+)
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
@@ -30,6 +39,22 @@ documents = st.fixed_dictionaries(
         "uptime": json_values,
     },
 )
+
+
+upgrade_documents = st.fixed_dictionaries(
+    {"state": st.just("done")},
+    optional={"vms": json_values | st.lists(st.fixed_dictionaries(
+        {}, optional={"name": json_values, "result": json_values | st.sampled_from(
+            [r.value for r in VmResult]), "pause_seconds": json_values, "reason": json_values},
+    ), max_size=4)},
+)  # fmt: skip
+
+
+@given(upgrade_documents | json_values)
+def test_a_vm_report_never_crashes_a_reader(doc: Any) -> None:
+    status = UpgradeStatus.from_json(doc)
+    assert all(isinstance(vm.name, str) and isinstance(vm.result, VmResult) for vm in status.vms)
+    assert UpgradeStatus.from_json(status.to_json()) == status
 
 
 @given(documents | json_values)
@@ -64,6 +89,49 @@ def test_the_contract_of_docs_api_md() -> None:
     assert health.upgrade == UpgradeStatus(Phase.DONE, "v2", Mode.LIVE, None, 10.0, 12.5,
                                            "1 replace")  # fmt: skip
     assert health.uptime == 3.5
+
+
+def test_the_vm_report_of_docs_api_md() -> None:
+    status = UpgradeStatus.from_json(
+        {"state": "done", "target": "v3", "mode": "reboot", "detail": "rebooted into v3",
+         "vms": [
+             {"name": "web1", "result": "resumed", "pause_seconds": 41.2, "reason": None},
+             {"name": "db1", "result": "cold-started", "pause_seconds": None,
+              "reason": "resume failed: its state file is missing; cold-started"},
+             {"name": "old", "result": "failed", "reason": "no such disk"},
+             {"name": "gone", "result": "stopped", "reason": "it no longer exists"},
+             {"name": "next", "result": "restoring"},
+         ]}
+    )  # fmt: skip
+    assert [(vm.name, vm.result) for vm in status.vms] == [
+        ("web1", VmResult.RESUMED), ("db1", VmResult.COLD_STARTED), ("old", VmResult.FAILED),
+        ("gone", VmResult.STOPPED), ("next", VmResult.RESTORING),
+    ]  # fmt: skip
+    assert status.vms[0].pause_seconds == 41.2 and not status.vms[0].degraded
+    assert [vm.degraded for vm in status.vms[1:]] == [True, True, True, False]
+    assert status.restoring
+
+
+def test_a_vm_report_reads_back_the_same_and_tolerates_what_it_does_not_know() -> None:
+    status = UpgradeStatus(Phase.DONE, "v3", Mode.REBOOT, vms=(
+        VmOutcome("web1", VmResult.RESUMED, pause_seconds=3.0),
+        VmOutcome("db1", VmResult.COLD_STARTED, reason="resume failed: x; cold-started"),
+    ))  # fmt: skip
+    assert UpgradeStatus.from_json(status.to_json()) == status
+    health = Health("v3", upgrade=status)
+    assert Health.from_json(health.to_json()).upgrade.vms == status.vms
+    # An older agent sends no report; a newer one may send results this side does not know,
+    # or odd values: those entries are left out, the rest is read.
+    assert UpgradeStatus.from_json({"state": "done"}).vms == ()
+    odd = {"state": "done", "vms": [
+        {"name": "a", "result": "teleported"}, {"result": "resumed"}, "web1", 3,
+        {"name": "b", "result": "resumed", "pause_seconds": -1},
+        {"name": "c", "result": "resumed", "pause_seconds": True, "reason": 5},
+    ]}  # fmt: skip
+    assert UpgradeStatus.from_json(odd).vms == (
+        VmOutcome("b", VmResult.RESUMED), VmOutcome("c", VmResult.RESUMED),
+    )  # fmt: skip
+    assert UpgradeStatus.from_json({"state": "done", "vms": {"a": "resumed"}}).vms == ()
 
 
 def test_what_the_agent_writes_reads_back_the_same() -> None:

@@ -8,6 +8,7 @@ without a word.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from hatchery.api.policy import load_policy
 from hatchery.capacity import HostCapacity
 from hatchery.health import NodeHealth
 from hatchery.qemu.accel import Accel, AccelChoice
+from hatchery.state import write_json
 from hatchery.upgrade.controller import Upgrader
 from hatchery.vms.manager import VmManager
 from tests.support.upgrade_roots import RELEASE, DirImages, root_image, unpack, wait_done
@@ -43,6 +45,12 @@ class Node:
 
 @pytest.fixture
 async def node(tmp_path: Path) -> AsyncIterator[Node]:
+    async with serve(tmp_path) as served:
+        yield served
+
+
+@contextlib.asynccontextmanager
+async def serve(tmp_path: Path) -> AsyncIterator[Node]:
     root = tmp_path / "root"
     root.mkdir()
     unpack(root_image("v2"), root)  # the node runs v2
@@ -100,3 +108,20 @@ async def test_allow_downgrade_must_be_a_boolean(node: Node) -> None:
     body = {"version": "v1", "allow_downgrade": "yes"}
     resp = await node.client.post("/v1/upgrade", json=body, headers=ADMIN)
     assert resp.status == 400 and (await resp.json())["field"] == "allow_downgrade"
+
+
+async def test_the_vm_report_of_a_reboot_is_served(tmp_path: Path) -> None:
+    """After a reboot upgrade, ``GET /v1/upgrade`` and ``/healthz``'s ``upgrade`` say what
+    became of each VM (the status as the controller persisted it)."""
+    vms = [
+        {"name": "web1", "result": "resumed", "pause_seconds": 41.2, "reason": None},
+        {"name": "db1", "result": "cold-started", "pause_seconds": None,
+         "reason": "resume failed: its state file is missing; cold-started"},
+    ]  # fmt: skip
+    write_json(tmp_path / "upgrade.json", {"state": "done", "target": "v2", "mode": "reboot",
+                                           "detail": "rebooted into v2", "vms": vms})  # fmt: skip
+    async with serve(tmp_path) as node:
+        resp = await node.client.get("/v1/upgrade", headers=READER)
+        assert resp.status == 200 and (await resp.json())["vms"] == vms
+        health = await (await node.client.get("/healthz", headers=READER)).json()
+        assert health["upgrade"]["vms"] == vms

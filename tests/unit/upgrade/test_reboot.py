@@ -12,19 +12,27 @@ from hatchery.errors import CommandError
 from hatchery.state import write_json
 from hatchery.upgrade import reboot
 from hatchery.upgrade.controller import UpgradeError, Upgrader
-from hatchery.upgrade.model import BootStatus, Mode, Phase
+from hatchery.upgrade.model import BootStatus, Mode, Phase, VmOutcome, VmResult
+from hatchery.wire import Health, UpgradeStatus
 from tests.support.upgrade_roots import DirImages, root_image, wait_done
 
 
 class Vms:
-    """A small VmControl: which VMs run (512 MiB each), which were saved and restored."""
+    """A small VmControl: which VMs run (512 MiB each), which were saved and restored, and
+    what restoring each reports (``outcomes``; default: resumed after a 2.5 s pause)."""
 
-    def __init__(self, running: list[str] | None = None, memory_mib: int = 512) -> None:
+    def __init__(
+        self,
+        running: list[str] | None = None,
+        memory_mib: int = 512,
+        outcomes: dict[str, VmOutcome] | None = None,
+    ) -> None:
         self.running = list(running or [])
         self.stopped: list[str] = []
         self.suspended: list[str] = []
         self.restored: list[str] = []
         self.each_mib = memory_mib
+        self.outcomes = dict(outcomes or {})
 
     def running_names(self) -> list[str]:
         return list(self.running)
@@ -38,10 +46,11 @@ class Vms:
     def memory_mib(self, names: list[str]) -> int:
         return self.each_mib * len(names)
 
-    async def restore(self, name: str) -> None:
+    async def restore(self, name: str) -> VmOutcome:
         if name == "broken":
             raise CommandError(["qemu-system-x86_64"], 1, "no such disk")
         self.restored.append(name)
+        return self.outcomes.get(name, VmOutcome(name, VmResult.RESUMED, pause_seconds=2.5))
 
 
 class Jumps:
@@ -224,3 +233,74 @@ async def test_a_reboot_without_room_to_save_the_vms_is_refused_before_anything_
     assert err.value.status == 409
     assert vms.suspended == vms.stopped == [] and jumps.taken == []
     assert not reboot.pending_dir(tmp_path).exists()
+
+
+RESTORING = (VmOutcome("web1", VmResult.RESTORING), VmOutcome("db1", VmResult.RESTORING))
+
+
+async def test_the_status_reports_what_became_of_each_vm(tmp_path: Path) -> None:
+    """Per VM that ran before the reboot: ``restoring`` from the moment the boot is settled
+    (a reader knows to wait), then resumed with its pause or cold-started with the reason;
+    persisted, so a restarted agent, ``/healthz`` and ``GET /v1/upgrade`` tell the same."""
+    images = images_at(tmp_path)
+    pending(tmp_path, "v3", "v2")
+    cold = VmOutcome("db1", VmResult.COLD_STARTED,
+                     reason="resume failed: its state file is missing; cold-started")  # fmt: skip
+    vms = Vms(outcomes={"db1": cold})
+    upgrader = boot(tmp_path, images, "v3", vms)
+    assert upgrader.status.state is Phase.DONE and upgrader.status.vms == RESTORING
+    assert upgrader.status.restoring
+    await upgrader.after_boot()
+    report = (VmOutcome("web1", VmResult.RESUMED, pause_seconds=2.5), cold)
+    assert upgrader.status.vms == report and not upgrader.status.restoring
+    assert upgrader.status.detail == "rebooted into v3"
+    on_disk = Upgrader(tmp_path, images, tmp_path, vms=Vms(), version=lambda: "v3").status
+    assert on_disk == upgrader.status
+    wire = Health("v3", upgrade=upgrader.status).to_json()
+    assert wire["upgrade"]["vms"] == [
+        {"name": "web1", "result": "resumed", "pause_seconds": 2.5, "reason": None},
+        {"name": "db1", "result": "cold-started", "pause_seconds": None,
+         "reason": "resume failed: its state file is missing; cold-started"},
+    ]  # fmt: skip
+    assert Health.from_json(wire).upgrade == upgrader.status
+
+
+async def test_a_vm_that_cannot_be_restored_is_reported_failed(tmp_path: Path) -> None:
+    d = pending(tmp_path, "v3", "v2")
+    (d / "restore").write_text("broken\nweb1\n")
+    upgrader = boot(tmp_path, images_at(tmp_path), "v3", Vms())
+    await upgrader.after_boot()
+    assert upgrader.status.vms == (
+        VmOutcome("broken", VmResult.FAILED,
+                  reason="qemu-system-x86_64 exited with 1: no such disk"),
+        VmOutcome("web1", VmResult.RESUMED, pause_seconds=2.5),
+    )  # fmt: skip
+
+
+async def test_a_fallback_boot_reports_its_vms_too(tmp_path: Path) -> None:
+    pending(tmp_path, "v4", "v3", fallback="v4 did not become healthy within 90s")
+    stopped = VmOutcome("db1", VmResult.STOPPED, reason="it no longer exists")
+    upgrader = boot(tmp_path, images_at(tmp_path), "v3", Vms(outcomes={"db1": stopped}))
+    assert upgrader.status.state is Phase.FAILED and upgrader.status.vms == RESTORING
+    await upgrader.after_boot()
+    assert upgrader.status.vms[1] == stopped and upgrader.status.state is Phase.FAILED
+
+
+async def test_an_agent_stopped_while_restoring_leaves_no_vm_restoring(tmp_path: Path) -> None:
+    """Its successor does not restore them (the boot was settled): a reader must not wait
+    for ever, so those VMs read ``failed`` with the reason."""
+    images = images_at(tmp_path)
+    pending(tmp_path, "v3", "v2")
+    boot(tmp_path, images, "v3", Vms())  # settled, then the agent stops before after_boot
+    again = Upgrader(tmp_path, images, tmp_path, vms=Vms(), version=lambda: "v3")
+    why = "the agent stopped before it restored this VM"
+    assert again.status.vms == (VmOutcome("web1", VmResult.FAILED, reason=why),
+                                VmOutcome("db1", VmResult.FAILED, reason=why))  # fmt: skip
+    assert again.status.state is Phase.DONE and not again.status.restoring
+
+
+async def test_a_live_patch_or_an_older_status_has_no_vm_report(tmp_path: Path) -> None:
+    older = {"state": "done", "target": "v3", "mode": "reboot", "detail": "rebooted into v3"}
+    write_json(tmp_path / "upgrade.json", older)
+    upgrader = Upgrader(tmp_path, images_at(tmp_path), tmp_path, vms=Vms(), version=lambda: "v3")
+    assert upgrader.status.vms == () and upgrader.status == UpgradeStatus.from_json(older)

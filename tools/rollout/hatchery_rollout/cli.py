@@ -169,6 +169,7 @@ def _exec_options(args: argparse.Namespace) -> ExecOptions:
         hook_timeout=args.hook_timeout,
         allow_downgrade=args.allow_downgrade,
         soak=args.soak,
+        halt_on_degraded=args.halt_on_degraded,
     )
 
 
@@ -304,6 +305,9 @@ async def _execute(
         loop.remove_signal_handler(signal.SIGUSR2)
         await journal.aclose()
     _print_table(waves, records, outcome)
+    if outcome.degraded:
+        print(f"hatchery-rollout: {len(outcome.degraded)} host(s) degraded (a VM not resumed): "
+              f"{', '.join(sorted(outcome.degraded))}", file=sys.stderr)  # fmt: skip
     if outcome.halted_by is not None:
         host, reason = outcome.halted_by
         print(f"hatchery-rollout: halted: {host} failed: {reason}", file=sys.stderr)
@@ -321,7 +325,7 @@ def _print_table(
 ) -> None:
     print(
         f"{'step':>5} {'hosts':>6} {'done':>6} {'skipped':>8} {'failed':>7} {'pending':>8}"
-        f" {'seconds':>8}"
+        f" {'seconds':>8} {_VM_HEADER}"
     )
     totals = [0, 0, 0, 0, 0]
     for i, wave in enumerate(waves):
@@ -340,13 +344,35 @@ def _print_table(
         secs = f"{max(times):.1f}" if times else "-"
         print(
             f"{i + 1:>5} {len(wave):>6} {done:>6} {skipped:>8} {failed:>7} {pending:>8} {secs:>8}"
+            f" {_vm_columns([records[n] for n in wave if n in records])}"
         )
         for j, v in enumerate((len(wave), done, skipped, failed, pending)):
             totals[j] += v
-    print(f"{'all':>5} {totals[0]:>6} {totals[1]:>6} {totals[2]:>8} {totals[3]:>7} {totals[4]:>8}")
+    print(
+        f"{'all':>5} {totals[0]:>6} {totals[1]:>6} {totals[2]:>8} {totals[3]:>7} {totals[4]:>8}"
+        f" {'':>8} {_vm_columns(list(records.values()))}"
+    )
     for name, rec in records.items():
         if rec.state is HostState.FAILED:
             print(f"failed: {name}: {rec.reason}")
+    for name, rec in records.items():
+        if rec.vms is not None and rec.vms.degraded is not None and rec.state is HostState.DONE:
+            print(f"degraded: {name}: {rec.vms.degraded}")
+
+
+_VM_HEADER = f"{'resumed':>8} {'cold':>5} {'max pause':>10}"
+
+
+def _vm_columns(records: Sequence[HostRecord]) -> str:
+    """The reboot VM report's columns for these hosts: VMs resumed, cold-started, and the
+    longest pause (``-`` where no host reported)."""
+    tallies = [r.vms for r in records if r.vms is not None]
+    if not tallies:
+        return f"{'-':>8} {'-':>5} {'-':>10}"
+    pauses = [t.max_pause for t in tallies if t.max_pause is not None]
+    pause = f"{max(pauses):.1f}s" if pauses else "-"
+    resumed, cold = sum(t.resumed for t in tallies), sum(t.cold_started for t in tallies)
+    return f"{resumed:>8} {cold:>5} {pause:>10}"
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -406,7 +432,23 @@ def _status_doc(state: JournalState) -> dict[str, Any]:
         "resumes": state.resumes,
         "counts": {str(k): v for k, v in counts.items() if v},
         "failed": [{"host": n, "reason": r} for n, r in state.failed()],
+        "degraded": [{"host": n, "reason": r} for n, r in state.degraded()],
+        "vms": _vm_totals(state),
         "torn_tail": state.torn,
+    }
+
+
+def _vm_totals(state: JournalState) -> dict[str, Any]:
+    """Over the hosts that reported their VMs after a reboot: how many resumed, were
+    cold-started or are not running, and the longest pause."""
+    tallies = [r.vms for r in state.hosts.values() if r.vms is not None]
+    pauses = [t.max_pause for t in tallies if t.max_pause is not None]
+    return {
+        "hosts": len(tallies),
+        "resumed": sum(t.resumed for t in tallies),
+        "cold_started": sum(t.cold_started for t in tallies),
+        "not_restored": sum(t.not_restored for t in tallies),
+        "max_pause": max(pauses) if pauses else None,
     }
 
 
@@ -473,6 +515,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--soak", type=float, default=0.0,
         help="seconds to wait after each wave, then re-check its hosts' health (0)",
+    )  # fmt: skip
+    run.add_argument(
+        "--halt-on-degraded", action="store_true",
+        help="reboot mode: a host whose VM could only be cold-started (not resumed) halts the "
+        "rollout (default: it is reported, the rollout goes on)",
     )  # fmt: skip
     run.add_argument("--poll-interval", type=float, default=2.0)
     run.add_argument("--upgrade-timeout", type=float, default=1800.0)

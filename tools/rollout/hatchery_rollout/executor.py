@@ -9,7 +9,10 @@ Per host (each step journaled before it is taken):
    (a reboot-mode host may be unreachable meanwhile);
 4. health: poll ``/healthz`` until no check fails that was not failing before, within the
    health timeout; ``boot.fallback`` is a failure;
-5. the post hook (if any); done.
+5. reboot mode: the agent's per-VM report (``vm_report``): resumed, cold-started, and the
+   longest pause are journaled with the host; a VM that was not resumed makes the host
+   *degraded*, which halts the rollout only with ``halt_on_degraded``;
+6. the post hook (if any); done.
 
 A host whose upgrade request may already have reached its agent (resume after a crash, or
 ``--retry-failed``) is first re-checked: if the agent runs or is installing the target,
@@ -30,7 +33,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from hatchery.wire import Health, Mode, Phase, UpgradeRequest
+from hatchery.wire import Health, Mode, Phase, UpgradeRequest, VmResult
+from hatchery_rollout import vmreport
 from hatchery_rollout.client import AgentClient
 from hatchery_rollout.errors import AgentError, RolloutError
 from hatchery_rollout.inventory import Host
@@ -52,6 +56,7 @@ class ExecOptions:
     hook_timeout: float = 600.0
     allow_downgrade: bool = False
     soak: float = 0.0  # seconds after each wave before its hosts' health is checked again
+    halt_on_degraded: bool = False  # a VM cold-started (not resumed) fails its host
 
     def request(self) -> UpgradeRequest:
         """What each host is sent (the wire schema's ``POST /v1/upgrade`` body)."""
@@ -68,6 +73,7 @@ class ExecOptions:
             "post_hook": self.post_hook,
             "hook_timeout": self.hook_timeout,
             "soak": self.soak,
+            "halt_on_degraded": self.halt_on_degraded,
         }
 
     @classmethod
@@ -91,6 +97,7 @@ class ExecOptions:
             hook_timeout=num("hook_timeout", 600.0),
             allow_downgrade=data.get("allow_downgrade") is True,
             soak=num("soak", 0.0),
+            halt_on_degraded=data.get("halt_on_degraded") is True,
         )
 
 
@@ -111,6 +118,7 @@ class Outcome:
     failed: dict[str, str] = field(default_factory=dict)
     wave_seconds: list[float] = field(default_factory=list)
     not_started: int = 0
+    degraded: dict[str, str] = field(default_factory=dict)  # host -> why (not halting)
 
 
 class Executor:
@@ -238,7 +246,7 @@ class Executor:
     async def _fail(self, host: Host, rec: HostRecord, reason: str) -> None:
         log.error("%s failed: %s", host.name, reason)
         rec.reason = reason
-        await self._set(host, rec, HostState.FAILED, reason=reason)
+        await self._set(host, rec, HostState.FAILED, reason=reason, **_vm_fields(rec))
         self.outcome.failed[host.name] = reason
         if self.outcome.halted_by is None:
             self.outcome.halted_by = (host.name, reason)
@@ -275,8 +283,9 @@ class Executor:
         await self._wait_version(host)
         await self._set(host, rec, HostState.UPGRADED)
         await self._wait_healthy(host, rec)
+        await self._vm_report(host, rec)
         await self._hook("post", self.opts.post_hook, host)
-        await self._set(host, rec, HostState.DONE)
+        await self._set(host, rec, HostState.DONE, **_vm_fields(rec))
         return False
 
     async def _post(self, host: Host, rec: HostRecord) -> None:
@@ -354,6 +363,44 @@ class Executor:
                 raise HostFailed(f"unhealthy after {self.opts.health_timeout:g}s: {new_detail}")
             await asyncio.sleep(self.opts.poll_interval)
 
+    # --- the VMs of a reboot ---------------------------------------------------------------
+    async def _vm_report(self, host: Host, rec: HostRecord) -> None:
+        """Reboot mode: wait (within the health timeout) until the agent has reported every
+        VM that ran before the reboot, then keep its tally in ``rec`` (journaled with the
+        host). A degraded host fails with ``halt_on_degraded``, unless the journal already
+        holds the same degradation from before a ``--retry-failed`` (the operator has seen
+        it); else it is logged and listed. An agent without the report passes.
+
+        :raise HostFailed: still restoring at the deadline, or degraded and halting.
+        """
+        if self.opts.mode is not Mode.REBOOT:
+            return
+        deadline = time.monotonic() + self.opts.health_timeout
+        while True:
+            try:
+                status = (await self.client.health(host)).upgrade
+            except AgentError as exc:
+                status, last = None, str(exc)
+            if status is not None and not status.restoring:
+                break
+            if status is not None:
+                waiting = [vm.name for vm in status.vms if vm.result is VmResult.RESTORING]
+                last = "restoring " + ", ".join(waiting)
+            if time.monotonic() >= deadline:
+                raise HostFailed(f"VMs not restored after {self.opts.health_timeout:g}s: {last}")
+            await asyncio.sleep(self.opts.poll_interval)
+        if status.target != self.opts.version:
+            return  # not this upgrade's report (an agent that never wrote one)
+        earlier, rec.vms = rec.vms, vmreport.tally(status)
+        why = rec.vms.degraded if rec.vms is not None else None
+        if why is None:
+            return
+        seen = earlier is not None and earlier.degraded == why
+        if self.opts.halt_on_degraded and not seen:
+            raise HostFailed(f"degraded: {why}")
+        log.warning("%s degraded: %s", host.name, why)
+        self.outcome.degraded[host.name] = why
+
     async def _hook(self, which: str, command: str | None, host: Host) -> None:
         if not command:
             return
@@ -382,3 +429,9 @@ class Executor:
         if proc.returncode != 0:
             tail = "; ".join(out.decode(errors="replace").strip().splitlines()[-3:]) or "no output"
             raise HostFailed(f"{which} hook exited with {proc.returncode}: {tail}")
+
+
+def _vm_fields(rec: HostRecord) -> dict[str, object]:
+    """The host's VM tally as journal fields (none without a report: the record is as an
+    older rollout wrote it)."""
+    return rec.vms.fields() if rec.vms is not None else {}

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from hatchery_rollout.errors import JournalError
+from hatchery_rollout.vmreport import VmTally
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class HostRecord:
     sent: bool = False  # an upgrade request may have reached the agent
     started: float | None = None
     finished: float | None = None
+    vms: VmTally | None = None  # a reboot's VM report (fields of the done/failed record)
 
 
 @dataclass(slots=True)
@@ -84,6 +86,14 @@ class JournalState:
             out[rec.state] += 1
         return out
 
+    def degraded(self) -> list[tuple[str, str]]:
+        """Hosts whose VMs did not all come back with their memory, and why."""
+        return [
+            (name, rec.vms.degraded)
+            for name, rec in self.hosts.items()
+            if rec.vms is not None and rec.vms.degraded is not None
+        ]
+
     def failed(self) -> list[tuple[str, str]]:
         return [
             (name, rec.reason or "unknown")
@@ -107,6 +117,7 @@ def _apply(state: JournalState, rec: Mapping[str, Any]) -> None:
             host.reason = str(rec.get("reason", "unknown"))
         if new in FINAL or new is HostState.FAILED:
             host.finished = float(rec["ts"])
+            host.vms = _vm_tally(rec)
     elif kind == "halt":
         state.halted = dict(rec)
     elif kind == "resume":
@@ -120,6 +131,26 @@ def _apply(state: JournalState, rec: Mapping[str, Any]) -> None:
                     host.reason = None
     elif kind == "end":
         state.ended = dict(rec)
+
+
+def _vm_tally(rec: Mapping[str, Any]) -> VmTally | None:
+    """A reboot's VM report from a host record; None in records without one (a live patch,
+    or a journal written before the report existed)."""
+    if "resumed" not in rec:
+        return None
+
+    def count(key: str) -> int:
+        value = rec.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    pause, degraded = rec.get("max_pause"), rec.get("degraded")
+    return VmTally(
+        resumed=count("resumed"),
+        cold_started=count("cold_started"),
+        not_restored=count("not_restored"),
+        max_pause=float(pause) if isinstance(pause, int | float) else None,
+        degraded=degraded if isinstance(degraded, str) else None,
+    )
 
 
 def _split(data: bytes, path: Path) -> tuple[list[dict[str, Any]], int, bool]:

@@ -17,7 +17,11 @@ Config keys: ``hosts`` (count), ``ca``, ``cert``, ``key``, ``version`` (running 
 ``ready`` (paths); for the preflight: ``target`` (the version every store holds, default
 ``v2``), ``image_size`` (bytes), ``missing_image`` (names whose store lacks ``target``; a
 ``POST /v1/images/fetch`` adds it), ``free_bytes`` (each host's /data, default 100 GiB) and
-``low_space`` (names with 1 MiB free).
+``low_space`` (names with 1 MiB free). For the VM report of a reboot-mode upgrade: each VM
+(``vms``) is reported resumed after ``vm_pause`` seconds (default 1.5), except on the hosts
+named in ``cold_start``, whose first VM (one even if ``vms`` gives none) reports cold-started;
+``restore_delay`` (seconds, default 0) is how long after its upgrade a host still reports
+its VMs ``restoring``.
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ from typing import Any
 from aiohttp import web
 
 from hatchery.pki import identity_from_peercert, server_context
-from hatchery.wire import BootStatus, Health, Mode, Phase, UpgradeStatus
+from hatchery.wire import BootStatus, Health, Mode, Phase, UpgradeStatus, VmOutcome, VmResult
+
+COLD_REASON = "resume failed: injected: its state file is missing; cold-started"
 
 
 @dataclass(slots=True)
@@ -70,6 +76,9 @@ class Sim:
     baseline_fail: set[str] = field(default_factory=set)
     fail_upgrade: set[str] = field(default_factory=set)
     fallback: set[str] = field(default_factory=set)
+    cold_start: set[str] = field(default_factory=set)
+    vm_pause: float = 1.5
+    restore_delay: float = 0.0
 
     def settle(self, h: SimHost) -> None:
         """Finish an upgrade whose time has come (lazily: no task per host)."""
@@ -87,7 +96,23 @@ class Sim:
         return self.upgrade_status(h).to_json()
 
     def upgrade_status(self, h: SimHost) -> UpgradeStatus:
-        return UpgradeStatus(h.state, h.target, h.mode, h.error, h.started, h.finished)
+        return UpgradeStatus(h.state, h.target, h.mode, h.error, h.started, h.finished,
+                             vms=self.vm_report(h))  # fmt: skip
+
+    def vm_report(self, h: SimHost) -> tuple[VmOutcome, ...]:
+        """After a reboot-mode upgrade, what became of each VM (see the module's doc)."""
+        if h.mode is not Mode.REBOOT or h.state is not Phase.DONE or h.finished is None:
+            return ()
+        count = max(h.vms, 1) if h.name in self.cold_start else h.vms
+        names = [f"vm{i}" for i in range(count)]
+        if time.time() < h.finished + self.restore_delay:
+            return tuple(VmOutcome(n, VmResult.RESTORING) for n in names)
+        return tuple(
+            VmOutcome(n, VmResult.COLD_STARTED, reason=COLD_REASON)
+            if i == 0 and h.name in self.cold_start
+            else VmOutcome(n, VmResult.RESUMED, pause_seconds=self.vm_pause + i / 10)
+            for i, n in enumerate(names)
+        )
 
     def health_doc(self, h: SimHost) -> dict[str, Any]:
         checks = {"agent": "ok", "units": "ok", "vms": "ok"}
@@ -223,7 +248,7 @@ async def stats(request: web.Request) -> web.Response:
 async def configure(request: web.Request) -> web.Response:
     sim = request.app[SIM]
     body = await request.json()
-    for key in ("fail_health", "baseline_fail", "fail_upgrade", "fallback"):
+    for key in ("fail_health", "baseline_fail", "fail_upgrade", "fallback", "cold_start"):
         if key in body:
             setattr(sim, key, set(body[key]))
     return web.json_response({"ok": True})
@@ -246,8 +271,10 @@ async def serve(config: dict[str, Any]) -> None:
     missing = set(config.get("missing_image", ()))
     low = set(config.get("low_space", ()))
     free = int(config.get("free_bytes", 100 << 30))
-    for key in ("fail_health", "baseline_fail", "fail_upgrade", "fallback"):
+    for key in ("fail_health", "baseline_fail", "fail_upgrade", "fallback", "cold_start"):
         setattr(sim, key, set(config.get(key, ())))
+    sim.vm_pause = float(config.get("vm_pause", 1.5))
+    sim.restore_delay = float(config.get("restore_delay", 0.0))
     already = set(config.get("already", ()))
     vms = config.get("vms", {})
     target = str(config.get("target", "v2"))
