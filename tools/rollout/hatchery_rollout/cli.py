@@ -249,6 +249,7 @@ async def _run(args: argparse.Namespace) -> int:
         return 1 if found else 0
     if found:
         raise preflight.refuse(found)
+    survey.clear()  # every host's answers: tens of MiB for a large fleet, not needed now
     if fetch:
         print(f"fetching {options.version} from {args.fetch_from} on {len(fetch)} host(s)",
               file=sys.stderr)  # fmt: skip

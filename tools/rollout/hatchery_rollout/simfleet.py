@@ -283,10 +283,11 @@ async def serve(config: dict[str, Any]) -> None:
     admin_app.router.add_get("/stats", stats)
     admin_app.router.add_post("/config", configure)
     admin_app.router.add_get("/connections", connections)
+    if runner.server is None:
+        raise RuntimeError("the agents' runner has no server after its setup")
+    admin_app[SERVER] = runner.server
     admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
     await admin_runner.setup()
-    assert runner.server is not None
-    admin_app[SERVER] = runner.server
 
     racks = int(config.get("racks", 10))
     lines = ["levels: [region, building, rack]", "hosts:"]
