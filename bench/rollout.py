@@ -3,8 +3,9 @@
 One simulator process serves every agent endpoint over mutual TLS on loopback; each upgrade
 takes ``DELAY`` seconds (15 s scaled down). The tool runs as a child process: its wall time
 against the ideal schedule for the same progression (steps × DELAY: a barrier between steps,
-zero cost per request), its CPU time and peak memory from ``wait4``'s rusage. The survey (one
-health request to every host before planning) is reported apart from the rollout proper.
+zero cost per request), its CPU time and peak memory from ``wait4``'s rusage. The survey (the
+preflight: two requests to every host before planning) is reported apart from the rollout
+proper.
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ def run() -> None:
         f"linear progression: {waves} steps.\n\n"
         + table(["run", "seconds", "overhead vs ideal"], rows)
         + "\n\n"
-        + f"Survey (one health request to every host before planning): {survey:.1f} s. "
+        + "Survey (the preflight: health and image store of every host, one connection "
+        + f"each, before planning): {survey:.1f} s. "
         + f"Tool CPU: {cpu:.1f} s ({cpu / wall:.0%} of one core), peak RSS "
         + f"{usage.ru_maxrss / 1024:.0f} MiB; the simulator used {sim_cpu:.1f} s CPU. Both "
         + "share the machine's 2 cores, so part of the overhead is the simulator's load.\n\n"

@@ -3,7 +3,10 @@
 Per host (each step journaled before it is taken):
 
 1. baseline: ``GET /healthz``; checks failing now are recorded and do not count later; a host
-   already on the target version is skipped;
+   already on the target version is skipped. The next wave's baselines are asked for while
+   this wave's upgrades run (once all of its requests are out; read-only, at most
+   ``AHEAD_MAX_AGE`` old when used, dropped on a pause or a halt, not taken with a soak),
+   so a wave starts with its upgrade requests and the wave boundary costs no handshakes;
 2. the pre hook (if any), then ``POST /v1/upgrade`` (``posting`` is durable first);
 3. poll until the agent reports the target version and its upgrade is no longer running
    (a reboot-mode host may be unreachable meanwhile);
@@ -102,6 +105,7 @@ class ExecOptions:
 
 
 LONG_POLL = 30.0  # seconds an agent may hold GET /v1/upgrade?wait= open
+AHEAD_MAX_AGE = 30.0  # seconds a baseline taken during the previous wave stays usable
 
 
 class HostFailed(RolloutError):
@@ -144,12 +148,18 @@ class Executor:
         self._going = asyncio.Event()  # cleared while paused: no host starts
         self._going.set()
         self._notes: set[asyncio.Task[None]] = set()
+        # Baselines of the next wave, taken while this one upgrades: (health, when).
+        self._ahead: dict[str, tuple[Health, float]] = {}
+        self._ahead_task: asyncio.Task[None] | None = None
+        self._unposted: set[str] = set()  # this wave's hosts whose request is not out yet
+        self._posted = asyncio.Event()
 
     def pause(self) -> None:
         """No new host starts until ``go``; hosts already upgrading finish (SIGUSR1)."""
         if self._going.is_set():
             self._going.clear()
             log.warning("paused: hosts in flight finish, no new host starts (SIGUSR2 goes on)")
+            self._ahead.clear()  # retaken when the hosts start
             self._note("pause")
 
     def _note(self, kind: str) -> None:
@@ -171,9 +181,16 @@ class Executor:
             if self._halt.is_set():
                 self.outcome.not_started += len(todo)
                 continue
+            self._stop_ahead()
             self.progress.start_wave(index)
             started = time.monotonic()
             if todo:
+                self._unposted = set(todo)
+                self._posted.clear()
+                if self.opts.soak <= 0 and index + 1 < len(self.waves):
+                    self._ahead_task = asyncio.create_task(
+                        self._baselines_ahead(self.waves[index + 1]), name="baselines-ahead"
+                    )
                 await asyncio.gather(*(self._one(n) for n in todo))
             self.outcome.wave_seconds.append(time.monotonic() - started)
             last = index == len(self.waves) - 1
@@ -181,12 +198,51 @@ class Executor:
                 await self._soak(
                     index, [n for n in todo if self.records[n].state is HostState.DONE]
                 )
+        self._stop_ahead()
         if self.outcome.halted_by is None:
             await self.journal.append("end", result="done")
         else:
             host, reason = self.outcome.halted_by
             await self.journal.append("end", result="halted", host=host, reason=reason)
         return self.outcome
+
+    def _stop_ahead(self) -> None:
+        """A wave starts: baselines not in yet are asked by their hosts themselves."""
+        if self._ahead_task is not None:
+            self._ahead_task.cancel()
+            self._ahead_task = None
+
+    def _request_out(self, name: str) -> None:
+        """``name``'s upgrade request is out (or never will be): once the whole wave's are,
+        the next wave's baselines may be taken."""
+        self._unposted.discard(name)
+        if not self._unposted:
+            self._posted.set()
+
+    async def _baselines_ahead(self, wave: Sequence[str]) -> None:
+        """Ask the next wave's hosts for their health while this wave upgrades: the CPU is
+        idle then, and the new wave starts with its upgrade requests. A host that does not
+        answer here is simply asked again when it starts."""
+        await self._posted.wait()
+        names = [n for n in wave if not self.records[n].sent and self.records[n].state
+                 not in FINAL]  # fmt: skip
+
+        async def one(name: str) -> None:
+            if self._halt.is_set() or not self._going.is_set():
+                return
+            try:
+                health = await self.client.health(self.hosts[name])
+            except AgentError:
+                return
+            self._ahead[name] = (health, time.monotonic())
+
+        await asyncio.gather(*(one(n) for n in names))
+
+    def _baseline_ahead(self, name: str) -> Health | None:
+        taken = self._ahead.pop(name, None)
+        if taken is None or time.monotonic() - taken[1] > AHEAD_MAX_AGE:
+            return None
+        return taken[0]
 
     async def _soak(self, index: int, names: Sequence[str]) -> None:
         """Wait ``soak`` seconds, then each host of the wave must still be healthy (against
@@ -198,7 +254,7 @@ class Executor:
         async def recheck(name: str) -> None:
             host, rec = self.hosts[name], self.records[name]
             try:
-                health = await self.client.health(host)
+                health = await self.client.health(host, close=True)
             except AgentError as exc:
                 await self._fail(host, rec, f"after the soak: {exc}")
                 return
@@ -214,6 +270,7 @@ class Executor:
             await self._going.wait()
         if self._halt.is_set():  # a host of this wave failed before this one started
             self.outcome.not_started += 1
+            self._request_out(name)
             return
         host, rec = self.hosts[name], self.records[name]
         start = time.monotonic()
@@ -224,14 +281,14 @@ class Executor:
             self.progress.in_flight -= 1
             self.outcome.not_started += 1
             return
-        except HostFailed as exc:
+        except (HostFailed, AgentError) as exc:
             await self._fail(host, rec, str(exc))
             self.progress.host_finished(False, None)
             return
-        except AgentError as exc:
-            await self._fail(host, rec, str(exc))
-            self.progress.host_finished(False, None)
-            return
+        finally:
+            self._request_out(name)
+            if self.client.sessions is not None:
+                self.client.sessions.forget(host.address)  # done with this host
         self.progress.host_finished(True, None if skipped else time.monotonic() - start)
 
     async def _set(self, host: Host, rec: HostRecord, state: HostState, **fields: object) -> None:
@@ -257,7 +314,7 @@ class Executor:
         """Upgrade one host; True when it was skipped (already on the target)."""
         target = self.opts.version
         if not rec.sent:
-            health = await self.client.health(host)
+            health = self._baseline_ahead(host.name) or await self.client.health(host)
             # Untouched so far (also on a resume): a fresh baseline is the right one.
             rec.baseline = health.failing()
             await self._set(
@@ -270,6 +327,7 @@ class Executor:
                 raise _NotStarted
             await self._hook("pre", self.opts.pre_hook, host)
             await self._post(host, rec)
+            self._request_out(host.name)
         else:
             now = await self._recheck(host)
             status = now.upgrade if now is not None else None
@@ -280,9 +338,10 @@ class Executor:
             if not on_target and not installing and now is not None:
                 log.info("%s: the upgrade did not reach the agent; sending it again", host.name)
                 await self._post(host, rec)
-        await self._wait_version(host)
+            self._request_out(host.name)
+        health = await self._wait_version(host)
         await self._set(host, rec, HostState.UPGRADED)
-        await self._wait_healthy(host, rec)
+        await self._wait_healthy(host, rec, health)
         await self._vm_report(host, rec)
         await self._hook("post", self.opts.post_hook, host)
         await self._set(host, rec, HostState.DONE, **_vm_fields(rec))
@@ -304,10 +363,12 @@ class Executor:
             log.info("%s: not reachable yet (%s); polling", host.name, exc)
             return None
 
-    async def _wait_version(self, host: Host) -> None:
+    async def _wait_version(self, host: Host) -> Health:
         """Wait for the target version: long-poll ``GET /v1/upgrade?wait=`` while the upgrade
         runs (plain polling every ``poll_interval`` with an agent that answers at once), then
-        confirm with ``/healthz``. Unreachable meanwhile (a reboot) is not a failure."""
+        confirm with ``/healthz`` (its answer, returned, is the first health sample: most
+        often the host's last request, so it closes the connection). Unreachable meanwhile
+        (a reboot) is not a failure."""
         target = self.opts.version
         deadline = time.monotonic() + self.opts.upgrade_timeout
         last = "no answer yet"
@@ -317,7 +378,7 @@ class Executor:
                 wait = max(0.0, min(LONG_POLL, deadline - asked))
                 status = await self.client.upgrade_status(host, wait=wait)
                 if status.state is not Phase.RUNNING:
-                    health = await self.client.health(host)
+                    health = await self.client.health(host, close=True)
                     if health.boot.fallback:
                         raise HostFailed(
                             f"booted back into {health.version}: {health.boot.reason or '?'}"
@@ -326,7 +387,7 @@ class Executor:
                         error = health.upgrade.error or "no reason given"
                         raise HostFailed(f"upgrade failed: {error}")
                     if health.version == target and health.upgrade.state is not Phase.RUNNING:
-                        return
+                        return health
                     last = f"version {health.version}, upgrade {health.upgrade.state}"
                 else:
                     last = f"upgrade to {status.target} running"
@@ -340,12 +401,15 @@ class Executor:
             if now - asked < self.opts.poll_interval:  # answered at once: do not spin
                 await asyncio.sleep(self.opts.poll_interval - (now - asked))
 
-    async def _wait_healthy(self, host: Host, rec: HostRecord) -> None:
+    async def _wait_healthy(self, host: Host, rec: HostRecord, first: Health) -> None:
+        """No check failing that was not failing before, within ``health_timeout``; ``first``
+        is the answer that confirmed the version (asking again at once would tell the same)."""
         baseline = set(rec.baseline or ())
         deadline = time.monotonic() + self.opts.health_timeout
+        sample: Health | None = first
         while True:
             try:
-                health = await self.client.health(host)
+                health = sample or await self.client.health(host, close=True)
             except AgentError as exc:
                 new_detail = str(exc)
             else:
@@ -359,6 +423,7 @@ class Executor:
                 if not new:
                     return
                 new_detail = "new failing checks: " + health.detail(new)
+            sample = None
             if time.monotonic() >= deadline:
                 raise HostFailed(f"unhealthy after {self.opts.health_timeout:g}s: {new_detail}")
             await asyncio.sleep(self.opts.poll_interval)

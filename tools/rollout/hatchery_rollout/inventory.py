@@ -134,9 +134,14 @@ def _host(data: Any, where: str, port: int, location: tuple[str, ...] | None) ->
     return Host(name, address, loc, tuple(sorted(labels)), vms)
 
 
+# libyaml's safe loader when PyYAML was built with it: ten times faster on a 10 000-host
+# inventory (seconds of the survey otherwise), the same documents and errors.
+_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def _read_yaml(path: Path) -> Any:
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(), Loader=_LOADER)  # noqa: S506 (a safe loader)
     except OSError as exc:
         raise InventoryError(f"{path}: cannot read: {exc.strerror}") from exc
     except yaml.YAMLError as exc:

@@ -147,25 +147,30 @@ def missing_image(
 
 
 async def gather(client: AgentClient, hosts: Sequence[Host], limit: int) -> dict[str, HostFacts]:
-    """Ask every host for its health and its image store, ``limit`` at a time."""
-    sem = asyncio.Semaphore(limit)
+    """Ask every host for its health and its image store, ``limit`` at a time.
+
+    ``limit`` workers take the hosts in turn (no task per host waiting its turn); both
+    requests go over one connection, which the second one closes.
+    """
     out: dict[str, HostFacts] = {}
+    queue = iter(hosts)
 
-    async def one(host: Host) -> None:
-        async with sem:
-            try:
-                health = await client.health(host)
-            except AgentError as exc:
-                out[host.name] = HostFacts(error=str(exc))
-                return
-            try:
-                images = await client.images(host)
-            except AgentError as exc:
-                out[host.name] = HostFacts(health, error=str(exc))
-                return
-            out[host.name] = HostFacts(health, images=images)
+    async def one(host: Host) -> HostFacts:
+        try:
+            health = await client.health(host)
+        except AgentError as exc:
+            return HostFacts(error=str(exc))
+        try:
+            images = await client.images(host, close=True)
+        except AgentError as exc:
+            return HostFacts(health, error=str(exc))
+        return HostFacts(health, images=images)
 
-    await asyncio.gather(*(one(h) for h in hosts))
+    async def worker() -> None:
+        for host in queue:
+            out[host.name] = await one(host)
+
+    await asyncio.gather(*(worker() for _ in range(max(1, min(limit, len(hosts))))))
     return out
 
 

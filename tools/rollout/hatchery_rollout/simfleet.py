@@ -8,8 +8,9 @@ and ``ready`` (JSON: ports and the admin port), each atomically.
 
 The admin endpoint (plain HTTP on loopback) serves ``GET /stats``: per host the number of
 upgrade requests, of upgrades actually started, the first request's time, the time its
-health was first reported failing, and its version; ``POST /config`` changes the injected
-failures at run time (to "repair" a host).
+health was first reported failing, its version, and its requests (all, and those over a
+resumed TLS session); ``GET /connections`` the client connections open now; ``POST
+/config`` changes the injected failures at run time (to "repair" a host).
 
 Config keys: ``hosts`` (count), ``ca``, ``cert``, ``key``, ``version`` (running at start),
 ``upgrade_delay``, ``racks`` (hosts per rack), ``fail_health``, ``baseline_fail``,
@@ -65,6 +66,8 @@ class SimHost:
     images: set[str] = field(default_factory=set)
     free_bytes: int = 100 << 30
     fetches: int = 0
+    requests: int = 0
+    resumed: int = 0  # requests that came over a resumed TLS session
 
 
 @dataclass(slots=True)
@@ -137,6 +140,7 @@ class Sim:
 
 
 SIM = web.AppKey("sim", Sim)
+SERVER = web.AppKey("server", web.Server)
 
 
 def _host(request: web.Request) -> SimHost:
@@ -145,6 +149,10 @@ def _host(request: web.Request) -> SimHost:
     if host is None:
         raise web.HTTPNotFound()
     request.app[SIM].settle(host)
+    host.requests += 1
+    sslobj = request.transport.get_extra_info("ssl_object") if request.transport else None
+    if sslobj is not None and sslobj.session_reused:
+        host.resumed += 1
     return host
 
 
@@ -241,8 +249,15 @@ async def stats(request: web.Request) -> web.Response:
             "version": h.version,
             "state": h.state,
             "fetches": h.fetches,
+            "requests": h.requests,
+            "resumed": h.resumed,
         }
     return web.json_response(out)
+
+
+async def connections(request: web.Request) -> web.Response:
+    """How many client connections the simulated agents hold open right now."""
+    return web.json_response({"open": len(request.app[SERVER].connections)})
 
 
 async def configure(request: web.Request) -> web.Response:
@@ -294,6 +309,10 @@ async def serve(config: dict[str, Any]) -> None:
     admin_app[SIM] = sim
     admin_app.router.add_get("/stats", stats)
     admin_app.router.add_post("/config", configure)
+    admin_app.router.add_get("/connections", connections)
+    if runner.server is None:
+        raise RuntimeError("the agents' runner has no server after its setup")
+    admin_app[SERVER] = runner.server
     admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
     await admin_runner.setup()
 
