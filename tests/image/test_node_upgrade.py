@@ -9,6 +9,7 @@ start: the boot guard falls back to v3 by itself and the VM is restored again.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import subprocess
 import sys
@@ -142,6 +143,16 @@ def test_live_patch_reboot_and_fallback(
         health = wait_upgrade(node, 300)
         assert health["upgrade"]["state"] == "done", health["upgrade"]
         assert wait_vm_running(node, "app", 300)["pid"] != pid
+        # The upgrade reports what became of the VM: saved and resumed (its pause), or
+        # cold-started (why). Kept beside the test's files, for the benchmarks' record.
+        deadline = time.monotonic() + 300
+        while any(v["result"] == "restoring" for v in health["upgrade"].get("vms", [])):
+            assert time.monotonic() < deadline, health["upgrade"]
+            time.sleep(2)
+            health = node.wait_agent(60, version="v3")
+        [outcome] = [v for v in health["upgrade"]["vms"] if v["name"] == "app"]
+        assert outcome["result"] in ("resumed", "cold-started"), outcome
+        (tmp_path / "vm-outcome-v3.json").write_text(json.dumps(outcome) + "\n")
 
         # v4's agent cannot start: the guard falls back to v3 by itself; the VM is restored.
         assert upgrade(node, "v4", "reboot", guard_seconds=60)["state"] == "running"
