@@ -563,7 +563,9 @@ def _small_tls_buffers() -> None:
     asyncio's SSL transport allocates ``SSLProtocol.max_size`` bytes for each connection and
     reads at most that much at a time; the agents' answers are small JSON documents, so a
     smaller buffer costs nothing and saves ~60 MiB with 256 connections open (the survey).
-    This process is the tool's own: nothing else shares its event loop.
+    This process is the tool's own: nothing else shares its event loop. ``max_size`` is an
+    undocumented class attribute of CPython's asyncio (3.11): if it goes away, setting it is
+    harmless and the buffers are simply the default size again.
     """
     asyncio.sslproto.SSLProtocol.max_size = 16 * 1024
 

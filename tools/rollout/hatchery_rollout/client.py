@@ -90,7 +90,10 @@ class _ResumingSSLObject(ssl.SSLObject):
     """The client side of a connection, offering the session of the current ``_Dial``.
 
     ``SSLContext.sslobject_class`` is the documented hook for ``wrap_bio``'s result; asyncio
-    and aiohttp give no other place to pass a session for a connection they open.
+    and aiohttp give no other place to pass a session for a connection they open. The
+    override is of ``SSLObject._create``, which is private CPython API (3.11 here): check it
+    when Python is upgraded. If it breaks, every connection fails loudly at once (the tests
+    of ``tests/integration/rollout/test_scale.py`` resume sessions), it never degrades quietly.
     """
 
     @classmethod
