@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from hatchery.config import API_PORT, AgentConfig, BootServiceConfig, ConnectionLimits
+from hatchery.dhcp.proxy import PXE_PORT
 from hatchery.errors import HatcheryError
 from hatchery.listener import HttpListener
 from hatchery.metadata.plumbing import BridgePlumbing
@@ -26,22 +27,24 @@ from hatchery.metrics import Metrics, ReadCollector, Reading
 
 log = logging.getLogger(__name__)
 METADATA_PORT = 80
+BOOT_UDP = (TFTP_PORT, PXE_PORT)  # the node's UDP boot services, closed to VM ports
 
 
 def node_services(config: AgentConfig) -> NodeServices:
-    """The node's listeners closed to VM ports: the API, every bridge's boot HTTP port, TFTP.
+    """The node's listeners closed to VM ports: the API, every bridge's boot HTTP port, TFTP
+    and the proxyDHCP port (4011).
 
-    TFTP is closed whether or not this node serves it: its port is fixed and any TFTP server
-    on a node is a boot service. DHCP (udp 67) stays open: VMs get their leases from it.
+    TFTP and 4011 are closed whether or not this node serves them: their ports are fixed and
+    only machines being booted speak them (a VM's 4011 request, naming a MAC and its own
+    address, would bind a booting machine's script to the VM). DHCP (udp 67) stays open: VMs
+    get their leases from it.
     """
     http = {b.boot.http_port for b in config.bridges if b.boot is not None}
-    return NodeServices(tcp=tuple(sorted({config.listen_port, *http})), udp=(TFTP_PORT,))
+    return NodeServices(tcp=tuple(sorted({config.listen_port, *http})), udp=BOOT_UDP)
 
 
 # Without a config (benchmarks, tests): the defaults of a node that births peers.
-DEFAULT_NODE_SERVICES = NodeServices(
-    tcp=(API_PORT, BootServiceConfig().http_port), udp=(TFTP_PORT,)
-)
+DEFAULT_NODE_SERVICES = NodeServices(tcp=(API_PORT, BootServiceConfig().http_port), udp=BOOT_UDP)
 
 
 class ApiListener(Protocol):

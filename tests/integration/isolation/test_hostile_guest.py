@@ -49,6 +49,21 @@ for v in ip router serverid boot_file; do eval "echo LEASE.$v=\\$$v"; done
 """
 
 
+# A stand-in for the proxyDHCP port (udp/4011) on the node: prints who sent what.
+PXE_LISTENER = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 4011))
+print("listening", flush=True)
+while True:
+    print("from", s.recv(64).decode(), flush=True)
+"""
+PXE_SENDER = """
+import socket, sys
+socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(sys.argv[2].encode(), (sys.argv[1], 4011))
+"""
+
+
 @dataclass(frozen=True)
 class Guest:
     name: str
@@ -361,8 +376,19 @@ def test_node_services_are_closed_to_vms_and_open_to_other_ports(lab: Lab) -> No
     lab.env.run("ip", "addr", "add", f"{OTHER_NODE_ADDRESS}/32", "dev", "lo")
     assert lab.api(lab.peer, OTHER_NODE_ADDRESS) == API_REPLY
     assert lab.api(lab.rogue, OTHER_NODE_ADDRESS) is None
+    # proxyDHCP's udp/4011: a VM's request (a MAC and its own address) never reaches it.
+    listener = lab.env.start("pxe-4011", [sys.executable, "-c", PXE_LISTENER, lab.server_ip])
+    listener.wait_for("listening")
+    for guest in (lab.rogue, lab.peer):
+        guest.ok(sys.executable, "-c", PXE_SENDER, lab.server_ip, guest.name)
+    time.sleep(1)
+    assert "from peer" in listener.text() and "from rogue" not in listener.text()
     # The rules, not routing or the servers, kept the VM out.
     lab.remove_rules()
+    lab.rogue.ok(sys.executable, "-c", PXE_SENDER, lab.server_ip, "rogue")
+    time.sleep(1)
+    assert "from rogue" in listener.text()
+    listener.stop()
     assert lab.curl(lab.rogue, boot_http, timeout=10) == "boot file\n"
     assert lab.api(lab.rogue, lab.server_ip) == API_REPLY
 
