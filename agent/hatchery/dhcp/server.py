@@ -73,7 +73,35 @@ def open_socket(interface: str, port: int = SERVER_PORT) -> socket.socket:
     return sock
 
 
-class DhcpProtocol(asyncio.DatagramProtocol):
+class _Counting(asyncio.DatagramProtocol):
+    """What both DHCP protocols share: the transport, the meter, and decoding a datagram
+    (a malformed one is counted, logged at DEBUG and dropped: anyone can send one)."""
+
+    def __init__(self, clock: Callable[[], float], meter: DhcpMeter | None) -> None:
+        self.clock = clock
+        self.meter = meter or Metrics().dhcp("")
+        self.transport: asyncio.DatagramTransport | None = None
+        self.answered = 0
+        self.malformed = 0  # not DHCP: dropped without a reply
+        self.failed = 0  # the responder raised: a bug, logged with its traceback
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def _decode(self, data: bytes, addr: tuple[str, int]) -> DhcpPacket | None:
+        try:
+            return DhcpPacket.decode(data)
+        except DecodeError as exc:
+            self.malformed += 1
+            self.meter.received("unknown", "malformed")
+            log.debug("dropped %d bytes from %s:%d: %s", len(data), addr[0], addr[1], exc)
+            return None
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("socket error: %s", exc)
+
+
+class DhcpProtocol(_Counting):
     """Every datagram is counted once in ``meter`` (type, outcome: answered, ignored,
     malformed, failed, unsaved, unsent); the attributes below are the same counts in total."""
 
@@ -83,27 +111,15 @@ class DhcpProtocol(asyncio.DatagramProtocol):
         clock: Callable[[], float] = time.time,
         meter: DhcpMeter | None = None,
     ) -> None:
+        super().__init__(clock, meter)
         self.responder = responder
-        self.clock = clock
-        self.meter = meter or Metrics().dhcp("")
-        self.transport: asyncio.DatagramTransport | None = None
-        self.answered = 0
-        self.malformed = 0  # not DHCP: dropped without a reply
-        self.failed = 0  # the responder raised: a bug, logged with its traceback
         self.unsaved = 0  # the leases could not be written: the reply was not sent
         self._saving = asyncio.Lock()
         self._writes: set[asyncio.Task[None]] = set()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        try:
-            request = DhcpPacket.decode(data)
-        except DecodeError as exc:
-            self.malformed += 1
-            self.meter.received("unknown", "malformed")
-            log.debug("dropped %d bytes from %s:%d: %s", len(data), addr[0], addr[1], exc)
+        request = self._decode(data, addr)
+        if request is None:
             return
         try:
             reply = self.responder.handle(request, self.clock())
@@ -166,9 +182,6 @@ class DhcpProtocol(asyncio.DatagramProtocol):
         for task in list(self._writes):
             task.cancel()
 
-    def error_received(self, exc: Exception) -> None:
-        log.debug("socket error: %s", exc)
-
 
 class DhcpServer:
     """A started DHCP service on one interface; ``stop`` is idempotent."""
@@ -205,7 +218,7 @@ class DhcpServer:
             self.protocol.drop_pending()
 
 
-class ProxyProtocol(asyncio.DatagramProtocol):
+class ProxyProtocol(_Counting):
     """One proxyDHCP socket (port 67 or 4011): decode, ask the responder, send.
 
     Replies go where ``destination`` says on port 67 (a proxy OFFER is broadcast to a client
@@ -222,24 +235,13 @@ class ProxyProtocol(asyncio.DatagramProtocol):
         clock: Callable[[], float] = time.time,
         meter: DhcpMeter | None = None,
     ) -> None:
-        self.responder, self.port, self.clock = responder, port, clock
-        self.meter = meter or Metrics().dhcp("")
-        self.transport: asyncio.DatagramTransport | None = None
-        self.answered = 0
-        self.malformed = 0
-        self.failed = 0
+        super().__init__(clock, meter)
+        self.responder, self.port = responder, port
         self.refused = 0  # replies that would have given an address: never sent
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        try:
-            request = DhcpPacket.decode(data)
-        except DecodeError as exc:
-            self.malformed += 1
-            self.meter.received("unknown", "malformed")
-            log.debug("dropped %d bytes from %s:%d: %s", len(data), addr[0], addr[1], exc)
+        request = self._decode(data, addr)
+        if request is None:
             return
         kind = request.message_type.name
         try:
@@ -277,9 +279,6 @@ class ProxyProtocol(asyncio.DatagramProtocol):
             return
         self.meter.received(kind, "answered")
         self.meter.replied(reply.message_type.name, client_kind(request).value)
-
-    def error_received(self, exc: Exception) -> None:
-        log.debug("socket error: %s", exc)
 
 
 class ProxyDhcpServer:
