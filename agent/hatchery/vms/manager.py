@@ -874,14 +874,7 @@ class VmManager:
             try:
                 await monitor.execute("stop")
                 await migration.prepare_source(monitor)
-                read, write = migration.pipe()
-                try:
-                    await monitor.pass_fd("suspend", write)
-                except BaseException:
-                    os.close(read)
-                    raise
-                finally:
-                    os.close(write)
+                read = await migration.pipe_to(monitor, "suspend", qemu_writes=True)
                 saving = asyncio.ensure_future(asyncio.to_thread(migration.save_stream, read,
                                                                  target))  # fmt: skip
                 await monitor.execute("migrate", {"uri": "fd:suspend"})
@@ -932,14 +925,7 @@ class VmManager:
             vm = self._save(replace(vm, pid=pid))
             live = await self._attach(vm, pid, incoming=True)
             assert live.monitor is not None
-            read, write = migration.pipe()
-            try:
-                await live.monitor.pass_fd("resume", read)
-            except BaseException:
-                os.close(write)
-                raise
-            finally:
-                os.close(read)
+            write = await migration.pipe_to(live.monitor, "resume", qemu_writes=False)
             feeding = asyncio.ensure_future(asyncio.to_thread(migration.feed_stream, saved,
                                                               write))  # fmt: skip
             await live.monitor.execute("migrate-incoming", {"uri": "fd:resume"})

@@ -109,6 +109,22 @@ def pipe() -> tuple[int, int]:
     return read, write
 
 
+async def pipe_to(monitor: Monitor, fdname: str, *, qemu_writes: bool) -> int:
+    """A pipe whose one end QEMU holds as ``fdname`` (QMP ``getfd``; the end it writes when
+    ``qemu_writes``, saving, else the end it reads, resuming); return the agent's end. Our
+    copy of QEMU's end is closed either way, ours too if QEMU could not take its end."""
+    read, write = pipe()
+    theirs, ours = (write, read) if qemu_writes else (read, write)
+    try:
+        await monitor.pass_fd(fdname, theirs)
+    except BaseException:
+        os.close(ours)
+        raise
+    finally:
+        os.close(theirs)
+    return ours
+
+
 def partial(path: Path) -> Path:
     """Where a state file is written until QEMU says the stream was whole."""
     return path.with_name(path.name + ".partial")
