@@ -128,7 +128,18 @@ def test_sigusr1_pauses_and_sigusr2_goes_on(
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.02)
         os.kill(proc.pid, signal.SIGUSR1)
-        time.sleep(1.5)  # hosts in flight (upgrades of 0.3 s) finish meanwhile
+        # Hosts already past the gate when the signal came still post; wait until the
+        # journal says the pause began and every started host is done, however slow the
+        # machine, then no host may start for as long as the pause lasts.
+        while True:
+            records = [json.loads(x) for x in journal.read_text().splitlines()]
+            kinds = [r["t"] for r in records]
+            posting = {r["host"] for r in records if r.get("state") == "posting"}
+            done = {r["host"] for r in records if r.get("state") == "done"}
+            if "pause" in kinds and posting <= done:
+                break
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
         paused = sum(s["posts"] for s in sim.stats().values())
         time.sleep(1.5)
         assert sum(s["posts"] for s in sim.stats().values()) == paused  # nothing new started
