@@ -1,8 +1,8 @@
 """The rollout's connections at scale: each host's requests share one connection that the
-last one closes, and the rollout resumes the TLS session the survey opened.
+last one closes.
 
 Real simulated agents (hatchery_rollout.simfleet, mutual TLS on loopback) count open
-connections and the requests that came over a resumed session; the clients are the tool's.
+connections and requests; the clients are the tool's.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from hatchery.pki import client_context
 from hatchery.wire import Mode, UpgradeRequest
 from hatchery_rollout import preflight
-from hatchery_rollout.client import AgentClient, SessionCache
+from hatchery_rollout.client import AgentClient
 from hatchery_rollout.inventory import load_fleet
 from tests.integration.rollout.conftest import SimFleet, Tls
 
@@ -38,28 +38,25 @@ def _open_connections(sim: SimFleet, *, settle: float = 5.0) -> int:
         time.sleep(0.05)
 
 
-def test_survey_closes_its_connections_and_the_rollout_resumes_its_sessions(
+def test_survey_and_upgrade_each_use_one_connection_a_host_and_close_it(
     simfleet: Callable[..., SimFleet], tls: Tls
 ) -> None:
     sim = simfleet(HOSTS, upgrade_delay=0.02)
     hosts = load_fleet(sim.fleet).hosts
-    sessions = SessionCache()
     ctx = client_context(tls.ca, tls.client_cert, tls.client_key)
 
     async def survey() -> dict[str, preflight.HostFacts]:
         # A long keep-alive: only the survey's own closing can leave no connection open.
-        async with AgentClient(ctx, connections=8, keepalive=60.0, sessions=sessions) as c:
+        async with AgentClient(ctx, connections=8, keepalive=60.0) as c:
             facts = await preflight.gather(c, hosts, 8)
             assert _open_connections(sim) == 0
             return facts
 
     facts = asyncio.run(survey())
     assert all(f.health is not None and f.images is not None for f in facts.values())
-    assert len(sessions) == HOSTS
-    assert sessions.resumed == 0  # first contact: full handshakes
 
     async def upgrade() -> None:
-        async with AgentClient(ctx, connections=8, keepalive=60.0, sessions=sessions) as c:
+        async with AgentClient(ctx, connections=8, keepalive=60.0) as c:
             for host in hosts:
                 await c.health(host)
                 posted = await c.upgrade(host, UpgradeRequest("v2", Mode.LIVE))
@@ -69,10 +66,8 @@ def test_survey_closes_its_connections_and_the_rollout_resumes_its_sessions(
     asyncio.run(upgrade())
     stats = sim.stats()
     for name, s in stats.items():
-        # health, images (survey: a full handshake); health, POST, health (resumed)
-        assert (s["requests"], s["resumed"]) == (5, 3), (name, s)
-        # the POST needs the admin group from the client certificate: a resumed session
-        # still carries the identity the first handshake proved
+        # health, images (survey); health, POST, health (the upgrade): one connection each
+        assert (s["requests"], s["connections"]) == (5, 2), (name, s)
         assert s["upgrades"] == 1, (name, s)
     assert _open_connections(sim) == 0
 

@@ -3,10 +3,14 @@
 One ``ClientSession`` for the whole fleet: the connector caps open connections, so thousands
 of hosts share a bounded pool without a thread each. A host's requests follow each other on
 one kept-alive connection, and its last one (``close=True``) ends it: an idle TLS connection
-holds a few hundred KiB, and ten thousand of them would fill the operator's memory. A new
-connection to a host seen before (its keep-alive expired during a long upgrade, a poll
-slept) resumes its TLS session (``SessionCache``): no certificate exchange or
-verification, a fraction of a full handshake's CPU on both ends.
+holds a few hundred KiB, and ten thousand of them would fill the operator's memory.
+
+TLS sessions are not resumed (measured in docs/benchmarks.md, rollout at scale). While a
+host upgrades, its long poll holds its connection; the upgrade restarts the agent (a reboot
+always, a live patch whenever the agent's own files change), and a restarted agent has new
+ticket keys. Reading a session to keep it costs ~0.3 ms of the tool's CPU per connection
+(CPython copies it through DER), more than resuming saves (~0.8 ms) on the one
+reconnection left: a baseline taken ahead whose connection idled out before the POST.
 
 Answers are untrusted: anything that does not parse is an ``AgentError`` naming the host,
 never a crash. The documents are the agent's own wire schema (``hatchery.wire``), read
@@ -18,9 +22,7 @@ from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -34,96 +36,6 @@ from hatchery_rollout.inventory import Host
 
 # An upgrade status or health answer is a few hundred bytes.
 MAX_ANSWER_BYTES = 1 << 20
-
-
-class SessionCache:
-    """TLS sessions by agent address (``host:port``), to resume rather than redo a handshake.
-
-    Keyed by the exact address the tool dials: a session is only offered to the agent that
-    issued it (resuming skips certificate verification, which the first handshake did). An
-    agent that does not accept it (restarted, rebooted into a new image, tickets expired)
-    simply does a full handshake. One session holds the agent's certificate and a ticket that
-    holds ours: about 10 KiB of OpenSSL memory, so the rollout keeps only the hosts in
-    flight (``forget``), and ``limit`` bounds the cache.
-    OpenSSL resumes a session only with the context that made it: the cache belongs to the
-    first client's context, and every client sharing it must use that one.
-    """
-
-    def __init__(self, limit: int = 100_000) -> None:
-        self.context: ssl.SSLContext | None = None
-        self._sessions: dict[str, ssl.SSLSession] = {}
-        self._limit = limit
-        self.resumed = 0  # connections that resumed a session
-
-    def get(self, address: str) -> ssl.SSLSession | None:
-        return self._sessions.get(address)
-
-    def put(self, address: str, session: ssl.SSLSession | None) -> None:
-        if session is None:
-            return
-        if address not in self._sessions and len(self._sessions) >= self._limit:
-            return
-        self._sessions[address] = session
-
-    def forget(self, address: str) -> None:
-        self._sessions.pop(address, None)
-
-    def __len__(self) -> int:
-        return len(self._sessions)
-
-
-@dataclass(slots=True)
-class _Dial:
-    """One request's TLS: the session to offer if it opens a connection, and the connection's
-    ``SSLObject`` if it did (its session is read once the answer is in)."""
-
-    offer: ssl.SSLSession | None
-    opened: ssl.SSLObject | None = None
-
-
-# Set around one request by ``AgentClient._call``: aiohttp opens a connection inside the
-# request's own task, so ``_ResumingSSLObject`` sees it.
-_DIAL: ContextVar[_Dial | None] = ContextVar("hatchery_rollout_dial", default=None)
-
-
-class _ResumingSSLObject(ssl.SSLObject):
-    """The client side of a connection, offering the session of the current ``_Dial``.
-
-    ``SSLContext.sslobject_class`` is the documented hook for ``wrap_bio``'s result; asyncio
-    and aiohttp give no other place to pass a session for a connection they open. The
-    override is of ``SSLObject._create``, which is private CPython API (3.11 here): check it
-    when Python is upgraded. If it breaks, every connection fails loudly at once (the tests
-    of ``tests/integration/rollout/test_scale.py`` resume sessions), it never degrades quietly.
-    """
-
-    @classmethod
-    def _create(
-        cls,
-        incoming: ssl.MemoryBIO,
-        outgoing: ssl.MemoryBIO,
-        server_side: bool = False,
-        server_hostname: str | bytes | None = None,
-        session: ssl.SSLSession | None = None,
-        context: ssl.SSLContext | None = None,
-    ) -> ssl.SSLObject:
-        dial = None if server_side else _DIAL.get()
-        if dial is not None and session is None:
-            session = dial.offer
-        obj: ssl.SSLObject = super()._create(  # type: ignore[misc]
-            incoming, outgoing, server_side, server_hostname, session, context
-        )
-        if dial is not None:
-            dial.opened = obj
-        return obj
-
-
-@contextmanager
-def _dialing(dial: _Dial) -> Iterator[None]:
-    token = _DIAL.set(dial)
-    try:
-        yield
-    finally:
-        _DIAL.reset(token)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,20 +80,8 @@ class AgentClient:
         connections: int = 256,
         request_timeout: float = 10.0,
         keepalive: float | None = 2.0,
-        sessions: SessionCache | None = None,
     ) -> None:
-        # A copy would lose nothing but the loaded files; the hook is set on the caller's
-        # context, which is the rollout's own (``Credentials.context()`` makes a new one).
-        context.sslobject_class = _ResumingSSLObject
         self._context = context
-        # None: no resumption (and no session read: ~0.3 ms a connection), as in the survey,
-        # whose connections are never reopened.
-        self.sessions = sessions
-        if sessions is not None:
-            if sessions.context is None:
-                sessions.context = context
-            elif sessions.context is not context:
-                raise ValueError("clients sharing a SessionCache must share its SSLContext")
         self._keepalive = keepalive
         self._connections = connections
         self._timeout = aiohttp.ClientTimeout(total=request_timeout)
@@ -201,7 +101,10 @@ class AgentClient:
             connector = aiohttp.TCPConnector(
                 ssl=self._context, limit=self._connections, keepalive_timeout=self._keepalive
             )
-        self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+        # No cookie jar: agents set none, and one agent's cookie must never reach another.
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=self._timeout, cookie_jar=aiohttp.DummyCookieJar()
+        )
         return self
 
     async def __aexit__(
@@ -235,15 +138,11 @@ class AgentClient:
                 else None
             )
             headers = _CLOSE if close else None
-            dial = _Dial(self.sessions.get(host.address) if self.sessions is not None else None)
-            with _dialing(dial):
-                async with self._session.request(
-                    method, url, json=body, timeout=timeout, headers=headers
-                ) as resp:
-                    text = (await read_answer(resp, MAX_ANSWER_BYTES)).decode(errors="replace")
-                    status = resp.status
-            if dial.opened is not None and self.sessions is not None:
-                self._keep_session(self.sessions, host.address, dial.opened)
+            async with self._session.request(
+                method, url, json=body, timeout=timeout, headers=headers
+            ) as resp:
+                text = (await read_answer(resp, MAX_ANSWER_BYTES)).decode(errors="replace")
+                status = resp.status
         except AnswerTooLarge as exc:
             raise AgentError(f"{host.name} ({host.address}): {method} {path}: {exc}") from exc
         except (TimeoutError, aiohttp.ClientError, ssl.SSLError, OSError) as exc:
@@ -263,14 +162,6 @@ class AgentClient:
                 status=status,
             )
         return status, data
-
-    @staticmethod
-    def _keep_session(sessions: SessionCache, address: str, sslobj: ssl.SSLObject) -> None:
-        """Remember a new connection's TLS session for the next connection to ``address``
-        (read after an answer: a TLS 1.3 ticket arrives after the handshake)."""
-        if sslobj.session_reused:
-            sessions.resumed += 1
-        sessions.put(address, sslobj.session)
 
     async def health(self, host: Host, *, close: bool = False) -> Health:
         """``GET /healthz``; ``close``: the host's last request for now (its connection ends)."""

@@ -287,8 +287,6 @@ class Executor:
             return
         finally:
             self._request_out(name)
-            if self.client.sessions is not None:
-                self.client.sessions.forget(host.address)  # done with this host
         self.progress.host_finished(True, None if skipped else time.monotonic() - start)
 
     async def _set(self, host: Host, rec: HostRecord, state: HostState, **fields: object) -> None:

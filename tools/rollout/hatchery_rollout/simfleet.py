@@ -8,8 +8,8 @@ and ``ready`` (JSON: ports and the admin port), each atomically.
 
 The admin endpoint (plain HTTP on loopback) serves ``GET /stats``: per host the number of
 upgrade requests, of upgrades actually started, the first request's time, the time its
-health was first reported failing, its version, and its requests (all, and those over a
-resumed TLS session); ``GET /connections`` the client connections open now; ``POST
+health was first reported failing, its version, and its requests and the client
+connections they came over; ``GET /connections`` the client connections open now; ``POST
 /config`` changes the injected failures at run time (to "repair" a host).
 
 Config keys: ``hosts`` (count), ``ca``, ``cert``, ``key``, ``version`` (running at start),
@@ -67,7 +67,8 @@ class SimHost:
     free_bytes: int = 100 << 30
     fetches: int = 0
     requests: int = 0
-    resumed: int = 0  # requests that came over a resumed TLS session
+    connections: int = 0  # client connections its requests came over
+    last_peer: object = None  # the client address of the latest one
 
 
 @dataclass(slots=True)
@@ -150,9 +151,11 @@ def _host(request: web.Request) -> SimHost:
         raise web.HTTPNotFound()
     request.app[SIM].settle(host)
     host.requests += 1
-    sslobj = request.transport.get_extra_info("ssl_object") if request.transport else None
-    if sslobj is not None and sslobj.session_reused:
-        host.resumed += 1
+    # A host's requests follow each other, so a new client address is a new connection.
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if peer != host.last_peer:
+        host.connections += 1
+        host.last_peer = peer
     return host
 
 
@@ -250,7 +253,7 @@ async def stats(request: web.Request) -> web.Response:
             "state": h.state,
             "fetches": h.fetches,
             "requests": h.requests,
-            "resumed": h.resumed,
+            "connections": h.connections,
         }
     return web.json_response(out)
 
