@@ -17,7 +17,7 @@ import pytest
 
 from hatchery_lab.agent import AgentProcess, qemu_alive
 from hatchery_lab.guest import GuestKernel, find_guest_kernel
-from hatchery_lab.qemu_versions import QemuSwitch, host_qemu, next_qemu, qemu_switch, version
+from hatchery_lab.qemu_versions import QemuSwitch, next_qemu, qemu_switch, version
 from tests.conftest import missing
 from tests.support.outlive import agent_on_bridge, create, next_tick, ping, ticks, wait_ping
 
@@ -40,9 +40,10 @@ def lab(
     assert isinstance(kernel, GuestKernel)
     assert version(old).startswith("7.2"), version(old)
     assert version(new).startswith("10."), version(new)
-    with qemu_switch(old) as switch, agent_on_bridge(
-        tmp_path, kernel, 79, qemu={"binary": str(switch.path)}
-    ) as lab:
+    with (
+        qemu_switch(old) as switch,
+        agent_on_bridge(tmp_path, kernel, 79, qemu={"binary": str(switch.path)}) as lab,
+    ):
         yield {**lab, "switch": switch, "old": old, "new": new}
 
 

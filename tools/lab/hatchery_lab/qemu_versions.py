@@ -61,14 +61,21 @@ class QemuSwitch:
 
 
 @contextmanager
-def qemu_switch(first: str) -> Iterator[QemuSwitch]:
-    """A ``QemuSwitch`` pointing at ``first``, in a folder of its own under /tmp that every
-    VM's uid can search (QEMU is executed as the VM's user); removed afterwards."""
-    folder = Path(tempfile.mkdtemp(prefix="hatchery-qemu-"))
+def searchable_folder(prefix: str) -> Iterator[Path]:
+    """A folder of its own under /tmp that every VM's uid can search (QEMU is executed as the
+    VM's user: a test's own tmp_path is private to root); removed afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
     try:
         folder.chmod(0o755)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def qemu_switch(first: str) -> Iterator[QemuSwitch]:
+    """A ``QemuSwitch`` pointing at ``first`` (in a ``searchable_folder``)."""
+    with searchable_folder("hatchery-qemu-") as folder:
         switch = QemuSwitch(folder / "qemu-system-x86_64")
         switch.point_to(first)
         yield switch
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)

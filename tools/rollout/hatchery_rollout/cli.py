@@ -167,6 +167,9 @@ def _client(
 
 
 def _exec_options(args: argparse.Namespace) -> ExecOptions:
+    if getattr(args, "refresh_vms", False) and args.mode != Mode.LIVE:
+        raise RolloutError("--refresh-vms is for --mode live",
+                           hint="a reboot saves and resumes every VM anyway")  # fmt: skip
     return ExecOptions(
         version=args.version,
         mode=Mode(args.mode),
@@ -179,6 +182,7 @@ def _exec_options(args: argparse.Namespace) -> ExecOptions:
         allow_downgrade=args.allow_downgrade,
         soak=args.soak,
         halt_on_degraded=args.halt_on_degraded,
+        refresh_vms=getattr(args, "refresh_vms", False),
     )
 
 
@@ -459,6 +463,8 @@ def _vm_totals(state: JournalState) -> dict[str, Any]:
         "resumed": sum(t.resumed for t in tallies),
         "cold_started": sum(t.cold_started for t in tallies),
         "not_restored": sum(t.not_restored for t in tallies),
+        "refreshed": sum(t.refreshed for t in tallies),
+        "refresh_failed": sum(t.refresh_failed for t in tallies),
         "max_pause": max(pauses) if pauses else None,
     }
 
@@ -531,6 +537,11 @@ def _parser() -> argparse.ArgumentParser:
         "--halt-on-degraded", action="store_true",
         help="reboot mode: a host whose VM could only be cold-started (not resumed) halts the "
         "rollout (default: it is reported, the rollout goes on)",
+    )  # fmt: skip
+    run.add_argument(
+        "--refresh-vms", action="store_true",
+        help="live mode: after the patch each host moves every running VM to a new QEMU "
+        "process (vm refresh); a VM left on the old QEMU makes its host degraded",
     )  # fmt: skip
     run.add_argument("--poll-interval", type=float, default=2.0)
     run.add_argument("--upgrade-timeout", type=float, default=1800.0)
