@@ -19,14 +19,14 @@ import pytest
 
 from hatchery_lab.agent import AgentProcess, qemu_alive
 from hatchery_lab.guest import GuestKernel, find_guest_kernel
+from hatchery_lab.outlive import agent_on_bridge
+from hatchery_lab.outlive import create as _create
+from hatchery_lab.outlive import next_tick as _next_tick
+from hatchery_lab.outlive import ping as _ping
+from hatchery_lab.outlive import ping_loss as _ping_loss
+from hatchery_lab.outlive import ticks as _ticks
+from hatchery_lab.outlive import wait_ping as _wait_ping
 from tests.conftest import missing
-from tests.support.outlive import agent_on_bridge
-from tests.support.outlive import create as _create
-from tests.support.outlive import next_tick as _next_tick
-from tests.support.outlive import ping as _ping
-from tests.support.outlive import ping_loss as _ping_loss
-from tests.support.outlive import ticks as _ticks
-from tests.support.outlive import wait_ping as _wait_ping
 
 pytestmark = pytest.mark.timeout(900)  # TCG on a loaded machine
 

@@ -17,9 +17,9 @@ import pytest
 
 from hatchery_lab.agent import AgentProcess, qemu_alive
 from hatchery_lab.guest import GuestKernel, find_guest_kernel
+from hatchery_lab.outlive import agent_on_bridge, create, next_tick, ping, ticks, wait_ping
 from hatchery_lab.qemu_versions import QemuSwitch, next_qemu, qemu_switch, version
 from tests.conftest import missing
-from tests.support.outlive import agent_on_bridge, create, next_tick, ping, ticks, wait_ping
 
 pytestmark = pytest.mark.timeout(900)  # TCG on a loaded machine
 

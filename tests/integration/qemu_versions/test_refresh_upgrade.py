@@ -22,10 +22,10 @@ from hatchery.images.signing import generate_key
 from hatchery_lab.agent import AgentProcess, qemu_alive
 from hatchery_lab.cpio_writer import Entry
 from hatchery_lab.guest import GuestKernel, find_guest_kernel
+from hatchery_lab.outlive import agent_on_bridge, create, next_tick, ticks, wait_ping
 from hatchery_lab.qemu_versions import next_qemu, searchable_folder, version
 from tests.conftest import missing
 from tests.support.live_images import build, root
-from tests.support.outlive import agent_on_bridge, create, next_tick, ticks, wait_ping
 from tests.support.upgrade_roots import unpack
 
 pytestmark = pytest.mark.timeout(900)  # TCG on a loaded machine

@@ -1,5 +1,6 @@
 """A guest that proves it was not rebooted, and an agent on a lab bridge to run it: shared by
-the tests of issue 16 (refresh, suspend and resume, across QEMU versions).
+the tests of issue 16 (refresh, suspend and resume, across QEMU versions) and the bench of
+the pause (``bench/vm_pause.py``).
 
 The guest prints its ``boot_id`` and uptime on its serial console every second and answers
 pings on the lab's bridge once it has its lease.
