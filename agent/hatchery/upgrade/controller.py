@@ -535,9 +535,9 @@ class Upgrader:
         known: ``refreshed`` with its pause, or ``refresh-failed`` with why (the VM runs on
         in its old QEMU: a failed refresh never stops a guest). What it did, for the
         status's detail."""
-        if self._vms is None:
+        names = self._vms.running_names() if self._vms is not None else []
+        if self._vms is None or not names:
             return "no VMs to refresh"
-        names = self._vms.running_names()
         counts = {VmResult.REFRESHED: 0}
         for name in names:
             try:

@@ -13,6 +13,8 @@ from hatchery.errors import CommandError
 from hatchery.upgrade.controller import UpgradeError, Upgrader
 from hatchery.upgrade.model import Mode, Phase, VmOutcome, VmResult
 from hatchery.wire import UpgradeRequest, UpgradeStatus
+from hatchery_rollout.cli import _exec_options, _parser
+from hatchery_rollout.errors import RolloutError
 from hatchery_rollout.executor import ExecOptions
 from hatchery_rollout.vmreport import VmTally, tally
 from tests.support.upgrade_roots import RELEASE, DirImages, root_image, unpack, wait_done
@@ -149,3 +151,14 @@ def test_the_rollout_counts_refreshed_vms_and_a_stale_one_degrades_its_host() ->
     options = ExecOptions("v2", refresh_vms=True)
     assert options.request().refresh_vms
     assert ExecOptions.from_json("v2", options.to_json()) == options
+
+
+def test_the_rollout_flag_reaches_the_request_and_is_refused_with_a_reboot() -> None:
+    run = ["run", "--fleet", "fleet.yaml", "--version", "v2"]
+    options = _exec_options(_parser().parse_args([*run, "--refresh-vms"]))
+    assert options.request().to_json() == {"version": "v2", "mode": "live", "refresh_vms": True}
+    assert ExecOptions.from_json("v2", options.to_json()).refresh_vms
+    assert not ExecOptions.from_json("v2", {}).refresh_vms  # a journal from before
+    with pytest.raises(RolloutError) as err:
+        _exec_options(_parser().parse_args([*run, "--refresh-vms", "--mode", "reboot"]))
+    assert "--mode live" in err.value.message
