@@ -538,19 +538,17 @@ class Upgrader:
         names = self._vms.running_names() if self._vms is not None else []
         if self._vms is None or not names:
             return "no VMs to refresh"
-        counts = {VmResult.REFRESHED: 0}
+        moved = 0
         for name in names:
             try:
                 outcome = await self._vms.refresh_for_upgrade(name)
             except HatcheryError as exc:
                 log.error("cannot refresh vm %s after the live patch: %s", name, exc.message)
                 outcome = VmOutcome(name, VmResult.REFRESH_FAILED, reason=exc.message)
-            counts[outcome.result] = counts.get(outcome.result, 0) + 1
+            moved += outcome.result is VmResult.REFRESHED
             await self._report(outcome)
-        left = len(names) - counts[VmResult.REFRESHED]
-        return f"refreshed {counts[VmResult.REFRESHED]} of {len(names)} VMs" + (
-            f" ({left} not: see vms)" if left else ""
-        )
+        left, detail = len(names) - moved, f"refreshed {moved} of {len(names)} VMs"
+        return f"{detail} ({left} not: see vms)" if left else detail
 
     async def close(self) -> None:
         """Stop a running upgrade's task (idempotent); it records why, unless it was the
