@@ -128,6 +128,12 @@ def test_a_live_patch_that_replaces_qemu_refreshes_every_vm(node: dict[str, Any]
     assert "old QEMU" in outcome["reason"], outcome
     done = [r for r in journal if r.get("state") == "done" and r.get("host") == "hv1"]
     assert done and done[-1]["refresh_failed"] == 1 and "refresh-failed" in done[-1]["degraded"]
+    summary = subprocess.run(
+        [str(BIN / "hatchery-rollout"), "status", str(node["tmp"] / "journal-v3.jsonl"), "--json"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    totals = json.loads(summary.stdout)["vms"]
+    assert (totals["refreshed"], totals["refresh_failed"]) == (0, 1), totals
     stayed = agent.cli_json("vm", "show", "tenant")
     assert stayed["state"] == "running" and stayed["pid"] == moved["pid"]
     assert qemu_alive(moved["pid"])

@@ -455,18 +455,22 @@ def _status_doc(state: JournalState) -> dict[str, Any]:
 
 def _vm_totals(state: JournalState) -> dict[str, Any]:
     """Over the hosts that reported their VMs after a reboot: how many resumed, were
-    cold-started or are not running, and the longest pause."""
+    cold-started or are not running, and the longest pause; after a live patch with
+    ``--refresh-vms`` also how many were refreshed or left on the old QEMU."""
     tallies = [r.vms for r in state.hosts.values() if r.vms is not None]
     pauses = [t.max_pause for t in tallies if t.max_pause is not None]
-    return {
+    totals: dict[str, Any] = {
         "hosts": len(tallies),
         "resumed": sum(t.resumed for t in tallies),
         "cold_started": sum(t.cold_started for t in tallies),
         "not_restored": sum(t.not_restored for t in tallies),
-        "refreshed": sum(t.refreshed for t in tallies),
-        "refresh_failed": sum(t.refresh_failed for t in tallies),
         "max_pause": max(pauses) if pauses else None,
     }
+    refreshed = sum(t.refreshed for t in tallies)
+    refresh_failed = sum(t.refresh_failed for t in tallies)
+    if refreshed or refresh_failed:
+        totals.update(refreshed=refreshed, refresh_failed=refresh_failed)
+    return totals
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
