@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-unit test-integration test-image lint bench images clean lock guest-kernel
+.PHONY: help setup demo test test-unit test-integration test-image lint bench images clean lock guest-kernel qemu-next
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -16,16 +16,19 @@ setup: ## install system packages (apt) and the venv; idempotent
 guest-kernel: setup ## fetch Debian's stock kernel for test guests into .cache/
 	@tools/fetch-guest-kernel.sh
 
+qemu-next: setup ## unpack the next QEMU (bookworm-backports) into .cache/ for cross-version tests
+	@tools/fetch-qemu-next.sh
+
 demo: setup guest-kernel ## the main job: set up, build, run the story (see README)
 	@$(PY) -m hatchery_lab.demo
 
-test: setup guest-kernel ## every tier in order (lint+unit, integration, image); stops at the first failure
+test: setup guest-kernel qemu-next ## every tier in order (lint+unit, integration, image); stops at the first failure
 	@PYTEST_ARGS='$(PYTEST_ARGS)' tools/test-tiers.sh
 
 test-unit: setup ## the fast tier only
 	$(PY) -m pytest -m "not integration and not image" $(PYTEST_ARGS)
 
-test-integration: setup guest-kernel ## netns, real clients and servers, QEMU guests
+test-integration: setup guest-kernel qemu-next ## netns, real clients and servers, QEMU guests
 	$(PY) -m pytest -m integration $(PYTEST_ARGS)
 
 test-image: setup guest-kernel ## mkosi builds and boots of our images
@@ -37,7 +40,7 @@ lint: setup ## ruff, mypy --strict, shellcheck
 	$(VENV)/bin/mypy
 	shellcheck $$(git ls-files '*.sh' .ci/run)
 
-bench: setup guest-kernel ## run benchmarks, write docs/benchmarks.md
+bench: setup guest-kernel qemu-next ## run benchmarks, write docs/benchmarks.md
 	$(PY) -m bench
 
 images: setup ## build the images with mkosi (LOCKED=1: fail on package drift; REFRESH=1; UPDATE_LOCK=1)

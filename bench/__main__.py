@@ -19,6 +19,7 @@ BENCHMARKS = {
     "rollout": "bench.rollout",
     "tftp": "bench.tftp",
     "upgrade": "bench.upgrade",
+    "vm-pause": "bench.vm_pause",
 }
 
 

@@ -73,15 +73,18 @@ class UpgradeRequest:
     """The body of ``POST /v1/upgrade``.
 
     ``guard_seconds``: reboot mode only (None: the agent's default). ``allow_downgrade``: a
-    version older than the running one is refused (409) unless this is true. Optional
-    fields are sent only when set, so an older agent, which refuses fields it does not know,
-    still takes a plain request.
+    version older than the running one is refused (409) unless this is true.
+    ``refresh_vms``: live mode only, move every running VM to a new QEMU process once the
+    patch is in place (each one's outcome in the status's ``vms``). Optional fields are sent
+    only when set, so an older agent, which refuses fields it does not know, still takes a
+    plain request.
     """
 
     version: str
     mode: Mode = Mode.LIVE
     guard_seconds: int | None = None
     allow_downgrade: bool = False
+    refresh_vms: bool = False
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"version": self.version, "mode": self.mode.value}
@@ -89,27 +92,35 @@ class UpgradeRequest:
             body["guard_seconds"] = self.guard_seconds
         if self.allow_downgrade:
             body["allow_downgrade"] = True
+        if self.refresh_vms:
+            body["refresh_vms"] = True
         return body
 
 
 class VmResult(StrEnum):
-    """What a reboot-mode upgrade did to a VM that ran before it: ``restoring`` until the
-    agent of the new boot has dealt with it, then ``resumed`` (memory kept), ``cold-started``
-    (booted afresh: the guest lost its memory), ``stopped`` (not running, and not brought back)
-    or ``failed`` (bringing it back raised an error)."""
+    """What an upgrade did to a VM that ran before it.
+
+    A reboot: ``restoring`` until the agent of the new boot has dealt with it, then
+    ``resumed`` (memory kept), ``cold-started`` (booted afresh: the guest lost its memory),
+    ``stopped`` (not running, and not brought back) or ``failed`` (bringing it back raised an
+    error). A live patch with ``refresh_vms``: ``refreshed`` (moved to a new QEMU process,
+    memory kept) or ``refresh-failed`` (it runs on in its old QEMU, on the old binary)."""
 
     RESTORING = "restoring"
     RESUMED = "resumed"
     COLD_STARTED = "cold-started"
     STOPPED = "stopped"
     FAILED = "failed"
+    REFRESHED = "refreshed"
+    REFRESH_FAILED = "refresh-failed"
 
 
 @dataclass(frozen=True, slots=True)
 class VmOutcome:
-    """One VM in a reboot-mode upgrade's report: ``pause_seconds`` (``resumed``) is how long
-    the guest was paused, from the pause before its state was saved to running again after
-    the boot; ``reason`` (any other result) says why it was not resumed."""
+    """One VM in an upgrade's report: ``pause_seconds`` (``resumed``, ``refreshed``) is how
+    long the guest was paused (for a reboot, from the pause before its state was saved to
+    running again after the boot); ``reason`` (any other result) says why it was not
+    resumed or refreshed."""
 
     name: str
     result: VmResult
@@ -118,9 +129,9 @@ class VmOutcome:
 
     @property
     def degraded(self) -> bool:
-        """Whether the guest lost its memory or is not running (anything but resumed, once
-        the agent is done with it)."""
-        return self.result not in (VmResult.RESUMED, VmResult.RESTORING)
+        """Whether the guest lost its memory, is not running or still runs the old QEMU
+        (anything but resumed or refreshed, once the agent is done with it)."""
+        return self.result not in (VmResult.RESUMED, VmResult.REFRESHED, VmResult.RESTORING)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "result": self.result.value,
@@ -152,8 +163,8 @@ class UpgradeStatus:
 
     ``error`` says why it failed; ``detail`` what it did (``3 replace; restarted: ssh.service``)
     or, for a reboot that fell back, ``fallback``. Times are Unix seconds. ``vms``: after a
-    reboot-mode upgrade, one outcome per VM that ran before it (empty otherwise, and from an
-    agent older than the report).
+    reboot-mode upgrade (or a live one with ``refresh_vms``), one outcome per VM that ran
+    before it (empty otherwise, and from an agent older than the report).
     """
 
     state: Phase = Phase.IDLE

@@ -414,10 +414,11 @@ async def start_upgrade(request: web.Request) -> web.Response:
     if ctx.upgrader is None:
         raise Unavailable("upgrades are not enabled on this agent")
     status, answer = await ctx.upgrader.request(asked.version, asked.mode, asked.guard_seconds,
-                                                allow_downgrade=asked.allow_downgrade)  # fmt: skip
-    log.info("%s asked for an upgrade to %s (%s%s): %s", caller(request).name, asked.version,
+                                                allow_downgrade=asked.allow_downgrade,
+                                                refresh_vms=asked.refresh_vms)  # fmt: skip
+    log.info("%s asked for an upgrade to %s (%s%s%s): %s", caller(request).name, asked.version,
              asked.mode, ", downgrade allowed" if asked.allow_downgrade else "",
-             answer.state)  # fmt: skip
+             ", VMs refreshed" if asked.refresh_vms else "", answer.state)  # fmt: skip
     return web.json_response(answer.to_json(), status=status)
 
 
@@ -427,10 +428,14 @@ def _upgrade_request(body: Body) -> UpgradeRequest:
     mode_text = body.choice("mode", tuple(Mode), default=Mode.LIVE)
     guard = body.integer("guard_seconds", default=0, low=0, high=3600)
     allow_downgrade = body.flag("allow_downgrade", default=False)
+    refresh_vms = body.flag("refresh_vms", default=False)
     body.finish()
     if 0 < guard < 30:
         raise BadRequest("guard_seconds must be at least 30", "guard_seconds")
-    return UpgradeRequest(version, Mode(mode_text), guard or None, allow_downgrade)
+    if refresh_vms and mode_text != Mode.LIVE:
+        raise BadRequest("refresh_vms is for live mode (a reboot saves and resumes every VM)",
+                         "refresh_vms")  # fmt: skip
+    return UpgradeRequest(version, Mode(mode_text), guard or None, allow_downgrade, refresh_vms)
 
 
 def make_app(

@@ -21,6 +21,12 @@ QEMU_BINARY = "qemu-system-x86_64"
 #: ``vmlinux`` (the appliances' fast path) hung in 2 of 5 boots, where q35 boots 5 of 5.
 MACHINES: tuple[str, ...] = ("q35", "pc")
 DEFAULT_MACHINE = MACHINES[0]
+#: The NIC's option ROM region, fixed. QEMU sizes it from the ROM file (rounded up to a power
+#: of two) and migrates it as a RAM block whose size must match on both ends: Debian's iPXE
+#: ``efi-virtio.rom`` (244 KiB) takes 256 KiB today, a bigger one in a later package would
+#: take 512 KiB and a guest could no longer move from an older QEMU to the newer one. Every
+#: VM ever started has had 256 KiB: never change it (a VM that runs or is saved keeps it).
+NIC_ROM_SIZE = 256 << 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +85,7 @@ def build_argv(spec: GuestSpec, binary: str = QEMU_BINARY) -> list[str]:
         tap = f"fd={nic.fd}" if nic.fd is not None else f"ifname={nic.tap},script=no,downscript=no"
         argv += [
             "-netdev", f"tap,id={netdev},{tap}",
-            "-device", f"virtio-net-pci,netdev={netdev},mac={nic.mac}",
+            "-device", f"virtio-net-pci,netdev={netdev},mac={nic.mac},romsize={NIC_ROM_SIZE}",
         ]  # fmt: skip
     if spec.qmp_socket is not None:
         argv += ["-qmp", f"unix:{spec.qmp_socket},server=on,wait=off"]

@@ -238,6 +238,7 @@ class Upgrader:
         guard_seconds: int | None = None,
         *,
         allow_downgrade: bool = False,
+        refresh_vms: bool = False,
     ) -> tuple[int, UpgradeStatus]:
         """Accept (202), report a no-op (200) or refuse an upgrade to ``version``.
 
@@ -246,13 +247,19 @@ class Upgrader:
         request while it runs is accepted again and starts nothing (idempotent per version).
         A version older than the running one (``compare_versions``) is refused unless
         ``allow_downgrade``. The image is re-verified first: its manifest against the keys
-        trusted now, each artefact against its signed sha256.
+        trusted now, each artefact against its signed sha256. ``refresh_vms`` (live mode
+        only): once the patch is in place, every running VM is moved to a new QEMU process
+        (``refresh_all``), each one's outcome in the status's ``vms``.
 
         :raise UpgradeError: refused (its ``status`` is the HTTP status: 404 not in the store,
             409 another upgrade runs, this is no Hatchery image or a downgrade was not
-            allowed, 422 the image no longer verifies or live mode cannot).
+            allowed, 422 the image no longer verifies, live mode cannot, or ``refresh_vms``
+            was asked for a reboot).
         :raise StateError: the status cannot be persisted; nothing was started.
         """
+        if refresh_vms and mode is not Mode.LIVE:
+            raise UpgradeError("refresh_vms is for live mode: a reboot saves and resumes every "
+                               "VM", 422)  # fmt: skip
         async with self._request_lock:
             running = self._version()
             if running == "dev":
@@ -282,7 +289,7 @@ class Upgrader:
             guard = guard_seconds or self._guard_seconds
             self._handing_over = False
             self._task = asyncio.create_task(
-                self._run(version, mode, guard), name=f"upgrade-{version}"
+                self._run(version, mode, guard, refresh_vms), name=f"upgrade-{version}"
             )
             return 202, self._status
 
@@ -358,11 +365,13 @@ class Upgrader:
             log.warning("running image %s: %s", running, exc.message)
             return None
 
-    async def _run(self, version: str, mode: Mode, guard_seconds: int) -> None:
+    async def _run(
+        self, version: str, mode: Mode, guard_seconds: int, refresh_vms: bool = False
+    ) -> None:
         """The upgrade's task: whatever ends it is recorded, except the agent's own end."""
         try:
             if mode is Mode.LIVE:
-                await self._live(version)
+                await self._live(version, refresh_vms)
             else:
                 await self._reboot(version, guard_seconds)
         except asyncio.CancelledError:
@@ -383,8 +392,12 @@ class Upgrader:
             self._show(ended)
 
     # --- live ---------------------------------------------------------------------------------
-    async def _live(self, version: str) -> None:
+    async def _live(self, version: str, refresh_vms: bool = False) -> None:
         outcome = await asyncio.to_thread(self._patch, version)
+        if refresh_vms:  # before the agent's own restart: the running agent holds the VMs
+            await self._record(model.note(self._status, f"{outcome.detail}; refreshing VMs"))
+            refreshed = await self.refresh_all()
+            outcome = dataclasses.replace(outcome, detail=f"{outcome.detail}; {refreshed}")
         if not outcome.restart_agent:
             await self._record(model.done(self._status, time.time(), outcome.detail))
             return
@@ -513,6 +526,29 @@ class Upgrader:
         except HatcheryError as exc:
             log.error("cannot record vm %s's outcome: %s", outcome.name, exc.message)
             self._show(reported)
+
+    async def refresh_all(self) -> str:
+        """Move every running VM to a new QEMU process of the node's binary, one at a time
+        (a live patch may have replaced QEMU, its firmware or a library it maps: the agent
+        cannot tell every file a QEMU process uses, and a needless refresh costs one pause
+        of a fraction of a second). Each outcome is recorded in the status as soon as it is
+        known: ``refreshed`` with its pause, or ``refresh-failed`` with why (the VM runs on
+        in its old QEMU: a failed refresh never stops a guest). What it did, for the
+        status's detail."""
+        names = self._vms.running_names() if self._vms is not None else []
+        if self._vms is None or not names:
+            return "no VMs to refresh"
+        moved = 0
+        for name in names:
+            try:
+                outcome = await self._vms.refresh_for_upgrade(name)
+            except HatcheryError as exc:
+                log.error("cannot refresh vm %s after the live patch: %s", name, exc.message)
+                outcome = VmOutcome(name, VmResult.REFRESH_FAILED, reason=exc.message)
+            moved += outcome.result is VmResult.REFRESHED
+            await self._report(outcome)
+        left, detail = len(names) - moved, f"refreshed {moved} of {len(names)} VMs"
+        return f"{detail} ({left} not: see vms)" if left else detail
 
     async def close(self) -> None:
         """Stop a running upgrade's task (idempotent); it records why, unless it was the

@@ -81,10 +81,21 @@ class ImageSource(Protocol):
 
 
 class VmControl(Protocol):
-    """What a reboot-mode upgrade needs from the VM manager."""
+    """What an upgrade needs from the VM manager: a reboot saves and restores its VMs, a
+    live patch with ``refresh_vms`` refreshes them."""
 
     def running_names(self) -> list[str]:
-        """The VMs to stop before the reboot and to restore after it."""
+        """The VMs to stop before the reboot and to restore after it, or to refresh."""
+        ...
+
+    async def refresh_for_upgrade(self, name: str) -> VmOutcome:
+        """Move ``name`` to a new QEMU process of the node's binary (``vm refresh``); what
+        became of it: refreshed (with its pause) or refresh-failed (with why; it runs on in
+        its old QEMU), stopped if it no longer runs.
+
+        :raise HatcheryError: an unexpected failure (reported ``refresh-failed`` by the
+            caller, the others go on).
+        """
         ...
 
     async def stop_for_reboot(self, name: str) -> None:
@@ -181,7 +192,8 @@ def restoring(status: UpgradeStatus, names: tuple[str, ...]) -> UpgradeStatus:
 
 
 def restored(status: UpgradeStatus, outcome: VmOutcome) -> UpgradeStatus:
-    """The report with ``outcome`` in its VM's place (appended if it was not listed)."""
+    """The report with ``outcome`` in its VM's place (appended if it was not listed: a live
+    patch's refreshed VMs are added one by one)."""
     listed = any(vm.name == outcome.name for vm in status.vms)
     vms = tuple(outcome if vm.name == outcome.name else vm for vm in status.vms)
     return replace(status, vms=vms if listed else (*vms, outcome))

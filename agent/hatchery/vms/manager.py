@@ -1074,6 +1074,23 @@ class VmManager:
             )
         return VmOutcome(name, VmResult.COLD_STARTED, reason=why)
 
+    async def refresh_for_upgrade(self, name: str) -> VmOutcome:
+        """What a live patch with ``refresh_vms`` does to each running VM: ``refresh``, and
+        what became of it for the upgrade's report. A VM that cannot be moved runs on in its
+        old QEMU (the refresh's own fallback) and is reported ``refresh-failed``."""
+        vm = self._vms.get(name)
+        if vm is None:
+            return VmOutcome(name, VmResult.STOPPED, reason="it no longer exists")
+        if vm.state not in (VmState.RUNNING, VmState.PAUSED):
+            return VmOutcome(name, VmResult.STOPPED, reason=f"it was {vm.state.value}, not "
+                             "refreshed")  # fmt: skip
+        try:
+            after = await self.refresh(name)
+        except (VmError, VmStateError) as exc:
+            return VmOutcome(name, VmResult.REFRESH_FAILED,
+                             reason=f"{exc.message}; it runs on in its old QEMU")  # fmt: skip
+        return VmOutcome(name, VmResult.REFRESHED, pause_seconds=after.pause_seconds)
+
     async def suspend_for_reboot(self, name: str) -> None:
         """What a reboot upgrade does to each running VM after staging, before the jump
         (``restore`` resumes it after the boot): save it to /data, or stop it softly if

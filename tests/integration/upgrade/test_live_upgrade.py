@@ -5,9 +5,6 @@ standing in for its root (the real root is patched inside a booted image: tests/
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
-import platform
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,44 +12,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-import zstandard
 
 from hatchery.client import AgentClient, ApiError, Credentials
-from hatchery.images.signing import generate_key, sign_build_dir
+from hatchery.images.signing import generate_key
 from hatchery_lab.agent import AgentProcess, Pki
-from hatchery_lab.cpio_writer import Entry, write_newc
-from tests.support.synthetic_images import make_build
+from tests.support.live_images import build, root
 from tests.support.upgrade_roots import unpack
 
 BIN = Path(sys.executable).parent
-KERNEL = b"the same kernel for v1 and v2"
-
-
-def root(version: str) -> bytes:
-    release = platform.release()
-    return write_newc([
-        Entry.directory("usr"), Entry.directory("usr/lib"), Entry.directory("usr/lib/modules"),
-        Entry.directory(f"usr/lib/modules/{release}"),
-        Entry.file(f"usr/lib/modules/{release}/modules.dep", b""),
-        Entry.file("usr/lib/os-release", f'NAME="Hatchery"\nIMAGE_VERSION={version}\n'.encode()),
-        Entry.directory("etc"),
-        Entry.file("etc/motd", f"Hatchery {version}\n".encode()),
-    ])  # fmt: skip
-
-
-def build(tmp: Path, version: str, key_private: Path) -> Path:
-    out = make_build(tmp / "builds", version, kernel=KERNEL)
-    (out / "hypervisor.cpio.zst").write_bytes(zstandard.ZstdCompressor().compress(root(version)))
-    manifest = json.loads((out / "manifest.json").read_text())
-    for name in ("hypervisor.cpio.zst", "hypervisor.vmlinuz"):
-        data = (out / name).read_bytes()
-        manifest["artefacts"][name] = {
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "bytes": len(data),
-        }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    sign_build_dir(out, key_private)
-    return out
 
 
 @pytest.fixture

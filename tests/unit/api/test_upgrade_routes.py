@@ -125,3 +125,21 @@ async def test_the_vm_report_of_a_reboot_is_served(tmp_path: Path) -> None:
         assert resp.status == 200 and (await resp.json())["vms"] == vms
         health = await (await node.client.get("/healthz", headers=READER)).json()
         assert health["upgrade"]["vms"] == vms
+
+
+async def test_refresh_vms_is_taken_in_live_mode_and_refused_with_a_reboot(node: Node) -> None:
+    reboot = {"version": "v1", "mode": "reboot", "allow_downgrade": True, "refresh_vms": True}
+    resp = await node.client.post("/v1/upgrade", json=reboot, headers=ADMIN)
+    assert resp.status == 400, await resp.text()
+    assert (await resp.json())["field"] == "refresh_vms"
+    resp = await node.client.post("/v1/upgrade", json={"version": "v1", "refresh_vms": 1},
+                                  headers=ADMIN)  # fmt: skip
+    assert resp.status == 400 and (await resp.json())["field"] == "refresh_vms"
+    assert node.upgrader.status.state.value == "idle"
+    live = {"version": "v1", "mode": "live", "allow_downgrade": True, "refresh_vms": True}
+    resp = await node.client.post("/v1/upgrade", json=live, headers=ADMIN)
+    assert resp.status == 202, await resp.text()
+    await wait_done(node.upgrader)
+    status = node.upgrader.status
+    assert status.state.value == "done" and status.vms == ()  # no VM runs on this node
+    assert status.detail is not None and status.detail.endswith("no VMs to refresh")

@@ -162,6 +162,9 @@ def _client(args: argparse.Namespace, *, keepalive: float | None = 2.0) -> Agent
 
 
 def _exec_options(args: argparse.Namespace) -> ExecOptions:
+    if getattr(args, "refresh_vms", False) and args.mode != Mode.LIVE:
+        raise RolloutError("--refresh-vms is for --mode live",
+                           hint="a reboot saves and resumes every VM anyway")  # fmt: skip
     return ExecOptions(
         version=args.version,
         mode=Mode(args.mode),
@@ -174,6 +177,7 @@ def _exec_options(args: argparse.Namespace) -> ExecOptions:
         allow_downgrade=args.allow_downgrade,
         soak=args.soak,
         halt_on_degraded=args.halt_on_degraded,
+        refresh_vms=getattr(args, "refresh_vms", False),
     )
 
 
@@ -446,16 +450,22 @@ def _status_doc(state: JournalState) -> dict[str, Any]:
 
 def _vm_totals(state: JournalState) -> dict[str, Any]:
     """Over the hosts that reported their VMs after a reboot: how many resumed, were
-    cold-started or are not running, and the longest pause."""
+    cold-started or are not running, and the longest pause; after a live patch with
+    ``--refresh-vms`` also how many were refreshed or left on the old QEMU."""
     tallies = [r.vms for r in state.hosts.values() if r.vms is not None]
     pauses = [t.max_pause for t in tallies if t.max_pause is not None]
-    return {
+    totals: dict[str, Any] = {
         "hosts": len(tallies),
         "resumed": sum(t.resumed for t in tallies),
         "cold_started": sum(t.cold_started for t in tallies),
         "not_restored": sum(t.not_restored for t in tallies),
         "max_pause": max(pauses) if pauses else None,
     }
+    refreshed = sum(t.refreshed for t in tallies)
+    refresh_failed = sum(t.refresh_failed for t in tallies)
+    if refreshed or refresh_failed:
+        totals.update(refreshed=refreshed, refresh_failed=refresh_failed)
+    return totals
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -526,6 +536,11 @@ def _parser() -> argparse.ArgumentParser:
         "--halt-on-degraded", action="store_true",
         help="reboot mode: a host whose VM could only be cold-started (not resumed) halts the "
         "rollout (default: it is reported, the rollout goes on)",
+    )  # fmt: skip
+    run.add_argument(
+        "--refresh-vms", action="store_true",
+        help="live mode: after the patch each host moves every running VM to a new QEMU "
+        "process (vm refresh); a VM left on the old QEMU makes its host degraded",
     )  # fmt: skip
     run.add_argument("--poll-interval", type=float, default=2.0)
     run.add_argument("--upgrade-timeout", type=float, default=1800.0)

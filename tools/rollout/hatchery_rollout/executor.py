@@ -60,10 +60,12 @@ class ExecOptions:
     allow_downgrade: bool = False
     soak: float = 0.0  # seconds after each wave before its hosts' health is checked again
     halt_on_degraded: bool = False  # a VM cold-started (not resumed) fails its host
+    refresh_vms: bool = False  # live mode: every VM moved to a new QEMU after the patch
 
     def request(self) -> UpgradeRequest:
         """What each host is sent (the wire schema's ``POST /v1/upgrade`` body)."""
-        return UpgradeRequest(self.version, self.mode, allow_downgrade=self.allow_downgrade)
+        return UpgradeRequest(self.version, self.mode, allow_downgrade=self.allow_downgrade,
+                              refresh_vms=self.refresh_vms)  # fmt: skip
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -77,6 +79,7 @@ class ExecOptions:
             "hook_timeout": self.hook_timeout,
             "soak": self.soak,
             "halt_on_degraded": self.halt_on_degraded,
+            "refresh_vms": self.refresh_vms,
         }
 
     @classmethod
@@ -101,6 +104,7 @@ class ExecOptions:
             allow_downgrade=data.get("allow_downgrade") is True,
             soak=num("soak", 0.0),
             halt_on_degraded=data.get("halt_on_degraded") is True,
+            refresh_vms=data.get("refresh_vms") is True,
         )
 
 
@@ -428,15 +432,16 @@ class Executor:
 
     # --- the VMs of a reboot ---------------------------------------------------------------
     async def _vm_report(self, host: Host, rec: HostRecord) -> None:
-        """Reboot mode: wait (within the health timeout) until the agent has reported every
-        VM that ran before the reboot, then keep its tally in ``rec`` (journaled with the
-        host). A degraded host fails with ``halt_on_degraded``, unless the journal already
-        holds the same degradation from before a ``--retry-failed`` (the operator has seen
-        it); else it is logged and listed. An agent without the report passes.
+        """Reboot mode (or live with ``refresh_vms``): wait (within the health timeout) until
+        the agent has reported every VM that ran before the upgrade, then keep its tally in
+        ``rec`` (journaled with the host). A degraded host fails with ``halt_on_degraded``,
+        unless the journal already holds the same degradation from before a
+        ``--retry-failed`` (the operator has seen it); else it is logged and listed. An
+        agent without the report passes.
 
         :raise HostFailed: still restoring at the deadline, or degraded and halting.
         """
-        if self.opts.mode is not Mode.REBOOT:
+        if self.opts.mode is not Mode.REBOOT and not self.opts.refresh_vms:
             return
         deadline = time.monotonic() + self.opts.health_timeout
         while True:

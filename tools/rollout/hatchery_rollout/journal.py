@@ -134,8 +134,8 @@ def _apply(state: JournalState, rec: Mapping[str, Any]) -> None:
 
 
 def _vm_tally(rec: Mapping[str, Any]) -> VmTally | None:
-    """A reboot's VM report from a host record; None in records without one (a live patch,
-    or a journal written before the report existed)."""
+    """A VM report from a host record (a reboot, or a live patch with refreshed VMs); None
+    in records without one (a plain live patch, or a journal older than the report)."""
     if "resumed" not in rec:
         return None
 
@@ -150,6 +150,8 @@ def _vm_tally(rec: Mapping[str, Any]) -> VmTally | None:
         not_restored=count("not_restored"),
         max_pause=float(pause) if isinstance(pause, int | float) else None,
         degraded=degraded if isinstance(degraded, str) else None,
+        refreshed=count("refreshed"),
+        refresh_failed=count("refresh_failed"),
     )
 
 

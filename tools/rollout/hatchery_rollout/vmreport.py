@@ -1,8 +1,10 @@
-"""What a reboot-mode upgrade did to a host's VMs, as the rollout records it: a pure summary
-of the agent's per-VM report (``UpgradeStatus.vms`` in the wire schema).
+"""What an upgrade did to a host's VMs, as the rollout records it: a pure summary of the
+agent's per-VM report (``UpgradeStatus.vms`` in the wire schema), after a reboot or a live
+patch with ``--refresh-vms``.
 
 A host is *degraded* when a VM that ran before the upgrade did not come back with its memory:
-cold-started (the guest rebooted), or stopped or failed (not running). Whether that halts
+cold-started (the guest rebooted), or stopped or failed (not running); or, after a live patch,
+when a VM's refresh failed (it runs on the old QEMU binary). Whether that halts
 the rollout is the operator's policy (``--halt-on-degraded``); the executor decides, this
 module only counts. An agent older than the report sends none: nothing to count, not
 degraded.
@@ -20,14 +22,17 @@ REASON_LIMIT = 300  # characters of the degraded reason kept in the journal and 
 
 @dataclass(frozen=True, slots=True)
 class VmTally:
-    """Per host: VMs resumed, cold-started, not running (stopped or failed), the longest
-    pause of a resumed one, and why the host is degraded (None: it is not)."""
+    """Per host: VMs resumed, cold-started, not running (stopped or failed), refreshed and
+    left on the old QEMU (refresh failed), the longest pause of a resumed or refreshed one,
+    and why the host is degraded (None: it is not)."""
 
     resumed: int = 0
     cold_started: int = 0
     not_restored: int = 0
     max_pause: float | None = None
     degraded: str | None = None
+    refreshed: int = 0
+    refresh_failed: int = 0
 
     def fields(self) -> dict[str, Any]:
         """The journal's fields for this host (added to its ``done`` or ``failed`` record)."""
@@ -37,19 +42,23 @@ class VmTally:
             "not_restored": self.not_restored,
             "max_pause": self.max_pause,
         }
+        if self.refreshed or self.refresh_failed:
+            out.update(refreshed=self.refreshed, refresh_failed=self.refresh_failed)
         if self.degraded is not None:
             out["degraded"] = self.degraded
         return out
 
 
 def tally(status: UpgradeStatus) -> VmTally | None:
-    """The summary of ``status``'s VM report; None when it has none (a live patch, no VMs,
-    or an agent older than the report)."""
+    """The summary of ``status``'s VM report; None when it has none (a live patch without
+    ``refresh_vms``, no VMs, or an agent older than the report)."""
     if not status.vms:
         return None
     resumed = [vm for vm in status.vms if vm.result is VmResult.RESUMED]
     cold = [vm for vm in status.vms if vm.result is VmResult.COLD_STARTED]
-    pauses = [vm.pause_seconds for vm in resumed if vm.pause_seconds is not None]
+    refreshed = [vm for vm in status.vms if vm.result is VmResult.REFRESHED]
+    stale = [vm for vm in status.vms if vm.result is VmResult.REFRESH_FAILED]
+    pauses = [vm.pause_seconds for vm in (*resumed, *refreshed) if vm.pause_seconds is not None]
     hurt = [vm for vm in status.vms if vm.degraded]
     why = "; ".join(f"vm {vm.name} {vm.result.value}: {vm.reason or 'no reason given'}"
                     for vm in hurt)  # fmt: skip
@@ -58,7 +67,9 @@ def tally(status: UpgradeStatus) -> VmTally | None:
     return VmTally(
         resumed=len(resumed),
         cold_started=len(cold),
-        not_restored=len(hurt) - len(cold),
+        not_restored=len(hurt) - len(cold) - len(stale),
         max_pause=max(pauses) if pauses else None,
         degraded=why or None,
+        refreshed=len(refreshed),
+        refresh_failed=len(stale),
     )
