@@ -41,8 +41,9 @@ class Leases:
 
     held: dict[str, ipaddress.IPv4Address] = field(default_factory=dict)
 
-    def birth_address(self, mac: str) -> ipaddress.IPv4Address | None:
-        return self.held.get(mac)
+    def birth_address(self, mac: str, version: int) -> ipaddress.IPv4Address | None:
+        held = self.held.get(mac)
+        return held if held is not None and held.version == version else None
 
 
 @pytest.fixture
