@@ -401,7 +401,8 @@ def describe(packet: Dhcp6Packet) -> str:
             elif o.code == Opt.STATUS_CODE:
                 st = _status((o,))
                 assert st is not None
-                lines.append(f"{indent}STATUS_CODE {st[0]!s} {st[1]!r}")
+                code = st[0].name if isinstance(st[0], Status) else st[0]
+                lines.append(f"{indent}STATUS_CODE {code} {st[1]!r}")
             else:
                 lines.append(f"{indent}{name} {o.data.hex()}")
 
