@@ -30,7 +30,7 @@ from hatchery.dhcp.responder import DhcpConfig, Responder
 from hatchery.dhcp.server import DhcpServer, ProxyDhcpServer, interface_ipv4
 from hatchery.dhcp6.packet import duid_ll
 from hatchery.dhcp6.responder import Dhcp6Config, Responder6
-from hatchery.dhcp6.server import Dhcp6Server, interface_ipv6, interface_mac
+from hatchery.dhcp6.server import Dhcp6Server, interface_mac, wait_for_ipv6
 from hatchery.errors import HatcheryError
 from hatchery.health import NodeHealth
 from hatchery.images.signing import KeyDirectory
@@ -307,7 +307,7 @@ class Agent:
                                   self.health.version, self.config.limits,
                                   self.metrics)  # fmt: skip
                 v6 = bridge.boot.ipv6
-                own6 = interface_ipv6(bridge.name, v6.prefix) if v6 is not None else None
+                own6 = await wait_for_ipv6(bridge.name, v6.prefix) if v6 is not None else None
                 await netboot.start(interface_ipv4(bridge.name).ip if ipv4 else None, own6)
                 stack.push_async_callback(netboot.stop)
             if own6 is not None:

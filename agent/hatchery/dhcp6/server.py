@@ -69,6 +69,25 @@ def interface_ipv6(
     )
 
 
+async def wait_for_ipv6(
+    interface: str, prefix: ipaddress.IPv6Network, timeout: float = 10.0
+) -> ipaddress.IPv6Address:
+    """``interface_ipv6``, waiting up to ``timeout`` seconds for duplicate address detection
+    to finish (an agent started at boot may find its address still tentative).
+
+    :raise Dhcp6ServerError: no usable address by then.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            return interface_ipv6(interface, prefix)
+        except Dhcp6ServerError:
+            if loop.time() >= deadline:
+                raise
+        await asyncio.sleep(0.2)
+
+
 def interface_mac(interface: str) -> str:
     try:
         return Path(f"/sys/class/net/{interface}/address").read_text().strip()

@@ -269,9 +269,10 @@ async def test_the_agent_serves_seeds_to_the_holder_of_an_ipv6_birth_lease(
         assert answer.status == 200, answer.body
         ((url, token),) = TOKEN_URL.findall(answer.body.decode())
         assert url == f"http://[::1]:{server.port}/seed/{token}"
-        assert (
-            KEY.open((await post(server, f"/seed/{token}", KEY.public, source="::1")).body) == SEED
-        )
+        # the newborn's own fetch (``hatchery.seed``), an IPv6 literal in its URL
+        cmdline = tmp_path / "cmdline"
+        cmdline.write_text(f"console=ttyS0 hatchery.seed={url}\n")
+        assert await asyncio.to_thread(find_seed, cmdline, tmp_path / "no-fw-cfg") == SEED
         assert (await post(server, f"/seed/{token}", KEY.public, source="::1")).status == 404
 
 
