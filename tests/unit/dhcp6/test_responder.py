@@ -16,6 +16,7 @@ from hatchery.dhcp6.packet import (
     Opt,
     Option,
     Status,
+    describe,
     duid_ll,
     opt_length_prefixed,
     opt_u16s,
@@ -249,3 +250,28 @@ def test_release_and_decline_of_anothers_address_change_nothing(kind: MessageTyp
                      duid=duid_ll("52:54:00:66:66:66"))  # fmt: skip
     r.handle(forged, IP6("fe80::1"), NOW + 1)
     assert r.births.binding(MAC, NOW + 1) is not None
+
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+@pytest.mark.parametrize("name", ["ovmf-solicit", "ovmf-request", "ipxe-solicit",
+                                  "dhclient-solicit", "dhcpcd-solicit"])  # fmt: skip
+def test_our_answers_to_real_clients_match_their_checked_in_text(name: str) -> None:
+    """What OVMF, iPXE, dhclient and dhcpcd get from us, in the codec's text form (the
+    Request is answered after its Solicit; the server DUID is the one they named)."""
+    request = Dhcp6Packet.decode(bytes.fromhex((GOLDEN / f"{name}.hex").read_text().strip()))
+    server = request.server_id or SERVER
+    births = BirthLeases6(IP6("fd42:6b1:0:1::100"), IP6("fd42:6b1:0:1::1ff"))
+    config = Dhcp6Config(server, ipaddress.IPv6Network("fd42:6b1:0:1::/64"), 3600, (),
+                         Boot6Config("http://[fd42:6b1:0:1::1]:8080"))  # fmt: skip
+    source = IP6(
+        "fe80::5054:ff:fe5e:601"
+    )  # the QEMU guest's (dhclient's and dhcpcd's DUID name them)
+    if name.startswith(("dhclient", "dhcpcd")):
+        source = IP6("fe80::1234:5678:9abc:def0")  # not EUI-64: the MAC comes from the DUID
+    reply = Responder6(config, births).handle(request, source, NOW)
+    assert reply is not None
+    text = describe(reply) + "\n"
+    expected = GOLDEN / "answers" / f"{name}.txt"
+    assert text == expected.read_text(), f"{name}: our answer changed:\n{text}"
