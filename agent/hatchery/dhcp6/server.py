@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
+from hatchery.dhcp.server import LeaseWrites
 from hatchery.dhcp6.packet import ALL_SERVERS, CLIENT_PORT, SERVER_PORT, DecodeError, Dhcp6Packet
 from hatchery.dhcp6.responder import Responder6, client_kind
 from hatchery.errors import HatcheryError
@@ -131,8 +132,7 @@ class Dhcp6Protocol(asyncio.DatagramProtocol):
         self.meter = meter or Metrics().dhcp("")
         self.transport: asyncio.DatagramTransport | None = None
         self.answered = self.malformed = self.failed = self.unsaved = 0
-        self._saving = asyncio.Lock()
-        self._writes: set[asyncio.Task[None]] = set()
+        self._writes = LeaseWrites(responder.births)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
@@ -162,34 +162,19 @@ class Dhcp6Protocol(asyncio.DatagramProtocol):
             log.exception("dhcp6 responder failed on a %s from %s", kind, source)
             return
         dest = (str(source), CLIENT_PORT, 0, addr[3])
-        births = self.responder.births
-        if births.unsaved or self._writes:
-            task = asyncio.get_running_loop().create_task(
-                self._save_then_send(request, reply, dest, data), name=f"dhcp6-save-{source}"
+        if self._writes.pending:
+            self._writes.after_write(
+                lambda: self._send(request, reply, dest, data),
+                lambda exc: self._unsaved(request, source, exc),
+                name=f"dhcp6-save-{source}",
             )
-            self._writes.add(task)
-            task.add_done_callback(self._writes.discard)
             return
         self._send(request, reply, dest, data)
 
-    async def _save_then_send(
-        self, request: Dhcp6Packet, reply: Dhcp6Packet | None,
-        dest: tuple[str, int, int, int], data: bytes,
-    ) -> None:  # fmt: skip
-        births = self.responder.births
-        async with self._saving:  # FIFO: writes land in the order the changes were made
-            write = births.take_write()
-            if write is not None:
-                try:
-                    await asyncio.to_thread(write)
-                except (HatcheryError, OSError) as exc:
-                    births.changed_again()
-                    self.unsaved += 1
-                    self.meter.received(request.msg_type.name, "unsaved")
-                    log.error("cannot save the IPv6 birth leases, %s not answered: %s",
-                              dest[0], exc)  # fmt: skip
-                    return
-        self._send(request, reply, dest, data)
+    def _unsaved(self, request: Dhcp6Packet, source: ipaddress.IPv6Address, exc: Exception) -> None:
+        self.unsaved += 1
+        self.meter.received(request.msg_type.name, "unsaved")
+        log.error("cannot save the IPv6 birth leases, %s not answered: %s", source, exc)
 
     def _send(
         self, request: Dhcp6Packet, reply: Dhcp6Packet | None,
@@ -217,8 +202,7 @@ class Dhcp6Protocol(asyncio.DatagramProtocol):
         self.meter.replied(reply.msg_type.name, client_kind(request).value)
 
     def drop_pending(self) -> None:
-        for task in list(self._writes):
-            task.cancel()
+        self._writes.cancel()
 
 
 class Dhcp6Server:
