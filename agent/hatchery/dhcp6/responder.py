@@ -8,7 +8,10 @@ Who gets what:
   the Ethernet address in a DUID-LLT/LL), so the firmware's DHCPv6 and then iPXE's, which
   present different DUIDs and IAIDs, get the same address; the boot HTTP service asks "who
   holds MAC's address?" as it does for IPv4. Only a client's first IA_NA gets an address;
-  further ones come back with NoAddrsAvail.
+  further ones come back with NoAddrsAvail. Unlike the IPv4 births range, plain clients are
+  answered too: our managed RA tells every host on the link to take its address from
+  DHCPv6, so not answering would leave them without one, and no one else's DHCPv6 is
+  there to lose them to (agents give VMs no DHCPv6, and VM ports cannot reach udp 547).
 - Boot information (Boot File URL, option 59) only to clients that ask for it in their
   Option Request (RFC 5970 section 3.1) and are UEFI HTTP Boot on x86-64 (architecture 16,
   RFC 5970 3.3 and the IANA registry) or iPXE (user class ``iPXE``). HTTP Boot clients also
