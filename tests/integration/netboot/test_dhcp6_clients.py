@@ -79,7 +79,7 @@ def test_isc_dhclient_gets_renews_and_releases_an_address(
              "-pf", str(env.workdir / "dh.pid")]  # fmt: skip
     client = env.start("dhclient", [dhclient, "-6", "-d", "-v", *files, "eth0"], ns=ns)
     client.wait_for("Bound to lease", timeout=30)
-    assert global_addresses(ns) == [RANGE[0]]
+    wait(lambda: global_addresses(ns) == [RANGE[0]], "the address on eth0")  # by our script
     assert leases(env) == [(mac, RANGE[0])]
     dhcp = next(s for s in env.services if s.name == "dhcp6")
     assert f"SOLICIT from fe80::5054:ff:fe6d:1 (other) -> ADVERTISE {RANGE[0]}" in dhcp.text()
