@@ -27,6 +27,8 @@ packages=(
   bubblewrap systemd-container python3-pefile
   # networking and real protocol clients/peers (reference peers only in tests and benchmarks)
   nftables iproute2 iputils-ping curl atftp udhcpc dnsmasq-base tftpd-hpa nginx-light
+  # DHCPv6 clients no one here wrote, for the IPv6 births tests
+  isc-dhcp-client dhcpcd-base
   # metrics: promtool checks our /metrics, a real Prometheus scrapes it in a test
   prometheus
   # python and linters

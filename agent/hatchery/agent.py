@@ -28,6 +28,9 @@ from hatchery.dhcp.leases import Lease
 from hatchery.dhcp.proxy import ProxyConfig, ProxyResponder
 from hatchery.dhcp.responder import DhcpConfig, Responder
 from hatchery.dhcp.server import DhcpServer, ProxyDhcpServer, interface_ipv4
+from hatchery.dhcp6.packet import duid_ll
+from hatchery.dhcp6.responder import Dhcp6Config, Responder6
+from hatchery.dhcp6.server import Dhcp6Server, interface_mac, wait_for_ipv6
 from hatchery.errors import HatcheryError
 from hatchery.health import NodeHealth
 from hatchery.images.signing import KeyDirectory
@@ -144,6 +147,18 @@ def dhcp_for(
     return DhcpServer(bridge.name, responder, metrics=metrics)
 
 
+def dhcp6_for(
+    bridge: BridgeConfig, netboot: Netboot, own: ipaddress.IPv6Address, metrics: Metrics
+) -> Dhcp6Server:
+    """The DHCPv6 server of ``bridge``'s IPv6 births (``boot.ipv6``): addresses from its
+    range, boot URLs on the bridge's IPv6 address ``own``."""
+    v6, births = netboot.config.ipv6, netboot.births6()
+    assert v6 is not None and births is not None
+    config = Dhcp6Config(duid_ll(interface_mac(bridge.name)), v6.prefix, v6.lease_time, v6.dns,
+                         netboot.dhcp6_boot(own))  # fmt: skip
+    return Dhcp6Server(bridge.name, Responder6(config, births), metrics=metrics)
+
+
 class BridgeGuard:
     """The VM manager's port-rules collaborator, made before the manager; the metadata service
     that applies the rules starts later (it serves the API inside its namespaces, and the API
@@ -211,7 +226,8 @@ class Agent:
             self.guard.attach(self.metadata)
             for bridge in self.config.bridges:
                 proxy = bridge.boot is not None and bridge.boot.dhcp is DhcpMode.PROXY
-                if proxy or (bridge.dhcp and bridge.subnets):
+                ipv6 = bridge.boot is not None and bridge.boot.ipv6 is not None
+                if proxy or ipv6 or (bridge.dhcp and bridge.subnets):
                     await self._network_services(stack, bridge)
             async with part("upgrade after boot"):
                 await self.upgrader.after_boot()  # VMs a reboot-mode upgrade stopped
@@ -279,15 +295,28 @@ class Agent:
     async def _network_services(
         self, stack: contextlib.AsyncExitStack, bridge: BridgeConfig
     ) -> None:
-        """Network boot (if configured) and DHCP on ``bridge``."""
+        """Network boot (if configured), DHCP and, for IPv6 births, DHCPv6 on ``bridge``.
+        An IPv6-only bridge (IPv6 births, no IPv4 subnet) runs no DHCPv4 and needs no IPv4
+        address."""
         netboot = None
+        proxy = bridge.boot is not None and bridge.boot.dhcp is DhcpMode.PROXY
+        ipv4 = proxy or (bridge.dhcp and bool(bridge.subnets))
         if bridge.boot is not None:
             async with part(f"network boot on {bridge.name}"):
                 netboot = Netboot(bridge.name, bridge.boot, self.config.state_dir, self.images,
                                   self.health.version, self.config.limits,
                                   self.metrics)  # fmt: skip
-                await netboot.start(interface_ipv4(bridge.name).ip)
+                v6 = bridge.boot.ipv6
+                own6 = await wait_for_ipv6(bridge.name, v6.prefix) if v6 is not None else None
+                await netboot.start(interface_ipv4(bridge.name).ip if ipv4 else None, own6)
                 stack.push_async_callback(netboot.stop)
+            if own6 is not None:
+                async with part(f"dhcpv6 on {bridge.name}"):
+                    server6 = dhcp6_for(bridge, netboot, own6, self.metrics)
+                    await server6.start()
+                    stack.callback(server6.stop)
+        if not ipv4:
+            return
         async with part(f"dhcp on {bridge.name}"):
             server = dhcp_for(bridge, self.pool, netboot, self.metrics)
             await server.start()

@@ -20,6 +20,7 @@ from hatchery.agent import Agent
 from hatchery.boothttp import cli as boothttp_cli
 from hatchery.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
 from hatchery.dhcp import cli as dhcp_cli
+from hatchery.dhcp6 import cli as dhcp6_cli
 from hatchery.errors import HatcheryError, report
 from hatchery.host import notify, open_notify, watchdog_interval
 from hatchery.log import recent_log, setup_logging
@@ -32,6 +33,7 @@ log = logging.getLogger("hatchery.agent")
 ServeCommand = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 SERVE_COMMANDS: dict[str, ServeCommand] = {
     "dhcp": (dhcp_cli.add_dhcp_arguments, dhcp_cli.run_dhcp),
+    "dhcp6": (dhcp6_cli.add_arguments, dhcp6_cli.run),
     "http": (boothttp_cli.add_arguments, boothttp_cli.run),
     "ra": (dhcp_cli.add_ra_arguments, dhcp_cli.run_ra),
     "tftp": (tftp_cli.add_arguments, tftp_cli.run),

@@ -45,6 +45,20 @@ class DhcpMode(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class Ipv6BootConfig:
+    """IPv6 births (``boot.ipv6``): DHCPv6 addresses from ``births_start``..``births_end``,
+    RAs with M=1, O=1 and ``prefix`` on-link (A=0); the bridge needs an address in
+    ``prefix``, where the boot HTTP service then listens too."""
+
+    births_start: ipaddress.IPv6Address
+    births_end: ipaddress.IPv6Address
+    prefix: ipaddress.IPv6Network
+    router: bool = False  # True: RAs name this node the link's default router
+    dns: tuple[ipaddress.IPv6Address, ...] = ()
+    lease_time: int = 3600
+
+
+@dataclass(frozen=True, slots=True)
 class BootServiceConfig:
     """Birthing peers on this bridge: DHCP for unknown machines, iPXE scripts, artefacts."""
 
@@ -56,6 +70,7 @@ class BootServiceConfig:
     seeds: Path = Path("/etc/hatchery/seeds")  # <mac>.tar files served to booting machines
     tftp: bool = False
     cmdline: str = "console=ttyS0 panic=30"
+    ipv6: Ipv6BootConfig | None = None  # IPv6 births (DHCPv6 + managed RAs); None: IPv4 only
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +269,11 @@ def _subnet(r: _Reader) -> SubnetConfig:
 
 _BRIDGE = BridgeConfig(name="")
 _BOOT = BootServiceConfig()
+_IPV6 = Ipv6BootConfig(
+    ipaddress.IPv6Address("fd00::1"),
+    ipaddress.IPv6Address("fd00::1"),
+    ipaddress.IPv6Network("fd00::/64"),
+)  # only its defaults are read
 _CAPACITY = CapacityConfig()
 _SOURCES = VmSourcesConfig()
 _AGENT = AgentConfig()
@@ -387,7 +407,50 @@ def _boot(r: _Reader, subnets: tuple[SubnetConfig, ...]) -> BootServiceConfig:
         seeds=Path(r.get("seeds", str, str(_BOOT.seeds))),
         tftp=r.get("tftp", bool, _BOOT.tftp),
         cmdline=r.get("cmdline", str, _BOOT.cmdline),
+        ipv6=_boot_ipv6(r.sub("ipv6"), mode) if r.get("ipv6", dict) is not None else None,
     )
+    r.finish()
+    return config
+
+
+def _ip6(value: Any, key: str) -> ipaddress.IPv6Address:
+    try:
+        return ipaddress.IPv6Address(str(value))
+    except ValueError as exc:
+        raise ConfigError(f"{key}: not an IPv6 address: {value!r}") from exc
+
+
+def _boot_ipv6(r: _Reader, mode: DhcpMode) -> Ipv6BootConfig:
+    """``boot.ipv6``: ``births: {start, end}`` (required), ``prefix`` (default: the /64 of
+    start), ``router``, ``dns``, ``lease_time``."""
+    if mode is DhcpMode.PROXY:
+        raise ConfigError(f"{r.key('births')}: IPv6 births give addresses by DHCPv6, "
+                          "which dhcp: proxy mode does not; drop boot.ipv6 or proxy")  # fmt: skip
+    births = r.sub("births")
+    start_text, end_text = births.get("start", str), births.get("end", str)
+    births.finish()
+    if not start_text or not end_text:
+        raise ConfigError(f"{births.key('start')}: IPv6 births need both start and end")
+    start, end = _ip6(start_text, births.key("start")), _ip6(end_text, births.key("end"))
+    if end < start:
+        raise ConfigError(f"{births.key('end')}: {end} is before {start}")
+    prefix_text = r.get("prefix", str)
+    try:
+        prefix = (
+            ipaddress.IPv6Network(prefix_text, strict=True)
+            if prefix_text
+            else ipaddress.IPv6Network(f"{start}/64", strict=False)
+        )
+    except ValueError as exc:
+        raise ConfigError(f"{r.key('prefix')}: {exc}") from exc
+    if start not in prefix or end not in prefix:
+        raise ConfigError(f"{births.key('start')}: {start}-{end} is not inside {prefix}")
+    if prefix.is_link_local or prefix.is_multicast or prefix.prefixlen > 126:
+        raise ConfigError(f"{r.key('prefix')}: {prefix} cannot be a link's birth prefix "
+                          "(link-local, multicast or longer than /126)")  # fmt: skip
+    dns = tuple(_ip6(d, r.key("dns")) for d in r.get("dns", list, []))
+    lease = _positive(r.get("lease_time", int, _IPV6.lease_time), r.key("lease_time"), 60)
+    config = Ipv6BootConfig(start, end, prefix, r.get("router", bool, _IPV6.router), dns, lease)
     r.finish()
     return config
 

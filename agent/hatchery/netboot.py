@@ -11,7 +11,10 @@ artefacts are. The boot HTTP service and the DHCP server share one birth-lease t
 script (and its token) goes only to the address our DHCP leased to that MAC. In proxyDHCP
 mode (``boot.dhcp: proxy``) the site's DHCP server gives the address, and the table shared
 is instead the address each MAC's iPXE came from to our proxy on port 4011
-(``dhcp/proxy.py``): the script and token go only there.
+(``dhcp/proxy.py``): the script and token go only there. With IPv6 births (``boot.ipv6``)
+a DHCPv6 server (``dhcp6/``) leases from its own range, the RAs say "managed", and the boot
+HTTP service also listens on the bridge's IPv6 address; a script or seed then goes to the
+IPv6 address that holds the MAC's DHCPv6 lease.
 """
 
 from __future__ import annotations
@@ -31,14 +34,15 @@ from hatchery.boothttp.app import BootHttpConfig, BootHttpServer
 from hatchery.boothttp.profiles import Profile, Profiles
 from hatchery.boothttp.seeds import SeedFolder
 from hatchery.config import BootServiceConfig, ConnectionLimits, DhcpMode
-from hatchery.dhcp.leases import BirthLeases
+from hatchery.dhcp.leases import BirthLeases, BirthLeases6
 from hatchery.dhcp.proxy import ProxyBindings
 from hatchery.dhcp.responder import BootConfig
+from hatchery.dhcp6.responder import Boot6Config
 from hatchery.errors import ConfigError
 from hatchery.images.manifest import Role
 from hatchery.images.store import ImageStore, StoreError
 from hatchery.metrics import Metrics
-from hatchery.ra import RaResponder
+from hatchery.ra import Managed, RaResponder
 from hatchery.tftp.server import TftpServer
 
 log = logging.getLogger(__name__)
@@ -62,12 +66,17 @@ def default_profiles(cmdline: str) -> Profiles:
 
 @dataclass(frozen=True, slots=True)
 class BirthLeaseHolders:
-    """The DHCP server's birth leases as the boot HTTP service asks them: who holds MAC's?"""
+    """The DHCP servers' birth leases as the boot HTTP service asks them: who holds MAC's
+    IPv4 (DHCPv4) or IPv6 (DHCPv6) birth lease?"""
 
-    leases: BirthLeases
+    leases: BirthLeases | None
+    leases6: BirthLeases6 | None = None
 
-    def birth_address(self, mac: str) -> ipaddress.IPv4Address | None:
-        binding = self.leases.binding(mac, time.time())
+    def birth_address(
+        self, mac: str, version: int
+    ) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        table = self.leases if version == 4 else self.leases6
+        binding = table.binding(mac, time.time()) if table is not None else None
         return binding.ip if binding is not None else None
 
 
@@ -78,8 +87,8 @@ class ProxyAddressHolders:
 
     bindings: ProxyBindings
 
-    def birth_address(self, mac: str) -> ipaddress.IPv4Address | None:
-        return self.bindings.address(mac, time.time())
+    def birth_address(self, mac: str, version: int) -> ipaddress.IPv4Address | None:
+        return self.bindings.address(mac, time.time()) if version == 4 else None
 
 
 def copy_ipxe_binaries(target: Path, source: Path = IPXE_DIR) -> list[str]:
@@ -118,6 +127,7 @@ class Netboot:
         self._version = version
         self._births_file = state_dir / f"dhcp-births-{bridge}.json"
         self._births: BirthLeases | None = None
+        self._births6: BirthLeases6 | None = None
         self._proxy = ProxyBindings() if config.dhcp is DhcpMode.PROXY else None
         self._http: BootHttpServer | None = None
         self._ra: RaResponder | None = None
@@ -133,6 +143,20 @@ class Netboot:
         if self._births is None:
             self._births = BirthLeases(c.births_start, c.births_end, self._births_file)
         return self._births
+
+    def births6(self) -> BirthLeases6 | None:
+        """The bridge's IPv6 birth-lease table (DHCPv6), shared like ``births``; None without
+        ``boot.ipv6``."""
+        v6 = self.config.ipv6
+        if v6 is None:
+            return None
+        if self._births6 is None:
+            path = self._births_file.with_name(f"dhcp6-births-{self.bridge}.json")
+            self._births6 = BirthLeases6(v6.births_start, v6.births_end, path)
+        return self._births6
+
+    def dhcp6_boot(self, server_ip: ipaddress.IPv6Address) -> Boot6Config:
+        return Boot6Config(http_base=f"http://[{server_ip}]:{self.config.http_port}")
 
     def proxy_bindings(self) -> ProxyBindings | None:
         """In proxy mode, the bridge's one table of observed addresses, shared by its
@@ -204,10 +228,10 @@ class Netboot:
             if self.config.profiles is not None
             else default_profiles(self.config.cmdline)
         )
-        births = self.births()
+        births, births6 = self.births(), self.births6()
         holders: BirthLeaseHolders | ProxyAddressHolders | None = None
-        if births is not None:
-            holders = BirthLeaseHolders(births)
+        if births is not None or births6 is not None:
+            holders = BirthLeaseHolders(births, births6)
         elif self._proxy is not None:
             holders = ProxyAddressHolders(self._proxy)
         if holders is None and any(self.config.seeds.glob("*.tar")):
@@ -218,16 +242,24 @@ class Netboot:
             seeds=SeedFolder(self.config.seeds) if holders is not None else None,
         )  # fmt: skip
 
-    async def start(self, server_ip: ipaddress.IPv4Address) -> None:
+    async def start(
+        self, server_ip: ipaddress.IPv4Address | None,
+        server_ip6: ipaddress.IPv6Address | None = None,
+    ) -> None:  # fmt: skip
+        """Serve on the bridge's IPv4 address, its IPv6 address (IPv6 births), or both."""
         await asyncio.to_thread(self.prepare)
         config = self.http_config()
         meter = self.metrics.http("boot", self.bridge)
-        self._http = BootHttpServer(config, str(server_ip), self.config.http_port,
-                                    self.limits, meter)  # fmt: skip
+        hosts = tuple(str(ip) for ip in (server_ip, server_ip6) if ip is not None)
+        self._http = BootHttpServer(config, hosts, self.config.http_port, self.limits, meter)
         await self._http.start()
-        self._ra = RaResponder(self.bridge)
+        v6 = self.config.ipv6
+        managed = None
+        if v6 is not None:
+            managed = Managed(v6.prefix, 1800 if v6.router else 0, v6.lease_time)
+        self._ra = RaResponder(self.bridge, managed=managed)
         await self._ra.start()
-        if self.config.tftp:
+        if self.config.tftp and server_ip is not None:
             # Firmware PXE ROMs fetch iPXE itself over TFTP; everything big then goes over HTTP.
             tftp_root = self.root / "tftp"
             await asyncio.to_thread(copy_ipxe_binaries, tftp_root)

@@ -1,19 +1,28 @@
-"""An IPv6 router advertisement responder that says "no prefix, no default router, no DHCPv6".
+"""An IPv6 router advertisement responder: by default it says "no prefix, no default
+router, no DHCPv6"; for IPv6 births it says "take your address from DHCPv6" (``Managed``).
 
 iPXE waits about 13 s for IPv6 configuration on a link where nothing advertises; a single RA
 with the M and O flags clear ends that wait at once (iPXE treats it as "IPv6 configuration
 done"). We answer router solicitations (RFC 4861 section 6.2.6) and also advertise now and
 then (section 6.2.4), with router lifetime 0 so no host takes us as its default router
 (section 4.2) and no prefix option so no host configures an address from us.
+
+In IPv6 birth mode (``Managed``) the RA sets M=1 and O=1 (section 4.2: addresses and other
+configuration from DHCPv6, RFC 8415) and carries the birth range's prefix as on-link (L=1)
+but not for autonomous configuration (A=0, section 4.6.2), so hosts take the address our
+DHCPv6 server gives, and know the boot server is on the link. The router lifetime stays 0
+unless the operator says this node routes for the link.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 from hatchery.errors import HatcheryError
@@ -30,16 +39,48 @@ class RaError(HatcheryError):
     """The RA responder cannot start."""
 
 
-def build_router_advertisement(mac: bytes, hop_limit: int = 64) -> bytes:
+FLAG_MANAGED = 0x80  # RFC 4861 4.2: M, addresses from DHCPv6
+FLAG_OTHER = 0x40  # O, other configuration from DHCPv6
+PREFIX_ON_LINK = 0x80  # 4.6.2: L
+PREFIX_AUTONOMOUS = 0x40  # 4.6.2: A (never set here: addresses come from DHCPv6)
+OPT_SOURCE_LL = 1
+OPT_PREFIX_INFO = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Managed:
+    """IPv6 birth mode: M=1, O=1, ``prefix`` on-link without autonomous configuration;
+    ``router_lifetime`` seconds (0: we are no default router) and the prefix's lifetimes."""
+
+    prefix: ipaddress.IPv6Network
+    router_lifetime: int = 0
+    prefix_lifetime: int = 3600
+
+
+def build_router_advertisement(
+    mac: bytes, hop_limit: int = 64, managed: Managed | None = None
+) -> bytes:
     """The ICMPv6 RA body (RFC 4861 4.2); the kernel fills in the checksum on raw sockets.
 
-    Flags M=0, O=0; router lifetime 0; reachable time and retrans timer unspecified (0);
-    one option: the source link-layer address (4.6.1), so solicitors need no extra NS.
+    Without ``managed``: flags M=0, O=0, router lifetime 0 and no prefix. Always: reachable
+    time and retrans timer unspecified (0); the source link-layer address option (4.6.1),
+    so solicitors need no extra NS. With ``managed``: M=1, O=1, its router lifetime, and one
+    Prefix Information option (4.6.2) with L=1, A=0.
     """
     if len(mac) != 6:
         raise ValueError("an Ethernet MAC has 6 bytes")
-    header = struct.pack("!BBHBBHII", ICMPV6_RA, 0, 0, hop_limit, 0, 0, 0, 0)
-    return header + bytes((1, 1)) + mac
+    flags = FLAG_MANAGED | FLAG_OTHER if managed is not None else 0
+    lifetime = managed.router_lifetime if managed is not None else 0
+    if not 0 <= lifetime <= 9000:  # 4.2: at most 9000 s
+        raise ValueError(f"router lifetime {lifetime} is outside 0..9000")
+    header = struct.pack("!BBHBBHII", ICMPV6_RA, 0, 0, hop_limit, flags, lifetime, 0, 0)
+    body = header + bytes((OPT_SOURCE_LL, 1)) + mac
+    if managed is not None:
+        p = managed.prefix
+        life = managed.prefix_lifetime
+        body += struct.pack("!BBBBIII", OPT_PREFIX_INFO, 4, p.prefixlen, PREFIX_ON_LINK, life,
+                            life, 0) + p.network_address.packed  # fmt: skip
+    return body
 
 
 def is_router_solicitation(data: bytes) -> bool:
@@ -57,9 +98,12 @@ def _interface_mac(interface: str) -> bytes:
 class RaResponder:
     """Advertise on ``interface``: at start, every ``interval`` seconds and on solicitation."""
 
-    def __init__(self, interface: str, interval: float = 4.0) -> None:
+    def __init__(
+        self, interface: str, interval: float = 4.0, managed: Managed | None = None
+    ) -> None:
         self.interface = interface
         self.interval = interval
+        self.managed = managed
         self.sent = 0
         self._sock: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
@@ -67,7 +111,8 @@ class RaResponder:
         self._ra = b""
 
     async def start(self) -> None:
-        self._ra = build_router_advertisement(_interface_mac(self.interface))
+        self._ra = build_router_advertisement(_interface_mac(self.interface),
+                                              managed=self.managed)  # fmt: skip
         try:
             self._index = socket.if_nametoindex(self.interface)
             sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
@@ -88,7 +133,12 @@ class RaResponder:
         self._sock = sock
         asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
         self._task = asyncio.create_task(self._periodic(), name=f"ra-{self.interface}")
-        log.info("ra: advertising 'no router, no prefix' on %s", self.interface)
+        if self.managed is None:
+            log.info("ra: advertising 'no router, no prefix' on %s", self.interface)
+        else:
+            log.info("ra: advertising 'managed (DHCPv6), prefix %s on-link, router lifetime %d' "
+                     "on %s", self.managed.prefix, self.managed.router_lifetime,
+                     self.interface)  # fmt: skip
 
     def _send(self) -> None:
         if self._sock is None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 AGENT = Path(__file__).resolve().parents[2] / "agent" / "hatchery"
-SERVERS = ("dhcp", "tftp", "boothttp", "metadata")
+SERVERS = ("dhcp", "dhcp6", "tftp", "boothttp", "metadata")
 WIRING = ("hatchery.agent", "hatchery.agent_main", "hatchery.api", "hatchery.cli")
 
 

@@ -62,11 +62,15 @@ class BootHttpError(HatcheryError):
     """The boot HTTP service cannot start."""
 
 
-class BirthAddresses(Protocol):
-    """What the boot HTTP service needs from the DHCP server's birth leases."""
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-    def birth_address(self, mac: str) -> ipaddress.IPv4Address | None:
-        """The address holding ``mac``'s unexpired birth lease now, or None."""
+
+class BirthAddresses(Protocol):
+    """What the boot HTTP service needs from the DHCP servers' birth leases."""
+
+    def birth_address(self, mac: str, version: int) -> IPAddress | None:
+        """The IPv``version`` address holding ``mac``'s unexpired birth lease now, or None
+        (DHCPv4 and DHCPv6 lease separately: a machine may hold one of each)."""
         ...
 
 
@@ -95,13 +99,16 @@ TOKENS = web.AppKey("tokens", BirthTokens)
 NO_STORE = {"Cache-Control": "no-store"}
 
 
-def _client_ip(request: web.Request) -> ipaddress.IPv4Address | None:
-    """The peer's IPv4 address (an IPv4-mapped IPv6 peer too), from the socket itself."""
+def _client_ip(request: web.Request) -> IPAddress | None:
+    """The peer's address from the socket itself: IPv4 (an IPv4-mapped IPv6 peer too) or
+    IPv6 (a link-local one without its zone: birth leases are global or unique-local)."""
     try:
-        addr = ipaddress.ip_address(request.remote or "")
+        addr = ipaddress.ip_address((request.remote or "").split("%")[0])
     except ValueError:
         return None
-    return addr.ipv4_mapped if isinstance(addr, ipaddress.IPv6Address) else addr
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
 
 
 def _base_url(request: web.Request, config: BootHttpConfig) -> str:
@@ -122,7 +129,10 @@ async def boot_script(request: web.Request) -> web.StreamResponse:
     except ValueError:
         return web.Response(status=400, text=f"no valid ?mac= given: {raw[:40]!r}\n")
     client = _client_ip(request)
-    if config.births is not None and (client is None or config.births.birth_address(mac) != client):
+    births = config.births
+    if births is not None and (
+        client is None or births.birth_address(mac, client.version) != client
+    ):
         # The script may name a seed token: it goes to the machine that holds the birth
         # lease of MAC (our DHCP gave it that address), to no one else who knows the MAC.
         log.info("boot script for %s refused to %s: not the holder of its birth lease", mac,
@@ -164,7 +174,7 @@ async def seed(request: web.Request) -> web.StreamResponse:
     if births is not None and seeds is not None and client is not None:
         grant = request.app[TOKENS].redeem(
             request.match_info["token"], client, time.monotonic(),
-            lambda g: births.birth_address(g.mac) == g.ip,
+            lambda g: births.birth_address(g.mac, g.ip.version) == g.ip,
         )  # fmt: skip
     data = await asyncio.to_thread(seeds.read, grant.mac) if grant and seeds else None
     if grant is None or data is None:
@@ -255,12 +265,16 @@ class BootHttpServer:
     def __init__(
         self,
         config: BootHttpConfig,
-        host: str,
+        host: str | tuple[str, ...],
         port: int,
         limits: ConnectionLimits | None = None,
         meter: HttpMeter | None = None,
     ) -> None:
-        self.config, self.host, self.port = config, host, port
+        # several hosts: the bridge's IPv4 and IPv6 addresses, one port (the first's if 0)
+        self.hosts = (host,) if isinstance(host, str) else host
+        if not self.hosts:
+            raise BootHttpError("the boot HTTP service needs an address to listen on")
+        self.config, self.host, self.port = config, self.hosts[0], port
         self.limits = limits or ConnectionLimits()
         self.meter = meter
         self._listener: HttpListener | None = None
@@ -276,12 +290,14 @@ class BootHttpServer:
         )
         await listener.start()
         try:
-            self.port = await listener.listen(self.host, self.port, reuse_address=True)
+            for host in self.hosts:
+                self.port = await listener.listen(host, self.port, reuse_address=True)
         except ListenerError as exc:
             await listener.close()
             raise BootHttpError(exc.message) from exc
         self._listener = listener
-        log.info("boot http: serving %s on %s:%d", self.config.root, self.host, self.port)
+        where = ", ".join(f"[{h}]" if ":" in h else h for h in self.hosts)
+        log.info("boot http: serving %s on %s:%d", self.config.root, where, self.port)
 
     async def stop(self) -> None:
         if self._listener is not None:

@@ -47,7 +47,9 @@ class Grant:
 
     digest: bytes  # SHA-256 of the token
     mac: str  # the machine it was minted for (lower-case, colon-separated)
-    ip: ipaddress.IPv4Address  # the address that held the machine's birth lease at minting
+    ip: (
+        ipaddress.IPv4Address | ipaddress.IPv6Address
+    )  # the address that held the machine's birth lease at minting
     expires: float  # on the caller's monotonic clock
 
 
@@ -72,7 +74,7 @@ class BirthTokens:
     def __len__(self) -> int:
         return len(self._grants)
 
-    def mint(self, mac: str, ip: ipaddress.IPv4Address, now: float) -> str:
+    def mint(self, mac: str, ip: ipaddress.IPv4Address | ipaddress.IPv6Address, now: float) -> str:
         """A new token for ``mac`` at ``ip``, valid until ``now + ttl``; it replaces any
         token ``mac`` had. The token is returned once and not kept."""
         self._prune(now)
@@ -90,7 +92,7 @@ class BirthTokens:
     def redeem(
         self,
         token: str,
-        ip: ipaddress.IPv4Address,
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
         now: float,
         still_bound: Callable[[Grant], bool] = lambda grant: True,
     ) -> Grant | None:

@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import yaml
 
@@ -106,15 +106,21 @@ class StaticLeases:
         return cls.from_mapping(read_yaml(path), str(path))
 
 
+# The address family of a lease table: DHCPv4 births hand out IPv4, DHCPv6 births IPv6.
+A = TypeVar("A", ipaddress.IPv4Address, ipaddress.IPv6Address)
+
+
 @dataclass(frozen=True, slots=True)
-class Binding:
+class Binding(Generic[A]):
     mac: str
-    ip: ipaddress.IPv4Address
+    ip: A
     expires: float  # wall-clock seconds (time.time()) after which the address is free again
 
 
-class BirthLeases:
-    """Dynamic leases from one address range for nodes being birthed.
+class RangeLeases(Generic[A]):
+    """Dynamic leases from one address range for nodes being birthed, keyed by MAC; the
+    same table serves both families (``BirthLeases`` for DHCPv4, ``BirthLeases6`` for
+    DHCPv6, where the MAC is the one the client's DUID or link-local address carries).
 
     Offers are held in memory for ``offer_hold`` seconds; committed leases (ACKed) are written
     to ``path`` (JSON, atomically) if a path is given. A corrupt file is moved aside to
@@ -143,8 +149,8 @@ class BirthLeases:
 
     def __init__(
         self,
-        start: ipaddress.IPv4Address,
-        end: ipaddress.IPv4Address,
+        start: A,
+        end: A,
         path: Path | None = None,
         *,
         offer_hold: float = 60.0,
@@ -153,14 +159,17 @@ class BirthLeases:
     ) -> None:
         if end < start:
             raise ConfigError(f"birth range: end {end} is before start {start}")
-        self.start, self.end, self.path = start, end, path
+        self.start: A = start
+        self.end: A = end
+        self.path = path
+        self._family: type[A] = type(start)
         self.offer_hold, self.decline_hold = offer_hold, decline_hold
         self.max_held = max_held
-        self._leases: dict[str, Binding] = {}
-        self._lease_ip: dict[ipaddress.IPv4Address, str] = {}  # address -> MAC of its lease
-        self._offers: dict[str, Binding] = {}  # in expiry order
-        self._offer_ip: dict[ipaddress.IPv4Address, str] = {}  # address -> MAC of its offer
-        self._declined: dict[ipaddress.IPv4Address, float] = {}  # in expiry order
+        self._leases: dict[str, Binding[A]] = {}
+        self._lease_ip: dict[A, str] = {}  # address -> MAC of its lease
+        self._offers: dict[str, Binding[A]] = {}  # in expiry order
+        self._offer_ip: dict[A, str] = {}  # address -> MAC of its offer
+        self._declined: dict[A, float] = {}  # in expiry order
         self._lease_expiries: list[tuple[float, str, int]] = []  # heap: (expires, MAC, IP)
         self._freed: list[int] = []  # heap of addresses that came free (maybe stale)
         self._fresh = int(start)  # no address from here to ``end`` was handed out yet
@@ -177,7 +186,7 @@ class BirthLeases:
         try:
             doc = json.loads(raw)
             for item in doc["leases"]:
-                b = Binding(normalise_mac(item["mac"]), ipaddress.IPv4Address(item["ip"]),
+                b = Binding(normalise_mac(item["mac"]), self._family(item["ip"]),
                             float(item["expires"]))  # fmt: skip
                 self._bind(b)
         except (ValueError, KeyError, TypeError) as exc:
@@ -185,7 +194,7 @@ class BirthLeases:
             self._leases.clear()
             self._lease_ip.clear()
 
-    def _bind(self, b: Binding) -> None:
+    def _bind(self, b: Binding[A]) -> None:
         """Record lease ``b``, replacing the MAC's old lease and any lease of the address."""
         old = self._leases.pop(b.mac, None)
         if old is not None and self._lease_ip.get(old.ip) == b.mac:
@@ -248,10 +257,10 @@ class BirthLeases:
                 self.changed_again()
                 raise
 
-    def __contains__(self, ip: ipaddress.IPv4Address) -> bool:
+    def __contains__(self, ip: A) -> bool:
         return self.start <= ip <= self.end
 
-    def leases(self) -> tuple[Binding, ...]:
+    def leases(self) -> tuple[Binding[A], ...]:
         return tuple(self._leases.values())
 
     @property
@@ -259,12 +268,12 @@ class BirthLeases:
         """How many offers and declines are held in memory (for tests and benchmarks)."""
         return len(self._offers), len(self._declined)
 
-    def binding(self, mac: str, now: float) -> Binding | None:
+    def binding(self, mac: str, now: float) -> Binding[A] | None:
         """The committed, unexpired lease of ``mac``."""
         b = self._leases.get(mac)
         return b if b is not None and b.expires > now else None
 
-    def _free(self, ip: ipaddress.IPv4Address) -> None:
+    def _free(self, ip: A) -> None:
         """``ip`` came free: the next lowest-free search may give it out."""
         if ip in self:
             heapq.heappush(self._freed, int(ip))
@@ -301,22 +310,22 @@ class BirthLeases:
             del self._offer_ip[b.ip]
             self._free(b.ip)
 
-    def _lowest_free(self, mac: str, now: float) -> ipaddress.IPv4Address | None:
+    def _lowest_free(self, mac: str, now: float) -> A | None:
         """The lowest address ``mac`` may have: the freed heap's or the never-given part's."""
         freed = self._freed
-        while freed and self._taken(ipaddress.IPv4Address(freed[0]), mac, now):
+        while freed and self._taken(self._family(freed[0]), mac, now):
             heapq.heappop(freed)  # given away since: pushed again when it comes free
         end = int(self.end)
-        while self._fresh <= end and self._taken(ipaddress.IPv4Address(self._fresh), mac, now):
+        while self._fresh <= end and self._taken(self._family(self._fresh), mac, now):
             self._fresh += 1  # taken by a request for it by name: freed later, then pushed
         if freed and (self._fresh > end or freed[0] < self._fresh):
-            return ipaddress.IPv4Address(heapq.heappop(freed))
+            return self._family(heapq.heappop(freed))
         if self._fresh <= end:
             self._fresh += 1
-            return ipaddress.IPv4Address(self._fresh - 1)
+            return self._family(self._fresh - 1)
         return None
 
-    def _taken(self, ip: ipaddress.IPv4Address, mac: str, now: float) -> bool:
+    def _taken(self, ip: A, mac: str, now: float) -> bool:
         """Whether ``ip`` is held by anyone but ``mac`` (a lease, an offer or a decline)."""
         if self._declined.get(ip, 0.0) > now:
             return True
@@ -326,16 +335,14 @@ class BirthLeases:
         holder = self._offer_ip.get(ip)
         return holder is not None and holder != mac and self._offers[holder].expires > now
 
-    def offer(
-        self, mac: str, requested: ipaddress.IPv4Address | None, now: float
-    ) -> ipaddress.IPv4Address | None:
+    def offer(self, mac: str, requested: A | None, now: float) -> A | None:
         """Choose an address for ``mac`` (RFC 2131 4.3.1: its current or previous one, else the
         requested one if free, else the first free one) and hold it briefly; None if the
         range is full or ``max_held`` offers are held already."""
         self._prune(now)
         if mac not in self._offers and len(self._offers) >= self.max_held:
             return None
-        choice: ipaddress.IPv4Address | None = None
+        choice: A | None = None
         previous = self._leases.get(mac) or self._offers.get(mac)
         for candidate in (previous.ip if previous else None, requested):
             if candidate is not None and candidate in self and not self._taken(candidate, mac, now):
@@ -349,7 +356,7 @@ class BirthLeases:
             self._offer_ip[choice] = mac
         return choice
 
-    def commit(self, mac: str, ip: ipaddress.IPv4Address, lease_time: int, now: float) -> bool:
+    def commit(self, mac: str, ip: A, lease_time: int, now: float) -> bool:
         """Bind ``ip`` to ``mac`` for ``lease_time`` seconds and persist; False if taken."""
         self._prune(now)
         if ip not in self or self._taken(ip, mac, now):
@@ -359,7 +366,7 @@ class BirthLeases:
         self._changed()
         return True
 
-    def release(self, mac: str, ip: ipaddress.IPv4Address | None = None) -> bool:
+    def release(self, mac: str, ip: A | None = None) -> bool:
         b = self._leases.get(mac)
         self._drop_offer(mac)
         if b is None or (ip is not None and b.ip != ip):
@@ -374,13 +381,13 @@ class BirthLeases:
     def forget_offer(self, mac: str) -> None:
         self._drop_offer(mac)
 
-    def holds(self, mac: str, ip: ipaddress.IPv4Address, now: float) -> bool:
+    def holds(self, mac: str, ip: A, now: float) -> bool:
         """Whether ``mac`` holds ``ip`` now, by an unexpired offer or lease."""
         offer = self._offers.get(mac)
         lease = self._leases.get(mac)
         return any(b is not None and b.ip == ip and b.expires > now for b in (offer, lease))
 
-    def decline(self, mac: str, ip: ipaddress.IPv4Address, now: float) -> bool:
+    def decline(self, mac: str, ip: A, now: float) -> bool:
         """The client found ``ip`` in use: do not hand it out for a while.
 
         Honoured (True) only if ``mac`` holds ``ip``: RFC 2131 4.3.3 has the client decline
@@ -395,3 +402,13 @@ class BirthLeases:
         self._declined[ip] = now + self.decline_hold
         self.release(mac, ip)
         return True
+
+
+class BirthLeases(RangeLeases[ipaddress.IPv4Address]):
+    """The DHCPv4 server's birth leases."""
+
+
+class BirthLeases6(RangeLeases[ipaddress.IPv6Address]):
+    """The DHCPv6 server's birth leases: one address per machine (its MAC), whatever DUID
+    or IAID its firmware and then its iPXE present, so the boot HTTP service can ask "who
+    holds MAC's address?" as it does for IPv4."""

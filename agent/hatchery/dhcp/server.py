@@ -22,8 +22,9 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
+from hatchery.dhcp.leases import RangeLeases
 from hatchery.dhcp.packet import DecodeError, DhcpPacket
 from hatchery.dhcp.proxy import PXE_PORT, ProxyResponder, gives_no_address
 from hatchery.dhcp.responder import Responder, client_kind, destination
@@ -73,6 +74,53 @@ def open_socket(interface: str, port: int = SERVER_PORT) -> socket.socket:
     return sock
 
 
+class LeaseWrites:
+    """Replies that must follow their lease onto disk, for both DHCP servers (IPv4 and v6).
+
+    A reply decided after a change of ``leases`` (or while an earlier write is pending) is
+    sent by ``after_write``: the write runs in a worker thread, one at a time and in the
+    order the changes were made, and the reply goes out once it is done. If the write fails,
+    the leases are marked unsaved again (a later write retries) and ``failed`` is called
+    instead of ``send``: the client, unanswered, retries.
+    """
+
+    def __init__(self, leases: RangeLeases[Any]) -> None:
+        self.leases = leases
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def pending(self) -> bool:
+        """Whether a reply now must wait: the leases changed, or a write is under way."""
+        return self.leases.unsaved or bool(self._tasks)
+
+    def after_write(
+        self, send: Callable[[], None], failed: Callable[[Exception], None], name: str
+    ) -> None:
+        task = asyncio.get_running_loop().create_task(self._write_then(send, failed), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _write_then(
+        self, send: Callable[[], None], failed: Callable[[Exception], None]
+    ) -> None:
+        async with self._lock:  # FIFO: writes land in the order the changes were made
+            write = self.leases.take_write()  # None: an earlier write covered this change
+            if write is not None:
+                try:
+                    await asyncio.to_thread(write)
+                except (HatcheryError, OSError) as exc:
+                    self.leases.changed_again()
+                    failed(exc)
+                    return
+        send()
+
+    def cancel(self) -> None:
+        """Drop the replies still waiting (the clients retry); the writes finish."""
+        for task in list(self._tasks):
+            task.cancel()
+
+
 class _Counting(asyncio.DatagramProtocol):
     """What both DHCP protocols share: the transport, the meter, and decoding a datagram
     (a malformed one is counted, logged at DEBUG and dropped: anyone can send one)."""
@@ -114,8 +162,8 @@ class DhcpProtocol(_Counting):
         super().__init__(clock, meter)
         self.responder = responder
         self.unsaved = 0  # the leases could not be written: the reply was not sent
-        self._saving = asyncio.Lock()
-        self._writes: set[asyncio.Task[None]] = set()
+        births = responder.births
+        self._writes = LeaseWrites(births) if births is not None else None
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         request = self._decode(data, addr)
@@ -129,34 +177,19 @@ class DhcpProtocol(_Counting):
             log.exception("responder failed on a %s from %s", request.message_type.name,
                           request.mac)  # fmt: skip
             return
-        births = self.responder.births
-        if births is not None and (births.unsaved or self._writes):
-            task = asyncio.get_running_loop().create_task(
-                self._save_then_send(request, reply, data), name=f"dhcp-save-{request.mac}"
+        if self._writes is not None and self._writes.pending:
+            self._writes.after_write(
+                lambda: self._send(request, reply, data),
+                lambda exc: self._unsaved(request, exc),
+                name=f"dhcp-save-{request.mac}",
             )
-            self._writes.add(task)
-            task.add_done_callback(self._writes.discard)
             return
         self._send(request, reply, data)
 
-    async def _save_then_send(
-        self, request: DhcpPacket, reply: DhcpPacket | None, data: bytes
-    ) -> None:
-        births = self.responder.births
-        assert births is not None
-        async with self._saving:  # FIFO: writes land in the order the changes were made
-            write = births.take_write()  # None: an earlier write already covered this change
-            if write is not None:
-                try:
-                    await asyncio.to_thread(write)
-                except (HatcheryError, OSError) as exc:
-                    births.changed_again()
-                    self.unsaved += 1
-                    self.meter.received(request.message_type.name, "unsaved")
-                    log.error("cannot save the birth leases, %s not answered: %s", request.mac,
-                              exc)  # fmt: skip
-                    return
-        self._send(request, reply, data)
+    def _unsaved(self, request: DhcpPacket, exc: Exception) -> None:
+        self.unsaved += 1
+        self.meter.received(request.message_type.name, "unsaved")
+        log.error("cannot save the birth leases, %s not answered: %s", request.mac, exc)
 
     def _send(self, request: DhcpPacket, reply: DhcpPacket | None, data: bytes) -> None:
         if reply is None or self.transport is None:
@@ -179,8 +212,8 @@ class DhcpProtocol(_Counting):
         self.meter.replied(reply.message_type.name, client_kind(request).value)
 
     def drop_pending(self) -> None:
-        for task in list(self._writes):
-            task.cancel()
+        if self._writes is not None:
+            self._writes.cancel()
 
 
 class DhcpServer:

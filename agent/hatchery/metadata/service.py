@@ -18,6 +18,7 @@ from typing import Protocol
 
 from hatchery.config import API_PORT, AgentConfig, BootServiceConfig, ConnectionLimits
 from hatchery.dhcp.proxy import PXE_PORT
+from hatchery.dhcp6.packet import SERVER_PORT as DHCP6_PORT
 from hatchery.errors import HatcheryError
 from hatchery.listener import HttpListener
 from hatchery.metadata.plumbing import BridgePlumbing
@@ -27,12 +28,13 @@ from hatchery.metrics import Metrics, ReadCollector, Reading
 
 log = logging.getLogger(__name__)
 METADATA_PORT = 80
-BOOT_UDP = (TFTP_PORT, PXE_PORT)  # the node's UDP boot services, closed to VM ports
+BOOT_UDP = (TFTP_PORT, PXE_PORT, DHCP6_PORT)  # the node's UDP boot services, closed to VMs
 
 
 def node_services(config: AgentConfig) -> NodeServices:
-    """The node's listeners closed to VM ports: the API, every bridge's boot HTTP port, TFTP
-    and the proxyDHCP port (4011).
+    """The node's listeners closed to VM ports: the API, every bridge's boot HTTP port, TFTP,
+    the proxyDHCP port (4011) and DHCPv6 (547: only IPv6 births use it, VMs get no address
+    from it).
 
     TFTP and 4011 are closed whether or not this node serves them: their ports are fixed and
     only machines being booted speak them (a VM's 4011 request, naming a MAC and its own

@@ -58,6 +58,25 @@ print("listening", flush=True)
 while True:
     print("from", s.recv(64).decode(), flush=True)
 """
+# A stand-in for the node's DHCPv6 server (udp/547 on ff02::1:2, IPv6 births).
+DHCP6_LISTENER = """
+import socket, struct, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, sys.argv[1].encode())
+group = socket.inet_pton(socket.AF_INET6, "ff02::1:2")
+index = socket.if_nametoindex(sys.argv[1])
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, group + struct.pack("@I", index))
+s.bind(("::", 547))
+print("listening", flush=True)
+while True:
+    print("from", s.recv(64).decode(), flush=True)
+"""
+DHCP6_SENDER = """
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.bind(("::", 546))
+s.sendto(sys.argv[1].encode(), ("ff02::1:2", 547, 0, socket.if_nametoindex("eth0")))
+"""
 PXE_SENDER = """
 import socket, sys
 socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(sys.argv[2].encode(), (sys.argv[1], 4011))
@@ -383,12 +402,22 @@ def test_node_services_are_closed_to_vms_and_open_to_other_ports(lab: Lab) -> No
         guest.ok(sys.executable, "-c", PXE_SENDER, lab.server_ip, guest.name)
     time.sleep(1)
     assert "from peer" in listener.text() and "from rogue" not in listener.text()
+    # DHCPv6 (udp/547, IPv6 births): a VM's Solicit never reaches the node's server.
+    dhcp6 = lab.env.start("dhcp6-547", [sys.executable, "-c", DHCP6_LISTENER, lab.env.bridge])
+    dhcp6.wait_for("listening")
+    for guest in (lab.rogue, lab.peer):
+        guest.ok(sys.executable, "-c", DHCP6_SENDER, guest.name)
+    time.sleep(1)
+    assert "from peer" in dhcp6.text() and "from rogue" not in dhcp6.text()
     # The rules, not routing or the servers, kept the VM out.
     lab.remove_rules()
     lab.rogue.ok(sys.executable, "-c", PXE_SENDER, lab.server_ip, "rogue")
+    lab.rogue.ok(sys.executable, "-c", DHCP6_SENDER, "rogue")
     time.sleep(1)
     assert "from rogue" in listener.text()
+    assert "from rogue" in dhcp6.text()
     listener.stop()
+    dhcp6.stop()
     assert lab.curl(lab.rogue, boot_http, timeout=10) == "boot file\n"
     assert lab.api(lab.rogue, lab.server_ip) == API_REPLY
 

@@ -194,3 +194,36 @@ def test_boot_dhcp_mode_defaults_to_full_and_may_be_proxy() -> None:
     assert parse_config(boot({"births": births})).bridges[0].boot is not None
     with pytest.raises(ConfigError, match=re.escape("bridges[0].boot.births.start: a births")):
         parse_config(boot({"dhcp": "proxy", "births": births}))
+
+
+def test_boot_ipv6_births_are_validated_with_the_key_named() -> None:
+    def boot(ipv6: object, **more: object) -> dict[str, object]:
+        section = {"ipv6": ipv6, **more}
+        return {"bridges": [{"name": "br6", "boot": section}]}
+
+    births = {"start": "fd42::100", "end": "fd42::1ff"}
+    v6 = parse_config(boot({"births": births})).bridges[0].boot
+    assert v6 is not None and v6.ipv6 is not None
+    assert str(v6.ipv6.prefix) == "fd42::/64" and not v6.ipv6.router  # the /64 of start
+    assert v6.births_start is None  # an IPv6-only bridge: no IPv4 range needed
+    full = parse_config(boot({"births": births, "prefix": "fd42::/48", "router": True,
+                              "dns": ["fd42::53"], "lease_time": 600})).bridges[0].boot  # fmt: skip
+    assert full is not None and full.ipv6 is not None
+    assert full.ipv6.router and full.ipv6.lease_time == 600 and str(full.ipv6.dns[0]) == "fd42::53"
+    where = "bridges[0].boot.ipv6"
+    bad = [
+        ({"births": {"start": "fd42::100"}}, f"{where}.births.start: IPv6 births need both"),
+        ({"births": {"start": "10.0.0.1", "end": "fd42::1"}}, f"{where}.births.start: not an IPv6"),
+        ({"births": {"start": "fd42::1ff", "end": "fd42::100"}}, f"{where}.births.end: fd42::100"),
+        ({"births": births, "prefix": "fd43::/64"}, f"{where}.births.start: fd42::100-fd42::1ff"),
+        ({"births": births, "prefix": "fd42::1/64"}, f"{where}.prefix: fd42::1/64 has host bits"),
+        ({"births": {"start": "fe80::1", "end": "fe80::2"}}, f"{where}.prefix: fe80::/64 cannot"),
+        ({"births": births, "dns": ["x"]}, f"{where}.dns: not an IPv6 address"),
+        ({"births": births, "lease_time": 10}, f"{where}.lease_time: must be >= 60"),
+        ({"births": births, "ranges": 1}, f"{where}.ranges: unknown key"),
+    ]  # fmt: skip
+    for section, message in bad:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            parse_config(boot(section))
+    with pytest.raises(ConfigError, match=re.escape(f"{where}.births: IPv6 births give")):
+        parse_config(boot({"births": births}, dhcp="proxy"))

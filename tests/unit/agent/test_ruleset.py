@@ -122,9 +122,9 @@ def test_node_services_come_from_the_config() -> None:
             BridgeConfig("br2"),
         ),
     )
-    assert node_services(config) == NodeServices(tcp=(7000, 8080, 8081), udp=(69, 4011))
-    assert node_services(AgentConfig()) == NodeServices(tcp=(6976,), udp=(69, 4011))
-    assert DEFAULT_NODE_SERVICES == NodeServices(tcp=(6976, 8080), udp=(69, 4011))
+    assert node_services(config) == NodeServices(tcp=(7000, 8080, 8081), udp=(69, 4011, 547))
+    assert node_services(AgentConfig()) == NodeServices(tcp=(6976,), udp=(69, 4011, 547))
+    assert DEFAULT_NODE_SERVICES == NodeServices(tcp=(6976, 8080), udp=(69, 4011, 547))
 
 
 def test_nft_accepts_the_ruleset(require_tool: Callable[[str], str], require_root: None) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import struct
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from hatchery.boothttp.app import BootHttpConfig, make_app
 from hatchery.boothttp.profiles import Profiles
 from hatchery.errors import ConfigError
-from hatchery.ra import build_router_advertisement, is_router_solicitation
+from hatchery.ra import Managed, build_router_advertisement, is_router_solicitation
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -144,3 +146,23 @@ def test_router_advertisement_says_no_router_no_prefix() -> None:
     assert ra[16:] == bytes((1, 1)) + bytes.fromhex("525400123456")  # only the source LLA
     assert is_router_solicitation(bytes((133, 0, 0, 0, 0, 0, 0, 0)))
     assert not is_router_solicitation(ra)
+
+
+def test_managed_router_advertisement_sends_hosts_to_dhcpv6() -> None:
+    """IPv6 births: M=1 and O=1, the birth prefix on-link but not autonomous (A=0), and
+    router lifetime 0 unless this node routes (RFC 4861 4.2, 4.6.2)."""
+    prefix = ipaddress.IPv6Network("fd42:6b1:0:1::/64")
+    mac = bytes.fromhex("525400123456")
+    ra = build_router_advertisement(mac, managed=Managed(prefix, 0, 3600))
+    assert ra[5] == 0xC0  # M and O
+    assert ra[6:8] == b"\x00\x00"
+    assert ra[16:24] == bytes((1, 1)) + mac
+    pio = ra[24:]
+    assert len(pio) == 32 and pio[0] == 3 and pio[1] == 4  # Prefix Information, 32 bytes
+    assert pio[2] == 64 and pio[3] == 0x80  # /64, L=1, A=0
+    assert struct.unpack("!II", pio[4:12]) == (3600, 3600)
+    assert pio[16:] == prefix.network_address.packed
+    routed = build_router_advertisement(mac, managed=Managed(prefix, 1800))
+    assert struct.unpack("!H", routed[6:8]) == (1800,)
+    with pytest.raises(ValueError, match="router lifetime"):
+        build_router_advertisement(mac, managed=Managed(prefix, 9001))

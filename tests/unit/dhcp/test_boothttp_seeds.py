@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestServer
 from hatchery.boothttp.app import BootHttpConfig, BootHttpError, make_app
 from hatchery.boothttp.profiles import Profiles
 from hatchery.boothttp.seeds import SeedFolder
-from hatchery.config import BootServiceConfig
+from hatchery.config import BootServiceConfig, Ipv6BootConfig
 from hatchery.errors import ConfigError
 from hatchery.images.store import ImageStore
 from hatchery.netboot import Netboot
@@ -41,8 +41,9 @@ class Leases:
 
     held: dict[str, ipaddress.IPv4Address] = field(default_factory=dict)
 
-    def birth_address(self, mac: str) -> ipaddress.IPv4Address | None:
-        return self.held.get(mac)
+    def birth_address(self, mac: str, version: int) -> ipaddress.IPv4Address | None:
+        held = self.held.get(mac)
+        return held if held is not None and held.version == version else None
 
 
 @pytest.fixture
@@ -244,6 +245,35 @@ async def test_the_agent_serves_seeds_by_token_only(tmp_path: Path, seeds: Path)
         assert (await post(server, f"/seed/{token}", KEY.public, source=STRANGER)).status == 404
         assert KEY.open((await post(server, f"/seed/{token}", KEY.public)).body) == SEED
         assert (await post(server, f"/seed/{token}", KEY.public)).status == 404
+
+
+async def test_the_agent_serves_seeds_to_the_holder_of_an_ipv6_birth_lease(
+    tmp_path: Path, seeds: Path
+) -> None:
+    """IPv6 births: the boot HTTP service listens on the bridge's IPv6 address, and the
+    script and seed go to the address that holds MAC's DHCPv6 lease (``::1`` here), not to
+    the same machine's IPv4 address, which holds no lease."""
+    v6 = ipaddress.IPv6Address("::1")
+    boot = BootServiceConfig(
+        seeds=seeds, ipv6=Ipv6BootConfig(v6, v6, ipaddress.IPv6Network("::/64"))
+    )
+    nb = Netboot("br0", boot, tmp_path / "state", ImageStore(tmp_path / "store"), lambda: "v1")
+    nb.prepare()
+    assert nb.births() is None  # no IPv4 range: an IPv6-only bridge
+    async with TestServer(make_app(nb.http_config()), host="::1") as server:
+        assert (await get(server, f"/boot/ipxe?mac={MAC}", source="::1")).status == 404
+        births6 = nb.births6()
+        assert births6 is not None and births6 is nb.births6()  # one table, shared with DHCPv6
+        assert births6.commit(MAC, v6, 3600, now=time.time())
+        answer = await get(server, f"/boot/ipxe?mac={MAC}", source="::1")
+        assert answer.status == 200, answer.body
+        ((url, token),) = TOKEN_URL.findall(answer.body.decode())
+        assert url == f"http://[::1]:{server.port}/seed/{token}"
+        # the newborn's own fetch (``hatchery.seed``), an IPv6 literal in its URL
+        cmdline = tmp_path / "cmdline"
+        cmdline.write_text(f"console=ttyS0 hatchery.seed={url}\n")
+        assert await asyncio.to_thread(find_seed, cmdline, tmp_path / "no-fw-cfg") == SEED
+        assert (await post(server, f"/seed/{token}", KEY.public, source="::1")).status == 404
 
 
 def test_the_agent_refuses_seeds_inside_the_served_folder(tmp_path: Path) -> None:

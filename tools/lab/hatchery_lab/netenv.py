@@ -106,6 +106,7 @@ class NetEnv:
         sh("ip", "-n", self.ns, "link", "set", port, "master", self.bridge, "up")
         if mac:
             sh("ip", "-n", ns, "link", "set", "eth0", "address", mac)
+        _sysctl(ns, "net.ipv6.conf.eth0.accept_dad", "0")  # link-local usable at once
         sh("ip", "-n", ns, "link", "set", "lo", "up")
         sh("ip", "-n", ns, "link", "set", "eth0", "up")
         return ns
@@ -122,8 +123,14 @@ def _sysctl(ns: str, key: str, value: str) -> None:
 
 
 @contextlib.contextmanager
-def boot_network(workdir: Path, subnet: str = "10.231.0", bridge: str = "hbr0") -> Iterator[NetEnv]:
+def boot_network(
+    workdir: Path, subnet: str = "10.231.0", bridge: str = "hbr0", *, ipv4: bool = True,
+    ipv6: str | None = None,
+) -> Iterator[NetEnv]:  # fmt: skip
     """Create the namespace and bridge; always stop our services and remove it all.
+
+    ``ipv4=False``: the bridge has no IPv4 address at all (IPv6 births); ``ipv6``: an
+    address with prefix length for the bridge (``fd42::1/64``), usable at once (no DAD).
 
     Name the bridge uniquely (``hatchery_lab.net.unique_name``) when something outside the
     namespace is named after it, such as the metadata service's ``hmd-<bridge>`` namespace.
@@ -137,7 +144,10 @@ def boot_network(workdir: Path, subnet: str = "10.231.0", bridge: str = "hbr0") 
         # the bridge's link-local address must be usable at once (RA source), without DAD
         _sysctl(env.ns, f"net.ipv6.conf.{env.bridge}.accept_dad", "0")
         _sysctl(env.ns, f"net.ipv6.conf.{env.bridge}.disable_ipv6", "0")
-        sh("ip", "-n", env.ns, "addr", "add", f"{env.server_ip}/24", "dev", env.bridge)
+        if ipv4:
+            sh("ip", "-n", env.ns, "addr", "add", f"{env.server_ip}/24", "dev", env.bridge)
+        if ipv6:
+            sh("ip", "-n", env.ns, "addr", "add", ipv6, "dev", env.bridge, "nodad")
         sh("ip", "-n", env.ns, "link", "set", env.bridge, "up")
         yield env
     finally:

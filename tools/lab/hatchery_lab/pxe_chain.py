@@ -77,6 +77,26 @@ def start_our_services(
     dhcp.wait_for("ra: advertising")
 
 
+PREFIX6 = "fd42:6b1:0:1::"  # a unique-local /64, only inside the test's own namespace
+SERVER6 = f"{PREFIX6}1"
+
+
+def start_our_services6(env: NetEnv, root: Path, profiles: Path, *extra_dhcp6: str) -> None:
+    """IPv6 births: DHCPv6 and managed RAs, and boot HTTP on the bridge's IPv6 address
+    (``env`` made with ``boot_network(..., ipv4=False, ipv6=f"{SERVER6}/64")``)."""
+    http = env.agent("http", "http", "--root", str(root), "--profiles", str(profiles),
+                     "--listen", f"[{SERVER6}]:{HTTP_PORT}")  # fmt: skip
+    dhcp = env.agent(
+        "dhcp6", "dhcp6", "--interface", env.bridge,
+        "--birth-range", f"{PREFIX6}100-{PREFIX6}1ff",
+        "--http-url", f"http://[{SERVER6}]:{HTTP_PORT}",
+        "--state-dir", str(env.workdir / "state"), *extra_dhcp6,
+    )  # fmt: skip
+    http.wait_for("boot http: serving")
+    dhcp.wait_for("dhcp6: serving on")
+    dhcp.wait_for("ra: advertising")
+
+
 def qemu_argv(env: NetEnv, tap: str, mac: str, firmware: str) -> list[str]:
     """``firmware``: ``bios`` (SeaBIOS), ``uefi`` (OVMF with QEMU's iPXE ROM),
     ``uefi-http`` (OVMF's own network stack: the ROM is switched off with ``romfile=``) or
