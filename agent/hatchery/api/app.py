@@ -13,7 +13,7 @@ import ipaddress
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -107,13 +107,20 @@ async def healthz(request: web.Request) -> web.Response:
         counts[vm.state.value] += 1
     checks = {"agent": "ok", **await ctx.health.checks()}
     checks["vms"] = "ok" if counts["crashed"] == 0 else f"fail: {counts['crashed']} crashed"
+    upgrade, boot = ctx.health.upgrade_status(), ctx.health.boot_status()
+    if not allowed(request, "upgrade.read"):
+        # Any verified client reads /healthz (tenants, peers): the phase, target and times
+        # are the node's, but the per-VM report names every tenant's VMs, and the error,
+        # detail and fallback reason can quote them (and host paths): ``upgrade.read`` only.
+        upgrade = replace(upgrade, vms=(), error=None, detail=None)
+        boot = replace(boot, reason=None)
     health = Health(
         version=ctx.health.version(),
         healthy=all(v == "ok" for v in checks.values()),
         checks=checks,
         vms={"total": sum(counts.values()), **counts},
-        upgrade=ctx.health.upgrade_status(),
-        boot=ctx.health.boot_status(),
+        upgrade=upgrade,
+        boot=boot,
         uptime=round(time.time() - ctx.started, 1),
         free_bytes=ctx.health.free_bytes(),
     )

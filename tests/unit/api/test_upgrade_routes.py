@@ -25,6 +25,7 @@ from hatchery.qemu.accel import Accel, AccelChoice
 from hatchery.state import write_json
 from hatchery.upgrade.controller import Upgrader
 from hatchery.vms.manager import VmManager
+from hatchery.wire import Mode, Phase, UpgradeStatus, VmOutcome, VmResult
 from tests.support.upgrade_roots import RELEASE, DirImages, root_image, unpack, wait_done
 from tests.unit.api.conftest import ADMIN, READER, header_identity, who
 
@@ -143,3 +144,24 @@ async def test_refresh_vms_is_taken_in_live_mode_and_refused_with_a_reboot(node:
     status = node.upgrader.status
     assert status.state.value == "done" and status.vms == ()  # no VM runs on this node
     assert status.detail is not None and status.detail.endswith("no VMs to refresh")
+
+
+async def test_healthz_gives_the_per_vm_report_only_to_upgrade_readers(tmp_path: Path) -> None:
+    """Any verified client reads /healthz; the upgrade's VM report names every tenant's VMs
+    and its error quotes them: a tenant sees the phase and target, not those."""
+    report = UpgradeStatus(
+        state=Phase.FAILED, target="v2", mode=Mode.REBOOT, error="vm other-tenant-db: resume "
+        "failed, state kept in /data/vms/other-tenant-db/suspend-failed.state",
+        detail="fallback", vms=(VmOutcome("other-tenant-db", VmResult.COLD_STARTED, reason="x"),),
+    )  # fmt: skip
+    write_json(tmp_path / "upgrade.json", report.to_json())
+    async with serve(tmp_path) as node:
+        for headers, full in ((ADMIN, True), (OPS, True), (TENANT, False), (NODE, False)):
+            resp = await node.client.get("/healthz", headers=headers)
+            assert resp.status == 200
+            text = await resp.text()
+            upgrade = (await resp.json())["upgrade"]
+            assert (upgrade["state"], upgrade["target"]) == ("failed", "v2")
+            assert ("other-tenant-db" in text) is full, headers
+            if not full:
+                assert (upgrade["vms"], upgrade["error"], upgrade["detail"]) == ([], None, None)
