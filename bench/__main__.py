@@ -8,6 +8,7 @@ import sys
 # name -> module with a ``run() -> None`` that writes its section of docs/benchmarks.md
 BENCHMARKS = {
     "agent-overhead": "bench.agent_overhead",
+    "appliance": "bench.appliance",
     "boot-http": "bench.boothttp",
     "dhcp": "bench.dhcp",
     "flood": "bench.flood",

@@ -1,13 +1,10 @@
-"""Images: build times, sizes, and boot times of the appliance VM and the hypervisor.
+"""Images: build times, sizes, and the hypervisor's boot time.
 
 * Build time of both images: cold (``--force --no-incremental``: every package unpacked and
   configured again, from the kept package cache), warm (``--force``: mkosi's cached
   package-installed tree reused) and no-op (inputs unchanged: nothing is built).
 * Sizes of the artefacts, from the build manifests.
-* Appliance VM, QEMU start to its DHCP lease (dnsmasq on a private bridge): ours (uncompressed
-  vmlinux through PVH, q35, ``-nodefaults``) against a SmallStack-style baseline (the stock
-  bzImage, ``pc`` machine, QEMU's default devices), interleaved, with the guest's own
-  breakdown (kernel until /init, modules, DHCP).
+* (The appliance VM's boot has its own bench: ``python -m bench appliance``.)
 * Hypervisor: QEMU start to the agent active (self-check marker) with a provisioned data disk.
 """
 
@@ -26,40 +23,18 @@ from hatchery import pki
 from hatchery.qemu.accel import choose_accel
 from hatchery_lab.guest import run_guest
 from hatchery_lab.images import (
-    LEASE_MARKER,
-    appliance_argv,
-    appliance_lan,
     build_images,
     hypervisor_argv,
     manifest,
 )
 
-APPLIANCE_RUNS = int(os.environ.get("BENCH_APPLIANCE_RUNS", "10"))
 HYPERVISOR_RUNS = int(os.environ.get("BENCH_HYPERVISOR_RUNS", "3"))
-UPTIME = re.compile(rb"HATCHERY-APPLIANCE: (init|modules|lease) .*?uptime=([0-9.]+)")
 
 
 def _timed_build(*args: str) -> float:
     started = time.monotonic()
     build_images(*args)
     return time.monotonic() - started
-
-
-def _appliance_boot(images: Path, lan_factory: object, variant: str) -> dict[str, float]:
-    """Seconds from QEMU start to the lease marker, plus the guest's uptime at each step."""
-    assert callable(lan_factory)
-    with tempfile.TemporaryDirectory() as tmp, lan_factory(Path(tmp)) as lan:
-        if variant == "ours":
-            argv = appliance_argv(images, lan)
-        else:
-            argv = appliance_argv(images, lan, kernel="vmlinuz", machine="pc", default_devices=True)
-        with run_guest(argv) as guest:
-            lease = guest.wait_for(LEASE_MARKER, 300)
-            guest.wait_for(b"HATCHERY-APPLIANCE: ready", 300)
-            result = {"lease": lease}
-            for step, uptime in UPTIME.findall(bytes(guest.output)):
-                result[f"uptime_{step.decode()}"] = float(uptime)
-    return result
 
 
 def _provisioned_disk(path: Path, workdir: Path) -> None:
@@ -94,7 +69,6 @@ def _hypervisor_boot(images: Path, disk: Path) -> dict[str, float]:
 
 def run() -> None:
     accel = choose_accel()
-    dnsmasq = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
     print("building (no-op if up to date)...", flush=True)
     images = build_images()
     for _ in range(3):  # a shared working tree: retry if a source file changed meanwhile
@@ -116,20 +90,6 @@ def run() -> None:
         for artefact, meta in sorted(manifest(images, name)["artefacts"].items()):  # type: ignore[union-attr]
             sizes.append((name, artefact, f"{meta['bytes'] / 1e6:.1f}"))
 
-    def lan_factory(tmp: Path):  # noqa: ANN202
-        return appliance_lan(dnsmasq, tmp)
-
-    runs: dict[str, list[dict[str, float]]] = {"ours": [], "baseline": []}
-    for index in range(APPLIANCE_RUNS):
-        for variant in runs:
-            runs[variant].append(_appliance_boot(images, lan_factory, variant))
-        print(f"appliance run {index + 1}/{APPLIANCE_RUNS}: "
-              f"ours {runs['ours'][-1]['lease']:.2f} s, "
-              f"baseline {runs['baseline'][-1]['lease']:.2f} s", flush=True)  # fmt: skip
-
-    def med(variant: str, key: str) -> float:
-        return median([r[key] for r in runs[variant] if key in r])
-
     hv_times: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         for index in range(HYPERVISOR_RUNS):
@@ -138,22 +98,6 @@ def run() -> None:
             hv_times.append(_hypervisor_boot(images, disk)["agent_marker"])
             print(f"hypervisor run {index + 1}: agent active {hv_times[-1]:.1f} s", flush=True)
 
-    ours, base = med("ours", "lease"), med("baseline", "lease")
-    boot_rows = [
-        ("QEMU start → DHCP lease (host clock)", f"{ours:.2f}", f"{base:.2f}",
-         f"{base / ours:.2f}x"),
-        ("guest uptime at /init's first marker", f"{med('ours', 'uptime_init'):.2f}",
-         f"{med('baseline', 'uptime_init'):.2f}", ""),
-        ("guest uptime after loading modules", f"{med('ours', 'uptime_modules'):.2f}",
-         f"{med('baseline', 'uptime_modules'):.2f}", ""),
-        ("guest uptime at the lease", f"{med('ours', 'uptime_lease'):.2f}",
-         f"{med('baseline', 'uptime_lease'):.2f}", ""),
-        ("min / max lease (host clock)",
-         f"{min(r['lease'] for r in runs['ours']):.2f} / "
-         f"{max(r['lease'] for r in runs['ours']):.2f}",
-         f"{min(r['lease'] for r in runs['baseline']):.2f} / "
-         f"{max(r['lease'] for r in runs['baseline']):.2f}", ""),
-    ]  # fmt: skip
     build_table = table(
         ["build", "seconds"],
         [
@@ -178,15 +122,11 @@ The cold and the warm build gave {same} sha256 for every artefact.
 
 {table(["image", "artefact", "MB"], sizes)}
 
-**Appliance VM boot**, median of {APPLIANCE_RUNS} runs each, interleaved. Ours: uncompressed
-`vmlinux` (PVH entry), `q35`, `-nodefaults`, virtio-net. Baseline (SmallStack-style): the stock
-bzImage, `pc` machine, QEMU's default devices, virtio-net. Same initrd, same dnsmasq.
-
-{table(["seconds", "ours", "baseline", "speed-up"], boot_rows)}
+**Appliance VM boot**: see its own section (`python -m bench appliance`).
 
 **Hypervisor boot** with a provisioned data disk (2 vCPUs, 2 GiB), QEMU start to the self-check
 reporting the agent active (an upper bound on agent readiness), {HYPERVISOR_RUNS} runs:
 median {median(hv_times):.1f} s (min {min(hv_times):.1f}, max {max(hv_times):.1f}).
 """
-    write_section("images", "Images: builds, sizes, appliance and hypervisor boot", body)
+    write_section("images", "Images: builds, sizes, hypervisor boot", body)
     print(body)

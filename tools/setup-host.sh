@@ -31,6 +31,8 @@ packages=(
   isc-dhcp-client dhcpcd-base
   # metrics: promtool checks our /metrics, a real Prometheus scrapes it in a test
   prometheus
+  # the appliance kernel, built from Debian's kernel source (tools/lab/hatchery_lab/appliance_kernel.py)
+  flex bison bc libelf-dev
   # python and linters
   python3 python3-venv python3-dev gcc shellcheck make git
 )

@@ -1,0 +1,39 @@
+"""The appliance kernel's configuration check: a fragment option Kconfig dropped fails."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hatchery_lab.appliance_kernel import FRAGMENT, config_mismatches, wanted_options
+
+
+def test_the_fragment_asks_for_what_the_appliance_boots_with() -> None:
+    wanted = wanted_options()
+    for option in (
+        "CONFIG_PVH",  # QEMU -kernel vmlinux: direct 64-bit entry
+        "CONFIG_VIRTIO_PCI",
+        "CONFIG_VIRTIO_NET",
+        "CONFIG_SERIAL_8250_CONSOLE",
+        "CONFIG_RD_ZSTD",  # the root is a zstd cpio
+        "CONFIG_ACPI_BUTTON",  # soft stop
+        "CONFIG_PACKET",  # udhcpc
+    ):
+        assert wanted[option] == "y", option
+    assert wanted["CONFIG_MODULES"] is None  # everything built in
+
+
+def test_a_dropped_or_changed_option_is_named(tmp_path: Path) -> None:
+    fragment = tmp_path / "f.config"
+    fragment.write_text("# comment\nCONFIG_A=y\nCONFIG_B=64\n# CONFIG_C is not set\nCONFIG_D=y\n")
+    final = "CONFIG_A=y\nCONFIG_B=32\nCONFIG_C=y\n# CONFIG_D is not set\n"
+    assert config_mismatches(wanted_options(fragment), final) == [
+        "CONFIG_B: wanted 64, got 32",
+        "CONFIG_C: wanted unset, got y",
+        "CONFIG_D: wanted y, got unset",
+    ]
+    assert config_mismatches(wanted_options(fragment), "CONFIG_A=y\nCONFIG_B=64\nCONFIG_D=y") == []
+
+
+def test_the_fragment_lives_with_the_appliance_image() -> None:
+    # Its content is an input of the appliance image's build hash (images/appliance-vm/).
+    assert FRAGMENT.parent.name == "appliance-vm"
