@@ -178,3 +178,34 @@ def build(version: str, out: Path, log: Callable[[str], None] = print) -> Path:
         log(f"appliance kernel: built ({cached.stat().st_size / 1e6:.1f} MB)")
     shutil.copyfile(cached, out)
     return out
+
+
+def candidate_version() -> str:
+    """The version of Debian's kernel apt would install now: the one the next image build
+    gets (the archive serves only the newest), so a kernel built for it ahead is reused."""
+    out = _run(["apt-cache", "show", "--no-all-versions", SOURCE_PACKAGE])
+    for line in out.splitlines():
+        if line.startswith("Version: "):
+            return line.split(": ", 1)[1].strip()
+    raise KernelBuildError(f"apt knows no {SOURCE_PACKAGE} (run make setup)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hatchery_lab.appliance_kernel [VERSION]``: build (or find cached) the kernel
+    ahead of ``make images``. ``make test`` starts it in the background, niced, while the
+    first tiers run: on a fresh machine the compile then costs the image tier nothing."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        version = args[0] if args else candidate_version()
+        with tempfile.TemporaryDirectory() as tmp:
+            build(version, Path(tmp) / "vmlinux")
+    except KernelBuildError as exc:
+        print(f"appliance-kernel: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
