@@ -17,6 +17,7 @@ BENCHMARKS = {
     "pool": "bench.pool",
     "pxe-chain": "bench.pxe",
     "rollout": "bench.rollout",
+    "storm": "bench.storm",
     "tftp": "bench.tftp",
     "upgrade": "bench.upgrade",
     "vm-pause": "bench.vm_pause",
