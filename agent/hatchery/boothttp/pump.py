@@ -8,6 +8,8 @@ service — waits behind them (a ``/healthz`` took over half a second at 50 mach
 pump thread does the sending instead: it waits for writable sockets on an epoll of its own,
 calls ``sendfile`` with the GIL released, and hands each finished transfer back to the loop.
 A single stream is faster too: no loop iteration and no epoll re-arm per socket buffer.
+Each socket gets at most ``MAX_CALL`` bytes per turn, so 50 machines share the link fairly
+and the last of them is not left waiting.
 
 The pump only ever uses a socket while the coroutine that handed it over awaits the
 transfer: a cancelled transfer (the connection was closed, the agent stops) is withdrawn
@@ -27,7 +29,10 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
-MAX_CALL = 0x7FFFF000  # Linux sends at most this many bytes in one sendfile call
+# At most this much per sendfile call, then the next socket's turn (nginx's
+# sendfile_max_chunk): on loopback or a fast link the receiver drains while the kernel
+# copies, so one uncapped call can feed one machine for a long time while the others wait.
+MAX_CALL = 2 << 20
 
 
 class PumpStopped(ConnectionResetError):
@@ -143,34 +148,30 @@ class SendfilePump:
             self._progress(self._incoming.popleft())
 
     def _progress(self, job: _Job) -> None:
-        """Send until the socket buffer is full (wait for writable) or the job ends."""
+        """One sendfile call of at most ``MAX_CALL`` bytes, then the next socket's turn: the
+        job stays registered (level-triggered) until it ends."""
         with job.lock:
             if job.cancelled:
                 return  # its withdrawal unregisters it
-            while True:
-                ask = min(job.left, MAX_CALL)
-                try:
-                    sent = os.sendfile(job.sock, job.file, job.offset, ask)
-                except BlockingIOError:
-                    sent = 0
-                except OSError as exc:
-                    self._finish(job, exc)
+            try:
+                sent = os.sendfile(job.sock, job.file, job.offset, min(job.left, MAX_CALL))
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self._finish(job, exc)
+                return
+            else:
+                if sent == 0:  # EOF of the file: it shrank under us
+                    self._finish(job, ConnectionResetError("the file ended early"))
                     return
-                else:
-                    if sent == 0:  # EOF of the file: it shrank under us
-                        self._finish(job, ConnectionResetError("the file ended early"))
-                        return
-                job.offset += sent
-                job.left -= sent
-                if job.left == 0:
-                    self._finish(job, None)
-                    return
-                if sent < ask:  # the socket buffer is full: wait until it drains
-                    if not job.registered:
-                        assert self._selector is not None
-                        self._selector.register(job.sock, selectors.EVENT_WRITE, job)
-                        job.registered = True
-                    return
+            job.offset += sent
+            job.left -= sent
+            if job.left == 0:
+                self._finish(job, None)
+            elif not job.registered:
+                assert self._selector is not None
+                self._selector.register(job.sock, selectors.EVENT_WRITE, job)
+                job.registered = True
 
     def _unregister(self, job: _Job) -> None:
         if job.registered:
