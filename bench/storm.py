@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import os
 import random
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -283,6 +284,11 @@ def _p99(values: list[float]) -> float:
 
 
 def run() -> None:
+    if os.geteuid() != 0:
+        raise SystemExit("bench storm: needs root (network namespaces and bridges)")
+    for tool in ("udhcpc", "curl", "dnsmasq", "nginx", "ip", "nice"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"bench storm: {tool} is not installed (make setup installs it)")
     load_before = os.getloadavg()
     results: dict[tuple[str, int], list[Storm]] = {}
     with tempfile.TemporaryDirectory(prefix="hatchery-bench-storm-", dir="/var/tmp") as name:
