@@ -226,10 +226,15 @@ class _OpenedFileResponse(web.FileResponse):
         writer = await web.StreamResponse.prepare(self, request)  # the headers
         assert writer is not None
         try:
-            while transport.get_write_buffer_size():  # they must leave before the body
+            # They must leave before the body. They are out at once unless a client that
+            # does not read filled the socket with an earlier answer: then back off, so a
+            # stuck connection costs a wake-up a second, not a thousand.
+            pause = 0.001
+            while transport.get_write_buffer_size():
                 if transport.is_closing():
                     raise ConnectionResetError("Connection lost")
-                await asyncio.sleep(0.001)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 1.0)
             transport.pause_reading()  # as loop.sendfile does: nothing else uses the socket
             await self._pump.send(sock.fileno(), fobj.fileno(), offset, count)
         finally:

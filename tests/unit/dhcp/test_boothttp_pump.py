@@ -188,3 +188,23 @@ async def test_http_client_that_goes_away_mid_body(http: TestClient, big: Path) 
     resp = await http.get("/artefacts/img/initrd")
     assert resp.status == 200 and await resp.read() == big.read_bytes()
     assert len(os.listdir("/proc/self/fd")) <= before + 2
+
+
+async def test_http_pipelined_requests_from_a_client_that_reads_late(
+    http: TestClient, big: Path
+) -> None:
+    """Three requests at once on one connection, nothing read for a while: each answer's
+    headers wait for the socket to drain before its body is pumped, and all three arrive
+    intact, in order, once the client reads."""
+    data = big.read_bytes()
+    reader, writer = await asyncio.open_connection(
+        str(http.server.host), int(http.server.port or 0)
+    )
+    request = b"GET /artefacts/img/initrd HTTP/1.1\r\nHost: x\r\n\r\n"
+    writer.write(request * 3)
+    await asyncio.sleep(0.5)  # the first body fills the socket buffers; the server waits
+    for _ in range(3):
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        assert head.startswith(b"HTTP/1.1 200") and f"Content-Length: {SIZE}".encode() in head
+        assert await asyncio.wait_for(reader.readexactly(SIZE), 30) == data
+    writer.close()
