@@ -18,6 +18,7 @@ BENCHMARKS = {
     "pool": "bench.pool",
     "pxe-chain": "bench.pxe",
     "rollout": "bench.rollout",
+    "storm": "bench.storm",
     "tftp": "bench.tftp",
     "upgrade": "bench.upgrade",
     "vm-pause": "bench.vm_pause",

@@ -218,9 +218,10 @@ async def test_http_sends_ranges_from_the_checked_descriptor(http: TestClient, r
 
 def test_an_answer_never_sent_still_closes_its_descriptor(root: Path) -> None:
     from hatchery.boothttp.app import _OpenedFileResponse
+    from hatchery.boothttp.pump import SendfilePump
 
     opened = open_in_root(root, "boot.ipxe")
-    response = _OpenedFileResponse(opened)
+    response = _OpenedFileResponse(opened, SendfilePump())
     os.fstat(opened.fd)  # open while the response may still be sent
     del response  # the client went away before aiohttp prepared it
     with pytest.raises(OSError) as err:

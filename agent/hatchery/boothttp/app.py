@@ -11,8 +11,10 @@
   burnt. Anything else — an unknown, reused or expired token, another address — is the same
   404 with the same body; a body that is not a key is a 400 and burns nothing.
 - ``GET /artefacts/PATH``: kernels and initrds under the artefact root (public: signed
-  images); ``GET /ipxe/NAME``: the iPXE binaries (for UEFI HTTP Boot clients). Both are sent
-  with ``FileResponse``: range requests, conditional GETs, and the kernel's sendfile.
+  images); ``GET /ipxe/NAME``: the iPXE binaries (for UEFI HTTP Boot clients). Both are
+  ``FileResponse``s: range requests and conditional GETs as aiohttp answers them. Artefacts'
+  bodies go out through the sendfile pump (``pump.py``), a thread of their own, so a rack
+  pulling its images at once neither slows the event loop (the API, DHCP) nor is slowed by it.
 
 Artefact paths go through the path jail shared with TFTP (``hatchery.jail``): no absolute
 names, no ``..``, the resolved file must lie inside the root, and the file is served from
@@ -28,16 +30,19 @@ import logging
 import mimetypes
 import os
 import re
+import socket
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Any, Protocol
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 from hatchery import jail
 from hatchery.boothttp.profiles import Profiles
+from hatchery.boothttp.pump import SendfilePump
 from hatchery.boothttp.seeds import SeedFolder
 from hatchery.boothttp.tokens import DEFAULT_TTL, BirthTokens, Grant
 from hatchery.config import ConnectionLimits
@@ -96,6 +101,8 @@ class BootHttpConfig:
 
 CONFIG = web.AppKey("config", BootHttpConfig)
 TOKENS = web.AppKey("tokens", BirthTokens)
+PUMP = web.AppKey("pump", SendfilePump)
+PUMP_FROM = 256 * 1024  # bytes: smaller bodies are sent on the loop, as aiohttp does
 NO_STORE = {"Cache-Control": "no-store"}
 
 
@@ -197,9 +204,12 @@ class _OpenedFileResponse(web.FileResponse):
     opens the very file behind the descriptor (no name is resolved again). The descriptor is
     closed once the response is sent (aiohttp prepares a handler's response after the
     handler returns, so the handler itself cannot close it).
+
+    The body (the whole file or the range aiohttp worked out) goes through ``pump``; the
+    headers first, through the transport as usual.
     """
 
-    def __init__(self, opened: jail.OpenedFile) -> None:
+    def __init__(self, opened: jail.OpenedFile, pump: SendfilePump) -> None:
         content_type = _TYPES.guess_type(opened.path)[0] or "application/octet-stream"
         super().__init__(
             f"/proc/self/fd/{opened.fd}",
@@ -207,6 +217,42 @@ class _OpenedFileResponse(web.FileResponse):
             headers={"Content-Type": content_type},
         )
         self._fd: int | None = opened.fd
+        self._pump = pump
+
+    async def _sendfile(
+        self, request: web.BaseRequest, fobj: IO[Any], offset: int, count: int
+    ) -> AbstractStreamWriter:
+        transport = request.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if (
+            count < PUMP_FROM
+            or transport is None
+            or sock is None
+            or transport.get_extra_info("sslcontext") is not None
+        ):  # a script or an iPXE binary: one sendfile call on the loop costs less
+            return await super()._sendfile(request, fobj, offset, count)
+        # Corked (nginx's tcp_nopush): the headers leave with the body's first segment.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        writer = await web.StreamResponse.prepare(self, request)  # the headers
+        assert writer is not None
+        try:
+            # They must leave before the body. They are out at once unless a client that
+            # does not read filled the socket with an earlier answer: then back off, so a
+            # stuck connection costs a wake-up a second, not a thousand.
+            pause = 0.001
+            while transport.get_write_buffer_size():
+                if transport.is_closing():
+                    raise ConnectionResetError("Connection lost")
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 1.0)
+            transport.pause_reading()  # as loop.sendfile does: nothing else uses the socket
+            await self._pump.send(sock.fileno(), fobj.fileno(), offset, count)
+        finally:
+            if not transport.is_closing():
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+                transport.resume_reading()
+        await web.StreamResponse.write_eof(self)
+        return writer
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         try:
@@ -234,7 +280,7 @@ async def artefact(request: web.Request) -> web.StreamResponse:
     except jail.Refused as exc:
         log.info("artefact %r refused: %s", rel[:200], exc.message)
         return web.Response(status=404, text=f"not found: {rel[:200]}\n")
-    return _OpenedFileResponse(opened)
+    return _OpenedFileResponse(opened, request.app[PUMP])
 
 
 async def ipxe_binary(request: web.Request) -> web.StreamResponse:
@@ -247,10 +293,21 @@ async def ipxe_binary(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(folder / name)
 
 
+async def _pump_ctx(app: web.Application) -> AsyncIterator[None]:
+    pump = app[PUMP]
+    pump.start()
+    try:
+        yield
+    finally:
+        pump.stop()
+
+
 def make_app(config: BootHttpConfig) -> web.Application:
     app = web.Application()
     app[CONFIG] = config
     app[TOKENS] = BirthTokens(config.seed_ttl)
+    app[PUMP] = SendfilePump("boot http sendfile")
+    app.cleanup_ctx.append(_pump_ctx)
     app.router.add_get("/boot/ipxe", boot_script)
     app.router.add_post("/seed/{token}", seed)
     app.router.add_get("/artefacts/{path:.+}", artefact)

@@ -1,8 +1,11 @@
 """The read-only TFTP server: an asyncio listening socket, one ephemeral port per transfer.
 
 RFC 1350 section 4: a request arrives on the well-known port; the server answers from a new
-port (its TID) that carries the rest of the transfer, and packets from any other TID are
-refused with error 5 without disturbing the transfer. Write requests are refused (error 2):
+port (its TID) that carries the rest of the transfer, and packets from any other TID never
+disturb the transfer: while the request is pending they are answered with error 5; once the
+client has answered, the transfer's socket is connected to it (as tftpd-hpa's are), so the
+kernel drops other sources' datagrams with an ICMP port unreachable, and the hot path saves
+a route lookup and an address parse per packet each way. Write requests are refused (error 2):
 this server only hands out boot files. Requests are parsed, checked and refused on the event
 loop; an accepted transfer runs its socket in a worker thread (see ``_TransferPort`` for why).
 
@@ -215,6 +218,7 @@ class _TransferPort:
         self._gso_segment = 0
         self._stopping = threading.Event()
         self._forgotten = False
+        self._connected = False  # to the peer, once the worker thread has the transfer
         self._started = time.monotonic()
         self.pending = True  # until the client answers; then a worker thread takes over
         self._timer: asyncio.TimerHandle | None = None
@@ -309,6 +313,8 @@ class _TransferPort:
         """The client answered: hand the transfer to a worker thread (it holds a slot now)."""
         self._leave_loop()
         self._sock.setblocking(True)
+        self._sock.connect(self.peer)
+        self._connected = True
         self.thread.start()
 
     # -- the worker thread ---------------------------------------------------------------------
@@ -329,7 +335,8 @@ class _TransferPort:
         sock, machine, peer = self._sock, self.machine, self.peer
         buf = bytearray(_RECEIVE_BUFFER)
         view = memoryview(buf)
-        receive = sock.recvfrom_into
+        receive = sock.recv_into
+        send = sock.send
         clock = time.monotonic
         waiting = 0.0  # the SO_RCVTIMEO set now
         stopping = self._stopping.is_set
@@ -341,22 +348,30 @@ class _TransferPort:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(left))
                 waiting = left
             try:
-                size, addr = receive(buf)
+                size = receive(buf)
             except BlockingIOError:  # SO_RCVTIMEO ran out
-                size, addr = -1, None
+                size = -1
             except OSError as exc:  # e.g. an ICMP error queued on the socket
                 log.debug("TFTP transfer of %s to %s: %s", self.name, peer[0], exc)
-                size, addr = -1, None
+                size = -1
             if stopping():
                 break
+            if size == 4 and buf[1] == OP_ACK and buf[0] == 0:  # the hot path
+                block = (buf[2] << 8) | buf[3]
+                if block == machine.release_on:
+                    # Lock-step: the next block goes out first, the bookkeeping after,
+                    # while it is on its way (the round trip is the whole cost here).
+                    try:
+                        send(machine.next_packet)
+                    except OSError as exc:  # as good as lost: the timeout resends it
+                        log.debug("TFTP send to %s: %s", peer[0], exc)
+                    machine.released(clock())
+                else:
+                    machine.on_ack(block, clock())
+                continue
             now = clock()
-            if addr == peer:
-                if size == 4 and buf[1] == OP_ACK and buf[0] == 0:  # the hot path
-                    machine.on_ack((buf[2] << 8) | buf[3], now)
-                    continue
+            if size >= 0:
                 machine.on_datagram(view[:size], now)
-            elif addr is not None:
-                self._stray(view[:size], addr)
             if now >= machine.deadline:
                 machine.on_timeout(now)
 
@@ -372,7 +387,10 @@ class _TransferPort:
 
     def _send(self, packet: bytes | memoryview) -> None:
         try:
-            self._sock.sendto(packet, self.peer)
+            if self._connected:
+                self._sock.send(packet)
+            else:
+                self._sock.sendto(packet, self.peer)
         except OSError as exc:  # as good as lost: the timeout retransmits
             log.debug("TFTP send to %s: %s", self.peer[0], exc)
 
@@ -387,7 +405,10 @@ class _TransferPort:
                 self._gso_segment = segment
                 self._gso_cmsg = [(_SOL_UDP, _UDP_SEGMENT, _U16_NATIVE.pack(segment))]
             try:
-                self._sock.sendmsg([packets], self._gso_cmsg, 0, self.peer)
+                if self._connected:
+                    self._sock.sendmsg([packets], self._gso_cmsg)
+                else:
+                    self._sock.sendmsg([packets], self._gso_cmsg, 0, self.peer)
                 return
             except OSError as exc:
                 log.debug("UDP GSO unavailable towards %s: %s", self.peer[0], exc)

@@ -282,6 +282,40 @@ async def test_foreign_tid_gets_error_5_and_the_transfer_goes_on(
         assert (server.pending_transfers, server.active_transfers) == (0, 0)
 
 
+async def test_a_stranger_cannot_disturb_a_running_transfer(root: Path, client: Client) -> None:
+    """Once the client answered, its transfer's socket is connected to it: a stranger's
+    datagrams to that port (a forged ACK, an ERROR) never reach the transfer (the kernel
+    drops them: ICMP port unreachable, as tftpd-hpa's connected sockets do) and the whole
+    file still arrives, block by block, to the client alone."""
+    data = (root / "big").read_bytes()
+    async with _server(root) as server:
+        await client.send(RRQ("big", "octet"), server.address)
+        first, tid = await client.recv()
+        await client.send(ACK(1), tid)  # answered: the transfer runs in its worker now
+        second, _ = await client.recv()
+        assert first == DATA(1, data[:512]) and second == DATA(2, data[512:1024])
+        assert server.active_transfers == 1
+        stranger = Client()
+        try:
+            await stranger.send(ACK(2), tid)
+            await stranger.send(ERROR(ErrorCode.NOT_DEFINED, "stop"), tid)
+            assert await stranger.silent()
+        finally:
+            stranger.close()
+        got, block = bytearray(data[:1024]), 2
+        while True:
+            await client.send(ACK(block), tid)
+            packet, source = await client.recv()
+            assert isinstance(packet, DATA) and source == tid
+            block += 1
+            assert packet.block == block & 0xFFFF
+            got += packet.data
+            if len(packet.data) < 512:
+                await client.send(ACK(block), tid)
+                break
+        assert bytes(got) == data
+
+
 async def test_retransmits_on_timeout_then_gives_up(root: Path, client: Client) -> None:
     async with _server(root, timeout=0.1, retries=2) as server:
         await client.send(RRQ("small", "octet"), server.address)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hatchery.tftp.packet import ACK, DATA, ERROR, OACK, ErrorCode, decode
+from hatchery.tftp.packet import ACK, DATA, ERROR, OACK, ErrorCode, Packet, decode
 from hatchery.tftp.transfer import (
     BytesSource,
     FileSource,
@@ -364,3 +364,56 @@ def test_a_file_that_shrinks_aborts_the_transfer(tmp_path: Path) -> None:
     assert isinstance(packets[-1], ERROR) and "shrank" in packets[-1].message
     assert machine.state is State.FAILED
     os.close(fd)
+
+
+@pytest.mark.parametrize("size", [0, 1000, 44 * 1468, 44 * 1468 + 5, 200_000, 3 * 1468 * 64])
+def test_batches_from_a_file_are_read_in_place(tmp_path: Path, size: int) -> None:
+    """From a file, each batch's payloads are read straight into the packet buffer
+    (``preadv``): the same datagrams as built one by one, the short last block and an empty
+    one (a size that is a multiple of blksize) included, window after window."""
+    path = tmp_path / "f"
+    data = os.urandom(size)
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    got: list[Packet] = []
+
+    def batch(buf: memoryview, segment: int) -> None:
+        raw = bytes(buf)
+        got.extend(decode(raw[i : i + segment]) for i in range(0, len(raw), segment))
+
+    client = Client()
+    machine = ReadTransfer(FileSource(fd, size), client, send_batch=batch, blksize=1468,
+                           windowsize=64)  # fmt: skip
+    machine.start(0.0)
+    while machine.state is State.SENDING:
+        _ack(machine, machine.sent)
+    os.close(fd)
+    blocks = size // 1468 + 1
+    expected = [DATA(b & 0xFFFF, data[(b - 1) * 1468 : b * 1468]) for b in range(1, blocks + 1)]
+    sent = got + client.take()  # a one-block window goes out singly
+    assert sent == expected and machine.state is State.DONE
+
+
+def test_lock_step_hot_path_matches_on_ack() -> None:
+    """``release_on``/``next_packet``/``released`` (the server sends before the bookkeeping)
+    give the same packets and the same end as ``on_ack``; they are never armed for the ACK
+    of the last block, nor after the transfer failed."""
+    data = os.urandom(512 * 5 + 7)
+    machine, client = _machine(data)
+    sent = client.take()
+    _ack(machine, 1)  # the ordinary path arms the hot one
+    sent += client.take()
+    while machine.release_on >= 0:
+        assert machine.release_on == machine.sent & 0xFFFF
+        sent.append(decode(machine.next_packet))
+        machine.released(1.0)
+        assert machine.deadline == 1.0 + machine.timeout and machine.acked == machine.sent - 1
+    assert machine.sent == machine.last_block and machine.state is State.SENDING
+    _ack(machine, machine.sent)
+    assert machine.state is State.DONE
+    assert sent == [DATA(b, data[(b - 1) * 512 : b * 512]) for b in range(1, 7)]
+    failed, _ = _machine(data)
+    _ack(failed, 1)
+    assert failed.release_on == 2  # block 2 is out: its ACK releases block 3
+    failed.abort(ErrorCode.NOT_DEFINED, "stop")
+    assert failed.release_on == -1

@@ -19,7 +19,7 @@ class NsVm:
     netns: str
     port: str  # the outer veth end, on the bridge (what a tap is for a real VM)
     mac: str
-    ip: str
+    ip: str | None  # None: no address yet (the namespace asks DHCP for one)
     gateway: str | None = None
 
     def run(self, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -37,7 +37,7 @@ class NsVm:
 
 
 @contextlib.contextmanager
-def ns_vm(bridge: str, mac: str, ip: str, gateway: str | None = None) -> Iterator[NsVm]:
+def ns_vm(bridge: str, mac: str, ip: str | None, gateway: str | None = None) -> Iterator[NsVm]:
     name = unique_name("hvm")
     port = unique_name("hvp")
     sh("ip", "netns", "add", name)
@@ -48,7 +48,8 @@ def ns_vm(bridge: str, mac: str, ip: str, gateway: str | None = None) -> Iterato
         vm.run("ip", "link", "set", "lo", "up")
         vm.run("ip", "link", "set", "eth0", "address", mac)
         vm.run("ip", "link", "set", "eth0", "up")
-        vm.set_ip(ip)
+        if ip is not None:
+            vm.set_ip(ip)
         yield vm
     finally:
         sh("ip", "link", "del", port, check=False)
