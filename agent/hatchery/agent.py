@@ -30,7 +30,7 @@ from hatchery.dhcp.responder import DhcpConfig, Responder
 from hatchery.dhcp.server import DhcpServer, ProxyDhcpServer, interface_ipv4
 from hatchery.dhcp6.packet import duid_ll
 from hatchery.dhcp6.responder import Dhcp6Config, Responder6
-from hatchery.dhcp6.server import Dhcp6Server, interface_mac, wait_for_ipv6
+from hatchery.dhcp6.server import Dhcp6Server, wait_for_ipv6
 from hatchery.errors import HatcheryError
 from hatchery.health import NodeHealth
 from hatchery.images.signing import KeyDirectory
@@ -42,7 +42,7 @@ from hatchery.metadata.server import VmMetadata
 from hatchery.metadata.service import MetadataService, node_services
 from hatchery.metrics import Metrics
 from hatchery.netboot import Netboot
-from hatchery.netdev import tap_name
+from hatchery.netdev import interface_mac, tap_name
 from hatchery.pki import client_context, server_context
 from hatchery.qemu.accel import choose_accel
 from hatchery.revocation import Revocations

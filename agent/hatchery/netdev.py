@@ -33,6 +33,17 @@ def tap_name(vm_uuid: str) -> str:
     return "hv-" + vm_uuid.replace("-", "")[:12]
 
 
+def interface_mac(name: str) -> str:
+    """The MAC address of interface ``name`` (``aa:bb:...``), read from sysfs.
+
+    :raise NetdevError: there is no such interface.
+    """
+    try:
+        return Path(f"/sys/class/net/{name}/address").read_text().strip()
+    except OSError as exc:
+        raise NetdevError(f"no interface {name}: {exc.strerror}") from exc
+
+
 def link_index(ipr: IPRoute, name: str) -> int | None:
     """The interface index of ``name`` as ``ipr`` (a namespace's IPRoute) sees it; None when
     there is no such link (pyroute2 answers an empty list rather than raising)."""

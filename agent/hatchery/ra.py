@@ -23,9 +23,9 @@ import logging
 import socket
 import struct
 from dataclasses import dataclass
-from pathlib import Path
 
 from hatchery.errors import HatcheryError
+from hatchery.netdev import interface_mac
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +87,6 @@ def is_router_solicitation(data: bytes) -> bool:
     return len(data) >= 8 and data[0] == ICMPV6_RS and data[1] == 0
 
 
-def _interface_mac(interface: str) -> bytes:
-    try:
-        text = Path(f"/sys/class/net/{interface}/address").read_text().strip()
-    except OSError as exc:
-        raise RaError(f"no interface {interface}: {exc.strerror}") from exc
-    return bytes.fromhex(text.replace(":", ""))
-
-
 class RaResponder:
     """Advertise on ``interface``: at start, every ``interval`` seconds and on solicitation."""
 
@@ -111,8 +103,8 @@ class RaResponder:
         self._ra = b""
 
     async def start(self) -> None:
-        self._ra = build_router_advertisement(_interface_mac(self.interface),
-                                              managed=self.managed)  # fmt: skip
+        mac = bytes.fromhex(interface_mac(self.interface).replace(":", ""))
+        self._ra = build_router_advertisement(mac, managed=self.managed)
         try:
             self._index = socket.if_nametoindex(self.interface)
             sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)

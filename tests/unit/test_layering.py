@@ -139,13 +139,14 @@ def test_no_import_cycle() -> None:
 
 def test_one_link_index() -> None:
     """Interface lookups by name exist once (netdev), not once per module that needs one."""
+    lookups = ("_index", "link_index", "interface_mac", "_interface_mac")
     defined = sorted(
-        str(path.relative_to(AGENT))
+        f"{path.relative_to(AGENT)}:{node.name}"
         for path in AGENT.rglob("*.py")
         for node in ast.walk(ast.parse(path.read_text()))
-        if isinstance(node, ast.FunctionDef) and node.name in ("_index", "link_index")
+        if isinstance(node, ast.FunctionDef) and node.name in lookups
     )
-    assert defined == ["netdev.py"]
+    assert defined == ["netdev.py:interface_mac", "netdev.py:link_index"]
 
 
 def test_no_test_module_imports_another() -> None:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 from hatchery.dhcp.leases import BirthLeases, StaticLeases
 from hatchery.dhcp.proxy import ProxyConfig, ProxyResponder
@@ -39,18 +41,28 @@ async def serve_until_stopped(
         await stop()
 
 
-def _ip(text: str) -> ipaddress.IPv4Address:
+Address = TypeVar("Address", ipaddress.IPv4Address, ipaddress.IPv6Address)
+
+
+def parse_address(family: type[Address], text: str) -> Address:
+    """An address of ``family`` from a command line argument (``serve dhcp``, ``dhcp6``)."""
     try:
-        return ipaddress.IPv4Address(text)
+        return family(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not an IPv4 address: {text!r}") from exc
+        name = "IPv4" if family is ipaddress.IPv4Address else "IPv6"
+        raise argparse.ArgumentTypeError(f"not an {name} address: {text!r}") from exc
 
 
-def _range(text: str) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:
+def parse_range(family: type[Address], text: str) -> tuple[Address, Address]:
+    """``START-END``: two addresses of ``family``."""
     start, sep, end = text.partition("-")
     if not sep:
         raise argparse.ArgumentTypeError(f"expected START-END, got {text!r}")
-    return _ip(start), _ip(end)
+    return parse_address(family, start), parse_address(family, end)
+
+
+_ip = functools.partial(parse_address, ipaddress.IPv4Address)
+_range = functools.partial(parse_range, ipaddress.IPv4Address)
 
 
 def add_dhcp_arguments(p: argparse.ArgumentParser) -> None:

@@ -6,16 +6,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 from pathlib import Path
 
-from hatchery.dhcp.cli import serve_until_stopped
+from hatchery.dhcp.cli import parse_address, parse_range, serve_until_stopped
 from hatchery.dhcp.leases import BirthLeases6
 from hatchery.dhcp6.packet import duid_ll
 from hatchery.dhcp6.responder import Boot6Config, Dhcp6Config, Responder6
-from hatchery.dhcp6.server import Dhcp6Server, interface_mac
+from hatchery.dhcp6.server import Dhcp6Server
 from hatchery.errors import ConfigError
+from hatchery.netdev import interface_mac
 from hatchery.ra import Managed, RaResponder
 
 log = logging.getLogger(__name__)
@@ -23,18 +25,8 @@ log = logging.getLogger(__name__)
 LEASE_FILE = "dhcp6-births.json"
 
 
-def _ip6(text: str) -> ipaddress.IPv6Address:
-    try:
-        return ipaddress.IPv6Address(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not an IPv6 address: {text!r}") from exc
-
-
-def _range(text: str) -> tuple[ipaddress.IPv6Address, ipaddress.IPv6Address]:
-    start, sep, end = text.partition("-")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected START-END, got {text!r}")
-    return _ip6(start), _ip6(end)
+_ip6 = functools.partial(parse_address, ipaddress.IPv6Address)
+_range = functools.partial(parse_range, ipaddress.IPv6Address)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

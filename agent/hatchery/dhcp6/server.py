@@ -89,13 +89,6 @@ async def wait_for_ipv6(
         await asyncio.sleep(0.2)
 
 
-def interface_mac(interface: str) -> str:
-    try:
-        return Path(f"/sys/class/net/{interface}/address").read_text().strip()
-    except OSError as exc:
-        raise Dhcp6ServerError(f"no interface {interface}: {exc.strerror}") from exc
-
-
 def open_socket(interface: str, port: int = SERVER_PORT) -> socket.socket:
     sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
     try:
