@@ -20,8 +20,10 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
+from bench.proc import rss_mib
 from bench.report import median, table, write_section
 from hatchery.qemu.accel import choose_accel
 from hatchery_lab.guest import run_guest
@@ -65,21 +67,16 @@ def _argv(variant: str, images: Path, lan: ApplianceLan) -> list[str]:
     return _microvm_argv(images, lan)
 
 
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _boot(images: Path, lan_factory: Callable[[Path], object], variant: str) -> dict[str, float]:
+def _boot(
+    images: Path, lan_factory: Callable[[Path], AbstractContextManager[ApplianceLan]], variant: str
+) -> dict[str, float]:
     """Seconds from QEMU start to the lease (None-free: a boot that fails raises), the guest's
     uptime at /init and at the lease, QEMU's RSS once ready."""
-    with tempfile.TemporaryDirectory() as tmp, lan_factory(Path(tmp)) as lan:  # type: ignore[attr-defined]
+    with tempfile.TemporaryDirectory() as tmp, lan_factory(Path(tmp)) as lan:
         with run_guest(_argv(variant, images, lan)) as guest:
             lease = guest.wait_for(LEASE_MARKER, 120)
             guest.wait_for(READY, 120)
-            result = {"lease": lease, "rss": _rss_mib(guest.process.pid)}
+            result = {"lease": lease, "rss": rss_mib(guest.process.pid)}
             for step, uptime in UPTIME.findall(bytes(guest.output)):
                 result[f"uptime_{step.decode()}"] = float(uptime)
     return result
@@ -90,7 +87,7 @@ def run() -> None:
     images = build_images("appliance-vm")  # no-op when up to date; the hypervisor is not needed
     load_before = os.getloadavg()
 
-    def lan_factory(tmp: Path) -> object:
+    def lan_factory(tmp: Path) -> AbstractContextManager[ApplianceLan]:
         return appliance_lan(dnsmasq, tmp)
 
     variants = ("ours", "stock vmlinux", "baseline", "microvm")

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.boothttp import nginx_argv, wait_port
+from bench.proc import cpu_seconds, rss_mib
 from bench.report import median, table, write_section
 from hatchery.images.signing import generate_key, sign_build_dir
 from hatchery.metadata.service import teardown_bridge
@@ -105,18 +106,6 @@ class Storm:
         )
 
 
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 class Sampler(threading.Thread):
     """Peak RSS of ``pids`` (summed) every 50 ms until stopped."""
 
@@ -126,7 +115,7 @@ class Sampler(threading.Thread):
 
     def run(self) -> None:
         while not self.done.is_set():
-            self.peak = max(self.peak, sum(_rss_mib(p) for p in self.pids))
+            self.peak = max(self.peak, sum(rss_mib(p) for p in self.pids))
             self.done.wait(0.05)
 
 
@@ -174,8 +163,8 @@ def _storm(machines: list[NsVm], url: str, lease: Path, pids: list[int],
 
     threads = [threading.Thread(target=boot, args=(i, vm)) for i, vm in enumerate(machines)]
     sampler = Sampler(pids)
-    before_rss = sum(_rss_mib(p) for p in pids)
-    before_cpu = sum(_cpu_s(p) for p in pids)
+    before_rss = sum(rss_mib(p) for p in pids)
+    before_cpu = sum(cpu_seconds(p) for p in pids)
     sampler.start()
     loop = ApiLoop(api) if api is not None else None
     if loop is not None:
@@ -185,7 +174,7 @@ def _storm(machines: list[NsVm], url: str, lease: Path, pids: list[int],
         t.start()
     for t in threads:
         t.join()
-    cpu = sum(_cpu_s(p) for p in pids) - before_cpu
+    cpu = sum(cpu_seconds(p) for p in pids) - before_cpu
     for thread in (sampler, loop):
         if thread is not None:
             thread.done.set()
@@ -309,7 +298,7 @@ def run() -> None:
             _machines(ref_br, 2, max(SIZES)) as ref_vms,
         ):
             assert agent.proc is not None
-            agent_rss_start = _rss_mib(agent.proc.pid)
+            agent_rss_start = rss_mib(agent.proc.pid)
             flood.timed_healthz(agent.port, agent.pki)  # warm up
             idle_api = [flood.timed_healthz(agent.port, agent.pki) * 1000 for _ in range(30)]
             for size in SIZES:
@@ -323,7 +312,7 @@ def run() -> None:
                             got = _storm(ref_vms[:size], ref_url, lease, ref_pids, None)
                         results.setdefault((who, size), []).append(got)
                         print(f"  {who} N={size}: {got}", flush=True)
-            agent_rss_end = _rss_mib(agent.proc.pid)
+            agent_rss_end = rss_mib(agent.proc.pid)
     load_after = os.getloadavg()
     _write(results, idle_api, agent_rss_start, agent_rss_end, load_before, load_after)
 

@@ -58,14 +58,6 @@ def _run(argv: list[str], cwd: Path | None = None, env: dict[str, str] | None = 
     return done.stdout
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def wanted_options(fragment: Path = FRAGMENT) -> dict[str, str | None]:
     """The fragment's options: ``CONFIG_X`` → its value, or None for ``is not set``."""
     wanted: dict[str, str | None] = {}
@@ -115,11 +107,16 @@ def source_date_epoch() -> int:
     return int(m.group(1))
 
 
+def _file_sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def inputs_key(deb: Path) -> str:
     """What the kernel depends on: the source, the fragment, the recipe, the compiler."""
     digest = hashlib.sha256()
     for part in (
-        _sha256(deb),
+        _file_sha256(deb),
         FRAGMENT.read_text(),
         f"recipe {RECIPE}",
         _run(["gcc", "--version"]).splitlines()[0],
