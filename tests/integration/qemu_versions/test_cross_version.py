@@ -10,14 +10,13 @@ The agent's ``qemu.binary`` is a symlink the test re-points, as a live patch rep
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from hatchery_lab.agent import AgentProcess, qemu_alive
-from hatchery_lab.guest import GuestKernel, find_guest_kernel
 from hatchery_lab.outlive import (
     agent_on_bridge,
     create,
@@ -27,28 +26,15 @@ from hatchery_lab.outlive import (
     ticks,
     wait_ping,
 )
-from hatchery_lab.qemu_versions import QemuSwitch, next_qemu, qemu_switch, version
-from tests.conftest import missing
+from hatchery_lab.qemu_versions import QemuSwitch, qemu_switch
+from tests.integration.qemu_versions.conftest import TwoQemus
 
 pytestmark = pytest.mark.timeout(900)  # TCG on a loaded machine
 
 
 @pytest.fixture
-def lab(
-    tmp_path: Path, require_root: None, require_tool: Callable[[str], str]
-) -> Iterator[dict[str, Any]]:
-    require_tool("ping")
-    old = require_tool("qemu-system-x86_64")
-    new = next_qemu()
-    if new is None:
-        missing("no second QEMU in .cache (make qemu-next)")
-    assert new is not None
-    kernel = find_guest_kernel()
-    if kernel is None:
-        missing("no guest kernel in .cache (make guest-kernel)")
-    assert isinstance(kernel, GuestKernel)
-    assert version(old).startswith("7.2"), version(old)
-    assert version(new).startswith("10."), version(new)
+def lab(tmp_path: Path, two_qemus: TwoQemus) -> Iterator[dict[str, Any]]:
+    old, new, kernel = two_qemus.old, two_qemus.new, two_qemus.kernel
     with (
         qemu_switch(old) as switch,
         agent_on_bridge(tmp_path, kernel, 79, qemu={"binary": str(switch.path)}) as lab,

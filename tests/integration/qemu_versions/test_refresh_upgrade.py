@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,9 @@ import yaml
 from hatchery.images.signing import generate_key
 from hatchery_lab.agent import AgentProcess, qemu_alive
 from hatchery_lab.cpio_writer import Entry
-from hatchery_lab.guest import GuestKernel, find_guest_kernel
 from hatchery_lab.outlive import agent_on_bridge, create, next_tick, ticks, wait_ping
-from hatchery_lab.qemu_versions import next_qemu, searchable_folder, version
-from tests.conftest import missing
+from hatchery_lab.qemu_versions import searchable_folder
+from tests.integration.qemu_versions.conftest import TwoQemus
 from tests.support.live_images import build, root
 from tests.support.upgrade_roots import unpack
 
@@ -39,20 +38,8 @@ def qemu_entries(target: str) -> list[Entry]:
 
 
 @pytest.fixture
-def node(
-    tmp_path: Path, require_root: None, require_tool: Callable[[str], str]
-) -> Iterator[dict[str, Any]]:
-    require_tool("ping")
-    old = require_tool("qemu-system-x86_64")
-    new = next_qemu()
-    if new is None:
-        missing("no second QEMU in .cache (make qemu-next)")
-    assert new is not None
-    kernel = find_guest_kernel()
-    if kernel is None:
-        missing("no guest kernel in .cache (make guest-kernel)")
-    assert isinstance(kernel, GuestKernel)
-    assert version(old).startswith("7.2") and version(new).startswith("10.")
+def node(tmp_path: Path, two_qemus: TwoQemus) -> Iterator[dict[str, Any]]:
+    old, new, kernel = two_qemus.old, two_qemus.new, two_qemus.kernel
     key = generate_key(tmp_path / "keys", "fleet")
     targets = {"v1": old, "v2": new, "v3": "/nonexistent/qemu-system-x86_64"}
     builds = {v: build(tmp_path, v, key.private, qemu_entries(t)) for v, t in targets.items()}
