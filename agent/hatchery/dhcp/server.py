@@ -121,9 +121,10 @@ class LeaseWrites:
             task.cancel()
 
 
-class _Counting(asyncio.DatagramProtocol):
-    """What both DHCP protocols share: the transport, the meter, and decoding a datagram
-    (a malformed one is counted, logged at DEBUG and dropped: anyone can send one)."""
+class CountingProtocol(asyncio.DatagramProtocol):
+    """What the DHCP protocols (v4, proxy, v6) share: the transport, the meter and the
+    counts; a malformed datagram is counted, logged at DEBUG and dropped (anyone can send
+    one)."""
 
     def __init__(self, clock: Callable[[], float], meter: DhcpMeter | None) -> None:
         self.clock = clock
@@ -136,20 +137,23 @@ class _Counting(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
 
+    def _malformed(self, data: bytes, source: str, exc: Exception) -> None:
+        self.malformed += 1
+        self.meter.received("unknown", "malformed")
+        log.debug("dropped %d bytes from %s: %s", len(data), source, exc)
+
     def _decode(self, data: bytes, addr: tuple[str, int]) -> DhcpPacket | None:
         try:
             return DhcpPacket.decode(data)
         except DecodeError as exc:
-            self.malformed += 1
-            self.meter.received("unknown", "malformed")
-            log.debug("dropped %d bytes from %s:%d: %s", len(data), addr[0], addr[1], exc)
+            self._malformed(data, f"{addr[0]}:{addr[1]}", exc)
             return None
 
     def error_received(self, exc: Exception) -> None:
         log.debug("socket error: %s", exc)
 
 
-class DhcpProtocol(_Counting):
+class DhcpProtocol(CountingProtocol):
     """Every datagram is counted once in ``meter`` (type, outcome: answered, ignored,
     malformed, failed, unsaved, unsent); the attributes below are the same counts in total."""
 
@@ -251,7 +255,7 @@ class DhcpServer:
             self.protocol.drop_pending()
 
 
-class ProxyProtocol(_Counting):
+class ProxyProtocol(CountingProtocol):
     """One proxyDHCP socket (port 67 or 4011): decode, ask the responder, send.
 
     Replies go where ``destination`` says on port 67 (a proxy OFFER is broadcast to a client

@@ -21,9 +21,8 @@ import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
 
-from hatchery.dhcp.server import LeaseWrites
+from hatchery.dhcp.server import CountingProtocol, LeaseWrites
 from hatchery.dhcp6.packet import ALL_SERVERS, CLIENT_PORT, SERVER_PORT, DecodeError, Dhcp6Packet
 from hatchery.dhcp6.responder import Responder6, client_kind
 from hatchery.errors import HatcheryError
@@ -111,7 +110,7 @@ def open_socket(interface: str, port: int = SERVER_PORT) -> socket.socket:
     return sock
 
 
-class Dhcp6Protocol(asyncio.DatagramProtocol):
+class Dhcp6Protocol(CountingProtocol):
     """Every datagram is counted once in ``meter`` (type, outcome: answered, ignored,
     malformed, failed, unsaved, unsent); the attributes below are the same counts in total."""
 
@@ -121,26 +120,17 @@ class Dhcp6Protocol(asyncio.DatagramProtocol):
         clock: Callable[[], float] = time.time,
         meter: DhcpMeter | None = None,
     ) -> None:
-        self.responder, self.clock = responder, clock
-        self.meter = meter or Metrics().dhcp("")
-        self.transport: asyncio.DatagramTransport | None = None
-        self.answered = self.malformed = self.failed = self.unsaved = 0
+        super().__init__(clock, meter)
+        self.responder = responder
+        self.unsaved = 0  # the leases could not be written: the reply was not sent
         self._writes = LeaseWrites(responder.births)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def error_received(self, exc: Exception) -> None:
-        log.debug("socket error: %s", exc)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int, int, int]) -> None:
         try:
             source = ipaddress.IPv6Address(addr[0].split("%")[0])
             request = Dhcp6Packet.decode(data)
         except (DecodeError, ValueError) as exc:
-            self.malformed += 1
-            self.meter.received("unknown", "malformed")
-            log.debug("dropped %d bytes from %s: %s", len(data), addr[0], exc)
+            self._malformed(data, addr[0], exc)
             return
         kind = request.msg_type.name
         if not source.is_link_local:
