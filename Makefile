@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-unit test-integration test-image lint bench images clean lock guest-kernel qemu-next
+.PHONY: help setup demo test test-unit fuzz test-integration test-image lint bench images clean lock guest-kernel qemu-next
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -27,6 +27,9 @@ test: setup guest-kernel qemu-next ## every tier in order (lint+unit, integratio
 
 test-unit: setup ## the fast tier only
 	$(PY) -m pytest -m "not integration and not image" $(PYTEST_ARGS)
+
+fuzz: setup ## the fuzz tests only, 50 000 examples each (CI runs 2 000)
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-50000} $(PY) -m pytest -m "not integration and not image" -k fuzz $(PYTEST_ARGS)
 
 test-integration: setup guest-kernel qemu-next ## netns, real clients and servers, QEMU guests
 	$(PY) -m pytest -m integration $(PYTEST_ARGS)

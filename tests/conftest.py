@@ -17,6 +17,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+#: Examples per fuzz test (every codec and every permission check that takes hostile input).
+#: CI runs 2 000 of each, which keeps the unit tier to minutes on a 2-core machine (10 000
+#: took nine minutes of it); a deeper hunt is ``make fuzz`` (50 000 each, the fuzz tests
+#: only) or ``FUZZ_EXAMPLES=N`` for any run.
+FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES") or (2_000 if IN_CI else 400))
 _TIERS = ("integration", "image")
 
 

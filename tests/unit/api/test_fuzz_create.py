@@ -38,11 +38,10 @@ from hatchery.qemu.accel import Accel, AccelChoice
 from hatchery.vms.manager import VmManager
 from hatchery.vms.model import VmRecord
 from hatchery.vms.sources import SourceFetcher
-from tests.conftest import IN_CI
+from tests.conftest import FUZZ_EXAMPLES
 from tests.support.synthetic_images import keypair, signed_build
 from tests.unit.api.conftest import WHO, header_identity
 
-EXAMPLES = 10_000 if IN_CI else 1000  # the project's fuzz convention (tests/unit/dhcp)
 SECRET = b"NODE-PRIVATE-KEY"
 LISTED = ("admin", "ops", "reader", "node")
 GROUPS = (*LISTED, "web", "db", "")
@@ -177,7 +176,7 @@ def test_create_never_yields_201_without_permission_or_from_a_bad_source(
     loop.run_until_complete(client.start_server())
     created = 0
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None,
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))  # fmt: skip
     @given(body=bodies(str(world.folder)),
            groups=st.sampled_from(IDENTITIES),
@@ -219,4 +218,4 @@ def test_create_never_yields_201_without_permission_or_from_a_bad_source(
         loop.run_until_complete(client.close())
         loop.close()
         world.pool.close()
-    assert created > EXAMPLES // 50  # the oracle saw real successes, not only refusals
+    assert created > FUZZ_EXAMPLES // 50  # the oracle saw real successes, not only refusals

@@ -16,10 +16,9 @@ from hatchery.dhcp.leases import BirthLeases, Lease, StaticLeases
 from hatchery.dhcp.packet import MAGIC_COOKIE, DecodeError, DhcpPacket
 from hatchery.dhcp.responder import BootConfig, DhcpConfig, Responder, destination
 from hatchery.dhcp.server import DhcpProtocol
-from tests.conftest import IN_CI
+from tests.conftest import FUZZ_EXAMPLES
 
-EXAMPLES = 10_000 if IN_CI else 400
-FUZZ = settings(max_examples=EXAMPLES, deadline=None,
+FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
 GOLDEN = [
     bytes.fromhex(p.read_text().replace("\n", ""))

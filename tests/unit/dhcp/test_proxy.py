@@ -47,7 +47,7 @@ from hatchery.dhcp.server import ProxyProtocol
 from hatchery.images.store import ImageStore
 from hatchery.netboot import Netboot, ProxyAddressHolders
 from hatchery.sealing import SeedKey
-from tests.conftest import IN_CI
+from tests.conftest import FUZZ_EXAMPLES
 from tests.support.boot_http import TOKEN_URL, get, post
 
 IP = ipaddress.IPv4Address
@@ -58,7 +58,7 @@ SERVER = IP("10.9.0.1")
 NOW = 1_000_000.0
 IPXE_MAC = "52:54:00:5e:00:01"
 SITE_ADDRESS = IP("10.9.0.150")  # what the site's DHCP server gave the client
-FUZZ = settings(max_examples=10_000 if IN_CI else 400, deadline=None,
+FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
 
 

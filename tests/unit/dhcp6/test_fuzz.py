@@ -18,10 +18,9 @@ from hatchery.dhcp.leases import BirthLeases6
 from hatchery.dhcp6.packet import DecodeError, Dhcp6Packet, Opt, Option, duid_ll
 from hatchery.dhcp6.responder import Boot6Config, Dhcp6Config, Responder6
 from hatchery.dhcp6.server import Dhcp6Protocol
-from tests.conftest import IN_CI
+from tests.conftest import FUZZ_EXAMPLES
 
-EXAMPLES = 10_000 if IN_CI else 400
-FUZZ = settings(max_examples=EXAMPLES, deadline=None,
+FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
 GOLDEN = [
     bytes.fromhex(p.read_text().replace("\n", ""))

@@ -20,11 +20,10 @@ from hypothesis import strategies as st
 from hatchery.tftp.packet import PacketError, decode
 from hatchery.tftp.server import TftpLimits, TftpServer
 from hatchery.tftp.transfer import BytesSource, ReadTransfer, State
-from tests.conftest import IN_CI
+from tests.conftest import FUZZ_EXAMPLES
 
-EXAMPLES = 10_000 if IN_CI else 400
 FUZZ = settings(
-    max_examples=EXAMPLES,
+    max_examples=FUZZ_EXAMPLES,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
