@@ -59,6 +59,18 @@ class Ipv6BootConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BootHttpsConfig:
+    """``boot.https``: the boot HTTP service also speaks TLS on ``port``, with a certificate
+    from the boot CA (``hatchery ca init --rsa``) naming the bridge's addresses; UEFI HTTP
+    Boot clients are then sent a whole boot image (UKI) over it, so firmware that pins the
+    boot CA boots only what this node serves (docs/netboot.md, "HTTPS boot")."""
+
+    cert: Path
+    key: Path
+    port: int = 8443
+
+
+@dataclass(frozen=True, slots=True)
 class BootServiceConfig:
     """Birthing peers on this bridge: DHCP for unknown machines, iPXE scripts, artefacts."""
 
@@ -71,6 +83,7 @@ class BootServiceConfig:
     tftp: bool = False
     cmdline: str = "console=ttyS0 panic=30"
     ipv6: Ipv6BootConfig | None = None  # IPv6 births (DHCPv6 + managed RAs); None: IPv4 only
+    https: BootHttpsConfig | None = None  # None: plain HTTP only (iPXE over HTTP for UEFI too)
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,7 +421,22 @@ def _boot(r: _Reader, subnets: tuple[SubnetConfig, ...]) -> BootServiceConfig:
         tftp=r.get("tftp", bool, _BOOT.tftp),
         cmdline=r.get("cmdline", str, _BOOT.cmdline),
         ipv6=_boot_ipv6(r.sub("ipv6"), mode) if r.get("ipv6", dict) is not None else None,
+        https=_boot_https(r.sub("https"), port) if r.get("https", dict) is not None else None,
     )
+    r.finish()
+    return config
+
+
+def _boot_https(r: _Reader, http_port: int) -> BootHttpsConfig:
+    """``boot.https``: ``cert`` and ``key`` (required), ``port`` (default 8443)."""
+    cert, key = r.get("cert", str), r.get("key", str)
+    if not cert or not key:
+        raise ConfigError(f"{r.key('cert')}: HTTPS boot needs the boot certificate's cert and "
+                          "key (hatchery ca issue --dir BOOT_CA --server BRIDGE_IP)")  # fmt: skip
+    port = r.get("port", int, 8443)
+    if not 0 < port < 65536 or port == http_port:
+        raise ConfigError(f"{r.key('port')}: not a port, or the plain HTTP one: {port}")
+    config = BootHttpsConfig(Path(cert), Path(key), port)
     r.finish()
     return config
 

@@ -288,8 +288,12 @@ class HttpListener:
         server.request_factory = request_factory
         self._runner = runner
 
-    async def listen(self, host: str, port: int, *, reuse_address: bool = False) -> int:
-        """Listen on ``host:port`` (port 0: any free port); the port listened on."""
+    async def listen(
+        self, host: str, port: int, *, reuse_address: bool = False,
+        tls: ssl.SSLContext | None = None,
+    ) -> int:  # fmt: skip
+        """Listen on ``host:port`` (port 0: any free port); the port listened on. ``tls``:
+        this socket speaks TLS with that context (the listener's own ``tls`` otherwise)."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -300,12 +304,12 @@ class HttpListener:
         except OSError as exc:
             sock.close()
             raise ListenerError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
-        await self.serve_on(sock)
+        await self.serve_on(sock, tls=tls)
         return int(sock.getsockname()[1])
 
-    async def serve_on(self, sock: socket.socket) -> None:
+    async def serve_on(self, sock: socket.socket, *, tls: ssl.SSLContext | None = None) -> None:
         """Also serve on ``sock``, a listening socket made elsewhere (inside a namespace)."""
-        site = _LimitedSite(self, sock)
+        site = _LimitedSite(self, sock, tls or self.tls)
         await site.start()
         self._sites.append(site)
 
@@ -358,12 +362,15 @@ class _LimitedSite(web.BaseSite):
     loop task (``_AcceptLoop``), which has what the runner reads of an asyncio server.
     """
 
-    def __init__(self, listener: HttpListener, sock: socket.socket) -> None:
-        super().__init__(listener.runner, ssl_context=listener.tls)
+    def __init__(
+        self, listener: HttpListener, sock: socket.socket, tls: ssl.SSLContext | None
+    ) -> None:
+        super().__init__(listener.runner, ssl_context=tls)
         self.listener = listener
         self.sock = sock
+        self.tls = tls
         host, port = sock.getsockname()[:2]
-        self._name = f"{'https' if listener.tls else 'http'}://{host}:{port}"
+        self._name = f"{'https' if tls else 'http'}://{host}:{port}"
 
     @property
     def name(self) -> str:
@@ -372,15 +379,19 @@ class _LimitedSite(web.BaseSite):
     async def start(self) -> None:
         await super().start()
         self.sock.setblocking(False)
-        self._server = _AcceptLoop(self.listener, self.sock)
+        self._server = _AcceptLoop(self.listener, self.sock, self.tls)
 
 
 class _AcceptLoop(asyncio.AbstractServer):
-    """Accepts on one socket, admits through the listener's caps, hands over to aiohttp."""
+    """Accepts on one socket, admits through the listener's caps, hands over to aiohttp
+    (after a TLS handshake with ``tls``, when given)."""
 
-    def __init__(self, listener: HttpListener, sock: socket.socket) -> None:
+    def __init__(
+        self, listener: HttpListener, sock: socket.socket, tls: ssl.SSLContext | None
+    ) -> None:
         self._listener = listener
         self._sock = sock
+        self._tls = tls
         self._connecting: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = asyncio.get_running_loop().create_task(
             self._run(), name=f"accept {listener.name} {sock.getsockname()[:2]}"
@@ -414,7 +425,7 @@ class _AcceptLoop(asyncio.AbstractServer):
                 conn.close()
                 listener._release(host, self._sock.fileno())
                 continue
-            if listener.tls is None:
+            if self._tls is None:
                 await self._connect(conn, guarded)  # no handshake: returns at once
             else:
                 # The TLS handshake takes round trips: never hold the accept loop for it.
@@ -429,8 +440,8 @@ class _AcceptLoop(asyncio.AbstractServer):
             await loop.connect_accepted_socket(
                 lambda: guarded,
                 conn,
-                ssl=listener.tls,
-                ssl_handshake_timeout=listener.limits.header_timeout if listener.tls else None,
+                ssl=self._tls,
+                ssl_handshake_timeout=listener.limits.header_timeout if self._tls else None,
             )
         except asyncio.CancelledError:
             if not guarded.made:

@@ -25,12 +25,15 @@ import ipaddress
 import logging
 import os
 import shutil
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from hatchery.boothttp.app import BootHttpConfig, BootHttpServer
+from cryptography import x509
+
+from hatchery.boothttp.app import BootHttpConfig, BootHttpError, BootHttpServer, boot_tls_context
 from hatchery.boothttp.profiles import Profile, Profiles
 from hatchery.boothttp.seeds import SeedFolder
 from hatchery.config import BootServiceConfig, ConnectionLimits, DhcpMode
@@ -156,7 +159,11 @@ class Netboot:
         return self._births6
 
     def dhcp6_boot(self, server_ip: ipaddress.IPv6Address) -> Boot6Config:
-        return Boot6Config(http_base=f"http://[{server_ip}]:{self.config.http_port}")
+        https = self.config.https
+        return Boot6Config(
+            http_base=f"http://[{server_ip}]:{self.config.http_port}",
+            https_base=f"https://[{server_ip}]:{https.port}" if https is not None else None,
+        )
 
     def proxy_bindings(self) -> ProxyBindings | None:
         """In proxy mode, the bridge's one table of observed addresses, shared by its
@@ -164,8 +171,12 @@ class Netboot:
         return self._proxy
 
     def dhcp_boot(self, server_ip: ipaddress.IPv4Address) -> BootConfig:
-        return BootConfig(http_base=f"http://{server_ip}:{self.config.http_port}",
-                          tftp=self.config.tftp)  # fmt: skip
+        https = self.config.https
+        return BootConfig(
+            http_base=f"http://{server_ip}:{self.config.http_port}",
+            tftp=self.config.tftp,
+            https_base=f"https://{server_ip}:{https.port}" if https is not None else None,
+        )
 
     # --- the artefacts ---------------------------------------------------------------------
     def refresh(self) -> None:
@@ -242,6 +253,34 @@ class Netboot:
             seeds=SeedFolder(self.config.seeds) if holders is not None else None,
         )  # fmt: skip
 
+    def _boot_tls(self, hosts: tuple[str, ...]) -> ssl.SSLContext:
+        """The boot certificate's TLS context, refused when it does not name every address
+        it is served on: firmware checks the URL's host against it, and would fail each
+        machine's boot with nothing in this node's log to say why."""
+        https = self.config.https
+        assert https is not None
+        try:
+            cert = x509.load_pem_x509_certificate(https.cert.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"boot.https.cert: cannot read {https.cert}: {exc}") from exc
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            named = {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+        except x509.ExtensionNotFound:
+            named = set()
+        missing = [h for h in hosts if str(ipaddress.ip_address(h)) not in named]
+        if missing:
+            raise ConfigError(
+                f"boot.https.cert: {https.cert} does not name {', '.join(missing)}, where "
+                f"{self.bridge}'s boot service listens",
+                hint="issue it with: hatchery ca issue --dir BOOT_CA --server "
+                + " --server ".join(hosts),
+            )
+        try:
+            return boot_tls_context(https.cert, https.key)
+        except BootHttpError as exc:
+            raise ConfigError(f"boot.https: {exc.message}") from exc
+
     async def start(
         self, server_ip: ipaddress.IPv4Address | None,
         server_ip6: ipaddress.IPv6Address | None = None,
@@ -251,7 +290,12 @@ class Netboot:
         config = self.http_config()
         meter = self.metrics.http("boot", self.bridge)
         hosts = tuple(str(ip) for ip in (server_ip, server_ip6) if ip is not None)
-        self._http = BootHttpServer(config, hosts, self.config.http_port, self.limits, meter)
+        tls, tls_port = None, 0
+        if self.config.https is not None:
+            tls = await asyncio.to_thread(self._boot_tls, hosts)
+            tls_port = self.config.https.port
+        self._http = BootHttpServer(config, hosts, self.config.http_port, self.limits, meter,
+                                    tls=tls, tls_port=tls_port)  # fmt: skip
         await self._http.start()
         v6 = self.config.ipv6
         managed = None

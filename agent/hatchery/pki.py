@@ -2,7 +2,10 @@
 
 Identity comes from the client certificate: the common name is who, each organisational
 unit is one group (``OU=admin``, ``OU=ops``). Keys are ECDSA P-256 (every TLS 1.2 and 1.3
-stack speaks it); private keys are written 0600 (``state.write_private``: created with
+stack speaks it, and its handshakes are the cheapest), except in a CA made with ``rsa_keys``:
+the boot CA, whose only job is the boot HTTPS service's certificate, pinned in machines'
+firmware — Debian's OVMF (edk2 2022.11) has no elliptic-curve TLS, and an ECDSA chain fails
+its handshake before any request (measured: docs/netboot.md). Private keys are written 0600 (``state.write_private``: created with
 ``O_EXCL|O_NOFOLLOW``, never over an existing file unless forced) and never logged.
 
 Revocation: ``revoke`` adds a serial to ``revoked.json`` beside the CA (the list the CA
@@ -77,7 +80,17 @@ def _write_public(path: Path, data: bytes) -> None:
         raise PkiError(exc.message, hint=exc.hint) from exc
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+RSA_BITS = 3072  # NIST's size for use past 2030; edk2's TLS verifies it
+
+
+def _new_key(like_rsa: bool) -> PrivateKey:
+    if like_rsa:
+        return rsa.generate_private_key(public_exponent=65537, key_size=RSA_BITS)
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _key_pem(key: PrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -85,12 +98,15 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def init_ca(directory: Path, name: str = "Hatchery CA", *, force: bool = False) -> Path:
-    """Create a CA in ``directory``; refuse to overwrite one unless ``force``."""
+def init_ca(
+    directory: Path, name: str = "Hatchery CA", *, force: bool = False, rsa_keys: bool = False
+) -> Path:
+    """Create a CA in ``directory``; refuse to overwrite one unless ``force``. ``rsa_keys``: an
+    RSA CA, whose certificates are RSA too (the boot CA, for firmware without ECDSA)."""
     cert_path, key_path = directory / CA_CERT, directory / CA_KEY
     if key_path.exists() and not force:
         raise PkiError(f"a CA already exists in {directory}", hint="use --force to replace it")
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = _new_key(rsa_keys)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = dt.datetime.now(dt.UTC)
     cert = (
@@ -124,14 +140,14 @@ def init_ca(directory: Path, name: str = "Hatchery CA", *, force: bool = False) 
     return cert_path
 
 
-def _load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def _load_ca(directory: Path) -> tuple[x509.Certificate, PrivateKey]:
     try:
         cert = x509.load_pem_x509_certificate((directory / CA_CERT).read_bytes())
         key = serialization.load_pem_private_key((directory / CA_KEY).read_bytes(), None)
     except FileNotFoundError as exc:
         raise PkiError(f"no CA in {directory}", hint="create one with: hatchery ca init") from exc
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise PkiError(f"the CA key in {directory} is not an ECDSA key")
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise PkiError(f"the CA key in {directory} is neither an ECDSA nor an RSA key")
     return cert, key
 
 
@@ -162,6 +178,8 @@ def issue(
     it was issued as both. An agent's is both: it serves the API and is the node's identity
     towards its peers when it fetches images (``client=True``, group ``node``).
 
+    The key is of the CA's kind: ECDSA P-256, or RSA from an RSA CA (the boot CA).
+
     Writes ``out_dir/<name>.pem`` (the certificate) and ``out_dir/<name>.key`` (0600); an
     existing key is replaced only with ``force`` (renewal).
     """
@@ -173,7 +191,7 @@ def issue(
     if not 1 <= days <= 3650:
         raise PkiError(f"certificate lifetime must be 1..3650 days, not {days}")
     ca_cert, ca_key = _load_ca(ca_dir)
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = _new_key(isinstance(ca_key, rsa.RSAPrivateKey))
     attributes = [x509.NameAttribute(NameOID.COMMON_NAME, name)]
     attributes += [x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, g) for g in groups]
     if client is None:
@@ -184,7 +202,10 @@ def issue(
     if server_names:
         usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
     key_usage = x509.KeyUsage(
-        digital_signature=True, content_commitment=False, key_encipherment=False,
+        # RSA key exchange (TLS 1.2 without ECDHE, which older firmware may pick) encrypts
+        # to the server's key: its certificate must allow that
+        digital_signature=True, content_commitment=False,
+        key_encipherment=isinstance(key, rsa.RSAPrivateKey),
         data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
         encipher_only=False, decipher_only=False,
     )  # fmt: skip

@@ -10,6 +10,11 @@
   was minted for while that address still holds the machine's birth lease; the token is then
   burnt. Anything else — an unknown, reused or expired token, another address — is the same
   404 with the same body; a body that is not a key is a 400 and burns nothing.
+- ``GET /boot/uki.efi?mac=MAC``: the same machine's boot as one EFI executable, a unified
+  kernel image (systemd's EFI stub, the profile's command line with the seed URL, its kernel
+  and initrd; ``uki.py``), streamed from the artefact files, never built whole. It is what
+  UEFI HTTP Boot clients are sent to over HTTPS (``boot.https``): firmware that pins the
+  boot CA then runs only a kernel, initrd and command line this node served.
 - ``GET /artefacts/PATH``: kernels and initrds under the artefact root (public: signed
   images); ``GET /ipxe/NAME``: the iPXE binaries (for UEFI HTTP Boot clients). Both are
   ``FileResponse``s: range requests and conditional GETs as aiohttp answers them. Artefacts'
@@ -25,12 +30,14 @@ more than "not found". Seeds are never under the artefact root.
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
 import logging
 import mimetypes
 import os
 import re
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -42,9 +49,11 @@ from aiohttp.abc import AbstractStreamWriter
 
 from hatchery import jail
 from hatchery.boothttp.profiles import Profiles
+from hatchery.boothttp.profiles import Profile
 from hatchery.boothttp.pump import SendfilePump
 from hatchery.boothttp.seeds import SeedFolder
-from hatchery.boothttp.tokens import DEFAULT_TTL, BirthTokens, Grant
+from hatchery.boothttp.tokens import DEFAULT_TTL, TOKEN_BYTES, BirthTokens, Grant
+from hatchery.boothttp.uki import UkiError, UkiLayout, layout
 from hatchery.config import ConnectionLimits
 from hatchery.dhcp.leases import normalise_mac
 from hatchery.errors import HatcheryError
@@ -57,6 +66,9 @@ log = logging.getLogger(__name__)
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 DEFAULT_IPXE_DIR = Path("/usr/lib/ipxe")
+#: systemd's EFI stub (Debian package systemd-boot-efi): the head of every unified kernel image
+DEFAULT_UKI_STUB = Path("/usr/lib/systemd/boot/efi/linuxx64.efi.stub")
+UKI_CHUNK = 1 << 20
 # Loaded once at import: the first lookup in the global table reads /etc/mime.types (ms),
 # and a request must not wait for it (busybox nc half-closes right after its request, and
 # aiohttp drops the connection when that FIN is read before the answer is written).
@@ -92,6 +104,7 @@ class BootHttpConfig:
     births: BirthAddresses | None = None
     seeds: SeedFolder | None = None
     seed_ttl: float = DEFAULT_TTL  # seconds a birth token lives
+    uki_stub: Path | None = DEFAULT_UKI_STUB  # None or missing: no /boot/uki.efi
 
     def __post_init__(self) -> None:
         if self.seeds is not None and self.births is None:
@@ -99,7 +112,15 @@ class BootHttpConfig:
             raise BootHttpError("seeds are handed out only with the DHCP birth leases")
 
 
+@dataclass(slots=True)
+class _Ports:
+    """The service's plain-HTTP port, known once it listens (port 0 picks one)."""
+
+    plain: int | None = None
+
+
 CONFIG = web.AppKey("config", BootHttpConfig)
+PORTS = web.AppKey("ports", _Ports)
 TOKENS = web.AppKey("tokens", BirthTokens)
 PUMP = web.AppKey("pump", SendfilePump)
 PUMP_FROM = 256 * 1024  # bytes: smaller bodies are sent on the loop, as aiohttp does
@@ -125,10 +146,22 @@ def _base_url(request: web.Request, config: BootHttpConfig) -> str:
     if not _HOST.match(host):  # never echo a strange Host header into a script
         sockname = request.transport.get_extra_info("sockname") if request.transport else None
         host = f"{sockname[0]}:{sockname[1]}" if sockname else "localhost"
-    return f"http://{host}"
+    return f"{'https' if request.secure else 'http'}://{host}"
 
 
-async def boot_script(request: web.Request) -> web.StreamResponse:
+@dataclass(frozen=True, slots=True)
+class _Machine:
+    """Who asks for a boot (a checked MAC at its checked address) and what it boots."""
+
+    mac: str
+    client: IPAddress | None
+    profile: Profile
+    base: str  # this service's URL as the machine reached it
+
+
+def _machine(request: web.Request) -> _Machine | web.Response:
+    """The asking machine and its profile, or the refusal to send (a script and a UKI go
+    only to the holder of the MAC's birth lease when there is a lease table)."""
     config = request.app[CONFIG]
     raw = request.query.get("mac", "")
     try:
@@ -153,17 +186,126 @@ async def boot_script(request: web.Request) -> web.StreamResponse:
         return web.Response(
             status=404, text=f"no boot profile for {mac} and no default profile configured\n"
         )
-    base = _base_url(request, config)
-    seed_url = None
-    if config.seeds is not None and client is not None:
-        if await asyncio.to_thread(config.seeds.path, mac) is not None:
-            token = request.app[TOKENS].mint(mac, client, time.monotonic())
-            seed_url = f"{base}/seed/{token}"
-    log.info("boot script for %s: profile %s (image %s), to %s%s", mac, profile.name,
-             profile.image, client, ", with a seed token" if seed_url else "")  # fmt: skip
-    return web.Response(
-        text=profile.render(mac, base, seed_url), content_type="text/plain", headers=NO_STORE
+    return _Machine(mac, client, profile, _base_url(request, config))
+
+
+async def _seed_url(request: web.Request, machine: _Machine, *, mint: bool = True) -> str | None:
+    """A single-use seed URL for the machine, when it has a seed; ``mint=False`` (a HEAD):
+    a stand-in of the same length, so the answer's size is the GET's and no token is spent."""
+    config = request.app[CONFIG]
+    if config.seeds is None or machine.client is None:
+        return None
+    if await asyncio.to_thread(config.seeds.path, machine.mac) is None:
+        return None
+    token = (
+        request.app[TOKENS].mint(machine.mac, machine.client, time.monotonic())
+        if mint
+        else "x" * len(base64.urlsafe_b64encode(bytes(TOKEN_BYTES)).rstrip(b"="))
     )
+    return f"{_plain_base(request, machine.base)}/seed/{token}"
+
+
+def _plain_base(request: web.Request, base: str) -> str:
+    """The plain-HTTP URL of this service for seed fetches: a seed is sealed to the
+    machine's own key, and the node's seed fetcher trusts no boot CA, so a UKI fetched over
+    HTTPS still names the seed on the plain port (the same address the machine reached)."""
+    plain = request.app[PORTS].plain
+    if not request.secure or plain is None:
+        return base.rstrip("/")
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if not sockname:
+        return base.rstrip("/")
+    host = str(sockname[0])
+    return f"http://[{host}]:{plain}" if ":" in host else f"http://{host}:{plain}"
+
+
+async def boot_script(request: web.Request) -> web.StreamResponse:
+    machine = _machine(request)
+    if isinstance(machine, web.Response):
+        return machine
+    profile = machine.profile
+    seed_url = await _seed_url(request, machine)
+    log.info("boot script for %s: profile %s (image %s), to %s%s", machine.mac, profile.name,
+             profile.image, machine.client, ", with a seed token" if seed_url else "")  # fmt: skip
+    return web.Response(
+        text=profile.render(machine.mac, machine.base, seed_url),
+        content_type="text/plain",
+        headers=NO_STORE,
+    )
+
+
+def _open_uki_parts(
+    config: BootHttpConfig, profile: Profile
+) -> tuple[bytes, jail.OpenedFile, jail.OpenedFile]:
+    """The stub's bytes and the profile's kernel and initrd, opened through the jail."""
+    if config.uki_stub is None:
+        raise UkiError("this service makes no unified kernel images")
+    try:
+        stub = config.uki_stub.read_bytes()
+    except OSError as exc:
+        raise UkiError(f"no EFI stub at {config.uki_stub} (package systemd-boot-efi): "
+                       f"{exc.strerror}") from exc  # fmt: skip
+    kernel = jail.open_in_root(config.root, f"{profile.image}/{profile.kernel}")
+    try:
+        initrd = jail.open_in_root(config.root, f"{profile.image}/{profile.initrd}")
+    except BaseException:
+        os.close(kernel.fd)
+        raise
+    return stub, kernel, initrd
+
+
+async def _send_file(response: web.StreamResponse, opened: jail.OpenedFile, pad: int) -> None:
+    """The whole file through ``response``, then ``pad`` zero bytes; reads off the loop."""
+    offset = 0
+    while offset < opened.size:
+        chunk = await asyncio.to_thread(os.pread, opened.fd, UKI_CHUNK, offset)
+        if not chunk:
+            raise ConnectionResetError(f"{opened.path} shrank while it was sent")
+        await response.write(chunk)
+        offset += len(chunk)
+    if pad:
+        await response.write(bytes(pad))
+
+
+async def boot_uki(request: web.Request) -> web.StreamResponse:
+    """The machine's boot as a unified kernel image (module docstring), streamed."""
+    machine = _machine(request)
+    if isinstance(machine, web.Response):
+        return machine
+    profile, config = machine.profile, request.app[CONFIG]
+    head_only = request.method == "HEAD"  # UEFI HTTP Boot asks for the size first
+    try:
+        stub, kernel, initrd = await asyncio.to_thread(_open_uki_parts, config, profile)
+    except (UkiError, jail.Refused) as exc:
+        log.warning("unified kernel image for %s (profile %s) not made: %s", machine.mac,
+                    profile.name, exc.message)  # fmt: skip
+        return web.Response(status=404, text=f"no boot image for {machine.mac}\n")
+    try:
+        seed_url = await _seed_url(request, machine, mint=not head_only)
+        cmdline = profile.uki_cmdline(machine.mac, machine.base, seed_url)
+        osrel = f'ID=hatchery\nNAME="Hatchery {profile.role}"\nIMAGE_ID={profile.image}\n'
+        try:
+            parts: UkiLayout = layout(stub, cmdline=cmdline, osrel=osrel,
+                                      kernel_size=kernel.size, initrd_size=initrd.size)  # fmt: skip
+        except UkiError as exc:
+            log.error("unified kernel image for %s not made: %s", machine.mac, exc.message)
+            return web.Response(status=500, text="cannot make the boot image\n")
+        response = web.StreamResponse(headers={**NO_STORE, "Content-Type": "application/efi"})
+        response.content_length = parts.size
+        await response.prepare(request)
+        if not head_only:
+            await response.write(parts.head)
+            await _send_file(response, kernel, parts.kernel_pad)
+            await _send_file(response, initrd, parts.initrd_pad)
+            count_sent(request, parts.size)
+            log.info("unified kernel image for %s: profile %s (image %s), %d bytes, to %s%s",
+                     machine.mac, profile.name, profile.image, parts.size, machine.client,
+                     ", with a seed token" if seed_url else "")  # fmt: skip
+        await response.write_eof()
+        return response
+    finally:
+        os.close(kernel.fd)
+        os.close(initrd.fd)
 
 
 async def seed(request: web.Request) -> web.StreamResponse:
@@ -307,8 +449,10 @@ def make_app(config: BootHttpConfig) -> web.Application:
     app[CONFIG] = config
     app[TOKENS] = BirthTokens(config.seed_ttl)
     app[PUMP] = SendfilePump("boot http sendfile")
+    app[PORTS] = _Ports()
     app.cleanup_ctx.append(_pump_ctx)
     app.router.add_get("/boot/ipxe", boot_script)
+    app.router.add_get("/boot/uki.efi", boot_uki)
     app.router.add_post("/seed/{token}", seed)
     app.router.add_get("/artefacts/{path:.+}", artefact)
     app.router.add_get("/ipxe/{name}", ipxe_binary)
@@ -317,7 +461,9 @@ def make_app(config: BootHttpConfig) -> web.Application:
 
 class BootHttpServer:
     """The service started on ``host:port``, behind the connection limits every HTTP
-    listener of the agent has (``hatchery.listener``); ``stop`` is idempotent."""
+    listener of the agent has (``hatchery.listener``); ``stop`` is idempotent. With ``tls``
+    (a server context: the boot certificate) the same routes are also served over HTTPS on
+    ``tls_port``, on the same addresses."""
 
     def __init__(
         self,
@@ -326,12 +472,16 @@ class BootHttpServer:
         port: int,
         limits: ConnectionLimits | None = None,
         meter: HttpMeter | None = None,
+        *,
+        tls: ssl.SSLContext | None = None,
+        tls_port: int = 0,
     ) -> None:
         # several hosts: the bridge's IPv4 and IPv6 addresses, one port (the first's if 0)
         self.hosts = (host,) if isinstance(host, str) else host
         if not self.hosts:
             raise BootHttpError("the boot HTTP service needs an address to listen on")
         self.config, self.host, self.port = config, self.hosts[0], port
+        self.tls, self.tls_port = tls, tls_port
         self.limits = limits or ConnectionLimits()
         self.meter = meter
         self._listener: HttpListener | None = None
@@ -342,21 +492,39 @@ class BootHttpServer:
         return self._listener.stats if self._listener is not None else None
 
     async def start(self) -> None:
-        listener = HttpListener(
-            make_app(self.config), self.limits, name="boot http", meter=self.meter
-        )
+        app = make_app(self.config)
+        listener = HttpListener(app, self.limits, name="boot http", meter=self.meter)
         await listener.start()
         try:
             for host in self.hosts:
                 self.port = await listener.listen(host, self.port, reuse_address=True)
+            app[PORTS].plain = self.port
+            if self.tls is not None:
+                for host in self.hosts:
+                    self.tls_port = await listener.listen(
+                        host, self.tls_port, reuse_address=True, tls=self.tls
+                    )
         except ListenerError as exc:
             await listener.close()
             raise BootHttpError(exc.message) from exc
         self._listener = listener
         where = ", ".join(f"[{h}]" if ":" in h else h for h in self.hosts)
-        log.info("boot http: serving %s on %s:%d", self.config.root, where, self.port)
+        https = f", https on port {self.tls_port}" if self.tls is not None else ""
+        log.info("boot http: serving %s on %s:%d%s", self.config.root, where, self.port, https)
 
     async def stop(self) -> None:
         if self._listener is not None:
             listener, self._listener = self._listener, None
             await listener.close()
+
+
+def boot_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """The boot HTTPS service's context: server authentication only (firmware has no client
+    certificate), TLS 1.2 or newer (edk2's TLS speaks 1.2)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as exc:
+        raise BootHttpError(f"cannot load the boot certificate ({cert}, {key}): {exc}") from exc
+    return ctx

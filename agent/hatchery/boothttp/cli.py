@@ -7,7 +7,12 @@ import asyncio
 import contextlib
 from pathlib import Path
 
-from hatchery.boothttp.app import DEFAULT_IPXE_DIR, BootHttpConfig, BootHttpServer
+from hatchery.boothttp.app import (
+    DEFAULT_IPXE_DIR,
+    BootHttpConfig,
+    BootHttpServer,
+    boot_tls_context,
+)
 from hatchery.boothttp.profiles import Profiles
 from hatchery.dhcp.cli import serve_until_stopped
 from hatchery.errors import ConfigError
@@ -19,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profiles", type=Path, help="boot profiles YAML (e.g. pxe/profiles.yaml)")
     p.add_argument("--ipxe-dir", type=Path, default=DEFAULT_IPXE_DIR, help="served as /ipxe/")
     p.add_argument("--public-url", help="base URL written into scripts (default: from Host)")
+    p.add_argument("--tls-port", type=int, default=8443, help="HTTPS port (with --tls-cert)")
+    p.add_argument("--tls-cert", type=Path, help="boot certificate (from the boot CA): serve HTTPS")
+    p.add_argument("--tls-key", type=Path, help="its key")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,7 +37,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--root: {args.root} is not a directory")
     profiles = Profiles.load(args.profiles) if args.profiles else None
     config = BootHttpConfig(args.root, profiles, args.ipxe_dir, args.public_url)
-    server = BootHttpServer(config, host.strip("[]") or "0.0.0.0", int(port))
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    tls = boot_tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+    server = BootHttpServer(config, host.strip("[]") or "0.0.0.0", int(port),
+                            tls=tls, tls_port=args.tls_port)  # fmt: skip
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve_until_stopped(server.start, server.stop))
     return 0

@@ -40,8 +40,29 @@ class Profile:
 
     def render(self, mac: str, base_url: str, seed_url: str | None = None) -> str:
         """The script for ``mac``; ``seed_url`` (a birth token's URL) ends the command line."""
+        values = self._values(mac, base_url)
+        values["cmdline"] = self.kernel_cmdline(mac, base_url, seed_url)
+        return _PLACEHOLDER.sub(lambda m: values[m.group(1)], self.template)
+
+    def kernel_cmdline(self, mac: str, base_url: str, seed_url: str | None = None) -> str:
+        """The kernel command line for ``mac`` (what the script passes, and a UKI holds)."""
+        values = self._values(mac, base_url)
+        # The command line may name the machine too ({{mac}}, {{base_url}}, …).
+        cmdline = _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), self.cmdline)
+        if seed_url is not None:
+            cmdline = f"{cmdline} hatchery.seed={seed_url}".strip()
+        return cmdline
+
+    def uki_cmdline(self, mac: str, base_url: str, seed_url: str | None = None) -> str:
+        """The whole command line a unified kernel image holds: what the default template
+        adds to ``kernel_cmdline`` (role, image, ``BOOTIF``), since no script runs there."""
+        bootif = "01-" + mac.replace(":", "-")
+        return (f"{self.kernel_cmdline(mac, base_url, seed_url)} hatchery.role={self.role} "
+                f"hatchery.image={self.image} BOOTIF={bootif}")  # fmt: skip
+
+    def _values(self, mac: str, base_url: str) -> dict[str, str]:
         base = base_url.rstrip("/")
-        values = {
+        return {
             "base_url": base,
             "kernel_url": f"{base}/artefacts/{self.image}/{self.kernel}",
             "initrd_url": f"{base}/artefacts/{self.image}/{self.initrd}",
@@ -50,12 +71,6 @@ class Profile:
             "profile": self.name,
             "mac": mac,
         }
-        # The command line may name the machine too ({{mac}}, {{base_url}}, …).
-        cmdline = _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), self.cmdline)
-        if seed_url is not None:
-            cmdline = f"{cmdline} hatchery.seed={seed_url}".strip()
-        values["cmdline"] = cmdline
-        return _PLACEHOLDER.sub(lambda m: values[m.group(1)], self.template)
 
 
 @dataclass(frozen=True, slots=True)

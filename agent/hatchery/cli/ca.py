@@ -17,7 +17,7 @@ DEFAULT_CA_DIR = Path("/etc/hatchery/ca")
 
 
 def _init(args: argparse.Namespace) -> int:
-    cert = pki.init_ca(args.dir, args.name, force=args.force)
+    cert = pki.init_ca(args.dir, args.name, force=args.force, rsa_keys=args.rsa)
     print(f"CA certificate: {cert} (key beside it, mode 0600: keep it offline if you can)")
     return 0
 
@@ -79,6 +79,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     init.add_argument("--dir", type=Path, default=DEFAULT_CA_DIR)
     init.add_argument("--name", default="Hatchery CA")
     init.add_argument("--force", action="store_true", help="replace an existing CA")
+    init.add_argument(
+        "--rsa",
+        action="store_true",
+        help="RSA keys instead of ECDSA: for the boot CA (boot.https), which firmware pins and "
+        "whose TLS may lack elliptic curves (Debian's OVMF does)",
+    )
     init.set_defaults(func=_init)
     issue = sub.add_parser("issue", help="issue a certificate signed by the CA")
     issue.add_argument("--dir", type=Path, default=DEFAULT_CA_DIR, help="the CA's folder")

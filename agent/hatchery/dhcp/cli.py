@@ -82,6 +82,8 @@ def add_dhcp_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--http-url", help="boot HTTP service as clients see it, e.g. http://10.0.0.1:8080"
     )
+    p.add_argument("--https-url", help="the boot service over TLS, e.g. https://10.0.0.1:8443: "
+                   "UEFI HTTP Boot clients get a unified kernel image from it")  # fmt: skip
     p.add_argument("--tftp-server", type=_ip, help="TFTP server for PXE ROMs (default: us)")
     p.add_argument("--no-tftp", action="store_true", help="no TFTP here: iPXE and HTTP Boot only")
     p.add_argument("--bios-file", default="undionly.kpxe")
@@ -108,7 +110,7 @@ def build_responder(args: argparse.Namespace) -> Responder:
     boot = None
     if args.http_url:
         boot = BootConfig(args.http_url, not args.no_tftp, args.tftp_server, args.bios_file,
-                          args.efi_file)  # fmt: skip
+                          args.efi_file, https_base=args.https_url)  # fmt: skip
     config = DhcpConfig(server_ip, network, args.router, tuple(args.dns), args.domain,
                         args.lease_time, boot)  # fmt: skip
     static = StaticLeases.from_file(args.leases) if args.leases else StaticLeases()
@@ -135,7 +137,7 @@ def build_proxy(args: argparse.Namespace) -> ProxyResponder:
         raise ConfigError("--proxy needs --http-url: boot answers are all it gives")
     server_ip: ipaddress.IPv4Address = args.server_ip or interface_ipv4(args.interface).ip
     boot = BootConfig(args.http_url, not args.no_tftp, args.tftp_server, args.bios_file,
-                      args.efi_file)  # fmt: skip
+                      args.efi_file, https_base=args.https_url)  # fmt: skip
     return ProxyResponder(ProxyConfig(server_ip, boot))
 
 

@@ -46,7 +46,10 @@ class BootConfig:
 
     ``http_base`` is the boot HTTP service as clients reach it (``http://10.0.0.1:8080``).
     PXE ROMs that are not iPXE get an iPXE binary over TFTP from ``tftp_server`` (default: our
-    own address); iPXE gets its script URL; UEFI HTTP Boot clients get ``http_efi_path``.
+    own address); iPXE gets its script URL; UEFI HTTP Boot clients get ``http_efi_path`` —
+    or, with ``https_base`` (the same service over TLS, ``https://10.0.0.1:8443``), their whole
+    boot as one unified kernel image over HTTPS (``uki_path``), which firmware pinning the
+    boot CA authenticates end to end.
     """
 
     http_base: str
@@ -56,6 +59,14 @@ class BootConfig:
     efi_file: str = "ipxe.efi"
     script_path: str = "/boot/ipxe"
     http_efi_path: str = "/ipxe/ipxe.efi"
+    https_base: str | None = None
+    uki_path: str = "/boot/uki.efi"
+
+    def http_boot_url(self, mac: str) -> str:
+        """What a UEFI HTTP Boot client is sent to fetch and run."""
+        if self.https_base is not None:
+            return f"{self.https_base.rstrip('/')}{self.uki_path}?mac={mac}"
+        return f"{self.http_base.rstrip('/')}{self.http_efi_path}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,7 +329,7 @@ def boot_answer(
         if arch not in (None, ClientArch.HTTP_X64):
             log.info("%s: HTTP Boot for arch %s: no binary for it", request.mac, arch)
             return ZERO_IP, b"", []
-        url = f"{base}{boot.http_efi_path}"
+        url = boot.http_boot_url(request.mac)
         # UEFI 2.x 24.7.2: the offer must carry vendor class "HTTPClient" to be used
         options = [opt_str(Opt.BOOTFILE, url), opt_str(Opt.VENDOR_CLASS, b"HTTPClient")]
         return server_ip, _file(url), options

@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-url", help="boot HTTP service as clients see it, "
                    "e.g. http://[fd00::1]:8080")  # fmt: skip
     p.add_argument("--state-dir", type=Path, help=f"where {LEASE_FILE} is kept")
+    p.add_argument("--https-url", help="the boot service over TLS, e.g. https://[fd00::1]:8443: "
+                   "UEFI HTTP Boot clients get a unified kernel image from it")  # fmt: skip
     p.add_argument("--dns", type=_ip6, action="append", default=[])
     p.add_argument("--lease-time", type=int, default=3600)
     p.add_argument("--router", action="store_true", help="RAs name us the default router")
@@ -57,7 +59,7 @@ def build(args: argparse.Namespace) -> tuple[Dhcp6Server, RaResponder | None]:
     path = args.state_dir / LEASE_FILE if args.state_dir else None
     if path is None:
         log.warning("no --state-dir: IPv6 birth leases are kept in memory only")
-    boot = Boot6Config(args.http_url) if args.http_url else None
+    boot = Boot6Config(args.http_url, https_base=args.https_url) if args.http_url else None
     config = Dhcp6Config(duid_ll(interface_mac(args.interface)), prefix, args.lease_time,
                          tuple(args.dns), boot, not args.no_rapid_commit)  # fmt: skip
     server = Dhcp6Server(args.interface, Responder6(config, BirthLeases6(start, end, path)))

@@ -67,6 +67,14 @@ class Boot6Config:
     http_base: str
     script_path: str = "/boot/ipxe"
     http_efi_path: str = "/ipxe/ipxe.efi"
+    https_base: str | None = None  # with it, HTTP Boot clients get a UKI over HTTPS
+    uki_path: str = "/boot/uki.efi"
+
+    def http_boot_url(self, mac: str | None) -> str:
+        """What a UEFI HTTP Boot client is sent to fetch and run (as ``BootConfig``'s)."""
+        if self.https_base is not None and mac is not None:
+            return f"{self.https_base.rstrip('/')}{self.uki_path}?mac={mac}"
+        return f"{self.http_base.rstrip('/')}{self.http_efi_path}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,7 +276,7 @@ def boot_options(request: Dhcp6Packet, boot: Boot6Config | None, mac: str | None
         vendor = request.vendor_class
         enterprise = vendor[0] if vendor is not None else 343
         return [
-            Option(Opt.BOOTFILE_URL, f"{base}{boot.http_efi_path}".encode()),
+            Option(Opt.BOOTFILE_URL, boot.http_boot_url(mac).encode()),
             opt_length_prefixed(Opt.VENDOR_CLASS, [HTTP_CLIENT], struct.pack("!I", enterprise)),
         ]
     return []

@@ -19,6 +19,7 @@ from hatchery_lab.netenv import NetEnv
 
 MARKER = "HATCHERY-PXE-UP"
 HTTP_PORT = 8080
+HTTPS_PORT = 8443
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS.fd")
 PROFILES = """default: test
@@ -60,13 +61,20 @@ def prepare_artefacts(workdir: Path) -> tuple[Path, Path]:
 
 
 def start_our_services(
-    env: NetEnv, root: Path, profiles: Path, *extra_dhcp: str, proxy: bool = False
-) -> None:
+    env: NetEnv, root: Path, profiles: Path, *extra_dhcp: str, proxy: bool = False,
+    tls: tuple[Path, Path] | None = None,
+) -> None:  # fmt: skip
     """DHCP (+RA) and boot HTTP from ``hatchery-agent serve``, in the server namespace.
-    ``proxy``: proxyDHCP beside another DHCP server on the bridge, no births range."""
+    ``proxy``: proxyDHCP beside another DHCP server on the bridge, no births range.
+    ``tls``: the boot certificate and key: HTTPS on ``HTTPS_PORT`` too, and UEFI HTTP Boot
+    clients are sent there for a unified kernel image."""
+    https = ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1]),
+             "--tls-port", str(HTTPS_PORT)] if tls else []  # fmt: skip
     http = env.agent("http", "http", "--root", str(root), "--profiles", str(profiles),
-                     "--listen", f"{env.server_ip}:{HTTP_PORT}")  # fmt: skip
+                     "--listen", f"{env.server_ip}:{HTTP_PORT}", *https)  # fmt: skip
     mode = ["--proxy"] if proxy else ["--birth-range", f"{env.subnet}.100-{env.subnet}.199"]
+    if tls:
+        extra_dhcp = ("--https-url", f"https://{env.server_ip}:{HTTPS_PORT}", *extra_dhcp)
     dhcp = env.agent(
         "dhcp", "dhcp", "--interface", env.bridge, *mode,
         "--http-url", f"http://{env.server_ip}:{HTTP_PORT}",
@@ -97,7 +105,9 @@ def start_our_services6(env: NetEnv, root: Path, profiles: Path, *extra_dhcp6: s
     dhcp.wait_for("ra: advertising")
 
 
-def qemu_argv(env: NetEnv, tap: str, mac: str, firmware: str) -> list[str]:
+def qemu_argv(
+    env: NetEnv, tap: str, mac: str, firmware: str, extra: tuple[str, ...] = ()
+) -> list[str]:
     """``firmware``: ``bios`` (SeaBIOS), ``uefi`` (OVMF with QEMU's iPXE ROM),
     ``uefi-http`` (OVMF's own network stack: the ROM is switched off with ``romfile=``) or
     ``uefi-pxe`` (OVMF's own stack and its PXEv4: ``ipxe.efi`` over TFTP, then iPXE)."""
@@ -127,6 +137,7 @@ def qemu_argv(env: NetEnv, tap: str, mac: str, firmware: str) -> list[str]:
         ]  # fmt: skip
     if firmware == "uefi-pxe":  # PXEv4 only: no ~65 s of DHCPv6 for PXEv6 first
         argv += ["-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=n"]
+    argv += extra
     if own_stack:
         argv += [
             "-netdev", f"tap,id=net0,ifname={tap},script=no,downscript=no",
@@ -135,8 +146,12 @@ def qemu_argv(env: NetEnv, tap: str, mac: str, firmware: str) -> list[str]:
     return env.in_ns(argv)
 
 
-def boot_guest(env: NetEnv, mac: str, firmware: str = "bios", timeout: float = 300) -> Boot:
+def boot_guest(
+    env: NetEnv, mac: str, firmware: str = "bios", timeout: float = 300,
+    extra: tuple[str, ...] = (),
+) -> Boot:  # fmt: skip
+    """Boot a disk-less guest to the initrd's marker; ``extra``: more QEMU arguments."""
     tap = env.add_tap(firmware.replace("-", "")[:5])
-    with run_guest(qemu_argv(env, tap, mac, firmware)) as guest:
+    with run_guest(qemu_argv(env, tap, mac, firmware, extra)) as guest:
         seconds = guest.wait_for(f"{MARKER} role=pxe-test END".encode(), timeout)
         return Boot(seconds, guest.output.decode(errors="replace"))
