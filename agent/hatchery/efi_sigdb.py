@@ -76,7 +76,9 @@ def parse_esl(data: bytes) -> list[tuple[uuid.UUID, uuid.UUID, bytes]]:
         if list_size < LIST_HEADER.size or end > len(data):
             raise SigDbError(f"signature list at offset {offset}: size {list_size} out of bounds")
         if body > end:
-            raise SigDbError(f"signature list at offset {offset}: header of {header_size} bytes overflows it")
+            raise SigDbError(
+                f"signature list at offset {offset}: header of {header_size} bytes overflows it"
+            )
         if sig_size < GUID_SIZE or (end - body) % sig_size:
             raise SigDbError(
                 f"signature list at offset {offset}: {end - body} bytes of signatures are not "

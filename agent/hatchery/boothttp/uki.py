@@ -89,7 +89,9 @@ class UkiLayout:
     @property
     def size(self) -> int:
         """The whole image's length in bytes (the response's Content-Length)."""
-        return len(self.head) + self.kernel_size + self.kernel_pad + self.initrd_size + self.initrd_pad
+        return (
+            len(self.head) + self.kernel_size + self.kernel_pad + self.initrd_size + self.initrd_pad
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +194,9 @@ def _trailer_is_symbols(stub: bytes, headers: _Headers, end: int) -> bool:
     )
 
 
-def layout(stub: bytes, *, cmdline: str, osrel: str, kernel_size: int, initrd_size: int) -> UkiLayout:
+def layout(
+    stub: bytes, *, cmdline: str, osrel: str, kernel_size: int, initrd_size: int
+) -> UkiLayout:
     """Where the four sections go, and the image's head with ``.osrel`` and ``.cmdline``.
 
     :raise UkiError: the stub is not a PE32+ x86-64 image, has no room for four more section
@@ -217,7 +221,9 @@ def layout(stub: bytes, *, cmdline: str, osrel: str, kernel_size: int, initrd_si
     if end > len(stub):
         raise UkiError(f"the stub is truncated: its sections end at {end}, the file at {len(stub)}")
     if not _trailer_is_symbols(stub, headers, end):
-        raise UkiError(f"{len(stub) - end} bytes after the stub's last section are not a symbol table")
+        raise UkiError(
+            f"{len(stub) - end} bytes after the stub's last section are not a symbol table"
+        )
 
     # Four more headers between the table's end and the first raw data / SizeOfHeaders.
     table_end = headers.table + len(headers.sections) * SECTION_HEADER.size
@@ -232,21 +238,23 @@ def layout(stub: bytes, *, cmdline: str, osrel: str, kernel_size: int, initrd_si
         raise UkiError("the header area after the section table is not empty")
 
     file_align, va_align = headers.file_alignment, max(headers.section_alignment, PAGE)
-    payloads = (osrel.encode(), cmdline.encode(), kernel_size, initrd_size)
+    inline = (osrel.encode(), cmdline.encode())  # in the head; .linux and .initrd streamed
+    sizes = (len(inline[0]), len(inline[1]), kernel_size, initrd_size)
     mapped = max(
         [headers.size_of_image, *(s.virtual_address + s.virtual_size for s in headers.sections)]
     )
     vaddr, raw = _align(mapped, va_align), _align(end, file_align)
     new: list[Section] = []
-    for name, payload in zip(NEW_SECTIONS, payloads, strict=True):
-        size = payload if isinstance(payload, int) else len(payload)
+    for name, size in zip(NEW_SECTIONS, sizes, strict=True):
         new.append(Section(name, vaddr, size, raw, _align(size, file_align), DATA_READ))
         # Strictly increasing addresses even for an empty section.
         vaddr = _align(vaddr + max(size, 1), va_align)
         raw += _align(size, file_align)
     size_of_image = vaddr
     if size_of_image > _U32 or raw > _U32:
-        raise UkiError(f"the image would be {raw} bytes, {size_of_image} in memory: over PE's 4 GiB")
+        raise UkiError(
+            f"the image would be {raw} bytes, {size_of_image} in memory: over PE's 4 GiB"
+        )
 
     head = bytearray(stub[:end])
     struct.pack_into("<H", head, headers.coff + 2, len(headers.sections) + len(NEW_SECTIONS))
@@ -274,8 +282,7 @@ def layout(stub: bytes, *, cmdline: str, osrel: str, kernel_size: int, initrd_si
             section.characteristics,
         )
     head += bytes(new[0].raw_offset - end)
-    for section, payload in zip(new[:2], payloads[:2], strict=True):
-        assert isinstance(payload, bytes)
+    for section, payload in zip(new[:2], inline, strict=True):
         head += payload + bytes(section.raw_size - len(payload))
     assert len(head) == new[2].raw_offset
     return UkiLayout(

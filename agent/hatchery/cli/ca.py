@@ -138,12 +138,17 @@ def register(parser: argparse.ArgumentParser) -> None:
     push.add_argument("--crl", type=Path, default=None, help="the CRL (default: DIR/crl.pem)")
     connection_args(push)
     push.set_defaults(func=_push_crl)
-    esl = sub.add_parser("cacerts-esl",
-                         help="the CA certificate(s) as EFI signature lists, for firmware HTTPS boot")  # fmt: skip
+    esl = sub.add_parser(
+        "cacerts-esl", help="the CA certificate(s) as EFI signature lists, for firmware HTTPS boot"
+    )
     esl.add_argument("--dir", type=Path, default=DEFAULT_CA_DIR, help="the CA's folder")
     esl.add_argument("--ca", type=Path, default=None,
                      help="PEM certificate(s) to trust (default: DIR/ca.pem)")  # fmt: skip
     esl.add_argument("--out", type=Path, required=True, help="the signature-list file to write")
-    esl.add_argument("--owner", type=uuid.UUID, default=efi_sigdb.HATCHERY_OWNER,
-                     help=f"the signature owner GUID (default {efi_sigdb.HATCHERY_OWNER})")  # fmt: skip
+    esl.add_argument(
+        "--owner",
+        type=uuid.UUID,
+        default=efi_sigdb.HATCHERY_OWNER,
+        help=f"the signature owner GUID (default {efi_sigdb.HATCHERY_OWNER})",
+    )
     esl.set_defaults(func=_cacerts_esl)
