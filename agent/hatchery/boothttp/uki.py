@@ -201,7 +201,8 @@ def layout(
 
     :raise UkiError: the stub is not a PE32+ x86-64 image, has no room for four more section
         headers, is signed, has trailing data we cannot account for, or the image would not
-        fit PE's 32-bit sizes; the command line holds a NUL (the kernel would cut it there).
+        fit PE's 32-bit sizes; the command line holds a NUL (the kernel would cut it there)
+        or a lone surrogate (it has no UTF-8 form).
     """
     if "\0" in cmdline or "\0" in osrel:
         raise UkiError("the command line and os-release must not contain NUL")
@@ -238,7 +239,10 @@ def layout(
         raise UkiError("the header area after the section table is not empty")
 
     file_align, va_align = headers.file_alignment, max(headers.section_alignment, PAGE)
-    inline = (osrel.encode(), cmdline.encode())  # in the head; .linux and .initrd streamed
+    try:  # in the head; .linux and .initrd are streamed
+        inline = (osrel.encode(), cmdline.encode())
+    except UnicodeEncodeError as exc:
+        raise UkiError(f"the command line or os-release is not valid text: {exc.reason}") from exc
     sizes = (len(inline[0]), len(inline[1]), kernel_size, initrd_size)
     mapped = max(
         [headers.size_of_image, *(s.virtual_address + s.virtual_size for s in headers.sections)]

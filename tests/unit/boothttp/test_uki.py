@@ -3,12 +3,14 @@ one here wrote), section contents byte for byte, invariants over sizes, and the 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import struct
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -161,7 +163,9 @@ def test_real_stub_layout() -> None:
 @given(
     kernel_size=st.integers(1, 4 << 20),
     initrd_size=st.integers(0, 4 << 20),
-    cmdline=st.text(st.characters(blacklist_characters="\0"), max_size=3000),
+    cmdline=st.text(
+        st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), max_size=3000
+    ),
     sections=st.integers(1, 6),
     file_alignment=st.sampled_from([0x200, 0x1000]),
     section_alignment=st.sampled_from([0x1000, 0x2000, 0x10000]),
@@ -238,6 +242,8 @@ def test_refuses_nul_in_cmdline_and_bad_sizes() -> None:
     stub = synthetic_stub()
     with pytest.raises(uki.UkiError, match="NUL"):
         uki.layout(stub, cmdline="a\0b", osrel="", kernel_size=1, initrd_size=0)
+    with pytest.raises(uki.UkiError, match="not valid text"):
+        uki.layout(stub, cmdline="a\ud800", osrel="", kernel_size=1, initrd_size=0)
     with pytest.raises(uki.UkiError, match="bad sizes"):
         uki.layout(stub, cmdline="", osrel="", kernel_size=0, initrd_size=0)
     with pytest.raises(uki.UkiError, match="4 GiB"):
@@ -279,3 +285,43 @@ def test_header_area_exactly_full() -> None:
         synthetic_stub(sections=13), cmdline="", osrel="", kernel_size=1, initrd_size=0
     )
     assert len(uki.sections(plan.head)) == 17
+
+
+PEFILE_REPORT = """
+import json, sys, pefile
+pe = pefile.PE(sys.argv[1])
+rows = [[s.Name.rstrip(b"\\0").decode(), s.Misc_VirtualSize,
+         s.get_data()[: s.Misc_VirtualSize].hex()[:64]] for s in pe.sections]
+print(json.dumps({"warnings": pe.get_warnings(), "image": pe.OPTIONAL_HEADER.SizeOfImage,
+                  "sections": rows}))
+"""
+
+
+def test_pefile_finds_nothing_new_to_warn_about(tmp_path: Path) -> None:
+    """Debian's python3-pefile (another PE reader) sees the stub's warnings and no more."""
+    if subprocess.run(["/usr/bin/python3", "-c", "import pefile"], capture_output=True).returncode:
+        missing("python3-pefile is not installed")
+    stub = real_stub()
+    (tmp_path / "stub.efi").write_bytes(stub)
+    (tmp_path / "uki.efi").write_bytes(assemble(stub, "quiet", b"\x4d\x5a" * 999, b"\x07" * 5))
+
+    def report(name: str) -> dict[str, Any]:
+        out = subprocess.run(
+            ["/usr/bin/python3", "-c", PEFILE_REPORT, str(tmp_path / name)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        result: dict[str, Any] = json.loads(out)
+        return result
+
+    before, after = report("stub.efi"), report("uki.efi")
+    assert after["warnings"] == before["warnings"]
+    assert after["sections"][:-4] == before["sections"]
+    assert after["sections"][-4:] == [
+        [".osrel", len(OSREL), OSREL.encode().hex()[:64]],
+        [".cmdline", 5, b"quiet".hex()],
+        [".linux", 1998, (b"\x4d\x5a" * 16).hex()],
+        [".initrd", 5, (b"\x07" * 5).hex()],
+    ]
+    assert after["image"] > before["image"]
