@@ -45,6 +45,8 @@ SYMBOL_SIZE = 18  # one COFF symbol table record, section 5.4
 #: IMAGE_SCN_CNT_INITIALIZED_DATA | IMAGE_SCN_MEM_READ: what ukify and objcopy give them too.
 DATA_READ = 0x0000_0040 | 0x4000_0000
 PAGE = 0x1000
+#: x86 Linux's COMMAND_LINE_SIZE (2048) less the terminating NUL: the bzImage's cmdline_size.
+MAX_CMDLINE = 2047
 _U32 = 0xFFFF_FFFF
 # Field offsets inside the PE32+ optional header (section 3.4).
 _OPT_SIZE_OF_INIT_DATA = 8
@@ -201,11 +203,19 @@ def layout(
 
     :raise UkiError: the stub is not a PE32+ x86-64 image, has no room for four more section
         headers, is signed, has trailing data we cannot account for, or the image would not
-        fit PE's 32-bit sizes; the command line holds a NUL (the kernel would cut it there)
-        or a lone surrogate (it has no UTF-8 form).
+        fit PE's 32-bit sizes; the command line is not ASCII, is longer than x86 Linux takes or
+        holds a NUL (the kernel would cut it there); os-release is not valid text.
     """
     if "\0" in cmdline or "\0" in osrel:
         raise UkiError("the command line and os-release must not contain NUL")
+    # systemd's stub hands the kernel at most the bzImage header's cmdline_size bytes and
+    # turns every byte above 0x7e into a space: a longer or non-ASCII command line (a seed
+    # token at its end) would arrive cut or changed, silently.
+    if not cmdline.isascii() or len(cmdline) > MAX_CMDLINE:
+        raise UkiError(
+            f"the command line must be ASCII and at most {MAX_CMDLINE} bytes "
+            f"(x86 Linux's limit), not {len(cmdline.encode(errors='replace'))} bytes"
+        )
     if kernel_size <= 0 or initrd_size < 0:
         raise UkiError(f"bad sizes: kernel {kernel_size}, initrd {initrd_size}")
     headers = _parse(stub)
