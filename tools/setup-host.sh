@@ -22,6 +22,8 @@ die() { printf 'setup: %s\n' "$*" >&2; exit 1; }
 packages=(
   # virtualisation and boot
   qemu-system-x86 qemu-utils ipxe-qemu ipxe ovmf kexec-tools
+  # HTTPS boot: systemd's EFI stub (the UKI's base); efitools and objdump check what we write
+  systemd-boot-efi efitools binutils
   # guest and image plumbing
   busybox-static cpio zstd xz-utils kmod dosfstools mtools squashfs-tools erofs-utils
   bubblewrap systemd-container python3-pefile

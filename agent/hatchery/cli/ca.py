@@ -1,17 +1,19 @@
-"""``hatchery ca``: make the CA, issue certificates for people, tools and agents, revoke them
-and distribute the revocation list (CRL) to agents."""
+"""``hatchery ca``: make the CA, issue certificates for people, tools and agents, revoke them,
+distribute the revocation list (CRL) to agents, and give firmware the CA for HTTPS boot."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
-from hatchery import pki
+from hatchery import efi_sigdb, pki
 from hatchery.cli.vm import connection_args
 from hatchery.client import AgentClient, Credentials
+from hatchery.state import write_atomic
 
 DEFAULT_CA_DIR = Path("/etc/hatchery/ca")
 
@@ -73,6 +75,21 @@ def _push_crl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cacerts_esl(args: argparse.Namespace) -> int:
+    ca = args.ca or args.dir / pki.CA_CERT
+    try:
+        pem = ca.read_bytes()
+    except OSError as exc:
+        raise efi_sigdb.SigDbError(f"cannot read {ca}: {exc.strerror}") from exc
+    esl = efi_sigdb.cacerts_esl(pem, args.owner)
+    write_atomic(args.out, esl, 0o644)  # public: CA certificates only
+    count = len(efi_sigdb.parse_esl(esl))
+    print(f"{args.out}: {count} CA certificate(s) as EFI signature lists ({len(esl)} bytes); "
+          "enrol as the firmware's HTTPS boot CAs (OVMF: -fw_cfg "
+          f"name=etc/edk2/https/cacerts,file={args.out})")  # fmt: skip
+    return 0
+
+
 def register(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="ca_command", required=True)
     init = sub.add_parser("init", help="create a certificate authority")
@@ -127,3 +144,17 @@ def register(parser: argparse.ArgumentParser) -> None:
     push.add_argument("--crl", type=Path, default=None, help="the CRL (default: DIR/crl.pem)")
     connection_args(push)
     push.set_defaults(func=_push_crl)
+    esl = sub.add_parser(
+        "cacerts-esl", help="the CA certificate(s) as EFI signature lists, for firmware HTTPS boot"
+    )
+    esl.add_argument("--dir", type=Path, default=DEFAULT_CA_DIR, help="the CA's folder")
+    esl.add_argument("--ca", type=Path, default=None,
+                     help="PEM certificate(s) to trust (default: DIR/ca.pem)")  # fmt: skip
+    esl.add_argument("--out", type=Path, required=True, help="the signature-list file to write")
+    esl.add_argument(
+        "--owner",
+        type=uuid.UUID,
+        default=efi_sigdb.HATCHERY_OWNER,
+        help=f"the signature owner GUID (default {efi_sigdb.HATCHERY_OWNER})",
+    )
+    esl.set_defaults(func=_cacerts_esl)
