@@ -5,8 +5,9 @@ unit is one group (``OU=admin``, ``OU=ops``). Keys are ECDSA P-256 (every TLS 1.
 stack speaks it, and its handshakes are the cheapest), except in a CA made with ``rsa_keys``:
 the boot CA, whose only job is the boot HTTPS service's certificate, pinned in machines'
 firmware — Debian's OVMF (edk2 2022.11) has no elliptic-curve TLS, and an ECDSA chain fails
-its handshake before any request (measured: docs/netboot.md). Private keys are written 0600 (``state.write_private``: created with
-``O_EXCL|O_NOFOLLOW``, never over an existing file unless forced) and never logged.
+its handshake before any request (measured: docs/netboot.md). Private keys are written 0600
+(``state.write_private``: created with ``O_EXCL|O_NOFOLLOW``, never over an existing file
+unless forced) and never logged.
 
 Revocation: ``revoke`` adds a serial to ``revoked.json`` beside the CA (the list the CA
 keeps; written atomically) and ``issue_crl`` signs ``crl.pem`` from it: an X.509 CRL with a

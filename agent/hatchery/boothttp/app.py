@@ -48,8 +48,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 from hatchery import jail
-from hatchery.boothttp.profiles import Profiles
-from hatchery.boothttp.profiles import Profile
+from hatchery.boothttp.profiles import Profile, Profiles
 from hatchery.boothttp.pump import SendfilePump
 from hatchery.boothttp.seeds import SeedFolder
 from hatchery.boothttp.tokens import DEFAULT_TTL, TOKEN_BYTES, BirthTokens, Grant

@@ -77,7 +77,7 @@ def test_ovmf_boots_a_uki_over_https_with_the_pinned_ca(https_chain: HttpsChain)
     env = https_chain.env
     mac = "52:54:00:5e:08:01"
     boot = pxe_chain.boot_guest(env, mac, "uefi-http", timeout=600,
-                                extra=_cacerts_arg(https_chain.cacerts))  # fmt: skip
+                                more=_cacerts_arg(https_chain.cacerts))  # fmt: skip
     dhcp = next(s for s in env.services if s.name == "dhcp").text()
     http = next(s for s in env.services if s.name == "http").text()
     url = f"https://{env.server_ip}:{pxe_chain.HTTPS_PORT}/boot/uki.efi?mac={mac}"

@@ -106,7 +106,7 @@ def start_our_services6(env: NetEnv, root: Path, profiles: Path, *extra_dhcp6: s
 
 
 def qemu_argv(
-    env: NetEnv, tap: str, mac: str, firmware: str, extra: tuple[str, ...] = ()
+    env: NetEnv, tap: str, mac: str, firmware: str, more: tuple[str, ...] = ()
 ) -> list[str]:
     """``firmware``: ``bios`` (SeaBIOS), ``uefi`` (OVMF with QEMU's iPXE ROM),
     ``uefi-http`` (OVMF's own network stack: the ROM is switched off with ``romfile=``) or
@@ -137,7 +137,7 @@ def qemu_argv(
         ]  # fmt: skip
     if firmware == "uefi-pxe":  # PXEv4 only: no ~65 s of DHCPv6 for PXEv6 first
         argv += ["-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=n"]
-    argv += extra
+    argv += more  # the caller's own arguments (e.g. -fw_cfg)
     if own_stack:
         argv += [
             "-netdev", f"tap,id=net0,ifname={tap},script=no,downscript=no",
@@ -148,10 +148,10 @@ def qemu_argv(
 
 def boot_guest(
     env: NetEnv, mac: str, firmware: str = "bios", timeout: float = 300,
-    extra: tuple[str, ...] = (),
+    more: tuple[str, ...] = (),
 ) -> Boot:  # fmt: skip
-    """Boot a disk-less guest to the initrd's marker; ``extra``: more QEMU arguments."""
+    """Boot a disk-less guest to the initrd's marker; ``more``: more QEMU arguments."""
     tap = env.add_tap(firmware.replace("-", "")[:5])
-    with run_guest(qemu_argv(env, tap, mac, firmware, extra)) as guest:
+    with run_guest(qemu_argv(env, tap, mac, firmware, more)) as guest:
         seconds = guest.wait_for(f"{MARKER} role=pxe-test END".encode(), timeout)
         return Boot(seconds, guest.output.decode(errors="replace"))
