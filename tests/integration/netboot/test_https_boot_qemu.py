@@ -14,15 +14,12 @@ authenticated past the firmware.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from hatchery import pki
-from hatchery.efi_sigdb import cacerts_esl
 from hatchery_lab import pxe_chain
 from hatchery_lab.guest import find_guest_kernel, run_guest
 from hatchery_lab.netenv import NetEnv, boot_network, sh
@@ -35,12 +32,8 @@ ROGUE_IP_SUFFIX = 2  # the man in the middle's address on the same bridge
 @dataclass(frozen=True, slots=True)
 class HttpsChain:
     env: NetEnv
-    cacerts: Path  # the boot CA as an EFI signature list, for OVMF's fw_cfg
+    firmware: tuple[str, ...]  # QEMU arguments giving OVMF the boot CA
     rogue: tuple[Path, Path]  # a certificate for the rogue server, from another CA
-
-
-def _cacerts_arg(path: Path) -> tuple[str, ...]:
-    return ("-fw_cfg", f"name=etc/edk2/https/cacerts,file={path}")
 
 
 @pytest.fixture
@@ -57,27 +50,20 @@ def https_chain(
     with boot_network(tmp_path, subnet="10.233.0") as env:
         # The boot CA (RSA: Debian's OVMF has no elliptic-curve TLS) and this node's boot
         # certificate naming the bridge address the firmware connects to.
-        pki.init_ca(tmp_path / "boot-ca", "Boot CA", rsa_keys=True)
-        ours = pki.issue(tmp_path / "boot-ca", "node-a-boot", tmp_path / "boot",
-                         server_names=(env.server_ip,))  # fmt: skip
-        # Another CA, of the same kind, and a certificate it made for the rogue's address:
-        # everything right except who signed it.
-        pki.init_ca(tmp_path / "rogue-ca", "Boot CA", rsa_keys=True)
-        rogue = pki.issue(tmp_path / "rogue-ca", "node-a-boot", tmp_path / "rogue",
-                          server_names=(f"{env.subnet}.{ROGUE_IP_SUFFIX}",))  # fmt: skip
-        cacerts = tmp_path / "cacerts.esl"
-        ca_pem = (tmp_path / "boot-ca" / pki.CA_CERT).read_bytes()
-        cacerts.write_bytes(cacerts_esl(ca_pem, uuid.uuid4()))
+        ours = pxe_chain.make_boot_pki(tmp_path / "ours", env.server_ip)
+        # Another CA, of the same kind and name, and a certificate it made for the rogue's
+        # address: everything right except who signed it.
+        rogue = pxe_chain.make_boot_pki(tmp_path / "rogue", f"{env.subnet}.{ROGUE_IP_SUFFIX}")
         root, profiles = pxe_chain.prepare_artefacts(tmp_path)
         pxe_chain.start_our_services(env, root, profiles, tls=(ours.cert, ours.key))
-        yield HttpsChain(env, cacerts, (rogue.cert, rogue.key))
+        yield HttpsChain(env, ours.firmware_args(), (rogue.cert, rogue.key))
 
 
 def test_ovmf_boots_a_uki_over_https_with_the_pinned_ca(https_chain: HttpsChain) -> None:
     env = https_chain.env
     mac = "52:54:00:5e:08:01"
     boot = pxe_chain.boot_guest(env, mac, "uefi-http", timeout=600,
-                                more=_cacerts_arg(https_chain.cacerts))  # fmt: skip
+                                more=https_chain.firmware)  # fmt: skip
     dhcp = next(s for s in env.services if s.name == "dhcp").text()
     http = next(s for s in env.services if s.name == "http").text()
     url = f"https://{env.server_ip}:{pxe_chain.HTTPS_PORT}/boot/uki.efi?mac={mac}"
@@ -116,7 +102,7 @@ def test_a_server_with_another_cas_certificate_gets_nothing(
     dhcp.wait_for("dhcp: serving on")
     mac = "52:54:00:5e:08:02"
     tap = env.add_tap("rogue")
-    argv = pxe_chain.qemu_argv(env, tap, mac, "uefi-http", _cacerts_arg(https_chain.cacerts))
+    argv = pxe_chain.qemu_argv(env, tap, mac, "uefi-http", https_chain.firmware)
     with run_guest(argv) as guest:
         # OVMF gives up on the HTTPv4 option: the handshake failed on the certificate
         guest.wait_for(b'failed to load Boot0001 "UEFI HTTPv4', 300)

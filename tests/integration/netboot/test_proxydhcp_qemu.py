@@ -20,10 +20,8 @@ import pytest
 from hatchery.netboot import copy_ipxe_binaries
 from hatchery_lab import pxe_chain
 from hatchery_lab.guest import find_guest_kernel
-from hatchery_lab.netenv import NetEnv, Service, sh
+from hatchery_lab.netenv import NetEnv, Service
 from tests.conftest import missing
-
-SITE = "site"
 
 
 @pytest.fixture
@@ -39,17 +37,7 @@ def proxy_lab(
     watch = env.start("watch", [sys.executable, "-m", "hatchery_lab.dhcp_watch", env.bridge,
                                 str(tmp_path / "wire.jsonl")])  # fmt: skip
     watch.wait_for("watching")
-    site_ns = env.add_client(SITE)
-    s = env.subnet
-    sh("ip", "-n", site_ns, "addr", "add", f"{s}.2/24", "dev", "eth0")
-    site = env.start("site-dnsmasq", [
-        dnsmasq, "--no-daemon", "--conf-file=/dev/null", "--port=0", "--interface=eth0",
-        "--bind-interfaces", "--user=root", "--group=root", "--no-ping",
-        f"--dhcp-range={s}.100,{s}.199,255.255.255.0,1h", "--dhcp-authoritative",
-        f"--dhcp-leasefile={tmp_path / 'site.leases'}", f"--pid-file={tmp_path / 'site.pid'}",
-        "--log-dhcp", "--log-facility=-",
-    ], ns=site_ns)  # fmt: skip
-    site.wait_for("DHCP, IP range")
+    pxe_chain.start_site_dnsmasq(env, dnsmasq)
     root, profiles = pxe_chain.prepare_artefacts(tmp_path)
     pxe_chain.start_our_services(env, root, profiles, proxy=True)
     yield env

@@ -8,14 +8,17 @@ the first DHCP client is already iPXE and no TFTP is needed.
 from __future__ import annotations
 
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from hatchery import pki
+from hatchery.efi_sigdb import cacerts_esl
 from hatchery.qemu.accel import choose_accel
 from hatchery.qemu.cmdline import GuestSpec, Nic, build_argv
 from hatchery_lab import REPO
 from hatchery_lab.guest import INIT_PRELUDE, busybox_initramfs, find_guest_kernel, run_guest
-from hatchery_lab.netenv import NetEnv
+from hatchery_lab.netenv import NetEnv, Service, sh
 
 MARKER = "HATCHERY-PXE-UP"
 HTTP_PORT = 8080
@@ -83,6 +86,44 @@ def start_our_services(
     http.wait_for("boot http: serving")
     dhcp.wait_for("proxyDHCP on" if proxy else "dhcp: serving on")
     dhcp.wait_for("ra: advertising")
+
+
+def start_site_dnsmasq(env: NetEnv, dnsmasq: str = "dnsmasq") -> Service:
+    """The site's DHCP server for proxyDHCP chains: dnsmasq in a namespace of its own on the
+    bridge (``.2``), addresses from ``.100-.199`` only (no boot options, no TFTP)."""
+    site_ns = env.add_client("site")
+    s, work = env.subnet, env.workdir
+    sh("ip", "-n", site_ns, "addr", "add", f"{s}.2/24", "dev", "eth0")
+    site = env.start("site-dnsmasq", [
+        dnsmasq, "--no-daemon", "--conf-file=/dev/null", "--port=0", "--interface=eth0",
+        "--bind-interfaces", "--user=root", "--group=root", "--no-ping",
+        f"--dhcp-range={s}.100,{s}.199,255.255.255.0,1h", "--dhcp-authoritative",
+        f"--dhcp-leasefile={work / 'site.leases'}", f"--pid-file={work / 'site.pid'}",
+        "--log-dhcp", "--log-facility=-",
+    ], ns=site_ns)  # fmt: skip
+    site.wait_for("DHCP, IP range")
+    return site
+
+
+@dataclass(frozen=True, slots=True)
+class BootPki:
+    """HTTPS boot's keys for a chain: the boot certificate (from an RSA boot CA, naming the
+    server's address) and that CA as an EFI signature list, for OVMF's fw_cfg."""
+
+    cert: Path
+    key: Path
+    cacerts: Path
+
+    def firmware_args(self) -> tuple[str, ...]:
+        return ("-fw_cfg", f"name=etc/edk2/https/cacerts,file={self.cacerts}")
+
+
+def make_boot_pki(work: Path, *server_names: str, name: str = "Boot CA") -> BootPki:
+    pki.init_ca(work / "boot-ca", name, rsa_keys=True)
+    pair = pki.issue(work / "boot-ca", "boot", work / "boot", server_names=server_names)
+    cacerts = work / "cacerts.esl"
+    cacerts.write_bytes(cacerts_esl((work / "boot-ca" / pki.CA_CERT).read_bytes(), uuid.uuid4()))
+    return BootPki(pair.cert, pair.key, cacerts)
 
 
 PREFIX6 = "fd42:6b1:0:1::"  # a unique-local /64, only inside the test's own namespace
