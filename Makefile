@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-unit fuzz test-integration test-image lint bench images clean lock guest-kernel qemu-next
+.PHONY: help setup demo test test-unit fuzz test-integration test-image lint bench images clean lock guest-kernel arm64-guest qemu-next
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -16,13 +16,16 @@ setup: ## install system packages (apt) and the venv; idempotent
 guest-kernel: setup ## fetch Debian's stock kernel for test guests into .cache/
 	@tools/fetch-guest-kernel.sh
 
+arm64-guest: setup ## fetch Debian's arm64 kernel, busybox and EFI stub for arm64 test guests into .cache/
+	@tools/fetch-arm64-guest.sh
+
 qemu-next: setup ## unpack the next QEMU (bookworm-backports) into .cache/ for cross-version tests
 	@tools/fetch-qemu-next.sh
 
 demo: setup guest-kernel ## the main job: set up, build, run the story (see README)
 	@$(PY) -m hatchery_lab.demo
 
-test: setup guest-kernel qemu-next ## every tier in order (lint+unit, integration, image); stops at the first failure
+test: setup guest-kernel arm64-guest qemu-next ## every tier in order (lint+unit, integration, image); stops at the first failure
 	@PYTEST_ARGS='$(PYTEST_ARGS)' tools/test-tiers.sh
 
 test-unit: setup ## the fast tier only
@@ -31,7 +34,7 @@ test-unit: setup ## the fast tier only
 fuzz: setup ## the fuzz tests only, 50 000 examples each (CI runs 2 000)
 	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-50000} $(PY) -m pytest -m "not integration and not image" -k fuzz $(PYTEST_ARGS)
 
-test-integration: setup guest-kernel qemu-next ## netns, real clients and servers, QEMU guests
+test-integration: setup guest-kernel arm64-guest qemu-next ## netns, real clients and servers, QEMU guests
 	$(PY) -m pytest -m integration $(PYTEST_ARGS)
 
 test-image: setup guest-kernel ## mkosi builds and boots of our images

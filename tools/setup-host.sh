@@ -21,7 +21,7 @@ die() { printf 'setup: %s\n' "$*" >&2; exit 1; }
 
 packages=(
   # virtualisation and boot
-  qemu-system-x86 qemu-utils ipxe-qemu ipxe ovmf kexec-tools
+  qemu-system-x86 qemu-utils ipxe-qemu ipxe ovmf kexec-tools qemu-system-arm qemu-efi-aarch64
   # HTTPS boot: systemd's EFI stub (the UKI's base); efitools and objdump check what we write
   systemd-boot-efi efitools binutils
   # guest and image plumbing

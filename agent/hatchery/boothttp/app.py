@@ -15,6 +15,9 @@
   and initrd; ``uki.py``), streamed from the artefact files, never built whole. It is what
   UEFI HTTP Boot clients are sent to over HTTPS (``boot.https``): firmware that pins the
   boot CA then runs only a kernel, initrd and command line this node served.
+  ``&arch=arm64``: the arm64 boot (systemd's arm64 stub and the profile's ``arm64:``
+  artefacts), for arm64 UEFI HTTP Boot clients (DHCP client architecture 19); a profile
+  without arm64 artefacts is a 404 that says so.
 - ``GET /artefacts/PATH``: kernels and initrds under the artefact root (public: signed
   images); ``GET /ipxe/NAME``: the iPXE binaries (for UEFI HTTP Boot clients). Both are
   ``FileResponse``s: range requests and conditional GETs as aiohttp answers them. Artefacts'
@@ -48,11 +51,11 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 from hatchery import jail
-from hatchery.boothttp.profiles import Profile, Profiles
+from hatchery.boothttp.profiles import ARCHES, X86_64, Artefacts, Profile, Profiles
 from hatchery.boothttp.pump import SendfilePump
 from hatchery.boothttp.seeds import SeedFolder
 from hatchery.boothttp.tokens import DEFAULT_TTL, TOKEN_BYTES, BirthTokens, Grant
-from hatchery.boothttp.uki import UkiError, UkiLayout, layout
+from hatchery.boothttp.uki import UkiError, UkiLayout, layout, machine
 from hatchery.config import ConnectionLimits
 from hatchery.dhcp.leases import normalise_mac
 from hatchery.errors import HatcheryError
@@ -67,6 +70,8 @@ _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 DEFAULT_IPXE_DIR = Path("/usr/lib/ipxe")
 #: systemd's EFI stub (Debian package systemd-boot-efi): the head of every unified kernel image
 DEFAULT_UKI_STUB = Path("/usr/lib/systemd/boot/efi/linuxx64.efi.stub")
+#: the arm64 stub (systemd-boot-efi:arm64; tools/fetch-arm64-guest.sh unpacks one)
+DEFAULT_UKI_STUB_ARM64 = Path("/usr/lib/systemd/boot/efi/linuxaa64.efi.stub")
 UKI_CHUNK = 1 << 20
 # Loaded once at import: the first lookup in the global table reads /etc/mime.types (ms),
 # and a request must not wait for it (busybox nc half-closes right after its request, and
@@ -104,6 +109,11 @@ class BootHttpConfig:
     seeds: SeedFolder | None = None
     seed_ttl: float = DEFAULT_TTL  # seconds a birth token lives
     uki_stub: Path | None = DEFAULT_UKI_STUB  # None or missing: no /boot/uki.efi
+    uki_stub_arm64: Path | None = DEFAULT_UKI_STUB_ARM64  # None or missing: no arm64 UKI
+
+    def stub(self, arch: str) -> Path | None:
+        """systemd's EFI stub for ``arch`` (``x86-64``, ``arm64``)."""
+        return self.uki_stub if arch == X86_64 else self.uki_stub_arm64
 
     def __post_init__(self) -> None:
         if self.seeds is not None and self.births is None:
@@ -234,19 +244,31 @@ async def boot_script(request: web.Request) -> web.StreamResponse:
 
 
 def _open_uki_parts(
-    config: BootHttpConfig, profile: Profile
+    config: BootHttpConfig, own: Artefacts, arch: str
 ) -> tuple[bytes, jail.OpenedFile, jail.OpenedFile]:
-    """The stub's bytes and the profile's kernel and initrd, opened through the jail."""
-    if config.uki_stub is None:
-        raise UkiError("this service makes no unified kernel images")
+    """The stub's bytes and the kernel and initrd of ``arch``, opened through the jail; an
+    arm64 kernel checked to be an EFI executable for arm64 (not a compressed vmlinuz)."""
+    path = config.stub(arch)
+    if path is None:
+        raise UkiError(f"this service makes no {arch} unified kernel images")
     try:
-        stub = config.uki_stub.read_bytes()
+        stub = path.read_bytes()
     except OSError as exc:
-        raise UkiError(f"no EFI stub at {config.uki_stub} (package systemd-boot-efi): "
+        raise UkiError(f"no {arch} EFI stub at {path} (package systemd-boot-efi for {arch}): "
                        f"{exc.strerror}") from exc  # fmt: skip
-    kernel = jail.open_in_root(config.root, f"{profile.image}/{profile.kernel}")
+    kernel = jail.open_in_root(config.root, f"{own.image}/{own.kernel}")
     try:
-        initrd = jail.open_in_root(config.root, f"{profile.image}/{profile.initrd}")
+        # x86-64: every bzImage is an EFI executable. arm64: a packaged vmlinuz may be
+        # gzip-compressed (firmware cannot run it), a mistake worth a log line, not a hang.
+        if arch != X86_64 and (found := machine(os.pread(kernel.fd, 4096, 0))) != arch:
+            raise UkiError(f"{own.image}/{own.kernel} is an {found} kernel, not {arch}")
+        initrd = jail.open_in_root(config.root, f"{own.image}/{own.initrd}")
+    except UkiError as exc:
+        os.close(kernel.fd)
+        raise UkiError(f"{own.image}/{own.kernel} cannot be the {arch} image's kernel: "
+                       f"{exc.message}",
+                       hint="an arm64 kernel must be the bare Image, not a compressed vmlinuz"
+                       ) from exc  # fmt: skip
     except BaseException:
         os.close(kernel.fd)
         raise
@@ -273,18 +295,29 @@ async def boot_uki(request: web.Request) -> web.StreamResponse:
         return machine
     profile, config = machine.profile, request.app[CONFIG]
     head_only = request.method == "HEAD"  # UEFI HTTP Boot asks for the size first
+    arch = request.query.get("arch", X86_64)
+    if arch not in ARCHES:
+        return web.Response(status=400, text=f"unknown ?arch= {arch[:20]!r}: "
+                                             f"one of {', '.join(ARCHES)}\n")  # fmt: skip
+    own = profile.artefacts(arch)
+    if own is None:
+        log.warning("unified kernel image for %s refused: profile %s has no %s artefacts "
+                    "(its %s: mapping)", machine.mac, profile.name, arch, arch)  # fmt: skip
+        return web.Response(
+            status=404, text=f"no {arch} boot for {machine.mac}: profile {profile.name} has none\n"
+        )
     try:
-        stub, kernel, initrd = await asyncio.to_thread(_open_uki_parts, config, profile)
+        stub, kernel, initrd = await asyncio.to_thread(_open_uki_parts, config, own, arch)
     except (UkiError, jail.Refused) as exc:
-        log.warning("unified kernel image for %s (profile %s) not made: %s", machine.mac,
-                    profile.name, exc.message)  # fmt: skip
+        log.warning("%s unified kernel image for %s (profile %s) not made: %s", arch,
+                    machine.mac, profile.name, exc.message)  # fmt: skip
         return web.Response(status=404, text=f"no boot image for {machine.mac}\n")
     try:
         seed_url = await _seed_url(request, machine, mint=not head_only)
-        cmdline = profile.uki_cmdline(machine.mac, machine.base, seed_url)
-        osrel = f'ID=hatchery\nNAME="Hatchery {profile.role}"\nIMAGE_ID={profile.image}\n'
+        cmdline = profile.uki_cmdline(machine.mac, machine.base, seed_url, arch)
+        osrel = f'ID=hatchery\nNAME="Hatchery {profile.role}"\nIMAGE_ID={own.image}\n'
         try:
-            parts: UkiLayout = layout(stub, cmdline=cmdline, osrel=osrel,
+            parts: UkiLayout = layout(stub, cmdline=cmdline, osrel=osrel, arch=arch,
                                       kernel_size=kernel.size, initrd_size=initrd.size)  # fmt: skip
         except UkiError as exc:
             log.error("unified kernel image for %s not made: %s", machine.mac, exc.message)
@@ -297,8 +330,8 @@ async def boot_uki(request: web.Request) -> web.StreamResponse:
             await _send_file(response, kernel, parts.kernel_pad)
             await _send_file(response, initrd, parts.initrd_pad)
             count_sent(request, parts.size)
-            log.info("unified kernel image for %s: profile %s (image %s), %d bytes, to %s%s",
-                     machine.mac, profile.name, profile.image, parts.size, machine.client,
+            log.info("unified kernel image for %s: profile %s (%s image %s), %d bytes, to %s%s",
+                     machine.mac, profile.name, arch, own.image, parts.size, machine.client,
                      ", with a seed token" if seed_url else "")  # fmt: skip
         await response.write_eof()
         return response

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from hatchery.boothttp.app import (
     DEFAULT_IPXE_DIR,
+    DEFAULT_UKI_STUB,
+    DEFAULT_UKI_STUB_ARM64,
     BootHttpConfig,
     BootHttpServer,
     boot_tls_context,
@@ -27,6 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-port", type=int, default=8443, help="HTTPS port (with --tls-cert)")
     p.add_argument("--tls-cert", type=Path, help="boot certificate (from the boot CA): serve HTTPS")
     p.add_argument("--tls-key", type=Path, help="its key")
+    p.add_argument("--uki-stub", type=Path, default=DEFAULT_UKI_STUB,
+                   help="systemd's x86-64 EFI stub for a UKI (%(default)s)")  # fmt: skip
+    p.add_argument("--uki-stub-arm64", type=Path, default=DEFAULT_UKI_STUB_ARM64,
+                   help="systemd's arm64 EFI stub (%(default)s)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.root.is_dir():
         raise ConfigError(f"--root: {args.root} is not a directory")
     profiles = Profiles.load(args.profiles) if args.profiles else None
-    config = BootHttpConfig(args.root, profiles, args.ipxe_dir, args.public_url)
+    config = BootHttpConfig(args.root, profiles, args.ipxe_dir, args.public_url,
+                            uki_stub=args.uki_stub, uki_stub_arm64=args.uki_stub_arm64)  # fmt: skip
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together")
     tls = boot_tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None

@@ -1,7 +1,8 @@
 """A Unified Kernel Image (UKI) laid out for streaming: systemd's EFI stub plus four sections.
 
 For HTTPS boot the firmware downloads ONE EFI executable: systemd's stub
-(``linuxx64.efi.stub``) with ``.osrel``, ``.cmdline``, ``.linux`` (the kernel's bzImage) and
+(``linuxx64.efi.stub``, or ``linuxaa64.efi.stub`` on arm64) with ``.osrel``, ``.cmdline``,
+``.linux`` (the kernel's bzImage, or arm64's bare ``Image``: both EFI executables) and
 ``.initrd`` sections appended, so the TLS connection authenticates the kernel, the initrd and
 the command line together. The command line carries a single-use seed token, so every
 request gets a different image, and the kernel and initrd are files of up to ~150 MB: the
@@ -25,7 +26,11 @@ The PE/COFF rules followed (Microsoft's "PE Format" specification; section numbe
 
 Data after the stub's last section is handled explicitly: Debian's stub is built with objcopy
 and keeps a COFF symbol table there (``PointerToSymbolTable``, deprecated for images, 3.3),
-which nothing at boot reads; it is dropped and its header fields zeroed. A signed stub
+which nothing at boot reads; it is dropped and its header fields zeroed. Debian's arm64 stub
+(bookworm, systemd 252, built through gnu-efi's objcopy route) has ``.sbat``, ``.sdmagic``
+and dynamic symbols there, outside any declared section, which no loader maps: dropped too;
+its header area is padded with AArch64 NOPs rather than zeros (the entry point is in
+``.text``, so nothing runs them), and the new section headers may overwrite them. A signed stub
 (a certificate table, data directory 4) is refused, since appending sections breaks the
 signature, and so is any other trailing data we cannot account for.
 """
@@ -38,6 +43,9 @@ from dataclasses import dataclass
 from hatchery.errors import HatcheryError
 
 MACHINE_AMD64 = 0x8664
+MACHINE_ARM64 = 0xAA64
+#: The stubs' machines we assemble for (COFF Machine field, PE Format 3.3.1), by our names.
+MACHINES = {MACHINE_AMD64: "x86-64", MACHINE_ARM64: "arm64"}
 PE32PLUS_MAGIC = 0x20B
 SECTION_HEADER = struct.Struct("<8sIIIIIIHHI")  # 40 bytes, PE Format section 4
 COFF_HEADER = struct.Struct("<HHIIIHH")  # 20 bytes, section 3.3
@@ -45,7 +53,8 @@ SYMBOL_SIZE = 18  # one COFF symbol table record, section 5.4
 #: IMAGE_SCN_CNT_INITIALIZED_DATA | IMAGE_SCN_MEM_READ: what ukify and objcopy give them too.
 DATA_READ = 0x0000_0040 | 0x4000_0000
 PAGE = 0x1000
-#: x86 Linux's COMMAND_LINE_SIZE (2048) less the terminating NUL: the bzImage's cmdline_size.
+#: x86 Linux's COMMAND_LINE_SIZE (2048) less the terminating NUL: the bzImage's cmdline_size
+#: (arm64's COMMAND_LINE_SIZE is 2048 too).
 MAX_CMDLINE = 2047
 _U32 = 0xFFFF_FFFF
 # Field offsets inside the PE32+ optional header (section 3.4).
@@ -63,7 +72,8 @@ NEW_SECTIONS = (".osrel", ".cmdline", ".linux", ".initrd")
 
 
 class UkiError(HatcheryError):
-    """The stub cannot become a UKI: not a PE32+ x86-64 image, no room, signed, too big."""
+    """The stub cannot become a UKI: not a PE32+ x86-64 or arm64 image, no room, signed,
+    too big."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +108,7 @@ class UkiLayout:
 
 @dataclass(frozen=True, slots=True)
 class _Headers:
+    machine: int
     coff: int  # offset of the COFF file header
     optional: int  # offset of the optional header
     table: int  # offset of the section table
@@ -123,15 +134,15 @@ def _u32(data: bytes, offset: int) -> int:
 
 
 def _parse(pe: bytes) -> _Headers:
-    """The headers of a PE32+ x86-64 image, checked for what the assembler relies on."""
+    """The headers of a PE32+ x86-64 or arm64 image, checked for what the assembler relies on."""
     if len(pe) < 0x40 or pe[:2] != b"MZ":
         raise UkiError("not a PE image: no MZ (DOS) header")
     coff = _u32(pe, 0x3C) + 4
     if pe[coff - 4 : coff] != b"PE\0\0" or len(pe) < coff + COFF_HEADER.size:
         raise UkiError("not a PE image: e_lfanew does not point at a PE signature")
     machine, count, _, _, _, optional_size, _ = COFF_HEADER.unpack_from(pe, coff)
-    if machine != MACHINE_AMD64:
-        raise UkiError(f"not an x86-64 image (machine {machine:#06x})")
+    if machine not in MACHINES:
+        raise UkiError(f"not an x86-64 or arm64 image (machine {machine:#06x})")
     optional = coff + COFF_HEADER.size
     if optional_size < _OPT_DATA_DIRECTORIES or len(pe) < optional + optional_size:
         raise UkiError(f"optional header of {optional_size} bytes is too short or truncated")
@@ -157,6 +168,7 @@ def _parse(pe: bytes) -> _Headers:
         text = name.rstrip(b"\0").decode("ascii", "replace")
         sections.append(Section(text, vaddr, vsize, raw_offset, raw_size, flags))
     return _Headers(
+        machine=machine,
         coff=coff,
         optional=optional,
         table=table,
@@ -168,19 +180,51 @@ def _parse(pe: bytes) -> _Headers:
     )
 
 
+def machine(pe: bytes) -> str:
+    """The architecture (a value of ``MACHINES``: ``x86-64``, ``arm64``) of a PE32+ image:
+    enough of a kernel's first page to check it is an EFI executable for the stub's machine
+    (arm64's ``Image`` is; a gzip-compressed ``vmlinuz`` is not, and firmware could not run it).
+
+    :raise UkiError: the bytes do not start a PE32+ x86-64 or arm64 image.
+    """
+    if len(pe) < 0x40 or pe[:2] != b"MZ":
+        raise UkiError("not a PE image: no MZ (DOS) header")
+    coff = _u32(pe, 0x3C) + 4
+    if pe[coff - 4 : coff] != b"PE\0\0" or len(pe) < coff + COFF_HEADER.size + 2:
+        raise UkiError("not a PE image: e_lfanew does not point at a PE signature")
+    code = _u16(pe, coff)
+    if code not in MACHINES:
+        raise UkiError(f"not an x86-64 or arm64 image (machine {code:#06x})")
+    if _u16(pe, coff + COFF_HEADER.size) != PE32PLUS_MAGIC:
+        raise UkiError("not a PE32+ image")
+    return MACHINES[code]
+
+
 def sections(pe: bytes) -> dict[str, Section]:
-    """The sections of a PE32+ x86-64 image by name (the last one wins on a duplicate name).
+    """The sections of a PE32+ x86-64 or arm64 image by name (the last one wins on a
+    duplicate name).
 
     :raise UkiError: the bytes are not such an image (any bytes at all: it is fuzzed).
     """
     return {s.name: s for s in _parse(pe).sections}
 
 
-def _trailer_is_symbols(stub: bytes, headers: _Headers, end: int) -> bool:
-    """Whether the bytes after the sections' raw data are only the COFF symbol and string
-    tables (and zero padding), which the firmware never reads and we may drop."""
+#: systemd's ``.sdmagic`` text, which every systemd stub carries.
+SYSTEMD_MAGIC = b"#### LoaderInfo: systemd-stub "
+
+
+def _trailer_is_droppable(stub: bytes, headers: _Headers, end: int) -> bool:
+    """Whether the bytes after the sections' raw data are only what no loader maps and we
+    may drop: zero padding; the COFF symbol and string tables; or, in an arm64 stub that
+    gnu-efi's route made (systemd before 253: ``objcopy -O binary`` of an ELF whose
+    hand-written PE header declares only ``.text`` and ``.data``), the ELF sections that
+    header leaves undeclared — ``.sbat``, ``.sdmagic``, the dynamic symbols — recognised by
+    systemd's ``.sdmagic`` text among them. A PE loader copies only the headers and the
+    declared sections (PE Format 3 and 4), so nothing at boot can read any of these."""
     trailer = stub[end:]
     if not trailer.strip(b"\0"):
+        return True
+    if headers.machine == MACHINE_ARM64 and len(headers.sections) == 2 and SYSTEMD_MAGIC in trailer:
         return True
     _, _, _, symbols_at, symbol_count, _, _ = COFF_HEADER.unpack_from(stub, headers.coff)
     if symbols_at < end or symbols_at > len(stub):
@@ -196,12 +240,33 @@ def _trailer_is_symbols(stub: bytes, headers: _Headers, end: int) -> bool:
     )
 
 
-def layout(
-    stub: bytes, *, cmdline: str, osrel: str, kernel_size: int, initrd_size: int
-) -> UkiLayout:
-    """Where the four sections go, and the image's head with ``.osrel`` and ``.cmdline``.
+#: AArch64's NOP (``hint #0``, little-endian): gnu-efi's arm64 header pads with it.
+ARM64_NOP = b"\x1f\x20\x03\xd5"
+_OPT_ENTRY_POINT = 16
 
-    :raise UkiError: the stub is not a PE32+ x86-64 image, has no room for four more section
+
+def _header_room_free(stub: bytes, headers: _Headers, start: int, end: int) -> bool:
+    """Whether the header area ``[start, end)`` holds only padding we may write over:
+    zeros, or (arm64) whole NOP instructions when the entry point lies elsewhere."""
+    room = stub[start:end]
+    if not room.strip(b"\0"):
+        return True
+    if headers.machine != MACHINE_ARM64 or start % 4:
+        return False
+    entry = _u32(stub, headers.optional + _OPT_ENTRY_POINT)
+    nops = room.replace(ARM64_NOP, b"")  # whole words only: start and length are 4-aligned
+    return len(room) % 4 == 0 and not nops and not start <= entry < end
+
+
+def layout(
+    stub: bytes, *, cmdline: str, osrel: str, kernel_size: int, initrd_size: int,
+    arch: str | None = None,
+) -> UkiLayout:  # fmt: skip
+    """Where the four sections go, and the image's head with ``.osrel`` and ``.cmdline``.
+    ``arch`` (``x86-64``, ``arm64``): the machine the stub must be for (None: either).
+
+    :raise UkiError: the stub is not a PE32+ x86-64 or arm64 image (or not for ``arch``),
+        has no room for four more section
         headers, is signed, has trailing data we cannot account for, or the image would not
         fit PE's 32-bit sizes; the command line is not ASCII, is longer than x86 Linux takes or
         holds a NUL (the kernel would cut it there); os-release is not valid text.
@@ -219,6 +284,8 @@ def layout(
     if kernel_size <= 0 or initrd_size < 0:
         raise UkiError(f"bad sizes: kernel {kernel_size}, initrd {initrd_size}")
     headers = _parse(stub)
+    if arch is not None and MACHINES[headers.machine] != arch:
+        raise UkiError(f"the stub is for {MACHINES[headers.machine]}, not {arch}")
     opt = headers.optional
     if _u32(stub, opt + _OPT_NUMBER_OF_RVA) > _DIR_SECURITY:
         security = opt + _OPT_DATA_DIRECTORIES + 8 * _DIR_SECURITY
@@ -231,7 +298,7 @@ def layout(
     end = max((s.raw_offset + s.raw_size for s in with_data), default=headers.size_of_headers)
     if end > len(stub):
         raise UkiError(f"the stub is truncated: its sections end at {end}, the file at {len(stub)}")
-    if not _trailer_is_symbols(stub, headers, end):
+    if not _trailer_is_droppable(stub, headers, end):
         raise UkiError(
             f"{len(stub) - end} bytes after the stub's last section are not a symbol table"
         )
@@ -245,7 +312,7 @@ def layout(
             f"no room for {len(NEW_SECTIONS)} more section headers: the table ends at "
             f"{table_end}, the first section data starts at {room_end}"
         )
-    if stub[table_end:new_end].strip(b"\0"):
+    if not _header_room_free(stub, headers, table_end, new_end):
         raise UkiError("the header area after the section table is not empty")
 
     file_align, va_align = headers.file_alignment, max(headers.section_alignment, PAGE)

@@ -49,7 +49,9 @@ class BootConfig:
     own address); iPXE gets its script URL; UEFI HTTP Boot clients get ``http_efi_path`` —
     or, with ``https_base`` (the same service over TLS, ``https://10.0.0.1:8443``), their whole
     boot as one unified kernel image over HTTPS (``uki_path``), which firmware pinning the
-    boot CA authenticates end to end.
+    boot CA authenticates end to end. arm64 HTTP Boot clients always get the unified kernel
+    image (``&arch=arm64``), over HTTPS when there is ``https_base``, else over plain HTTP:
+    there is no arm64 iPXE to send them to (Debian builds none).
     """
 
     http_base: str
@@ -62,11 +64,15 @@ class BootConfig:
     https_base: str | None = None
     uki_path: str = "/boot/uki.efi"
 
-    def http_boot_url(self, mac: str) -> str:
-        """What a UEFI HTTP Boot client is sent to fetch and run."""
+    def http_boot_url(self, mac: str, arch: str = "x86-64") -> str:
+        """What a UEFI HTTP Boot client of ``arch`` (``x86-64``, ``arm64``) is sent to fetch
+        and run."""
+        base = (self.https_base or self.http_base).rstrip("/")
+        if arch != "x86-64":
+            return f"{base}{self.uki_path}?mac={mac}&arch={arch}"
         if self.https_base is not None:
-            return f"{self.https_base.rstrip('/')}{self.uki_path}?mac={mac}"
-        return f"{self.http_base.rstrip('/')}{self.http_efi_path}"
+            return f"{base}{self.uki_path}?mac={mac}"
+        return f"{base}{self.http_efi_path}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,6 +319,14 @@ class Responder:
         )
 
 
+#: UEFI HTTP Boot architectures we have a boot for (None: no option 93, taken as x86-64).
+_HTTP_ARCHES: dict[int | None, str] = {
+    None: "x86-64",
+    ClientArch.HTTP_X64: "x86-64",
+    ClientArch.HTTP_ARM64: "arm64",
+}
+
+
 def boot_answer(
     request: DhcpPacket, boot: BootConfig, server_ip: ipaddress.IPv4Address
 ) -> tuple[ipaddress.IPv4Address, bytes, list[Option]]:
@@ -326,10 +340,10 @@ def boot_answer(
         no_wait = encapsulate(Opt.IPXE, [Option(IpxeOpt.NO_PXEDHCP, b"\x01")])
         return server_ip, _file(url), [opt_str(Opt.BOOTFILE, url), no_wait]
     if kind == ClientKind.HTTP:
-        if arch not in (None, ClientArch.HTTP_X64):
+        if arch not in _HTTP_ARCHES:
             log.info("%s: HTTP Boot for arch %s: no binary for it", request.mac, arch)
             return ZERO_IP, b"", []
-        url = boot.http_boot_url(request.mac)
+        url = boot.http_boot_url(request.mac, _HTTP_ARCHES[arch])
         # UEFI 2.x 24.7.2: the offer must carry vendor class "HTTPClient" to be used
         options = [opt_str(Opt.BOOTFILE, url), opt_str(Opt.VENDOR_CLASS, b"HTTPClient")]
         return server_ip, _file(url), options
@@ -340,6 +354,11 @@ def boot_answer(
             name = boot.bios_file
         elif arch in (ClientArch.EFI_X64, ClientArch.EFI_BC):
             name = boot.efi_file
+        elif arch == ClientArch.EFI_ARM64:
+            # The firmware tries its HTTP Boot option next, which we answer (arch 19).
+            log.info("%s: arm64 PXE (arch 11): no arm64 iPXE to send; arm64 machines boot by "
+                     "UEFI HTTP Boot (arch 19)", request.mac)  # fmt: skip
+            return ZERO_IP, b"", []
         else:
             log.info("%s: PXE for arch %s: no binary for it", request.mac, arch)
             return ZERO_IP, b"", []

@@ -13,9 +13,10 @@ Who gets what:
   DHCPv6, so not answering would leave them without one, and no one else's DHCPv6 is
   there to lose them to (agents give VMs no DHCPv6, and VM ports cannot reach udp 547).
 - Boot information (Boot File URL, option 59) only to clients that ask for it in their
-  Option Request (RFC 5970 section 3.1) and are UEFI HTTP Boot on x86-64 (architecture 16,
-  RFC 5970 3.3 and the IANA registry) or iPXE (user class ``iPXE``). HTTP Boot clients also
-  get the Vendor Class ``HTTPClient`` back, without which EDK2 (OVMF) ignores the offer.
+  Option Request (RFC 5970 section 3.1) and are UEFI HTTP Boot on x86-64 or arm64
+  (architectures 16 and 19, RFC 5970 3.3 and the IANA registry) or iPXE (user class
+  ``iPXE``). HTTP Boot clients also get the Vendor Class ``HTTPClient`` back, without
+  which EDK2 (OVMF) ignores the offer.
 - A Solicit with Rapid Commit gets the Reply at once (RFC 8415 18.3.1); otherwise an
   Advertise holds the address briefly and a Request commits it.
 
@@ -49,6 +50,7 @@ from hatchery.dhcp6.packet import (
 log = logging.getLogger(__name__)
 
 ARCH_HTTP_X64 = 16  # RFC 5970 3.3, IANA "Processor Architecture Types": x64 UEFI HTTP
+ARCH_HTTP_ARM64 = 19  # the same registry: ARM 64-bit UEFI HTTP
 HTTP_CLIENT = b"HTTPClient"  # UEFI 2.x 24.7.2.2: the class an HTTP Boot client sends
 PREFERENCE_MAX = 255  # RFC 8415 18.2.1: the client takes this Advertise without waiting
 
@@ -70,10 +72,14 @@ class Boot6Config:
     https_base: str | None = None  # with it, HTTP Boot clients get a UKI over HTTPS
     uki_path: str = "/boot/uki.efi"
 
-    def http_boot_url(self, mac: str | None) -> str:
-        """What a UEFI HTTP Boot client is sent to fetch and run (as ``BootConfig``'s)."""
+    def http_boot_url(self, mac: str | None, arch: str = "x86-64") -> str | None:
+        """What a UEFI HTTP Boot client is sent to fetch and run (as ``BootConfig``'s);
+        None for an arm64 client whose MAC we do not know (its image is made per MAC)."""
+        base = (self.https_base or self.http_base).rstrip("/")
+        if arch != "x86-64":
+            return f"{base}{self.uki_path}?mac={mac}&arch={arch}" if mac is not None else None
         if self.https_base is not None and mac is not None:
-            return f"{self.https_base.rstrip('/')}{self.uki_path}?mac={mac}"
+            return f"{base}{self.uki_path}?mac={mac}"
         return f"{self.http_base.rstrip('/')}{self.http_efi_path}"
 
 
@@ -270,13 +276,21 @@ def boot_options(request: Dhcp6Packet, boot: Boot6Config | None, mac: str | None
     if kind == ClientKind.IPXE and mac is not None:
         return [Option(Opt.BOOTFILE_URL, f"{base}{boot.script_path}?mac={mac}".encode())]
     if kind == ClientKind.HTTP:
-        if ARCH_HTTP_X64 not in request.client_arch:
+        if ARCH_HTTP_X64 in request.client_arch:
+            url = boot.http_boot_url(mac)
+        elif ARCH_HTTP_ARM64 in request.client_arch:
+            url = boot.http_boot_url(mac, "arm64")
+        else:
             log.info("dhcp6: HTTP Boot for arch %s: no binary for it", request.client_arch)
+            return []
+        if url is None:
+            log.info("dhcp6: arm64 HTTP Boot from a client whose MAC is unknown (no EUI-64 "
+                     "source, no link-layer DUID): no per-machine image to name")  # fmt: skip
             return []
         vendor = request.vendor_class
         enterprise = vendor[0] if vendor is not None else 343
         return [
-            Option(Opt.BOOTFILE_URL, boot.http_boot_url(mac).encode()),
+            Option(Opt.BOOTFILE_URL, url.encode()),
             opt_length_prefixed(Opt.VENDOR_CLASS, [HTTP_CLIENT], struct.pack("!I", enterprise)),
         ]
     return []

@@ -17,6 +17,7 @@ from hatchery_lab import REPO
 from hatchery_lab.cpio_writer import Entry, write_newc
 
 KERNEL_DIR = REPO / ".cache" / "guest-kernel" / "current"
+ARM64_DIR = REPO / ".cache" / "arm64-guest" / "current"
 BUSYBOX = Path("/bin/busybox")
 
 # Debian builds virtio-net as modules; they must be loaded in this order (MACHINE-NOTES).
@@ -53,6 +54,24 @@ class GuestKernel:
         raise FileNotFoundError(f"module {rel} not in {self.modules}")
 
 
+@dataclass(frozen=True, slots=True)
+class Arm64Guest:
+    """What tools/fetch-arm64-guest.sh unpacks: Debian's arm64 kernel (the bare ``Image``, an
+    EFI executable), a static arm64 busybox and systemd's arm64 EFI stub."""
+
+    image: Path
+    busybox: Path
+    stub: Path
+
+
+def find_arm64_guest() -> Arm64Guest | None:
+    """The arm64 guest in .cache (``make arm64-guest``), or None."""
+    found = Arm64Guest(*(ARM64_DIR / n for n in ("Image", "busybox", "linuxaa64.efi.stub")))
+    if not all(p.exists() for p in (found.image, found.busybox, found.stub)):
+        return None
+    return Arm64Guest(found.image.resolve(), found.busybox.resolve(), found.stub.resolve())
+
+
 def find_guest_kernel() -> GuestKernel | None:
     vmlinuz = KERNEL_DIR / "vmlinuz"
     if not vmlinuz.exists():
@@ -61,9 +80,11 @@ def find_guest_kernel() -> GuestKernel | None:
 
 
 def busybox_initramfs(
-    init: str, *, modules: Sequence[Path] = (), files: Sequence[Entry] = ()
-) -> bytes:
-    """A newc archive: static busybox, ``init`` as ``/init``, modules as ``/lib/mods/NN-*.ko``."""
+    init: str, *, modules: Sequence[Path] = (), files: Sequence[Entry] = (),
+    busybox: Path = BUSYBOX,
+) -> bytes:  # fmt: skip
+    """A newc archive: static busybox, ``init`` as ``/init``, modules as ``/lib/mods/NN-*.ko``.
+    ``busybox``: the binary to put in (the host's by default; an arm64 one for arm64 guests)."""
     entries = [
         Entry.directory("bin"),
         Entry.directory("dev"),
@@ -74,7 +95,7 @@ def busybox_initramfs(
         Entry.directory("etc"),
         Entry.directory("lib"),
         Entry.directory("lib/mods"),
-        Entry.file("bin/busybox", BUSYBOX.read_bytes(), 0o755),
+        Entry.file("bin/busybox", busybox.read_bytes(), 0o755),
         Entry.symlink("bin/sh", "busybox"),
         Entry.file("init", init.encode(), 0o755),
     ]

@@ -17,7 +17,13 @@ from hatchery.efi_sigdb import cacerts_esl
 from hatchery.qemu.accel import choose_accel
 from hatchery.qemu.cmdline import GuestSpec, Nic, build_argv
 from hatchery_lab import REPO
-from hatchery_lab.guest import INIT_PRELUDE, busybox_initramfs, find_guest_kernel, run_guest
+from hatchery_lab.guest import (
+    INIT_PRELUDE,
+    busybox_initramfs,
+    find_arm64_guest,
+    find_guest_kernel,
+    run_guest,
+)
 from hatchery_lab.netenv import NetEnv, Service, sh
 
 MARKER = "HATCHERY-PXE-UP"
@@ -25,6 +31,12 @@ HTTP_PORT = 8080
 HTTPS_PORT = 8443
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS.fd")
+#: AAVMF, edk2's ArmVirtQemu (package qemu-efi-aarch64): OVMF's counterpart for -M virt
+AAVMF_CODE = Path("/usr/share/AAVMF/AAVMF_CODE.fd")
+AAVMF_VARS = Path("/usr/share/AAVMF/AAVMF_VARS.fd")
+QEMU_AARCH64 = "qemu-system-aarch64"
+#: The arm64 guest's CPU under TCG (measured in docs/netboot.md).
+ARM64_CPU = "max"
 PROFILES = """default: test
 profiles:
   test:
@@ -46,8 +58,16 @@ class Boot:
     console: str
 
 
-def prepare_artefacts(workdir: Path) -> tuple[Path, Path]:
-    """The artefact root (``test/vmlinuz``, ``test/initrd``) and a profiles file for it."""
+ARM64_PROFILE = """    arm64:
+      image: test-arm64
+      cmdline: console=ttyAMA0 panic=-1 quiet
+"""
+
+
+def prepare_artefacts(workdir: Path, *, arm64: bool = False) -> tuple[Path, Path]:
+    """The artefact root (``test/vmlinuz``, ``test/initrd``) and a profiles file for it;
+    ``arm64``: ``test-arm64/Image`` and ``test-arm64/initrd`` too (the arm64 guest's kernel
+    and an initrd with its busybox), named by the profile's ``arm64:`` mapping."""
     kernel = find_guest_kernel()
     if kernel is None:
         raise FileNotFoundError("no guest kernel in .cache (make guest-kernel)")
@@ -60,12 +80,21 @@ def prepare_artefacts(workdir: Path) -> tuple[Path, Path]:
     shutil.copyfile(repo_template, workdir / "templates" / "default.ipxe")
     profiles = workdir / "profiles.yaml"
     profiles.write_text(PROFILES)
+    if arm64:
+        guest = find_arm64_guest()
+        if guest is None:
+            raise FileNotFoundError("no arm64 guest in .cache (make arm64-guest)")
+        (root / "test-arm64").mkdir(exist_ok=True)
+        shutil.copyfile(guest.image, root / "test-arm64" / "Image")
+        initrd = busybox_initramfs(INIT, busybox=guest.busybox)
+        (root / "test-arm64" / "initrd").write_bytes(initrd)
+        profiles.write_text(PROFILES + ARM64_PROFILE)
     return root, profiles
 
 
 def start_our_services(
     env: NetEnv, root: Path, profiles: Path, *extra_dhcp: str, proxy: bool = False,
-    tls: tuple[Path, Path] | None = None,
+    tls: tuple[Path, Path] | None = None, extra_http: tuple[str, ...] = (),
 ) -> None:  # fmt: skip
     """DHCP (+RA) and boot HTTP from ``hatchery-agent serve``, in the server namespace.
     ``proxy``: proxyDHCP beside another DHCP server on the bridge, no births range.
@@ -74,7 +103,7 @@ def start_our_services(
     https = ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1]),
              "--tls-port", str(HTTPS_PORT)] if tls else []  # fmt: skip
     http = env.agent("http", "http", "--root", str(root), "--profiles", str(profiles),
-                     "--listen", f"{env.server_ip}:{HTTP_PORT}", *https)  # fmt: skip
+                     "--listen", f"{env.server_ip}:{HTTP_PORT}", *https, *extra_http)  # fmt: skip
     mode = ["--proxy"] if proxy else ["--birth-range", f"{env.subnet}.100-{env.subnet}.199"]
     if tls:
         extra_dhcp = ("--https-url", f"https://{env.server_ip}:{HTTPS_PORT}", *extra_dhcp)
@@ -194,5 +223,35 @@ def boot_guest(
     """Boot a disk-less guest to the initrd's marker; ``more``: more QEMU arguments."""
     tap = env.add_tap(firmware.replace("-", "")[:5])
     with run_guest(qemu_argv(env, tap, mac, firmware, more)) as guest:
+        seconds = guest.wait_for(f"{MARKER} role=pxe-test END".encode(), timeout)
+        return Boot(seconds, guest.output.decode(errors="replace"))
+
+
+def arm64_qemu_argv(env: NetEnv, tap: str, mac: str, more: tuple[str, ...] = ()) -> list[str]:
+    """A disk-less arm64 guest under TCG: ``-M virt`` with AAVMF (its code read-only, a copy
+    of its variables), virtio-net without an option ROM (AAVMF's own network stack: its
+    PXE and HTTP Boot options), the PL011 serial console on stdout."""
+    vars_copy = env.workdir / "AAVMF_VARS.fd"
+    shutil.copyfile(AAVMF_VARS, vars_copy)
+    argv = [
+        QEMU_AARCH64, "-name", "pxe-arm64", "-machine", "virt", "-accel", "tcg",
+        "-cpu", ARM64_CPU, "-m", "512", "-smp", "1",
+        "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
+        "-no-reboot",
+        "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={AAVMF_CODE}",
+        "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
+        "-netdev", f"tap,id=net0,ifname={tap},script=no,downscript=no",
+        "-device", f"virtio-net-pci,netdev=net0,mac={mac},romfile=",
+        *more,
+    ]  # fmt: skip
+    return env.in_ns(argv)
+
+
+def boot_arm64_guest(
+    env: NetEnv, mac: str, timeout: float = 900, more: tuple[str, ...] = ()
+) -> Boot:
+    """Boot the disk-less arm64 guest to the initrd's marker (UEFI HTTP Boot of a UKI)."""
+    tap = env.add_tap("arm64")
+    with run_guest(arm64_qemu_argv(env, tap, mac, more)) as guest:
         seconds = guest.wait_for(f"{MARKER} role=pxe-test END".encode(), timeout)
         return Boot(seconds, guest.output.decode(errors="replace"))
