@@ -5,9 +5,10 @@ The chain: AAVMF's UEFI HTTPv4 boot option → our DHCP sees client architecture
 UEFI HTTP) and sends ``/boot/uki.efi?mac=MAC&arch=arm64`` → the boot HTTP service streams a
 unified kernel image made of systemd's arm64 stub and the profile's ``arm64:`` artefacts
 (the bare ``Image`` and an initrd with an arm64 busybox) → the stub starts the kernel → the
-initrd's marker on the PL011 console. AAVMF's PXEv4 option comes first (architecture 11):
-we answer it with an address and no boot file (there is no arm64 iPXE), and it gives up.
-The same profile's x86-64 artefacts stay what x86-64 machines get.
+initrd's marker on the PL011 console. AAVMF's PXE options are switched off through fw_cfg
+as OVMF's are (PXEv4, architecture 11, gets an address and no boot file from us: there is
+no arm64 iPXE; the firmware spends ~130 s giving up on it). Then the same over HTTPS, with
+the boot CA pinned through AAVMF's fw_cfg as for OVMF.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from hatchery_lab import pxe_chain
-from hatchery_lab.guest import find_arm64_guest, find_guest_kernel
+from hatchery_lab.guest import find_arm64_guest, find_guest_kernel, run_guest
 from hatchery_lab.netenv import NetEnv, boot_network
 from tests.conftest import missing
 
@@ -49,17 +50,58 @@ def arm64_chain(
         yield env
 
 
+@pytest.fixture
+def arm64_https_chain(
+    require_root: None, require_tool: Callable[[str], str], tmp_path: Path
+) -> Iterator[tuple[NetEnv, tuple[str, ...]]]:
+    stub = _arm64_prerequisites(require_tool)
+    with boot_network(tmp_path, subnet="10.235.0") as env:
+        ours = pxe_chain.make_boot_pki(tmp_path / "ours", env.server_ip)
+        root, profiles = pxe_chain.prepare_artefacts(tmp_path, arm64=True)
+        pxe_chain.start_our_services(env, root, profiles, tls=(ours.cert, ours.key),
+                                     extra_http=("--uki-stub-arm64", str(stub)))  # fmt: skip
+        yield env, ours.firmware_args()
+
+
+def _check(env: NetEnv, mac: str, url: str, boot: pxe_chain.Boot) -> None:
+    dhcp = next(s for s in env.services if s.name == "dhcp").text()
+    http = next(s for s in env.services if s.name == "http").text()
+    assert f"file='{url}'" in dhcp, dhcp  # architecture 19 answered with the arm64 URL
+    assert f"unified kernel image for {mac}: profile test (arm64 image test-arm64)" in http, http
+    assert f"URI: {url}" in boot.console
+    assert "role=pxe-test END" in boot.console  # the command line from inside the image
+    assert "guest machine=aarch64" in boot.console  # /init's uname -m: an arm64 kernel ran it
+
+
 def test_aavmf_http_boots_the_arm64_uki(arm64_chain: NetEnv) -> None:
     env = arm64_chain
     mac = "52:54:00:5e:0a:01"
     boot = pxe_chain.boot_arm64_guest(env, mac)
-    dhcp = next(s for s in env.services if s.name == "dhcp").text()
-    http = next(s for s in env.services if s.name == "http").text()
     url = f"http://{env.server_ip}:{pxe_chain.HTTP_PORT}/boot/uki.efi?mac={mac}&arch=arm64"
-    assert url in dhcp, dhcp
-    assert f"{mac}: arm64 PXE (arch 11): no arm64 iPXE" in dhcp, dhcp
-    assert f"unified kernel image for {mac}: profile test (arm64 image test-arm64)" in http, http
-    assert f"URI: {url}" in boot.console
-    assert "role=pxe-test END" in boot.console  # the command line from inside the image
-    print(f"arm64 UEFI HTTP Boot of a UKI under TCG: {boot.seconds:.1f} s from QEMU start "
-          "to the guest marker")  # fmt: skip
+    _check(env, mac, url, boot)
+    print(f"arm64 UEFI HTTP Boot of a UKI under TCG ({pxe_chain.ARM64_CPU}): "
+          f"{boot.seconds:.1f} s from QEMU start to the guest marker")  # fmt: skip
+
+
+def test_aavmf_https_boots_the_arm64_uki_with_the_pinned_ca(
+    arm64_https_chain: tuple[NetEnv, tuple[str, ...]],
+) -> None:
+    env, firmware = arm64_https_chain
+    mac = "52:54:00:5e:0a:02"
+    boot = pxe_chain.boot_arm64_guest(env, mac, more=firmware)
+    url = f"https://{env.server_ip}:{pxe_chain.HTTPS_PORT}/boot/uki.efi?mac={mac}&arch=arm64"
+    _check(env, mac, url, boot)
+    print(f"arm64 UEFI HTTPS Boot of a UKI under TCG ({pxe_chain.ARM64_CPU}): "
+          f"{boot.seconds:.1f} s from QEMU start to the guest marker")  # fmt: skip
+
+
+def test_arm64_pxe_gets_no_boot_file(arm64_chain: NetEnv) -> None:
+    """AAVMF's PXEv4 (architecture 11) left on: our DHCP answers it with an address and no
+    boot file, saying why, and the firmware goes on to HTTP Boot (the brief for arch 11)."""
+    env = arm64_chain
+    mac = "52:54:00:5e:0a:03"
+    tap = env.add_tap("pxe64")
+    with run_guest(pxe_chain.arm64_qemu_argv(env, tap, mac, pxe=True)) as guest:
+        guest.wait_for(b"URI: http://", 400)
+    dhcp = next(s for s in env.services if s.name == "dhcp").text()
+    assert f"{mac}: arm64 PXE (arch 11): no arm64 iPXE to send" in dhcp, dhcp
