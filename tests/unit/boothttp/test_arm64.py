@@ -13,6 +13,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from hatchery.boothttp import uki
 from hatchery.boothttp.app import BootHttpConfig, BootHttpServer
@@ -25,11 +27,15 @@ from hatchery.dhcp6.packet import Opt as Opt6
 from hatchery.dhcp6.responder import Boot6Config, boot_options
 from hatchery.errors import ConfigError
 from hatchery_lab.guest import find_arm64_guest
-from tests.conftest import missing
-from tests.unit.boothttp.test_uki import OSREL, content, synthetic_stub
+from tests.conftest import FUZZ_EXAMPLES, missing
+from tests.support.pe_stubs import content, synthetic_stub
 
 MAC = "52:54:00:aa:64:01"
 SERVER = ipaddress.IPv4Address("10.9.0.1")
+OSREL = 'ID=hatchery\nNAME="Hatchery"\n'
+FUZZ = settings(
+    max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 TEMPLATE = "#!ipxe\nkernel {{kernel_url}} {{cmdline}}\ninitrd {{initrd_url}}\nboot\n"
 
 
@@ -112,6 +118,19 @@ def test_synthetic_arm64_stub_and_the_refusals() -> None:
 def test_machine_refuses_what_firmware_could_not_run(data: bytes, message: str) -> None:
     with pytest.raises(uki.UkiError, match=message):
         uki.machine(data)
+
+
+@FUZZ
+@given(st.binary(max_size=600), st.integers(0, 0x200), st.binary(max_size=8))
+def test_machine_of_any_bytes_is_an_answer_or_a_refusal(data: bytes, at: int, patch: bytes) -> None:
+    """The route reads a kernel's first page with it: any bytes, a mutated real header too."""
+    mutated = bytearray(synthetic_stub(machine=uki.MACHINE_ARM64))
+    mutated[at : at + len(patch)] = patch
+    for candidate in (data, b"MZ" + data, bytes(mutated)):
+        try:
+            assert uki.machine(candidate) in uki.MACHINES.values()
+        except uki.UkiError:
+            pass
 
 
 # --- profiles -----------------------------------------------------------------------------------
