@@ -276,10 +276,13 @@ def _open_uki_parts(
 
 
 async def _send_file(response: web.StreamResponse, opened: jail.OpenedFile, pad: int) -> None:
-    """The whole file through ``response``, then ``pad`` zero bytes; reads off the loop."""
+    """The file's first ``opened.size`` bytes (its size when the jail opened it: the
+    Content-Length was promised from it) through ``response``, then ``pad`` zero bytes;
+    reads off the loop."""
     offset = 0
     while offset < opened.size:
-        chunk = await asyncio.to_thread(os.pread, opened.fd, UKI_CHUNK, offset)
+        want = min(UKI_CHUNK, opened.size - offset)
+        chunk = await asyncio.to_thread(os.pread, opened.fd, want, offset)
         if not chunk:
             raise ConnectionResetError(f"{opened.path} shrank while it was sent")
         await response.write(chunk)

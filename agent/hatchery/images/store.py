@@ -47,6 +47,14 @@ from hatchery.state import StateError, fsync_dir, read_json, write_atomic, write
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 LEVEL = 3
+#: For content that is already compressed (a zstd cpio, a bzImage): zstd's fastest level,
+#: which stores incompressible blocks raw. Level 3 gains nothing on them and costs 3x the
+#: CPU both ways (140 MB initrd: 0.76 s against 0.23 s to write, 0.46 s against 0.15 s to
+#: read on the 2-core test machine; far more on an emulated node publishing its images).
+RAW_LEVEL = -1
+#: The first chunk decides: it must shrink by at least this share at level 1 for the
+#: object to be compressed at ``LEVEL``.
+WORTH_COMPRESSING = 0.05
 POINTERS = "pointers.json"
 
 
@@ -114,6 +122,18 @@ def decompressed_chunks(path: Path, limit: int) -> Iterator[bytes]:
         raise CorruptObject(f"{path.name} is not a valid zstd stream: {exc}") from None
 
 
+def _compressor_for(first: bytes) -> zstandard.ZstdCompressionObj:
+    """A compressor at ``LEVEL``, or at ``RAW_LEVEL`` when ``first`` (the content's first
+    chunk) is already compressed: it barely shrinks at zstd's cheapest level. The object's
+    format is the same zstd either way; readers and peers cannot tell."""
+    level = LEVEL
+    if first:
+        trial = zstandard.ZstdCompressor(level=1).compress(first)
+        if len(trial) > len(first) * (1 - WORTH_COMPRESSING):
+            level = RAW_LEVEL
+    return zstandard.ZstdCompressor(level=level, write_checksum=True).compressobj()
+
+
 class ObjectWriter:
     """Content in, an object out: compressed and hashed as it is written, checked on commit."""
 
@@ -124,7 +144,7 @@ class ObjectWriter:
         fd, name = tempfile.mkstemp(dir=store.root / "tmp", prefix="obj-", suffix=".zst")
         self._tmp = Path(name)
         self._file = os.fdopen(fd, "wb")
-        self._zstd = zstandard.ZstdCompressor(level=LEVEL, write_checksum=True).compressobj()
+        self._zstd: zstandard.ZstdCompressionObj | None = None  # made for the first chunk
         self._hash = hashlib.sha256()
         self.size = 0
         self._done = False
@@ -134,6 +154,8 @@ class ObjectWriter:
         if self.size > self._max:
             raise CorruptObject(f"the object is larger than {self._max} bytes")
         self._hash.update(chunk)
+        if self._zstd is None:
+            self._zstd = _compressor_for(chunk)
         self._file.write(self._zstd.compress(chunk))
 
     def commit(self) -> str:
@@ -144,6 +166,8 @@ class ObjectWriter:
             raise CorruptObject(
                 f"the content's sha256 is {digest}, not {self._expected} (tampered or truncated)"
             )
+        if self._zstd is None:  # empty content: still a valid (empty) zstd frame
+            self._zstd = _compressor_for(b"")
         self._file.write(self._zstd.flush())
         self._file.flush()
         os.fsync(self._file.fileno())

@@ -29,6 +29,7 @@ from hatchery.metadata.service import teardown_bridge
 from hatchery.qemu.accel import choose_accel
 from hatchery.qemu.cmdline import GuestSpec, Nic, build_argv
 from hatchery.sealing import SeedKey
+from hatchery_lab import pxe_chain
 from hatchery_lab.agent import AgentProcess, Pki, free_port
 from hatchery_lab.cpio_writer import Entry
 from hatchery_lab.guest import (
@@ -105,13 +106,15 @@ def site_dhcp(dnsmasq: str, br: str, net: str, workdir: Path) -> Iterator[subpro
             server.wait(timeout=10)
 
 
-@pytest.mark.parametrize("mode", ["full", "proxy"])
+@pytest.mark.parametrize("mode", ["full", "proxy", "https"])
 def test_agent_births_a_machine(
     tmp_path: Path, require_root: None, require_tool: Callable[[str], str], mode: str
 ) -> None:
     """``full``: our DHCP gives the birth lease. ``proxy`` (``boot.dhcp: proxy``): dnsmasq
     gives the address, our proxyDHCP only the boot answers; the script and the seed go to
-    the address the machine's iPXE came from on port 4011, with the same guarantees."""
+    the address the machine's iPXE came from on port 4011, with the same guarantees.
+    ``https`` (``boot.https``): OVMF with the boot CA pinned HTTP-boots the machine's unified
+    kernel image from the agent over TLS (no iPXE); its seed URL names the plain port."""
     require_tool("qemu-system-x86_64")
     curl = require_tool("curl")
     kernel = find_guest_kernel()
@@ -149,6 +152,13 @@ def test_agent_births_a_machine(
     if mode == "proxy":
         dhcp = {"dhcp": "proxy"}
     dnsmasq = require_tool("dnsmasq") if mode == "proxy" else ""
+    boot_pki = None
+    if mode == "https":
+        if not pxe_chain.OVMF_CODE.exists():
+            missing("OVMF is not installed (package ovmf)")
+        boot_pki = pxe_chain.make_boot_pki(tmp_path / "boot-pki", f"{net}.1")
+        https = {"cert": str(boot_pki.cert), "key": str(boot_pki.key), "port": free_port()}
+        dhcp = {**dhcp, "https": https}
     with bridge(f"{net}.1/24") as br, contextlib.ExitStack() as stack:
         if mode == "proxy":
             stack.enter_context(site_dhcp(dnsmasq, br, net, tmp_path))
@@ -187,6 +197,9 @@ def test_agent_births_a_machine(
             spec = GuestSpec(name="birth", accel=choose_accel(), memory_mib=512,
                              nics=(Nic(tap, MAC),), extra=("-boot", "n", "-no-reboot"))  # fmt: skip
             argv = build_argv(spec)
+            if boot_pki is not None:
+                argv = pxe_chain.firmware_argv(tmp_path, tap, MAC, "uefi-http",
+                                               boot_pki.firmware_args())  # fmt: skip
             with run_guest(argv) as guest:
                 guest.wait_for(b" END", timeout=420)
             console = guest.output.decode(errors="replace")
@@ -208,6 +221,11 @@ def test_agent_births_a_machine(
             # burnt, and the host is not the machine anyway; a plain GET gets no seed at all
             assert status(url[1], "--data-binary", f"@{key_file}") == "404"
             assert status(url[1]) == "405"
+            if mode == "https":  # the whole boot came over TLS, as one image
+                assert f"URI: https://{net}.1:" in console
+                assert f"unified kernel image for {MAC}: profile hypervisor" in (
+                    agent.log_path.read_text()
+                )
             if mode == "proxy":  # the address came from the site's server, not from us
                 site_log = (tmp_path / "site-dnsmasq.log").read_text()
                 assert re.search(rf"DHCPACK\(eth0\) {re.escape(net)}\.5\d {MAC}", site_log)

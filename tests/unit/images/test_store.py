@@ -229,3 +229,22 @@ def test_bad_names_are_refused(store: ImageStore) -> None:
             store.object_path(bad)
     with pytest.raises(ImageNotFound):
         store.manifest_bytes("../../etc/passwd")
+
+
+def test_compressed_content_is_stored_nearly_as_is_and_text_is_compressed(
+    store: ImageStore,
+) -> None:
+    """An initrd or kernel arrives compressed already: recompressing it at level 3 gains
+    nothing and costs 3x the CPU, so its object holds raw zstd blocks; other content is still
+    compressed. Both read back exactly, in the same zstd format."""
+    text = b"".join(f"line {i} of a manifest-like text\n".encode() for i in range(200_000))
+    packed = os.urandom(3_000_000)  # as incompressible as a .cpio.zst or a bzImage
+    for content in (text, packed, b""):
+        sha = store.put([content[i : i + (1 << 20)] for i in range(0, len(content), 1 << 20)])
+        stored = store.object_path(sha).stat().st_size
+        if content is text:
+            assert stored < len(text) // 10
+        elif content is packed:
+            assert len(packed) <= stored < len(packed) * 1.01 + 64
+        assert b"".join(store.read_object(sha, len(content))) == content
+        store.verify_object(sha, len(content))

@@ -326,6 +326,9 @@ async def test_retransmits_on_timeout_then_gives_up(root: Path, client: Client) 
 
 
 async def test_stray_traffic_does_not_postpone_retransmission(root: Path, client: Client) -> None:
+    """Garbage every 50 ms, from a stranger (the transfer's connected socket never sees it)
+    and from the client's own address and port (it does: only a real ACK of the block may
+    restart the retransmission timer)."""
     async with _server(root, timeout=0.4) as server:
         await client.send(RRQ("small", "octet"), server.address)
         first, tid = await client.recv()
@@ -335,7 +338,9 @@ async def test_stray_traffic_does_not_postpone_retransmission(root: Path, client
             started = loop.time()
             retransmit = asyncio.ensure_future(client.recv(timeout=3))
             while not retransmit.done():
-                await stranger.send(b"\xff\xff", tid)  # garbage, every 50 ms
+                await stranger.send(b"\xff\xff", tid)
+                await client.send(b"\xff\xff", tid)  # not an ACK: ignored, timer kept
+                await client.send(ACK(0), tid)  # a stale ACK (before block 1): the same
                 await asyncio.sleep(0.05)
             assert (await retransmit)[0] == first
             assert loop.time() - started < 0.7

@@ -180,13 +180,21 @@ def start_our_services6(env: NetEnv, root: Path, profiles: Path, *extra_dhcp6: s
 def qemu_argv(
     env: NetEnv, tap: str, mac: str, firmware: str, more: tuple[str, ...] = ()
 ) -> list[str]:
-    """``firmware``: ``bios`` (SeaBIOS), ``uefi`` (OVMF with QEMU's iPXE ROM),
-    ``uefi-http`` (OVMF's own network stack: the ROM is switched off with ``romfile=``) or
-    ``uefi-pxe`` (OVMF's own stack and its PXEv4: ``ipxe.efi`` over TFTP, then iPXE)."""
+    """``firmware_argv`` run in ``env``'s namespace."""
+    return env.in_ns(firmware_argv(env.workdir, tap, mac, firmware, more))
+
+
+def firmware_argv(
+    workdir: Path, tap: str, mac: str, firmware: str, more: tuple[str, ...] = ()
+) -> list[str]:
+    """A disk-less guest on ``tap`` that boots from the network. ``firmware``: ``bios``
+    (SeaBIOS), ``uefi`` (OVMF with QEMU's iPXE ROM), ``uefi-http`` (OVMF's own network
+    stack: the ROM is switched off with ``romfile=``) or ``uefi-pxe`` (OVMF's own stack and
+    its PXEv4: ``ipxe.efi`` over TFTP, then iPXE). ``more``: further QEMU arguments."""
     extra = ["-boot", "n", "-no-reboot"]
     own_stack = firmware in ("uefi-http", "uefi-pxe")
     if firmware in ("uefi", "uefi-http", "uefi-pxe"):
-        vars_copy = env.workdir / "OVMF_VARS.fd"
+        vars_copy = workdir / f"OVMF_VARS-{tap}.fd"
         shutil.copyfile(OVMF_VARS, vars_copy)
         extra += [
             "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
@@ -215,7 +223,7 @@ def qemu_argv(
             "-netdev", f"tap,id=net0,ifname={tap},script=no,downscript=no",
             "-device", f"virtio-net-pci,netdev=net0,mac={mac},romfile=",
         ]  # fmt: skip
-    return env.in_ns(argv)
+    return argv
 
 
 def boot_guest(
