@@ -244,7 +244,7 @@ def arm64_qemu_argv(
     of its variables), virtio-net without an option ROM (AAVMF's own network stack and its
     HTTP Boot option), the PL011 serial console on stdout; ``more``: e.g. the boot CA.
     ``pxe``: leave AAVMF's PXE options on (they come before HTTP Boot)."""
-    vars_copy = env.workdir / "AAVMF_VARS.fd"
+    vars_copy = env.workdir / f"AAVMF_VARS-{tap}.fd"
     shutil.copyfile(AAVMF_VARS, vars_copy)
     argv = [
         QEMU_AARCH64, "-name", "pxe-arm64", "-machine", "virt", "-accel", "tcg",
