@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from hatchery_lab import pxe_chain
-from hatchery_lab.guest import find_arm64_guest, find_guest_kernel, run_guest
+from hatchery_lab.guest import find_arm64_guest, find_guest_kernel
 from hatchery_lab.netenv import NetEnv, boot_network
 from tests.conftest import missing
 
@@ -93,15 +93,3 @@ def test_aavmf_https_boots_the_arm64_uki_with_the_pinned_ca(
     _check(env, mac, url, boot)
     print(f"arm64 UEFI HTTPS Boot of a UKI under TCG ({pxe_chain.ARM64_CPU}): "
           f"{boot.seconds:.1f} s from QEMU start to the guest marker")  # fmt: skip
-
-
-def test_arm64_pxe_gets_no_boot_file(arm64_chain: NetEnv) -> None:
-    """AAVMF's PXEv4 (architecture 11) left on: our DHCP answers it with an address and no
-    boot file, saying why, and the firmware goes on to HTTP Boot (the brief for arch 11)."""
-    env = arm64_chain
-    mac = "52:54:00:5e:0a:03"
-    tap = env.add_tap("pxe64")
-    with run_guest(pxe_chain.arm64_qemu_argv(env, tap, mac, pxe=True)) as guest:
-        guest.wait_for(b"URI: http://", 400)
-    dhcp = next(s for s in env.services if s.name == "dhcp").text()
-    assert f"{mac}: arm64 PXE (arch 11): no arm64 iPXE to send" in dhcp, dhcp
