@@ -58,6 +58,14 @@ class Ipv6BootConfig:
     lease_time: int = 3600
 
 
+#: systemd's EFI stub (Debian package systemd-boot-efi): the head of every unified kernel image
+DEFAULT_UKI_STUB = Path("/usr/lib/systemd/boot/efi/linuxx64.efi.stub")
+#: the arm64 stub (systemd-boot-efi:arm64; tools/fetch-arm64-guest.sh unpacks one). The
+#: hypervisor image carries the x86-64 stub only: a node births arm64 machines once the
+#: operator puts this file on /data and names it in ``boot.uki_stub_arm64``.
+DEFAULT_UKI_STUB_ARM64 = Path("/usr/lib/systemd/boot/efi/linuxaa64.efi.stub")
+
+
 @dataclass(frozen=True, slots=True)
 class BootHttpsConfig:
     """``boot.https``: the boot HTTP service also speaks TLS on ``port``, with a certificate
@@ -84,6 +92,8 @@ class BootServiceConfig:
     cmdline: str = "console=ttyS0 panic=30"
     ipv6: Ipv6BootConfig | None = None  # IPv6 births (DHCPv6 + managed RAs); None: IPv4 only
     https: BootHttpsConfig | None = None  # None: plain HTTP only (iPXE over HTTP for UEFI too)
+    uki_stub: Path = DEFAULT_UKI_STUB  # UEFI HTTP Boot straight into a UKI (x86-64 with https)
+    uki_stub_arm64: Path = DEFAULT_UKI_STUB_ARM64  # arm64 births (profiles' arm64: artefacts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,6 +432,8 @@ def _boot(r: _Reader, subnets: tuple[SubnetConfig, ...]) -> BootServiceConfig:
         cmdline=r.get("cmdline", str, _BOOT.cmdline),
         ipv6=_boot_ipv6(r.sub("ipv6"), mode) if r.get("ipv6", dict) is not None else None,
         https=_boot_https(r.sub("https"), port) if r.get("https", dict) is not None else None,
+        uki_stub=Path(r.get("uki_stub", str, str(_BOOT.uki_stub))),
+        uki_stub_arm64=Path(r.get("uki_stub_arm64", str, str(_BOOT.uki_stub_arm64))),
     )
     r.finish()
     return config

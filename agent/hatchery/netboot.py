@@ -251,6 +251,7 @@ class Netboot:
         return BootHttpConfig(
             self.root, profiles, births=holders,
             seeds=SeedFolder(self.config.seeds) if holders is not None else None,
+            uki_stub=self.config.uki_stub, uki_stub_arm64=self.config.uki_stub_arm64,
         )  # fmt: skip
 
     def _boot_tls(self, hosts: tuple[str, ...]) -> ssl.SSLContext:

@@ -56,7 +56,7 @@ from hatchery.boothttp.pump import SendfilePump
 from hatchery.boothttp.seeds import SeedFolder
 from hatchery.boothttp.tokens import DEFAULT_TTL, TOKEN_BYTES, BirthTokens, Grant
 from hatchery.boothttp.uki import UkiError, UkiLayout, layout, machine
-from hatchery.config import ConnectionLimits
+from hatchery.config import DEFAULT_UKI_STUB, DEFAULT_UKI_STUB_ARM64, ConnectionLimits
 from hatchery.dhcp.leases import normalise_mac
 from hatchery.errors import HatcheryError
 from hatchery.listener import HttpListener, ListenerError, ListenerStats, count_sent
@@ -68,10 +68,6 @@ log = logging.getLogger(__name__)
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 DEFAULT_IPXE_DIR = Path("/usr/lib/ipxe")
-#: systemd's EFI stub (Debian package systemd-boot-efi): the head of every unified kernel image
-DEFAULT_UKI_STUB = Path("/usr/lib/systemd/boot/efi/linuxx64.efi.stub")
-#: the arm64 stub (systemd-boot-efi:arm64; tools/fetch-arm64-guest.sh unpacks one)
-DEFAULT_UKI_STUB_ARM64 = Path("/usr/lib/systemd/boot/efi/linuxaa64.efi.stub")
 UKI_CHUNK = 1 << 20
 # Loaded once at import: the first lookup in the global table reads /etc/mime.types (ms),
 # and a request must not wait for it (busybox nc half-closes right after its request, and

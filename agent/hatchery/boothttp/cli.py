@@ -7,15 +7,9 @@ import asyncio
 import contextlib
 from pathlib import Path
 
-from hatchery.boothttp.app import (
-    DEFAULT_IPXE_DIR,
-    DEFAULT_UKI_STUB,
-    DEFAULT_UKI_STUB_ARM64,
-    BootHttpConfig,
-    BootHttpServer,
-    boot_tls_context,
-)
+from hatchery.boothttp.app import DEFAULT_IPXE_DIR, BootHttpConfig, BootHttpServer, boot_tls_context
 from hatchery.boothttp.profiles import Profiles
+from hatchery.config import DEFAULT_UKI_STUB, DEFAULT_UKI_STUB_ARM64
 from hatchery.dhcp.cli import serve_until_stopped
 from hatchery.errors import ConfigError
 

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from hatchery.boothttp import uki
 from hatchery.boothttp.app import BootHttpConfig, BootHttpServer
 from hatchery.boothttp.profiles import ARM64, X86_64, Artefacts, Profiles
+from hatchery.config import DEFAULT_UKI_STUB, parse_config
 from hatchery.dhcp.packet import ZERO_IP, DhcpPacket, MessageType, Op, Opt, opt_str, opt_u8
 from hatchery.dhcp.responder import BootConfig, boot_answer
 from hatchery.dhcp6.packet import Dhcp6Packet, Option, duid_ll, opt_length_prefixed, opt_u16s
@@ -26,6 +27,8 @@ from hatchery.dhcp6.packet import MessageType as Message6
 from hatchery.dhcp6.packet import Opt as Opt6
 from hatchery.dhcp6.responder import Boot6Config, boot_options
 from hatchery.errors import ConfigError
+from hatchery.images.store import ImageStore
+from hatchery.netboot import Netboot
 from hatchery_lab.guest import find_arm64_guest
 from tests.conftest import FUZZ_EXAMPLES, missing
 from tests.support.pe_stubs import content, synthetic_stub
@@ -336,3 +339,19 @@ async def test_the_route_refuses_what_it_cannot_boot(
         (tmp_path / "arm64.stub").write_bytes(synthetic_stub())
         status, _ = await get(server, f"mac={MAC}&arch=arm64")
         assert status == 500 and "the stub is for x86-64, not arm64" in caplog.text
+
+
+def test_a_node_births_arm64_with_the_stub_its_config_names(tmp_path: Path) -> None:
+    """The hypervisor image carries the x86-64 stub only; ``boot.uki_stub_arm64`` names an
+    arm64 one the operator put on /data, and the agent's boot HTTP service uses it."""
+    stub = tmp_path / "linuxaa64.efi.stub"
+    bridge = {"name": "br0", "boot": {"uki_stub_arm64": str(stub)}}
+    boot = parse_config({"bridges": [bridge]}).bridges[0].boot
+    assert boot is not None and boot.uki_stub_arm64 == stub
+    assert boot.uki_stub == DEFAULT_UKI_STUB  # unchanged unless named
+    netboot = Netboot("br0", boot, tmp_path / "state", ImageStore(tmp_path / "store"), lambda: "v1")
+    netboot.prepare()
+    config = netboot.http_config()
+    assert config.stub(ARM64) == stub and config.stub(X86_64) == DEFAULT_UKI_STUB
+    with pytest.raises(ConfigError, match="uki_stub_arm64: expected"):
+        parse_config({"bridges": [{"name": "br0", "boot": {"uki_stub_arm64": ["x"]}}]})

@@ -19,11 +19,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from hatchery import pki
-from hatchery.boothttp.app import DEFAULT_UKI_STUB, BootHttpConfig, BootHttpServer, boot_tls_context
+from hatchery.boothttp.app import BootHttpConfig, BootHttpServer, boot_tls_context
 from hatchery.boothttp.profiles import Profiles
 from hatchery.boothttp.seeds import SeedFolder
 from hatchery.boothttp.uki import sections
-from hatchery.config import BootHttpsConfig, BootServiceConfig, parse_config
+from hatchery.config import DEFAULT_UKI_STUB, BootHttpsConfig, BootServiceConfig, parse_config
 from hatchery.dhcp.responder import BootConfig
 from hatchery.dhcp6.responder import Boot6Config
 from hatchery.errors import ConfigError
