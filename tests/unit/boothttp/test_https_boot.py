@@ -183,6 +183,20 @@ def test_uefi_http_clients_are_sent_to_the_uki_only_with_https() -> None:
     assert six.http_boot_url(None) == "http://[fd00::1]:8080/ipxe/ipxe.efi"
 
 
+@pytest.mark.parametrize("name", ["ipxe.efi", "snponly.efi"])
+def test_debians_ipxe_speaks_http_but_not_https(name: str) -> None:
+    """Why HTTPS boot skips iPXE (docs/netboot.md): iPXE registers each URI scheme it was
+    built with under its name, and Debian's EFI builds (uncompressed, so readable here) name
+    ``http`` and not ``https``, with no X.509 code at all. If Debian ever builds iPXE with
+    HTTPS this fails, and the docs and the boot paths should change with it."""
+    path = Path("/usr/lib/ipxe") / name
+    if not path.exists():
+        missing(f"no {path} (package ipxe)")
+    binary = path.read_bytes()
+    assert b"\0http\0" in binary
+    assert b"\0https\0" not in binary and b"x509" not in binary.lower()
+
+
 def test_boot_https_config() -> None:
     bridge = {"name": "br0", "boot": {"https": {"cert": "/b/c.pem", "key": "/b/c.key"}}}
     boot = parse_config({"bridges": [bridge]}).bridges[0].boot
