@@ -133,3 +133,49 @@ def test_version_marker_matches_the_build(hypervisor_root: Path, images: Path) -
     os_release = (hypervisor_root / "usr/lib/os-release").read_text()
     version = manifest(images, "hypervisor")["version"]
     assert f'IMAGE_VERSION="{version}"' in os_release or f"IMAGE_VERSION={version}" in os_release
+
+
+# What a node needs from its kernel (as modules or built in), one line per class of the
+# allowlist in images/hypervisor/mkosi.conf: if a pattern there stops matching, this fails.
+REQUIRED_MODULES = (
+    "kvm kvm_intel kvm_amd vhost_net vhost_vsock vhost_scsi irqbypass vfio_pci",  # virtualisation
+    "virtio_net virtio_blk virtio_scsi virtio_rng",  # nodes that are VMs themselves
+    "ahci nvme sd_mod megaraid_sas mpt3sas smartpqi hpsa mptsas loop nbd",  # storage
+    "dm_mod dm_crypt dm_multipath raid1 raid456",  # software RAID, LVM, dm-crypt
+    "e1000e igb ixgbe i40e ice mlx5_core bnxt_en tg3 bnx2x",  # wired NICs
+    "tun tap macvtap veth vxlan geneve wireguard bonding",  # what VMs are wired with
+    "bridge br_netfilter 8021q nf_tables nft_ct nft_nat nft_chain_nat nf_conntrack",  # stack
+    "vmw_vsock_virtio_transport_common openvswitch tls sctp",
+    "ext4 xfs btrfs vfat overlay squashfs erofs fuse isofs nfsv4",  # file systems
+    "aesni_intel xts dm_crypt sha256_ssse3 crc32c_intel",  # crypto
+    "ipmi_si ipmi_devintf ipmi_ssif ipmi_watchdog iTCO_wdt lpc_ich tpm_crb edac_core",  # platform
+    "xhci_pci ehci_pci usb_storage usbhid hid_generic ast mgag200",  # the local console
+)
+#: Classes a hypervisor does without (``kernel/<dir>``): no module of theirs may be in the image.
+LEFT_OUT = (
+    "sound", "drivers/net/wireless", "net/wireless", "net/mac80211", "drivers/bluetooth",
+    "net/bluetooth", "drivers/media", "drivers/staging", "drivers/gpu/drm/amd",
+    "drivers/gpu/drm/nouveau", "drivers/gpu/drm/i915", "drivers/iio", "drivers/input/joystick",
+    "drivers/input/touchscreen", "net/can",
+)  # fmt: skip
+# Pulled in as dependencies and kept: the RDMA core (NFS over RDMA, NVMe over fabrics) and
+# the ACPI-WMI bus (platform/x86/wmi.ko, for server sensors and ACPI video).
+
+
+def test_the_module_set_is_hypervisor_sized(hypervisor_root: Path) -> None:
+    (release,) = [p for p in (hypervisor_root / "usr/lib/modules").iterdir() if p.is_dir()]
+    kernel = release / "kernel"
+    present = {p.name.split(".ko")[0].replace("-", "_") for p in kernel.rglob("*.ko*")}
+    builtin = {
+        Path(line).name.split(".ko")[0].replace("-", "_")
+        for line in (release / "modules.builtin").read_text().splitlines()
+    }
+    wanted = {name for line in REQUIRED_MODULES for name in line.split()}
+    assert sorted(wanted - present - builtin) == []
+    found = {out: sorted(p.name for p in (kernel / out).rglob("*.ko*")) for out in LEFT_OUT}
+    assert {out: names for out, names in found.items() if names} == {}
+    # every module left is one modprobe can load: modules.dep was regenerated for the set
+    deps = (release / "modules.dep").read_text()
+    assert "kernel/sound/" not in deps and "kernel/drivers/net/ethernet/intel/ice/ice.ko" in deps
+    size = sum(p.stat().st_size for p in kernel.rglob("*.ko*"))
+    assert size < 160e6, f"{size / 1e6:.0f} MB of modules"
