@@ -27,7 +27,13 @@ from hatchery.client import AgentClient, Credentials
 from hatchery_lab.agent import AgentProcess
 from hatchery_lab.guest import find_guest_kernel
 from hatchery_lab.outlive import agent_on_bridge, create, next_tick, ticks
-from hatchery_lab.qemu_versions import QemuSwitch, host_qemu, next_qemu, qemu_switch, version
+from hatchery_lab.qemu_versions import (
+    QemuSwitch,
+    host_qemu,
+    qemu_switch,
+    runnable_next_qemu,
+    version,
+)
 
 RUNS = 5
 CYCLES = 10
@@ -99,7 +105,12 @@ def _same_boot(agent: AgentProcess, name: str, boot: str) -> bool:
 
 
 def run() -> None:
-    kernel, old, new = find_guest_kernel(), host_qemu(), next_qemu()
+    with runnable_next_qemu() as new:
+        _run(new)
+
+
+def _run(new: str | None) -> None:
+    kernel, old = find_guest_kernel(), host_qemu()
     if kernel is None:
         raise SystemExit("no guest kernel: run make guest-kernel")
     if old is None or new is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -31,6 +32,30 @@ def host_qemu() -> str | None:
 def next_qemu() -> str | None:
     """The unpacked next QEMU's launcher, if ``make qemu-next`` has run."""
     return str(QEMU_NEXT) if os.access(QEMU_NEXT, os.X_OK) else None
+
+
+def _others_can_run(path: Path) -> bool:
+    """Whether a user other than root can reach and run ``path``: every folder above it
+    searchable by others, the file readable and executable by them."""
+    resolved = path.resolve()
+    folders_ok = all(os.stat(p).st_mode & stat.S_IXOTH for p in resolved.parents)
+    mode = os.stat(resolved).st_mode
+    return folders_ok and bool(mode & stat.S_IROTH) and bool(mode & stat.S_IXOTH)
+
+
+@contextmanager
+def runnable_next_qemu() -> Iterator[str | None]:
+    """``next_qemu()`` where every VM's uid can run it (None: not fetched). QEMU is executed
+    as the VM's user, and a checkout under a private folder (``git clone . "$(mktemp -d)/x"``:
+    mode 0700) hides ``.cache`` from it; the unpacked tree (82 MB) is then copied into a
+    ``searchable_folder`` for as long as it is used."""
+    launcher = next_qemu()
+    if launcher is None or _others_can_run(QEMU_NEXT):
+        yield launcher
+        return
+    with searchable_folder("hatchery-qemu-next-") as folder:
+        shutil.copytree(QEMU_NEXT.parent, folder / "qemu-next", symlinks=True)
+        yield str(folder / "qemu-next" / QEMU_NEXT.name)
 
 
 def version(binary: str) -> str:
