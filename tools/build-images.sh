@@ -6,6 +6,8 @@
 #                                (default: one warning line per differing package)
 #   make images UPDATE_LOCK=1    record the packages built into images/<name>/packages.lock
 #   make images REFRESH=1        sync the package metadata now (otherwise when older than 24 h)
+#   make images ROOT_LAYOUT=cpio the hypervisor's root unpacked whole into RAM (the layout before
+#                                the live root; default squashfs), for side-by-side benchmarks
 # Arguments are passed on: tools/build-images.sh --help. See docs/images.md.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hatchery_lab.images import build_images, unpack_cpio
+from hatchery_lab.images import build_images
+from hatchery_lab.liveroot import unpack_root
 from tests.conftest import missing
 
 
@@ -25,7 +26,7 @@ def images() -> Path:
 
 @pytest.fixture(scope="session")
 def hypervisor_root(images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The hypervisor image's root file system, unpacked from its cpio."""
-    return unpack_cpio(
+    """The hypervisor image's root file system, unpacked from its initrd (either layout)."""
+    return unpack_root(
         images / "hypervisor" / "hypervisor.cpio.zst", tmp_path_factory.mktemp("hvroot") / "root"
     )

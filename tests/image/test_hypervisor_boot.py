@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import pytest
 from hatchery import pki
 from hatchery_lab.guest import run_guest
 from hatchery_lab.images import hypervisor_argv
+from hatchery_lab.liveroot import is_live_initrd
 
 BOOT_TIMEOUT = 900  # TCG on a shared machine: ~1-3 minutes per boot, generous margin
 DISK_MIB = 512
@@ -142,3 +144,37 @@ def test_disk_with_foreign_partitions_is_never_formatted(tools: Path, tmp_path: 
     assert result.fact("data").startswith("persistent=no")
     assert result.status == 0, result.checks  # the node still works: paths point into RAM
     assert sha256(disk) == before, "the foreign disk was modified"
+
+
+def test_the_live_root_keeps_the_root_compressed(tools: Path, tmp_path: Path) -> None:
+    """The live root (hatchery_lab.liveroot, the default layout): the root kept as a squashfs
+    image under a tmpfs overlay boots, mounts /data and starts the agent, and holds the
+    compressed image's size in RAM, not the unpacked tree's."""
+    live = tools
+    assert is_live_initrd(live / "hypervisor" / "hypervisor.cpio.zst")
+    # A data disk made on the host as a node would find it (a file system labelled
+    # hatchery-data is used as is), holding the agent's TLS files: one boot shows it all.
+    tls = tmp_path / "data" / "etc/hatchery/tls"
+    tls.mkdir(parents=True)
+    ca_dir = tmp_path / "ca"
+    pki.init_ca(ca_dir)
+    pair = pki.issue(ca_dir, "agent", tmp_path / "issued", server_names=("localhost",))
+    for src, name in ((ca_dir / pki.CA_CERT, "ca.pem"), (pair.cert, "agent.pem"),
+                      (pair.key, "agent.key")):  # fmt: skip
+        shutil.copy(src, tls / name)
+    disk = tmp_path / "data.img"
+    subprocess.run(["mkfs.ext4", "-q", "-L", "hatchery-data", "-d", str(tmp_path / "data"),
+                    str(disk), f"{DISK_MIB}M"], check=True)  # fmt: skip
+
+    result = boot(live, disk)
+    assert "hatchery-init:" not in result.console  # /init reported no failure
+    assert "hatchery-data: mounted /dev/vda at /data: state is persistent" in result.console
+    assert result.fact("agent") == "active", result.console[-3000:]
+    assert result.status == 0, result.checks
+    root = dict(field.split("=") for field in result.fact("root-ram").split())
+    assert root["layout"] == "squashfs", result.facts
+    image_mb, writes_mb = (
+        int(root["image"].removesuffix("MB")),
+        int(root["writes"].removesuffix("MB")),
+    )
+    assert 50 < image_mb < 200 and writes_mb < 64, root

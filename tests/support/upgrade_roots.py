@@ -10,7 +10,10 @@ import asyncio
 import hashlib
 import io
 import os
+import shutil
 import stat
+import subprocess
+import tempfile
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import BinaryIO
@@ -24,6 +27,12 @@ from hatchery_lab.cpio_writer import Entry, write_newc
 
 RELEASE = "6.1.0-test-amd64"
 
+AGENT_UNIT = b"""[Service]
+ExecStart=/usr/bin/hatchery-agent run
+X-Hatchery-Restart-On=/opt/hatchery/
+"""
+SSHD_UNIT = b"[Service]\nExecStart=/usr/sbin/sshd -D\n"
+
 
 def root_image(version: str, kernel_release: str = RELEASE, extra: bytes = b"") -> bytes:
     entries = [
@@ -33,6 +42,29 @@ def root_image(version: str, kernel_release: str = RELEASE, extra: bytes = b"") 
         Entry.file("usr/lib/os-release", f"IMAGE_VERSION={version}\n".encode()),
         Entry.file("usr/lib/payload", b"payload " + version.encode() + extra),
     ]  # fmt: skip
+    return write_newc(entries)
+
+
+def image(version: str, **overrides: bytes | None) -> bytes:
+    """A small node root of ``version`` for live-patch tests; ``overrides`` change or (None)
+    drop files."""
+    files: dict[str, bytes | None] = {
+        "usr/lib/os-release": f"IMAGE_VERSION={version}\n".encode(),
+        "usr/lib/systemd/system/hatchery-agent.service": AGENT_UNIT,
+        "usr/lib/systemd/system/ssh.service": SSHD_UNIT,
+        "usr/sbin/sshd": b"sshd v1",
+        "opt/hatchery/venv/lib/agent.py": b"print('v1')",
+        "etc/motd": b"welcome",
+        "etc/obsolete.conf": b"old",
+        "var/log/dpkg.log": b"build log",
+    }
+    files.update(overrides)
+    entries = [Entry.directory(d) for d in ("etc", "opt", "opt/hatchery", "opt/hatchery/venv",
+               "opt/hatchery/venv/lib", "usr", "usr/bin", "usr/lib", "usr/lib/systemd",
+               "usr/lib/systemd/system", "usr/sbin", "var", "var/log", "var/lib")]  # fmt: skip
+    entries.append(Entry.symlink("usr/bin/hatchery-agent", "/opt/hatchery/venv/bin/agent"))
+    entries.append(Entry.symlink("var/lib/hatchery", "/data/var/lib/hatchery"))
+    entries += [Entry.file(p, data) for p, data in sorted(files.items()) if data is not None]
     return write_newc(entries)
 
 
@@ -75,6 +107,34 @@ def unpack(archive: bytes, root: Path) -> None:
         else:
             path.write_bytes(data)
             path.chmod(stat.S_IMODE(member.mode))
+
+
+def live_root(archive: bytes) -> bytes:
+    """The same root in the live layout (hatchery_lab.liveroot): a squashfs image of it made
+    by the real mksquashfs, first member of an initrd whose other members are not the root's.
+    Needs root (owners kept) and mksquashfs; callers skip without them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "tree"
+        tree.mkdir()
+        unpack(archive, tree)
+        image = Path(tmp) / "root.squashfs"
+        subprocess.run(["mksquashfs", str(tree), str(image), "-comp", "zstd", "-noappend",
+                        "-no-xattrs", "-quiet", "-no-progress"], check=True)  # fmt: skip
+        return write_newc([
+            Entry.file("root.squashfs", image.read_bytes(), 0o400),
+            Entry.file("init", b"#!/bin/busybox sh\n", 0o755), Entry.directory("bin"),
+            Entry.file("bin/busybox", b"not the root's"), Entry.directory("usr"),
+            Entry.file("usr/not-in-the-root", b"the initrd's own"),
+        ])  # fmt: skip
+
+
+def can_mount_squashfs() -> str | None:
+    """Why live roots cannot be read here (None: they can): mounting needs root and tools."""
+    if os.geteuid() != 0:
+        return "mounting a root image needs root"
+    if shutil.which("mksquashfs") is None:
+        return "mksquashfs is not installed (package squashfs-tools)"
+    return None
 
 
 async def wait_done(upgrader: Upgrader) -> None:

@@ -343,7 +343,7 @@ class Upgrader:
             )  # fmt: skip
         try:
             with images.open_artefact(version, "initrd") as raw:
-                if has_modules(raw, self._release):
+                if has_modules(raw, self._release, self._state_dir):
                     return
         except ArchiveError as exc:
             why = f"image {version}'s root cannot be read: {exc.message}"
@@ -414,10 +414,10 @@ class Upgrader:
         """
         assert self._images is not None
         running = self._version()
-        current = self._current_index(self._images, running)
+        current = self._current_index(self._images, running, self._state_dir)
         patch = LivePatch(self._root, current)
         with self._images.open_artefact(version, "initrd") as raw:
-            plan = patch.stage(open_root(raw))
+            plan = patch.stage(open_root(raw), scratch=self._state_dir)
         if not plan.changes:
             patch.commit()
             self._images.set_current(version)
@@ -436,7 +436,9 @@ class Upgrader:
         return LiveOutcome(detail, host.AGENT_UNIT in units and host.systemd_running())
 
     @staticmethod
-    def _current_index(images: ImageSource, running: str) -> dict[str, Fingerprint] | None:
+    def _current_index(
+        images: ImageSource, running: str, scratch: Path
+    ) -> dict[str, Fingerprint] | None:
         """The running image's fingerprints for the three-way patch; None (patch without
         deletions) when the store lacks it or it no longer verifies."""
         if not images.has(running):
@@ -446,7 +448,7 @@ class Upgrader:
         try:
             images.verify(running)
             with images.open_artefact(running, "initrd") as raw:
-                return index_root(open_root(raw))
+                return index_root(open_root(raw), scratch)
         except HatcheryError as exc:
             log.warning("running image %s does not verify (%s): patching without deletions",
                         running, exc.message)  # fmt: skip

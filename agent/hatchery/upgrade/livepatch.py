@@ -161,7 +161,9 @@ class LivePatch:
         self._log_fd: int | None = None
 
     # --- phase 1 --------------------------------------------------------------------------
-    def stage(self, target: BinaryIO, interrupt: Interrupt = _no_interrupt) -> Plan:
+    def stage(
+        self, target: BinaryIO, interrupt: Interrupt = _no_interrupt, scratch: Path | None = None
+    ) -> Plan:
         """Write every changed file beside its destination; nothing visible changes.
 
         :raise LivePatchError: the work folder of an unsettled patch is still there, or a
@@ -179,7 +181,7 @@ class LivePatch:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
         self._log_fd = os.open(self.work / STAGING_LOG, flags, 0o600)
         try:
-            for member, data in iter_root(target):
+            for member, data in iter_root(target, scratch):
                 seen.add(member.path)
                 if _excluded(member.path) or _under_persistent_link(self.root, member.path):
                     continue

@@ -14,13 +14,7 @@ import pytest
 from hatchery.upgrade.archive import index_root, iter_root
 from hatchery.upgrade.livepatch import LivePatch, LivePatchError, units_to_restart
 from hatchery_lab.cpio_writer import Entry, write_newc
-from tests.support.upgrade_roots import unpack
-
-AGENT_UNIT = b"""[Service]
-ExecStart=/usr/bin/hatchery-agent run
-X-Hatchery-Restart-On=/opt/hatchery/
-"""
-SSHD_UNIT = b"[Service]\nExecStart=/usr/sbin/sshd -D\n"
+from tests.support.upgrade_roots import image, unpack
 
 
 class FailAt:
@@ -32,27 +26,6 @@ class FailAt:
     def __call__(self, phase: str, step: int) -> None:
         if (phase, step) == self.at:
             raise LivePatchError(f"injected failure at {phase} step {step}")
-
-
-def image(version: str, **overrides: bytes | None) -> bytes:
-    files: dict[str, bytes | None] = {
-        "usr/lib/os-release": f"IMAGE_VERSION={version}\n".encode(),
-        "usr/lib/systemd/system/hatchery-agent.service": AGENT_UNIT,
-        "usr/lib/systemd/system/ssh.service": SSHD_UNIT,
-        "usr/sbin/sshd": b"sshd v1",
-        "opt/hatchery/venv/lib/agent.py": b"print('v1')",
-        "etc/motd": b"welcome",
-        "etc/obsolete.conf": b"old",
-        "var/log/dpkg.log": b"build log",
-    }
-    files.update(overrides)
-    entries = [Entry.directory(d) for d in ("etc", "opt", "opt/hatchery", "opt/hatchery/venv",
-               "opt/hatchery/venv/lib", "usr", "usr/bin", "usr/lib", "usr/lib/systemd",
-               "usr/lib/systemd/system", "usr/sbin", "var", "var/log", "var/lib")]  # fmt: skip
-    entries.append(Entry.symlink("usr/bin/hatchery-agent", "/opt/hatchery/venv/bin/agent"))
-    entries.append(Entry.symlink("var/lib/hatchery", "/data/var/lib/hatchery"))
-    entries += [Entry.file(p, data) for p, data in sorted(files.items()) if data is not None]
-    return write_newc(entries)
 
 
 @pytest.fixture

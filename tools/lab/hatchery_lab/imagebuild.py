@@ -44,7 +44,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from hatchery.qemu.kernel import write_vmlinux
-from hatchery_lab import REPO, appliance_kernel
+from hatchery_lab import REPO, appliance_kernel, liveroot
 
 CACHE = REPO / ".cache"
 MKOSI_CACHE = CACHE / "mkosi"
@@ -89,6 +89,10 @@ def input_files(name: str) -> list[Path]:
     if name == "hypervisor":
         roots += [REPO / "agent", REPO / "tools" / "rollout", REPO / "pyproject.toml"]
         roots += [REPO / "requirements.lock", REPO / "README.md"]
+        roots += [
+            Path(liveroot.__file__),
+            REPO / "tools" / "lab" / "hatchery_lab" / "cpio_writer.py",
+        ]
     files = [
         p
         for root in roots
@@ -403,6 +407,15 @@ def _show(path: Path) -> str:
 # --- the build ---------------------------------------------------------------------------------
 
 
+class RootLayout(StrEnum):
+    """How the hypervisor's initrd carries its root: ``squashfs`` (the default), the live root
+    kept compressed in RAM with a tmpfs overlay on top (hatchery_lab.liveroot); ``cpio``,
+    mkosi's whole root unpacked into RAM at boot, kept for side-by-side benchmarks."""
+
+    SQUASHFS = "squashfs"
+    CPIO = "cpio"
+
+
 @dataclass(frozen=True, slots=True)
 class BuildOptions:
     out: Path
@@ -412,6 +425,7 @@ class BuildOptions:
     lock_mode: LockMode
     incremental: bool
     extra_trees: tuple[Path, ...] = ()  # overlays for the hypervisor image (site files, demos)
+    root_layout: RootLayout = RootLayout.SQUASHFS  # the hypervisor's initrd: hatchery_lab.liveroot
     locks_dir: Path = REPO / "images"  # <locks_dir>/<name>/packages.lock
     metadata_max_age_hours: float = METADATA_MAX_AGE_HOURS
 
@@ -531,6 +545,7 @@ def build_one(name: str, opts: BuildOptions, step: str) -> Path:
         extra["wheelhouse"] = house.name
         for index, overlay in enumerate(opts.extra_trees):
             extra[f"extra_tree_{index}"] = tree_digest(overlay)
+        extra["root_layout"] = opts.root_layout.value
     digest, files = inputs_digest(name, extra)
     recorded = None if opts.force else up_to_date(out, digest)
     if recorded is not None:
@@ -587,6 +602,10 @@ def build_one(name: str, opts: BuildOptions, step: str) -> Path:
         appliance_kernel.build(
             stock_kernel_version(packages), final / f"{name}.vmlinux", lambda m: log(f"{step} {m}")
         )
+    if name == "hypervisor" and opts.root_layout is RootLayout.SQUASHFS:
+        initrd = final / f"{name}.cpio.zst"
+        liveroot.repack(initrd, initrd, appliance_kernel.source_date_epoch(),
+                        lambda m: log(f"{step} {name}: live root: {m}"))  # fmt: skip
     artefact_meta = {p.name: (sha256_file(p), p.stat().st_size) for p in sorted(final.iterdir())}
     manifest = {
         "image": name,
@@ -664,6 +683,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="do not reuse mkosi's cached package-installed trees")  # fmt: skip
     build.add_argument("--extra-tree", action="append", type=Path, default=[],
                        help="a folder overlaid on the hypervisor image (repeatable)")  # fmt: skip
+    build.add_argument("--root-layout", type=RootLayout, choices=list(RootLayout),
+                       default=RootLayout(os.environ.get("ROOT_LAYOUT") or RootLayout.SQUASHFS),
+                       help="the hypervisor's root: squashfs (kept compressed in RAM, the "
+                       "default) or cpio (unpacked into RAM); env ROOT_LAYOUT")  # fmt: skip
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("build-images: run as root (mkosi needs it here)", file=sys.stderr)
@@ -689,6 +712,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lock_mode=mode,
         incremental=args.incremental,
         extra_trees=tuple(t.resolve() for t in args.extra_tree),
+        root_layout=args.root_layout,
         locks_dir=args.locks_dir.resolve(),
         metadata_max_age_hours=args.metadata_max_age,
     )

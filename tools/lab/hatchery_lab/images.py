@@ -63,15 +63,6 @@ def manifest(images: Path, name: str) -> dict[str, object]:
     return data
 
 
-def unpack_cpio(archive: Path, dest: Path) -> Path:
-    """Unpack a ``.cpio.zst`` with the real tools (zstd | cpio), as the kernel would see it."""
-    dest.mkdir(parents=True, exist_ok=True)
-    with subprocess.Popen(["zstd", "-qdc", str(archive)], stdout=subprocess.PIPE) as zstd:
-        subprocess.run(["cpio", "-idm", "--quiet", "--no-absolute-filenames"], cwd=dest,
-                       stdin=zstd.stdout, check=True)  # fmt: skip
-    return dest
-
-
 # --- appliance network: netns + bridge + tap + dnsmasq ---------------------------------------
 
 

@@ -1,0 +1,91 @@
+"""The live root's initrd, the parts that need no image build: module load order from a
+``modules.dep``, the members and their order, and the init script's syntax (busybox's own
+shell, the one that runs it). Booting it is tests/image/test_live_root.py."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hatchery.cpio import iter_newc
+from hatchery_lab.cpio_writer import write_newc
+from hatchery_lab.liveroot import (
+    INIT,
+    INIT_MODULES,
+    ROOT_IMAGE,
+    LiveRootError,
+    initrd_entries,
+    module_load_order,
+)
+from tests.conftest import missing
+
+MODULES_DEP = """kernel/drivers/block/loop.ko:
+kernel/fs/squashfs/squashfs.ko: kernel/lib/zstd_fake.ko
+kernel/lib/zstd_fake.ko:
+kernel/fs/overlayfs/overlay.ko:
+kernel/fs/ext4/ext4.ko: kernel/fs/jbd2/jbd2.ko kernel/fs/mbcache.ko
+kernel/fs/jbd2/jbd2.ko:
+kernel/fs/mbcache.ko:
+"""
+
+
+def test_load_order_puts_dependencies_first_once() -> None:
+    order = module_load_order(MODULES_DEP, ("loop", "squashfs", "overlay", "ext4", "mbcache"))
+    assert order == [
+        "kernel/drivers/block/loop.ko",
+        "kernel/lib/zstd_fake.ko",
+        "kernel/fs/squashfs/squashfs.ko",
+        "kernel/fs/overlayfs/overlay.ko",
+        "kernel/fs/jbd2/jbd2.ko",
+        "kernel/fs/mbcache.ko",
+        "kernel/fs/ext4/ext4.ko",
+    ]
+    with pytest.raises(LiveRootError, match="module erofs is not in modules.dep"):
+        module_load_order(MODULES_DEP, ("erofs",))
+
+
+def fake_tree(root: Path, builtin: str = "") -> Path:
+    release = root / "usr/lib/modules/6.1.0-test"
+    for line in MODULES_DEP.splitlines():
+        path = release / line.partition(":")[0]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"ELF " + path.name.encode())
+    (release / "modules.dep").write_text(MODULES_DEP)
+    (release / "modules.builtin").write_text(builtin)
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "usr/bin/busybox").write_bytes(b"busybox binary")
+    return root
+
+
+def test_the_initrd_holds_init_busybox_modules_and_the_root_image(tmp_path: Path) -> None:
+    tree = fake_tree(tmp_path, builtin="kernel/drivers/block/loop.ko\n")
+    archive = write_newc(initrd_entries(tree, b"hsqs root image"))
+    members = {m.path: (m.mode, data) for m, data in iter_newc(io.BytesIO(archive))}
+    assert members["init"] == (0o100755, INIT.encode())
+    assert members["bin/busybox"][1] == b"busybox binary"
+    assert members[ROOT_IMAGE] == (0o100400, b"hsqs root image")
+    # loop is built in here: not loaded; squashfs after what it depends on
+    assert members["lib/modules/load-order"][1] == b"zstd_fake.ko\nsquashfs.ko\noverlay.ko\n"
+    assert members["lib/modules/squashfs.ko"][1] == b"ELF squashfs.ko"
+    assert "lib/modules/loop.ko" not in members
+    assert set(INIT_MODULES) == {"loop", "squashfs", "overlay"}
+    (tree / "usr/bin/busybox").unlink()
+    with pytest.raises(LiveRootError, match="busybox-static"):
+        initrd_entries(tree, b"")
+
+
+def test_the_init_script_parses_in_busybox_sh(tmp_path: Path) -> None:
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        missing("busybox is not installed (package busybox-static)")
+    assert busybox is not None
+    script = tmp_path / "init"
+    script.write_text(INIT)
+    result = subprocess.run([busybox, "sh", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    # systemd gets the kernel's arguments for init
+    assert 'exec switch_root /sysroot /usr/lib/systemd/systemd "$@"' in INIT
