@@ -18,6 +18,7 @@ from hatchery_lab.liveroot import (
     INIT_MODULES,
     ROOT_IMAGE,
     LiveRootError,
+    drop_kernel_copies,
     initrd_entries,
     module_load_order,
 )
@@ -76,6 +77,19 @@ def test_the_initrd_holds_init_busybox_modules_and_the_root_image(tmp_path: Path
     (tree / "usr/bin/busybox").unlink()
     with pytest.raises(LiveRootError, match="busybox-static"):
         initrd_entries(tree, b"")
+
+
+def test_the_kernels_copies_leave_the_root_and_its_config_stays(tmp_path: Path) -> None:
+    tree = fake_tree(tmp_path)
+    (tree / "boot").mkdir()
+    for name in ("vmlinuz-6.1.0-test", "config-6.1.0-test"):
+        (tree / "boot" / name).write_bytes(b"x")
+    (tree / "usr/lib/modules/6.1.0-test/vmlinuz").write_bytes(b"x")
+    removed = drop_kernel_copies(tree)
+    assert [str(p.relative_to(tree)) for p in removed] == [
+        "boot/vmlinuz-6.1.0-test", "usr/lib/modules/6.1.0-test/vmlinuz"]  # fmt: skip
+    assert (tree / "boot/config-6.1.0-test").exists()
+    assert (tree / "usr/lib/modules/6.1.0-test/modules.dep").exists()
 
 
 def test_the_init_script_parses_in_busybox_sh(tmp_path: Path) -> None:

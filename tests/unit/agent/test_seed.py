@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -92,3 +94,18 @@ def test_the_last_seed_url_on_the_command_line_wins(tmp_path: Path) -> None:
     cmdline.write_text("hatchery.seed=http://10.0.0.1:8080/old hatchery.seed=ftp://x/new\n")
     with pytest.raises(SeedError, match="ftp://x/new"):
         find_seed(cmdline, tmp_path / "absent")
+
+
+def test_the_seed_command_does_not_load_the_agents_stack() -> None:
+    """``hatchery-agent seed`` runs on every boot before the agent: on an emulated node each
+    0.1 s of imports on a host is a second of boot, so it must not load the agent's stack."""
+    probe = (
+        "import sys\n"
+        "from hatchery import agent_main\n"
+        "from hatchery.seed import run_seed\n"
+        "heavy = ('aiohttp', 'pyroute2', 'hatchery.agent', 'hatchery.api', 'hatchery.vms')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True)  # fmt: skip
+    assert result.stdout.strip() == "[]"

@@ -43,6 +43,12 @@ from hatchery_lab.cpio_writer import Entry, write_newc
 #: What /init needs before the root is mounted (names as in modules.dep, without .ko).
 INIT_MODULES = ("loop", "squashfs", "overlay")
 SQUASHFS_ARGS = ("-comp", "zstd", "-Xcompression-level", "15", "-b", "128K")
+#: The kernel's own copies in the root (``linux-image``'s ``/boot/vmlinuz-*`` and the one
+#: ``usr/lib/modules/<version>/``): a node boots the kernel shipped beside the initrd
+#: (``hypervisor.vmlinuz``) and upgrades stage theirs from the store, so inside the root they
+#: would only cost 8 MB of RAM and of every download. mkosi copies the kernel out of the tree
+#: after its own RemoveFiles= step, so they are dropped here.
+KERNEL_COPIES = ("boot/vmlinuz-*", "usr/lib/modules/*/vmlinuz")
 #: zstd level of the outer cpio: the squashfs inside is incompressible, the rest is ~3 MB.
 OUTER_LEVEL = 3
 
@@ -173,12 +179,21 @@ def initrd_entries(tree: Path, image: bytes) -> list[Entry]:
     return entries
 
 
+def drop_kernel_copies(tree: Path) -> list[Path]:
+    """Remove ``KERNEL_COPIES`` from an unpacked root; the paths removed."""
+    found = sorted(p for pattern in KERNEL_COPIES for p in tree.glob(pattern))
+    for path in found:
+        path.unlink()
+    return found
+
+
 def repack(mkosi_cpio: Path, initrd: Path, epoch: int, say: Callable[[str], None]) -> None:
     """Write ``initrd`` (the live-root layout) from mkosi's root cpio; reproducible: the
     squashfs is made with ``-reproducible`` and every time set to ``epoch``, the cpio around
     it has fixed owners and times and a fixed member order (hatchery_lab.cpio_writer)."""
     with tempfile.TemporaryDirectory(dir=initrd.parent, prefix=".liveroot.") as tmp:
         tree = unpack_cpio(mkosi_cpio, Path(tmp) / "root")
+        drop_kernel_copies(tree)
         image = Path(tmp) / ROOT_IMAGE
         argv = ["mksquashfs", str(tree), str(image), *SQUASHFS_ARGS, "-noappend", "-no-xattrs",
                 "-reproducible", "-mkfs-time", str(epoch), "-all-time", str(epoch),
