@@ -51,40 +51,58 @@ def _read_exact(stream: BinaryIO, n: int) -> bytes:
     return bytes(data)
 
 
-def iter_newc(stream: BinaryIO) -> Iterator[tuple[Member, bytes]]:
-    """Each member and its data (file contents or symlink target), until the trailer.
-
-    Several newc archives may be concatenated (as in an initrd); reading continues past a
-    trailer while more magic follows, skipping the zero padding in between.
+def next_member(stream: BinaryIO) -> Member | None:
+    """The next member's header, ``stream`` left at its data: ``Member.size`` bytes, then
+    padding to a multiple of four (``skip_data`` reads past both). Trailers and the zero
+    padding between concatenated archives (as in an initrd) are skipped; None at the end.
     """
-    offset = 0
     while True:
         first = stream.read(1)
         while first == b"\0":  # zero padding after a trailer, before a concatenated archive
-            offset += 1
             first = stream.read(1)
         if not first:
-            return
+            return None
         head = first + _read_exact(stream, 5)
         if head != MAGIC:
-            raise CpioError(f"bad cpio magic {head!r} near offset {offset}")
+            raise CpioError(f"bad cpio magic {head!r}")
         fields = _read_exact(stream, 104)
         try:
             values = [int(fields[i : i + 8], 16) for i in range(0, 104, 8)]
-        except ValueError as exc:
-            raise CpioError(f"bad cpio header near offset {offset}") from exc
+        except ValueError:
+            raise CpioError("bad cpio header") from None
         ino, mode, uid, gid, nlink, mtime, size, dmaj, dmin, rmaj, rmin, namesize, _ = values
         if namesize == 0 or namesize > 4096 or size > 1 << 34:
-            raise CpioError(f"implausible cpio header near offset {offset}")
+            raise CpioError("implausible cpio header")
         name = _read_exact(stream, namesize)[:-1].decode("utf-8", "surrogateescape")
-        consumed = 110 + namesize
-        _read_exact(stream, -consumed % 4)
-        data = _read_exact(stream, size)
-        _read_exact(stream, -size % 4)
-        offset += consumed + (-consumed % 4) + size + (-size % 4)
+        _read_exact(stream, -(110 + namesize) % 4)
         if name == TRAILER:
+            skip_data(stream, size)
             continue
-        member = Member(safe_path(name), mode, uid, gid, nlink, ino, (dmaj, dmin),
-                        (rmaj, rmin), mtime, size)  # fmt: skip
+        return Member(safe_path(name), mode, uid, gid, nlink, ino, (dmaj, dmin), (rmaj, rmin),
+                      mtime, size)  # fmt: skip
+
+
+def skip_data(stream: BinaryIO, size: int) -> None:
+    """Read past a member's data (``size`` bytes) and its padding."""
+    remaining = size + (-size % 4)
+    while remaining:
+        chunk = stream.read(min(remaining, 1 << 20))
+        if not chunk:
+            raise CpioError("archive truncated")
+        remaining -= len(chunk)
+
+
+def read_data(stream: BinaryIO, member: Member) -> bytes:
+    """A member's data, after ``next_member``; the stream is left at the next header."""
+    data = _read_exact(stream, member.size)
+    _read_exact(stream, -member.size % 4)
+    return data
+
+
+def iter_newc(stream: BinaryIO) -> Iterator[tuple[Member, bytes]]:
+    """Each member and its data (file contents or symlink target), until the end: several
+    newc archives may be concatenated (as in an initrd)."""
+    while (member := next_member(stream)) is not None:
+        data = read_data(stream, member)
         if member.path:
             yield member, data

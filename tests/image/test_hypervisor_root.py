@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import testinfra
 
+from hatchery.upgrade.rootindex import INDEX_PATH, index_tree, parse_index
 from hatchery_lab.images import manifest
 
 EXPECTED_PACKAGES = (
@@ -145,6 +146,14 @@ def test_bytecode_is_trusted_without_reading_its_source(hypervisor_root: Path) -
     for folder in (site / "hatchery", site / "aiohttp", site / "pyroute2", stdlib / "asyncio"):
         flags = {int.from_bytes(p.read_bytes()[4:8], "little") for p in folder.rglob("*.pyc")}
         assert flags == {0b01}, folder
+
+
+def test_the_root_carries_its_own_index(hypervisor_root: Path) -> None:
+    """The index the build wrote (hatchery_lab.liveroot) is the one upgrades would compute by
+    hashing the whole root: live patches trust it to skip what the images agree on."""
+    carried = (hypervisor_root / INDEX_PATH).read_bytes()
+    assert carried == index_tree(hypervisor_root)
+    assert "opt/hatchery/venv/bin/hatchery-agent" in parse_index(carried)
 
 
 def test_persistent_paths_are_symlinks_into_data(

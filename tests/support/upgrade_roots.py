@@ -14,6 +14,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import BinaryIO
@@ -24,6 +25,7 @@ from hatchery.upgrade.archive import iter_root
 from hatchery.upgrade.controller import Upgrader
 from hatchery.upgrade.model import Phase
 from hatchery_lab.cpio_writer import Entry, write_newc
+from hatchery_lab.liveroot import write_index
 
 RELEASE = "6.1.0-test-amd64"
 
@@ -109,14 +111,21 @@ def unpack(archive: bytes, root: Path) -> None:
             path.chmod(stat.S_IMODE(member.mode))
 
 
-def live_root(archive: bytes) -> bytes:
+def live_root(
+    archive: bytes, indexed: bool = False, edit: Callable[[Path], None] | None = None
+) -> bytes:
     """The same root in the live layout (hatchery_lab.liveroot): a squashfs image of it made
-    by the real mksquashfs, first member of an initrd whose other members are not the root's.
-    Needs root (owners kept) and mksquashfs; callers skip without them."""
+    by the real mksquashfs, first member of an initrd whose other members are not the root's;
+    ``indexed``: with its root index written as the build writes it, then ``edit`` (a broken
+    image). Needs root (owners kept) and mksquashfs; callers skip without them."""
     with tempfile.TemporaryDirectory() as tmp:
         tree = Path(tmp) / "tree"
         tree.mkdir()
         unpack(archive, tree)
+        if indexed:
+            write_index(tree)
+        if edit is not None:
+            edit(tree)
         image = Path(tmp) / "root.squashfs"
         subprocess.run(["mksquashfs", str(tree), str(image), "-comp", "zstd", "-noappend",
                         "-no-xattrs", "-quiet", "-no-progress"], check=True)  # fmt: skip

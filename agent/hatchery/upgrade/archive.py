@@ -1,33 +1,41 @@
 """An image's root archive as upgrades read it: a newc cpio, zstd-compressed as built.
 
 The image store keeps the initrd exactly as it was built; ``open_root`` gives the plain cpio
-stream either way, ``iter_root`` the root's members with hard links resolved, ``index_root``
-the fingerprint of every path (the current image, for the live patch's three-way comparison)
-and ``has_modules`` whether a root can run a kernel.
+stream either way, ``iter_entries`` the root's paths (each with its fingerprint, its content
+read only when asked), ``index_root`` the fingerprint of every path (the current image, for
+the live patch's three-way comparison) and ``has_modules`` whether a root can run a kernel.
 
 Two layouts: mkosi's, where the cpio is the whole root; and the live root
 (hatchery_lab.liveroot), whose first member is ``root.squashfs`` holding the whole root, read
 by mounting it in a private folder under ``scratch`` (``rootimage``). The live initrd's
-other members (its /init, busybox, modules) belong to the initrd, not the root.
+other members (its /init, busybox, modules) belong to the initrd, not the root. A live root
+built with its index (``rootindex``) is compared without reading its files: only those
+asked for are read, each checked against its fingerprint.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
 import itertools
+import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import zstandard
 
-from hatchery.cpio import CpioError, Member, iter_newc
+from hatchery.cpio import CpioError, Member, iter_newc, next_member, read_data
 from hatchery.errors import HatcheryError
 from hatchery.upgrade.fingerprint import Fingerprint, of_member
 from hatchery.upgrade.rootimage import ROOT_IMAGE, RootImageError, iter_tree, mounted
+from hatchery.upgrade.rootindex import INDEX_PATH, parse_index
 
-__all__ = ["ArchiveError", "has_modules", "index_root", "iter_root", "open_root"]
+__all__ = ["ArchiveError", "RootEntry", "has_modules", "index_root", "iter_entries",
+           "iter_root", "open_root"]  # fmt: skip
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -70,29 +78,106 @@ class _Prepend(io.RawIOBase):
         return len(data)
 
 
-def iter_root(stream: BinaryIO, scratch: Path | None = None) -> Iterator[tuple[Member, bytes]]:
-    """Members of a (plain) root archive with hard links resolved: every path gets its data.
+@dataclass(frozen=True, slots=True)
+class RootEntry:
+    """One path of a root: what it is, and what it holds (a file's content, a symlink's
+    target, b"" for the rest) read only when asked: while ``iter_entries`` is on that path
+    (a live root's image is unmounted when the iteration ends)."""
 
-    In newc, the members of a hard-link group share an inode number and only the last one
-    carries the data; the earlier ones are held back until it arrives. A live root's image
-    is mounted under ``scratch`` (default: the temporary folder; the agent names a folder on
-    /data, where the 100+ MB copy costs no RAM) while its paths are read.
+    path: str
+    fingerprint: Fingerprint
+    read: Callable[[], bytes]
+
+
+def iter_entries(stream: BinaryIO, scratch: Path | None = None) -> Iterator[RootEntry]:
+    """Every path of a (plain) root archive, parents before children.
+
+    A live root's image is copied to and mounted under ``scratch`` (default: the temporary
+    folder; the agent names a folder on /data, where the 100 MB copy costs no RAM) while its
+    paths are read; with its index, a file is read only by ``RootEntry.read`` and must match
+    its fingerprint there (``ArchiveError`` otherwise).
 
     :raise CpioError: the stream is not a valid newc archive.
     :raise RootImageError: a live root's image cannot be mounted.
+    :raise RootIndexError: a live root's index is malformed.
     """
-    members = iter_newc(stream)
-    first = next(members, None)
+    first = next_member(stream)
     if first is None:
         return
-    if _is_root_image(first[0]):
-        image = first[1]
-        del first
-        with mounted(image, scratch) as top:
-            del image
+    if _is_root_image(first):
+        with mounted(stream, first.size, scratch) as top:
+            yield from _image_entries(top)
+        return
+    data = read_data(stream, first)
+    head = [(first, data)] if first.path else []
+    for member, content in _resolve_links(itertools.chain(head, iter_newc(stream))):
+        yield RootEntry(member.path, of_member(member, content), _holding(content))
+
+
+def iter_root(stream: BinaryIO, scratch: Path | None = None) -> Iterator[tuple[Member, bytes]]:
+    """Members of a (plain) root archive with hard links resolved, every path with its data:
+    a whole root as files to unpack (tests, tools). Comparing roots: ``iter_entries``.
+
+    :raise CpioError, RootImageError: as ``iter_entries``.
+    """
+    first = next_member(stream)
+    if first is None:
+        return
+    if _is_root_image(first):
+        with mounted(stream, first.size, scratch) as top:
             yield from iter_tree(top)
         return
-    yield from _resolve_links(itertools.chain([first], members))
+    data = read_data(stream, first)
+    head = [(first, data)] if first.path else []
+    yield from _resolve_links(itertools.chain(head, iter_newc(stream)))
+
+
+def _holding(content: bytes) -> Callable[[], bytes]:
+    return lambda: content
+
+
+def _image_entries(top: Path) -> Iterator[RootEntry]:
+    """A mounted live root's paths: from its index when it has one, else by reading it all."""
+    index_file = top / INDEX_PATH
+    if not index_file.is_file() or index_file.is_symlink():
+        for member, data in iter_tree(top):
+            yield RootEntry(member.path, of_member(member, data), _holding(data))
+        return
+    raw = index_file.read_bytes()
+    index = parse_index(raw)
+    st = os.lstat(index_file)
+    index[INDEX_PATH] = Fingerprint("file", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                                    hashlib.sha256(raw).hexdigest())  # fmt: skip
+    real_top = os.path.realpath(top)
+    for path in sorted(index):
+        read = functools.partial(_read_checked, real_top, path, index[path])
+        yield RootEntry(path, index[path], read)
+
+
+def _read_checked(top: str, path: str, wanted: Fingerprint) -> bytes:
+    """What a live root's ``path`` holds, checked against its index entry ``wanted``: the
+    image must be what its index says, and nothing outside the image is ever read."""
+    if wanted.kind == "symlink":
+        return os.fsencode(wanted.digest)
+    if wanted.kind != "file":
+        return b""
+    parent = os.path.realpath(os.path.dirname(os.path.join(top, path)))
+    if os.path.commonpath([parent, top]) != top:
+        raise ArchiveError(f"/{path} in the root image leads outside it")
+    try:
+        fd = os.open(os.path.join(parent, os.path.basename(path)), os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise ArchiveError(f"/{path} is in the image's index but cannot be read: {exc}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        data = f.read()
+    found = Fingerprint("file" if stat.S_ISREG(st.st_mode) else "other",
+                        stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                        hashlib.sha256(data).hexdigest())  # fmt: skip
+    if found != wanted:
+        raise ArchiveError(f"/{path} in the root image is not what the image's index says",
+                           hint="the image is broken: rebuild it")  # fmt: skip
+    return data
 
 
 def _is_root_image(member: Member) -> bool:
@@ -123,10 +208,9 @@ def _resolve_links(
 def index_root(stream: BinaryIO, scratch: Path | None = None) -> dict[str, Fingerprint]:
     """Fingerprints of every path of a (plain) root archive.
 
-    :raise CpioError: the stream is not a valid newc archive.
-    :raise RootImageError: a live root's image cannot be mounted.
+    :raise CpioError, RootImageError, RootIndexError: as ``iter_entries``.
     """
-    return {m.path: of_member(m, data) for m, data in iter_root(stream, scratch)}
+    return {entry.path: entry.fingerprint for entry in iter_entries(stream, scratch)}
 
 
 def has_modules(stream: BinaryIO, release: str, scratch: Path | None = None) -> bool:
@@ -139,14 +223,16 @@ def has_modules(stream: BinaryIO, release: str, scratch: Path | None = None) -> 
     """
     modules = f"usr/lib/modules/{release}"
     try:
-        members = iter_newc(open_root(stream))
-        first = next(members, None)
-        if first is not None and _is_root_image(first[0]):
-            with mounted(first[1], scratch) as top:
+        plain = open_root(stream)
+        first = next_member(plain)
+        if first is not None and _is_root_image(first):
+            with mounted(plain, first.size, scratch) as top:
                 return (top / modules).is_dir()
-        for member, _ in itertools.chain([first] if first else [], members):
-            if member.path.startswith(modules + "/") or member.path == modules:
-                return True
+        if first is not None:
+            read_data(plain, first)
+            for member, _ in itertools.chain([(first, b"")], iter_newc(plain)):
+                if member.path.startswith(modules + "/") or member.path == modules:
+                    return True
     except (CpioError, zstandard.ZstdError, OSError) as exc:
         raise ArchiveError(str(exc)) from exc
     except RootImageError as exc:

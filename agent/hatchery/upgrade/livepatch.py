@@ -46,8 +46,8 @@ from typing import Any, BinaryIO, Protocol
 from hatchery import state
 from hatchery.errors import HatcheryError
 from hatchery.host import AGENT_UNIT
-from hatchery.upgrade.archive import iter_root
-from hatchery.upgrade.fingerprint import Fingerprint, of_member, of_path
+from hatchery.upgrade.archive import RootEntry, iter_entries
+from hatchery.upgrade.fingerprint import Fingerprint, of_path
 
 log = logging.getLogger(__name__)
 
@@ -181,11 +181,11 @@ class LivePatch:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
         self._log_fd = os.open(self.work / STAGING_LOG, flags, 0o600)
         try:
-            for member, data in iter_root(target, scratch):
-                seen.add(member.path)
-                if _excluded(member.path) or _under_persistent_link(self.root, member.path):
+            for entry in iter_entries(target, scratch):
+                seen.add(entry.path)
+                if _excluded(entry.path) or _under_persistent_link(self.root, entry.path):
                     continue
-                self._stage_member(plan, member.path, of_member(member, data), data, interrupt)
+                self._stage_entry(plan, entry, interrupt)
             if self.current is not None:
                 for path, fp in sorted(self.current.items(), reverse=True):
                     if path in seen or fp.kind == "dir" or _excluded(path):
@@ -210,9 +210,8 @@ class LivePatch:
         line = json.dumps({kind: str(path.relative_to(self.root))}) + "\n"
         os.write(self._log_fd, line.encode("utf-8", "surrogateescape"))
 
-    def _stage_member(
-        self, plan: Plan, path: str, wanted: Fingerprint, data: bytes, interrupt: Interrupt
-    ) -> None:
+    def _stage_entry(self, plan: Plan, entry: RootEntry, interrupt: Interrupt) -> None:
+        path, wanted = entry.path, entry.fingerprint
         if wanted.kind == "other":
             return  # device nodes and fifos come from devtmpfs and services, not the image
         if self.current is not None:
@@ -238,6 +237,7 @@ class LivePatch:
         staged = destination.with_name(STAGED_PREFIX + destination.name)
         with contextlib.suppress(FileNotFoundError):
             staged.unlink()
+        data = entry.read() if wanted.kind == "file" else b""  # only now: most is never read
         self._log("staged", staged)
         if wanted.kind == "symlink":
             os.symlink(wanted.digest, staged)

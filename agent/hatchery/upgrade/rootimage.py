@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from hatchery.cpio import Member
 from hatchery.errors import HatcheryError
@@ -28,6 +29,7 @@ __all__ = ["ROOT_IMAGE", "RootImageError", "iter_tree", "mounted"]
 log = logging.getLogger(__name__)
 ROOT_IMAGE = "root.squashfs"
 MOUNT_OPTIONS = "loop,ro,nodev,nosuid,noexec"
+CHUNK = 1 << 20
 
 
 class RootImageError(HatcheryError):
@@ -35,17 +37,25 @@ class RootImageError(HatcheryError):
 
 
 @contextlib.contextmanager
-def mounted(image: bytes, scratch: Path | None = None) -> Iterator[Path]:
-    """``image`` (a squashfs) mounted read-only in a private folder under ``scratch`` (default:
-    the temporary folder); unmounted and removed afterwards, even when the caller stops
+def mounted(source: BinaryIO, size: int, scratch: Path | None = None) -> Iterator[Path]:
+    """The next ``size`` bytes of ``source`` (a squashfs) mounted read-only in a private folder
+    under ``scratch`` (default: the temporary folder), copied there a chunk at a time (never
+    the whole 100 MB in memory); unmounted and removed afterwards, even when the caller stops
     early."""
     if scratch is not None:
         scratch.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=scratch, prefix=".root-image.") as tmp:
         os.chmod(tmp, 0o700)
         path, top = Path(tmp) / ROOT_IMAGE, Path(tmp) / "root"
-        path.write_bytes(image)
-        del image  # the caller may drop its copy too: the file is what gets mounted
+        with path.open("wb") as out:
+            remaining = size
+            while remaining:
+                chunk = source.read(min(remaining, CHUNK))
+                if not chunk:
+                    raise RootImageError(f"the root image is cut short ({size - remaining} of "
+                                         f"{size} bytes)")  # fmt: skip
+                out.write(chunk)
+                remaining -= len(chunk)
         top.mkdir()
         argv = ["mount", "-t", "squashfs", "-o", MOUNT_OPTIONS, str(path), str(top)]
         result = subprocess.run(argv, capture_output=True, text=True, check=False)

@@ -38,6 +38,7 @@ import zstandard
 
 from hatchery.cpio import iter_newc
 from hatchery.upgrade.rootimage import ROOT_IMAGE
+from hatchery.upgrade.rootindex import INDEX_PATH, index_tree
 from hatchery_lab.cpio_writer import Entry, write_newc
 
 #: What /init needs before the root is mounted (names as in modules.dep, without .ko).
@@ -187,6 +188,16 @@ def drop_kernel_copies(tree: Path) -> list[Path]:
     return found
 
 
+def write_index(tree: Path) -> Path:
+    """Write the root's index (``hatchery.upgrade.rootindex``) into it: upgrades then compare
+    roots without hashing them."""
+    index = tree / INDEX_PATH
+    index.parent.mkdir(parents=True, exist_ok=True)
+    index.write_bytes(index_tree(tree))
+    index.chmod(0o644)
+    return index
+
+
 def repack(mkosi_cpio: Path, initrd: Path, epoch: int, say: Callable[[str], None]) -> None:
     """Write ``initrd`` (the live-root layout) from mkosi's root cpio; reproducible: the
     squashfs is made with ``-reproducible`` and every time set to ``epoch``, the cpio around
@@ -194,6 +205,7 @@ def repack(mkosi_cpio: Path, initrd: Path, epoch: int, say: Callable[[str], None
     with tempfile.TemporaryDirectory(dir=initrd.parent, prefix=".liveroot.") as tmp:
         tree = unpack_cpio(mkosi_cpio, Path(tmp) / "root")
         drop_kernel_copies(tree)
+        write_index(tree)
         image = Path(tmp) / ROOT_IMAGE
         argv = ["mksquashfs", str(tree), str(image), *SQUASHFS_ARGS, "-noappend", "-no-xattrs",
                 "-reproducible", "-mkfs-time", str(epoch), "-all-time", str(epoch),
