@@ -173,7 +173,7 @@ class ObjectWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         self._done = True
-        self._store._install(digest, self._tmp)
+        self._store._install(digest, self._tmp, self.size)
         return digest
 
     def abort(self) -> None:
@@ -196,6 +196,11 @@ class ImageStore:
         self.root = root
         self.max_object = max_object
         self._lock = threading.RLock()
+        # Objects this process has checked (written or verified), by the identity of their file
+        # then: adding an image right after its objects were uploaded does not hash 100 MB
+        # again. Any change to the file since (its ctime, which no one can set back) or a new
+        # process means a full check.
+        self._checked: dict[str, tuple[tuple[int, int, int, int], int]] = {}
         try:
             for sub in ("objects", "images", "partial", "tmp", "quarantine"):
                 (root / sub).mkdir(parents=True, exist_ok=True)
@@ -224,12 +229,33 @@ class ImageStore:
                     found.add(path.name[:-4])
         return found
 
-    def _install(self, sha256: str, tmp: Path) -> None:
+    def _install(self, sha256: str, tmp: Path, size: int) -> None:
+        """Move a checked object (``size`` bytes of content) into place."""
         target = self.object_path(sha256)
         target.parent.mkdir(exist_ok=True)
         os.replace(tmp, target)
         fsync_dir(target.parent)
+        self._remember_checked(sha256, target, size)
         log.debug("object %s stored", sha256)
+
+    @staticmethod
+    def _file_identity(path: Path) -> tuple[int, int, int, int]:
+        st = path.stat()
+        return (st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns)
+
+    def _remember_checked(self, sha256: str, path: Path, size: int) -> None:
+        with self._lock:
+            self._checked[sha256] = (self._file_identity(path), size)
+
+    def _checked_unchanged(self, sha256: str, path: Path, size: int | None) -> bool:
+        with self._lock:
+            known = self._checked.get(sha256)
+        if known is None or (size is not None and size != known[1]):
+            return False
+        try:
+            return known[0] == self._file_identity(path)
+        except FileNotFoundError:
+            return False
 
     def writer(self, expected: str | None = None, max_size: int | None = None) -> ObjectWriter:
         if expected is not None:
@@ -264,23 +290,30 @@ class ImageStore:
         self.check_compressed(sha256, path, size)
         with path.open("rb+") as f:
             os.fsync(f.fileno())
-        self._install(sha256, path)
+        self._install(sha256, path, size)
 
     def verify_object(self, sha256: str, size: int | None = None) -> None:
         """Check a stored object; a corrupt one is moved to quarantine/ and reported."""
         path = self.object_path(sha256)
         if not path.is_file():
             raise ObjectNotFound(f"object {sha256} is not in the store")
+        if self._checked_unchanged(sha256, path, size):
+            return
         try:
             if size is None:
-                digest = hashlib.sha256()
+                digest, total = hashlib.sha256(), 0
                 for chunk in decompressed_chunks(path, self.max_object):
                     digest.update(chunk)
+                    total += len(chunk)
                 if digest.hexdigest() != sha256:
                     raise CorruptObject(f"object {sha256}: its content hashes to something else")
             else:
                 self.check_compressed(sha256, path, size)
+                total = size
+            self._remember_checked(sha256, path, total)
         except CorruptObject as exc:
+            with self._lock:
+                self._checked.pop(sha256, None)
             aside = self.root / "quarantine" / f"{path.name}.{int(time.time())}"
             os.replace(path, aside)
             log.error("object %s is corrupt (%s): moved to %s", sha256, exc.message, aside)

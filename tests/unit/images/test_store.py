@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import zstandard
 
+from hatchery.images import store as store_module
 from hatchery.images.manifest import Role
 from hatchery.images.signing import (
     BadSignature,
@@ -248,3 +250,33 @@ def test_compressed_content_is_stored_nearly_as_is_and_text_is_compressed(
             assert len(packed) <= stored < len(packed) * 1.01 + 64
         assert b"".join(store.read_object(sha, len(content))) == content
         store.verify_object(sha, len(content))
+
+
+def test_an_object_checked_by_this_store_is_not_hashed_again_until_it_changes(
+    store: ImageStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Adding an image right after uploading its objects must not read 100 MB again (an
+    emulated node's publish time); any change to the object's file, or another process,
+    means a full check."""
+    reads: list[Path] = []
+    real = store_module.decompressed_chunks
+
+    def counted(path: Path, limit: int) -> Iterator[bytes]:
+        reads.append(path)
+        return real(path, limit)
+
+    monkeypatch.setattr(store_module, "decompressed_chunks", counted)
+    data = os.urandom(300_000)
+    sha = store.put([data])
+    store.verify_object(sha, len(data))
+    assert reads == []
+    with pytest.raises(CorruptObject):  # a size the content does not have: checked in full
+        store.verify_object(sha, len(data) + 1)
+    sha = store.put([data])
+    ImageStore(store.root).verify_object(sha, len(data))  # another process: checked in full
+    assert len(reads) == 2
+    raw = bytearray(store.object_path(sha).read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    store.object_path(sha).write_bytes(bytes(raw))  # same size, same inode, new ctime
+    with pytest.raises(CorruptObject):
+        store.verify_object(sha, len(data))
