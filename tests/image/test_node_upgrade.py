@@ -2,8 +2,9 @@
 
 One node, a VM on it, and the whole upgrade story through the agent's API:
 live patch v1 → v2 (the VM's QEMU keeps its PID, the changed unit restarts), the same patch
-again is a no-op, reboot mode to v3 (kexec; the VM is restored), then v4 whose agent cannot
-start: the boot guard falls back to v3 by itself and the VM is restored again.
+again is a no-op, reboot mode to v3 (kexec into another kernel, backports' 6.12; the VM is
+restored), then v4 whose agent cannot start: the boot guard falls back to v3 by itself and the
+VM is restored again.
 """
 
 from __future__ import annotations
@@ -137,8 +138,11 @@ def test_live_patch_reboot_and_fallback(
         again = upgrade(node, "v2", "live")
         assert again["state"] == "done" and "nothing to do" in again["detail"]
 
-        # Reboot mode to v3: kexec, the node comes back on v3 and restores the VM.
+        # Reboot mode to v3: kexec into another kernel (backports' 6.12, from 6.1), the node
+        # comes back on v3 and restores the VM.
+        mark = len(node.console_text())
         assert upgrade(node, "v3", "reboot")["state"] == "running"
+        node.wait_console("Linux version 6.12", 1200, after=mark)
         health = node.wait_agent(1200, version="v3")
         health = wait_upgrade(node, 300)
         assert health["upgrade"]["state"] == "done", health["upgrade"]

@@ -137,6 +137,7 @@ def _synced(cache: Path, hours_ago: float, now: float) -> None:
     stamp = cache / ".hatchery-synced"
     stamp.write_text("synced-100\n")
     os.utime(stamp, (now - hours_ago * HOUR, now - hours_ago * HOUR))
+    (cache / ".hatchery-sources").write_text(build.PackageMetadata(cache).sources_digest + "\n")
 
 
 def test_no_metadata_yet_syncs(tmp_path: Path) -> None:
@@ -180,3 +181,29 @@ def test_incremental_tree_from_other_metadata_is_dropped(tmp_path: Path) -> None
     resync = meta.plan(refresh=True, now=now + 2 * HOUR)
     assert not meta.prepare_incremental(incremental, resync)  # new metadata: dropped
     assert list(incremental.iterdir()) == []
+
+
+def test_other_apt_sources_mean_other_metadata(tmp_path: Path) -> None:
+    now = 10 * 24 * HOUR
+    cache = tmp_path / "packages"
+    _synced(cache, 1, now)
+    assert not build.PackageMetadata(cache).plan(refresh=False, now=now).sync
+    plan = build.PackageMetadata(cache, sources="Suites: bookworm-backports").plan(False, now=now)
+    assert plan.sync and "apt sources changed" in plan.reason
+
+
+def test_a_backports_kernel_is_pinned_in_its_own_tree_and_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(build, "MKOSI_CACHE", tmp_path)
+    monkeypatch.setattr(build, "host_apt_sources", lambda: "Types: deb\n")
+    stable, stable_sources = build.package_manager_tree()
+    backports, backports_sources = build.package_manager_tree(build.KernelSource.BACKPORTS)
+    assert stable != backports and stable_sources != backports_sources
+    pin = backports / "etc/apt/preferences.d/hatchery-kernel.pref"
+    assert "Pin: release n=bookworm-backports" in pin.read_text()
+    assert not (stable / "etc/apt/preferences.d/hatchery-kernel.pref").exists()
+    locks = tmp_path / "locks"
+    assert build.lock_path(locks, "hypervisor", build.KernelSource.STABLE).name == "packages.lock"
+    backports_lock = build.lock_path(locks, "hypervisor", build.KernelSource.BACKPORTS)
+    assert backports_lock.name == "packages.backports-kernel.lock"

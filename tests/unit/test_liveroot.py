@@ -5,6 +5,7 @@ shell, the one that runs it). Booting it is tests/image/test_live_root.py."""
 from __future__ import annotations
 
 import io
+import lzma
 import shutil
 import subprocess
 from pathlib import Path
@@ -77,6 +78,21 @@ def test_the_initrd_holds_init_busybox_modules_and_the_root_image(tmp_path: Path
     (tree / "usr/bin/busybox").unlink()
     with pytest.raises(LiveRootError, match="busybox-static"):
         initrd_entries(tree, b"")
+
+
+def test_compressed_modules_go_into_the_initrd_uncompressed(tmp_path: Path) -> None:
+    """6.12's modules are .ko.xz, which busybox's insmod cannot load."""
+    tree = fake_tree(tmp_path)
+    release = tree / "usr/lib/modules/6.1.0-test"
+    overlay = release / "kernel/fs/overlayfs/overlay.ko"
+    overlay.with_name("overlay.ko.xz").write_bytes(lzma.compress(b"ELF overlay, was xz"))
+    overlay.unlink()
+    dep = (release / "modules.dep").read_text().replace("overlay.ko:", "overlay.ko.xz:")
+    (release / "modules.dep").write_text(dep)
+    archive = write_newc(initrd_entries(tree, b"hsqs"))
+    members = {m.path: data for m, data in iter_newc(io.BytesIO(archive))}
+    assert members["lib/modules/overlay.ko"] == b"ELF overlay, was xz"
+    assert b"overlay.ko\n" in members["lib/modules/load-order"]
 
 
 def test_the_kernels_copies_leave_the_root_and_its_config_stays(tmp_path: Path) -> None:

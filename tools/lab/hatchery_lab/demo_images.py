@@ -2,7 +2,9 @@
 
 ``vN`` is the hypervisor image built with ``--version vN`` and the overlay
 images/demo-overlays/vN (a beacon unit naming the version; v4's agent cannot start), into
-build/demo/vN/ — cached by their inputs like every image build, so a rerun is quick.
+build/demo/vN/ — cached by their inputs like every image build, so a rerun is quick. v3 runs
+the kernel from backports (6.12 against the release's 6.1): a reboot upgrade to it, and the
+boot guard's fall-back from v4 to it, change the host's kernel for real.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ from hatchery_lab.images import build_images
 
 OVERLAYS = REPO / "images" / "demo-overlays"
 DEMO_BUILDS = REPO / "build" / "demo"
+#: The versions whose kernel is not the release's (``imagebuild --kernel``).
+KERNELS = {"v3": "backports"}
 
 
 def build_version(version: str) -> Path:
     """Build (or reuse) hypervisor image ``version``; return its build folder."""
     out = DEMO_BUILDS / version
     build_images("hypervisor", "--version", version, "--extra-tree", str(OVERLAYS / version),
-                 output_dir=out)  # fmt: skip
+                 "--kernel", KERNELS.get(version, "stable"), output_dir=out)  # fmt: skip
     return out / "hypervisor"
 
 

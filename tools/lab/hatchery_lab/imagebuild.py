@@ -138,12 +138,15 @@ def _deb822_stanzas(text: str) -> list[dict[str, str]]:
 
 
 def host_apt_sources(release: str = "bookworm") -> str:
-    """deb822 stanzas for ``release`` (and its -updates/-security suites) from this host.
+    """deb822 stanzas for ``release`` (and its -updates, -security and -backports suites) from
+    this host.
 
-    Backports are left out: the images are built from the stable release only.
+    Backports are there for one package only, the kernel of ``--kernel backports`` builds, which
+    pin it (``KERNEL_PIN``); apt never takes anything else from them (NotAutomatic: their
+    priority is 100, below the release's 500).
     """
     out: list[str] = []
-    wanted = {release, f"{release}-updates", f"{release}-security"}
+    wanted = {release, f"{release}-updates", f"{release}-security", f"{release}-backports"}
     for path in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
         for stanza in _deb822_stanzas(path.read_text()):
             if stanza.get("Enabled", "yes").lower() == "no":
@@ -180,14 +183,38 @@ def host_apt_sources(release: str = "bookworm") -> str:
     return "\n\n".join(out) + "\n"
 
 
-def package_manager_tree() -> tuple[Path, str]:
-    """mkosi's package-manager tree: etc/apt/sources.list.d/mkosi.sources (mkosi then adds none)."""
-    tree = MKOSI_CACHE / "pkgmngr"
+class KernelSource(StrEnum):
+    """Where the hypervisor's kernel comes from: ``stable`` (the release's, the default) or
+    ``backports`` (the release's backports: a newer kernel, e.g. 6.12 against 6.1, for images
+    that upgrade a node across a kernel change)."""
+
+    STABLE = "stable"
+    BACKPORTS = "backports"
+
+
+#: apt preferences of ``--kernel backports``: the kernel packages from backports, nothing else.
+KERNEL_PIN = """Package: linux-image-amd64 linux-image-*-amd64
+Pin: release n=bookworm-backports
+Pin-Priority: 990
+"""
+
+
+def package_manager_tree(kernel: KernelSource = KernelSource.STABLE) -> tuple[Path, str]:
+    """mkosi's package-manager tree: etc/apt/sources.list.d/mkosi.sources (mkosi then adds
+    none) and, for a backports kernel, the pin that takes it (one tree per kernel source)."""
+    tree = MKOSI_CACHE / ("pkgmngr" if kernel is KernelSource.STABLE else f"pkgmngr-{kernel}")
     sources = host_apt_sources()
     target = tree / "etc" / "apt" / "sources.list.d" / "mkosi.sources"
     target.parent.mkdir(parents=True, exist_ok=True)
     if not target.exists() or target.read_text() != sources:
         target.write_text(sources)
+    pin = tree / "etc" / "apt" / "preferences.d" / "hatchery-kernel.pref"
+    if kernel is KernelSource.BACKPORTS:
+        pin.parent.mkdir(parents=True, exist_ok=True)
+        pin.write_text(KERNEL_PIN)
+        sources += KERNEL_PIN
+    else:
+        pin.unlink(missing_ok=True)
     return tree, sources
 
 
@@ -289,10 +316,15 @@ class PackageMetadata:
     ``refresh`` means sync now.
     """
 
-    def __init__(self, packages_cache: Path, max_age_hours: float = METADATA_MAX_AGE_HOURS):
+    def __init__(
+        self, packages_cache: Path, max_age_hours: float = METADATA_MAX_AGE_HOURS, sources: str = ""
+    ) -> None:
         self.cache = packages_cache
         self.max_age_hours = max_age_hours
         self.stamp = packages_cache / ".hatchery-synced"
+        # the apt sources the metadata was synced from: other sources, other metadata
+        self.sources_stamp = packages_cache / ".hatchery-sources"
+        self.sources_digest = hashlib.sha256(sources.encode()).hexdigest()
 
     def plan(self, refresh: bool, now: float | None = None) -> MetadataPlan:
         now = time.time() if now is None else now
@@ -305,6 +337,13 @@ class PackageMetadata:
         age_hours = max(0.0, now - synced_at) / 3600
         if refresh:
             return MetadataPlan(True, "REFRESH asked for: syncing", new_generation)
+        try:
+            same_sources = self.sources_stamp.read_text().strip() == self.sources_digest
+        except FileNotFoundError:
+            same_sources = False
+        if not same_sources:
+            return MetadataPlan(True, "the apt sources changed since the last sync: syncing",
+                                new_generation)  # fmt: skip
         if age_hours > self.max_age_hours:
             return MetadataPlan(
                 True,
@@ -332,6 +371,7 @@ class PackageMetadata:
         if plan.sync:
             self.cache.mkdir(parents=True, exist_ok=True)
             self.stamp.write_text(plan.generation + "\n")
+            self.sources_stamp.write_text(self.sources_digest + "\n")
         (incremental / ".hatchery-metadata").write_text(plan.generation + "\n")
 
 
@@ -426,6 +466,7 @@ class BuildOptions:
     incremental: bool
     extra_trees: tuple[Path, ...] = ()  # overlays for the hypervisor image (site files, demos)
     root_layout: RootLayout = RootLayout.SQUASHFS  # the hypervisor's initrd: hatchery_lab.liveroot
+    kernel: KernelSource = KernelSource.STABLE  # the hypervisor's kernel
     locks_dir: Path = REPO / "images"  # <locks_dir>/<name>/packages.lock
     metadata_max_age_hours: float = METADATA_MAX_AGE_HOURS
 
@@ -530,11 +571,19 @@ def mkosi_argv(name: str, opts: BuildOptions, paths: MkosiPaths, cache_only: str
     return [*argv, "build"]
 
 
+def lock_path(locks_dir: Path, name: str, kernel: KernelSource) -> Path:
+    """An image's package lock: one per kernel source (a backports kernel is another set)."""
+    if kernel is KernelSource.STABLE:
+        return locks_dir / name / "packages.lock"
+    return locks_dir / name / f"packages.{kernel}-kernel.lock"
+
+
 def build_one(name: str, opts: BuildOptions, step: str) -> Path:
     out = opts.out / name
-    lock = opts.locks_dir / name / "packages.lock"
+    kernel = opts.kernel if name == "hypervisor" else KernelSource.STABLE
+    lock = lock_path(opts.locks_dir, name, kernel)
     venv_python = REPO / ".venv" / "bin" / "python"
-    pkgmngr_tree, sources = package_manager_tree()
+    pkgmngr_tree, sources = package_manager_tree(kernel)
     extra = {
         "version": opts.version,
         "mkosi": mkosi_version(),
@@ -546,6 +595,8 @@ def build_one(name: str, opts: BuildOptions, step: str) -> Path:
         for index, overlay in enumerate(opts.extra_trees):
             extra[f"extra_tree_{index}"] = tree_digest(overlay)
         extra["root_layout"] = opts.root_layout.value
+        if kernel is not KernelSource.STABLE:
+            extra["kernel"] = kernel.value
     digest, files = inputs_digest(name, extra)
     recorded = None if opts.force else up_to_date(out, digest)
     if recorded is not None:
@@ -567,11 +618,12 @@ def build_one(name: str, opts: BuildOptions, step: str) -> Path:
 
     packages_cache = MKOSI_CACHE / "packages"
     packages_cache.mkdir(parents=True, exist_ok=True)
-    metadata = PackageMetadata(packages_cache, opts.metadata_max_age_hours)
+    metadata = PackageMetadata(packages_cache, opts.metadata_max_age_hours, host_apt_sources())
     plan = metadata.plan(opts.refresh)
     # One incremental cache per image: mkosi names its cached tree by distribution only, so
     # a shared folder lets one image's cached packages stand in for another's.
-    incremental = MKOSI_CACHE / "incremental" / name
+    suffix = "" if kernel is KernelSource.STABLE else f"-{kernel}-kernel"
+    incremental = MKOSI_CACHE / "incremental" / f"{name}{suffix}"
     kept = metadata.prepare_incremental(incremental, plan)
     staging = opts.out / f".{name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
@@ -687,6 +739,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                        default=RootLayout(os.environ.get("ROOT_LAYOUT") or RootLayout.SQUASHFS),
                        help="the hypervisor's root: squashfs (kept compressed in RAM, the "
                        "default) or cpio (unpacked into RAM); env ROOT_LAYOUT")  # fmt: skip
+    build.add_argument("--kernel", type=KernelSource, choices=list(KernelSource),
+                       default=KernelSource.STABLE,
+                       help="the hypervisor's kernel: stable (the release's, the default) or "
+                       "backports (a newer one; its own package lock)")  # fmt: skip
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("build-images: run as root (mkosi needs it here)", file=sys.stderr)
@@ -713,6 +769,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         incremental=args.incremental,
         extra_trees=tuple(t.resolve() for t in args.extra_tree),
         root_layout=args.root_layout,
+        kernel=args.kernel,
         locks_dir=args.locks_dir.resolve(),
         metadata_max_age_hours=args.metadata_max_age,
     )

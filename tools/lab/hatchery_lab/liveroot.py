@@ -28,6 +28,8 @@ with lz4hc (the only compressors of bookworm's erofs-utils) is 204-228 MB.
 
 from __future__ import annotations
 
+import gzip
+import lzma
 import os
 import subprocess
 import tempfile
@@ -157,6 +159,21 @@ def _builtin(release: Path) -> set[str]:
     return {_module_name(line) for line in text.splitlines()}
 
 
+def plain_module(path: Path) -> bytes:
+    """A module file's ELF: newer Debian kernels ship them compressed (``.ko.xz``, 6.12 from
+    backports), which busybox's insmod cannot load; the initrd carries them uncompressed."""
+    data = path.read_bytes()
+    if path.name.endswith(".ko.xz"):
+        return lzma.decompress(data)
+    if path.name.endswith(".ko.zst"):
+        return zstandard.ZstdDecompressor().decompress(data, max_output_size=64 << 20)
+    if path.name.endswith(".ko.gz"):
+        return gzip.decompress(data)
+    if not path.name.endswith(".ko"):
+        raise LiveRootError(f"{path.name}: not a kernel module file")
+    return data
+
+
 def initrd_entries(tree: Path, image: bytes) -> list[Entry]:
     """The live initrd's members: the root image, init, busybox, the modules in load order."""
     (release,) = [p for p in (tree / "usr/lib/modules").iterdir() if p.is_dir()]
@@ -173,9 +190,9 @@ def initrd_entries(tree: Path, image: bytes) -> list[Entry]:
                                              "lib/modules")]  # fmt: skip
     entries += [Entry.file("init", INIT.encode(), 0o755),
                 Entry.file("bin/busybox", busybox.read_bytes(), 0o755)]  # fmt: skip
-    names = [Path(path).name for path in order]
-    entries += [Entry.file(f"lib/modules/{Path(path).name}", (release / path).read_bytes())
-                for path in order]  # fmt: skip
+    names = [Path(path).name.split(".ko")[0] + ".ko" for path in order]
+    entries += [Entry.file(f"lib/modules/{name}", plain_module(release / path))
+                for name, path in zip(names, order, strict=True)]  # fmt: skip
     entries.append(Entry.file("lib/modules/load-order", "".join(f"{n}\n" for n in names).encode()))
     return entries
 
