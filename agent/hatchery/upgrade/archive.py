@@ -138,20 +138,38 @@ def _holding(content: bytes) -> Callable[[], bytes]:
 
 def _image_entries(top: Path) -> Iterator[RootEntry]:
     """A mounted live root's paths: from its index when it has one, else by reading it all."""
-    index_file = top / INDEX_PATH
-    if not index_file.is_file() or index_file.is_symlink():
+    real_top = os.path.realpath(top)
+    try:
+        fd = _open_inside(real_top, INDEX_PATH)
+    except (FileNotFoundError, NotADirectoryError):
+        fd = None
+    if fd is None:
         for member, data in iter_tree(top):
             yield RootEntry(member.path, of_member(member, data), _holding(data))
         return
-    raw = index_file.read_bytes()
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        raw = f.read()
+    if not stat.S_ISREG(st.st_mode):
+        raise ArchiveError(f"/{INDEX_PATH} in the root image is not a file")
     index = parse_index(raw)
-    st = os.lstat(index_file)
     index[INDEX_PATH] = Fingerprint("file", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
                                     hashlib.sha256(raw).hexdigest())  # fmt: skip
-    real_top = os.path.realpath(top)
     for path in sorted(index):
         read = functools.partial(_read_checked, real_top, path, index[path])
         yield RootEntry(path, index[path], read)
+
+
+def _open_inside(top: str, path: str) -> int:
+    """A read-only descriptor of ``path`` in the tree at ``top`` (a real path): refused if a
+    symlink on the way leads out of it, or if ``path`` itself is one.
+
+    :raise ArchiveError: it leads outside; :raise OSError: it cannot be opened.
+    """
+    parent = os.path.realpath(os.path.dirname(os.path.join(top, path)))
+    if os.path.commonpath([parent, top]) != top:
+        raise ArchiveError(f"/{path} in the root image leads outside it")
+    return os.open(os.path.join(parent, os.path.basename(path)), os.O_RDONLY | os.O_NOFOLLOW)
 
 
 def _read_checked(top: str, path: str, wanted: Fingerprint) -> bytes:
@@ -161,11 +179,8 @@ def _read_checked(top: str, path: str, wanted: Fingerprint) -> bytes:
         return os.fsencode(wanted.digest)
     if wanted.kind != "file":
         return b""
-    parent = os.path.realpath(os.path.dirname(os.path.join(top, path)))
-    if os.path.commonpath([parent, top]) != top:
-        raise ArchiveError(f"/{path} in the root image leads outside it")
     try:
-        fd = os.open(os.path.join(parent, os.path.basename(path)), os.O_RDONLY | os.O_NOFOLLOW)
+        fd = _open_inside(top, path)
     except OSError as exc:
         raise ArchiveError(f"/{path} is in the image's index but cannot be read: {exc}") from None
     with os.fdopen(fd, "rb") as f:

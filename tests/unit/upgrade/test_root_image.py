@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,23 @@ def test_an_index_cannot_reach_outside_the_image(tmp_path: Path) -> None:
             break
     else:
         raise AssertionError("the index's entry was not listed")
+
+
+def test_an_index_outside_the_image_is_never_read(tmp_path: Path) -> None:
+    """The index's own folder a symlink out of the image (to a folder of the host holding
+    an index that would hide a change): refused, not read."""
+    host_folder = tmp_path / "host"
+    host_folder.mkdir()
+    (host_folder / "root-index.json").write_bytes(b'{"format": 1, "paths": {}}')
+
+    def escape(tree: Path) -> None:
+        shutil.rmtree(tree / "usr/lib/hatchery")
+        (tree / "usr/lib/hatchery").symlink_to(host_folder)
+
+    live = live_root(image("v1"), indexed=True, edit=escape)
+    with pytest.raises(ArchiveError, match="leads outside"):
+        index_root(io.BytesIO(live), tmp_path / "scratch")
+    assert mounts_under(tmp_path) == []
 
 
 @pytest.mark.parametrize(
