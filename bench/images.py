@@ -32,6 +32,8 @@ from hatchery_lab.images import (
 )
 
 HYPERVISOR_RUNS = int(os.environ.get("BENCH_HYPERVISOR_RUNS", "3"))
+#: The units on the agent's way whose times the self-check reports (guest clock).
+BOOT_UNITS = ("systemd-journald", "hatchery-data", "hatchery-seed", "hatchery-agent")
 
 
 def _timed_build(*args: str) -> float:
@@ -73,10 +75,17 @@ def _hypervisor_boot(images: Path, disk: Path) -> dict[str, float]:
     if root is None or memory is None:
         raise RuntimeError("the self-check reported no root-ram or memory fact")
     sizes = [int(n) for n in re.findall(rb"=(\d+)MB", root.group(1))]
+    units = {
+        name.decode(): float(active)
+        for name, active in re.findall(
+            rb"HATCHERY-CHECK: boot-unit (\S+) start=[\d.]+s active=([\d.]+)s", text
+        )
+    }
     return {
         "agent_marker": agent,
         "root_mb": float(sum(sizes)),
         "available_mb": float(memory.group(1)),
+        **{f"unit:{name}": active for name, active in units.items()},
     }
 
 
@@ -131,6 +140,12 @@ def run() -> None:
             ("MemAvailable after boot (2 GiB node), MB", "available_mb", 0),
         )
     ]  # fmt: skip
+    for unit in BOOT_UNITS:
+        key = f"unit:{unit}"
+        if all(key in b for runs in boots.values() for b in runs):
+            layout_rows.append((f"`{unit}` active, s after the kernel started",
+                                f"{med('cpio', key):.1f}", f"{med('squashfs', key):.1f}",
+                                f"{med('squashfs', key) / med('cpio', key):.2f}"))  # fmt: skip
     layout_rows.append(("`hypervisor.cpio.zst`, MB", f"{initrd_mb['cpio']:.1f}",
                         f"{initrd_mb['squashfs']:.1f}",
                         f"{initrd_mb['squashfs'] / initrd_mb['cpio']:.2f}"))  # fmt: skip
