@@ -86,9 +86,10 @@ def run() -> None:
         "One node booted from our hypervisor image in QEMU (TCG here, 2 shared cores), "
         "/healthz polled at 10 Hz over mutual TLS. The live patch includes restarting the "
         "changed units and the agent itself (the API is away only while the agent restarts); "
-        "the VMs' QEMU processes are untouched. Reboot by kexec skips the firmware but not "
-        "the kernel unpacking the 140 MB root; a cold boot adds the firmware and the data-disk "
-        "and seed set-up.\n\n"
+        "the VMs' QEMU processes are untouched. The reboot goes to v3, whose kernel is "
+        "another (backports' 6.12 against 6.1); kexec skips the firmware but not the kernel "
+        "unpacking the 100 MB live initrd; a cold boot adds the firmware and the data-disk and "
+        "seed set-up.\n\n"
         + table(["what", "seconds", "longest API gap s"], rows)
         + f"\n\nReboot by kexec, request to agent: {kexec['seconds']:.0f} s; cold boot, QEMU start "
         f"to agent: {cold:.0f} s (kexec / cold = {kexec['seconds'] / cold:.2f}). The kexec path "
