@@ -53,8 +53,9 @@ def _read_exact(stream: BinaryIO, n: int) -> bytes:
 
 def next_member(stream: BinaryIO) -> Member | None:
     """The next member's header, ``stream`` left at its data: ``Member.size`` bytes, then
-    padding to a multiple of four (``skip_data`` reads past both). Trailers and the zero
-    padding between concatenated archives (as in an initrd) are skipped; None at the end.
+    padding to a multiple of four (``read_data`` or ``skip_data`` reads past both). Trailers
+    and the zero padding between concatenated archives (as in an initrd) are skipped; None at
+    the end.
     """
     while True:
         first = stream.read(1)
