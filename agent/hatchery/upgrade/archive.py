@@ -34,8 +34,8 @@ from hatchery.upgrade.fingerprint import Fingerprint, of_member
 from hatchery.upgrade.rootimage import ROOT_IMAGE, RootImageError, iter_tree, mounted
 from hatchery.upgrade.rootindex import INDEX_PATH, parse_index
 
-__all__ = ["ArchiveError", "RootEntry", "has_modules", "index_root", "iter_entries",
-           "iter_root", "open_root"]  # fmt: skip
+__all__ = ["ArchiveError", "RootEntry", "check_readable", "has_modules", "index_root",
+           "iter_entries", "iter_root", "open_root"]  # fmt: skip
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -226,6 +226,19 @@ def index_root(stream: BinaryIO, scratch: Path | None = None) -> dict[str, Finge
     :raise CpioError, RootImageError, RootIndexError: as ``iter_entries``.
     """
     return {entry.path: entry.fingerprint for entry in iter_entries(stream, scratch)}
+
+
+def check_readable(stream: BinaryIO) -> None:
+    """Raise ``ArchiveError`` unless a root archive (compressed or not) starts with a valid
+    member: a quick refusal of what is not a root at all, reading a few bytes.
+
+    :raise ArchiveError: the archive cannot be read.
+    """
+    try:
+        if next_member(open_root(stream)) is None:
+            raise ArchiveError("the root archive is empty")
+    except (CpioError, zstandard.ZstdError, OSError) as exc:
+        raise ArchiveError(str(exc)) from exc
 
 
 def has_modules(stream: BinaryIO, release: str, scratch: Path | None = None) -> bool:

@@ -29,7 +29,13 @@ from hatchery.health import read_version
 from hatchery.images.manifest import compare_versions
 from hatchery.metrics import Metrics, UpgradeMeter
 from hatchery.upgrade import livepatch, model, reboot
-from hatchery.upgrade.archive import ArchiveError, has_modules, index_root, open_root
+from hatchery.upgrade.archive import (
+    ArchiveError,
+    check_readable,
+    has_modules,
+    index_root,
+    open_root,
+)
 from hatchery.upgrade.fingerprint import Fingerprint
 from hatchery.upgrade.livepatch import LivePatch, Recovery, units_to_restart
 from hatchery.upgrade.model import (
@@ -343,6 +349,13 @@ class Upgrader:
             )  # fmt: skip
         try:
             with images.open_artefact(version, "initrd") as raw:
+                if ours is not None and ours == theirs:
+                    # The very kernel the node runs: its root was built with that kernel's
+                    # modules. Only whether the root can be read is checked now (the patch
+                    # reads what it needs); mounting a live root's 100 MB image to look for
+                    # a folder costs an emulated node seconds.
+                    check_readable(raw)
+                    return
                 if has_modules(raw, self._release, self._state_dir):
                     return
         except ArchiveError as exc:
