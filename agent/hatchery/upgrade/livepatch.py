@@ -125,16 +125,24 @@ def _excluded(path: str) -> bool:
     )
 
 
-def _under_persistent_link(root: Path, path: str) -> bool:
-    """Whether ``path`` or one of its parents is, on the running node, a symlink into /data."""
-    current = root
-    for part in path.split("/"):
-        current = current / part
+def _under_persistent_link(root: Path, path: str, seen: dict[str, bool] | None = None) -> bool:
+    """Whether ``path`` or one of its parents is, on the running node, a symlink into /data.
+
+    ``seen`` keeps the answer for each path asked (a whole root's 9 000 paths share their
+    parents: without it each parent is looked at again for every path below it).
+    """
+    if seen is not None and path in seen:
+        return seen[path]
+    parent, _, _ = path.rpartition("/")
+    found = bool(parent) and _under_persistent_link(root, parent, seen)
+    if not found:
+        current = root / path
         if current.is_symlink():
             target = os.readlink(current)
-            if target == "/data" or target.startswith("/data/"):
-                return True
-    return False
+            found = target == "/data" or target.startswith("/data/")
+    if seen is not None:
+        seen[path] = found
+    return found
 
 
 def _same(running: Fingerprint | None, wanted: Fingerprint) -> bool:
@@ -181,16 +189,17 @@ class LivePatch:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
         self._log_fd = os.open(self.work / STAGING_LOG, flags, 0o600)
         try:
+            links: dict[str, bool] = {}
             for entry in iter_entries(target, scratch):
                 seen.add(entry.path)
-                if _excluded(entry.path) or _under_persistent_link(self.root, entry.path):
+                if _excluded(entry.path) or _under_persistent_link(self.root, entry.path, links):
                     continue
                 self._stage_entry(plan, entry, interrupt)
             if self.current is not None:
                 for path, fp in sorted(self.current.items(), reverse=True):
                     if path in seen or fp.kind == "dir" or _excluded(path):
                         continue
-                    if _under_persistent_link(self.root, path):
+                    if _under_persistent_link(self.root, path, links):
                         continue
                     if of_path(self.root / path) is not None:
                         plan.changes.append(Change(path, "delete", None))

@@ -42,11 +42,12 @@ class StoreImages:
         return self._manifest(version).artefacts.get(Role(role))
 
     def verify(self, version: str) -> None:
-        """Signature, then every artefact read through and hashed (``CorruptObject`` if one
-        does not match what the manifest signs)."""
+        """Signature, then every artefact checked against what the manifest signs
+        (``CorruptObject`` if one does not match; the store sets it aside). An object this
+        agent checked and whose file has not changed since is not read again: an emulated node
+        spent tens of seconds of each live patch hashing the same two 100 MB roots."""
         for artefact in self._manifest(version).artefacts.values():
-            for _ in self._store.read_object(artefact.sha256, artefact.size):
-                pass
+            self._store.verify_object(artefact.sha256, artefact.size)
 
     def open_artefact(self, version: str, role: str) -> BinaryIO:
         artefact = self._artefact(version, role)
