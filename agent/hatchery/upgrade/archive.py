@@ -15,6 +15,7 @@ asked for are read, each checked against its fingerprint.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -101,17 +102,12 @@ def iter_entries(stream: BinaryIO, scratch: Path | None = None) -> Iterator[Root
     :raise RootImageError: a live root's image cannot be mounted.
     :raise RootIndexError: a live root's index is malformed.
     """
-    first = next_member(stream)
-    if first is None:
-        return
-    if _is_root_image(first):
-        with mounted(stream, first.size, scratch) as top:
-            yield from _image_entries(top)
-        return
-    data = read_data(stream, first)
-    head = [(first, data)] if first.path else []
-    for member, content in _resolve_links(itertools.chain(head, iter_newc(stream))):
-        yield RootEntry(member.path, of_member(member, content), _holding(content))
+    with _layout(stream, scratch) as found:
+        if isinstance(found, Path):
+            yield from _image_entries(found)
+            return
+        for member, content in found:
+            yield RootEntry(member.path, of_member(member, content), _holding(content))
 
 
 def iter_root(stream: BinaryIO, scratch: Path | None = None) -> Iterator[tuple[Member, bytes]]:
@@ -120,16 +116,23 @@ def iter_root(stream: BinaryIO, scratch: Path | None = None) -> Iterator[tuple[M
 
     :raise CpioError, RootImageError: as ``iter_entries``.
     """
+    with _layout(stream, scratch) as found:
+        yield from iter_tree(found) if isinstance(found, Path) else found
+
+
+@contextlib.contextmanager
+def _layout(
+    stream: BinaryIO, scratch: Path | None
+) -> Iterator[Path | Iterator[tuple[Member, bytes]]]:
+    """The root of an archive in either layout: a live root's image mounted (its top folder),
+    or mkosi's cpio as members with hard links resolved."""
     first = next_member(stream)
-    if first is None:
-        return
-    if _is_root_image(first):
+    if first is not None and _is_root_image(first):
         with mounted(stream, first.size, scratch) as top:
-            yield from iter_tree(top)
+            yield top
         return
-    data = read_data(stream, first)
-    head = [(first, data)] if first.path else []
-    yield from _resolve_links(itertools.chain(head, iter_newc(stream)))
+    head = [] if first is None else [(first, read_data(stream, first))]
+    yield _resolve_links(itertools.chain([m for m in head if m[0].path], iter_newc(stream)))
 
 
 def _holding(content: bytes) -> Callable[[], bytes]:
@@ -251,14 +254,10 @@ def has_modules(stream: BinaryIO, release: str, scratch: Path | None = None) -> 
     """
     modules = f"usr/lib/modules/{release}"
     try:
-        plain = open_root(stream)
-        first = next_member(plain)
-        if first is not None and _is_root_image(first):
-            with mounted(plain, first.size, scratch) as top:
-                return (top / modules).is_dir()
-        if first is not None:
-            read_data(plain, first)
-            for member, _ in itertools.chain([(first, b"")], iter_newc(plain)):
+        with _layout(open_root(stream), scratch) as found:
+            if isinstance(found, Path):
+                return (found / modules).is_dir()
+            for member, _ in found:
                 if member.path.startswith(modules + "/") or member.path == modules:
                     return True
     except (CpioError, zstandard.ZstdError, OSError) as exc:
