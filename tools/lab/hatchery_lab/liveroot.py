@@ -2,7 +2,7 @@
 inside a small initrd, mounted read-only under a tmpfs overlay at boot.
 
 Why: booted from mkosi's cpio, the kernel unpacks the whole root (478 MB) into a tmpfs that
-VMs can never have back. Kept as a squashfs image (zstd), the same root holds ~120 MB of RAM
+VMs can never have back. Kept as a squashfs image (zstd), the same root holds ~95 MB of RAM
 plus what the node writes (the overlay's tmpfs) and what the page cache keeps, which the
 kernel can reclaim. Debian live-boot's ``toram``, dracut's dmsquash-live and Talos do the same.
 
