@@ -1,10 +1,15 @@
-"""Issue 7 acceptance in a hypervisor VM booted from our image (QEMU, TCG here).
+"""Issues 7 and 16 acceptance in a hypervisor VM booted from our image (QEMU, TCG here).
 
 One node, a VM on it, and the whole upgrade story through the agent's API:
 live patch v1 → v2 (the VM's QEMU keeps its PID, the changed unit restarts), the same patch
-again is a no-op, reboot mode to v3 (kexec into another kernel, backports' 6.12; the VM is
-restored), then v4 whose agent cannot start: the boot guard falls back to v3 by itself and the
-VM is restored again.
+again is a no-op, reboot mode to v3 (kexec into another kernel, backports' 6.12): the VM is
+saved to /data and resumed, and its guest cannot tell (same ``boot_id``, its RAM counter
+and uptime went on, same IP and MAC, metadata answers). Then v4, whose agent cannot start and
+which damages every saved VM state first: the boot guard falls back to v3 by itself, whose
+resume fails, so the VM is cold-started and the report says why.
+
+The VM is the ticking guest of ``hatchery_lab.outlive``: it serves its ``boot_id``, uptime
+and a counter kept in RAM over HTTP, which the test reads from the host over the lab bridge.
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ import pytest
 
 from hatchery_lab.agent import Pki, free_port
 from hatchery_lab.demo_images import build_version, signed, signing_key
+from hatchery_lab.guest import GuestKernel, find_guest_kernel
 from hatchery_lab.node import Lab, NodeSpec, RunningNode, boot_node, lab_network
+from hatchery_lab.outlive import guest_state, ticking_initrd
+from tests.conftest import missing
 
 BIN = Path(sys.executable).parent
 VERSIONS = ("v1", "v2", "v3", "v4")
@@ -41,12 +49,19 @@ def lab() -> Iterator[Lab]:
 
 
 @pytest.fixture
-def served(images: Path, lab: Lab) -> Iterator[str]:
-    """The appliance VM's kernel and root, served by the host on the lab bridge."""
+def served(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The ticking guest's kernel and initrd, served by the host on the lab bridge."""
+    kernel = find_guest_kernel()
+    if kernel is None:
+        missing("no guest kernel in .cache (make guest-kernel)")
+    assert isinstance(kernel, GuestKernel)
+    folder = tmp_path_factory.mktemp("served")
+    (folder / "vmlinux").write_bytes(kernel.vmlinux().read_bytes())
+    (folder / "initrd").write_bytes(ticking_initrd(kernel))
     port = free_port()
     web = subprocess.Popen(
         [sys.executable, "-m", "http.server", str(port), "--bind", lab.host_ip,
-         "--directory", str(images / "appliance-vm")],
+         "--directory", str(folder)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -93,6 +108,31 @@ def wait_vm_running(node: RunningNode, name: str, timeout: float) -> dict[str, A
         time.sleep(3)
 
 
+def wait_guest(ip: str, timeout: float) -> dict[str, str]:
+    """The guest's own word over HTTP, once it answers (booting or resuming under nested
+    emulation takes a while)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return guest_state(ip, timeout=20)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(3)
+
+
+def outcome_of(node: RunningNode, version: str, name: str) -> dict[str, Any]:
+    """What the upgrade's report says became of VM ``name``, once it is no longer restoring."""
+    deadline = time.monotonic() + 300
+    while True:
+        health = node.wait_agent(60, version=version)
+        [outcome] = [v for v in health["upgrade"].get("vms", []) if v["name"] == name]
+        if outcome["result"] != "restoring":
+            return dict(outcome)
+        assert time.monotonic() < deadline, health["upgrade"]
+        time.sleep(2)
+
+
 def test_live_patch_reboot_and_fallback(
     builds: dict[str, Path], lab: Lab, served: str, tmp_path: Path
 ) -> None:
@@ -114,15 +154,17 @@ def test_live_patch_reboot_and_fallback(
             subprocess.run([str(BIN / "hatchery"), "image", "publish", str(builds[version]),
                             *creds], check=True, capture_output=True, timeout=1800)  # fmt: skip
 
-        # A VM that must keep running through the live patch.
+        # A VM that must keep running through the live patch, and outlive the reboot.
         created = api(node, "POST", "/v1/vms", json={
-            "name": "app", "memory_mib": 256,
-            "kernel": {"kernel": f"{served}/appliance-vm.vmlinux",
-                       "initrd": f"{served}/appliance-vm.cpio.zst",
-                       "cmdline": "console=ttyS0 quiet panic=-1"},
+            "name": "app", "memory_mib": 192,
+            "kernel": {"kernel": f"{served}/vmlinux", "initrd": f"{served}/initrd",
+                       "cmdline": "console=ttyS0 quiet"},
         })  # fmt: skip
         assert created["state"] == "running"
-        pid = created["pid"]
+        pid, ip, mac = created["pid"], created["ip"], created["mac"]
+        first = wait_guest(ip, 900)
+        assert (first["ip"], first["mac"]) == (ip, mac), first
+        assert " 200 " in first["metadata"], first
 
         # Live patch v1 -> v2: version v2, the changed unit restarted, the VM untouched.
         mark = len(node.console_text())
@@ -134,37 +176,51 @@ def test_live_patch_reboot_and_fallback(
         node.wait_console("HATCHERY-DEMO-BEACON v2", 120, after=mark)
         after = vm(node, "app")
         assert after["state"] == "running" and after["pid"] == pid, "the live patch touched the VM"
+        assert wait_guest(ip, 120)["boot"] == first["boot"]
         # The same patch again is a no-op that says so.
         again = upgrade(node, "v2", "live")
         assert again["state"] == "done" and "nothing to do" in again["detail"]
 
-        # Reboot mode to v3: kexec into another kernel (backports' 6.12, from 6.1), the node
-        # comes back on v3 and restores the VM.
+        # Reboot mode to v3: kexec into another kernel (backports' 6.12, from 6.1); the VM is
+        # saved to /data before and resumed after, and its guest cannot tell.
+        before = wait_guest(ip, 120)
         mark = len(node.console_text())
         assert upgrade(node, "v3", "reboot")["state"] == "running"
         node.wait_console("Linux version 6.12", 1200, after=mark)
-        health = node.wait_agent(1200, version="v3")
+        node.wait_agent(1200, version="v3")
         health = wait_upgrade(node, 300)
         assert health["upgrade"]["state"] == "done", health["upgrade"]
-        assert wait_vm_running(node, "app", 300)["pid"] != pid
-        # The upgrade reports what became of the VM: saved and resumed (its pause), or
-        # cold-started (why). Kept beside the test's files, for the benchmarks' record.
-        deadline = time.monotonic() + 300
-        while any(v["result"] == "restoring" for v in health["upgrade"].get("vms", [])):
-            assert time.monotonic() < deadline, health["upgrade"]
-            time.sleep(2)
-            health = node.wait_agent(60, version="v3")
-        [outcome] = [v for v in health["upgrade"]["vms"] if v["name"] == "app"]
-        assert outcome["result"] in ("resumed", "cold-started"), outcome
+        outcome = outcome_of(node, "v3", "app")
+        assert outcome["result"] == "resumed" and outcome["pause_seconds"] > 0, outcome
         (tmp_path / "vm-outcome-v3.json").write_text(json.dumps(outcome) + "\n")
+        shown = wait_vm_running(node, "app", 300)
+        assert shown["pid"] != pid and (shown["ip"], shown["mac"]) == (ip, mac), shown
+        resumed = wait_guest(ip, 300)
+        assert resumed["boot"] == before["boot"], "the guest was rebooted"
+        assert int(resumed["count"]) > int(before["count"]), (before, resumed)
+        assert float(resumed["up"]) > float(before["up"]), (before, resumed)
+        assert (resumed["ip"], resumed["mac"]) == (ip, mac), resumed
+        assert " 200 " in resumed["metadata"], resumed
 
-        # v4's agent cannot start: the guard falls back to v3 by itself; the VM is restored.
+        # v4's agent cannot start, and it damages every saved VM state first: the guard falls
+        # back to v3 by itself, v3's resume fails, the VM is cold-started and the report and
+        # its record say why; the damaged file is kept for the operator.
         assert upgrade(node, "v4", "reboot", guard_seconds=60)["state"] == "running"
         mark = len(node.console_text())
         node.wait_console("HATCHERY-DEMO-BEACON v4", 1200, after=mark)
+        node.wait_console("HATCHERY-DEMO-DAMAGED", 300, after=mark)
         node.wait_console("hatchery-boot-guard: waiting up to 60s for v4", 300, after=mark)
         node.wait_console("falling back to v3", 600, after=mark)
         health = node.wait_agent(1200, version="v3")
         assert health["upgrade"]["state"] == "failed"
         assert health["boot"]["fallback"] is True and "v4" in health["boot"]["reason"]
-        wait_vm_running(node, "app", 300)
+        outcome = outcome_of(node, "v3", "app")
+        assert outcome["result"] == "cold-started", outcome
+        assert "resume failed" in outcome["reason"], outcome
+        shown = wait_vm_running(node, "app", 300)
+        assert "resume failed" in shown["reason"] and "suspend-failed-" in shown["reason"], shown
+        assert (shown["ip"], shown["mac"]) == (ip, mac), shown
+        cold = wait_guest(ip, 900)
+        assert cold["boot"] != before["boot"], "a guest that could not be resumed booted afresh"
+        assert (cold["ip"], cold["mac"]) == (ip, mac), cold
+        assert " 200 " in cold["metadata"], cold

@@ -4,9 +4,12 @@ Reads need ``images.read`` (the default policy's ``*.read`` and the ``node`` gro
 writes ``images.manage``. ``add_routes(app, ImagesContext.build(...))`` mounts them on an app
 made by ``api.http.new_app`` (the agent's API app in ``api.app``).
 
-``GET /v1/objects/<sha256>`` serves the object *as stored*: the zstd-compressed file
-(``Content-Type: application/zstd``, no ``Content-Encoding``), with Range requests, so a peer
-downloads fewer bytes, resumes at a byte offset of that file and checks the content itself.
+``GET /v1/objects/<sha256>`` serves the object *as stored*, with Range requests, so a peer
+resumes at a byte offset of that file and checks the content itself: a zstd-compressed object
+as the zstd file (``Content-Type: application/zstd``, no ``Content-Encoding``), an object kept
+as is (already compressed content) as that content (``application/octet-stream``) to a peer
+that accepts it, and to an older peer, which asks for zstd only, framed as a zstd file of raw
+blocks on the fly (``images.rawframe``: nothing compressed, any range answered).
 ``PUT /v1/objects/<sha256>`` takes the *uncompressed* content and stores it only if it hashes
 to the name.
 """
@@ -15,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -24,13 +29,16 @@ from aiohttp import web
 from hatchery.api.http import TooLarge, Unavailable, caller, json_body, read_body, require
 from hatchery.api.validate import BadRequest
 from hatchery.errors import HatcheryError
+from hatchery.images import rawframe
 from hatchery.images.fetch import ImageFetcher
 from hatchery.images.manifest import MAX_DOCUMENT, ManifestError, check_version, is_sha256
 from hatchery.images.signing import KeySource
-from hatchery.images.store import ImageStore, ObjectNotFound
+from hatchery.images.store import RAW, ImageStore, ObjectNotFound
 
 log = logging.getLogger(__name__)
 UPLOAD_BATCH = 1 << 20
+FRAME_CHUNK = 1 << 20
+ZSTD_TYPE, RAW_TYPE = "application/zstd", "application/octet-stream"
 MAX_PEER = 300
 MAX_FETCH_BODY = 4096
 
@@ -107,10 +115,59 @@ async def show_image(request: web.Request) -> web.Response:
 
 @require("images.read")
 async def get_object(request: web.Request) -> web.StreamResponse:
-    path = request.app[IMAGES].store.object_path(_sha(request))
+    sha = _sha(request)
+    path = request.app[IMAGES].store.object_path(sha)
     if not path.is_file():
-        raise ObjectNotFound(f"object {path.name[:-4]} is not in the store")
-    return web.FileResponse(path, headers={"Content-Type": "application/zstd"})
+        raise ObjectNotFound(f"object {sha} is not in the store")
+    if path.suffix != RAW:
+        return web.FileResponse(path, headers={"Content-Type": ZSTD_TYPE})
+    if RAW_TYPE in request.headers.get("Accept", ""):
+        return web.FileResponse(path, headers={"Content-Type": RAW_TYPE})
+    return await _framed(request, path)
+
+
+async def _framed(request: web.Request, path: Path) -> web.StreamResponse:
+    """The object kept as is, sent as the zstd file of raw blocks that frames it (for peers
+    that ask for zstd only), whole or the one byte range asked."""
+    with path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        total = rawframe.framed_size(size)
+        try:
+            asked = request.http_range
+        except ValueError:
+            asked = slice(None, None)  # a malformed Range is ignored, as for files
+        start, stop = asked.start, asked.stop
+        ranged = start is not None or stop is not None
+        if start is not None and start < 0:  # bytes=-N: the last N bytes
+            start, stop = max(0, total + start), total
+        start = start or 0
+        stop = total if stop is None else min(stop, total)
+        if ranged and start >= total:
+            raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{total}"})
+        response = web.StreamResponse(status=206 if ranged else 200)
+        response.content_type = ZSTD_TYPE
+        response.content_length = stop - start
+        response.headers["Accept-Ranges"] = "bytes"
+        if ranged:
+            response.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{total}"
+        await response.prepare(request)
+        if request.method == "HEAD":
+            return response
+        for piece in rawframe.pieces(size, start, stop):
+            if isinstance(piece, bytes):
+                await response.write(piece)
+                continue
+            offset, left = piece.offset, piece.count
+            while left:
+                chunk = await asyncio.to_thread(os.pread, f.fileno(), min(left, FRAME_CHUNK),
+                                                offset)  # fmt: skip
+                if not chunk:
+                    raise ConnectionResetError(f"{path.name} shrank while it was sent")
+                await response.write(chunk)
+                offset += len(chunk)
+                left -= len(chunk)
+        await response.write_eof()
+        return response
 
 
 # --- writes --------------------------------------------------------------------------------------

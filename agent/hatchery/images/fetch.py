@@ -5,11 +5,14 @@ Order of trust:
 1. ``GET /v1/images/<version>``: the signed manifest. Its form is checked and its signature
    verified against the trusted keys *before anything else is downloaded*; a manifest for
    another version is refused too.
-2. ``GET /v1/objects/<sha256>`` for each object the store lacks. The peer serves the stored
-   zstd file; it is written to ``partial/<sha256>.zst.part`` and a cut download is resumed
-   with an HTTP Range request from the bytes already there (the partial file is kept across
-   attempts and across calls). A complete download is decompressed and hashed: only content
-   whose sha256 and size are the manifest's enters the store; anything else is deleted.
+2. ``GET /v1/objects/<sha256>`` for each object the store lacks. The peer serves the object
+   as it stores it: a zstd file, or the content itself when it was already compressed (we
+   say we accept both; its ``Content-Type`` tells which). It is written to
+   ``partial/<sha256>.zst.part`` (or ``.raw.part``) and a cut download is resumed with an
+   HTTP Range request from the bytes already there (the partial file is kept across
+   attempts and across calls). A complete download is hashed (decompressed first if zstd):
+   only content whose sha256 and size are the manifest's enters the store, in the form it
+   came in; anything else is deleted.
 3. The image is added to the store, which checks the signature and every object once more.
 
 A refused manifest, signature or object changes nothing in the store's images.
@@ -39,6 +42,10 @@ from hatchery.images.manifest import (
 )
 from hatchery.images.signing import KeySource, VerificationError
 from hatchery.images.store import CorruptObject, ImageConflict, ImageStore, compressed_bound
+
+#: What we ask an object in: the content as is, or a zstd file (``api.images``).
+RAW_TYPE, ZSTD_TYPE = "application/octet-stream", "application/zstd"
+ACCEPT = f"{RAW_TYPE}, {ZSTD_TYPE}"
 
 log = logging.getLogger(__name__)
 CHUNK = 256 * 1024
@@ -166,14 +173,12 @@ class ImageFetcher:
         async with lock:
             if self.store.has_object(artefact.sha256):
                 return
-            part = self.store.partial_path(artefact.sha256)
-            await self._download(
+            raw = await self._download(
                 session, f"{base}/v1/objects/{artefact.sha256}", artefact, progress
             )
+            part = self.store.partial_path(artefact.sha256, raw)
             try:
-                await asyncio.to_thread(
-                    self.store.adopt_compressed, artefact.sha256, part, artefact.size
-                )
+                await asyncio.to_thread(self.store.adopt, artefact.sha256, part, artefact.size, raw)
             except CorruptObject as exc:
                 part.unlink(missing_ok=True)
                 raise CorruptObject(
@@ -182,21 +187,34 @@ class ImageFetcher:
 
     async def _download(
         self, session: aiohttp.ClientSession, url: str, artefact: Artefact, progress: _Progress
-    ) -> None:
-        """Download into the partial file, resuming; return when the peer has sent it all."""
-        part = self.store.partial_path(artefact.sha256)
-        limit = compressed_bound(artefact.size)
+    ) -> bool:
+        """Download into the partial file, resuming; return when the peer has sent it all,
+        whether it sent the content as is (else a zstd file)."""
         last: BaseException | None = None
         for attempt in range(1, self.attempts + 1):
+            raw = self.store.partial_path(artefact.sha256, raw=True).exists()
+            part = self.store.partial_path(artefact.sha256, raw)
+            limit = artefact.size if raw else compressed_bound(artefact.size)
             offset = part.stat().st_size if part.exists() else 0
             if offset > limit:
                 part.unlink()
                 offset = 0
-            headers = {"Range": f"bytes={offset}-"} if offset else {}
+            headers = {"Accept": ACCEPT, **({"Range": f"bytes={offset}-"} if offset else {})}
             try:
                 async with session.get(url, headers=headers) as resp:
                     if resp.status == 416 and offset:
-                        return  # the partial file already holds every byte: verify it
+                        return raw  # the partial file already holds every byte: verify it
+                    sent_raw = resp.content_type == RAW_TYPE
+                    if resp.status in (200, 206) and sent_raw != raw:
+                        # Not the form we hold a part of (another peer, or one upgraded
+                        # since): that part is of no use.
+                        part.unlink(missing_ok=True)
+                        raw, offset = sent_raw, 0
+                        part = self.store.partial_path(artefact.sha256, raw)
+                        limit = artefact.size if raw else compressed_bound(artefact.size)
+                        if resp.status == 206:
+                            log.info("%s: the peer sends another form now; starting afresh", url)
+                            continue
                     if resp.status == 206 and offset:
                         match = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", ""))
                         if match is None or int(match.group(1)) != offset:
@@ -218,7 +236,7 @@ class ImageFetcher:
                                 )
                             f.write(chunk)
                             progress.downloaded += len(chunk)
-                return
+                return raw
             except CorruptObject:
                 part.unlink(missing_ok=True)
                 raise

@@ -3,16 +3,21 @@
 Layout under the store's root (the agent uses ``<state_dir>/images``)::
 
     objects/ab/<sha256>.zst    an artefact, zstd-compressed, named by the sha256 of its content
+    objects/ab/<sha256>.raw    an artefact that was already compressed, kept as it is
     images/<version>.json      the signed manifest of an image whose objects are all present
     pointers.json              {"current": version, "previous": version}, set by the upgrade code
-    partial/<sha256>.zst.part  a download from a peer in progress (kept for resuming)
+    partial/<sha256>.zst.part  a download from a peer in progress (kept for resuming; .raw.part
+                               when the peer sent the content as it is)
     tmp/                       temporaries (emptied when the store opens)
     quarantine/                objects found corrupt, kept for a look
 
 Every object is written to a temporary file, checked (the sha256 of the uncompressed content
 must be its name, and its size the one expected), fsynced and renamed into place: an object
-in ``objects/`` is always complete. An image enters ``images/`` only when its signature
-verifies against the trusted keys and every object it names is present and verifies.
+in ``objects/`` is always complete. Content that is already compressed (a bzImage, an initrd
+carrying a squashfs root) is kept as it is (``.raw``): compressing it again gains nothing, and
+kept plain it can be used where it lies (``raw_path``) instead of copied out first. An image
+enters ``images/`` only when its signature verifies against the trusted keys and every object
+it names is present and verifies.
 """
 
 from __future__ import annotations
@@ -47,14 +52,10 @@ from hatchery.state import StateError, fsync_dir, read_json, write_atomic, write
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 LEVEL = 3
-#: For content that is already compressed (a zstd cpio, a bzImage): zstd's fastest level,
-#: which stores incompressible blocks raw. Level 3 gains nothing on them and costs 3x the
-#: CPU both ways (140 MB initrd: 0.76 s against 0.23 s to write, 0.46 s against 0.15 s to
-#: read on the 2-core test machine; far more on an emulated node publishing its images).
-RAW_LEVEL = -1
 #: The first chunk decides: it must shrink by at least this share at level 1 for the
-#: object to be compressed at ``LEVEL``.
+#: object to be compressed at ``LEVEL``; else it is kept as it is.
 WORTH_COMPRESSING = 0.05
+ZSTD, RAW = ".zst", ".raw"
 POINTERS = "pointers.json"
 
 
@@ -105,9 +106,18 @@ def compressed_bound(size: int) -> int:
     return size + (size >> 7) + 64 * 1024
 
 
-def decompressed_chunks(path: Path, limit: int) -> Iterator[bytes]:
-    """The content of the zstd file ``path``; ``CorruptObject`` past ``limit`` bytes or if bad."""
+def content_chunks(path: Path, limit: int, raw: bool) -> Iterator[bytes]:
+    """The content of object file ``path`` (``raw``: the content itself, else a zstd file);
+    ``CorruptObject`` past ``limit`` bytes or if it is not valid zstd."""
     total = 0
+    if raw:
+        with path.open("rb") as f:
+            while chunk := f.read(CHUNK):
+                total += len(chunk)
+                if total > limit:
+                    raise CorruptObject(f"{path.name} holds more than the {limit} bytes expected")
+                yield chunk
+        return
     try:
         with (
             path.open("rb") as f,
@@ -122,20 +132,19 @@ def decompressed_chunks(path: Path, limit: int) -> Iterator[bytes]:
         raise CorruptObject(f"{path.name} is not a valid zstd stream: {exc}") from None
 
 
-def _compressor_for(first: bytes) -> zstandard.ZstdCompressionObj:
-    """A compressor at ``LEVEL``, or at ``RAW_LEVEL`` when ``first`` (the content's first
-    chunk) is already compressed: it barely shrinks at zstd's cheapest level. The object's
-    format is the same zstd either way; readers and peers cannot tell."""
-    level = LEVEL
+def _compressor_for(first: bytes) -> zstandard.ZstdCompressionObj | None:
+    """A compressor at ``LEVEL``, or none when ``first`` (the content's first chunk) is
+    already compressed: it barely shrinks at zstd's cheapest level, so it is kept as is."""
     if first:
         trial = zstandard.ZstdCompressor(level=1).compress(first)
         if len(trial) > len(first) * (1 - WORTH_COMPRESSING):
-            level = RAW_LEVEL
-    return zstandard.ZstdCompressor(level=level, write_checksum=True).compressobj()
+            return None
+    return zstandard.ZstdCompressor(level=LEVEL, write_checksum=True).compressobj()
 
 
 class ObjectWriter:
-    """Content in, an object out: compressed and hashed as it is written, checked on commit."""
+    """Content in, an object out: compressed (unless it already is) and hashed as it is
+    written, checked on commit."""
 
     def __init__(self, store: ImageStore, expected: str | None, max_size: int) -> None:
         self._store = store
@@ -145,6 +154,7 @@ class ObjectWriter:
         self._tmp = Path(name)
         self._file = os.fdopen(fd, "wb")
         self._zstd: zstandard.ZstdCompressionObj | None = None  # made for the first chunk
+        self._raw = False  # the first chunk was already compressed: stored as it is
         self._hash = hashlib.sha256()
         self.size = 0
         self._done = False
@@ -154,9 +164,10 @@ class ObjectWriter:
         if self.size > self._max:
             raise CorruptObject(f"the object is larger than {self._max} bytes")
         self._hash.update(chunk)
-        if self._zstd is None:
+        if self._zstd is None and not self._raw:
             self._zstd = _compressor_for(chunk)
-        self._file.write(self._zstd.compress(chunk))
+            self._raw = self._zstd is None
+        self._file.write(chunk if self._zstd is None else self._zstd.compress(chunk))
 
     def commit(self) -> str:
         """Check the content's sha256 and move the object into place; return its sha256."""
@@ -166,14 +177,15 @@ class ObjectWriter:
             raise CorruptObject(
                 f"the content's sha256 is {digest}, not {self._expected} (tampered or truncated)"
             )
-        if self._zstd is None:  # empty content: still a valid (empty) zstd frame
+        if self._zstd is None and not self._raw:  # empty content: a valid (empty) zstd frame
             self._zstd = _compressor_for(b"")
-        self._file.write(self._zstd.flush())
+        if self._zstd is not None:
+            self._file.write(self._zstd.flush())
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
         self._done = True
-        self._store._install(digest, self._tmp, self.size)
+        self._store._install(digest, self._tmp, self.size, raw=self._raw)
         return digest
 
     def abort(self) -> None:
@@ -210,13 +222,24 @@ class ImageStore:
             raise StoreError(f"cannot open the image store in {root}: {exc}") from exc
 
     # --- objects ---------------------------------------------------------------------------
-    def object_path(self, sha256: str) -> Path:
+    def _form_path(self, sha256: str, raw: bool) -> Path:
         check_sha256(sha256)
-        return self.root / "objects" / sha256[:2] / f"{sha256}.zst"
+        return self.root / "objects" / sha256[:2] / f"{sha256}{RAW if raw else ZSTD}"
 
-    def partial_path(self, sha256: str) -> Path:
+    def object_path(self, sha256: str) -> Path:
+        """The object's file: ``<sha256>.raw`` (its content as is) if there is one, else
+        ``<sha256>.zst`` (which may not exist: see ``has_object``)."""
+        raw = self._form_path(sha256, raw=True)
+        return raw if raw.is_file() else self._form_path(sha256, raw=False)
+
+    def raw_path(self, sha256: str) -> Path | None:
+        """The object's file if it holds the content as is (usable in place), else None."""
+        raw = self._form_path(sha256, raw=True)
+        return raw if raw.is_file() else None
+
+    def partial_path(self, sha256: str, raw: bool = False) -> Path:
         check_sha256(sha256)
-        return self.root / "partial" / f"{sha256}.zst.part"
+        return self.root / "partial" / f"{sha256}{RAW if raw else ZSTD}.part"
 
     def has_object(self, sha256: str) -> bool:
         return self.object_path(sha256).is_file()
@@ -224,16 +247,18 @@ class ImageStore:
     def objects(self) -> set[str]:
         found: set[str] = set()
         for sub in (self.root / "objects").iterdir():
-            for path in sub.glob("*.zst"):
-                if is_sha256(path.name[:-4]):
-                    found.add(path.name[:-4])
+            for path in sub.iterdir():
+                if path.suffix in (ZSTD, RAW) and is_sha256(path.stem):
+                    found.add(path.stem)
         return found
 
-    def _install(self, sha256: str, tmp: Path, size: int) -> None:
-        """Move a checked object (``size`` bytes of content) into place."""
-        target = self.object_path(sha256)
+    def _install(self, sha256: str, tmp: Path, size: int, raw: bool) -> None:
+        """Move a checked object (``size`` bytes of content) into place; the other form of
+        it, if any, goes (one file per object)."""
+        target = self._form_path(sha256, raw)
         target.parent.mkdir(exist_ok=True)
         os.replace(tmp, target)
+        self._form_path(sha256, not raw).unlink(missing_ok=True)
         fsync_dir(target.parent)
         self._remember_checked(sha256, target, size)
         log.debug("object %s stored", sha256)
@@ -273,10 +298,11 @@ class ImageStore:
         with path.open("rb") as f:
             return self.put(iter(lambda: f.read(CHUNK), b""), expected)
 
-    def check_compressed(self, sha256: str, path: Path, size: int) -> None:
-        """Raise ``CorruptObject`` unless zstd file ``path`` holds ``size`` bytes hashing to it."""
+    def check_file(self, sha256: str, path: Path, size: int, raw: bool) -> None:
+        """Raise ``CorruptObject`` unless object file ``path`` (``raw`` or zstd) holds ``size``
+        bytes hashing to ``sha256``."""
         digest, total = hashlib.sha256(), 0
-        for chunk in decompressed_chunks(path, size):
+        for chunk in content_chunks(path, size, raw):
             digest.update(chunk)
             total += len(chunk)
         if total != size or digest.hexdigest() != sha256:
@@ -285,12 +311,13 @@ class ImageStore:
                 f" not {size} bytes with sha256 {sha256} (tampered or corrupt)"
             )
 
-    def adopt_compressed(self, sha256: str, path: Path, size: int) -> None:
-        """Move a downloaded zstd file into the store once it verifies; else raise, unchanged."""
-        self.check_compressed(sha256, path, size)
+    def adopt(self, sha256: str, path: Path, size: int, raw: bool) -> None:
+        """Move a downloaded object file (``raw`` or zstd) into the store once it verifies;
+        else raise, unchanged."""
+        self.check_file(sha256, path, size, raw)
         with path.open("rb+") as f:
             os.fsync(f.fileno())
-        self._install(sha256, path, size)
+        self._install(sha256, path, size, raw)
 
     def verify_object(self, sha256: str, size: int | None = None) -> None:
         """Check a stored object; a corrupt one is moved to quarantine/ and reported."""
@@ -299,16 +326,17 @@ class ImageStore:
             raise ObjectNotFound(f"object {sha256} is not in the store")
         if self._checked_unchanged(sha256, path, size):
             return
+        raw = path.suffix == RAW
         try:
             if size is None:
                 digest, total = hashlib.sha256(), 0
-                for chunk in decompressed_chunks(path, self.max_object):
+                for chunk in content_chunks(path, self.max_object, raw):
                     digest.update(chunk)
                     total += len(chunk)
                 if digest.hexdigest() != sha256:
                     raise CorruptObject(f"object {sha256}: its content hashes to something else")
             else:
-                self.check_compressed(sha256, path, size)
+                self.check_file(sha256, path, size, raw)
                 total = size
             self._remember_checked(sha256, path, total)
         except CorruptObject as exc:
@@ -326,6 +354,8 @@ class ImageStore:
             f = path.open("rb")
         except FileNotFoundError:
             raise ObjectNotFound(f"object {sha256} is not in the store") from None
+        if path.suffix == RAW:
+            return f
         return zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
 
     def read_object(self, sha256: str, size: int | None = None) -> Iterator[bytes]:
@@ -334,7 +364,8 @@ class ImageStore:
         if not path.is_file():
             raise ObjectNotFound(f"object {sha256} is not in the store")
         digest, total = hashlib.sha256(), 0
-        for chunk in decompressed_chunks(path, self.max_object if size is None else size):
+        limit = self.max_object if size is None else size
+        for chunk in content_chunks(path, limit, path.suffix == RAW):
             digest.update(chunk)
             total += len(chunk)
             yield chunk

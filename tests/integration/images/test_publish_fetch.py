@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from hatchery.client import ApiError
+from hatchery.images import rawframe
 from hatchery.images.fetch import FetchError, ImageFetcher
 from hatchery.images.manifest import Role, parse_signed
 from hatchery.images.signing import (
@@ -243,8 +245,10 @@ def cutter(store: Callable[[], ImageStore], times: int) -> Middleware:
         if request.method != "GET" or not request.path.startswith("/v1/objects/") or left[0] <= 0:
             return await handler(request)
         left[0] -= 1
-        data = store().object_path(request.match_info["sha256"]).read_bytes()
-        resp = web.StreamResponse(headers={"Content-Length": str(len(data))})
+        path = store().object_path(request.match_info["sha256"])
+        data = path.read_bytes()
+        kind = "application/octet-stream" if path.suffix == ".raw" else "application/zstd"
+        resp = web.StreamResponse(headers={"Content-Length": str(len(data)), "Content-Type": kind})
         await resp.prepare(request)
         await resp.write(data[:CUT])
         assert request.transport is not None
@@ -270,7 +274,7 @@ async def test_a_cut_fetch_resumes_from_its_partial_file(cluster: Cluster) -> No
     with pytest.raises(FetchError, match="cannot download") as err:
         await once.fetch(a.address, "1.0")
     assert err.value.hint is not None and "resumes" in err.value.hint
-    partial = b.store.partial_path(initrd)
+    partial = b.store.partial_path(initrd, a.store.raw_path(initrd) is not None)
     kept = partial.stat().st_size
     assert 0 < kept <= CUT
     assert b.store.versions() == [] and not b.store.has_object(initrd)
@@ -304,11 +308,12 @@ async def test_a_resumed_download_that_does_not_verify_is_discarded(cluster: Clu
     build, raw = signed_build(cluster.tmp / "builds", "1.0", cluster.key, initrd_size=INITRD)
     await publish(a, build, raw)
     initrd = parse_signed(raw).manifest.artefacts[Role.INITRD].sha256
-    b.store.partial_path(initrd).write_bytes(b"\x28\xb5\x2f\xfd" + b"garbage" * 1000)
+    as_is = a.store.raw_path(initrd) is not None  # the form the peer sends it in
+    b.store.partial_path(initrd, as_is).write_bytes(b"\x28\xb5\x2f\xfd" + b"garbage" * 1000)
     with pytest.raises(ApiError) as err:
         await fetch(b, a, "1.0")
     assert err.value.status == 422
-    assert not b.store.partial_path(initrd).exists() and b.store.versions() == []
+    assert not b.store.partial_path(initrd, as_is).exists() and b.store.versions() == []
     assert (await fetch(b, a, "1.0"))["added"] is True
     same_files(b.store, "1.0", build, cluster.tmp / "boot")
 
@@ -324,8 +329,10 @@ def staller(store: Callable[[], ImageStore], release: asyncio.Event) -> Middlewa
         if request.method != "GET" or not request.path.startswith("/v1/objects/") or left[0] <= 0:
             return await handler(request)
         left[0] -= 1
-        data = store().object_path(request.match_info["sha256"]).read_bytes()
-        resp = web.StreamResponse(headers={"Content-Length": str(len(data))})
+        path = store().object_path(request.match_info["sha256"])
+        data = path.read_bytes()
+        kind = "application/octet-stream" if path.suffix == ".raw" else "application/zstd"
+        resp = web.StreamResponse(headers={"Content-Length": str(len(data)), "Content-Type": kind})
         await resp.prepare(request)
         await resp.write(data[:CUT])
         await release.wait()
@@ -347,7 +354,7 @@ async def test_a_cancelled_fetch_keeps_its_partial_file_and_resumes(cluster: Clu
     build, raw = signed_build(cluster.tmp / "builds", "1.0", cluster.key, initrd_size=INITRD)
     await publish(a, build, raw)
     initrd = parse_signed(raw).manifest.artefacts[Role.INITRD].sha256
-    partial = b.store.partial_path(initrd)
+    partial = b.store.partial_path(initrd, a.store.raw_path(initrd) is not None)
 
     tls = client_context(cluster.pki.ca, b.client_pair.cert, b.client_pair.key)
     fetcher = ImageFetcher(b.store, KeyDirectory(b.keys_dir), tls)
@@ -402,3 +409,73 @@ async def test_a_peer_without_the_image_or_unreachable_is_a_502(cluster: Cluster
             body = {"peer": f"127.0.0.1:{free_port()}", "version": "1"}
             await admin.request("POST", "/v1/images/fetch", json=body)
     assert err.value.status == 502 and "cannot get the manifest" in err.value.message
+
+
+def _curl(node: Node, cluster: Cluster, sha: str, *extra: str) -> tuple[bytes, str]:
+    """An object as curl gets it from ``node`` (mutual TLS), and its Content-Type."""
+    pair = cluster.pki.client("reader", "admin")
+    out = subprocess.run(
+        ["curl", "-sS", "--fail", "--cacert", str(cluster.pki.ca), "--cert", str(pair.cert),
+         "--key", str(pair.key), "-o", "-", "-w", "%{stderr}%{content_type}", *extra,
+         f"https://{node.address}/v1/objects/{sha}"],
+        capture_output=True, check=True, timeout=60,
+    )  # fmt: skip
+    return out.stdout, out.stderr.decode()
+
+
+async def test_an_object_kept_as_is_is_served_to_old_and_new_peers(cluster: Cluster) -> None:
+    """Already-compressed content is stored as is. A peer that says it takes that gets the
+    content itself; an older one, which asks for zstd only, gets a zstd file framing it in
+    raw blocks: the real zstd tool decodes it, and any byte range of it (where an old agent
+    resumes a cut download) is the same bytes as the whole file's."""
+    a = await cluster.node("node-a")
+    a.trust(cluster.key)
+    build, raw = signed_build(cluster.tmp / "builds", "1.0", cluster.key, initrd_size=INITRD)
+    await publish(a, build, raw)
+    initrd = parse_signed(raw).manifest.artefacts[Role.INITRD]
+    content = (build / "hypervisor.cpio.zst").read_bytes()
+    assert a.store.raw_path(initrd.sha256) is not None
+    assert a.store.usage() < INITRD + 1024 * 1024  # no second copy, no zstd framing stored
+
+    body, kind = await asyncio.to_thread(_curl, a, cluster, initrd.sha256,
+                                         "-H", "Accept: application/octet-stream")  # fmt: skip
+    assert kind == "application/octet-stream" and body == content
+
+    whole, kind = await asyncio.to_thread(_curl, a, cluster, initrd.sha256)
+    assert kind == "application/zstd" and len(whole) == rawframe.framed_size(len(content))
+    plain = subprocess.run(["zstd", "-dc"], input=whole, capture_output=True, check=True)
+    assert plain.stdout == content
+    for start in (0, 5, 14, 17, 131091, 131092, len(whole) - 3, len(whole) - 1):
+        part, _ = await asyncio.to_thread(_curl, a, cluster, initrd.sha256, "-r", f"{start}-")
+        assert part == whole[start:], start
+    part, _ = await asyncio.to_thread(_curl, a, cluster, initrd.sha256, "-r", "100-300000")
+    assert part == whole[100:300001]
+    part, _ = await asyncio.to_thread(_curl, a, cluster, initrd.sha256, "-r", "-1000")
+    assert part == whole[-1000:]
+    with pytest.raises(subprocess.CalledProcessError) as beyond:
+        await asyncio.to_thread(_curl, a, cluster, initrd.sha256, "-r", f"{len(whole)}-")
+    assert "416" in beyond.value.stderr.decode()
+
+
+async def test_a_part_of_the_other_form_is_dropped_and_the_fetch_starts_afresh(
+    cluster: Cluster,
+) -> None:
+    """A partial download left from a peer that sent zstd, resumed from one that sends the
+    content as is: the part is useless, so it goes and the object is fetched whole."""
+    a, b = await cluster.node("node-a"), await cluster.node("node-b")
+    a.trust(cluster.key)
+    b.trust(cluster.key)
+    build, raw = signed_build(cluster.tmp / "builds", "1.0", cluster.key, initrd_size=INITRD)
+    await publish(a, build, raw)
+    initrd = parse_signed(raw).manifest.artefacts[Role.INITRD].sha256
+    content = (build / "hypervisor.cpio.zst").read_bytes()
+    framed = b"".join(
+        p if isinstance(p, bytes) else content[p.offset : p.offset + p.count]
+        for p in rawframe.pieces(len(content), 0, rawframe.framed_size(len(content)))
+    )
+    b.store.partial_path(initrd).write_bytes(framed[:CUT])  # as an older peer sent it
+    report = await fetch(b, a, "1.0")
+    assert report["added"] and report["resumed_bytes"] == 0
+    assert b.store.raw_path(initrd) is not None
+    assert list((b.store.root / "partial").iterdir()) == []
+    same_files(b.store, "1.0", build, cluster.tmp / "boot")

@@ -110,17 +110,63 @@ def test_adopting_a_download_checks_content_size_and_trailing_bytes(
     # A compression bomb: more content than the manifest says.
     part.write_bytes(zstandard.ZstdCompressor().compress(b"\0" * 50_000_000))
     with pytest.raises(CorruptObject, match="more than"):
-        store.adopt_compressed(sha, part, len(data))
+        store.adopt(sha, part, len(data), raw=False)
     part.write_bytes(good + b"trailing garbage")
     with pytest.raises(CorruptObject):
-        store.adopt_compressed(sha, part, len(data))
+        store.adopt(sha, part, len(data), raw=False)
     part.write_bytes(good[: len(good) // 2])
     with pytest.raises(CorruptObject):
-        store.adopt_compressed(sha, part, len(data))
+        store.adopt(sha, part, len(data), raw=False)
     assert not store.has_object(sha)
     part.write_bytes(good)
-    store.adopt_compressed(sha, part, len(data))
+    store.adopt(sha, part, len(data), raw=False)
     assert store.has_object(sha) and not part.exists()
+    assert b"".join(store.read_object(sha, len(data))) == data
+
+
+def test_compressed_content_is_kept_as_it_is_and_reads_back(store: ImageStore) -> None:
+    """Content that is already compressed is stored as is (``.raw``): no zstd pass on the
+    way in or out, the file usable in place; hashed and checked like any object."""
+    data = os.urandom(3 << 20)
+    sha = store.put([data[:12345], data[12345:]])
+    path = store.object_path(sha)
+    assert path == store.root / "objects" / sha[:2] / f"{sha}.raw"
+    assert path.read_bytes() == data and store.raw_path(sha) == path
+    assert b"".join(store.read_object(sha, len(data))) == data
+    with store.open_object(sha) as stream:
+        assert stream.read() == data
+    store.verify_object(sha, len(data))
+    assert store.objects() == {sha} and store.usage() == len(data)
+    compressible = store.put([b"hatchery " * 1000])
+    assert store.raw_path(compressible) is None
+    assert store.object_path(compressible).suffix == ".zst"
+    # A flipped byte in a kept-as-is object is caught like one in a zstd object.
+    path.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    with pytest.raises(CorruptObject):
+        store.verify_object(sha, len(data))
+    assert not store.has_object(sha)
+
+
+def test_a_raw_download_is_checked_and_replaces_the_zstd_form(store: ImageStore) -> None:
+    """A peer may send an object as is: the same checks (size, sha256) before it enters, and
+    an object never lies twice in the store (the older zstd form of it goes)."""
+    data = os.urandom(300_000)
+    sha = hashlib.sha256(data).hexdigest()
+    zst = store.root / "objects" / sha[:2] / f"{sha}.zst"
+    zst.parent.mkdir(parents=True, exist_ok=True)
+    zst.write_bytes(zstandard.ZstdCompressor().compress(data))  # as an older agent stored it
+    assert store.objects() == {sha} and store.raw_path(sha) is None
+    part = store.partial_path(sha, raw=True)
+    assert part.name == f"{sha}.raw.part"
+    for bad in (data + b"x", data[:-1], os.urandom(len(data))):
+        part.write_bytes(bad)
+        with pytest.raises(CorruptObject):
+            store.adopt(sha, part, len(data), raw=True)
+        assert store.raw_path(sha) is None
+    part.write_bytes(data)
+    store.adopt(sha, part, len(data), raw=True)
+    assert store.raw_path(sha) is not None and not zst.exists() and not part.exists()
+    assert store.objects() == {sha}
     assert b"".join(store.read_object(sha, len(data))) == data
 
 
@@ -259,13 +305,13 @@ def test_an_object_checked_by_this_store_is_not_hashed_again_until_it_changes(
     emulated node's publish time); any change to the object's file, or another process,
     means a full check."""
     reads: list[Path] = []
-    real = store_module.decompressed_chunks
+    real = store_module.content_chunks
 
-    def counted(path: Path, limit: int) -> Iterator[bytes]:
+    def counted(path: Path, limit: int, raw: bool) -> Iterator[bytes]:
         reads.append(path)
-        return real(path, limit)
+        return real(path, limit, raw)
 
-    monkeypatch.setattr(store_module, "decompressed_chunks", counted)
+    monkeypatch.setattr(store_module, "content_chunks", counted)
     data = os.urandom(300_000)
     sha = store.put([data])
     store.verify_object(sha, len(data))

@@ -2,8 +2,10 @@
 the tests of issue 16 (refresh, suspend and resume, across QEMU versions) and the bench of
 the pause (``bench/vm_pause.py``).
 
-The guest prints its ``boot_id`` and uptime on its serial console every second and answers
-pings on the lab's bridge once it has its lease.
+The guest prints its ``boot_id``, uptime and a counter kept in its RAM on its serial console
+every second, answers pings on the lab's bridge once it has its lease, and serves the same
+facts, its MAC and IP and whether its metadata service answers, over HTTP
+(``guest_state``): what a tenant would notice if the host had rebooted it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import re
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,8 +35,11 @@ GUEST_INIT = INIT_PRELUDE + (
 i=0; while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
 ip link set eth0 up
 udhcpc -i eth0 -q -n -t 20 -T 1 -s /bin/lease
+httpd -h /www -p 80
+n=0
 while true; do
-  echo "TICK boot=$(cat /proc/sys/kernel/random/boot_id) up=$(cut -d' ' -f1 /proc/uptime)"
+  n=$((n+1)); echo "$n" > /tmp/count
+  echo "TICK boot=$(cat /proc/sys/kernel/random/boot_id) up=$(cut -d' ' -f1 /proc/uptime) n=$n"
   sleep 1
 done
 """
@@ -41,8 +47,27 @@ done
 
 LEASE_SCRIPT = r"""#!/bin/sh
 case "$1" in
-bound|renew) ip addr add "$ip/$mask" dev "$interface"; echo "LEASE ip=$ip";;
+bound|renew)
+  ip addr add "$ip/$mask" dev "$interface"
+  [ -n "$router" ] && ip route replace default via "${router%% *}" dev "$interface"
+  echo "$ip" > /tmp/ip
+  echo "LEASE ip=$ip";;
 esac
+"""
+# What the guest serves at /cgi-bin/state: one key=value a line. The counter lives in the
+# guest's RAM (/tmp is the initramfs); metadata= is the status line of the link-local
+# metadata service's answer, asked now.
+STATE_CGI = r"""#!/bin/sh
+echo "Content-Type: text/plain"
+echo ""
+echo "boot=$(cat /proc/sys/kernel/random/boot_id)"
+echo "up=$(cut -d' ' -f1 /proc/uptime)"
+echo "count=$(cat /tmp/count)"
+echo "mac=$(cat /sys/class/net/eth0/address)"
+echo "ip=$(cat /tmp/ip)"
+printf 'GET /latest/dynamic/instance-identity/document HTTP/1.0\r\nHost: 169.254.169.254\r\n\r\n' |
+  timeout 5 nc 169.254.169.254 80 > /tmp/metadata 2>/dev/null
+echo "metadata=$(head -n 1 /tmp/metadata | tr -d '\r')"
 """
 TICK = re.compile(r"TICK boot=([0-9a-f-]{36}) up=([0-9.]+)")
 
@@ -50,8 +75,21 @@ TICK = re.compile(r"TICK boot=([0-9a-f-]{36}) up=([0-9.]+)")
 def ticking_initrd(kernel: GuestKernel) -> bytes:
     """The busybox initramfs of the ticking guest, with the virtio-net modules it needs."""
     modules = [kernel.module(m) for m in VIRTIO_NET_MODULES]
-    lease = Entry.file("bin/lease", LEASE_SCRIPT.encode(), 0o755)
-    return busybox_initramfs(GUEST_INIT, modules=modules, files=[lease])
+    files = [
+        Entry.file("bin/lease", LEASE_SCRIPT.encode(), 0o755),
+        Entry.directory("www"),
+        Entry.directory("www/cgi-bin"),
+        Entry.file("www/cgi-bin/state", STATE_CGI.encode(), 0o755),
+    ]
+    return busybox_initramfs(GUEST_INIT, modules=modules, files=files)
+
+
+def guest_state(ip: str, timeout: float = 30) -> dict[str, str]:
+    """What the ticking guest at ``ip`` says over HTTP: ``boot``, ``up``, ``count``, ``mac``,
+    ``ip`` and ``metadata`` (the status line its metadata service gave)."""
+    with urllib.request.urlopen(f"http://{ip}/cgi-bin/state", timeout=timeout) as answer:
+        text = answer.read().decode()
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
 
 
 @contextlib.contextmanager
