@@ -92,6 +92,9 @@ class DirImages:
     def open_artefact(self, version: str, role: str) -> AbstractContextManager[BinaryIO]:
         return (self.folder / version / role).open("rb")
 
+    def checked_file(self, version: str, role: str) -> Path | None:
+        return self.folder / version / role
+
     def artefact_digest(self, version: str, role: str) -> str | None:
         return hashlib.sha256((self.folder / version / role).read_bytes()).hexdigest()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from hatchery.wire import BootStatus, Mode, Phase, UpgradeStatus, VmOutcome, VmResult
@@ -65,6 +66,15 @@ class ImageSource(Protocol):
 
         :raise HatcheryError: the image has no such artefact, its manifest is not trusted,
             or the store cannot read it.
+        """
+        ...
+
+    def checked_file(self, version: str, role: str) -> Path | None:
+        """The artefact as a file that holds exactly its bytes as built, checked against what
+        the manifest signs, when the store keeps it so (None: read it with
+        ``open_artefact``). Reboot staging links it instead of copying 100 MB.
+
+        :raise HatcheryError: the manifest is not trusted, or the file does not verify.
         """
         ...
 

@@ -61,7 +61,9 @@ class StagingError(HatcheryError):
 
 
 def stage(images: ImageSource, state_dir: Path, version: str) -> Path:
-    """Copy ``version``'s kernel and initrd out of the store, durably; return their folder.
+    """Put ``version``'s kernel and initrd in their boot folder, durably; return it. An
+    artefact the store keeps as is (``ImageSource.checked_file``) is hard-linked there: no
+    copy of 100 MB; others are copied out of the store (also when the link fails).
 
     A file staged before is kept only if its sha256 is the manifest's (a copy cut short by
     a crash, or changed on /data since, is staged again).
@@ -83,8 +85,25 @@ def stage(images: ImageSource, state_dir: Path, version: str) -> Path:
                 continue
             log.warning("staged %s is not image %s's %s (cut short or changed): staging it "
                         "again", out, version, role)  # fmt: skip
-        _copy(images, version, role, out, want)
+        source = images.checked_file(version, role)
+        if source is None or not _link(source, out):
+            _copy(images, version, role, out, want)
     return target
+
+
+def _link(source: Path, out: Path) -> bool:
+    """``out`` becomes another name of the checked file ``source`` (durably); False if the
+    file system will not (another file system, a link limit): then it is copied."""
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError as exc:
+        log.info("cannot link %s to %s (%s): copying it", source, out, exc)
+        return False
+    os.replace(tmp, out)
+    fsync_dir(out.parent)
+    return True
 
 
 def sha256_of(path: Path) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 from hatchery.images.manifest import Artefact, Manifest, Role
@@ -55,6 +56,16 @@ class StoreImages:
             raise StoreError(f"image {version} has no {role}")
         chunks = self._store.read_object(artefact.sha256, artefact.size)
         return cast(BinaryIO, io.BufferedReader(_ChunkStream(chunks), 1 << 20))
+
+    def checked_file(self, version: str, role: str) -> Path | None:
+        artefact = self._artefact(version, role)
+        if artefact is None:
+            raise StoreError(f"image {version} has no {role}")
+        path = self._store.raw_path(artefact.sha256)
+        if path is None:
+            return None
+        self._store.verify_object(artefact.sha256, artefact.size)  # cached while unchanged
+        return path
 
     def artefact_digest(self, version: str, role: str) -> str | None:
         artefact = self._artefact(version, role)

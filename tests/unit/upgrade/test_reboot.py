@@ -4,6 +4,7 @@ the agent that comes up afterwards settles how it ended and restores the VMs."""
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -191,10 +192,36 @@ def test_an_agent_that_stopped_before_the_reboot_is_not_left_running(tmp_path: P
     assert upgrader.status.state is Phase.DONE and upgrader.status.detail == "rebooted into v3"
 
 
+class Copied(DirImages):
+    """A source whose artefacts are not kept as files as built: staging copies them."""
+
+    def checked_file(self, version: str, role: str) -> Path | None:
+        return None
+
+
+def test_an_artefact_kept_as_built_is_linked_not_copied(tmp_path: Path) -> None:
+    """Staging an artefact the store keeps as is costs a link, not a 100 MB copy; where the
+    link cannot be made (the store on another file system) it is copied."""
+    images = images_at(tmp_path)
+    staged = reboot.stage(images, tmp_path, "v2")
+    source = images.folder / "v2" / "initrd"
+    assert (staged / "initrd").stat().st_ino == source.stat().st_ino
+    assert (staged / "vmlinuz").stat().st_ino == (images.folder / "v2" / "kernel").stat().st_ino
+    assert sorted(p.name for p in staged.iterdir()) == ["initrd", "vmlinuz"]
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as other:  # tmpfs: another file system
+        elsewhere = DirImages(Path(other))
+        elsewhere.add("v3", root_image("v3"))
+        staged = reboot.stage(elsewhere, tmp_path, "v3")
+        copied = staged / "initrd"
+        assert copied.read_bytes() == (elsewhere.folder / "v3" / "initrd").read_bytes()
+        assert copied.stat().st_dev != (elsewhere.folder / "v3" / "initrd").stat().st_dev
+
+
 def test_a_truncated_staged_file_is_detected_and_staged_again(tmp_path: Path) -> None:
     """A staged copy cut short (a crash while copying, on main written without fsync and
     reused as it was) is never booted: its sha256 is checked against the image's first."""
-    images = images_at(tmp_path)
+    images = Copied(tmp_path / "images")
+    images.add("v2", root_image("v2"))
     staged = reboot.stage(images, tmp_path, "v2")
     initrd = (images.folder / "v2" / "initrd").read_bytes()
     assert (staged / "initrd").read_bytes() == initrd
@@ -208,7 +235,7 @@ def test_a_truncated_staged_file_is_detected_and_staged_again(tmp_path: Path) ->
 
 
 def test_an_artefact_that_does_not_match_its_digest_is_not_staged(tmp_path: Path) -> None:
-    class Lying(DirImages):
+    class Lying(Copied):
         def artefact_digest(self, version: str, role: str) -> str | None:
             return "0" * 64
 

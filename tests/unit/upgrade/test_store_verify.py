@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from hatchery.errors import HatcheryError
 from hatchery.images.signing import KeyDirectory, KeyPair, generate_key, sign_build_dir
 from hatchery.images.store import CorruptObject, ImageStore
 from hatchery.upgrade import reboot
@@ -126,3 +127,22 @@ def test_reading_an_artefact_checks_its_hash_at_the_end(node: Node) -> None:
     images = StoreImages(node.store, KeyDirectory(node.keys))
     with images.open_artefact("v2", "kernel") as raw, pytest.raises(CorruptObject):
         raw.read()
+
+
+def test_an_artefact_kept_as_built_is_checked_before_staging_links_it(node: Node) -> None:
+    """Reboot staging links an object the store keeps as is: ``checked_file`` checks it
+    first (once per change of the file), so an object changed after ``verify`` is refused
+    there too, and never staged."""
+    images = StoreImages(node.store, KeyDirectory(node.keys))
+    images.verify("v2")
+    path = node.object_of("v2", "initrd")
+    assert path.suffix == ".raw"  # a zstd stream: already compressed, kept as is
+    assert images.checked_file("v2", "initrd") == path
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptObject):
+        images.checked_file("v2", "initrd")
+    with pytest.raises(HatcheryError):
+        reboot.stage(images, node.state, "v2")
+    assert not (reboot.boot_dir(node.state) / "v2" / "initrd").exists()
