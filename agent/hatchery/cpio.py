@@ -51,11 +51,12 @@ def _read_exact(stream: BinaryIO, n: int) -> bytes:
     return bytes(data)
 
 
-def next_member(stream: BinaryIO) -> Member | None:
+def next_member(stream: BinaryIO, *, one_archive: bool = False) -> Member | None:
     """The next member's header, ``stream`` left at its data: ``Member.size`` bytes, then
     padding to a multiple of four (``read_data`` or ``skip_data`` reads past both). Trailers
     and the zero padding between concatenated archives (as in an initrd) are skipped; None at
-    the end.
+    the end. ``one_archive``: None at the first trailer instead, ``stream`` left just after
+    it (what follows may be another archive, compressed).
     """
     while True:
         first = stream.read(1)
@@ -78,6 +79,8 @@ def next_member(stream: BinaryIO) -> Member | None:
         _read_exact(stream, -(110 + namesize) % 4)
         if name == TRAILER:
             skip_data(stream, size)
+            if one_archive:
+                return None
             continue
         return Member(safe_path(name), mode, uid, gid, nlink, ino, (dmaj, dmin), (rmaj, rmin),
                       mtime, size)  # fmt: skip

@@ -118,7 +118,8 @@ def live_root(
     archive: bytes, indexed: bool = False, edit: Callable[[Path], None] | None = None
 ) -> bytes:
     """The same root in the live layout (hatchery_lab.liveroot): a squashfs image of it made
-    by the real mksquashfs, first member of an initrd whose other members are not the root's;
+    by the real mksquashfs, alone in a plain cpio, followed by a zstd-compressed cpio of the
+    initrd's own members (not the root's);
     ``indexed``: with its root index written as the build writes it, then ``edit`` (a broken
     image). Needs root (owners kept) and mksquashfs; callers skip without them."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,12 +133,13 @@ def live_root(
         image = Path(tmp) / "root.squashfs"
         subprocess.run(["mksquashfs", str(tree), str(image), "-comp", "zstd", "-noappend",
                         "-no-xattrs", "-quiet", "-no-progress"], check=True)  # fmt: skip
-        return write_newc([
-            Entry.file("root.squashfs", image.read_bytes(), 0o400),
+        plain = write_newc([Entry.file("root.squashfs", image.read_bytes(), 0o400)])
+        rest = write_newc([
             Entry.file("init", b"#!/bin/busybox sh\n", 0o755), Entry.directory("bin"),
             Entry.file("bin/busybox", b"not the root's"), Entry.directory("usr"),
             Entry.file("usr/not-in-the-root", b"the initrd's own"),
         ])  # fmt: skip
+        return plain + bytes(-len(plain) % 4) + zstandard.ZstdCompressor().compress(rest)
 
 
 def can_mount_squashfs() -> str | None:

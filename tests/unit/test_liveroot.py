@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from hatchery.cpio import iter_newc
 from hatchery_lab.cpio_writer import write_newc
@@ -21,7 +22,12 @@ from hatchery_lab.liveroot import (
     LiveRootError,
     drop_kernel_copies,
     initrd_entries,
+    is_live_initrd,
     module_load_order,
+    plain_length,
+    repack,
+    unpack_cpio,
+    unpack_root,
 )
 from tests.conftest import missing
 
@@ -119,3 +125,39 @@ def test_the_init_script_parses_in_busybox_sh(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     # systemd gets the kernel's arguments for init
     assert 'exec switch_root /sysroot /usr/lib/systemd/systemd "$@"' in INIT
+
+
+def test_the_initrd_is_a_plain_root_image_then_the_rest_compressed(tmp_path: Path) -> None:
+    """``repack`` end to end on a small tree: the first archive is plain and holds only the
+    root image (so upgrades mount it where the store keeps the file), 4-byte aligned; the
+    second is zstd and holds the rest; the real tools unpack both, as the kernel does."""
+    for tool in ("mksquashfs", "cpio", "zstd"):
+        if shutil.which(tool) is None:
+            missing(f"{tool} is not installed")
+    tree = fake_tree(tmp_path, builtin="kernel/drivers/block/loop.ko\n")
+    (tree / "etc").mkdir()
+    (tree / "etc/motd").write_text("hello\n")
+    names = subprocess.run(["find", "."], cwd=tree, capture_output=True, check=True).stdout
+    cpio = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=tree, input=names,
+                          capture_output=True, check=True).stdout  # fmt: skip
+    mkosi_cpio = tmp_path / "mkosi.cpio.zst"
+    mkosi_cpio.write_bytes(zstandard.ZstdCompressor().compress(cpio))
+    assert not is_live_initrd(mkosi_cpio)
+    initrd = tmp_path / "out" / "hypervisor.cpio.zst"
+    initrd.parent.mkdir()
+    repack(mkosi_cpio, initrd, 1700000000, lambda _: None)
+    with initrd.open("rb") as f:
+        plain = plain_length(f)
+        [(member, image)] = list(iter_newc(io.BytesIO(f.read(plain))))
+        assert f.read(4) == b"\x28\xb5\x2f\xfd"  # then a zstd frame
+    assert plain % 4 == 0 and member.path == ROOT_IMAGE and image.startswith(b"hsqs")
+    assert is_live_initrd(initrd)
+    unpacked = unpack_cpio(initrd, tmp_path / "unpacked")
+    assert (unpacked / ROOT_IMAGE).read_bytes() == image
+    assert (unpacked / "init").read_text() == INIT
+    root = unpack_root(initrd, tmp_path / "root")
+    assert (root / "etc/motd").read_text() == "hello\n"
+    again = tmp_path / "again" / "hypervisor.cpio.zst"
+    again.parent.mkdir()
+    repack(mkosi_cpio, again, 1700000000, lambda _: None)
+    assert again.read_bytes() == initrd.read_bytes()

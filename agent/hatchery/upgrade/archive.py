@@ -32,7 +32,13 @@ import zstandard
 from hatchery.cpio import CpioError, Member, iter_newc, next_member, read_data
 from hatchery.errors import HatcheryError
 from hatchery.upgrade.fingerprint import Fingerprint, of_member
-from hatchery.upgrade.rootimage import ROOT_IMAGE, RootImageError, iter_tree, mounted
+from hatchery.upgrade.rootimage import (
+    ROOT_IMAGE,
+    RootImageError,
+    iter_tree,
+    mounted,
+    mounted_in_place,
+)
 from hatchery.upgrade.rootindex import INDEX_PATH, parse_index
 
 __all__ = ["ArchiveError", "RootEntry", "check_readable", "has_modules", "index_root",
@@ -49,13 +55,32 @@ def open_root(stream: BinaryIO) -> BinaryIO:
     """The root archive as a plain cpio stream, whether it is stored zstd-compressed or not.
 
     Reads four bytes of ``stream`` to tell; the caller keeps owning (and closes) ``stream``.
+    A plain archive in a file (seekable, with a descriptor) is that file itself, rewound: a
+    live root's image in it is then mounted where it lies (``_layout``).
     """
-    head = stream.read(4)
-    rest = io.BufferedReader(_Prepend(head, stream))
+    if _is_file(stream):
+        start = stream.tell()
+        head = stream.read(4)
+        stream.seek(start)
+        rest = stream
+        if head != ZSTD_MAGIC:
+            return stream
+    else:
+        head = stream.read(4)
+        rest = io.BufferedReader(_Prepend(head, stream))
     if head == ZSTD_MAGIC:
         reader: BinaryIO = zstandard.ZstdDecompressor().stream_reader(rest)
         return reader
     return rest
+
+
+def _is_file(stream: BinaryIO) -> bool:
+    """Whether ``stream`` is a real file: seekable, with a descriptor."""
+    try:
+        stream.fileno()
+        return stream.seekable()
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is the first two
+        return False
 
 
 class _Prepend(io.RawIOBase):
@@ -128,6 +153,10 @@ def _layout(
     or mkosi's cpio as members with hard links resolved."""
     first = next_member(stream)
     if first is not None and _is_root_image(first):
+        if _is_file(stream):  # uncompressed in a file: mounted where it lies
+            with mounted_in_place(stream.fileno(), stream.tell(), first.size, scratch) as top:
+                yield top
+            return
         with mounted(stream, first.size, scratch) as top:
             yield top
         return

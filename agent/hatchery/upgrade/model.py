@@ -61,8 +61,10 @@ class ImageSource(Protocol):
         ...
 
     def open_artefact(self, version: str, role: str) -> AbstractContextManager[BinaryIO]:
-        """The artefact's bytes as built (``initrd``: the root, zstd-compressed cpio); a
-        reader that reaches the end has read exactly what was signed, or gets an error.
+        """The artefact's bytes as built (``initrd``: the root, zstd-compressed cpio); checked
+        against what was signed before it is opened (a file the store keeps as built, see
+        ``checked_file``) or while it is read (a reader that reaches the end has read exactly
+        what was signed, or gets an error).
 
         :raise HatcheryError: the image has no such artefact, its manifest is not trusted,
             or the store cannot read it.

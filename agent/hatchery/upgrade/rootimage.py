@@ -7,6 +7,10 @@ path by path, so they read this image's files: it is copied into a private folde
 and mounted read-only (``nodev,nosuid,noexec``) by the node's own kernel, which reads the
 same format at every boot, then walked. Only images that verify against the fleet's keys
 reach this point (the store checks every artefact's sha256 against the signed manifest).
+
+When the image lies uncompressed in a file (the initrd's first segment is a plain cpio, and
+the store keeps the initrd as it was built), it is mounted where it lies instead
+(``mounted_in_place``: a loop device over that byte range of the file): no 100 MB copy.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import BinaryIO
 from hatchery.cpio import Member
 from hatchery.errors import HatcheryError
 
-__all__ = ["ROOT_IMAGE", "RootImageError", "iter_tree", "mounted"]
+__all__ = ["ROOT_IMAGE", "RootImageError", "iter_tree", "mounted", "mounted_in_place"]
 
 log = logging.getLogger(__name__)
 ROOT_IMAGE = "root.squashfs"
@@ -57,17 +61,43 @@ def mounted(source: BinaryIO, size: int, scratch: Path | None = None) -> Iterato
                 out.write(chunk)
                 remaining -= len(chunk)
         top.mkdir()
-        argv = ["mount", "-t", "squashfs", "-o", MOUNT_OPTIONS, str(path), str(top)]
-        result = subprocess.run(argv, capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            raise RootImageError(f"cannot mount the root image: {result.stderr.strip()}")
-        try:
+        with _mount(str(path), top, MOUNT_OPTIONS):
             yield top
-        finally:
-            done = subprocess.run(["umount", str(top)], capture_output=True, check=False)
-            if done.returncode != 0:  # still busy: detach now, the kernel finishes later
-                log.warning("root image at %s busy: detaching it lazily", top)
-                subprocess.run(["umount", "-l", str(top)], capture_output=True, check=False)
+
+
+@contextlib.contextmanager
+def mounted_in_place(
+    fd: int, offset: int, size: int, scratch: Path | None = None
+) -> Iterator[Path]:
+    """The ``size`` bytes at ``offset`` of the open file ``fd`` (a squashfs inside a plain
+    cpio) mounted read-only in a private folder under ``scratch``, without copying them: a
+    loop device over that range (``offset=``, ``sizelimit=``); the mount helper gets the
+    file through an inherited descriptor, so no name is looked up again."""
+    if scratch is not None:
+        scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=scratch, prefix=".root-image.") as tmp:
+        os.chmod(tmp, 0o700)
+        top = Path(tmp) / "root"
+        top.mkdir()
+        options = f"{MOUNT_OPTIONS},offset={offset},sizelimit={size}"
+        with _mount(f"/proc/self/fd/{fd}", top, options, pass_fds=(fd,)):
+            yield top
+
+
+@contextlib.contextmanager
+def _mount(source: str, top: Path, options: str, pass_fds: tuple[int, ...] = ()) -> Iterator[None]:
+    argv = ["mount", "-t", "squashfs", "-o", options, source, str(top)]
+    result = subprocess.run(argv, capture_output=True, text=True, check=False,
+                            pass_fds=pass_fds)  # fmt: skip
+    if result.returncode != 0:
+        raise RootImageError(f"cannot mount the root image: {result.stderr.strip()}")
+    try:
+        yield
+    finally:
+        done = subprocess.run(["umount", str(top)], capture_output=True, check=False)
+        if done.returncode != 0:  # still busy: detach now, the kernel finishes later
+            log.warning("root image at %s busy: detaching it lazily", top)
+            subprocess.run(["umount", "-l", str(top)], capture_output=True, check=False)
 
 
 def iter_tree(top: Path) -> Iterator[tuple[Member, bytes]]:

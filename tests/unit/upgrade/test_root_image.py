@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,36 @@ def test_the_live_root_reads_as_the_same_root(tmp_path: Path) -> None:
     stored = zstandard.ZstdCompressor().compress(live)
     assert index_root(open_root(io.BytesIO(stored)), tmp_path)["etc/motd"].is_file
     assert mounts_under(tmp_path) == [] and list(tmp_path.iterdir()) == []
+
+
+def test_a_live_initrd_in_a_file_is_mounted_where_it_lies(tmp_path: Path) -> None:
+    """As the store keeps it (the file as built): the root image, alone in the initrd's plain
+    first segment, is mounted over its byte range of the file; nothing is copied under the
+    scratch folder, the root reads the same, a live patch from it is the same, and the loop
+    device goes with the mount."""
+    v1, v2 = live_root(image("v1"), indexed=True), live_root(image("v2", **{"etc/motd": b"hi"}))
+    initrd = tmp_path / "initrd"
+    initrd.write_bytes(v2)
+    scratch = tmp_path / "scratch"
+    with initrd.open("rb") as f:
+        entries = iter_entries(open_root(f), scratch)
+        first = next(entries)
+        [private] = scratch.iterdir()
+        assert [p.name for p in private.iterdir()] == ["root"]  # no copy of the image beside
+        attached = subprocess.run(["losetup", "-j", str(initrd)], capture_output=True, text=True)
+        assert "offset" in attached.stdout and str(initrd) in attached.stdout, attached.stdout
+        in_place = {e.path: e.fingerprint for e in [first, *entries]}
+    assert in_place == index_root(io.BytesIO(v2), tmp_path / "copied")
+    node = tmp_path / "root"
+    node.mkdir()
+    unpack(image("v1"), node)
+    patch = LivePatch(node, index_root(io.BytesIO(v1), scratch))
+    with initrd.open("rb") as f:
+        plan = patch.stage(open_root(f), scratch=scratch)
+    assert "etc/motd" in plan.changed_paths
+    assert mounts_under(tmp_path) == [] and list(scratch.iterdir()) == []
+    assert subprocess.run(["losetup", "-j", str(initrd)], capture_output=True,
+                          text=True).stdout == ""  # fmt: skip
 
 
 def test_stopping_early_unmounts(tmp_path: Path) -> None:

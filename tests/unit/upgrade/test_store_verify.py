@@ -120,13 +120,23 @@ async def test_an_object_changed_on_disk_is_refused(node: Node, mode: Mode, chan
 
 
 def test_reading_an_artefact_checks_its_hash_at_the_end(node: Node) -> None:
-    """The second line of defence: an object changed after ``verify`` still fails the read
-    that reaches its end (what reboot staging does)."""
-    path = node.object_of("v2", "kernel")
-    path.write_bytes(zstandard.ZstdCompressor().compress(b"kernel-X"))
+    """The second line of defence: an object changed after ``verify`` still fails before
+    anything uses it: when opened if the store keeps it as built (its file changed since it
+    was checked, so it is checked again), at the end of the read if zstd."""
     images = StoreImages(node.store, KeyDirectory(node.keys))
-    with images.open_artefact("v2", "kernel") as raw, pytest.raises(CorruptObject):
-        raw.read()
+    images.verify("v2")
+    for role in ("kernel", "initrd"):
+        path = node.object_of("v2", role)
+        path.write_bytes(zstandard.ZstdCompressor().compress(b"other " + role.encode()))
+        with pytest.raises(CorruptObject), images.open_artefact("v2", role) as raw:
+            raw.read()
+    zst = node.store.put([b"compressible " * 1000])
+    assert node.store.object_path(zst).suffix == ".zst"
+    node.store.object_path(zst).write_bytes(zstandard.ZstdCompressor().compress(b"other"))
+    with node.store.open_object(zst) as raw:  # unchecked: what the read path guards
+        assert raw.read() == b"other"
+    with pytest.raises(CorruptObject):
+        b"".join(node.store.read_object(zst))
 
 
 def test_an_artefact_kept_as_built_is_checked_before_staging_links_it(node: Node) -> None:

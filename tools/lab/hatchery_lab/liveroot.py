@@ -6,9 +6,15 @@ VMs can never have back. Kept as a squashfs image (zstd), the same root holds ~9
 plus what the node writes (the overlay's tmpfs) and what the page cache keeps, which the
 kernel can reclaim. Debian live-boot's ``toram``, dracut's dmsquash-live and Talos do the same.
 
-The initrd is still one zstd-compressed newc cpio, so every boot path (direct boot, iPXE,
-UEFI HTTP Boot's UKI, kexec) loads just a kernel and an initrd, and the artefact keeps its
-name (``hypervisor.cpio.zst``). It holds:
+The initrd is two newc cpio archives back to back, which the kernel unpacks one after the
+other (as it does an early-microcode cpio before the main one), so every boot path (direct
+boot, iPXE, UEFI HTTP Boot's UKI, kexec) still loads just a kernel and an initrd, and the
+artefact keeps its name (``hypervisor.cpio.zst``):
+
+1. a plain cpio of one member, ``root.squashfs``: the root, already compressed. Plain, it lies
+   in the initrd file as one run of bytes, so an upgrade mounts it where the image store
+   keeps the file (``hatchery.upgrade.rootimage.mounted_in_place``) instead of copying it;
+2. a zstd-compressed cpio of the rest:
 
 - ``init``: a busybox shell script (``INIT``): loads the modules, mounts ``root.squashfs``
   read-only at ``/run/hatchery/root``, a tmpfs at ``/run/hatchery/rw``, the overlay of both
@@ -18,7 +24,6 @@ name (``hypervisor.cpio.zst``). It holds:
 - ``bin/busybox``: the image's own static busybox (package ``busybox-static``, in the lock).
 - ``lib/modules/``: loop, squashfs and overlay and what they depend on (``modules.dep``), from
   the image's own kernel, with ``load-order``.
-- ``root.squashfs``: the root, already compressed; zstd stores it as raw blocks.
 
 Measured on the 478 MB root (docs/images.md, "The live root"): squashfs zstd level 15 with
 128 KiB blocks is 132 MB and reads the whole tree cold in 1.6 s on the host; level 19 with
@@ -28,6 +33,7 @@ with lz4hc (the only compressors of bookworm's erofs-utils) is 204-228 MB.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import lzma
 import os
@@ -35,10 +41,13 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import zstandard
 
-from hatchery.cpio import iter_newc
+from hatchery.cpio import MAGIC as CPIO_MAGIC
+from hatchery.cpio import next_member, skip_data
+from hatchery.upgrade.archive import ZSTD_MAGIC
 from hatchery.upgrade.rootimage import ROOT_IMAGE
 from hatchery.upgrade.rootindex import INDEX_PATH, index_tree
 from hatchery_lab.cpio_writer import Entry, write_newc
@@ -52,7 +61,7 @@ SQUASHFS_ARGS = ("-comp", "zstd", "-Xcompression-level", "15", "-b", "128K")
 #: would only cost 8 MB of RAM and of every download. mkosi copies the kernel out of the tree
 #: after its own RemoveFiles= step, so they are dropped here.
 KERNEL_COPIES = ("boot/vmlinuz-*", "usr/lib/modules/*/vmlinuz")
-#: zstd level of the outer cpio: the squashfs inside is incompressible, the rest is ~3 MB.
+#: zstd level of the second cpio (init, busybox, modules: ~3 MB).
 OUTER_LEVEL = 3
 
 INIT = """#!/bin/busybox sh
@@ -88,22 +97,56 @@ class LiveRootError(Exception):
     """The root cannot be repacked; the message says which step failed."""
 
 
+def plain_length(f: BinaryIO) -> int:
+    """How many bytes at the start of ``f`` are a plain newc cpio (through its trailer and the
+    zero padding after it); 0 when ``f`` starts with anything else (a zstd frame)."""
+    start = f.tell()
+    if f.read(6) != CPIO_MAGIC:
+        f.seek(start)
+        return 0
+    f.seek(start)
+    while (member := next_member(f, one_archive=True)) is not None:
+        skip_data(f, member.size)
+    end = f.tell()
+    while f.read(4) == b"\0\0\0\0":
+        end += 4
+    f.seek(start)
+    return end - start
+
+
 def unpack_cpio(archive: Path, dest: Path) -> Path:
-    """Unpack a ``.cpio.zst`` with the real tools (zstd | cpio), as the kernel would see it:
-    owners, modes, device nodes and hard links kept (run as root)."""
+    """Unpack an initrd with the real tools, as the kernel would see it: its plain cpio first
+    if it has one (cpio), then its zstd-compressed one (zstd | cpio); owners, modes, device
+    nodes and hard links kept (run as root)."""
     dest.mkdir(parents=True, exist_ok=True)
-    with subprocess.Popen(["zstd", "-qdc", str(archive)], stdout=subprocess.PIPE) as zstd:
-        subprocess.run(["cpio", "-idm", "--quiet", "--no-absolute-filenames"], cwd=dest,
-                       stdin=zstd.stdout, check=True)  # fmt: skip
+    cpio = ["cpio", "-idm", "--quiet", "--no-absolute-filenames"]
+    with archive.open("rb") as f:
+        plain = plain_length(f)
+    if plain:
+        with subprocess.Popen(["head", "-c", str(plain), str(archive)],
+                              stdout=subprocess.PIPE) as head:  # fmt: skip
+            subprocess.run(cpio, cwd=dest, stdin=head.stdout, check=True)
+    if archive.stat().st_size > plain:
+        with subprocess.Popen(["tail", "-c", f"+{plain + 1}", str(archive)],
+                              stdout=subprocess.PIPE) as tail,\
+                subprocess.Popen(["zstd", "-qdc"], stdin=tail.stdout,
+                                 stdout=subprocess.PIPE) as zstd:  # fmt: skip
+            subprocess.run(cpio, cwd=dest, stdin=zstd.stdout, check=True)
     return dest
 
 
 def is_live_initrd(initrd: Path) -> bool:
-    """Whether an initrd is the live-root layout: its cpio's first member is the root image,
-    as upgrades tell it (hatchery.upgrade.archive)."""
-    with initrd.open("rb") as f, zstandard.ZstdDecompressor().stream_reader(f) as plain:
-        first = next(iter_newc(plain), None)
-        return first is not None and first[0].path == ROOT_IMAGE
+    """Whether an initrd is the live-root layout: its first member is the root image, as
+    upgrades tell it (hatchery.upgrade.archive)."""
+    with initrd.open("rb") as f, contextlib.ExitStack() as stack:
+        stream: BinaryIO = f
+        if f.read(4) == ZSTD_MAGIC:  # the layout before the plain first segment
+            f.seek(0)
+            stream = stack.enter_context(zstandard.ZstdDecompressor().stream_reader(f))
+        else:
+            f.seek(0)
+        first = next_member(stream)
+        return first is not None and first.path == ROOT_IMAGE
 
 
 def unpack_root(initrd: Path, dest: Path) -> Path:
@@ -231,8 +274,11 @@ def repack(mkosi_cpio: Path, initrd: Path, epoch: int, say: Callable[[str], None
         if result.returncode != 0:
             raise LiveRootError(f"mksquashfs failed: {result.stderr.strip()[-2000:]}")
         say(f"root image {image.stat().st_size / 1e6:.1f} MB (squashfs, zstd)")
-        archive = write_newc(initrd_entries(tree, image.read_bytes()))
+        root, *rest = initrd_entries(tree, image.read_bytes())
+        plain = write_newc([root])
+        plain += bytes(-len(plain) % 4)  # the kernel finds the next archive 4-byte aligned
         params = zstandard.ZstdCompressionParameters.from_level(OUTER_LEVEL, threads=0)
+        packed = zstandard.ZstdCompressor(compression_params=params).compress(write_newc(rest))
         partial = initrd.with_name(initrd.name + ".part")
-        partial.write_bytes(zstandard.ZstdCompressor(compression_params=params).compress(archive))
+        partial.write_bytes(plain + packed)
         os.replace(partial, initrd)

@@ -66,7 +66,7 @@ echo "count=$(cat /tmp/count)"
 echo "mac=$(cat /sys/class/net/eth0/address)"
 echo "ip=$(cat /tmp/ip)"
 printf 'GET /latest/dynamic/instance-identity/document HTTP/1.0\r\nHost: 169.254.169.254\r\n\r\n' |
-  timeout 5 nc 169.254.169.254 80 > /tmp/metadata 2>/dev/null
+  timeout 10 nc 169.254.169.254 80 > /tmp/metadata 2>/dev/null
 echo "metadata=$(head -n 1 /tmp/metadata | tr -d '\r')"
 """
 TICK = re.compile(r"TICK boot=([0-9a-f-]{36}) up=([0-9.]+)")
