@@ -26,10 +26,10 @@ from typing import Any
 
 import pytest
 
-from hatchery_lab.agent import Pki, free_port
+from hatchery_lab.agent import Pki
 from hatchery_lab.demo_images import build_version, signed, signing_key
 from hatchery_lab.guest import GuestKernel, find_guest_kernel
-from hatchery_lab.node import Lab, NodeSpec, RunningNode, boot_node, lab_network
+from hatchery_lab.node import Lab, NodeSpec, RunningNode, boot_node, lab_network, serve_folder
 from hatchery_lab.outlive import guest_state, ticking_initrd
 from tests.conftest import missing
 
@@ -58,18 +58,8 @@ def served(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     folder = tmp_path_factory.mktemp("served")
     (folder / "vmlinux").write_bytes(kernel.vmlinux().read_bytes())
     (folder / "initrd").write_bytes(ticking_initrd(kernel))
-    port = free_port()
-    web = subprocess.Popen(
-        [sys.executable, "-m", "http.server", str(port), "--bind", lab.host_ip,
-         "--directory", str(folder)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        time.sleep(1)
-        yield f"http://{lab.host_ip}:{port}"
-    finally:
-        web.kill()
-        web.wait()
+    with serve_folder(lab, folder) as base:
+        yield base
 
 
 def api(node: RunningNode, method: str, path: str, **kwargs: Any) -> Any:

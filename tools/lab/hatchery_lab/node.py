@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import io
 import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ from hatchery import pki
 from hatchery.client import AgentClient, ApiError, Credentials
 from hatchery.qemu.accel import choose_accel
 from hatchery.qemu.cmdline import DirectKernel, GuestSpec, Nic, build_argv
-from hatchery_lab.agent import BIN, Pki
+from hatchery_lab.agent import BIN, Pki, free_port
 from hatchery_lab.net import unique_name
 
 
@@ -211,6 +212,24 @@ def lab_network(prefix: str) -> Iterator[Lab]:
         yield Lab(name, prefix)
     finally:
         subprocess.run(["ip", "link", "del", name], check=False, capture_output=True)
+
+
+@contextlib.contextmanager
+def serve_folder(lab: Lab, folder: Path) -> Iterator[str]:
+    """``folder`` served over plain HTTP on the lab bridge's host address (where nodes fetch
+    VM kernels and initrds from); its base URL. The server is stopped afterwards."""
+    port = free_port()
+    web = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", lab.host_ip,
+         "--directory", str(folder)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        time.sleep(1)
+        yield f"http://{lab.host_ip}:{port}"
+    finally:
+        web.kill()
+        web.wait()
 
 
 @contextlib.contextmanager

@@ -29,10 +29,18 @@ from typing import Any
 
 import yaml
 
-from hatchery_lab.agent import Pki, free_port
+from hatchery_lab.agent import Pki
 from hatchery_lab.demo_images import build_version, signed, signing_key
 from hatchery_lab.images import build_images
-from hatchery_lab.node import Lab, NodeSpec, RunningNode, boot_node, lab_network, seed_tar
+from hatchery_lab.node import (
+    Lab,
+    NodeSpec,
+    RunningNode,
+    boot_node,
+    lab_network,
+    seed_tar,
+    serve_folder,
+)
 
 BIN = Path(sys.executable).parent
 NODE_A = "52:54:00:de:00:0a"
@@ -179,15 +187,7 @@ def run_story(workdir: Path, say: Callable[[str], None] = _say) -> Story:
                 _publish(node_b, b, pki, admin, say)
             r["outcome"] = f"agent up on {node_b.address}, version {health['version']}, born from A"
         with story.step("4. appliance VM on node B through the API (mutual TLS)") as r:
-            port = free_port()
-            web = subprocess.Popen(
-                [sys.executable, "-m", "http.server", str(port), "--bind", lab.host_ip,
-                 "--directory", str(appliance)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-            stack.callback(web.wait)
-            stack.callback(web.kill)
-            base = f"http://{lab.host_ip}:{port}"
+            base = stack.enter_context(serve_folder(lab, appliance))
             vm = _api(node_b, "POST", "/v1/vms", json={
                 "name": "app1", "memory_mib": 256,
                 "kernel": {"kernel": f"{base}/appliance-vm.vmlinux",
