@@ -65,8 +65,9 @@ def stage(images: ImageSource, state_dir: Path, version: str) -> Path:
     artefact the store keeps as is (``ImageSource.checked_file``) is hard-linked there: no
     copy of 100 MB; others are copied out of the store (also when the link fails).
 
-    A file staged before is kept only if its sha256 is the manifest's (a copy cut short by
-    a crash, or changed on /data since, is staged again).
+    A file staged before is kept only if it is the store's checked file itself (a link made
+    before) or its sha256 is the manifest's (a copy cut short by a crash, or changed on /data
+    since, is staged again).
 
     :raise HatcheryError: the store cannot give them, or they do not match the manifest.
     :raise OSError: they cannot be written.
@@ -80,12 +81,14 @@ def stage(images: ImageSource, state_dir: Path, version: str) -> Path:
         if want is None:
             raise StagingError(f"image {version} has no {role}")
         out = target / name
+        source = images.checked_file(version, role)
         if out.exists():
+            if source is not None and os.path.samefile(source, out):
+                continue  # linked before: the very file the store has just checked
             if sha256_of(out) == want:
                 continue
             log.warning("staged %s is not image %s's %s (cut short or changed): staging it "
                         "again", out, version, role)  # fmt: skip
-        source = images.checked_file(version, role)
         if source is None or not _link(source, out):
             _copy(images, version, role, out, want)
     return target

@@ -208,6 +208,10 @@ def test_an_artefact_kept_as_built_is_linked_not_copied(tmp_path: Path) -> None:
     assert (staged / "initrd").stat().st_ino == source.stat().st_ino
     assert (staged / "vmlinuz").stat().st_ino == (images.folder / "v2" / "kernel").stat().st_ino
     assert sorted(p.name for p in staged.iterdir()) == ["initrd", "vmlinuz"]
+    # Staged again (the way back at the next reboot): the link is the file itself, kept.
+    inode = (staged / "initrd").stat().st_ino
+    assert reboot.stage(images, tmp_path, "v2") == staged
+    assert (staged / "initrd").stat().st_ino == inode
     with tempfile.TemporaryDirectory(dir="/dev/shm") as other:  # tmpfs: another file system
         elsewhere = DirImages(Path(other))
         elsewhere.add("v3", root_image("v3"))
