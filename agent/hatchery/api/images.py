@@ -30,7 +30,7 @@ from hatchery.api.http import TooLarge, Unavailable, caller, json_body, read_bod
 from hatchery.api.validate import BadRequest
 from hatchery.errors import HatcheryError
 from hatchery.images import rawframe
-from hatchery.images.fetch import ImageFetcher
+from hatchery.images.fetch import RAW_TYPE, ZSTD_TYPE, ImageFetcher
 from hatchery.images.manifest import MAX_DOCUMENT, ManifestError, check_version, is_sha256
 from hatchery.images.signing import KeySource
 from hatchery.images.store import RAW, ImageStore, ObjectNotFound
@@ -38,7 +38,6 @@ from hatchery.images.store import RAW, ImageStore, ObjectNotFound
 log = logging.getLogger(__name__)
 UPLOAD_BATCH = 1 << 20
 FRAME_CHUNK = 1 << 20
-ZSTD_TYPE, RAW_TYPE = "application/zstd", "application/octet-stream"
 MAX_PEER = 300
 MAX_FETCH_BODY = 4096
 
@@ -142,7 +141,7 @@ async def _framed(request: web.Request, path: Path) -> web.StreamResponse:
             start, stop = max(0, total + start), total
         start = start or 0
         stop = total if stop is None else min(stop, total)
-        if ranged and start >= total:
+        if ranged and not start < stop:
             raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{total}"})
         response = web.StreamResponse(status=206 if ranged else 200)
         response.content_type = ZSTD_TYPE
