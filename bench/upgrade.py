@@ -92,7 +92,8 @@ def _reboots(node: RunningNode, ips: dict[str, str]) -> list[dict[str, Any]]:
     cycles = []
     for i in range(REBOOTS):
         target = "v2" if i % 2 == 0 else "v3"  # the node runs v3 when this starts
-        asyncio.run(node.api("POST", "/v1/upgrade", json={"version": target, "mode": "reboot"}))
+        ask = {"version": target, "mode": "reboot", "allow_downgrade": target == "v2"}
+        asyncio.run(node.api("POST", "/v1/upgrade", json=ask))
         timing = asyncio.run(_poll(node, target, 1800))
         outcomes = {v["name"]: v for v in _outcomes(node, target)}
         now = _boot_ids(ips)
