@@ -108,35 +108,42 @@ def _reboots(node: RunningNode, ips: dict[str, str]) -> list[dict[str, Any]]:
 
 
 def _vm_section(cycles: list[dict[str, Any]], load: tuple[float, float]) -> str:
-    gaps = [c["gap"] for c in cycles]
+    """Per guest: its pauses next to each upgrade's duration and the API's absence."""
     rows = []
     for mib in SIZES_MIB:
         name = f"g{mib}"
-        pauses = [c["vms"][name]["pause_seconds"] for c in cycles
-                  if c["vms"][name]["pause_seconds"] is not None]  # fmt: skip
-        over = [p - g for p, g in zip(pauses, gaps, strict=False)]
-        rows.append((f"{mib} MiB", f"{statistics.median(pauses):.1f}", f"{max(pauses):.1f}",
-                     f"{statistics.median(gaps):.1f}", f"{max(over):+.1f}",
-                     "met" if max(over) <= 10 else "not met"))  # fmt: skip
+        runs = [(c["vms"][name]["pause_seconds"], c["seconds"], c["gap"]) for c in cycles
+                if c["vms"][name]["pause_seconds"] is not None]  # fmt: skip
+        pauses = [p for p, _, _ in runs]
+        over = max(p - s for p, s, _ in runs)
+        rows.append((
+            f"{mib} MiB", f"{statistics.median(pauses):.1f}", f"{max(pauses):.1f}",
+            f"{statistics.median(s for _, s, _ in runs):.1f}",
+            f"{statistics.median(g for _, _, g in runs):.1f}", f"{over:+.1f}",
+            f"{max(p - g for p, _, g in runs):+.1f}", "met" if over <= 10 else "not met",
+        ))  # fmt: skip
     lost = sum(len(c["lost"]) for c in cycles)
     return (
         f"The same node then ran two ticking guests (256 MiB and 1 GiB, direct kernel boot of "
         f"the tests' guest kernel) through {len(cycles)} consecutive reboot upgrades, "
         f"alternating v2 (6.1) and v3 (6.12); load average {load[0]:.2f} before, "
         f"{load[1]:.2f} after. Pause = the upgrade report's `pause_seconds` (guest paused "
-        "before its state was saved → running again after the boot); the node's reboot = the "
-        "longest time its API did not answer during that upgrade.\n\n"
+        "before its state was saved → running again after the boot). Upgrade = request → the "
+        "agent answering on the new version (the kexec row above); API away = the longest "
+        "time the node's API did not answer (shutdown, kexec, boot, agent start).\n\n"
         + table(
             [
                 "guest",
                 "median pause s",
                 "max pause s",
-                "node's reboot (API away), median s",
-                "worst pause − reboot s",
-                "goal: ≤ reboot + 10 s",
+                "upgrade, median s",
+                "API away, median s",
+                "worst pause − upgrade s",
+                "worst pause − API away s",
+                "goal: pause ≤ upgrade + 10 s",
             ],
             rows,
-        )
+        )  # fmt: skip
         + f"\n\n**{lost} VMs lost** in {len(cycles)} upgrades ({len(cycles) * len(SIZES_MIB)} "
         "resumes; lost = not resumed, or back with another `boot_id`)."
     )
