@@ -39,8 +39,21 @@ class StoreImages:
         self._keys.trusted().verify(signed)
         return signed.manifest
 
-    def _artefact(self, version: str, role: str) -> Artefact | None:
-        return self._manifest(version).artefacts.get(Role(role))
+    def _artefact(self, version: str, role: str) -> Artefact:
+        """The artefact as the manifest signs it (the signature checked now).
+
+        :raise StoreError: the image has no such artefact.
+        """
+        artefact = self._manifest(version).artefacts.get(Role(role))
+        if artefact is None:
+            raise StoreError(f"image {version} has no {role}")
+        return artefact
+
+    def _checked_path(self, artefact: Artefact) -> Path | None:
+        path = self._store.raw_path(artefact.sha256)
+        if path is not None:
+            self._store.verify_object(artefact.sha256, artefact.size)  # cached while unchanged
+        return path
 
     def verify(self, version: str) -> None:
         """Signature, then every artefact checked against what the manifest signs
@@ -54,27 +67,18 @@ class StoreImages:
         """The file itself when the store keeps the artefact as built (checked first, see
         ``checked_file``: a live root's image in it is then mounted where it lies); else the
         content, checked while it is read."""
-        path = self.checked_file(version, role)
+        artefact = self._artefact(version, role)
+        path = self._checked_path(artefact)
         if path is not None:
             return path.open("rb")
-        artefact = self._artefact(version, role)
-        if artefact is None:
-            raise StoreError(f"image {version} has no {role}")
         chunks = self._store.read_object(artefact.sha256, artefact.size)
         return cast(BinaryIO, io.BufferedReader(_ChunkStream(chunks), 1 << 20))
 
     def checked_file(self, version: str, role: str) -> Path | None:
-        artefact = self._artefact(version, role)
-        if artefact is None:
-            raise StoreError(f"image {version} has no {role}")
-        path = self._store.raw_path(artefact.sha256)
-        if path is None:
-            return None
-        self._store.verify_object(artefact.sha256, artefact.size)  # cached while unchanged
-        return path
+        return self._checked_path(self._artefact(version, role))
 
     def artefact_digest(self, version: str, role: str) -> str | None:
-        artefact = self._artefact(version, role)
+        artefact = self._manifest(version).artefacts.get(Role(role))
         return artefact.sha256 if artefact is not None else None
 
     def set_current(self, version: str) -> None:
