@@ -191,10 +191,14 @@ class ImageFetcher:
         """Download into the partial file, resuming; return when the peer has sent it all,
         whether it sent the content as is (else a zstd file)."""
         last: BaseException | None = None
+
+        def bound(raw: bool) -> int:  # the most bytes the peer may send in that form
+            return artefact.size if raw else compressed_bound(artefact.size)
+
         for attempt in range(1, self.attempts + 1):
             raw = self.store.partial_path(artefact.sha256, raw=True).exists()
             part = self.store.partial_path(artefact.sha256, raw)
-            limit = artefact.size if raw else compressed_bound(artefact.size)
+            limit = bound(raw)
             offset = part.stat().st_size if part.exists() else 0
             if offset > limit:
                 part.unlink()
@@ -211,7 +215,7 @@ class ImageFetcher:
                         part.unlink(missing_ok=True)
                         raw, offset = sent_raw, 0
                         part = self.store.partial_path(artefact.sha256, raw)
-                        limit = artefact.size if raw else compressed_bound(artefact.size)
+                        limit = bound(raw)
                         if resp.status == 206:
                             log.info("%s: the peer sends another form now; starting afresh", url)
                             continue

@@ -150,7 +150,7 @@ class ObjectWriter:
         self._store = store
         self._expected = expected
         self._max = max_size
-        fd, name = tempfile.mkstemp(dir=store.root / "tmp", prefix="obj-", suffix=".zst")
+        fd, name = tempfile.mkstemp(dir=store.root / "tmp", prefix="obj-", suffix=".part")
         self._tmp = Path(name)
         self._file = os.fdopen(fd, "wb")
         self._zstd: zstandard.ZstdCompressionObj | None = None  # made for the first chunk

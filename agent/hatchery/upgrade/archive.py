@@ -58,13 +58,12 @@ def open_root(stream: BinaryIO) -> BinaryIO:
     A plain archive in a file (seekable, with a descriptor) is that file itself, rewound: a
     live root's image in it is then mounted where it lies (``_layout``).
     """
+    rest: BinaryIO
     if _is_file(stream):
         start = stream.tell()
         head = stream.read(4)
         stream.seek(start)
         rest = stream
-        if head != ZSTD_MAGIC:
-            return stream
     else:
         head = stream.read(4)
         rest = io.BufferedReader(_Prepend(head, stream))

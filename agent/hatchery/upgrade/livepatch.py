@@ -125,13 +125,13 @@ def _excluded(path: str) -> bool:
     )
 
 
-def _under_persistent_link(root: Path, path: str, seen: dict[str, bool] | None = None) -> bool:
+def _under_persistent_link(root: Path, path: str, seen: dict[str, bool]) -> bool:
     """Whether ``path`` or one of its parents is, on the running node, a symlink into /data.
 
     ``seen`` keeps the answer for each path asked (a whole root's 9 000 paths share their
     parents: without it each parent is looked at again for every path below it).
     """
-    if seen is not None and path in seen:
+    if path in seen:
         return seen[path]
     parent, _, _ = path.rpartition("/")
     found = bool(parent) and _under_persistent_link(root, parent, seen)
@@ -140,8 +140,7 @@ def _under_persistent_link(root: Path, path: str, seen: dict[str, bool] | None =
         if current.is_symlink():
             target = os.readlink(current)
             found = target == "/data" or target.startswith("/data/")
-    if seen is not None:
-        seen[path] = found
+    seen[path] = found
     return found
 
 
