@@ -22,7 +22,7 @@ from aiohttp.typedefs import Middleware
 
 from hatchery.client import ApiError
 from hatchery.images import rawframe
-from hatchery.images.fetch import FetchError, ImageFetcher
+from hatchery.images.fetch import RAW_TYPE, ZSTD_TYPE, FetchError, ImageFetcher
 from hatchery.images.manifest import Role, parse_signed
 from hatchery.images.signing import (
     KeyDirectory,
@@ -67,6 +67,16 @@ async def cli(cluster: Cluster, node: Node, *args: str) -> str:
     out, err = await proc.communicate()
     assert proc.returncode == 0, f"hatchery image {' '.join(args)}: {err.decode()}{out.decode()}"
     return out.decode()
+
+
+async def published(cluster: Cluster, version: str, a: Node, *peers: Node) -> tuple[Path, bytes]:
+    """``version`` built (a 3 MiB initrd), signed and published to ``a``; ``a`` and ``peers``
+    trust its key. The build's folder and its signed manifest."""
+    for node in (a, *peers):
+        node.trust(cluster.key)
+    build, raw = signed_build(cluster.tmp / "builds", version, cluster.key, initrd_size=INITRD)
+    await publish(a, build, raw)
+    return build, raw
 
 
 def same_files(store: ImageStore, version: str, build: Path, out: Path) -> None:
@@ -204,10 +214,7 @@ async def test_fetch_refuses_before_any_change(
     cluster: Cluster, case: str, message: str, downloads_objects: bool
 ) -> None:
     a, b = await cluster.node("node-a"), await cluster.node("node-b")
-    a.trust(cluster.key)
-    b.trust(cluster.key)
-    build, raw = signed_build(cluster.tmp / "builds", "1.0", cluster.key, initrd_size=INITRD)
-    await publish(a, build, raw)
+    build, raw = await published(cluster, "1.0", a, b)
     if case == "tampered object":
         _tamper_object(a, raw)
     elif case == "tampered manifest":
@@ -234,6 +241,18 @@ async def test_fetch_refuses_before_any_change(
     same_files(b.store, "1.0", build, cluster.tmp / "boot")
 
 
+async def _first_bytes(store: ImageStore, request: web.Request) -> web.StreamResponse:
+    """Start answering with the stored object as the real route would (its length and
+    form), but send only its first CUT bytes."""
+    path = store.object_path(request.match_info["sha256"])
+    data = path.read_bytes()
+    kind = RAW_TYPE if path.suffix == ".raw" else ZSTD_TYPE
+    resp = web.StreamResponse(headers={"Content-Length": str(len(data)), "Content-Type": kind})
+    await resp.prepare(request)
+    await resp.write(data[:CUT])
+    return resp
+
+
 def cutter(store: Callable[[], ImageStore], times: int) -> Middleware:
     """Serve the first ``times`` object downloads only up to CUT bytes, then drop the line."""
     left = [times]
@@ -245,12 +264,7 @@ def cutter(store: Callable[[], ImageStore], times: int) -> Middleware:
         if request.method != "GET" or not request.path.startswith("/v1/objects/") or left[0] <= 0:
             return await handler(request)
         left[0] -= 1
-        path = store().object_path(request.match_info["sha256"])
-        data = path.read_bytes()
-        kind = "application/octet-stream" if path.suffix == ".raw" else "application/zstd"
-        resp = web.StreamResponse(headers={"Content-Length": str(len(data)), "Content-Type": kind})
-        await resp.prepare(request)
-        await resp.write(data[:CUT])
+        resp = await _first_bytes(store(), request)
         assert request.transport is not None
         request.transport.close()
         return resp
@@ -263,10 +277,7 @@ async def test_a_cut_fetch_resumes_from_its_partial_file(cluster: Cluster) -> No
     a = await cluster.node("node-a", cutter(lambda: holder[0].store, times=1))
     holder.append(a)
     b = await cluster.node("node-b")
-    a.trust(cluster.key)
-    b.trust(cluster.key)
-    build, raw = signed_build(cluster.tmp / "builds", "1.0", cluster.key, initrd_size=INITRD)
-    await publish(a, build, raw)
+    build, raw = await published(cluster, "1.0", a, b)
     initrd = parse_signed(raw).manifest.artefacts[Role.INITRD].sha256
 
     tls = client_context(cluster.pki.ca, b.client_pair.cert, b.client_pair.key)
@@ -291,10 +302,7 @@ async def test_one_fetch_survives_a_cut_by_resuming(cluster: Cluster) -> None:
     a = await cluster.node("node-a", cutter(lambda: holder[0].store, times=1))
     holder.append(a)
     b = await cluster.node("node-b")
-    a.trust(cluster.key)
-    b.trust(cluster.key)
-    build, raw = signed_build(cluster.tmp / "builds", "2.0", cluster.key, initrd_size=INITRD)
-    await publish(a, build, raw)
+    build, raw = await published(cluster, "2.0", a, b)
     report = await fetch(b, a, "2.0")
     assert report["added"] and 0 < report["resumed_bytes"] <= CUT
     assert any(rng and rng.startswith("bytes=") for rng in object_gets(a))
@@ -303,10 +311,7 @@ async def test_one_fetch_survives_a_cut_by_resuming(cluster: Cluster) -> None:
 
 async def test_a_resumed_download_that_does_not_verify_is_discarded(cluster: Cluster) -> None:
     a, b = await cluster.node("node-a"), await cluster.node("node-b")
-    a.trust(cluster.key)
-    b.trust(cluster.key)
-    build, raw = signed_build(cluster.tmp / "builds", "1.0", cluster.key, initrd_size=INITRD)
-    await publish(a, build, raw)
+    build, raw = await published(cluster, "1.0", a, b)
     initrd = parse_signed(raw).manifest.artefacts[Role.INITRD].sha256
     as_is = a.store.raw_path(initrd) is not None  # the form the peer sends it in
     b.store.partial_path(initrd, as_is).write_bytes(b"\x28\xb5\x2f\xfd" + b"garbage" * 1000)
@@ -329,12 +334,7 @@ def staller(store: Callable[[], ImageStore], release: asyncio.Event) -> Middlewa
         if request.method != "GET" or not request.path.startswith("/v1/objects/") or left[0] <= 0:
             return await handler(request)
         left[0] -= 1
-        path = store().object_path(request.match_info["sha256"])
-        data = path.read_bytes()
-        kind = "application/octet-stream" if path.suffix == ".raw" else "application/zstd"
-        resp = web.StreamResponse(headers={"Content-Length": str(len(data)), "Content-Type": kind})
-        await resp.prepare(request)
-        await resp.write(data[:CUT])
+        resp = await _first_bytes(store(), request)
         await release.wait()
         assert request.transport is not None
         request.transport.close()
@@ -349,10 +349,7 @@ async def test_a_cancelled_fetch_keeps_its_partial_file_and_resumes(cluster: Clu
     a = await cluster.node("node-a", staller(lambda: holder[0].store, release))
     holder.append(a)
     b = await cluster.node("node-b")
-    a.trust(cluster.key)
-    b.trust(cluster.key)
-    build, raw = signed_build(cluster.tmp / "builds", "1.0", cluster.key, initrd_size=INITRD)
-    await publish(a, build, raw)
+    build, raw = await published(cluster, "1.0", a, b)
     initrd = parse_signed(raw).manifest.artefacts[Role.INITRD].sha256
     partial = b.store.partial_path(initrd, a.store.raw_path(initrd) is not None)
 
@@ -429,9 +426,7 @@ async def test_an_object_kept_as_is_is_served_to_old_and_new_peers(cluster: Clus
     raw blocks: the real zstd tool decodes it, and any byte range of it (where an old agent
     resumes a cut download) is the same bytes as the whole file's."""
     a = await cluster.node("node-a")
-    a.trust(cluster.key)
-    build, raw = signed_build(cluster.tmp / "builds", "1.0", cluster.key, initrd_size=INITRD)
-    await publish(a, build, raw)
+    build, raw = await published(cluster, "1.0", a)
     initrd = parse_signed(raw).manifest.artefacts[Role.INITRD]
     content = (build / "hypervisor.cpio.zst").read_bytes()
     assert a.store.raw_path(initrd.sha256) is not None
@@ -463,10 +458,7 @@ async def test_a_part_of_the_other_form_is_dropped_and_the_fetch_starts_afresh(
     """A partial download left from a peer that sent zstd, resumed from one that sends the
     content as is: the part is useless, so it goes and the object is fetched whole."""
     a, b = await cluster.node("node-a"), await cluster.node("node-b")
-    a.trust(cluster.key)
-    b.trust(cluster.key)
-    build, raw = signed_build(cluster.tmp / "builds", "1.0", cluster.key, initrd_size=INITRD)
-    await publish(a, build, raw)
+    build, raw = await published(cluster, "1.0", a, b)
     initrd = parse_signed(raw).manifest.artefacts[Role.INITRD].sha256
     content = (build / "hypervisor.cpio.zst").read_bytes()
     framed = b"".join(
