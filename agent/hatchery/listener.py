@@ -147,6 +147,15 @@ class _RequestLog(logging.Logger):
             aiohttp_log.handle(record)
 
 
+def _idle(handler: RequestHandler) -> bool:
+    """Whether aiohttp's handler is waiting for a next request: none queued, none being
+    answered. aiohttp has no public word for it; this is the test its own keep-alive timer
+    makes (``_process_keepalive``), and tests/unit/agent/test_listener.py checks both sides
+    of it against a real half-closing client."""
+    waiter: asyncio.Future[None] | None = getattr(handler, "_waiter", None)
+    return waiter is not None and not waiter.done()
+
+
 class _Guarded(asyncio.Protocol):
     """aiohttp's handler for one admitted connection, plus its release and header timer.
 
@@ -193,8 +202,21 @@ class _Guarded(asyncio.Protocol):
         self.handler.data_received(data)
 
     def eof_received(self) -> bool | None:
+        """The client has sent all it will send: a half-close, as busybox ``nc`` and many
+        HTTP/1.0 scripts do right after their request. aiohttp's handler lets the transport
+        close at once, which drops the answer still owed (the appliance VM's metadata fetch
+        lost it whenever the FIN arrived before the handler wrote). So while a request is
+        queued or being answered, our side stays open, and the handler closes the
+        connection once it has answered; with nothing owed, it closes now. TLS has no
+        half-close (asyncio closes an SSL transport on EOF whatever we return).
+        """
         self.handler.eof_received()
-        return None  # as aiohttp's handler: the transport closes its side
+        if self._transport is None or self._transport.get_extra_info("sslcontext") is not None:
+            return None
+        if _idle(self.handler):
+            return None
+        self.handler.close()  # no request after this one: close once it is answered
+        return True
 
     def pause_writing(self) -> None:
         self.handler.pause_writing()

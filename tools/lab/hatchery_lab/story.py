@@ -206,6 +206,8 @@ def run_story(workdir: Path, say: Callable[[str], None] = _say) -> Story:
             lease = f"HATCHERY-APPLIANCE: lease {vm['ip']} " in console
             identity = f'"instanceId": "{vm["uuid"]}"' in console
             story.facts.update(vm=vm, vm_console=console, vm_lease=lease, vm_identity=identity)
+            if not (lease and identity):  # what node B's agent saw, while it still answers
+                say(f"    node-b: hatchery logs --since 10m\n{node_b.agent_log(60, '10m')}")
             r["outcome"] = (
                 f"vm app1 (pid {vm['pid']}): DHCP lease {vm['ip']} "
                 f"{'ok' if lease else 'MISSING'}, its own identity from the metadata service "
