@@ -215,6 +215,8 @@ def test_live_patch_reboot_and_fallback(
         health = node.wait_agent(1200, version="v3")
         assert health["upgrade"]["state"] == "failed"
         assert health["boot"]["fallback"] is True and "v4" in health["boot"]["reason"]
+        # Not waited out: the guard fell back once v4's agent had failed to start 3 times.
+        assert "agent of v4 failed to start" in health["boot"]["reason"], health["boot"]
         outcome = outcome_of(node, "v3", "app")
         assert outcome["result"] == "cold-started", outcome
         assert "resume failed" in outcome["reason"], outcome
