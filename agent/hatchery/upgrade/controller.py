@@ -54,6 +54,11 @@ log = logging.getLogger(__name__)
 
 
 SUSPEND_HEADROOM = 256 << 20  # beyond the VMs' memory: the staged kernel and initrd, logs
+#: VMs brought back at once after a reboot upgrade. Each restore is mostly waiting (QEMU
+#: starting, its state read from /data, the guest resumed): one after the other, the last
+#: VM's pause held every other VM's restore too. Bounded, so a host of fifty VMs does not
+#: start fifty QEMUs reading fifty files at the same moment.
+RESTORE_CONCURRENCY = 4
 
 
 class UpgradeError(HatcheryError):
@@ -101,6 +106,7 @@ class Upgrader:
         self._restore: tuple[str, ...] = ()
         self._handing_over = False  # our own end (restart, kexec) was asked for: not a failure
         self._request_lock = asyncio.Lock()
+        self._report_lock = asyncio.Lock()  # one VM outcome at a time into the status
         self._file_lock = threading.Lock()
         self._sequence = 0  # of status writes: an older one never overwrites a newer one
         self._written = 0
@@ -517,30 +523,42 @@ class Upgrader:
         self._restore = outcome.restore
 
     async def after_boot(self) -> None:
-        """Restore the VMs a reboot-mode upgrade stopped (once the node's network is up); one
-        that cannot be restored is logged and the others go on. What became of each is
-        recorded in the status as soon as it is known (resumed, cold-started, stopped or
-        failed, see ``wire.VmResult``)."""
+        """Restore the VMs a reboot-mode upgrade stopped (once the node's network is up), up
+        to ``RESTORE_CONCURRENCY`` at once; one that cannot be restored is logged and the
+        others go on. What became of each is recorded in the status as soon as it is known
+        (resumed, cold-started, stopped or failed, see ``wire.VmResult``)."""
         restore, self._restore = self._restore, ()
-        if self._vms is None:
+        if self._vms is None or not restore:
             return
-        for name in restore:
-            try:
-                outcome = await self._vms.restore(name)
-            except HatcheryError as exc:
-                log.error("cannot restore vm %s after the reboot: %s", name, exc.message)
-                outcome = VmOutcome(name, VmResult.FAILED, reason=exc.message)
+        vms, slots = self._vms, asyncio.Semaphore(RESTORE_CONCURRENCY)
+
+        async def bring_back(name: str) -> None:
+            async with slots:
+                try:
+                    outcome = await vms.restore(name)
+                except HatcheryError as exc:
+                    log.error("cannot restore vm %s after the reboot: %s", name, exc.message)
+                    outcome = VmOutcome(name, VmResult.FAILED, reason=exc.message)
+                except Exception as exc:  # a bug in one VM's restore must not strand the rest
+                    log.exception("restoring vm %s after the reboot crashed", name)
+                    outcome = VmOutcome(name, VmResult.FAILED, reason=f"internal error: {exc!r}")
             await self._report(outcome)
+
+        # In the order they were saved (the semaphore admits waiters first come, first
+        # served); each reported as soon as it is known.
+        await asyncio.gather(*(bring_back(name) for name in restore))
 
     async def _report(self, outcome: VmOutcome) -> None:
         """Record one VM's outcome in the upgrade's report (shown even if the file cannot
-        be written: the API still tells)."""
-        reported = model.restored(self._status, outcome)
-        try:
-            await self._record(reported)
-        except HatcheryError as exc:
-            log.error("cannot record vm %s's outcome: %s", outcome.name, exc.message)
-            self._show(reported)
+        be written: the API still tells). Serialised: concurrent restores each add theirs
+        to the status the previous one left, none lost."""
+        async with self._report_lock:
+            reported = model.restored(self._status, outcome)
+            try:
+                await self._record(reported)
+            except HatcheryError as exc:
+                log.error("cannot record vm %s's outcome: %s", outcome.name, exc.message)
+                self._show(reported)
 
     async def refresh_all(self) -> str:
         """Move every running VM to a new QEMU process of the node's binary, one at a time

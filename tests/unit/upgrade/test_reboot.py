@@ -12,7 +12,7 @@ import pytest
 from hatchery.errors import CommandError
 from hatchery.state import write_json
 from hatchery.upgrade import reboot
-from hatchery.upgrade.controller import UpgradeError, Upgrader
+from hatchery.upgrade.controller import RESTORE_CONCURRENCY, UpgradeError, Upgrader
 from hatchery.upgrade.model import BootStatus, Mode, Phase, VmOutcome, VmResult
 from hatchery.wire import Health, UpgradeStatus
 from tests.support.upgrade_roots import DirImages, root_image, wait_done
@@ -335,3 +335,45 @@ async def test_a_live_patch_or_an_older_status_has_no_vm_report(tmp_path: Path) 
     write_json(tmp_path / "upgrade.json", older)
     upgrader = Upgrader(tmp_path, images_at(tmp_path), tmp_path, vms=Vms(), version=lambda: "v3")
     assert upgrader.status.vms == () and upgrader.status == UpgradeStatus.from_json(older)
+
+
+class SlowVms(Vms):
+    """Restores that take a while (QEMU starting, its state read back): how many overlap."""
+
+    def __init__(self, seconds: dict[str, float]) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.now = self.most = 0
+
+    async def restore(self, name: str) -> VmOutcome:
+        self.now += 1
+        self.most = max(self.most, self.now)
+        try:
+            await asyncio.sleep(self.seconds.get(name, 0.05))
+            return await super().restore(name)
+        finally:
+            self.now -= 1
+
+
+async def test_vms_are_restored_side_by_side_bounded_and_all_reported(tmp_path: Path) -> None:
+    """One after the other, the last VM's pause held every other VM's restore. Up to
+    RESTORE_CONCURRENCY run at once; each outcome lands in the report, in its VM's place,
+    none lost to another written at the same time (the report on disk says the same)."""
+    names = [f"vm{i}" for i in range(7)]
+    d = pending(tmp_path, "v3", "v2")
+    (d / "restore").write_text("".join(f"{n}\n" for n in [*names, "broken"]))
+    # vm0 is slow: the others do not wait for it.
+    vms = SlowVms({"vm0": 1.0})
+    images = images_at(tmp_path)
+    upgrader = boot(tmp_path, images, "v3", vms)
+    await upgrader.after_boot()
+    assert vms.most == RESTORE_CONCURRENCY
+    assert vms.restored[-1] == "vm0", vms.restored  # the slow one finished last
+    expected = (
+        *(VmOutcome(n, VmResult.RESUMED, pause_seconds=2.5) for n in names),
+        VmOutcome("broken", VmResult.FAILED,
+                  reason="qemu-system-x86_64 exited with 1: no such disk"),
+    )  # fmt: skip
+    assert upgrader.status.vms == expected and not upgrader.status.restoring
+    on_disk = Upgrader(tmp_path, images, tmp_path, vms=Vms(), version=lambda: "v3").status
+    assert on_disk.vms == expected
