@@ -8,23 +8,25 @@ py=${VENV:-$here/.venv}/bin/python
 [ -x "$py" ] || { echo "test-tiers: no venv at $py (run make setup)" >&2; exit 1; }
 cd "$here" || exit 1
 
-# The appliance kernel (a few CPU-minutes of compiling on a fresh machine) is built niced in
-# the background while the first tiers run, which leave a core idle most of the time; the
-# image tier waits for it, and make images then finds it cached.
+# What the image tier builds (the appliance kernel, a few CPU-minutes of compiling on a fresh
+# machine; make images; the cloud-init guest; the demo's hypervisor versions: ~10 minutes of the
+# image tier on a fresh machine) is built niced in the background while the first tiers run,
+# which leave a core idle most of the time (hatchery_lab.prebuild); the image tier waits for
+# it, then finds every build cached by its inputs.
 # (Not with PYTEST_ARGS: a narrowed run may never reach the image tier.)
-kernel_log=build/appliance-kernel.log
-kernel_pid=""
+prebuild_log=build/prebuild.log
+prebuild_pid=""
 if [ -z "${PYTEST_ARGS:-}" ]; then
   mkdir -p build
-  # Its own session, so its own process group: an early failure stops the compile (make
-  # and every cc1) with us. A new session is also a new scheduling autogroup, whose weight
+  # Its own session, so its own process group: an early failure stops the builds (make,
+  # every cc1, mkosi) with us. A new session is also a new scheduling autogroup, whose weight
   # nice alone does not lower (the compile took half the CPU from the tests that way):
   # the group is niced too, from inside it.
   # shellcheck disable=SC2016  # $0 is expanded by the inner shell
-  setsid sh -c 'echo 19 > /proc/self/autogroup 2>/dev/null; exec nice -n 19 "$0" -m hatchery_lab.appliance_kernel' \
-    "$py" > "$kernel_log" 2>&1 &
-  kernel_pid=$!
-  trap '[ -n "$kernel_pid" ] && kill -- "-$kernel_pid" 2>/dev/null' EXIT
+  setsid sh -c 'echo 19 > /proc/self/autogroup 2>/dev/null; exec nice -n 19 "$0" -m hatchery_lab.prebuild' \
+    "$py" > "$prebuild_log" 2>&1 &
+  prebuild_pid=$!
+  trap '[ -n "$prebuild_pid" ] && kill -- "-$prebuild_pid" 2>/dev/null' EXIT
 fi
 
 tiers=("lint+unit" "integration" "image")
@@ -35,11 +37,13 @@ started=$SECONDS
 for i in "${!tiers[@]}"; do
   printf '\033[1m==> tier %s\033[0m\n' "${tiers[$i]}"
   t0=$SECONDS
-  if [ "${tiers[$i]}" = image ] && [ -n "$kernel_pid" ]; then
-    # A failed build ahead is not fatal: make images builds (and reports) it again.
-    wait "$kernel_pid" || echo "test-tiers: the appliance kernel built ahead failed (see $kernel_log)"
-    tail -n 2 "$kernel_log"
-    kernel_pid=""
+  if [ "${tiers[$i]}" = image ] && [ -n "$prebuild_pid" ]; then
+    # A failed build ahead is not fatal: the test that needs it builds (and reports) it again.
+    waited=$SECONDS
+    wait "$prebuild_pid" || echo "test-tiers: a build ahead failed (see $prebuild_log)"
+    grep '^prebuild: ' "$prebuild_log" | grep -v ' \.\.\.$'
+    echo "test-tiers: waited $(( SECONDS - waited )) s for the builds ahead"
+    prebuild_pid=""
   fi
   # shellcheck disable=SC2086  # PYTEST_ARGS is a list of words by design
   "$py" -m pytest -m "${markers[$i]}" --durations=10 ${PYTEST_ARGS:-}
