@@ -87,14 +87,13 @@ class VmDirectory:
     """The VM manager seen by the network services: who owns an address, which ports exist."""
 
     manager: VmManager
-    hypervisor: str = ""
 
     def vm_by_ip(self, bridge: str, ip: str) -> VmMetadata | None:
         vm = self.manager.by_ip(bridge, ip)
         if vm is None or vm.state not in (VmState.RUNNING, VmState.STARTING, VmState.PAUSED):
             return None
         return VmMetadata(vm.name, vm.uuid, vm.ip, vm.mac, vm.user_data, vm.public_keys,
-                          vm.created, self.hypervisor)  # fmt: skip
+                          vm.created)  # fmt: skip
 
     def ports_of(self, bridge: str) -> list[Port]:
         return [Port(tap_name(vm.uuid), vm.mac, vm.ip) for vm in self.manager.on_bridge(bridge)]

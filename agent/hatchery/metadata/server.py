@@ -57,16 +57,17 @@ class VmMetadata:
     user_data: str = ""
     public_keys: tuple[str, ...] = ()
     created: float = 0.0
-    hypervisor: str = ""
 
     def identity_document(self) -> dict[str, object]:
+        """The guest's own facts, nothing of its host: no node name or address, which would
+        let tenants tell which VMs share a host (co-residency, the first step of a
+        cross-VM side-channel attack). EC2's document names no host either."""
         return {
             "instanceId": self.uuid,
             "instanceName": self.name,
             "privateIp": self.ip,
             "macAddress": self.mac,
             "hostname": self.name,
-            "hypervisor": self.hypervisor,
             "launchTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created)),
         }
 

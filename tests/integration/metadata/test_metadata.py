@@ -95,6 +95,10 @@ async def test_each_vm_reads_its_own_identity(lab: Lab) -> None:
         doc = json.loads(body)
         assert doc["instanceName"] == name and doc["privateIp"] == vm.ip
         assert doc["macAddress"] == vm.mac
+        # The guest's own facts and nothing of its host (which VMs share one is no tenant's
+        # business: co-residency is where cross-VM side channels start).
+        assert set(doc) == {"instanceId", "instanceName", "privateIp", "macAddress",
+                            "hostname", "launchTime"}, doc  # fmt: skip
         user = await curl(vm, "/latest/user-data")
         assert user.stdout == f"#!/bin/sh\necho {name}\n\n200"
 
