@@ -9,7 +9,7 @@ py=${VENV:-$here/.venv}/bin/python
 cd "$here" || exit 1
 
 # What the image tier builds (the appliance kernel, a few CPU-minutes of compiling on a fresh
-# machine; make images; the cloud-init guest; the demo's hypervisor versions: ~10 minutes of the
+# machine; make images; the cloud-init guest; the demo's hypervisor versions: ~9 minutes of the
 # image tier on a fresh machine) is built niced in the background while the first tiers run,
 # which leave a core idle most of the time (hatchery_lab.prebuild); the image tier waits for
 # it, then finds every build cached by its inputs.

@@ -2,7 +2,7 @@
 
 ``make test`` (tools/test-tiers.sh) starts this in the background, niced, as the lint+unit
 and integration tiers begin: they leave a core idle most of the time, and on a fresh machine
-the image tier spent about ten minutes building before its first boot (the base images, the
+the image tier spent about nine minutes building before its first boot (the base images, the
 stock cloud-init guest, the demo's four hypervisor versions). The image tier waits for this
 to end, then finds every build cached by its inputs.
 
