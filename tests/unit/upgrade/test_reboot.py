@@ -338,21 +338,29 @@ async def test_a_live_patch_or_an_older_status_has_no_vm_report(tmp_path: Path) 
 
 
 class SlowVms(Vms):
-    """Restores that take a while (QEMU starting, its state read back): how many overlap."""
+    """Restores that take a while (QEMU starting, its state read back): how many overlap.
+    ``slow`` holds its place until every other VM has been restored; the others yield
+    once while they hold theirs, so those admitted together are seen together."""
 
-    def __init__(self, seconds: dict[str, float]) -> None:
+    def __init__(self, slow: str, others: int) -> None:
         super().__init__()
-        self.seconds = seconds
+        self.slow, self.others = slow, others
+        self.rest_done = asyncio.Event()
         self.now = self.most = 0
 
     async def restore(self, name: str) -> VmOutcome:
         self.now += 1
         self.most = max(self.most, self.now)
         try:
-            await asyncio.sleep(self.seconds.get(name, 0.05))
+            if name == self.slow:
+                await self.rest_done.wait()
+            else:
+                await asyncio.sleep(0)
             return await super().restore(name)
         finally:
             self.now -= 1
+            if len(self.restored) == self.others:
+                self.rest_done.set()
 
 
 async def test_vms_are_restored_side_by_side_bounded_and_all_reported(tmp_path: Path) -> None:
@@ -362,11 +370,12 @@ async def test_vms_are_restored_side_by_side_bounded_and_all_reported(tmp_path: 
     names = [f"vm{i}" for i in range(7)]
     d = pending(tmp_path, "v3", "v2")
     (d / "restore").write_text("".join(f"{n}\n" for n in [*names, "broken"]))
-    # vm0 is slow: the others do not wait for it.
-    vms = SlowVms({"vm0": 1.0})
+    # vm0 is slow: the others do not wait for it (without restores side by side, vm0 would
+    # wait for ever: it finishes only once all the others have).
+    vms = SlowVms("vm0", others=len(names) - 1)
     images = images_at(tmp_path)
     upgrader = boot(tmp_path, images, "v3", vms)
-    await upgrader.after_boot()
+    await asyncio.wait_for(upgrader.after_boot(), 30)
     assert vms.most == RESTORE_CONCURRENCY
     assert vms.restored[-1] == "vm0", vms.restored  # the slow one finished last
     expected = (
