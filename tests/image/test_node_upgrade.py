@@ -27,14 +27,13 @@ from typing import Any
 import pytest
 
 from hatchery_lab.agent import Pki
-from hatchery_lab.demo_images import build_version, signed, signing_key
+from hatchery_lab.demo_images import VERSIONS, build_version, signed, signing_key
 from hatchery_lab.guest import GuestKernel, find_guest_kernel
 from hatchery_lab.node import Lab, NodeSpec, RunningNode, boot_node, lab_network, serve_folder
 from hatchery_lab.outlive import guest_state, ticking_initrd
 from tests.conftest import missing
 
 BIN = Path(sys.executable).parent
-VERSIONS = ("v1", "v2", "v3", "v4")
 
 
 @pytest.fixture(scope="module")

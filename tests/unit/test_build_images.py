@@ -207,3 +207,11 @@ def test_a_backports_kernel_is_pinned_in_its_own_tree_and_lock(
     assert build.lock_path(locks, "hypervisor", build.KernelSource.STABLE).name == "packages.lock"
     backports_lock = build.lock_path(locks, "hypervisor", build.KernelSource.BACKPORTS)
     assert backports_lock.name == "packages.backports-kernel.lock"
+
+
+def test_the_demo_versions_are_the_overlay_folders() -> None:
+    """demo_images.VERSIONS is what the tests and ``make test``'s builds ahead use: a new
+    overlay folder left out of it would be built by neither ahead nor checked."""
+    from hatchery_lab.demo_images import OVERLAYS, VERSIONS
+
+    assert sorted(VERSIONS) == sorted(p.name for p in OVERLAYS.iterdir() if p.is_dir())

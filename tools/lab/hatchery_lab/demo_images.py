@@ -17,6 +17,9 @@ from hatchery_lab.images import build_images
 
 OVERLAYS = REPO / "images" / "demo-overlays"
 DEMO_BUILDS = REPO / "build" / "demo"
+#: Every demo version, one overlay folder each: the demo uses v1 and v2, the in-node upgrade
+#: test all four, and ``make test`` builds them all ahead (hatchery_lab.prebuild).
+VERSIONS = ("v1", "v2", "v3", "v4")
 #: The versions whose kernel is not the release's (``imagebuild --kernel``).
 KERNELS = {"v3": "backports"}
 

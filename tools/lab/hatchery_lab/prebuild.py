@@ -19,13 +19,8 @@ import time
 from collections.abc import Callable
 
 from hatchery_lab import appliance_kernel, cloud_guest
-from hatchery_lab.demo_images import OVERLAYS, build_version
+from hatchery_lab.demo_images import VERSIONS, build_version
 from hatchery_lab.images import build_images
-
-
-def demo_versions() -> list[str]:
-    """The demo's hypervisor versions: one overlay folder each (images/demo-overlays/vN)."""
-    return sorted(p.name for p in OVERLAYS.iterdir() if p.is_dir())
 
 
 def _appliance_kernel() -> None:
@@ -39,7 +34,7 @@ def steps() -> list[tuple[str, Callable[[], object]]]:
         ("make images", build_images),
         ("cloud-init guest", cloud_guest.build_cloud_guest),
     ]
-    found += [(f"demo {v}", functools.partial(build_version, v)) for v in demo_versions()]
+    found += [(f"demo {v}", functools.partial(build_version, v)) for v in VERSIONS]
     return found
 
 
