@@ -7,11 +7,14 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from hatchery import host
 from hatchery_lab.net import unique_name
 
 
-def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(argv), capture_output=True, text=True, check=check)
+def sh(*argv: str, check: bool = True) -> host.Completed:
+    """``argv`` run to its end; a failure's message carries the command's stderr (a storm
+    bench run once died on ``ip link add … netns`` exiting 2 with no word of why)."""
+    return host.run(argv, check=check)
 
 
 @dataclass(frozen=True)
