@@ -24,6 +24,8 @@ from hatchery.api.policy import load_policy
 from hatchery.api.server import ApiServer
 from hatchery.capacity import HostCapacity, probe
 from hatchery.config import AgentConfig, BridgeConfig, DhcpMode
+from hatchery.containers.service import ContainerService
+from hatchery.containers.store import ContainerStore
 from hatchery.dhcp.leases import Lease
 from hatchery.dhcp.proxy import ProxyConfig, ProxyResponder
 from hatchery.dhcp.responder import DhcpConfig, Responder
@@ -92,8 +94,12 @@ class VmDirectory:
         vm = self.manager.by_ip(bridge, ip)
         if vm is None or vm.state not in (VmState.RUNNING, VmState.STARTING, VmState.PAUSED):
             return None
+        spec = vm.container
         return VmMetadata(vm.name, vm.uuid, vm.ip, vm.mac, vm.user_data, vm.public_keys,
-                          vm.created)  # fmt: skip
+                          vm.created, vm.started or 0.0,
+                          container_image=spec.image if spec else "",
+                          container_env=tuple(spec.env.items()) if spec else (),
+                          container_ports=spec.ports if spec else ())  # fmt: skip
 
     def ports_of(self, bridge: str) -> list[Port]:
         return [Port(tap_name(vm.uuid), vm.mac, vm.ip) for vm in self.manager.on_bridge(bridge)]
@@ -203,6 +209,8 @@ class Agent:
                 capacity = self._capacity()
             async with part("image store"):
                 self.images = ImageStore(self.config.state_dir / "images")
+                self.containers = ContainerStore(self.config.state_dir / "containers",
+                                                 KeyDirectory(self.config.image_keys))  # fmt: skip
             async with part("vms"):
                 self.manager = await self._vms(stack, capacity)
             async with part("upgrades"):
@@ -214,7 +222,10 @@ class Agent:
             self.metadata = MetadataService(directory, directory.ports_of,
                                             services=node_services(self.config),
                                             limits=self.config.limits,
-                                            metrics=self.metrics)  # fmt: skip
+                                            metrics=self.metrics,
+                                            containers=ContainerService(
+                                                self.containers,
+                                                self.manager.set_container_state))  # fmt: skip
             stack.push_async_callback(self.metadata.close)
             for bridge in self.config.bridges:
                 if bridge.metadata:
@@ -279,7 +290,8 @@ class Agent:
         context = ApiContext(self.manager, self.pool, load_policy(config.policy), self.health,
                              time.time(), self.upgrader, self.metrics, logs=node_log)  # fmt: skip
         images = ImagesContext.build(self.images, KeyDirectory(config.image_keys), peer_tls)
-        api = ApiServer(make_app(context, images, revocations=revocations), tls, config.limits,
+        api = ApiServer(make_app(context, images, revocations=revocations,
+                                 containers=self.containers), tls, config.limits,
                         self.metrics.http("api"))  # fmt: skip
         await api.start(config.listen_host, config.listen_port)
         stack.push_async_callback(api.close)

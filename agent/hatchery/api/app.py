@@ -22,6 +22,7 @@ from aiohttp.typedefs import Middleware
 
 from hatchery.addresses import AddressPool, Subnet
 from hatchery.api import console as live_console
+from hatchery.api import containers as container_routes
 from hatchery.api import crl, images, logs
 from hatchery.api.http import (
     ANY_CLIENT,
@@ -39,6 +40,11 @@ from hatchery.api.http import (
 )
 from hatchery.api.policy import Policy
 from hatchery.api.validate import BadRequest, Body
+from hatchery.containers.oci import split_reference
+from hatchery.containers.runtime import check_env
+from hatchery.containers.signed import check_name
+from hatchery.containers.store import ContainerStore
+from hatchery.errors import HatcheryError
 from hatchery.log import recent_log
 from hatchery.logs import LogSource, node_logs
 from hatchery.metrics import CONTENT_TYPE, Metrics, ReadCollector, Reading
@@ -47,7 +53,7 @@ from hatchery.revocation import Revocations
 from hatchery.upgrade.controller import Upgrader
 from hatchery.vms.console import Consoles
 from hatchery.vms.manager import CreateRequest, DiskRequest, KernelRequest, NotFound, VmManager
-from hatchery.vms.model import VmRecord, VmState
+from hatchery.vms.model import ContainerSpec, VmRecord, VmState
 from hatchery.vms.sandbox import open_untrusted
 from hatchery.vms.sources import parse_source
 from hatchery.wire import BootStatus, Health, Mode, Phase, UpgradeRequest, UpgradeStatus
@@ -197,9 +203,35 @@ def _create_request(body: Body) -> CreateRequest:
         machine=machine,
         start=body.flag("start", default=True),
         labels=body.mapping("labels"),
+        container=_container(body.obj("container")),
     )
     body.finish()
     return request
+
+
+def _container(body: Body | None) -> ContainerSpec | None:
+    """``{"image": "NAME[:TAG]", "env": {K: V}, "ports": [80]}``: checked here, so a bad
+    name or variable is a 400 at create, not a failure inside the VM."""
+    if body is None:
+        return None
+    image = str(body.text("image", required=True, max_len=200))
+    try:
+        name, tag = check_name(*split_reference(image))
+        env = check_env(body.mapping("env", max_items=64))
+    except HatcheryError as exc:
+        raise BadRequest(exc.message, "container") from None
+    ports = body.value("ports") or []
+    if (
+        not isinstance(ports, list)
+        or len(ports) > 16
+        or not all(
+            isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 65535 for p in ports
+        )
+    ):
+        raise BadRequest("container.ports must be a list of at most 16 ports (1-65535)",
+                         "container.ports")  # fmt: skip
+    body.finish("container.")
+    return ContainerSpec(f"{name}:{tag}", env, tuple(ports))
 
 
 @require("vm.read", filtered=True)
@@ -256,7 +288,11 @@ async def create_vm(request: web.Request) -> web.Response:
 
 @require("vm.read", owner=vm_owner, seen_with="vm.read")
 async def show_vm(request: web.Request) -> web.Response:
-    return web.json_response(vm_view(_vm(request)))
+    vm = _vm(request)
+    view = vm_view(vm)
+    if vm.container is not None:  # what its init last said on the status port
+        view["container_status"] = request.app[CONTEXT].manager.container_status(vm)
+    return web.json_response(view)
 
 
 @require("vm.manage", owner=vm_owner, seen_with="vm.read")
@@ -452,6 +488,7 @@ def make_app(
     revocations: Revocations | None = None,
     identify: Identify = tls_identity,
     middlewares: tuple[Middleware, ...] = (),
+    containers: ContainerStore | None = None,
 ) -> web.Application:
     """The API app: ``identify`` says who calls (the TLS peer certificate unless a test
     drives the app in-process); the image routes exist when ``image_store`` is given, the CRL
@@ -471,6 +508,8 @@ def make_app(
     app.router.add_post("/v1/vms/{name}/suspend", suspend_vm)
     app.router.add_get("/v1/vms/{name}/console", console)
     app.router.add_put("/v1/vms/{name}/user-data", put_user_data)
+    if containers is not None:
+        container_routes.add_routes(app, containers)
     live_console.add_routes(app, context.manager, context.consoles)
     logs.add_routes(app, context.logs)
     app.router.add_get("/v1/pool", list_pool)

@@ -33,6 +33,9 @@ from hatchery.addresses import PoolError
 from hatchery.api.policy import Policy, Scope
 from hatchery.api.validate import BadRequest, Body
 from hatchery.capacity import CapacityError
+from hatchery.containers.oci import ImageRefused
+from hatchery.containers.signed import ReferenceError
+from hatchery.containers.store import ContainerNotFound
 from hatchery.errors import HatcheryError
 from hatchery.images.fetch import FetchError
 from hatchery.images.manifest import ManifestError
@@ -116,6 +119,9 @@ STATUS: dict[type[HatcheryError], int] = {
     Unavailable: 503,
     ConsoleError: 503,
     LogsUnavailable: 503,
+    ReferenceError: 422,
+    ImageRefused: 422,
+    ContainerNotFound: 404,
 }
 
 

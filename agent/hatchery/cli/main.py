@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from hatchery.cli import ca, image, logs, vm
+from hatchery.cli import ca, container, image, logs, vm
 from hatchery.errors import HatcheryError, report
 from hatchery.log import setup_logging
 from hatchery.qemu.accel import choose_accel
@@ -24,6 +24,7 @@ COMMAND_GROUPS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]]
     "health": ("the agent's health and version", vm.register_health),
     "logs": ("the node's journal or the agent's log (--unit, --since, --follow)", logs.register),
     "image": ("signing keys, signed images, publish to and fetch between agents", image.register),
+    "container": ("OCI images for container VMs: sign, check, publish, list", container.register),
 }
 
 

@@ -87,7 +87,7 @@ def _render_vms(result: Any, _: argparse.Namespace) -> None:
 def _render_vm(vm: Any, _: argparse.Namespace) -> None:
     for key in ("name", "state", "ip", "mac", "bridge", "vcpus", "memory_mib", "disk_mib",
                 "machine", "owner_group", "pid", "uid", "uuid", "reason", "pause_seconds",
-                "state_file"):  # fmt: skip
+                "state_file", "container_state", "container_status"):  # fmt: skip
         print(f"{key + ':':<13}{vm.get(key) if vm.get(key) is not None else '-'}")
     print(f"{'uptime:':<13}{_uptime(vm.get('uptime'))}")
     if vm.get("kernel_boot"):
@@ -95,6 +95,9 @@ def _render_vm(vm: Any, _: argparse.Namespace) -> None:
         print(f"{'kernel:':<13}{kb['kernel']} initrd={kb.get('initrd')} cmdline={kb['cmdline']!r}")
     if vm.get("disk_boot"):
         print(f"{'disk:':<13}{vm['disk_boot']['image']}")
+    if vm.get("container"):
+        c = vm["container"]
+        print(f"{'container:':<13}{c['image']} ports={c.get('ports') or '-'}")
 
 
 # --- vm ------------------------------------------------------------------------------
@@ -144,6 +147,16 @@ async def _create(client: AgentClient, args: argparse.Namespace) -> Any:
         labels[key] = value
     if labels:
         body["labels"] = labels
+    if args.container:
+        env = {}
+        for item in args.env:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise HatcheryError(f"--env {item!r}: expected KEY=VALUE")
+            env[key] = value
+        body["container"] = {"image": args.container, "env": env, "ports": args.port}
+    elif args.env or args.port:
+        raise HatcheryError("--env and --port go with --container")
     return await client.request("POST", "/v1/vms", json=body)
 
 
@@ -314,6 +327,26 @@ def register_vm(parser: argparse.ArgumentParser) -> None:
     create.add_argument("--owner-group", help="group whose members may manage this VM")
     create.add_argument("--label", action="append", default=[], help="KEY=VALUE")
     create.add_argument("--no-start", action="store_true")
+    create.add_argument(
+        "--container",
+        metavar="NAME[:TAG]",
+        help="run this image of the node's container store in the VM "
+        "(with the appliance's --kernel and --initrd; docs/appliance.md)",
+    )
+    create.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="container environment (repeatable)",
+    )
+    create.add_argument(
+        "--port",
+        action="append",
+        default=[],
+        type=int,
+        help="a port the container serves on the VM's address (repeatable)",
+    )
     create.set_defaults(func=_command(_create, _render_vm))
 
     for name, run, render, help_text in (

@@ -8,7 +8,10 @@ frame from a VM port whose MAC, IPv4 or ARP claims are not that VM's. Served:
 * EC2-style ``/latest/meta-data/`` (instance-id, local-ipv4, hostname, local-hostname, mac,
   public-keys/) with IMDSv2 session tokens (``PUT /latest/api/token``, see ``_Tokens``);
 * NoCloud ``/nocloud/{meta-data,user-data,vendor-data}`` for stock cloud-init, which the
-  agent points guests at through the SMBIOS serial ``ds=nocloud-net;s=http://169.254.169.254/nocloud/``.
+  agent points guests at through the SMBIOS serial ``ds=nocloud-net;s=http://169.254.169.254/nocloud/``;
+* for container VMs (HyperVM): ``/hatchery/container`` (the VM's image and its single-use
+  token, once per boot) and ``/hatchery/container/bundle`` (the image, for that token:
+  ``containers.service``).
 
 Anything else is a 404; anything but GET/PUT a 405; bodies over 1 KiB are refused.
 
@@ -38,10 +41,13 @@ from typing import Protocol
 
 from aiohttp import web
 
+from hatchery.containers.service import ContainerService, Refusal
+from hatchery.errors import HatcheryError
 from hatchery.log import EventSummary
 
 log = logging.getLogger(__name__)
 TOKEN_HEADER = "X-aws-ec2-metadata-token"
+CONTAINER_TOKEN_HEADER = "X-Hatchery-Container-Token"
 TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
 TOKENS_PER_VM = 16
 MAX_VMS = 4096
@@ -57,6 +63,10 @@ class VmMetadata:
     user_data: str = ""
     public_keys: tuple[str, ...] = ()
     created: float = 0.0
+    started: float = 0.0  # this boot (a container token is made once per boot)
+    container_image: str = ""  # NAME:TAG for a container VM
+    container_env: tuple[tuple[str, str], ...] = ()
+    container_ports: tuple[int, ...] = ()
 
     def identity_document(self) -> dict[str, object]:
         """The guest's own facts, nothing of its host: no node name or address, which would
@@ -137,6 +147,7 @@ BRIDGE = web.AppKey("bridge", str)
 SOURCE = web.AppKey("source", MetadataSource)
 TOKENS = web.AppKey("tokens", _Tokens)
 REQUIRE_TOKEN = web.AppKey("require_token", bool)
+CONTAINERS = web.AppKey("containers", ContainerService)
 # Anything on the bridge can reach 169.254.169.254: refusals are summarised, not logged each.
 REFUSALS = web.AppKey("refusals", EventSummary)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -260,11 +271,54 @@ async def nocloud_vendor_data(request: web.Request) -> web.Response:
     return _text("")
 
 
+def _containers(request: web.Request) -> ContainerService:
+    service = request.app.get(CONTAINERS)
+    if service is None:
+        raise web.HTTPNotFound(text="this node runs no containers\n")
+    return service
+
+
+async def container_ticket(request: web.Request) -> web.Response:
+    try:
+        return _text(_containers(request).ticket(request[VM]))
+    except Refusal as exc:
+        return web.Response(status=exc.status, text=exc.message + "\n")
+
+
+async def container_bundle(request: web.Request) -> web.StreamResponse:
+    """The VM's image, once, for its token; refusals (token, image) say why in the body."""
+    token = request.headers.get(CONTAINER_TOKEN_HEADER, "")
+    try:
+        download = await _containers(request).download(request[VM], token)
+    except Refusal as exc:
+        return web.Response(status=exc.status, text=exc.message)
+    response = web.StreamResponse(headers={"Content-Type": "application/x-tar"})
+    response.content_length = download.size
+    await response.prepare(request)
+    try:
+        async for chunk in download.chunks:
+            await response.write(chunk)
+    except HatcheryError as exc:  # the VM sees a short read and refuses the bundle
+        log.warning("vm %s: container download cut: %s", request[VM].name, exc)
+        if request.transport is not None:
+            request.transport.close()
+        return response
+    await response.write_eof()
+    return response
+
+
 def make_app(
-    bridge: str, source: MetadataSource, *, require_token: bool = False
+    bridge: str,
+    source: MetadataSource,
+    *,
+    require_token: bool = False,
+    containers: ContainerService | None = None,
 ) -> web.Application:
-    """The metadata app of ``bridge``; ``require_token``: every GET needs an IMDSv2 token."""
+    """The metadata app of ``bridge``; ``require_token``: every GET needs an IMDSv2 token;
+    ``containers``: container VMs get their image here."""
     app = web.Application(client_max_size=1024, middlewares=[identify])
+    if containers is not None:
+        app[CONTAINERS] = containers
     app[BRIDGE] = bridge
     app[SOURCE] = source
     app[TOKENS] = _Tokens()
@@ -284,4 +338,6 @@ def make_app(
     r.add_get("/nocloud/meta-data", nocloud_meta_data)
     r.add_get("/nocloud/user-data", nocloud_user_data)
     r.add_get("/nocloud/vendor-data", nocloud_vendor_data)
+    r.add_get("/hatchery/container", container_ticket)
+    r.add_get("/hatchery/container/bundle", container_bundle)
     return app

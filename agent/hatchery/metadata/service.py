@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from hatchery.config import API_PORT, AgentConfig, BootServiceConfig, ConnectionLimits
+from hatchery.containers.service import ContainerService
 from hatchery.dhcp.proxy import PXE_PORT
 from hatchery.dhcp6.packet import SERVER_PORT as DHCP6_PORT
 from hatchery.errors import HatcheryError
@@ -72,8 +73,10 @@ class MetadataService:
         services: NodeServices = DEFAULT_NODE_SERVICES,
         limits: ConnectionLimits | None = None,
         metrics: Metrics | None = None,
+        containers: ContainerService | None = None,
     ) -> None:
         self._source = source
+        self._containers = containers
         self._limits = limits or ConnectionLimits()
         self._metrics = metrics or Metrics()
         self._dropped: dict[str, dict[str, int]] = {}  # bridge -> reason -> packets
@@ -100,7 +103,8 @@ class MetadataService:
         ``require_token``: the metadata server answers GETs only with an IMDSv2 token."""
         plumbing = BridgePlumbing(bridge, subnets, self._services)
         # Every VM of the bridge reaches this one listener: its per-client cap is per VM.
-        listener = HttpListener(make_app(bridge, self._source, require_token=require_token),
+        listener = HttpListener(make_app(bridge, self._source, require_token=require_token,
+                                         containers=self._containers),
                                 self._limits, name=f"metadata on {bridge}",
                                 meter=self._metrics.http("metadata", bridge))  # fmt: skip
         try:

@@ -143,6 +143,16 @@ class DiskBoot:
 
 
 @dataclass(frozen=True, slots=True)
+class ContainerSpec:
+    """A container VM's workload (HyperVM, docs/appliance.md): the image in the node's
+    container store (``NAME:TAG``), environment added to the image's, the ports it serves."""
+
+    image: str
+    env: dict[str, str] = field(default_factory=dict)
+    ports: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class VmRecord:
     name: str
     uuid: str
@@ -174,6 +184,10 @@ class VmRecord:
     suspended_at: float | None = None
     # how long the guest was last paused by a refresh or a suspend and resume, in seconds
     pause_seconds: float | None = None
+    # a container VM's workload, and what became of its image download (``pulling``,
+    # ``pulled``, ``refused: why``); what the container itself did is in its status port
+    container: ContainerSpec | None = None
+    container_state: str | None = None
 
     def with_state(self, state: VmState, **changes: Any) -> VmRecord:
         return replace(self, state=state, **changes)
@@ -192,4 +206,8 @@ class VmRecord:
             data["kernel_boot"] = KernelBoot(**data["kernel_boot"])
         if data.get("disk_boot"):
             data["disk_boot"] = DiskBoot(**data["disk_boot"])
+        if data.get("container"):
+            spec = dict(data["container"])
+            spec["ports"] = tuple(spec.get("ports", ()))
+            data["container"] = ContainerSpec(**spec)
         return cls(**data)
