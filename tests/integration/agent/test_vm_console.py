@@ -12,12 +12,9 @@ missing VM gets. The console log is kept as before.
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import os
-import pty
 import random
-import select
 import signal
 import subprocess
 import termios
@@ -31,6 +28,7 @@ from hatchery.metadata.service import teardown_bridge
 from hatchery_lab.agent import BIN, AgentProcess, Pki, qemu_alive
 from hatchery_lab.guest import INIT_PRELUDE, GuestKernel, busybox_initramfs, find_guest_kernel
 from hatchery_lab.net import bridge
+from hatchery_lab.terminal import Terminal
 from tests.conftest import missing
 
 pytestmark = pytest.mark.integration
@@ -78,63 +76,6 @@ def _argv(agent: AgentProcess, client: str, *args: str) -> list[str]:
     return [str(BIN / "hatchery"), "vm", "console", *args, "--agent", f"127.0.0.1:{agent.port}",
             "--ca", str(agent.pki.ca), "--cert", str(pair.cert),
             "--key", str(pair.key)]  # fmt: skip
-
-
-class Terminal:
-    """A command under a pseudo-terminal, read without blocking."""
-
-    def __init__(self, argv: list[str]) -> None:
-        self.pid, self.fd = pty.fork()
-        if self.pid == 0:  # the child: the CLI, its stdin/stdout/stderr the terminal
-            os.execv(argv[0], argv)
-        self.output = b""
-
-    def read_until(self, marker: bytes, timeout: float = 120) -> bytes:
-        deadline = time.monotonic() + timeout
-        while marker not in self.output:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no {marker!r} in {self.output[-2000:]!r}")
-            ready, _, _ = select.select([self.fd], [], [], min(left, 1.0))
-            if ready:
-                try:
-                    chunk = os.read(self.fd, 65536)
-                except OSError as exc:  # EIO: the child closed the terminal
-                    if exc.errno != errno.EIO:
-                        raise
-                    raise AssertionError(f"ended before {marker!r}: {self.output!r}") from exc
-                self.output += chunk
-        return self.output
-
-    def type(self, data: bytes) -> None:
-        os.write(self.fd, data)
-
-    def lflag(self) -> int:
-        return int(termios.tcgetattr(self.fd)[3])
-
-    def wait(self, timeout: float = 30) -> int:
-        deadline = time.monotonic() + timeout
-        while True:
-            done, status = os.waitpid(self.pid, os.WNOHANG)
-            if done:
-                return os.waitstatus_to_exitcode(status)
-            if time.monotonic() > deadline:
-                os.kill(self.pid, signal.SIGKILL)
-                raise AssertionError(f"the CLI did not exit: {self.output[-2000:]!r}")
-            with_data, _, _ = select.select([self.fd], [], [], 0.2)
-            if with_data:
-                try:
-                    self.output += os.read(self.fd, 65536)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
-        os.close(self.fd)
 
 
 def _wait_log(agent: AgentProcess, name: str, marker: str, timeout: float = 240) -> None:
