@@ -10,6 +10,7 @@ BENCHMARKS = {
     "agent-overhead": "bench.agent_overhead",
     "appliance": "bench.appliance",
     "boot-http": "bench.boothttp",
+    "container": "bench.container",
     "dhcp": "bench.dhcp",
     "flood": "bench.flood",
     "images": "bench.images",
