@@ -109,7 +109,7 @@ def _create(lab: Lab, name: str, image: str, *extra: str) -> dict[str, object]:
     vm: dict[str, object] = lab.agent.cli_json(
         "vm", "create", name,
         "--kernel", str(lab.appliance / "appliance-vm.vmlinux"),
-        "--initrd", str(lab.appliance / "appliance-vm.cpio.zst"),
+        "--initrd", str(lab.appliance / "appliance-vm.container.cpio.zst"),
         "--container", image, *extra,
     )  # fmt: skip
     return vm
@@ -193,7 +193,7 @@ def test_a_container_serves_http_through_its_vm(lab: Lab, tmp_path: Path) -> Non
     print(
         f"\ncontainer VM: create -> first container log line {first_line:.1f} s (TCG, "
         f"polled every 0.5 s); appliance initrd "
-        f"{(lab.appliance / 'appliance-vm.cpio.zst').stat().st_size / 1e6:.1f} MB"
+        f"{(lab.appliance / 'appliance-vm.container.cpio.zst').stat().st_size / 1e6:.1f} MB"
     )
 
 
@@ -220,3 +220,15 @@ def test_malformed_images_are_refused_in_the_vm_record(lab: Lab, tmp_path: Path)
                                  deadline)  # fmt: skip
         assert words in console, console[-2000:]
         assert shown.get("container_status") is None
+
+
+def test_only_the_container_initrd_carries_the_runtime(lab: Lab) -> None:
+    """Appliances that run no container boot without crun (0.16 s sooner under TCG); the
+    container initrd stays within the 8 MB goal."""
+    lean, full = (lab.appliance / "appliance-vm.cpio.zst",
+                  lab.appliance / "appliance-vm.container.cpio.zst")  # fmt: skip
+    assert read_member(full, "usr/bin/crun").startswith(b"\x7fELF")
+    with pytest.raises(FileNotFoundError):
+        read_member(lean, "usr/bin/crun")
+    assert read_member(lean, "usr/bin/busybox") == lab.busybox
+    assert full.stat().st_size <= 8_000_000, full.stat().st_size

@@ -309,9 +309,11 @@ def sha256_file(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def role_of(filename: str) -> Role | None:
+def role_of(filename: str, image: str | None = None) -> Role | None:
+    """The role of a build's file by its suffix; with ``image``, only ``<image><suffix>``
+    counts (the appliance's ``appliance-vm.container.cpio.zst`` is not its initrd)."""
     for suffix, role in BUILD_SUFFIXES.items():
-        if filename.endswith(suffix):
+        if filename.endswith(suffix) and (image is None or filename == image + suffix):
             return role
     return None
 
@@ -334,8 +336,9 @@ def from_build_dir(build_dir: Path) -> Manifest:
     if not isinstance(build, dict) or not isinstance(build.get("artefacts"), dict):
         raise ManifestError(f"{path} has no artefacts table")
     artefacts: dict[Role, Artefact] = {}
+    stem = build.get("image") if isinstance(build.get("image"), str) else build_dir.name
     for filename, meta in sorted(build["artefacts"].items()):
-        role = role_of(filename)
+        role = role_of(filename, stem)
         if role is None:
             continue
         digest, size = sha256_file(build_dir / filename)

@@ -44,7 +44,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from hatchery.qemu.kernel import write_vmlinux
-from hatchery_lab import REPO, appliance_kernel, liveroot
+from hatchery_lab import REPO, appliance_initrd, appliance_kernel, liveroot
 
 CACHE = REPO / ".cache"
 MKOSI_CACHE = CACHE / "mkosi"
@@ -85,7 +85,11 @@ def input_files(name: str) -> list[Path]:
     roots = [REPO / "mkosi.conf", REPO / "mkosi.extra", REPO / "images" / name]
     roots += [Path(__file__), REPO / "tools" / "build-images.sh"]
     if name == "appliance-vm":
-        roots += [Path(appliance_kernel.__file__)]
+        roots += [
+            Path(appliance_kernel.__file__),
+            Path(appliance_initrd.__file__),
+            REPO / "tools" / "lab" / "hatchery_lab" / "cpio_writer.py",
+        ]
     if name == "hypervisor":
         roots += [REPO / "agent", REPO / "tools" / "rollout", REPO / "pyproject.toml"]
         roots += [REPO / "requirements.lock", REPO / "README.md"]
@@ -654,6 +658,11 @@ def build_one(name: str, opts: BuildOptions, step: str) -> Path:
         appliance_kernel.build(
             stock_kernel_version(packages), final / f"{name}.vmlinux", lambda m: log(f"{step} {m}")
         )
+        # Two initrds: with crun for container VMs, without it for the rest (appliance_initrd).
+        full = final / f"{name}.container.cpio.zst"
+        (final / f"{name}.cpio.zst").rename(full)
+        dropped = appliance_initrd.write_lean(full, final / f"{name}.cpio.zst")
+        log(f"{step} {name}: the container runtime ({dropped} members) only in {full.name}")
     if name == "hypervisor" and opts.root_layout is RootLayout.SQUASHFS:
         initrd = final / f"{name}.cpio.zst"
         liveroot.repack(initrd, initrd, appliance_kernel.source_date_epoch(),
