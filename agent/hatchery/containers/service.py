@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -57,7 +57,7 @@ class Refusal(HatcheryError):
 @dataclass(frozen=True, slots=True)
 class Download:
     size: int
-    chunks: AsyncIterator[bytes]
+    chunks: AsyncGenerator[bytes, None]  # closed by its reader, even when cut short
 
 
 Recorder = Callable[[str, str], Awaitable[None]]
@@ -121,7 +121,7 @@ class ContainerService:
         )
 
     async def _stream(self, vm: str, archive: Archive, chunks: Iterator[bytes]
-                      ) -> AsyncIterator[bytes]:  # fmt: skip
+                      ) -> AsyncGenerator[bytes, None]:  # fmt: skip
         try:
             while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
                 yield chunk

@@ -303,6 +303,8 @@ async def container_bundle(request: web.Request) -> web.StreamResponse:
         if request.transport is not None:
             request.transport.close()
         return response
+    finally:  # a VM that went away mid-download: the archive is closed now, not at GC
+        await download.chunks.aclose()
     await response.write_eof()
     return response
 

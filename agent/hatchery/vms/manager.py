@@ -264,8 +264,12 @@ class VmManager:
         """What became of a container VM's image download (read-modify-write with no await
         in between, so it cannot undo a transition saved meanwhile)."""
         vm = self._vms.get(name)
-        if vm is not None:
+        if vm is None or vm.state is VmState.DESTROYING:
+            return
+        try:
             self._save(replace(vm, container_state=text[:500]))
+        except OSError as exc:  # its folder going away under a destroy
+            log.warning("vm %s: cannot record its container state: %s", name, exc)
 
     def container_status(self, vm: VmRecord) -> str | None:
         return container_status(self._files(vm).container_status) if vm.container else None

@@ -178,3 +178,12 @@ def test_the_status_port_counts_only_its_own_lines(tmp_path: Path) -> None:
     link = tmp_path / "link"
     link.symlink_to(path)
     assert container_status(link) is None
+
+
+def test_the_token_table_stays_bounded() -> None:
+    grants = Grants(ttl=60, max_grants=4)
+    tokens = [grants.issue(f"vm{i}", boot=1.0, now=float(i)) for i in range(6)]
+    assert all(t is not None for t in tokens)
+    # the two oldest were dropped: unknown now; the newest still good
+    assert grants.redeem(str(tokens[0]), "vm0", now=10.0) is Verdict.UNKNOWN
+    assert grants.redeem(str(tokens[5]), "vm5", now=10.0) is Verdict.OK
