@@ -4,11 +4,14 @@ bundle, and the metadata routes a container VM uses (real HTTP on loopback)."""
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hatchery.containers.bundle import bundle_chunks, bundle_size
 from hatchery.containers.grants import Grants, Verdict
@@ -187,3 +190,22 @@ def test_the_token_table_stays_bounded() -> None:
     # the two oldest were dropped: unknown now; the newest still good
     assert grants.redeem(str(tokens[0]), "vm0", now=10.0) is Verdict.UNKNOWN
     assert grants.redeem(str(tokens[5]), "vm5", now=10.0) is Verdict.OK
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+_DOCUMENTS = _JSON.map(lambda v: json.dumps({"format": 1, "container": v, "signature": v}).encode())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2048) | _DOCUMENTS)
+def test_fuzz_signed_references_parse_or_are_refused(raw: bytes) -> None:
+    try:
+        parse(raw)
+    except ReferenceError:
+        pass
