@@ -8,8 +8,8 @@ image it holds is the tenant's workload, packed by whoever made it: hostile unti
 - every blob (manifest, config, each layer) hashes to its digest, and has its stated size;
 - the manifest and config are small JSON of the expected shape and media types;
 - each layer is a tar (plain or gzip) whose entries, applied in order into an empty root,
-  stay inside it: no absolute or ``..`` path, no entry written through a symlink (an
-  unpacker follows it, wherever it points), no path that is a symlink replaced by another
+  stay inside it: no absolute or ``..`` path, no entry written or whited out through a
+  symlink (an unpacker follows it, wherever it points), no path that is a symlink replaced by another
   entry without a whiteout, no hard link out of the root or through a symlink, no symlink
   whose target climbs out of the root, no device node, no name with control characters (the
   VM's unpacker reads names a line at a time), bounded entries and bytes.
@@ -369,29 +369,39 @@ def _check_layer(stream: IO[bytes], layer: int, tree: _Tree) -> None:
             members.append(member)
     except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError) as exc:
         raise ImageRefused(f"{what} is not a readable tar: {exc}") from None
-    # The VM applies a layer's whiteouts before its entries (as the spec's unpacker does).
+    # The VM applies a layer's whiteouts before its entries (as the spec's unpacker does),
+    # with ``rm -rf``, which follows a symlink on the way: none may lead through one of the
+    # lower layers' symlinks (checked against them all before any whiteout is applied, so
+    # the order of the whiteouts in the layer does not matter).
+    whiteouts = []
     for member in members:
         path = _entry_path(member.name, what)
         base = posixpath.basename(path)
         if base.startswith(WHITEOUT):
-            folder = posixpath.dirname(path)
-            if base == OPAQUE:
-                for s in list(tree.symlinks):
-                    if folder == "" or s.startswith(folder + "/"):
-                        tree.remove(s)
-            else:
-                gone = posixpath.join(folder, base[len(WHITEOUT) :])
-                if base[len(WHITEOUT) :] in ("", ".", ".."):
-                    raise ImageRefused(f"{what}: whiteout {_show(member.name)} names nothing")
-                tree.remove(gone)
+            if base != OPAQUE and base[len(WHITEOUT) :] in ("", ".", ".."):
+                raise ImageRefused(f"{what}: whiteout {_show(member.name)} names nothing")
+            via = tree.through_symlink(path)
+            if via is not None:
+                raise ImageRefused(f"{what}: whiteout {_show(member.name)} would remove "
+                                   f"through the symlink {via}")  # fmt: skip
+            whiteouts.append((posixpath.dirname(path), base))
+    for folder, base in whiteouts:
+        if base == OPAQUE:
+            for s in list(tree.symlinks):
+                if folder == "" or s.startswith(folder + "/"):
+                    tree.remove(s)
+        else:
+            tree.remove(posixpath.join(folder, base[len(WHITEOUT) :]))
     for member in members:
         path = _entry_path(member.name, what)
-        if path == "" or posixpath.basename(path).startswith(WHITEOUT):
+        if path == "":
             continue
-        via = tree.through_symlink(path)
+        via = tree.through_symlink(path)  # the whiteout files are unpacked too
         if via is not None:
             raise ImageRefused(f"{what}: entry {_show(member.name)} would be written through "
                                f"the symlink {via}")  # fmt: skip
+        if posixpath.basename(path).startswith(WHITEOUT):
+            continue
         if path in tree.symlinks:
             raise ImageRefused(f"{what}: entry {_show(member.name)} replaces a symlink of a "
                                "lower layer without a whiteout")  # fmt: skip

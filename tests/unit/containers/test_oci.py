@@ -76,6 +76,18 @@ def test_a_whiteout_lets_a_later_layer_replace_a_symlink(tmp_path: Path) -> None
     _check(_one(tmp_path, [Entry("bin/.wh.sh"), Entry("bin/sh", data=b"#!/bin/busybox sh\n")]))
 
 
+@pytest.mark.parametrize("layer", [
+    # rm -rf rootfs/etc/passwd would follow the lower layer's etc -> /etc
+    [Entry("etc/.wh.passwd")],
+    [Entry("etc/.wh..wh..opq")],
+    # the whiteout file itself unpacked through a symlink made earlier in the same layer
+    [Entry("up", "symlink", link="/"), Entry("up/etc/.wh.shadow")],
+])  # fmt: skip
+def test_whiteouts_never_lead_through_a_symlink(tmp_path: Path, layer: list[Entry]) -> None:
+    with pytest.raises(ImageRefused, match="through the symlink"):
+        _check(_one(tmp_path, [Entry("etc", "symlink", link="/etc")], layer))
+
+
 def test_a_symlink_made_by_a_lower_layer_is_not_written_through(tmp_path: Path) -> None:
     with pytest.raises(ImageRefused, match="layer 2: .* through the symlink"):
         _check(_one(tmp_path, [Entry("up", "symlink", link="/")],
