@@ -9,8 +9,8 @@ image it holds is the tenant's workload, packed by whoever made it: hostile unti
 - the manifest and config are small JSON of the expected shape and media types;
 - each layer is a tar (plain or gzip) whose entries, applied in order into an empty root,
   stay inside it: no absolute or ``..`` path, no entry written or whited out through a
-  symlink (an unpacker follows it, wherever it points), no path that is a symlink replaced by another
-  entry without a whiteout, no hard link out of the root or through a symlink, no symlink
+  symlink (an unpacker follows it, wherever it points), no path that is a symlink replaced
+  by another entry without a whiteout, no hard link out of the root or through a symlink, no symlink
   whose target climbs out of the root, no device node, no name with control characters (the
   VM's unpacker reads names a line at a time), bounded entries and bytes.
 
