@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 # name -> module with a ``run() -> None`` that writes its section of docs/benchmarks.md
@@ -26,7 +27,14 @@ BENCHMARKS = {
 }
 
 
+def _exit_on_term(signum: int, _frame: object) -> None:
+    """SIGTERM unwinds like an error: every bench's context managers remove the namespaces,
+    bridges and servers it made (a killed bench once left a namespace and its dnsmasq)."""
+    sys.exit(128 + signum)
+
+
 def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_term)
     names = argv or list(BENCHMARKS)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:

@@ -33,7 +33,7 @@ import pytest
 from hatchery.images.signing import generate_key
 from hatchery.metadata.service import teardown_bridge
 from hatchery_lab.agent import BIN, AgentProcess, Pki, qemu_alive
-from hatchery_lab.appliance_files import read_member
+from hatchery_lab.appliance_initrd import read_member
 from hatchery_lab.images import build_images
 from hatchery_lab.net import bridge
 from hatchery_lab.oci_images import bad_images, web_image

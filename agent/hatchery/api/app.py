@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -54,7 +53,7 @@ from hatchery.upgrade.controller import Upgrader
 from hatchery.vms.console import Consoles
 from hatchery.vms.manager import CreateRequest, DiskRequest, KernelRequest, NotFound, VmManager
 from hatchery.vms.model import ContainerSpec, VmRecord, VmState
-from hatchery.vms.sandbox import open_untrusted
+from hatchery.vms.sandbox import read_tail
 from hatchery.vms.sources import parse_source
 from hatchery.wire import BootStatus, Health, Mode, Phase, UpgradeRequest, UpgradeStatus
 
@@ -351,10 +350,7 @@ def _tail(path: Path, want: int) -> bytes:
     """The last ``want`` bytes of ``path``; nothing if it does not exist (yet). QEMU writes
     it, in a folder of its own: never read through a symlink it put there, nor a FIFO."""
     try:
-        with os.fdopen(open_untrusted(path), "rb") as f:
-            size = f.seek(0, 2)
-            f.seek(max(size - want, 0))
-            return f.read()
+        return read_tail(path, want)
     except FileNotFoundError:
         return b""
     except OSError as exc:

@@ -139,25 +139,26 @@ async def _create(client: AgentClient, args: argparse.Namespace) -> Any:
         body["user_data"] = _read_user_data(args.user_data)
     if args.ssh_key:
         body["public_keys"] = [_read_user_data(path).strip() for path in args.ssh_key]
-    labels = {}
-    for label in args.label:
-        key, sep, value = label.partition("=")
-        if not sep:
-            raise HatcheryError(f"--label {label!r}: expected KEY=VALUE")
-        labels[key] = value
+    labels = _key_values(args.label, "--label")
     if labels:
         body["labels"] = labels
     if args.container:
-        env = {}
-        for item in args.env:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise HatcheryError(f"--env {item!r}: expected KEY=VALUE")
-            env[key] = value
+        env = _key_values(args.env, "--env")
         body["container"] = {"image": args.container, "env": env, "ports": args.port}
     elif args.env or args.port:
         raise HatcheryError("--env and --port go with --container")
     return await client.request("POST", "/v1/vms", json=body)
+
+
+def _key_values(items: list[str], flag: str) -> dict[str, str]:
+    """Repeated ``KEY=VALUE`` arguments as a mapping (a later KEY wins)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise HatcheryError(f"{flag} {item!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
 
 
 def _read_user_data(path: Path) -> str:

@@ -33,7 +33,6 @@ class Verdict(StrEnum):
 @dataclass(slots=True)
 class _Grant:
     vm: str
-    boot: float
     digest: bytes
     expires: float
     used: bool = False
@@ -64,7 +63,7 @@ class Grants:
         if len(self._by_boot) >= self.max_grants:
             self._drop(min(self._by_boot, key=lambda k: self._by_boot[k].expires))
         token = secrets.token_urlsafe(32)
-        grant = _Grant(vm, boot, _digest(token), now + self.ttl)
+        grant = _Grant(vm, _digest(token), now + self.ttl)
         self._by_boot[(vm, boot)] = grant
         self._by_digest[grant.digest] = grant
         return token

@@ -53,6 +53,7 @@ LAYER_TYPES = {
 REF_ANNOTATION = "org.opencontainers.image.ref.name"
 MAX_JSON = 1 << 20  # index, manifest and config: 1 MiB each
 MAX_LAYERS = 64
+MAX_MEMBERS = 4096  # of the archive itself: blobs, index, layout (docker save adds a few per layer)
 MAX_ENTRIES = 200_000  # entries over all layers
 MAX_UNPACKED = 4 << 30  # bytes of file content over all layers
 MAX_NAME = 4096
@@ -139,16 +140,20 @@ class Archive:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._members: dict[str, tarfile.TarInfo] = {}
         try:
             self._tar = tarfile.open(path, mode="r:")
-            members = self._tar.getmembers()
+            count = 0
+            while (m := self._tar.next()) is not None:
+                count += 1
+                if count > MAX_MEMBERS:
+                    self._tar.close()
+                    raise ImageRefused(f"{path.name} has more than {MAX_MEMBERS} members")
+                name = m.name[2:] if m.name.startswith("./") else m.name
+                if m.isreg():
+                    self._members[name] = m
         except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
             raise ImageRefused(f"{path.name} is not a tar archive: {exc}") from None
-        self._members: dict[str, tarfile.TarInfo] = {}
-        for m in members:
-            name = m.name[2:] if m.name.startswith("./") else m.name
-            if m.isreg():
-                self._members[name] = m
 
     def close(self) -> None:
         self._tar.close()

@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-
 from hatchery.errors import HatcheryError
 from hatchery.images.manifest import canonical_json, sha256_file
 from hatchery.images.signing import TrustedKeys, key_id, load_private_key
+from hatchery.state import write_atomic
 
 FORMAT = 1
 MAX_DOCUMENT = 64 * 1024
@@ -77,18 +76,9 @@ class SignedRef:
         }, indent=2, sort_keys=True).encode() + b"\n"  # fmt: skip
 
     def verify(self, keys: TrustedKeys) -> None:
-        public = keys.keys.get(self.key_id)
-        if public is None:
-            raise ReferenceError(
-                f"container {self.ref} is signed by key {self.key_id}, which this node does not "
-                "trust",
-                hint="install its public key (*.pub) in the trusted image-keys directory",
-            )
-        try:
-            public.verify(self.signature, canonical_json(self.ref.to_json()))
-        except InvalidSignature:
-            raise ReferenceError(f"container {self.ref}: the signature by key {self.key_id} "
-                                 "does not match (tampered, or another key)") from None  # fmt: skip
+        """:raise VerificationError: not signed by a key in ``keys`` (``TrustedKeys``)."""
+        keys.verify_bytes(f"container {self.ref}", self.key_id, self.signature,
+                          canonical_json(self.ref.to_json()), "the reference")  # fmt: skip
 
 
 def parse(raw: bytes) -> SignedRef:
@@ -125,5 +115,5 @@ def sign_archive(archive: Path, name: str, tag: str, key_path: Path) -> Path:
     ref = ContainerRef(name, tag, digest, size)
     signed = SignedRef(ref, key_id(key.public_key()), key.sign(canonical_json(ref.to_json())))
     out = archive.with_name(archive.name + SUFFIX)
-    out.write_bytes(signed.to_bytes())
+    write_atomic(out, signed.to_bytes(), mode=0o644)
     return out

@@ -139,18 +139,29 @@ class TrustedKeys:
 
     def verify(self, signed: SignedManifest) -> None:
         """Return if ``signed`` is signed by a trusted key; raise ``VerificationError`` if not."""
-        public = self.keys.get(signed.key_id)
         what = f"image {signed.manifest.image} {signed.manifest.version}"
+        self.verify_bytes(what, signed.key_id, signed.signature, signed.manifest.canonical(),
+                          "the manifest")  # fmt: skip
+
+    def verify_bytes(self, what: str, key: str, signature: bytes, payload: bytes,
+                     signed_part: str) -> None:  # fmt: skip
+        """The one check of an Ed25519 signature by a trusted key, for anything signed with
+        the image keys (manifests, container references). ``what`` names it in errors.
+
+        :raise UnknownKey: ``key`` is not trusted here.
+        :raise BadSignature: the signature does not match ``payload``.
+        """
+        public = self.keys.get(key)
         if public is None:
             raise UnknownKey(
-                f"{what} is signed by key {signed.key_id}, which this node does not trust",
+                f"{what} is signed by key {key}, which this node does not trust",
                 hint="install its public key (*.pub) in the trusted image-keys directory",
             )
         try:
-            public.verify(signed.signature, signed.manifest.canonical())
+            public.verify(signature, payload)
         except InvalidSignature:
             raise BadSignature(
-                f"{what}: the signature by key {signed.key_id} does not match the manifest "
+                f"{what}: the signature by key {key} does not match {signed_part} "
                 "(tampered, or signed with another key)"
             ) from None
 

@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import socket
-import stat
 import time
 import uuid as uuidlib
 from collections.abc import Callable
@@ -163,17 +162,9 @@ def container_status(path: Path) -> str | None:
     The file is written by the VM's QEMU from what the guest sends: read without following a
     symlink, at most its last 4 KiB, and only a line of that exact form counts."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        tail = sandbox.read_tail(path, STATUS_TAIL)
     except OSError:
         return None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            return None
-        os.lseek(fd, max(0, info.st_size - STATUS_TAIL), os.SEEK_SET)
-        tail = os.read(fd, STATUS_TAIL)
-    finally:
-        os.close(fd)
     for line in reversed(tail.decode("ascii", "replace").splitlines()):
         if _STATUS_LINE.fullmatch(line.strip()):
             return line.strip()

@@ -252,6 +252,17 @@ def open_untrusted(path: Path) -> int:
     return fd
 
 
+def read_tail(path: Path, want: int) -> bytes:
+    """The last ``want`` bytes of a file a hostile QEMU writes (``open_untrusted``).
+
+    :raise OSError: as ``open_untrusted``.
+    """
+    with os.fdopen(open_untrusted(path), "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(size - want, 0))
+        return f.read(want)
+
+
 def socket_owners(uid: int | None) -> tuple[int, ...]:
     """Who may own a VM's sockets: its QEMU's uid, or root (a QEMU started as root: an older
     agent's VM, or ``vms.unprivileged: false``)."""

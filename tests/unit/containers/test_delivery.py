@@ -20,7 +20,7 @@ from hatchery.containers.runtime import runtime_config
 from hatchery.containers.service import ContainerService
 from hatchery.containers.signed import ReferenceError, parse, sign_archive
 from hatchery.containers.store import ContainerNotFound, ContainerStore
-from hatchery.images.signing import KeyDirectory, generate_key
+from hatchery.images.signing import BadSignature, KeyDirectory, UnknownKey, generate_key
 from hatchery.metadata.server import CONTAINER_TOKEN_HEADER, VmMetadata, make_app
 from hatchery.vms.manager import container_status
 from hatchery_lab.oci_images import bad_images, web_image
@@ -91,13 +91,13 @@ def test_the_store_takes_only_the_signed_archive(tmp_path: Path) -> None:
     with pytest.raises(ReferenceError, match="not the archive signed"):
         store.publish(other, doc.read_bytes())
     tampered = doc.read_bytes().replace(b'"tag": "1"', b'"tag": "x"')
-    with pytest.raises(ReferenceError, match="does not match"):
+    with pytest.raises(BadSignature, match="does not match the reference"):
         store.publish(archive, tampered)
     copy = tmp_path / "elsewhere" / "web.tar"
     copy.parent.mkdir()
     copy.write_bytes(archive.read_bytes())
     stranger, _ = _signed(tmp_path / "elsewhere", copy)
-    with pytest.raises(ReferenceError, match="does not trust"):
+    with pytest.raises(UnknownKey, match="does not trust"):
         store.publish(archive, stranger.read_bytes())
     ref = store.publish(archive, doc.read_bytes())
     assert str(ref) == "web:1" and store.resolve("web", "1").path.exists()

@@ -146,3 +146,12 @@ def test_fuzz_any_change_is_refused_or_passes_never_crashes(
         _check(path)
     except ImageRefused:
         pass
+
+
+def test_an_archive_of_too_many_members_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "many.tar"
+    with tarfile.open(path, "w") as tar:
+        for i in range(4097):
+            tar.addfile(tarfile.TarInfo(f"f{i}"), io.BytesIO(b""))
+    with pytest.raises(ImageRefused, match="more than 4096 members"):
+        Archive(path)

@@ -14,11 +14,13 @@ The lean archive keeps mkosi's member order; owners and times are fixed by
 from __future__ import annotations
 
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import zstandard
 
-from hatchery.cpio import iter_newc
+from hatchery.cpio import Member, iter_newc
+from hatchery.upgrade.archive import open_root
 from hatchery_lab.cpio_writer import Entry, write_newc
 
 #: What only container VMs need (module doc); ``usr/lib/x86_64-linux-gnu`` holds nothing
@@ -31,17 +33,30 @@ def _container_only(path: str) -> bool:
     return any(path == p or path.startswith(p + "/") for p in CONTAINER_ONLY)
 
 
+def members(initrd: Path) -> Iterator[tuple[Member, bytes]]:
+    """Each member of an initrd (zstd or plain newc cpio) and its data, in order."""
+    with initrd.open("rb") as raw:
+        yield from iter_newc(open_root(raw))
+
+
+def read_member(initrd: Path, name: str) -> bytes:
+    """The content of ``name`` (e.g. ``usr/bin/busybox``) in an appliance initrd."""
+    for member, data in members(initrd):
+        if member.path == name:
+            return data
+    raise FileNotFoundError(f"{name} is not in {initrd}")
+
+
 def write_lean(full: Path, lean: Path) -> int:
     """Write ``lean`` from ``full`` without ``CONTAINER_ONLY``; the members dropped."""
     kept: list[Entry] = []
     dropped = 0
-    with full.open("rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as stream:
-        for member, data in iter_newc(stream):
-            if _container_only(member.path):
-                dropped += 1
-                continue
-            if stat.S_ISREG(member.mode) and member.nlink > 1:
-                raise ValueError(f"{member.path}: hard links are not carried over")
-            kept.append(Entry(member.path, member.mode, data))
+    for member, data in members(full):
+        if _container_only(member.path):
+            dropped += 1
+            continue
+        if stat.S_ISREG(member.mode) and member.nlink > 1:
+            raise ValueError(f"{member.path}: hard links are not carried over")
+        kept.append(Entry(member.path, member.mode, data))
     lean.write_bytes(zstandard.ZstdCompressor(level=LEVEL).compress(write_newc(kept)))
     return dropped
