@@ -11,22 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import re
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from bench.report import median, table, write_section
 from hatchery.client import AgentClient, Credentials
-from hatchery.images.signing import generate_key
-from hatchery.metadata.service import teardown_bridge
 from hatchery.qemu.accel import choose_accel
-from hatchery_lab.agent import BIN, AgentProcess, Pki, qemu_alive
-from hatchery_lab.appliance_initrd import read_member
+from hatchery_lab.agent import AgentProcess
+from hatchery_lab.container_lab import container_lab
 from hatchery_lab.images import build_images
-from hatchery_lab.net import bridge
 from hatchery_lab.oci_images import web_image
 
 RUNS = int(os.environ.get("BENCH_CONTAINER_RUNS", "10"))
@@ -86,34 +81,11 @@ def run() -> None:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-container-") as tmp_name:
         tmp = Path(tmp_name)
-        keys = tmp / "image-keys"
-        pair = generate_key(keys)
-        busybox = read_member(appliance / "appliance-vm.cpio.zst", "usr/bin/busybox")
-        archive = web_image(tmp / "web.tar", busybox)
-        subnet = f"10.{random.randrange(16, 250)}.{random.randrange(1, 250)}"
-        with bridge(f"{subnet}.1/24", prefix="bcv") as br:
-            agent = AgentProcess.configure(
-                tmp, Pki.make(tmp / "pki"),
-                [{"name": br, "subnets": [{"cidr": f"{subnet}.0/24", "gateway": f"{subnet}.1",
-                                           "pool": {"start": f"{subnet}.10",
-                                                    "end": f"{subnet}.30"}}]}],
-                vm_sources={"folders": [str(appliance)]}, image_keys=str(keys),
-            )  # fmt: skip
-            try:
-                agent.start()
-                sign = [str(BIN / "hatchery"), "container", "sign", str(archive), "web:1",
-                        "--key", str(pair.private)]  # fmt: skip
-                subprocess.run(sign, check=True, capture_output=True)
-                agent.cli("container", "publish", str(archive))
-                results = asyncio.run(_runs(agent, appliance))
-                archive_mb = archive.stat().st_size / 1e6
-            finally:
-                agent.kill()
-                for pid_file in (agent.state_dir / "vms").glob("*/pid"):
-                    pid = int(pid_file.read_text() or 0)
-                    if pid and qemu_alive(pid):
-                        os.kill(pid, 9)
-                asyncio.run(teardown_bridge(br))
+        with container_lab(tmp, appliance, "bcv", vms=RUNS + 2) as lab:
+            archive = web_image(tmp / "web.tar", lab.busybox)
+            lab.publish(archive, "web:1")
+            results = asyncio.run(_runs(lab.agent, appliance))
+            archive_mb = archive.stat().st_size / 1e6
     load_after = os.getloadavg()
 
     def med(key: str) -> str:

@@ -18,9 +18,6 @@ through the CLI over mutual TLS:
 
 from __future__ import annotations
 
-import asyncio
-import os
-import random
 import re
 import subprocess
 import time
@@ -30,12 +27,10 @@ from pathlib import Path
 
 import pytest
 
-from hatchery.images.signing import generate_key
-from hatchery.metadata.service import teardown_bridge
-from hatchery_lab.agent import BIN, AgentProcess, Pki, qemu_alive
+from hatchery_lab.agent import BIN, AgentProcess
 from hatchery_lab.appliance_initrd import read_member
+from hatchery_lab.container_lab import ContainerLab, container_lab
 from hatchery_lab.images import build_images
-from hatchery_lab.net import bridge
 from hatchery_lab.oci_images import bad_images, web_image
 from hatchery_lab.terminal import Terminal
 
@@ -44,12 +39,19 @@ TIMEOUT = 240  # TCG on a shared machine
 
 @dataclass
 class Lab:
-    agent: AgentProcess
-    appliance: Path
-    key: Path
-    subnet: str
+    """The container lab (``hatchery_lab.container_lab``) and the VMs the test made."""
+
+    lab: ContainerLab
     busybox: bytes
     vms: list[str] = field(default_factory=list)
+
+    @property
+    def agent(self) -> AgentProcess:
+        return self.lab.agent
+
+    @property
+    def appliance(self) -> Path:
+        return self.lab.appliance
 
 
 @pytest.fixture
@@ -58,50 +60,18 @@ def lab(tmp_path: Path, require_root: None, require_tool: Callable[[str], str]) 
     require_tool("nft")
     require_tool("curl")
     appliance = build_images("appliance-vm") / "appliance-vm"
-    keys = tmp_path / "image-keys"
-    pair = generate_key(keys)
-    subnet = f"10.{random.randrange(16, 250)}.{random.randrange(1, 250)}"
-    pki_ = Pki.make(tmp_path / "pki")
-    with bridge(f"{subnet}.1/24", prefix="hcv") as br:
-        agent = AgentProcess.configure(
-            tmp_path, pki_,
-            [{"name": br, "subnets": [{"cidr": f"{subnet}.0/24", "gateway": f"{subnet}.1",
-                                       "pool": {"start": f"{subnet}.10", "end": f"{subnet}.20"}}]}],
-            vm_sources={"folders": [str(appliance)]}, image_keys=str(keys),
-        )  # fmt: skip
-        busybox = read_member(appliance / "appliance-vm.cpio.zst", "usr/bin/busybox")
-        lab = Lab(agent, appliance, pair.private, subnet, busybox)
+    with container_lab(tmp_path, appliance, "hcv") as made:
+        lab = Lab(made, made.busybox)
         try:
-            agent.start()
             yield lab
         finally:
-            _teardown(lab, br)
-
-
-def _teardown(lab: Lab, br: str) -> None:
-    agent = lab.agent
-    pids = []
-    try:
-        if agent.proc is not None and agent.proc.poll() is None:
-            for name in lab.vms:
-                agent.cli("vm", "destroy", name, check=False)
-    finally:
-        agent.kill()
-        for pid_file in (agent.state_dir / "vms").glob("*/pid"):
-            try:
-                pids.append(int(pid_file.read_text()))
-            except (OSError, ValueError):
-                continue
-            if qemu_alive(pids[-1]):
-                os.kill(pids[-1], 9)
-        asyncio.run(teardown_bridge(br))
-    assert not [pid for pid in pids if qemu_alive(pid)]
+            if made.agent.proc is not None and made.agent.proc.poll() is None:
+                for name in lab.vms:
+                    made.agent.cli("vm", "destroy", name, check=False)
 
 
 def _publish(lab: Lab, archive: Path, ref: str) -> None:
-    signer = [str(BIN / "hatchery"), "container", "sign", str(archive), ref, "--key", str(lab.key)]
-    subprocess.run(signer, check=True, capture_output=True, timeout=60)
-    lab.agent.cli("container", "publish", str(archive))
+    lab.lab.publish(archive, ref)
 
 
 def _create(lab: Lab, name: str, image: str, *extra: str) -> dict[str, object]:
