@@ -25,7 +25,7 @@ packages=(
   # HTTPS boot: systemd's EFI stub (the UKI's base); efitools and objdump check what we write
   systemd-boot-efi efitools binutils
   # guest and image plumbing
-  busybox-static cpio zstd xz-utils kmod dosfstools mtools squashfs-tools erofs-utils
+  busybox-static cpio zstd lz4 xz-utils kmod dosfstools mtools squashfs-tools erofs-utils
   bubblewrap systemd-container python3-pefile
   # networking and real protocol clients/peers (reference peers only in tests and benchmarks)
   nftables iproute2 iputils-ping curl atftp udhcpc dnsmasq-base tftpd-hpa nginx-light
@@ -34,7 +34,7 @@ packages=(
   # metrics: promtool checks our /metrics, a real Prometheus scrapes it in a test
   prometheus
   # the appliance kernel, built from Debian's kernel source (tools/lab/hatchery_lab/appliance_kernel.py)
-  flex bison bc libelf-dev
+  flex bison bc libelf-dev patch
   # python and linters
   python3 python3-venv python3-dev gcc shellcheck make git
 )

@@ -18,7 +18,7 @@ def images() -> Path:
     """build/images with both images built from this checkout (``make images``)."""
     if os.geteuid() != 0:
         missing("image builds need root (mkosi)")
-    for tool in ("mkosi", "qemu-system-x86_64", "zstd", "cpio"):
+    for tool in ("mkosi", "qemu-system-x86_64", "zstd", "lz4", "cpio"):
         if shutil.which(tool) is None:
             missing(f"{tool} is not installed")
     return build_images()

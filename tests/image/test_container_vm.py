@@ -79,7 +79,7 @@ def _create(lab: Lab, name: str, image: str, *extra: str) -> dict[str, object]:
     vm: dict[str, object] = lab.agent.cli_json(
         "vm", "create", name,
         "--kernel", str(lab.appliance / "appliance-vm.vmlinux"),
-        "--initrd", str(lab.appliance / "appliance-vm.container.cpio.zst"),
+        "--initrd", str(lab.appliance / "appliance-vm.container.cpio.lz4"),
         "--container", image, *extra,
     )  # fmt: skip
     return vm
@@ -163,7 +163,7 @@ def test_a_container_serves_http_through_its_vm(lab: Lab, tmp_path: Path) -> Non
     print(
         f"\ncontainer VM: create -> first container log line {first_line:.1f} s (TCG, "
         f"polled every 0.5 s); appliance initrd "
-        f"{(lab.appliance / 'appliance-vm.container.cpio.zst').stat().st_size / 1e6:.1f} MB"
+        f"{(lab.appliance / 'appliance-vm.container.cpio.lz4').stat().st_size / 1e6:.1f} MB"
     )
 
 
@@ -195,8 +195,8 @@ def test_malformed_images_are_refused_in_the_vm_record(lab: Lab, tmp_path: Path)
 def test_only_the_container_initrd_carries_the_runtime(lab: Lab) -> None:
     """Appliances that run no container boot without crun (0.16 s sooner under TCG); the
     container initrd stays within the 8 MB goal."""
-    lean, full = (lab.appliance / "appliance-vm.cpio.zst",
-                  lab.appliance / "appliance-vm.container.cpio.zst")  # fmt: skip
+    lean, full = (lab.appliance / "appliance-vm.cpio.lz4",
+                  lab.appliance / "appliance-vm.container.cpio.lz4")  # fmt: skip
     assert read_member(full, "usr/bin/crun").startswith(b"\x7fELF")
     with pytest.raises(FileNotFoundError):
         read_member(lean, "usr/bin/crun")

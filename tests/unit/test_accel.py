@@ -42,3 +42,26 @@ def test_unknown_setting_is_named() -> None:
 def test_qemu_args_pick_cpu_model_per_accelerator() -> None:
     assert decide("auto", BARE_METAL).qemu_args() == ["-accel", "kvm", "-cpu", "host"]
     assert decide("tcg", BARE_METAL).qemu_args()[:2] == ["-accel", "tcg,tb-size=256"]
+
+
+def test_one_vcpu_under_tcg_skips_the_apic_timer_calibration() -> None:
+    tcg, kvm = decide("tcg", BARE_METAL), decide("auto", BARE_METAL)
+    assert tcg.kernel_args(1) == ("noapictimer",)
+    assert tcg.kernel_args(2) == ()  # a broadcast tick would cost every vCPU
+    assert kvm.kernel_args(1) == ()  # KVM's TSC-deadline timer is not calibrated
+
+
+def test_direct_boot_command_line_gets_the_hint_once() -> None:
+    from pathlib import Path
+
+    from hatchery.qemu.cmdline import DirectKernel, GuestSpec, build_argv
+
+    def append(cmdline: str, vcpus: int = 1) -> str:
+        spec = GuestSpec("g", decide("tcg", BARE_METAL), vcpus=vcpus,
+                         boot=DirectKernel(Path("k"), None, cmdline))  # fmt: skip
+        argv = build_argv(spec)
+        return argv[argv.index("-append") + 1]
+
+    assert append("console=ttyS0") == "console=ttyS0 noapictimer"
+    assert append("console=ttyS0 noapictimer") == "console=ttyS0 noapictimer"
+    assert append("console=ttyS0", vcpus=2) == "console=ttyS0"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hatchery_lab.appliance_kernel import FRAGMENT, config_mismatches, wanted_options
+from hatchery_lab.appliance_kernel import FRAGMENT, config_mismatches, patches, wanted_options
 
 
 def test_the_fragment_asks_for_what_the_appliance_boots_with() -> None:
@@ -37,3 +37,15 @@ def test_a_dropped_or_changed_option_is_named(tmp_path: Path) -> None:
 def test_the_fragment_lives_with_the_appliance_image() -> None:
     # Its content is an input of the appliance image's build hash (images/appliance-vm/).
     assert FRAGMENT.parent.name == "appliance-vm"
+
+
+def test_the_patches_apply_in_name_order_and_key_the_cache(tmp_path: Path) -> None:
+    (tmp_path / "0002-b.patch").write_text("b")
+    (tmp_path / "0001-a.patch").write_text("a")
+    (tmp_path / "notes.txt").write_text("not a patch")
+    assert [p.name for p in patches(tmp_path)] == ["0001-a.patch", "0002-b.patch"]
+    # the one we carry explains itself and touches only what its header names
+    (ours,) = patches()
+    text = ours.read_text()
+    assert text.index("--- a/arch/x86/mm/init.c") > text.index("self-modifying code")
+    assert text.count("\n--- a/") == 1

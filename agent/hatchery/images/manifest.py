@@ -59,6 +59,7 @@ REQUIRED_ROLES = frozenset({Role.KERNEL, Role.INITRD})
 BUILD_SUFFIXES: dict[str, Role] = {
     ".vmlinuz": Role.KERNEL,
     ".cpio.zst": Role.INITRD,
+    ".cpio.lz4": Role.INITRD,  # the appliance's (hatchery_lab.appliance_initrd says why)
     ".vmlinux": Role.VMLINUX,
 }
 
@@ -311,7 +312,7 @@ def sha256_file(path: Path) -> tuple[str, int]:
 
 def role_of(filename: str, image: str | None = None) -> Role | None:
     """The role of a build's file by its suffix; with ``image``, only ``<image><suffix>``
-    counts (the appliance's ``appliance-vm.container.cpio.zst`` is not its initrd)."""
+    counts (the appliance's ``appliance-vm.container.cpio.lz4`` is not its initrd)."""
     for suffix, role in BUILD_SUFFIXES.items():
         if filename.endswith(suffix) and (image is None or filename == image + suffix):
             return role

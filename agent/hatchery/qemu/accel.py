@@ -33,6 +33,21 @@ class AccelChoice:
         """``host`` passes the real CPU through under KVM; ``max`` is TCG's fullest model."""
         return "host" if self.accel is Accel.KVM else "max"
 
+    def kernel_args(self, vcpus: int) -> tuple[str, ...]:
+        """Words added to a directly booted kernel's command line for this accelerator.
+
+        Under TCG a Linux guest calibrates its local APIC timer against the PIT for about
+        100 ms at every boot (KVM's in-kernel APIC has a TSC-deadline timer, so nothing is
+        calibrated there). A guest with one vCPU needs no per-CPU timer: ``noapictimer``
+        makes the HPET its tick, measured 0.10 s off an appliance's 0.9 s boot
+        (docs/appliance.md). With more vCPUs the calibration stays: a broadcast tick would
+        cost each of them on every interrupt. Both machine types the agent runs (q35, pc)
+        have an HPET; microvm has none, and a guest there would have no tick at all.
+        """
+        if self.accel is Accel.TCG and vcpus == 1:
+            return ("noapictimer",)
+        return ()
+
     def qemu_args(self) -> list[str]:
         args = ["-accel", self.accel.value, "-cpu", self.cpu_model]
         if self.accel is Accel.TCG:

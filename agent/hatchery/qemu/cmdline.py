@@ -61,6 +61,9 @@ class GuestSpec:
     )
     qmp_socket: Path | None = None
     smbios: tuple[str, ...] = ()  # e.g. "type=1,serial=ds=nocloud-net;s=http://..."
+    #: the accelerator's words on a direct boot's command line (``AccelChoice.kernel_args``);
+    #: off only for benchmarks' untuned baselines
+    accel_kernel_args: bool = True
     extra: tuple[str, ...] = field(default=())
 
 
@@ -77,7 +80,11 @@ def build_argv(spec: GuestSpec, binary: str = QEMU_BINARY) -> list[str]:
         "-serial", spec.serial,
     ]  # fmt: skip
     if spec.boot is not None:
-        argv += ["-kernel", str(spec.boot.kernel), "-append", spec.boot.cmdline]
+        words = spec.boot.cmdline.split()
+        tuned = spec.accel.kernel_args(spec.vcpus) if spec.accel_kernel_args else ()
+        hints = [w for w in tuned if w not in words]
+        cmdline = " ".join([spec.boot.cmdline, *hints]) if hints else spec.boot.cmdline
+        argv += ["-kernel", str(spec.boot.kernel), "-append", cmdline]
         if spec.boot.initrd is not None:
             argv += ["-initrd", str(spec.boot.initrd)]
     for index, nic in enumerate(spec.nics):

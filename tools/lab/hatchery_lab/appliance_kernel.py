@@ -12,16 +12,18 @@ that holds only what the appliance uses starts in a fraction of that.
    exact version of the ``linux-image`` package the appliance image was built with (the
    archive serves only the newest version, which is the one mkosi just installed);
 2. unpack its tarball into a fixed work folder (the same path on every build);
-3. ``make tinyconfig``, merge ``images/appliance-vm/kernel.config``, ``make olddefconfig``,
+3. apply ``images/appliance-vm/kernel-patches/*.patch`` in name order (each says why in its
+   header; today one: init memory freed without poison, 140 ms under TCG);
+4. ``make tinyconfig``, merge ``images/appliance-vm/kernel.config``, ``make olddefconfig``,
    then check every option of the fragment survived (Kconfig silently drops an option whose
    dependencies are missing: that must fail the build, not boot a kernel without virtio);
-4. ``make vmlinux`` with the build's identity fixed (``KBUILD_BUILD_TIMESTAMP`` from the
+5. ``make vmlinux`` with the build's identity fixed (``KBUILD_BUILD_TIMESTAMP`` from the
    images' ``SourceDateEpoch``, user, host, build number), so two builds are bit-identical.
 
 The result is cached under ``.cache/appliance-kernel/built/<inputs>/vmlinux``, keyed by the
-source package's sha256, the fragment, ``RECIPE`` (bump it when ``compile_kernel`` changes
-what it builds) and the compiler's version: an appliance image rebuilt for a changed init
-script does not compile the kernel again.
+source package's sha256, the fragment, the patches, ``RECIPE`` (bump it when
+``compile_kernel`` changes what it builds) and the compiler's version: an appliance image
+rebuilt for a changed init script does not compile the kernel again.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from hatchery_lab import REPO
 
 SOURCE_PACKAGE = "linux-source-6.1"
 FRAGMENT = REPO / "images" / "appliance-vm" / "kernel.config"
+PATCHES = REPO / "images" / "appliance-vm" / "kernel-patches"
 CACHE = REPO / ".cache" / "appliance-kernel"
 #: The build steps' version: part of the cache key (a change elsewhere in this file is not).
 RECIPE = 1
@@ -112,12 +115,19 @@ def _file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def patches(folder: Path = PATCHES) -> list[Path]:
+    """The patches applied to Debian's source, in the order they apply (by file name)."""
+    return sorted(folder.glob("*.patch"))
+
+
 def inputs_key(deb: Path) -> str:
-    """What the kernel depends on: the source, the fragment, the recipe, the compiler."""
+    """What the kernel depends on: the source, the fragment, the patches, the recipe, the
+    compiler."""
     digest = hashlib.sha256()
     for part in (
         _file_sha256(deb),
         FRAGMENT.read_text(),
+        *(f"{p.name}\n{p.read_text()}" for p in patches()),
         f"recipe {RECIPE}",
         _run(["gcc", "--version"]).splitlines()[0],
         str(source_date_epoch()),
@@ -135,6 +145,10 @@ def compile_kernel(deb: Path, work: Path, log: Callable[[str], None]) -> Path:
     _run(["tar", "-xJf", str(work / "usr" / "src" / f"{SOURCE_PACKAGE}.tar.xz"), "-C", str(work)])
     shutil.rmtree(work / "usr")
     src = work / SOURCE_PACKAGE
+    for patch in patches():
+        log(f"appliance kernel: applying {patch.name}")
+        _run(["patch", "-p1", "--batch", "--forward", "--no-backup-if-mismatch",
+              "-i", str(patch)], cwd=src)  # fmt: skip
     epoch = source_date_epoch()
     env = {
         **os.environ,

@@ -35,7 +35,7 @@ class ContainerLab:
     @property
     def busybox(self) -> bytes:
         """The appliance's own static busybox, for images made here."""
-        return read_member(self.appliance / "appliance-vm.cpio.zst", "usr/bin/busybox")
+        return read_member(self.appliance / "appliance-vm.cpio.lz4", "usr/bin/busybox")
 
     def publish(self, archive: Path, ref: str) -> None:
         sign = [str(BIN / "hatchery"), "container", "sign", str(archive), ref,

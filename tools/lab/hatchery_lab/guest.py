@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import lzma
 import os
+import re
 import select
 import subprocess
 import time
@@ -125,12 +126,19 @@ class RunningGuest:
     started: float
     output: bytearray
 
-    def wait_for(self, marker: bytes, timeout: float) -> float:
-        """Read the serial console until ``marker``; return seconds since QEMU started."""
+    def wait_for(self, marker: bytes | re.Pattern[bytes], timeout: float) -> float:
+        """Read the serial console until ``marker`` (bytes, or a pattern to search for);
+        return seconds since QEMU started."""
         deadline = time.monotonic() + timeout
         assert self.process.stdout is not None
         fd = self.process.stdout.fileno()
-        while marker not in self.output:
+
+        def seen() -> bool:
+            if isinstance(marker, bytes):
+                return marker in self.output
+            return marker.search(self.output) is not None
+
+        while not seen():
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(

@@ -658,10 +658,12 @@ def build_one(name: str, opts: BuildOptions, step: str) -> Path:
         appliance_kernel.build(
             stock_kernel_version(packages), final / f"{name}.vmlinux", lambda m: log(f"{step} {m}")
         )
-        # Two initrds: with crun for container VMs, without it for the rest (appliance_initrd).
-        full = final / f"{name}.container.cpio.zst"
-        (final / f"{name}.cpio.zst").rename(full)
-        dropped = appliance_initrd.write_lean(full, final / f"{name}.cpio.zst")
+        # Two LZ4 initrds: with crun for container VMs, without it for the rest
+        # (appliance_initrd); mkosi's zstd root is only their source.
+        root = final / f"{name}.cpio.zst"
+        full = final / f"{name}.container.cpio.lz4"
+        dropped = appliance_initrd.write_initrds(root, full, final / f"{name}.cpio.lz4")
+        root.unlink()
         log(f"{step} {name}: the container runtime ({dropped} members) only in {full.name}")
     if name == "hypervisor" and opts.root_layout is RootLayout.SQUASHFS:
         initrd = final / f"{name}.cpio.zst"

@@ -147,12 +147,13 @@ def appliance_argv(
         memory_mib=256,
         boot=DirectKernel(
             image / f"appliance-vm.{kernel}",
-            image / "appliance-vm.cpio.zst",
+            image / "appliance-vm.cpio.lz4",
             f"console=ttyS0 quiet panic=-1 {cmdline}".strip(),
         ),
         nics=(Nic(lan.tap, APPLIANCE_MAC),),
         qmp_socket=qmp,
         extra=("-no-reboot",),
+        accel_kernel_args=not default_devices,  # the baseline is the untuned SmallStack way
     )
     argv = build_argv(spec)
     if default_devices:

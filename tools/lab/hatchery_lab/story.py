@@ -191,7 +191,7 @@ def run_story(workdir: Path, say: Callable[[str], None] = _say) -> Story:
             vm = _api(node_b, "POST", "/v1/vms", json={
                 "name": "app1", "memory_mib": 256,
                 "kernel": {"kernel": f"{base}/appliance-vm.vmlinux",
-                           "initrd": f"{base}/appliance-vm.cpio.zst",
+                           "initrd": f"{base}/appliance-vm.cpio.lz4",
                            "cmdline": "console=ttyS0 quiet panic=-1"},
             })  # fmt: skip
             console = _wait(
