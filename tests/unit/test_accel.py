@@ -46,8 +46,8 @@ def test_qemu_args_pick_cpu_model_per_accelerator() -> None:
 
 def test_one_vcpu_under_tcg_skips_the_apic_timer_calibration() -> None:
     tcg, kvm = decide("tcg", BARE_METAL), decide("auto", BARE_METAL)
-    assert tcg.kernel_args(1) == ("noapictimer",)
-    assert tcg.kernel_args(2) == ()  # a broadcast tick would cost every vCPU
+    assert tcg.kernel_args(1) == ("no_timer_check", "noapictimer")
+    assert tcg.kernel_args(2) == ("no_timer_check",)  # a broadcast tick would cost every vCPU
     assert kvm.kernel_args(1) == ()  # KVM's TSC-deadline timer is not calibrated
 
 
@@ -62,6 +62,6 @@ def test_direct_boot_command_line_gets_the_hint_once() -> None:
         argv = build_argv(spec)
         return argv[argv.index("-append") + 1]
 
-    assert append("console=ttyS0") == "console=ttyS0 noapictimer"
-    assert append("console=ttyS0 noapictimer") == "console=ttyS0 noapictimer"
-    assert append("console=ttyS0", vcpus=2) == "console=ttyS0"
+    assert append("console=ttyS0") == "console=ttyS0 no_timer_check noapictimer"
+    assert append("noapictimer console=ttyS0") == "noapictimer console=ttyS0 no_timer_check"
+    assert append("console=ttyS0", vcpus=2) == "console=ttyS0 no_timer_check"
