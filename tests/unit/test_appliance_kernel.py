@@ -14,7 +14,7 @@ def test_the_fragment_asks_for_what_the_appliance_boots_with() -> None:
         "CONFIG_VIRTIO_PCI",
         "CONFIG_VIRTIO_NET",
         "CONFIG_SERIAL_8250_CONSOLE",
-        "CONFIG_RD_ZSTD",  # the root is a zstd cpio
+        "CONFIG_RD_LZ4",  # the root is an LZ4 cpio
         "CONFIG_ACPI_BUTTON",  # soft stop
         "CONFIG_PACKET",  # udhcpc
     ):
