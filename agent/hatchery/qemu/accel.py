@@ -37,9 +37,9 @@ class AccelChoice:
         """Words added to a directly booted kernel's command line for this accelerator.
 
         Under TCG a Linux guest spends boot time measuring timers that QEMU emulates exactly
-        (KVM guests skip both: kvmclock sets ``no_timer_check``, the in-kernel APIC has a
-        TSC-deadline timer that needs no calibration). Measured on the appliance
-        (docs/appliance.md):
+        (KVM guests skip both: the kernel's KVM guest setup sets ``no_timer_check``, and the
+        in-kernel APIC has a TSC-deadline timer that needs no calibration). Measured on the
+        appliance (docs/appliance.md):
 
         - ``no_timer_check``: the IO-APIC timer's delivery test waits several ticks (40 ms);
         - ``noapictimer``, one vCPU only: the local APIC timer's calibration against the PIT
