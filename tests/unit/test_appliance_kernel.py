@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hatchery_lab.appliance_kernel import FRAGMENT, config_mismatches, patches, wanted_options
+import pytest
+
+from hatchery_lab import appliance_kernel
+from hatchery_lab.appliance_kernel import (
+    FRAGMENT,
+    config_mismatches,
+    inputs_key,
+    patches,
+    wanted_options,
+)
 
 
 def test_the_fragment_asks_for_what_the_appliance_boots_with() -> None:
@@ -39,11 +48,21 @@ def test_the_fragment_lives_with_the_appliance_image() -> None:
     assert FRAGMENT.parent.name == "appliance-vm"
 
 
-def test_the_patches_apply_in_name_order_and_key_the_cache(tmp_path: Path) -> None:
+def test_the_patches_apply_in_name_order_and_key_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "0002-b.patch").write_text("b")
     (tmp_path / "0001-a.patch").write_text("a")
     (tmp_path / "notes.txt").write_text("not a patch")
     assert [p.name for p in patches(tmp_path)] == ["0001-a.patch", "0002-b.patch"]
+    # a changed patch is a new kernel: the cache key moves with it
+    deb = tmp_path / "source.deb"
+    deb.write_bytes(b"the source package")
+    monkeypatch.setattr(appliance_kernel, "PATCHES", tmp_path)
+    before = inputs_key(deb)
+    (tmp_path / "0002-b.patch").write_text("b, changed")
+    assert inputs_key(deb) != before
+    monkeypatch.undo()
     # the one we carry explains itself and touches only what its header names
     (ours,) = patches()
     text = ours.read_text()

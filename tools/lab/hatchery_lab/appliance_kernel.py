@@ -115,9 +115,10 @@ def _file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def patches(folder: Path = PATCHES) -> list[Path]:
-    """The patches applied to Debian's source, in the order they apply (by file name)."""
-    return sorted(folder.glob("*.patch"))
+def patches(folder: Path | None = None) -> list[Path]:
+    """The patches applied to Debian's source (``PATCHES``), in the order they apply (by file
+    name)."""
+    return sorted((folder or PATCHES).glob("*.patch"))
 
 
 def inputs_key(deb: Path) -> str:
