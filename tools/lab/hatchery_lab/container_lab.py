@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import random
 import subprocess
@@ -32,7 +33,7 @@ class ContainerLab:
     key: Path  # the private image key the agent trusts
     subnet: str  # "10.x.y"
 
-    @property
+    @functools.cached_property
     def busybox(self) -> bytes:
         """The appliance's own static busybox, for images made here."""
         return read_member(self.appliance / "appliance-vm.cpio.lz4", "usr/bin/busybox")
