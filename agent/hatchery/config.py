@@ -167,7 +167,7 @@ class VmSourcesConfig:
 
 @dataclass(frozen=True, slots=True)
 class VmIsolationConfig:
-    """Who each VM's QEMU runs as (config key ``vms``).
+    """How each VM's QEMU is confined (config key ``vms``).
 
     ``unprivileged``: QEMU drops to a user of its own before it runs (``setpriv``: no
     capabilities, ``no_new_privs``), so a guest that escapes into QEMU can read and write
@@ -179,11 +179,16 @@ class VmIsolationConfig:
     (1879048192-2147483647): above the container range (524288-1879048191), below
     systemd's foreign range (0x7FFE0000-0x7FFEFFFF) and below 2^31, where tools break.
     No /etc/passwd entries: nothing needs a name for them.
+
+    ``log_limit_bytes``: the most a VM's console log (``run/console.log``) and its QEMU's
+    output (``qemu.log``) may hold on disk each; past it, the oldest half is cut
+    (``vms.logtrim``). 2 MiB, as libvirt's virtlogd keeps a console log by default.
     """
 
     unprivileged: bool = True
     uid_first: int = 0x7FF00000
     uid_count: int = 0x10000
+    log_limit_bytes: int = 2 * 1024**2
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,7 +366,11 @@ def _vms(r: _Reader) -> VmIsolationConfig:
     if count < 1 or first + count > 2**31:
         raise ConfigError(f"{r.key('uid_count')}: the range must hold >= 1 uid and end "
                           f"below 2^31, got {first}+{count}")  # fmt: skip
-    config = VmIsolationConfig(r.get("unprivileged", bool, _VMS.unprivileged), first, count)
+    log_limit = r.get("log_limit_bytes", int, _VMS.log_limit_bytes)
+    if log_limit < 64 * 1024:
+        raise ConfigError(f"{r.key('log_limit_bytes')}: must be >= 65536, got {log_limit}")
+    config = VmIsolationConfig(r.get("unprivileged", bool, _VMS.unprivileged), first, count,
+                               log_limit)  # fmt: skip
     r.finish()
     return config
 

@@ -290,7 +290,7 @@ async def show_vm(request: web.Request) -> web.Response:
     vm = _vm(request)
     view = vm_view(vm)
     if vm.container is not None:  # what its init last said on the status port
-        view["container_status"] = request.app[CONTEXT].manager.container_status(vm)
+        view["container_status"] = await request.app[CONTEXT].manager.container_status(vm)
     return web.json_response(view)
 
 

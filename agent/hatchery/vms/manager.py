@@ -13,7 +13,6 @@ import ipaddress
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import time
@@ -32,7 +31,7 @@ from hatchery.metrics import Metrics, VmMeter
 from hatchery.qemu import machines
 from hatchery.qemu.accel import Accel, AccelChoice
 from hatchery.qemu.cmdline import DEFAULT_MACHINE, DirectKernel, GuestSpec, Nic, build_argv
-from hatchery.vms import migration, process, sandbox
+from hatchery.vms import logtrim, migration, process, sandbox, status_port
 from hatchery.vms.model import (
     NAME_RE,
     Action,
@@ -48,6 +47,7 @@ from hatchery.vms.model import (
 )
 from hatchery.vms.monitor import Monitor, MonitorError
 from hatchery.vms.sources import FolderFile, Source, SourceError, SourceFetcher
+from hatchery.vms.status_port import StatusReader
 from hatchery.wire import VmOutcome, VmResult
 
 log = logging.getLogger(__name__)
@@ -152,23 +152,6 @@ class CreateRequest:
 
 #: The kernel command line word that makes the appliance's init run its container.
 CONTAINER_CMDLINE = "hatchery.service=container"
-STATUS_PORT = "org.hatchery.status"
-_STATUS_LINE = re.compile(r"(started|exited \d{1,3})")
-STATUS_TAIL = 4096
-
-
-def container_status(path: Path) -> str | None:
-    """The last ``started``/``exited N`` line a container VM's init wrote to its status port.
-    The file is written by the VM's QEMU from what the guest sends: read without following a
-    symlink, at most its last 4 KiB, and only a line of that exact form counts."""
-    try:
-        tail = sandbox.read_tail(path, STATUS_TAIL)
-    except OSError:
-        return None
-    for line in reversed(tail.decode("ascii", "replace").splitlines()):
-        if _STATUS_LINE.fullmatch(line.strip()):
-            return line.strip()
-    return None
 
 
 class PortRules(Protocol):
@@ -186,6 +169,7 @@ class _Live:
     monitor: Monitor | None = None
     watch: process.ExitWatch | None = None
     shutdown_seen: bool = False
+    status: StatusReader = field(default_factory=StatusReader)  # a container VM's status port
 
     async def let_go(self) -> None:
         """Stop watching this QEMU and drop its QMP connection (it keeps running)."""
@@ -226,6 +210,8 @@ class VmManager:
         self._vms: dict[str, VmRecord] = {}
         self._live: dict[str, _Live] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._trimmer: asyncio.Task[None] | None = None
+        self._untrimmable: set[Path] = set()
 
     # --- records ------------------------------------------------------------------------
     def _vm_dir(self, name: str) -> Path:
@@ -262,8 +248,36 @@ class VmManager:
         except OSError as exc:  # its folder going away under a destroy
             log.warning("vm %s: cannot record its container state: %s", name, exc)
 
-    def container_status(self, vm: VmRecord) -> str | None:
-        return container_status(self._files(vm).container_status) if vm.container else None
+    async def container_status(self, vm: VmRecord) -> str | None:
+        """What a container VM's init last said on its status port (``status_port``): the
+        ring of its running QEMU drained first, then the record's."""
+        live = self._live.get(vm.name)
+        if vm.container is not None and live is not None:
+            await self._drain_status(vm.name, live)
+        current = self._vms.get(vm.name)
+        return current.container_status if current is not None else None
+
+    async def _drain_status(self, name: str, live: _Live) -> None:
+        """Read a container VM's status ring into its record (saved only when it changes)."""
+        vm = self._vms.get(name)
+        if vm is None or vm.container is None or live.monitor is None:
+            return
+        try:
+            line = await live.status.drain(live.monitor)
+        except MonitorError as exc:
+            log.debug("vm %s: status port not read: %s", name, exc)
+            return
+        current = self._vms.get(name)
+        if line is not None and current is not None and line != current.container_status:
+            with contextlib.suppress(OSError):  # its folder going away under a destroy
+                self._save(replace(current, container_status=line))
+
+    async def _after_poweroff(self, name: str, live: _Live) -> None:
+        """A container VM's guest powered off and its QEMU waits (``-action shutdown=pause``):
+        read the status ring's last words, then let QEMU exit."""
+        await self._drain_status(name, live)
+        if live.monitor is not None:
+            await live.monitor.quit()
 
     def get(self, name: str) -> VmRecord:
         try:
@@ -328,6 +342,35 @@ class VmManager:
                 self._pool.claim(ipaddress.IPv4Address(vm.ip), vm.name)
             await self._adopt(vm)
         self._release_unowned()
+        if self._trimmer is None:
+            self._trimmer = asyncio.create_task(self._trim_logs(), name="vm log trimmer")
+
+    async def _trim_logs(self) -> None:
+        """Keep what guests make QEMU write within ``vms.log_limit_bytes`` (``logtrim``):
+        each running VM's console log and QEMU output, every ``TRIM_INTERVAL`` seconds."""
+        while True:
+            files = [
+                (self._files(vm), sandbox.socket_owners(vm.uid))
+                for name in list(self._live)
+                if (vm := self._vms.get(name)) is not None
+            ]
+            await asyncio.to_thread(self._trim_once, files)
+            await asyncio.sleep(logtrim.TRIM_INTERVAL)
+
+    def _trim_once(self, files: list[tuple[sandbox.VmFiles, tuple[int, ...]]]) -> None:
+        limit = self._isolation.log_limit_bytes
+        for vm_files, owners in files:
+            for path, uids in ((vm_files.console_log, owners), (vm_files.qemu_log, (0,))):
+                try:
+                    if freed := logtrim.trim(path, limit, uids):
+                        log.info("vm %s: %s over %d bytes: its oldest %d cut", vm_files.dir.name,
+                                 path.name, limit, freed)  # fmt: skip
+                    self._untrimmable.discard(path)
+                except OSError as exc:
+                    if path not in self._untrimmable:  # once, not every interval
+                        self._untrimmable.add(path)
+                        log.warning("vm %s: cannot trim %s: %s", vm_files.dir.name, path.name,
+                                    exc)  # fmt: skip
 
     def _release_unowned(self) -> None:
         """Return to the pool every address held by a name that has no folder here: the
@@ -370,6 +413,8 @@ class VmManager:
                     await self._unanswering(vm, vm.pid, exc)
                     return
                 log.info("vm %s: re-adopted running QEMU pid %s", vm.name, vm.pid)
+                if vm.container is not None:
+                    await self._adopt_powered_off(vm.name)
                 if vm.state is VmState.STARTING:
                     self._transition(vm, Event.STARTED)
                 elif vm.state is VmState.STOPPING:
@@ -380,6 +425,21 @@ class VmManager:
                                      "by an agent restart")  # fmt: skip
             else:
                 self._settle_dead(vm, "QEMU exited while the agent was down")
+
+    async def _adopt_powered_off(self, name: str) -> None:
+        """A container VM whose guest powered off while the agent was down: its QEMU waits
+        in runstate ``shutdown`` for the agent to read its status ring (``_after_poweroff``)."""
+        live = self._live.get(name)
+        if live is None or live.monitor is None:
+            return
+        try:
+            answer = await live.monitor.execute("query-status")
+        except MonitorError as exc:
+            log.warning("vm %s: %s", name, exc)
+            return
+        if isinstance(answer, dict) and answer.get("status") == "shutdown":
+            live.shutdown_seen = True
+            await self._after_poweroff(name, live)
 
     async def _unanswering(self, vm: VmRecord, pid: int, exc: HatcheryError | OSError) -> None:
         """A QEMU of ours that does not answer QMP is stopped, not forgotten: left running,
@@ -576,13 +636,8 @@ class VmManager:
             extra += [
                 "-drive", f"file={files.rel(files.disk)},if=virtio,format=qcow2,cache=none",
             ]  # fmt: skip
-        if vm.container is not None:  # the init's status port (``container_status``)
-            extra += [
-                "-device", "virtio-serial-pci,id=hatchery-serial",
-                "-chardev", f"file,id=status,path={files.rel(files.container_status)},append=on",
-                "-device",
-                f"virtserialport,bus=hatchery-serial.0,chardev=status,name={STATUS_PORT}",
-            ]  # fmt: skip
+        if vm.container is not None:  # the init's status port, read over QMP
+            extra += status_port.qemu_args()
         spec = GuestSpec(
             name=vm.name,
             accel=self._accel,
@@ -622,7 +677,9 @@ class VmManager:
         uid = vm.uid  # picked and saved with no await between: no two VMs get one uid
         if uid is None:
             uid = sandbox.pick_uid((v.uid for v in self._vms.values()), self._isolation)
-        vm = self._transition(vm, Event.START_REQUESTED, reason=None, uid=uid)
+        vm = self._transition(
+            vm, Event.START_REQUESTED, reason=None, uid=uid, container_status=None
+        )  # a new boot: its init says it anew
         try:
             if not machines.is_versioned(vm.machine):  # an older agent's record: fixed now
                 machine = await machines.versioned(self._qemu, vm.machine)
@@ -725,7 +782,9 @@ class VmManager:
             return
         if kind == "SHUTDOWN":
             live.shutdown_seen = True
-        elif kind == "STOP" and vm.state is VmState.RUNNING:
+            if vm.container is not None:  # its QEMU pauses: the status ring is read first
+                asyncio.create_task(self._after_poweroff(name, live), name=f"poweroff-{name}")
+        elif kind == "STOP" and vm.state is VmState.RUNNING and not live.shutdown_seen:
             self._transition(vm, Event.PAUSED, reason="paused by QEMU")
         elif kind == "RESUME" and vm.state is VmState.PAUSED:
             self._transition(vm, Event.RESUMED, reason=None)
@@ -789,6 +848,7 @@ class VmManager:
                 tap_fd = await asyncio.to_thread(netdev.take_tap_fd, old_pid,
                                                  netdev.tap_name(vm.uuid))  # fmt: skip
                 hdr = netdev.vnet_hdr_size(tap_fd)
+                await self._drain_status(name, old)  # the new QEMU's status ring starts empty
                 # A starting QEMU sets the tap's virtio-net header size for a guest that has
                 # negotiated nothing yet (10 bytes, not the running guest's 12): the old QEMU
                 # would mangle every frame until the switch. It holds still meanwhile (its
@@ -925,6 +985,7 @@ class VmManager:
             paused_at = time.time()
             saving: asyncio.Future[int] | None = None
             try:
+                await self._drain_status(name, live)  # the ring is not part of the saved state
                 await monitor.execute("stop")
                 await migration.prepare_source(monitor)
                 read = await migration.pipe_to(monitor, "suspend", qemu_writes=True)
@@ -1042,6 +1103,7 @@ class VmManager:
                 await asyncio.wait_for(exited.wait(), timeout)
         if not exited.is_set() and live.monitor is not None:
             log.info("vm %s: no soft shutdown, quitting QEMU", vm.name)
+            await self._drain_status(vm.name, live)
             live.shutdown_seen = True
             await live.monitor.quit()
             with contextlib.suppress(TimeoutError):
@@ -1166,6 +1228,11 @@ class VmManager:
     # --- shutdown of the agent ------------------------------------------------------------
     async def close(self) -> None:
         """Let go of every VM without stopping it (the agent is exiting or restarting)."""
+        if self._trimmer is not None:
+            self._trimmer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._trimmer
+            self._trimmer = None
         for live in list(self._live.values()):
             if live.watch is not None:
                 live.watch.close()

@@ -184,10 +184,12 @@ class VmRecord:
     suspended_at: float | None = None
     # how long the guest was last paused by a refresh or a suspend and resume, in seconds
     pause_seconds: float | None = None
-    # a container VM's workload, and what became of its image download (``pulling``,
-    # ``pulled``, ``refused: why``); what the container itself did is in its status port
+    # a container VM's workload, what became of its image download (``pulling``,
+    # ``pulled``, ``refused: why``), and what its init last said of the container on its
+    # status port since its last start (``started``, ``exited N``: ``vms.status_port``)
     container: ContainerSpec | None = None
     container_state: str | None = None
+    container_status: str | None = None
 
     def with_state(self, state: VmState, **changes: Any) -> VmRecord:
         return replace(self, state=state, **changes)

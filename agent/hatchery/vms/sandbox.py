@@ -93,12 +93,6 @@ class VmFiles:
         return self.run / "console.log"
 
     @property
-    def container_status(self) -> Path:
-        """A container VM's status port (virtio-serial ``org.hatchery.status``), as QEMU
-        writes it: its init's lines ``started``, ``exited N``."""
-        return self.run / "container.status"
-
-    @property
     def qemu_log(self) -> Path:
         return self.dir / "qemu.log"
 

@@ -42,7 +42,10 @@ def test_config_vms() -> None:
     assert default.uid_first + default.uid_count <= 0x7FFE0000
     config = parse_config({"vms": {"unprivileged": False, "uid_first": 200_000}}).vms
     assert config == VmIsolationConfig(False, 200_000, default.uid_count)
+    assert default.log_limit_bytes == 2 * 1024**2
+    assert parse_config({"vms": {"log_limit_bytes": 65536}}).vms.log_limit_bytes == 65536
     for bad, key in (({"uid_first": 1000}, "vms.uid_first"),
+                     ({"log_limit_bytes": 4096}, "vms.log_limit_bytes"),
                      ({"uid_count": 0}, "vms.uid_count"),
                      ({"uid_first": 2**31 - 10, "uid_count": 11}, "vms.uid_count"),
                      ({"runas": "qemu"}, "vms.runas"),

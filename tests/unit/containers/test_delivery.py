@@ -22,7 +22,6 @@ from hatchery.containers.signed import ReferenceError, parse, sign_archive
 from hatchery.containers.store import ContainerNotFound, ContainerStore
 from hatchery.images.signing import BadSignature, KeyDirectory, UnknownKey, generate_key
 from hatchery.metadata.server import CONTAINER_TOKEN_HEADER, VmMetadata, make_app
-from hatchery.vms.manager import container_status
 from hatchery_lab.oci_images import bad_images, web_image
 
 BUSYBOX = b"\x7fELF fake busybox"
@@ -169,18 +168,6 @@ async def test_the_routes_give_one_download_per_boot_to_its_own_vm(tmp_path: Pat
         assert states["evil"][-1].startswith("refused: layer 1: symlink 'escape'")
         vms.asking = "plain"
         assert (await client.get("/hatchery/container")).status == 404
-
-
-def test_the_status_port_counts_only_its_own_lines(tmp_path: Path) -> None:
-    path = tmp_path / "container.status"
-    assert container_status(path) is None
-    path.write_bytes(b"started\nexited 3\ngarbage \xff\n")
-    assert container_status(path) == "exited 3"
-    path.write_bytes(b"exited 3\nstarted\n" + b"x" * 10000)
-    assert container_status(path) is None  # only the last 4 KiB are read
-    link = tmp_path / "link"
-    link.symlink_to(path)
-    assert container_status(link) is None
 
 
 def test_the_token_table_stays_bounded() -> None:
