@@ -31,6 +31,19 @@ and ``inet hatchery_<br>``, both replaced in one ``nft -f`` transaction on every
     bits 64..191 of the ICMPv6 header.
 
   This is what makes the metadata service's source-IP identity trustworthy.
+* **Rate limits** (the same per-port chains, after the checks above): what a VM may ask of
+  the agent's own userspace servers, per port, so one VM cannot spend the agent's single
+  event loop on everyone's behalf. A flood beyond the rate is dropped on the bridge, before
+  it costs the agent anything; the other VMs, nodes being birthed and the API are not
+  slowed by it (``tests/integration/isolation/test_hostile_guest.py``):
+
+  - DHCP and DHCPv6 requests (udp dport 67, 547): ``DHCP_RATE``. A client sends a handful
+    per boot and one per renewal; iPXE in a VM asks twice.
+  - Router solicitations (answered by ``hatchery.ra``): ``RS_RATE``. A host sends three
+    at start-up (RFC 4861 section 10, MAX_RTR_SOLICITATIONS).
+  - New connections to the metadata service (TCP SYN to 169.254.169.254):
+    ``METADATA_RATE``. cloud-init makes a few dozen requests at boot; the service's own
+    limits (``ConnectionLimits``) bound what is open at once, this bounds the rate.
 * **Redirect** (bridge prerouting, ``dstnat`` priority -300, after anti-spoofing: chains of
   equal priority have no defined order): IPv4 frames from VM ports for 169.254.169.254 get
   the metadata veth's MAC as destination, so they reach the metadata namespace whatever
@@ -77,6 +90,10 @@ TFTP_PORT = 69
 # The packet-mark bit that says "came up from a VM port" between the bridge table and the
 # inet table. Only this bit is set and tested; other users of the mark keep theirs.
 VM_PORT_MARK = 0x10000000
+# Per-port token buckets (nft ``limit``): sustained rate, and the burst allowed at once.
+DHCP_RATE = "10/second burst 20 packets"
+RS_RATE = "2/second burst 10 packets"
+METADATA_RATE = "50/second burst 200 packets"
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +168,10 @@ def _port_chain(port: Port) -> list[str]:
         f"    udp dport {{ 68, 546 }} {_drop('dhcp-server')}",
         f"    udp dport 67 @ih,8,16 != 0x0106 {_drop('dhcp-chaddr')}",  # htype 1, hlen 6
         f"    udp dport 67 @ih,224,48 != 0x{mac} {_drop('dhcp-chaddr')}",
+        f"    udp dport {{ 67, 547 }} limit rate over {DHCP_RATE} {_drop('dhcp-rate')}",
+        f"    icmpv6 type nd-router-solicit limit rate over {RS_RATE} {_drop('rs-rate')}",
+        f"    ether type ip ip daddr {METADATA_IP} tcp flags & (syn | ack) == syn "
+        f"limit rate over {METADATA_RATE} {_drop('metadata-rate')}",
         "    ether type ip ip saddr 0.0.0.0 udp sport 68 udp dport 67 accept",
         f"    ether type ip ip saddr != {port.ip} {_drop('ipv4-source')}",
         f"    icmpv6 type {{ nd-router-advert, nd-redirect }} {_drop('router')}",
@@ -224,7 +245,7 @@ def render(
 
 DROP_REASONS = (
     "mac", "ethertype", "arp", "dhcp-server", "dhcp-chaddr", "ipv4-source", "router",
-    "ipv6-source", "neighbour", "node-service",
+    "ipv6-source", "neighbour", "node-service", "dhcp-rate", "rs-rate", "metadata-rate",
 )  # fmt: skip
 
 

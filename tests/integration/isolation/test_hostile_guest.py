@@ -439,3 +439,35 @@ def test_only_ipv4_arp_and_ipv6_leave_a_vm_port(lab: Lab) -> None:
     assert _frames_seen(lab) == {CONTROL}
     lab.remove_rules()
     assert _frames_seen(lab) == {CONTROL, *ETHERTYPES}
+
+
+def _flood(guest: Guest, *argv: str) -> list[int]:
+    out = guest.ok(sys.executable, "-m", "hatchery_lab.isolation", *argv, timeout=60)
+    return [int(word) for word in out.split() if word.isdigit()]
+
+
+def test_a_vm_flooding_the_agent_is_held_to_its_rate(lab: Lab) -> None:
+    """A VM sends 3000 DISCOVERs at once and opens metadata connections as fast as it can:
+    its port's buckets let ``DHCP_RATE`` and ``METADATA_RATE`` through, the rest is dropped
+    on the bridge (and counted); a node being birthed gets its lease meanwhile and another
+    VM's metadata answers. Without the rules the agent answers the whole flood."""
+    legit = _node_dhcp(lab)
+    started = time.monotonic()
+    sent, offers = _flood(lab.tenant, "dhcp-flood", "eth0", lab.tenant.mac, "3000")
+    elapsed = time.monotonic() - started
+    assert sent == 3000
+    assert 1 <= offers <= 20 + 10 * elapsed + 5, (offers, elapsed)  # burst + rate x time
+    assert _dropped(lab)["dhcp-rate"] >= 3000 - offers - 30
+    got = lab.udhcpc(lab.victim, "-V", PXE_CLIENT, tries=5)
+    assert got.get("ip") == f"{lab.env.subnet}.{BIRTHS[0]}", got
+
+    (connected,) = _flood(lab.rogue, "connect-flood", MD, "80", "2")
+    assert 1 <= connected <= 200 + 50 * 4, connected  # burst + rate x (flood + SYN retries)
+    assert _dropped(lab)["metadata-rate"] > 0
+    local = lab.curl(lab.tenant, f"http://{MD}/latest/meta-data/local-ipv4", timeout=10)
+    assert local == lab.tenant.ip, local
+
+    lab.remove_rules()
+    _, unlimited = _flood(lab.tenant, "dhcp-flood", "eth0", lab.tenant.mac, "3000")
+    assert unlimited >= 5 * offers, (unlimited, offers)  # as many as the agent keeps up with
+    legit.stop()

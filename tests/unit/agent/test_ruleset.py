@@ -149,3 +149,15 @@ def test_nft_accepts_the_ruleset(require_tool: Callable[[str], str], require_roo
     for script in [*scripts, render_delete("br-test")]:
         check = subprocess.run(argv, input=script, capture_output=True, text=True)
         assert check.returncode == 0, check.stderr
+
+
+def test_a_ports_requests_to_the_agent_are_rate_limited_before_the_dhcp_exception() -> None:
+    """Per port (each port has its own chain, so its own buckets), before the accept that
+    lets a VM's DHCP client through and before anything reaches the agent."""
+    chain = render("br0", "m", "aa:bb:cc:dd:ee:ff", PORTS).split("chain port_hv_a {")[1]
+    chain = chain.split("\n  }", 1)[0]
+    dhcp = chain.index("udp dport { 67, 547 } limit rate over 10/second burst 20 packets")
+    assert chain.index("icmpv6 type nd-router-solicit limit rate over") > 0
+    assert chain.index("tcp flags & (syn | ack) == syn limit rate over 50/second") > 0
+    assert dhcp > chain.index('drop comment "dhcp-chaddr"')  # forged ones are not counted
+    assert dhcp < chain.index("ip saddr 0.0.0.0 udp sport 68 udp dport 67 accept")

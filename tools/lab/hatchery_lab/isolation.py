@@ -21,7 +21,10 @@ through the kernel as the control; ``... sniff IFACE SECONDS`` prints which mark
 ``... discover IFACE CHADDR`` sends a DHCPDISCOVER from udp/68 with ``CHADDR`` as the client
 hardware address (broadcast flag set, so any answer is broadcast back) and prints
 ``offer YIADDR`` for each OFFER to that ``CHADDR`` within two seconds: a guest asking the
-node's DHCP server for another machine's lease in its name.
+node's DHCP server for another machine's lease in its name. ``... dhcp-flood IFACE CHADDR
+COUNT`` sends COUNT DISCOVERs from ``CHADDR`` at once and prints ``sent N offers M``;
+``... connect-flood ADDRESS PORT SECONDS`` opens TCP connections as fast as it can and prints
+``connected N``: a guest spending the agent's time.
 The kernel here has no 802.1Q module (``ip link add ... type vlan`` fails), so the tagged
 frame is built by hand.
 """
@@ -33,6 +36,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import select
 import signal
 import socket
 import struct
@@ -236,6 +240,63 @@ def discover_as(iface: str, chaddr: str, seconds: float = 2.0) -> list[str]:
     return offers
 
 
+def flood_discover(iface: str, chaddr: str, count: int, listen: float = 3.0) -> tuple[int, int]:
+    """A VM flooding the DHCP server: ``count`` DISCOVERs from its own ``chaddr`` (so the
+    anti-spoofing rules let each through), as fast as the socket takes them, then the offers
+    heard for ``listen`` seconds. (sent, offers that answer one of them)."""
+    mac = bytes.fromhex(chaddr.replace(":", ""))
+    offers = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, iface.encode())
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sock.bind(("0.0.0.0", 68))
+        discover = (opt_u8(Opt.MESSAGE_TYPE, MessageType.DISCOVER),)
+        for xid in range(1, count + 1):
+            request = DhcpPacket(
+                op=Op.BOOTREQUEST, xid=xid, chaddr=mac, flags=BROADCAST_FLAG, options=discover
+            )
+            sock.sendto(request.encode(), ("255.255.255.255", 67))
+        sock.settimeout(0.2)
+        deadline = time.monotonic() + listen
+        while time.monotonic() < deadline:
+            try:
+                answer = DhcpPacket.decode(sock.recv(2048))
+            except (TimeoutError, DecodeError):
+                continue
+            if answer.chaddr == mac and 1 <= answer.xid <= count:
+                offers += answer.message_type is MessageType.OFFER
+    return count, offers
+
+
+def flood_connect(address: str, port: int, seconds: float) -> int:
+    """A VM opening TCP connections to ``address`` as fast as it can for ``seconds`` (at most
+    256 pending, each closed once it is up): how many were established."""
+    pending: dict[int, socket.socket] = {}
+    done = 0
+    poller = select.epoll()
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            while len(pending) < 256:
+                conn = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                conn.setblocking(False)
+                conn.connect_ex((address, port))
+                pending[conn.fileno()] = conn
+                poller.register(conn.fileno(), select.EPOLLOUT)
+            for fd, _ in poller.poll(0.05):
+                conn = pending.pop(fd)
+                poller.unregister(fd)
+                done += conn.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+                conn.close()
+    finally:
+        for conn in pending.values():
+            conn.close()
+        poller.close()
+    return done
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hatchery_lab.isolation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -253,6 +314,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     forge = sub.add_parser("discover")
     forge.add_argument("iface")
     forge.add_argument("chaddr")
+    dhcp_flood = sub.add_parser("dhcp-flood")
+    dhcp_flood.add_argument("iface")
+    dhcp_flood.add_argument("chaddr")
+    dhcp_flood.add_argument("count", type=int)
+    syn_flood = sub.add_parser("connect-flood")
+    syn_flood.add_argument("address")
+    syn_flood.add_argument("port", type=int)
+    syn_flood.add_argument("seconds", type=float)
     args = parser.parse_args(argv)
     if args.command == "node":
         with contextlib.suppress(KeyboardInterrupt):
@@ -264,6 +333,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "discover":
         for offer in discover_as(args.iface, args.chaddr):
             print("offer", offer, flush=True)
+    elif args.command == "dhcp-flood":
+        sent, offers = flood_discover(args.iface, args.chaddr, args.count)
+        print(f"sent {sent} offers {offers}", flush=True)
+    elif args.command == "connect-flood":
+        print("connected", flood_connect(args.address, args.port, args.seconds), flush=True)
     elif args.command == "frames":
         send_frames(args.iface)
     else:
