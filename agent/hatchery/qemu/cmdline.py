@@ -54,6 +54,7 @@ class GuestSpec:
     memory_mib: int = 256
     vcpus: int = 1
     machine: str = DEFAULT_MACHINE
+    firmware: Path | None = None  # ``-bios``; None: QEMU's default (``qemu.firmware``)
     boot: DirectKernel | None = None
     nics: tuple[Nic, ...] = ()
     serial: str = (
@@ -79,6 +80,8 @@ def build_argv(spec: GuestSpec, binary: str = QEMU_BINARY) -> list[str]:
         "-nodefaults", "-no-user-config", "-display", "none",
         "-serial", spec.serial,
     ]  # fmt: skip
+    if spec.firmware is not None:
+        argv += ["-bios", str(spec.firmware)]
     if spec.boot is not None:
         words = spec.boot.cmdline.split()
         tuned = spec.accel.kernel_args(spec.vcpus) if spec.accel_kernel_args else ()

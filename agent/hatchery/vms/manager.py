@@ -28,7 +28,7 @@ from hatchery.capacity import HostCapacity, Resources
 from hatchery.config import VmIsolationConfig, VmSourcesConfig
 from hatchery.errors import CommandError, HatcheryError
 from hatchery.metrics import Metrics, VmMeter
-from hatchery.qemu import machines
+from hatchery.qemu import firmware, machines
 from hatchery.qemu.accel import Accel, AccelChoice
 from hatchery.qemu.cmdline import DEFAULT_MACHINE, DirectKernel, GuestSpec, Nic, build_argv
 from hatchery.vms import logtrim, migration, process, sandbox, status_port
@@ -547,6 +547,7 @@ class VmManager:
                 owner_group=req.owner_group, user_data=req.user_data,
                 public_keys=req.public_keys, created=time.time(), machine=req.machine,
                 labels=dict(req.labels), container=req.container,
+                firmware=firmware.for_new_vm(req.kernel_boot is not None),
             )  # fmt: skip
             return self._save(vm)
         except BaseException:
@@ -644,6 +645,7 @@ class VmManager:
             memory_mib=vm.memory_mib,
             vcpus=vm.vcpus,
             machine=vm.machine,
+            firmware=firmware.qemu_path(vm.firmware),
             boot=boot,
             nics=(Nic(netdev.tap_name(vm.uuid), vm.mac, fd=tap_fd),),
             serial="chardev:console",

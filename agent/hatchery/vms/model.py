@@ -172,6 +172,9 @@ class VmRecord:
     pid: int | None = None
     started: float | None = None
     machine: str = DEFAULT_MACHINE
+    # qboot for a direct kernel boot, else None: QEMU's default; chosen at create and kept,
+    # as the machine is, for its migration state (``qemu.firmware``)
+    firmware: str | None = None
     reason: str | None = None  # why it is crashed/stopped, for the operator
     labels: dict[str, str] = field(default_factory=dict)
     # the uid (= gid) its QEMU runs as (``vms/sandbox.py``), the VM's own; given at its

@@ -155,6 +155,11 @@ def test_vm_outlives_agent_and_is_readopted(lab: dict, require_tool: Callable[[s
     agent.kill(signal.SIGTERM)
     assert qemu_alive(pid), "stopping the agent stopped the VM"
     agent.start()
+    # A direct kernel boot runs on qboot, recorded for the VM's life (``qemu.firmware``);
+    # the guest above found its way and its identity with it.
+    assert agent.cli_json("vm", "show", "app1")["firmware"] == "qboot"
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert argv[argv.index(b"-bios") + 1] == b"/usr/share/qemu/qboot.rom"
     # QEMU runs under its seccomp filter (mode 2), in a session of its own.
     status = Path(f"/proc/{pid}/status").read_text()
     assert "Seccomp:\t2" in status, status

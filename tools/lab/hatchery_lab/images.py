@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from hatchery.qemu import firmware
 from hatchery.qemu.accel import choose_accel
 from hatchery.qemu.cmdline import DirectKernel, GuestSpec, Nic, build_argv
 from hatchery_lab import REPO
@@ -138,12 +139,15 @@ def appliance_argv(
     qmp: Path | None = None,
     cmdline: str = "",
 ) -> list[str]:
-    """QEMU for the appliance on ``lan``'s tap: ours (vmlinux, q35, -nodefaults) or a baseline."""
+    """QEMU for the appliance on ``lan``'s tap: ours (vmlinux, q35, -nodefaults, the firmware
+    the agent gives a direct kernel boot) or a baseline (SeaBIOS, QEMU's default devices)."""
     image = images / "appliance-vm"
+    default_firmware = default_devices or machine == "microvm"  # microvm: its own qboot
     spec = GuestSpec(
         name="appliance",
         accel=choose_accel(),
         machine=machine,
+        firmware=None if default_firmware else firmware.qemu_path(firmware.for_new_vm(True)),
         memory_mib=256,
         boot=DirectKernel(
             image / f"appliance-vm.{kernel}",
