@@ -212,6 +212,7 @@ class VmManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._trimmer: asyncio.Task[None] | None = None
         self._untrimmable: set[Path] = set()
+        self._background: set[asyncio.Task[None]] = set()
 
     # --- records ------------------------------------------------------------------------
     def _vm_dir(self, name: str) -> Path:
@@ -785,7 +786,10 @@ class VmManager:
         if kind == "SHUTDOWN":
             live.shutdown_seen = True
             if vm.container is not None:  # its QEMU pauses: the status ring is read first
-                asyncio.create_task(self._after_poweroff(name, live), name=f"poweroff-{name}")
+                task = asyncio.create_task(self._after_poweroff(name, live),
+                                           name=f"poweroff-{name}")  # fmt: skip
+                self._background.add(task)  # the loop keeps only a weak reference
+                task.add_done_callback(self._background.discard)
         elif kind == "STOP" and vm.state is VmState.RUNNING and not live.shutdown_seen:
             self._transition(vm, Event.PAUSED, reason="paused by QEMU")
         elif kind == "RESUME" and vm.state is VmState.PAUSED:
