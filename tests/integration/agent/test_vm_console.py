@@ -12,8 +12,6 @@ missing VM gets. The console log is kept as before.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import random
 import signal
 import subprocess
@@ -25,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from hatchery.metadata.service import teardown_bridge
-from hatchery_lab.agent import BIN, AgentProcess, Pki, qemu_alive
+from hatchery_lab.agent import BIN, AgentProcess, Pki, bridge_config
 from hatchery_lab.guest import INIT_PRELUDE, GuestKernel, busybox_initramfs, find_guest_kernel
 from hatchery_lab.net import bridge
 from hatchery_lab.terminal import Terminal
@@ -53,21 +51,14 @@ def lab(tmp_path: Path, require_root: None, require_tool: Callable[[str], str]) 
         pki_.client(name, group)
     with bridge(f"{subnet}.1/24") as br:
         agent = AgentProcess.configure(
-            tmp_path, pki_,
-            [{"name": br, "dhcp": False, "metadata": False,
-              "subnets": [{"cidr": f"{subnet}.0/24", "gateway": f"{subnet}.1",
-                           "pool": {"start": f"{subnet}.10", "end": f"{subnet}.11"}}]}],
+            tmp_path, pki_, [bridge_config(br, subnet, dhcp=False, metadata=False)],
             vm_sources={"folders": [str(kernel.vmlinux().parent), str(artefacts)]},
         )  # fmt: skip
         agent.start()
         try:
             yield {"agent": agent, "kernel": kernel.vmlinux(), "initrd": initrd}
         finally:
-            agent.kill()
-            for record in (agent.state_dir / "vms").glob("*/vm.json"):
-                pid = json.loads(record.read_text()).get("pid")
-                if pid is not None and qemu_alive(pid):
-                    os.kill(pid, signal.SIGKILL)
+            agent.kill_with_vms()
             asyncio.run(teardown_bridge(br))
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from hatchery.metadata.service import teardown_bridge
-from hatchery_lab.agent import AgentProcess, Pki, free_port, qemu_alive
+from hatchery_lab.agent import AgentProcess, Pki, bridge_config, free_port, qemu_alive
 from hatchery_lab.cpio_writer import Entry
 from hatchery_lab.guest import (
     INIT_PRELUDE,
@@ -77,10 +77,7 @@ def lab(tmp_path: Path, require_root: None, require_tool: Callable[[str], str]) 
     pki_ = Pki.make(tmp_path / "pki")
     with bridge(f"{subnet}.1/24") as br:
         agent = AgentProcess.configure(
-            tmp_path,
-            pki_,
-            [{"name": br, "subnets": [{"cidr": f"{subnet}.0/24", "gateway": f"{subnet}.1",
-                                       "pool": {"start": f"{subnet}.10", "end": f"{subnet}.11"}}]}],
+            tmp_path, pki_, [bridge_config(br, subnet)],
             vm_sources={"folders": [str(kernel.vmlinux().parent), str(artefacts)]},
         )  # fmt: skip
         agent.start()
@@ -88,11 +85,7 @@ def lab(tmp_path: Path, require_root: None, require_tool: Callable[[str], str]) 
             yield {"agent": agent, "kernel": kernel.vmlinux(), "initrd": initrd, "subnet": subnet,
                    "bridge": br}  # fmt: skip
         finally:
-            agent.kill()
-            for record in (agent.state_dir / "vms").glob("*/vm.json"):
-                pid = json.loads(record.read_text()).get("pid")
-                if pid is not None and qemu_alive(pid):
-                    os.kill(pid, 9)
+            agent.kill_with_vms()
             for link in subprocess.run(
                 ["ip", "-o", "link"], capture_output=True, text=True
             ).stdout.splitlines():

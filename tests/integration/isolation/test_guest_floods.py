@@ -15,10 +15,7 @@ Real QEMU guests (Debian's kernel under TCG, a busybox initramfs) run by the rea
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import random
-import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from hatchery.metadata.service import teardown_bridge
-from hatchery_lab.agent import AgentProcess, Pki, qemu_alive
+from hatchery_lab.agent import AgentProcess, Pki, bridge_config, qemu_alive
 from hatchery_lab.guest import INIT_PRELUDE, GuestKernel, busybox_initramfs, find_guest_kernel
 from hatchery_lab.net import bridge
 from tests.conftest import missing
@@ -86,10 +83,7 @@ def lab(tmp_path: Path, require_root: None, require_tool: Callable[[str], str]) 
     pki_ = Pki.make(tmp_path / "pki")
     with bridge(f"{subnet}.1/24") as br:
         agent = AgentProcess.configure(
-            tmp_path, pki_,
-            [{"name": br, "dhcp": False, "metadata": False,
-              "subnets": [{"cidr": f"{subnet}.0/24", "gateway": f"{subnet}.1",
-                           "pool": {"start": f"{subnet}.10", "end": f"{subnet}.11"}}]}],
+            tmp_path, pki_, [bridge_config(br, subnet, dhcp=False, metadata=False)],
             vm_sources={"folders": [str(kernel.vmlinux().parent), str(artefacts)]},
             vms={"log_limit_bytes": LIMIT},
         )  # fmt: skip
@@ -97,11 +91,7 @@ def lab(tmp_path: Path, require_root: None, require_tool: Callable[[str], str]) 
         try:
             yield {"agent": agent, "kernel": kernel.vmlinux(), "artefacts": artefacts}
         finally:
-            agent.kill()
-            for record in (agent.state_dir / "vms").glob("*/vm.json"):
-                pid = json.loads(record.read_text()).get("pid")
-                if pid is not None and qemu_alive(pid):
-                    os.kill(pid, signal.SIGKILL)
+            agent.kill_with_vms()
             asyncio.run(teardown_bridge(br))
 
 

@@ -30,6 +30,15 @@ def qemu_alive(pid: int) -> bool:
         return False
 
 
+def bridge_config(bridge: str, subnet: str, **keys: Any) -> dict[str, Any]:
+    """A bridge of the agent's config for a test's VMs: ``subnet``.0/24 (``subnet`` is its first
+    three octets), the bridge's own address .1 as gateway, two VM addresses (.10, .11);
+    ``keys``: any other bridge setting (``dhcp``, ``metadata``, ...)."""
+    return {"name": bridge, **keys,
+            "subnets": [{"cidr": f"{subnet}.0/24", "gateway": f"{subnet}.1",
+                         "pool": {"start": f"{subnet}.10", "end": f"{subnet}.11"}}]}  # fmt: skip
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -130,6 +139,15 @@ class AgentProcess:
             os.kill(self.proc.pid, sig)
             self.proc.wait(timeout=30)
         self.proc = None
+
+    def kill_with_vms(self) -> None:
+        """A test's cleanup: the agent killed, then every QEMU its VM records name (VMs outlive
+        their agent, so killing it alone would leave them running)."""
+        self.kill()
+        for record in (self.state_dir / "vms").glob("*/vm.json"):
+            pid = json.loads(record.read_text()).get("pid")
+            if pid is not None and qemu_alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
     def cli(
         self, *args: str, client: str = "admin", check: bool = True
