@@ -447,10 +447,11 @@ def _flood(guest: Guest, *argv: str) -> list[int]:
 
 
 def test_a_vm_flooding_the_agent_is_held_to_its_rate(lab: Lab) -> None:
-    """A VM sends 3000 DISCOVERs at once and opens metadata connections as fast as it can:
-    its port's buckets let ``DHCP_RATE`` and ``METADATA_RATE`` through, the rest is dropped
-    on the bridge (and counted); a node being birthed gets its lease meanwhile and another
-    VM's metadata answers. Without the rules the agent answers the whole flood."""
+    """A VM sends 3000 DISCOVERs and 200 router solicitations at once and opens metadata
+    connections as fast as it can: its port's buckets let ``DHCP_RATE``, ``RS_RATE`` and
+    ``METADATA_RATE`` through, the rest is dropped on the bridge (and counted); a node being
+    birthed gets its lease meanwhile and another VM's metadata answers. Without the rules
+    the agent answers as much of the flood as it keeps up with."""
     legit = _node_dhcp(lab)
     started = time.monotonic()
     sent, offers = _flood(lab.tenant, "dhcp-flood", "eth0", lab.tenant.mac, "3000")
@@ -460,6 +461,11 @@ def test_a_vm_flooding_the_agent_is_held_to_its_rate(lab: Lab) -> None:
     assert _dropped(lab)["dhcp-rate"] >= 3000 - offers - 30
     got = lab.udhcpc(lab.victim, "-V", PXE_CLIENT, tries=5)
     assert got.get("ip") == f"{lab.env.subnet}.{BIRTHS[0]}", got
+
+    started = time.monotonic()
+    _flood(lab.rogue, "rs-flood", "eth0", "200")
+    allowed = 10 + 2 * (time.monotonic() - started) + 2  # burst + rate x time
+    assert _dropped(lab)["rs-rate"] >= 200 - allowed, _dropped(lab)
 
     (connected,) = _flood(lab.rogue, "connect-flood", MD, "80", "2")
     assert 1 <= connected <= 200 + 50 * 4, connected  # burst + rate x (flood + SYN retries)

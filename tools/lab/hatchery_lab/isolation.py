@@ -23,6 +23,7 @@ hardware address (broadcast flag set, so any answer is broadcast back) and print
 ``offer YIADDR`` for each OFFER to that ``CHADDR`` within two seconds: a guest asking the
 node's DHCP server for another machine's lease in its name. ``... dhcp-flood IFACE CHADDR
 COUNT`` sends COUNT DISCOVERs from ``CHADDR`` at once and prints ``sent N offers M``;
+``... rs-flood IFACE COUNT`` sends COUNT router solicitations at once;
 ``... connect-flood ADDRESS PORT SECONDS`` opens TCP connections as fast as it can and prints
 ``connected N``: a guest spending the agent's time.
 The kernel here has no 802.1Q module (``ip link add ... type vlan`` fails), so the tagged
@@ -172,12 +173,17 @@ def neighbour_advertisement(mac: bytes, target: ipaddress.IPv6Address) -> bytes:
     return struct.pack("!BBHI", 136, 0, 0, 0x20000000) + target.packed + bytes((2, 1)) + mac
 
 
-def send(iface: str, message: bytes, count: int = 3) -> None:
+def router_solicitation(mac: bytes) -> bytes:
+    """An RS (4.1) with the source link-layer option: what a host sends to find routers."""
+    return struct.pack("!BBHI", 133, 0, 0, 0) + bytes((1, 1)) + mac
+
+
+def send(iface: str, message: bytes, count: int = 3, gap: float = 0.2) -> None:
     sock, index = _icmpv6_socket(iface)
     with sock:
         for _ in range(count):
             sock.sendto(message, (ALL_NODES, 0, 0, index))
-            time.sleep(0.2)
+            time.sleep(gap)
 
 
 def send_frames(iface: str) -> None:
@@ -213,61 +219,50 @@ def sniff(iface: str, seconds: float) -> set[str]:
     return seen
 
 
-def discover_as(iface: str, chaddr: str, seconds: float = 2.0) -> list[str]:
-    """The addresses the DHCP servers on ``iface`` offer to ``chaddr`` (see the module doc)."""
+def _offers(iface: str, chaddr: str, xids: range, seconds: float) -> list[DhcpPacket]:
+    """Send a DISCOVER from udp/68 on ``iface`` with ``chaddr`` for each of ``xids``, all at
+    once (broadcast flag set, so any answer is broadcast back), then collect for ``seconds``
+    the OFFERs that answer one of them."""
     mac = bytes.fromhex(chaddr.replace(":", ""))
-    xid = int.from_bytes(mac[-4:], "big")
-    request = DhcpPacket(op=Op.BOOTREQUEST, xid=xid, chaddr=mac, flags=BROADCAST_FLAG,
-                         options=(opt_u8(Opt.MESSAGE_TYPE, MessageType.DISCOVER),))  # fmt: skip
-    offers: list[str] = []
+    discover = (opt_u8(Opt.MESSAGE_TYPE, MessageType.DISCOVER),)
+    offers: list[DhcpPacket] = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, iface.encode())
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)  # a flood's answers
         sock.bind(("0.0.0.0", 68))
+        for xid in xids:
+            request = DhcpPacket(
+                op=Op.BOOTREQUEST, xid=xid, chaddr=mac, flags=BROADCAST_FLAG, options=discover
+            )
+            sock.sendto(request.encode(), ("255.255.255.255", 67))
         sock.settimeout(0.2)
-        sock.sendto(request.encode(), ("255.255.255.255", 67))
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             try:
                 answer = DhcpPacket.decode(sock.recv(2048))
             except (TimeoutError, DecodeError):
                 continue
-            if (answer.op, answer.xid, answer.chaddr) == (Op.BOOTREPLY, xid, mac) and (
-                answer.message_type is MessageType.OFFER
+            if (
+                (answer.op, answer.chaddr) == (Op.BOOTREPLY, mac)
+                and answer.xid in xids
+                and (answer.message_type is MessageType.OFFER)
             ):
-                offers.append(str(answer.yiaddr))
+                offers.append(answer)
     return offers
 
 
-def flood_discover(iface: str, chaddr: str, count: int, listen: float = 3.0) -> tuple[int, int]:
+def discover_as(iface: str, chaddr: str, seconds: float = 2.0) -> list[str]:
+    """The addresses the DHCP servers on ``iface`` offer to ``chaddr`` (see the module doc)."""
+    xid = int.from_bytes(bytes.fromhex(chaddr.replace(":", ""))[-4:], "big")
+    return [str(offer.yiaddr) for offer in _offers(iface, chaddr, range(xid, xid + 1), seconds)]
+
+
+def flood_discover(iface: str, chaddr: str, count: int, listen: float = 3.0) -> int:
     """A VM flooding the DHCP server: ``count`` DISCOVERs from its own ``chaddr`` (so the
-    anti-spoofing rules let each through), as fast as the socket takes them, then the offers
-    heard for ``listen`` seconds. (sent, offers that answer one of them)."""
-    mac = bytes.fromhex(chaddr.replace(":", ""))
-    offers = 0
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, iface.encode())
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        sock.bind(("0.0.0.0", 68))
-        discover = (opt_u8(Opt.MESSAGE_TYPE, MessageType.DISCOVER),)
-        for xid in range(1, count + 1):
-            request = DhcpPacket(
-                op=Op.BOOTREQUEST, xid=xid, chaddr=mac, flags=BROADCAST_FLAG, options=discover
-            )
-            sock.sendto(request.encode(), ("255.255.255.255", 67))
-        sock.settimeout(0.2)
-        deadline = time.monotonic() + listen
-        while time.monotonic() < deadline:
-            try:
-                answer = DhcpPacket.decode(sock.recv(2048))
-            except (TimeoutError, DecodeError):
-                continue
-            if answer.chaddr == mac and 1 <= answer.xid <= count:
-                offers += answer.message_type is MessageType.OFFER
-    return count, offers
+    anti-spoofing rules let each through), then how many were answered within ``listen`` s."""
+    return len(_offers(iface, chaddr, range(1, count + 1), listen))
 
 
 def flood_connect(address: str, port: int, seconds: float) -> int:
@@ -314,6 +309,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     forge = sub.add_parser("discover")
     forge.add_argument("iface")
     forge.add_argument("chaddr")
+    rs_flood = sub.add_parser("rs-flood")
+    rs_flood.add_argument("iface")
+    rs_flood.add_argument("count", type=int)
     dhcp_flood = sub.add_parser("dhcp-flood")
     dhcp_flood.add_argument("iface")
     dhcp_flood.add_argument("chaddr")
@@ -333,9 +331,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "discover":
         for offer in discover_as(args.iface, args.chaddr):
             print("offer", offer, flush=True)
+    elif args.command == "rs-flood":
+        send(args.iface, router_solicitation(_mac(args.iface)), args.count, gap=0)
     elif args.command == "dhcp-flood":
-        sent, offers = flood_discover(args.iface, args.chaddr, args.count)
-        print(f"sent {sent} offers {offers}", flush=True)
+        offers = flood_discover(args.iface, args.chaddr, args.count)
+        print(f"sent {args.count} offers {offers}", flush=True)
     elif args.command == "connect-flood":
         print("connected", flood_connect(args.address, args.port, args.seconds), flush=True)
     elif args.command == "frames":
