@@ -355,11 +355,14 @@ class VmManager:
                 for name in list(self._live)
                 if (vm := self._vms.get(name)) is not None
             ]
-            await asyncio.to_thread(self._trim_once, files)
+            if files:  # no thread woken on a node without running VMs
+                await asyncio.to_thread(self._trim_once, files)
             await asyncio.sleep(logtrim.TRIM_INTERVAL)
 
     def _trim_once(self, files: list[tuple[sandbox.VmFiles, tuple[int, ...]]]) -> None:
         limit = self._isolation.log_limit_bytes
+        # a VM no longer running is forgotten: warned again if it starts with the same problem
+        self._untrimmable &= {p for f, _ in files for p in (f.console_log, f.qemu_log)}
         for vm_files, owners in files:
             for path, uids in ((vm_files.console_log, owners), (vm_files.qemu_log, (0,))):
                 try:
