@@ -211,6 +211,12 @@ class ReadTransfer:
         self._per_batch = min(_BATCH_SEGMENTS, _BATCH_BYTES // (blksize + 4))
         self._batch = send_batch if windowsize > 1 and self._per_batch > 1 else None
         self._buffer: bytearray | None = None
+        # Windowed from a file: the next window's first batch, built ahead into a buffer of
+        # its own while the client reads this window (see ``_build_window_ahead``); it is
+        # ``next_packet`` then, and ``_ahead_last`` its last block (0: none built).
+        self._ahead_buffer: bytearray | None = None
+        self._ahead_slots: list[memoryview] = []
+        self._ahead_first = self._ahead_last = 0
         self.blksize = blksize
         self.windowsize = windowsize
         self.timeout = timeout
@@ -222,11 +228,13 @@ class ReadTransfer:
         self.acked = 0  # highest block the client acknowledged
         self.sent = 0  # highest block sent so far
         self._resent_for = -1  # duplicate ACK already answered (windowed mode)
-        # Lock-step: the packet built ahead (public for the hot path: sent when ACK
-        # ``release_on`` arrives, see ``released``) and its block number.
-        self.next_packet, self._next_block = b"", -1
-        # Lock-step's hot path (``ack_releases``/``released``): the 16-bit ACK number that
-        # releases the packet built ahead, or -1 when none is ready or the state forbids it.
+        # What is built ahead (public for the hot path: sent when ACK ``release_on``
+        # arrives, see ``released``): in lock-step the next packet (and its block number),
+        # in windowed mode the next window's first batch (sent with ``send_batch``).
+        self.next_packet: bytes | memoryview = b""
+        self._next_block = -1
+        # The hot path (``released``): the 16-bit ACK number that releases what is built
+        # ahead, or -1 when nothing is ready or the state forbids it.
         self.release_on = -1
         self._slots: list[memoryview] = []  # windowed from a file: payload places in _buffer
         self._tries = 0
@@ -255,15 +263,22 @@ class ReadTransfer:
 
     def _send_window(self, first: int) -> None:
         last = min(first + self.windowsize - 1, self.last_block)
+        batch = self._batch
         try:
-            if self._batch is None or first == last:
+            if batch is None or first == last:
                 self._send_singly(first, last)
             else:
-                self._send_batches(first, last)
+                if first == self._ahead_first:  # its first batch was built ahead
+                    batch(memoryview(self.next_packet), self.blksize + 4)
+                    first = self._ahead_last + 1
+                if first <= last:
+                    self._send_batches(first, last)
         except SourceError as exc:
             self._abort(ErrorCode.NOT_DEFINED, str(exc))
             return
         self.sent = last
+        if batch is not None:
+            self._build_window_ahead()
 
     def _send_singly(self, first: int, last: int) -> None:
         blksize, size, read, send = self.blksize, self.source.size, self.source.read, self._send
@@ -285,10 +300,7 @@ class ReadTransfer:
         segment = blksize + 4
         per_batch = self._per_batch
         if self._buffer is None:
-            count = min(per_batch, self.windowsize)
-            self._buffer = bytearray(segment * count)
-            whole = memoryview(self._buffer)
-            self._slots = [whole[i * segment + 4 : (i + 1) * segment] for i in range(count)]
+            self._buffer, self._slots = self._batch_buffer()
         buf = self._buffer
         view = memoryview(buf)
         pack_into = _DATA_HEADER.pack_into
@@ -296,25 +308,71 @@ class ReadTransfer:
         block = first
         while block <= last:
             end = min(block + per_batch - 1, last)
-            count = end - block + 1
-            offset = (block - 1) * blksize
-            tail = min(blksize, size - (end - 1) * blksize)  # the batch's last payload
             if isinstance(source, FileSource):
-                slots = self._slots[:count]
-                if tail != blksize:
-                    slots[-1] = slots[-1][:tail]
-                source.read_into(slots, offset)
-                for i in range(count):
-                    pack_into(buf, i * segment, OP_DATA, (block + i) & 0xFFFF)
-            else:
-                pos = 0
-                for b in range(block, end + 1):
-                    length = blksize if b != end else tail
-                    pack_into(buf, pos, OP_DATA, b & 0xFFFF)
-                    view[pos + 4 : pos + 4 + length] = source.read((b - 1) * blksize, length)
-                    pos += segment
-            self._batch(view[: (count - 1) * segment + 4 + tail], segment)
+                self._batch(self._fill(buf, self._slots, block, end), segment)
+                block = end + 1
+                continue
+            tail = min(blksize, size - (end - 1) * blksize)  # the batch's last payload
+            pos = 0
+            for b in range(block, end + 1):
+                length = blksize if b != end else tail
+                pack_into(buf, pos, OP_DATA, b & 0xFFFF)
+                view[pos + 4 : pos + 4 + length] = source.read((b - 1) * blksize, length)
+                pos += segment
+            self._batch(view[: (end - block) * segment + 4 + tail], segment)
             block = end + 1
+
+    def _batch_buffer(self) -> tuple[bytearray, list[memoryview]]:
+        """A buffer for one batch of packets, and the places of their payloads in it."""
+        segment = self.blksize + 4
+        count = min(self._per_batch, self.windowsize)
+        buffer = bytearray(segment * count)
+        whole = memoryview(buffer)
+        return buffer, [whole[i * segment + 4 : (i + 1) * segment] for i in range(count)]
+
+    def _fill(self, buf: bytearray, slots: list[memoryview], first: int, end: int) -> memoryview:
+        """Blocks ``first``..``end`` (one batch) from the file into ``buf``: the payloads
+        with one ``preadv`` into ``slots``, then the headers; return the batch to send.
+
+        :raise SourceError: the file shrank or cannot be read.
+        """
+        assert isinstance(self.source, FileSource)
+        blksize, segment, count = self.blksize, self.blksize + 4, end - first + 1
+        tail = min(blksize, self.size - (end - 1) * blksize)  # the batch's last payload
+        places = slots[:count]
+        if tail != blksize:
+            places[-1] = places[-1][:tail]
+        self.source.read_into(places, (first - 1) * blksize)
+        pack_into = _DATA_HEADER.pack_into
+        for i in range(count):
+            pack_into(buf, i * segment, OP_DATA, (first + i) & 0xFFFF)
+        return memoryview(buf)[: (count - 1) * segment + 4 + tail]
+
+    def _build_window_ahead(self) -> None:
+        """Windowed, from a file, once a window is out: build the next window's first batch
+        now, while the client reads this one, and arm the hot path for the ACK that ends
+        this window. That ACK then costs one ``send_batch`` before anything else (the round
+        trip is the whole cost of a window, as of a block in lock-step)."""
+        self.release_on = -1
+        self._ahead_first = self._ahead_last = 0
+        first = self.sent + 1
+        last = min(first + self.windowsize - 1, self.last_block)
+        if (
+            self._batch is None
+            or not isinstance(self.source, FileSource)
+            or self.state is not State.SENDING
+            or first >= last  # nothing left, or a one-block window: it goes out singly
+        ):
+            return
+        if self._ahead_buffer is None:
+            self._ahead_buffer, self._ahead_slots = self._batch_buffer()
+        end = min(first + self._per_batch - 1, last)
+        try:
+            self.next_packet = self._fill(self._ahead_buffer, self._ahead_slots, first, end)
+        except SourceError:
+            return  # reported when the window is really due
+        self._ahead_first, self._ahead_last = first, end
+        self.release_on = self.sent & 0xFFFF
 
     def abort(self, code: ErrorCode, message: str) -> None:
         """End the transfer with ``message`` sent to the client (RFC 1350 section 7)."""
@@ -385,6 +443,7 @@ class ReadTransfer:
         (off the round trip's critical path)."""
         if block == self._next_block:
             packet = self.next_packet
+            assert isinstance(packet, bytes)  # in lock-step, what is built ahead is a packet
         else:
             try:
                 packet = self._packet(block)
@@ -408,15 +467,29 @@ class ReadTransfer:
             self.release_on = block & 0xFFFF
 
     def released(self, now: float) -> None:
-        """Lock-step's hot path, after the caller saw ACK ``release_on`` from the client and
-        sent ``next_packet`` at once: the bookkeeping ``on_ack`` would have done first. The
-        caller sends before calling this, so none of it lies on the round trip."""
-        block = self.sent + 1
+        """The hot path, after the caller saw ACK ``release_on`` from the client and sent
+        ``next_packet`` at once (with ``send`` in lock-step, with ``send_batch`` in windowed
+        mode): the bookkeeping ``on_ack`` would have done first, then the rest of the window
+        and what is built ahead next. The caller sends before calling this, so none of it
+        lies on the round trip."""
         self.acked = self.sent
         self._tries = 0
         self.deadline = now + self.timeout
-        self.sent = block
-        self._build_ahead(block)
+        if self.windowsize == 1:
+            block = self.sent + 1
+            self.sent = block
+            self._build_ahead(block)
+            return
+        first, last = self._ahead_last + 1, min(self.sent + self.windowsize, self.last_block)
+        self._ahead_first = 0  # sent
+        if first <= last:
+            try:
+                self._send_batches(first, last)
+            except SourceError as exc:
+                self._abort(ErrorCode.NOT_DEFINED, str(exc))
+                return
+        self.sent = last
+        self._build_window_ahead()
 
     def _packet(self, block: int) -> bytes:
         offset = (block - 1) * self.blksize

@@ -394,6 +394,69 @@ def test_batches_from_a_file_are_read_in_place(tmp_path: Path, size: int) -> Non
     assert sent == expected and machine.state is State.DONE
 
 
+@pytest.mark.parametrize("windowsize", [16, 64])
+def test_window_hot_path_matches_on_ack(tmp_path: Path, windowsize: int) -> None:
+    """Windowed from a file, the next window's first batch is built while the client reads
+    this one: sending it on ACK ``release_on`` and then calling ``released`` (the server's
+    hot path) gives the very datagrams ``on_ack`` gives, whatever mix of the two drives the
+    transfer, gaps included. It is never armed for the last window's ACK, nor after a
+    failure."""
+    size = 7 * windowsize * 1468 + 99
+    data = os.urandom(size)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    blocks = range(1, size // 1468 + 2)
+    expected = [DATA(b & 0xFFFF, data[(b - 1) * 1468 : b * 1468]) for b in blocks]
+
+    def run(hot_every: int, gap_at: int = -1) -> tuple[list[Packet], ReadTransfer]:
+        got: list[Packet] = []
+
+        def batch(buf: memoryview, segment: int) -> None:
+            raw = bytes(buf)
+            got.extend(decode(raw[i : i + segment]) for i in range(0, len(raw), segment))
+
+        client = Client()
+        fd = os.open(path, os.O_RDONLY)
+        machine = ReadTransfer(FileSource(fd, size), client, send_batch=batch, blksize=1468,
+                               windowsize=windowsize)  # fmt: skip
+        machine.start(0.0)
+        turn = 0
+        while machine.state is State.SENDING:
+            got += client.take()
+            turn += 1
+            if turn == gap_at:  # the client lost the window's second half: ACK its middle
+                _ack(machine, machine.sent - windowsize // 2)
+            elif machine.release_on >= 0 and turn % hot_every == 0:
+                assert machine.release_on == machine.sent & 0xFFFF
+                batch(memoryview(machine.next_packet), 1472)
+                machine.released(1.0)
+                assert machine.acked < machine.sent and machine.deadline == 1.0 + machine.timeout
+            else:
+                _ack(machine, machine.sent)
+        got += client.take()
+        os.close(fd)
+        return got, machine
+
+    for hot_every, gap_at in ((1, -1), (2, -1), (10**9, -1), (1, 3)):
+        got, machine = run(hot_every, gap_at)
+        assert machine.state is State.DONE
+        assert machine.release_on == -1  # the last window's ACK ended it, nothing armed
+        if gap_at < 0:
+            assert got == expected, (hot_every, gap_at)
+        else:  # the gap resent the window's second half once: every block, in order, once more
+            assert sorted(set(got), key=expected.index) == expected
+    in_memory, _ = _machine(data[:30000], windowsize=16, send_batch=lambda b, s: None)
+    assert in_memory.release_on == -1  # not from a file: nothing is built ahead
+    fd = os.open(path, os.O_RDONLY)
+    machine = ReadTransfer(FileSource(fd, size), Client(), send_batch=lambda b, s: None,
+                           blksize=1468, windowsize=windowsize)  # fmt: skip
+    machine.start(0.0)
+    assert machine.release_on == windowsize  # window 1 is out, window 2's first batch built
+    machine.abort(ErrorCode.NOT_DEFINED, "stop")
+    assert machine.release_on == -1
+    os.close(fd)
+
+
 def test_lock_step_hot_path_matches_on_ack() -> None:
     """``release_on``/``next_packet``/``released`` (the server sends before the bookkeeping)
     give the same packets and the same end as ``on_ack``; they are never armed for the ACK
