@@ -356,8 +356,6 @@ class _TransferPort:
             except OSError as exc:  # e.g. an ICMP error queued on the socket
                 log.debug("TFTP transfer of %s to %s: %s", self.name, peer[0], exc)
                 size = -1
-            if stopping():
-                break
             if size == 4 and buf[1] == OP_ACK and buf[0] == 0:  # the hot path
                 block = (buf[2] << 8) | buf[3]
                 if block == machine.release_on:
@@ -371,7 +369,9 @@ class _TransferPort:
                     machine.released(clock())
                 else:
                     machine.on_ack(block, clock())
-                continue
+                continue  # the loop's test sees a stop before the next wait
+            if stopping():  # close() shuts the socket down: the wait ends with nothing
+                break
             now = clock()
             if size >= 0:
                 machine.on_datagram(view[:size], now)
