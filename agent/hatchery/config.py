@@ -183,12 +183,17 @@ class VmIsolationConfig:
     ``log_limit_bytes``: the most a VM's console log (``run/console.log``) and its QEMU's
     output (``qemu.log``) may hold on disk each; past it, the oldest half is cut
     (``vms.logtrim``). 2 MiB, as libvirt's virtlogd keeps a console log by default.
+
+    ``memory_overhead_mib``: what a VM's QEMU may hold beyond its guest's RAM, a direct
+    boot's kernel and initrd and TCG's translation cache; past the sum the kernel reclaims,
+    then OOM-kills that QEMU only (``vms.limits``).
     """
 
     unprivileged: bool = True
     uid_first: int = 0x7FF00000
     uid_count: int = 0x10000
     log_limit_bytes: int = 2 * 1024**2
+    memory_overhead_mib: int = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,8 +374,12 @@ def _vms(r: _Reader) -> VmIsolationConfig:
     log_limit = r.get("log_limit_bytes", int, _VMS.log_limit_bytes)
     if log_limit < 64 * 1024:
         raise ConfigError(f"{r.key('log_limit_bytes')}: must be >= 65536, got {log_limit}")
+    overhead = r.get("memory_overhead_mib", int, _VMS.memory_overhead_mib)
+    if overhead < 64:
+        raise ConfigError(f"{r.key('memory_overhead_mib')}: must be >= 64 (QEMU itself needs "
+                          f"that much), got {overhead}")  # fmt: skip
     config = VmIsolationConfig(r.get("unprivileged", bool, _VMS.unprivileged), first, count,
-                               log_limit)  # fmt: skip
+                               log_limit, overhead)  # fmt: skip
     r.finish()
     return config
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hatchery.config import VmIsolationConfig
+from hatchery.qemu.accel import TCG_CODE_CACHE_MIB
+from hatchery.vms.limits import MIB, TASKS_BASE
+from hatchery_lab.images import build_images
 from hatchery_lab.story import run_story
 
 
@@ -17,3 +21,17 @@ def test_the_whole_story(images: Path, tmp_path: Path) -> None:
     before, after = facts["vm"], facts["vm_after"]
     assert after["state"] == "running" and after["pid"] == before["pid"]
     assert after["uptime"] > 0
+    # node B runs systemd: the kernel holds the VM's QEMU to its RAM, its boot files, TCG's
+    # cache if any (node B's agent runs it on KVM, over the SVM node B's TCG emulates) and
+    # the overhead (vms.limits), read back from its scope's cgroup
+    appliance = build_images("appliance-vm") / "appliance-vm"
+    files = sum((appliance / name).stat().st_size
+                for name in ("appliance-vm.vmlinux", "appliance-vm.cpio.lz4"))  # fmt: skip
+    base = (before["memory_mib"] + VmIsolationConfig().memory_overhead_mib) * MIB
+    base += -(-files // MIB) * MIB  # in whole MiB
+    for view in (before, after):
+        held = view["limits"]
+        assert held is not None, "node B reports no cgroup limits for its VM's QEMU"
+        assert held["memory_max"] in (base, base + TCG_CODE_CACHE_MIB * MIB), held
+        assert held["tasks_max"] == TASKS_BASE + before["vcpus"], held
+        assert 0 < held["memory"] < held["memory_max"] and 0 < held["tasks"] < held["tasks_max"]

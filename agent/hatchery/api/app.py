@@ -281,16 +281,21 @@ async def owner_in_body(request: web.Request, visible: Visible) -> str | None:
 async def create_vm(request: web.Request) -> web.Response:
     create = _create_request(await json_body(request))
     log.info("%s creates vm %s", caller(request).name, create.name)
-    vm = await request.app[CONTEXT].manager.create(create)
-    return web.json_response(vm_view(vm), status=201)
+    manager = request.app[CONTEXT].manager
+    vm = await manager.create(create)
+    view = vm_view(vm)
+    view["limits"] = await asyncio.to_thread(manager.applied_limits, vm)
+    return web.json_response(view, status=201)
 
 
 @require("vm.read", owner=vm_owner, seen_with="vm.read")
 async def show_vm(request: web.Request) -> web.Response:
-    vm = _vm(request)
+    vm, manager = _vm(request), request.app[CONTEXT].manager
     view = vm_view(vm)
+    # what the kernel holds its QEMU to (cgroup files), not what the agent asked for
+    view["limits"] = await asyncio.to_thread(manager.applied_limits, vm)
     if vm.container is not None:  # what its init last said on the status port
-        view["container_status"] = await request.app[CONTEXT].manager.container_status(vm)
+        view["container_status"] = await manager.container_status(vm)
     return web.json_response(view)
 
 

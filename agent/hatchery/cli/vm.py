@@ -98,6 +98,20 @@ def _render_vm(vm: Any, _: argparse.Namespace) -> None:
     if vm.get("container"):
         c = vm["container"]
         print(f"{'container:':<13}{c['image']} ports={c.get('ports') or '-'}")
+    print(f"{'limits:':<13}{_limits(vm.get('limits'))}")
+
+
+def _limits(held: dict[str, int | None] | None) -> str:
+    """What the kernel holds the VM's QEMU to, as ``vm show`` prints it."""
+    if held is None:
+        return "- (not running, or no cgroup v2 on the node)"
+
+    def mib(value: int | None) -> str:
+        return "unlimited" if value is None else f"{value / 1024**2:.0f} MiB"
+
+    tasks_max = "unlimited" if held["tasks_max"] is None else str(held["tasks_max"])
+    return (f"memory {mib(held['memory'])} of {mib(held['memory_max'])}, "
+            f"tasks {held['tasks']} of {tasks_max}")  # fmt: skip
 
 
 # --- vm ------------------------------------------------------------------------------

@@ -17,6 +17,10 @@ from hatchery.errors import ConfigError
 
 ENV_VAR = "HATCHERY_ACCEL"
 
+#: TCG's translation block cache per guest, MiB: plenty for one guest (the default grows to
+#: 1 GiB); counted in its QEMU's memory limit (``vms.limits``)
+TCG_CODE_CACHE_MIB = 256
+
 
 class Accel(StrEnum):
     KVM = "kvm"
@@ -52,11 +56,15 @@ class AccelChoice:
             return ()
         return ("no_timer_check", "noapictimer") if vcpus == 1 else ("no_timer_check",)
 
+    @property
+    def code_cache_mib(self) -> int:
+        """The translation cache QEMU may fill beside the guest's RAM (0 under KVM)."""
+        return TCG_CODE_CACHE_MIB if self.accel is Accel.TCG else 0
+
     def qemu_args(self) -> list[str]:
         args = ["-accel", self.accel.value, "-cpu", self.cpu_model]
         if self.accel is Accel.TCG:
-            # One translation block cache per guest is plenty; the default grows to 1 GiB.
-            args[1] = "tcg,tb-size=256"
+            args[1] = f"tcg,tb-size={TCG_CODE_CACHE_MIB}"
         return args
 
 

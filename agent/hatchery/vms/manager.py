@@ -31,7 +31,7 @@ from hatchery.metrics import Metrics, VmMeter
 from hatchery.qemu import firmware, machines
 from hatchery.qemu.accel import Accel, AccelChoice
 from hatchery.qemu.cmdline import DEFAULT_MACHINE, DirectKernel, GuestSpec, Nic, build_argv
-from hatchery.vms import logtrim, migration, process, sandbox, status_port
+from hatchery.vms import limits, logtrim, migration, process, sandbox, status_port
 from hatchery.vms.model import (
     NAME_RE,
     Action,
@@ -198,6 +198,8 @@ class VmManager:
             log.warning("vms.unprivileged is off: every VM's QEMU runs as root")
         elif accel.accel is Accel.KVM and (problem := sandbox.kvm_problem()) is not None:
             log.error("QEMU runs as a user of its own VM's and cannot use KVM: %s", problem)
+        if process.scope_runner() is None:
+            log.warning("no systemd here: each VM's QEMU runs without a memory or task limit")
         self._port_rules = port_rules
         self._meter = meter or Metrics().vms()
         self._sources = sources or SourceFetcher(VmSourcesConfig())
@@ -740,8 +742,24 @@ class VmManager:
             output=files.qemu_log,
             cwd=files.dir,
             user=self._user(vm),
+            limits=self._limits(vm),
             pass_fds=(tap_fd,),
         )
+
+    def _limits(self, vm: VmRecord) -> limits.QemuLimits:
+        """What its QEMU may hold (``vms.limits``): the boot files as they are in its folder."""
+        kb = vm.kernel_boot
+        boot = tuple(Path(p) for p in (kb.kernel, kb.initrd) if p) if kb is not None else ()
+        return limits.for_vm(memory_mib=vm.memory_mib, vcpus=vm.vcpus, boot_files=boot,
+                             code_cache_mib=self._accel.code_cache_mib,
+                             overhead_mib=self._isolation.memory_overhead_mib)  # fmt: skip
+
+    def applied_limits(self, vm: VmRecord) -> limits.Held | None:
+        """What the kernel holds the VM's running QEMU to (``limits.applied``); None when it
+        does not run or no cgroup v2 says."""
+        if vm.pid is None or not process.is_ours(vm.pid, vm.uuid):
+            return None
+        return limits.applied(vm.pid)
 
     async def _attach(
         self, vm: VmRecord, pid: int, timeout: float = 30.0, *, incoming: bool = False

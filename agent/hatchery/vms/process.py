@@ -21,6 +21,7 @@ from pathlib import Path
 
 from hatchery import host
 from hatchery.errors import HatcheryError
+from hatchery.vms.limits import QemuLimits
 from hatchery.vms.sandbox import QemuUser, setpriv_binary
 
 log = logging.getLogger(__name__)
@@ -30,12 +31,21 @@ class ProcessError(HatcheryError):
     """QEMU could not be started or found."""
 
 
-def scope_prefix(unit: str) -> list[str]:
-    """Run in a transient scope of its own when systemd manages this host."""
+def scope_runner() -> str | None:
+    """``systemd-run`` where systemd manages this host (a node), else None: QEMU then runs
+    in no scope of its own and no limit holds it (``vms.limits``)."""
     runner = shutil.which("systemd-run")
-    if runner is None or not host.systemd_running():
+    return runner if runner is not None and host.systemd_running() else None
+
+
+def scope_prefix(unit: str, limits: QemuLimits | None = None) -> list[str]:
+    """Run in a transient scope of its own, held to ``limits``, when systemd manages this
+    host."""
+    runner = scope_runner()
+    if runner is None:
         return []
-    return [runner, "--scope", "--quiet", "--collect", f"--unit={unit}", "--"]
+    properties = limits.scope_properties() if limits is not None else []
+    return [runner, "--scope", "--quiet", "--collect", f"--unit={unit}", *properties, "--"]
 
 
 async def launch(
@@ -46,13 +56,15 @@ async def launch(
     output: Path,
     cwd: Path,
     user: QemuUser | None = None,
+    limits: QemuLimits | None = None,
     pass_fds: tuple[int, ...] = (),
     timeout: float = 60.0,
 ) -> int:
     """Start QEMU detached; return its PID once its QMP socket exists (the caller connects
     to QMP, which answers once QEMU is initialised).
 
-    The scope is made as root (``systemd-run --scope`` runs the rest in place), then, with
+    The scope is made as root (``systemd-run --scope`` runs the rest in place), held to
+    ``limits`` (memory and tasks: ``vms.limits``), then, with
     ``user``, ``setpriv`` drops to that user and execs QEMU: the PID returned is QEMU's,
     whose command line carries the VM's UUID (``is_ours``). QEMU runs in ``cwd``, the VM's
     folder; its paths are relative to it (see ``sandbox``). No ``-pidfile``: QEMU resolves
@@ -69,7 +81,7 @@ async def launch(
     """
     qmp.unlink(missing_ok=True)
     drop = user.setpriv(setpriv_binary()) if user is not None else []
-    full = [*scope_prefix(unit), *drop, *argv]
+    full = [*scope_prefix(unit, limits), *drop, *argv]
     log.debug("exec %s (in %s)", " ".join(full), cwd)
     return await host.spawn(full, log=output, ready=lambda: os.path.lexists(qmp),
                             timeout=timeout, cwd=cwd, pass_fds=pass_fds)  # fmt: skip

@@ -208,10 +208,13 @@ def run_story(workdir: Path, say: Callable[[str], None] = _say) -> Story:
             story.facts.update(vm=vm, vm_console=console, vm_lease=lease, vm_identity=identity)
             if not (lease and identity):  # what node B's agent saw, while it still answers
                 say(f"    node-b: hatchery logs --since 10m\n{node_b.agent_log(60, '10m')}")
+            held = vm.get("limits") or {}
             r["outcome"] = (
                 f"vm app1 (pid {vm['pid']}): DHCP lease {vm['ip']} "
                 f"{'ok' if lease else 'MISSING'}, its own identity from the metadata service "
-                f"{'ok' if identity else 'MISSING'}"
+                f"{'ok' if identity else 'MISSING'}; its QEMU held by the kernel to "
+                f"{(held.get('memory_max') or 0) / 2**20:.0f} MiB and "
+                f"{held.get('tasks_max')} tasks"
             )
         with story.step("5. hatchery-rollout: A and B to v2, live, 1 then 2 hosts") as r:
             fleet = workdir / "fleet.yaml"

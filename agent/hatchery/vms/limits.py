@@ -1,0 +1,105 @@
+"""How much of the node one VM's QEMU may take: memory and tasks, enforced by the kernel.
+
+Why: a guest that escapes into its QEMU runs as the VM's own uid under a seccomp filter
+(``sandbox``), so it cannot read another VM's disk; but memory and tasks are shared by every
+process on the node. Unbounded, a compromised QEMU could allocate until the kernel's OOM
+killer picks some other tenant's QEMU, or make threads until no one can make one. So each
+QEMU's transient scope gets a ``MemoryMax`` and a ``TasksMax`` (cgroup v2 ``memory.max``,
+``pids.max``): past them the kernel reclaims, then OOM-kills inside that scope only, and a
+new thread fails in that QEMU only.
+
+What an honest QEMU needs, and so the limit:
+
+- the guest's RAM (``memory_mib``);
+- the kernel and initrd of a direct boot, which QEMU holds in its own memory (fw_cfg blobs)
+  beside the guest's copy: up to the download cap, so counted at their real size;
+- under TCG, its translation cache (``tb-size``, see ``qemu.accel``);
+- ``vms.memory_overhead_mib`` for everything else: device models, the block layer's
+  bounce buffers, thread stacks, QEMU's own heap (117 MiB RSS in all, cache included, for a
+  256 MiB appliance under TCG: docs/benchmarks.md; less under KVM).
+
+Tasks: QEMU's main loop, RCU and worker threads (its thread pool grows to 64 per
+``AioContext``), one thread per vCPU: ``TASKS_BASE`` plus the vCPUs leaves room for
+several ``AioContext`` pools and is still far below the node's PID space.
+
+Where systemd does not run (a development host, not a node), no scope is made and these
+limits are not applied; the agent says so at start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+MIB = 1024**2
+
+#: threads a QEMU may have besides one per vCPU
+TASKS_BASE = 256
+
+PROC = Path("/proc")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+@dataclass(frozen=True, slots=True)
+class QemuLimits:
+    """The most one QEMU's scope may hold at once."""
+
+    memory_max_bytes: int
+    tasks_max: int
+
+    def scope_properties(self) -> list[str]:
+        """``systemd-run`` options that set them on the scope it makes."""
+        return [
+            f"--property=MemoryMax={self.memory_max_bytes}",
+            f"--property=TasksMax={self.tasks_max}",
+        ]
+
+
+def for_vm(
+    *, memory_mib: int, vcpus: int, boot_files: tuple[Path, ...], code_cache_mib: int,
+    overhead_mib: int,
+) -> QemuLimits:  # fmt: skip
+    """The limits of a QEMU that runs a guest of ``memory_mib`` and ``vcpus``, holding
+    ``boot_files`` (a direct boot's kernel and initrd, rounded up to a whole MiB together;
+    missing ones count 0), with a translation cache of ``code_cache_mib`` (0 under KVM)."""
+    files = 0
+    for path in boot_files:
+        with contextlib.suppress(FileNotFoundError):
+            files += path.stat().st_size
+    files_mib = -(-files // MIB)  # whole MiB, so the kernel keeps the limit as given
+    memory = (memory_mib + code_cache_mib + overhead_mib + files_mib) * MIB
+    return QemuLimits(memory_max_bytes=memory, tasks_max=TASKS_BASE + vcpus)
+
+
+def _number(path: Path) -> int | None:
+    """A cgroup file's value: None for ``max`` (no limit)."""
+    text = path.read_text().strip()
+    return None if text == "max" else int(text)
+
+
+Held = dict[str, int | None]
+
+
+def applied(pid: int, *, proc: Path = PROC, root: Path = CGROUP_ROOT) -> Held | None:
+    """What the kernel holds ``pid`` to, read from its cgroup v2 files (the truth, not the
+    agent's intention): ``memory_max`` and ``tasks_max`` (None: unlimited), and the current
+    ``memory`` and ``tasks``. None where ``pid`` is gone or the node has no cgroup v2 with the
+    memory and pids controllers (e.g. a host without systemd)."""
+    try:
+        lines = (proc / str(pid) / "cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    unified = [line[3:] for line in lines if line.startswith("0::/")]
+    if not unified:
+        return None
+    folder = root / unified[0].lstrip("/")
+    try:
+        return {
+            "memory_max": _number(folder / "memory.max"),
+            "memory": _number(folder / "memory.current"),
+            "tasks_max": _number(folder / "pids.max"),
+            "tasks": _number(folder / "pids.current"),
+        }
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,100 @@
+"""How much of the node a VM's QEMU may take (vms/limits): the sums, the scope's options and
+reading back what the kernel applies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hatchery.config import parse_config
+from hatchery.errors import ConfigError
+from hatchery.qemu.accel import decide
+from hatchery.vms import limits, process
+from hatchery.vms.limits import MIB, TASKS_BASE, QemuLimits
+
+from ..test_accel import BARE_METAL
+
+
+def test_the_limit_counts_ram_boot_files_cache_and_overhead(tmp_path: Path) -> None:
+    kernel, initrd = tmp_path / "kernel", tmp_path / "initrd"
+    kernel.write_bytes(b"k" * 3000)
+    initrd.write_bytes(b"i" * 5000)
+    tcg = decide("tcg", BARE_METAL)
+    held = limits.for_vm(memory_mib=256, vcpus=2, boot_files=(kernel, initrd),
+                         code_cache_mib=tcg.code_cache_mib, overhead_mib=512)  # fmt: skip
+    # the boot files in whole MiB: the kernel keeps memory.max in pages
+    assert held == QemuLimits((256 + 256 + 512 + 1) * MIB, TASKS_BASE + 2)
+    # under KVM there is no translation cache; a disk boot holds no boot files
+    kvm = decide("auto", BARE_METAL)
+    assert kvm.code_cache_mib == 0
+    held = limits.for_vm(memory_mib=1024, vcpus=4, boot_files=(), code_cache_mib=0,
+                         overhead_mib=512)  # fmt: skip
+    assert held.memory_max_bytes == 1536 * MIB and held.tasks_max == TASKS_BASE + 4
+    # a boot file not there (yet) counts nothing rather than failing the start
+    assert (
+        limits.for_vm(
+            memory_mib=64,
+            vcpus=1,
+            boot_files=(tmp_path / "gone",),
+            code_cache_mib=0,
+            overhead_mib=64,
+        ).memory_max_bytes
+        == 128 * MIB
+    )
+
+
+def test_the_scope_is_made_with_the_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    held = QemuLimits(1536 * MIB, 260)
+    monkeypatch.setattr(process, "scope_runner", lambda: "/usr/bin/systemd-run")
+    argv = process.scope_prefix("hatchery-vm-a", held)
+    assert argv[:2] == ["/usr/bin/systemd-run", "--scope"] and argv[-1] == "--"
+    assert f"--property=MemoryMax={1536 * MIB}" in argv and "--property=TasksMax=260" in argv
+    assert "--unit=hatchery-vm-a" in argv
+    # no systemd (a development host): no scope, so nothing to hold QEMU to
+    monkeypatch.setattr(process, "scope_runner", lambda: None)
+    assert process.scope_prefix("hatchery-vm-a", held) == []
+
+
+def _cgroup(tmp_path: Path, pid: int, lines: str, files: dict[str, str]) -> tuple[Path, Path]:
+    proc, root = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / str(pid)).mkdir(parents=True)
+    (proc / str(pid) / "cgroup").write_text(lines)
+    folder = root / "system.slice" / "hatchery-vm-a.scope"
+    folder.mkdir(parents=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return proc, root
+
+
+def test_applied_limits_are_read_from_the_processs_cgroup(tmp_path: Path) -> None:
+    files = {"memory.max": "1610612736\n", "memory.current": "123731968\n",
+             "pids.max": "260\n", "pids.current": "7\n"}  # fmt: skip
+    proc, root = _cgroup(tmp_path, 42, "0::/system.slice/hatchery-vm-a.scope\n", files)
+    assert limits.applied(42, proc=proc, root=root) == {
+        "memory_max": 1610612736,
+        "memory": 123731968,
+        "tasks_max": 260,
+        "tasks": 7,
+    }
+    assert limits.applied(43, proc=proc, root=root) is None  # gone
+
+
+def test_unlimited_and_unknown(tmp_path: Path) -> None:
+    files = {"memory.max": "max\n", "memory.current": "1\n", "pids.max": "max\n",
+             "pids.current": "1\n"}  # fmt: skip
+    proc, root = _cgroup(tmp_path, 42, "0::/system.slice/hatchery-vm-a.scope\n", files)
+    held = limits.applied(42, proc=proc, root=root)
+    assert held is not None and held["memory_max"] is None and held["tasks_max"] is None
+    # a cgroup v1 host (the memory controller is not on the unified hierarchy)
+    proc, root = _cgroup(tmp_path / "v1", 42, "4:memory:/x\n0::/\n", {})
+    assert limits.applied(42, proc=proc, root=root) is None
+    proc, root = _cgroup(tmp_path / "v1only", 42, "4:memory:/x\n", {})
+    assert limits.applied(42, proc=proc, root=root) is None
+
+
+def test_config_memory_overhead() -> None:
+    assert parse_config(None).vms.memory_overhead_mib == 512
+    assert parse_config({"vms": {"memory_overhead_mib": 256}}).vms.memory_overhead_mib == 256
+    with pytest.raises(ConfigError, match="vms.memory_overhead_mib"):
+        parse_config({"vms": {"memory_overhead_mib": 16}})
