@@ -124,8 +124,8 @@ def run() -> None:
             }
             for url in urls.values():  # warm the page cache and both servers
                 curl_speed(url)
-            for _ in range(RUNS):
-                for name, url in urls.items():
+            for i in range(RUNS):  # the order alternates: neither server always goes first
+                for name, url in list(urls.items())[:: 1 if i % 2 == 0 else -1]:
                     speeds[name].append(curl_speed(url))
             for i in range(AGGREGATE_RUNS):
                 for name, url in list(urls.items())[:: 1 if i % 2 == 0 else -1]:
@@ -146,7 +146,8 @@ def run() -> None:
     ]  # fmt: skip
     body = (
         f"One stream: a {SIZE_MB} MiB artefact (page-cached) fetched with `curl -o /dev/null` "
-        f"over loopback, {RUNS} interleaved runs each. {STREAMS} streams: {STREAMS} curls "
+        f"over loopback, {RUNS} interleaved runs each (which server goes first alternates). "
+        f"{STREAMS} streams: {STREAMS} curls "
         f"started at once, each fetching a {STREAM_MB} MiB artefact, aggregate = all bytes over "
         f"the time until the last finished, median of {AGGREGATE_RUNS} interleaved runs. Both "
         f"servers use sendfile; nginx has one worker. Load average at the end "
