@@ -23,19 +23,39 @@ Tasks: QEMU's main loop, RCU and worker threads (its thread pool grows to 64 per
 several ``AioContext`` pools and is still far below the node's PID space.
 
 Where systemd does not run (a development host, not a node), no scope is made and these
-limits are not applied; the agent says so at start.
+two limits are not applied; the agent says so at start.
+
+Disk: QEMU has no folder on the data disk it may write in (``sandbox``), only the files it
+is handed: its disk, its output and its console log. Each is held below ``RLIMIT_FSIZE``
+(``prlimit``, on every host): the disk's virtual size plus room for qcow2's metadata, and at
+least ``LOG_FILE_FACTOR`` times ``vms.log_limit_bytes`` or ``FILE_FLOOR``, far above what a
+trimmed log reaches. A QEMU that writes past it gets ``SIGXFSZ`` and ends; nothing else on
+the node is touched. Migration streams and suspended guests go through pipes, which no file
+size limit applies to.
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+from hatchery.vms.logtrim import PUNCHED_FACTOR
+from hatchery.vms.sandbox import SandboxError
 
 MIB = 1024**2
 
 #: threads a QEMU may have besides one per vCPU
 TASKS_BASE = 256
+#: qcow2's metadata beside the guest's data: L2 tables and refcounts take well under 1 %
+#: at 64 KiB clusters; a sixteenth of the disk and 256 MiB on top leave room to spare
+QCOW2_SHARE, QCOW2_EXTRA = 16, 256 * MIB
+#: the least a file of QEMU's may reach: logs cut at ``vms.log_limit_bytes`` stay far below
+FILE_FLOOR = 1024 * MIB
+#: and at least this many log limits: twice the apparent size at which a log that can only
+#: be punched is emptied (``logtrim``)
+LOG_FILE_FACTOR = 2 * PUNCHED_FACTOR
 
 PROC = Path("/proc")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -47,6 +67,12 @@ class QemuLimits:
 
     memory_max_bytes: int
     tasks_max: int
+    file_max_bytes: int = FILE_FLOOR
+
+    def prlimit(self, binary: str) -> list[str]:
+        """The prefix that sets the file size limit before exec (``prlimit`` execs in place,
+        so the PID stays QEMU's)."""
+        return [binary, f"--fsize={self.file_max_bytes}", "--"]
 
     def scope_properties(self) -> list[str]:
         """``systemd-run`` options that set them on the scope it makes."""
@@ -58,18 +84,31 @@ class QemuLimits:
 
 def for_vm(
     *, memory_mib: int, vcpus: int, boot_files: tuple[Path, ...], code_cache_mib: int,
-    overhead_mib: int,
+    overhead_mib: int, disk_mib: int = 0, log_limit: int = 0,
 ) -> QemuLimits:  # fmt: skip
     """The limits of a QEMU that runs a guest of ``memory_mib`` and ``vcpus``, holding
     ``boot_files`` (a direct boot's kernel and initrd, rounded up to a whole MiB together;
-    missing ones count 0), with a translation cache of ``code_cache_mib`` (0 under KVM)."""
+    missing ones count 0), with a translation cache of ``code_cache_mib`` (0 under KVM), a
+    disk of ``disk_mib`` (0: none) and logs cut at ``log_limit`` bytes."""
     files = 0
     for path in boot_files:
         with contextlib.suppress(FileNotFoundError):
             files += path.stat().st_size
     files_mib = -(-files // MIB)  # whole MiB, so the kernel keeps the limit as given
     memory = (memory_mib + code_cache_mib + overhead_mib + files_mib) * MIB
-    return QemuLimits(memory_max_bytes=memory, tasks_max=TASKS_BASE + vcpus)
+    disk = disk_mib * MIB
+    logs = LOG_FILE_FACTOR * log_limit
+    largest = max(disk + disk // QCOW2_SHARE + QCOW2_EXTRA, logs, FILE_FLOOR)
+    return QemuLimits(memory, TASKS_BASE + vcpus, largest)
+
+
+def prlimit_binary() -> str:
+    """:raise SandboxError: ``prlimit`` (util-linux) is not installed."""
+    found = shutil.which("prlimit")
+    if found is None:
+        raise SandboxError("prlimit (util-linux) is not installed: QEMU's files cannot be "
+                           "held to a size", hint="install util-linux")  # fmt: skip
+    return found
 
 
 def _number(path: Path) -> int | None:

@@ -14,11 +14,15 @@ way) would leave QEMU writing to the old name; copying and truncating loses what
 in between. ``fallocate(FALLOC_FL_COLLAPSE_RANGE)`` removes whole blocks from the front
 under the inode lock, so every append lands after it (ext4 and XFS have it; /data is ext4).
 A file system without it gets ``FALLOC_FL_PUNCH_HOLE``: the blocks are freed, the apparent
-size stays; and one without either, a truncation to zero (logged).
+size stays; and one without either, a truncation to zero (logged). A punched file is
+emptied too once its apparent size passes ``PUNCHED_FACTOR`` times the limit: QEMU appends
+at the end, and its file size limit (``vms.limits``, at least twice that) must never be
+reached by a log that holds only ``limit`` bytes.
 
-``console.log`` is in the VM's ``run/``, which its QEMU's uid owns: it is opened without
-following a symlink, and cut only if it is a regular file of that uid with one link (a
-hostile QEMU could otherwise point the agent at a file it cannot write itself).
+``console.log`` is in the VM's ``run/``: the agent's since QEMU gets its log as a
+descriptor, its QEMU's uid's for a VM an older agent started. It is opened without
+following a symlink, and cut only if it is a regular file of root or that uid with one
+link (a hostile QEMU could otherwise point the agent at a file it cannot write itself).
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds between two checks; what a guest can write meanwhile is the overshoot.
 TRIM_INTERVAL = 2.0
+#: A log whose front can only be punched is emptied once it looks this many limits long.
+PUNCHED_FACTOR = 32
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -83,7 +89,12 @@ def trim(path: Path, limit: int, owners: Iterable[int]) -> int:
             if exc.errno not in _UNSUPPORTED:
                 raise
             try:
-                _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, 0, cut)
+                if st.st_size > PUNCHED_FACTOR * limit:
+                    log.info("%s: %d bytes long, punched at the front: emptied", path,
+                             st.st_size)  # fmt: skip
+                    os.ftruncate(fd, 0)
+                else:
+                    _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, 0, cut)
             except OSError as exc2:
                 if exc2.errno not in _UNSUPPORTED:
                     raise

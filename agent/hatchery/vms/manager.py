@@ -112,6 +112,8 @@ async def _check_qcow2(path: Path) -> None:
 #: no changes of scheduling or CPU affinity. A guest that escapes into QEMU finds these shut.
 #: (It is why QEMU is not started with ``-daemonize``: see ``process.launch``.)
 SANDBOX = ("-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny")
+#: the fdset (``-add-fd``) that holds the console log's descriptor (``sandbox.QemuChannels``)
+CONSOLE_LOG_FDSET = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -609,9 +611,13 @@ class VmManager:
         return DiskBoot(str(disk.image), disk.format)
 
     # --- start ----------------------------------------------------------------------------
-    def _argv(self, vm: VmRecord, tap_fd: int, *, incoming: bool = False) -> list[str]:
+    def _argv(
+        self, vm: VmRecord, tap_fd: int, channels: sandbox.QemuChannels, *, incoming: bool = False
+    ) -> list[str]:
         """QEMU's command line: every path relative to the VM's folder, QEMU's working
-        directory (``sandbox``); the tap as the descriptor ``tap_fd`` the agent opened.
+        directory (``sandbox``); the tap as the descriptor ``tap_fd`` the agent opened, the
+        QMP and console sockets and the console log as the descriptors of ``channels``
+        (``-add-fd`` makes the log an fdset that the chardev's ``logfile`` names).
 
         ``incoming``: a QEMU that takes a guest over (``-incoming defer``: the agent hands it
         the stream over QMP). It is built from the same record, the versioned machine
@@ -629,15 +635,15 @@ class VmManager:
                     )
             initrd = Path(files.rel(Path(kb.initrd))) if kb.initrd else None
             boot = DirectKernel(Path(files.rel(Path(kb.kernel))), initrd, kb.cmdline)
-        console, qmp = (
-            (files.console_next, files.qmp_next) if incoming else (files.console, files.qmp)
-        )
         extra = [
             *SANDBOX,
             "-uuid", vm.uuid,
+            "-add-fd", f"fd={channels.console_log},set={CONSOLE_LOG_FDSET}",
             "-chardev",
-            f"socket,id=console,path={files.rel(console)},server=on,wait=off,"
-            f"logfile={files.rel(files.console_log)},logappend=on",
+            f"socket,id=console,fd={channels.console.fileno()},server=on,wait=off,"
+            f"logfile=/dev/fdset/{CONSOLE_LOG_FDSET},logappend=on",
+            "-chardev", f"socket,id=qmp,fd={channels.qmp.fileno()},server=on,wait=off",
+            "-mon", "chardev=qmp,mode=control",
         ]  # fmt: skip
         if vm.disk_boot is not None:
             extra += [
@@ -655,7 +661,6 @@ class VmManager:
             boot=boot,
             nics=(Nic(netdev.tap_name(vm.uuid), vm.mac, fd=tap_fd),),
             serial="chardev:console",
-            qmp_socket=Path(files.rel(qmp)),
             smbios=(
                 f"type=1,manufacturer=Hatchery,product=Hatchery VM,uuid={vm.uuid},"
                 f"serial=ds=nocloud-net;s={METADATA_URL}",
@@ -724,26 +729,33 @@ class VmManager:
         await asyncio.to_thread(sandbox.prepare, files, user)
         await netdev.ensure_tap(tap, vm.bridge, owner=user.uid if user else None)
         await self._ports_changed(vm.bridge)
-        tap_fd = netdev.open_tap(tap)
+        channels = await asyncio.to_thread(sandbox.open_channels, files, incoming=incoming)
         try:
-            return await self._launch(vm, tap_fd, incoming=incoming)
+            tap_fd = netdev.open_tap(tap)
+            try:
+                return await self._launch(vm, tap_fd, channels, incoming=incoming)
+            finally:
+                os.close(tap_fd)  # QEMU holds its own copy
         finally:
-            os.close(tap_fd)  # QEMU holds its own copy
+            channels.close()  # QEMU holds its own copies
 
-    async def _launch(self, vm: VmRecord, tap_fd: int, *, incoming: bool = False) -> int:
-        """Start QEMU on the tap ``tap_fd``; an ``incoming`` one in a scope of its own (the
-        QEMU it replaces may still hold ``hatchery-vm-NAME``)."""
+    async def _launch(
+        self, vm: VmRecord, tap_fd: int, channels: sandbox.QemuChannels, *, incoming: bool = False
+    ) -> int:
+        """Start QEMU on the tap ``tap_fd`` with its sockets and console log ``channels``; an
+        ``incoming`` one in a scope of its own (the QEMU it replaces may still hold
+        ``hatchery-vm-NAME``)."""
         files = self._files(vm)
         unit = f"hatchery-vm-{vm.name}" + (f"-{time.time_ns()}" if incoming else "")
         return await process.launch(
-            self._argv(vm, tap_fd, incoming=incoming),
+            self._argv(vm, tap_fd, channels, incoming=incoming),
             unit,
-            qmp=files.qmp_next if incoming else files.qmp,
+            qmp=None,
             output=files.qemu_log,
             cwd=files.dir,
             user=self._user(vm),
             limits=self._limits(vm),
-            pass_fds=(tap_fd,),
+            pass_fds=(tap_fd, *channels.fds()),
         )
 
     def _limits(self, vm: VmRecord) -> limits.QemuLimits:
@@ -752,7 +764,9 @@ class VmManager:
         boot = tuple(Path(p) for p in (kb.kernel, kb.initrd) if p) if kb is not None else ()
         return limits.for_vm(memory_mib=vm.memory_mib, vcpus=vm.vcpus, boot_files=boot,
                              code_cache_mib=self._accel.code_cache_mib,
-                             overhead_mib=self._isolation.memory_overhead_mib)  # fmt: skip
+                             overhead_mib=self._isolation.memory_overhead_mib,
+                             disk_mib=vm.disk_mib if vm.disk_boot is not None else 0,
+                             log_limit=self._isolation.log_limit_bytes)  # fmt: skip
 
     def applied_limits(self, vm: VmRecord) -> limits.Held | None:
         """What the kernel holds the VM's running QEMU to (``limits.applied``); None when it
@@ -882,7 +896,11 @@ class VmManager:
                 # frames queue in the tap), and gets the size back before it runs on.
                 await old.monitor.execute("stop")
                 held = time.monotonic()
-                new_pid = await self._launch(vm, tap_fd, incoming=True)
+                channels = await asyncio.to_thread(sandbox.open_channels, files, incoming=True)
+                try:
+                    new_pid = await self._launch(vm, tap_fd, channels, incoming=True)
+                finally:
+                    channels.close()
                 vm = self._save(replace(vm, incoming_pid=new_pid))
                 new = await self._attach(vm, new_pid, incoming=True)  # QMP: its init is done
                 assert new.monitor is not None

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from hatchery import host
 from hatchery.errors import HatcheryError
-from hatchery.vms.limits import QemuLimits
+from hatchery.vms.limits import QemuLimits, prlimit_binary
 from hatchery.vms.sandbox import QemuUser, setpriv_binary
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ async def launch(
     argv: list[str],
     unit: str,
     *,
-    qmp: Path,
+    qmp: Path | None,
     output: Path,
     cwd: Path,
     user: QemuUser | None = None,
@@ -60,12 +60,14 @@ async def launch(
     pass_fds: tuple[int, ...] = (),
     timeout: float = 60.0,
 ) -> int:
-    """Start QEMU detached; return its PID once its QMP socket exists (the caller connects
-    to QMP, which answers once QEMU is initialised).
+    """Start QEMU detached; return its PID, once its QMP socket ``qmp`` exists if QEMU is
+    to make it (None: the caller bound it and hands it over, ``sandbox.open_channels``). The
+    caller connects to QMP, which answers once QEMU is initialised.
 
     The scope is made as root (``systemd-run --scope`` runs the rest in place), held to
-    ``limits`` (memory and tasks: ``vms.limits``), then, with
-    ``user``, ``setpriv`` drops to that user and execs QEMU: the PID returned is QEMU's,
+    ``limits`` (memory and tasks; ``prlimit`` then sets the file size limit: ``vms.limits``),
+    then, with ``user``, ``setpriv`` drops to that user and execs QEMU: the PID returned is
+    QEMU's,
     whose command line carries the VM's UUID (``is_ours``). QEMU runs in ``cwd``, the VM's
     folder; its paths are relative to it (see ``sandbox``). No ``-pidfile``: QEMU resolves
     that path to an absolute one, which its user may not search, and the PID is known here.
@@ -77,14 +79,18 @@ async def launch(
 
     :raise CommandError: QEMU failed to start (the tail of ``output`` says why) or was not
         ready within ``timeout``.
-    :raise SandboxError: ``user`` is given and ``setpriv`` is missing.
+    :raise SandboxError: ``user`` is given and ``setpriv`` is missing, or ``limits`` and
+        ``prlimit``.
     """
-    qmp.unlink(missing_ok=True)
+    if qmp is not None:
+        qmp.unlink(missing_ok=True)
     drop = user.setpriv(setpriv_binary()) if user is not None else []
-    full = [*scope_prefix(unit, limits), *drop, *argv]
+    sized = limits.prlimit(prlimit_binary()) if limits is not None else []
+    full = [*scope_prefix(unit, limits), *sized, *drop, *argv]
     log.debug("exec %s (in %s)", " ".join(full), cwd)
-    return await host.spawn(full, log=output, ready=lambda: os.path.lexists(qmp),
-                            timeout=timeout, cwd=cwd, pass_fds=pass_fds)  # fmt: skip
+    ready = (lambda: os.path.lexists(qmp)) if qmp is not None else (lambda: True)
+    return await host.spawn(full, log=output, ready=ready, timeout=timeout, cwd=cwd,
+                            pass_fds=pass_fds)  # fmt: skip
 
 
 def is_ours(pid: int, marker: str) -> bool:

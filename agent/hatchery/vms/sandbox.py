@@ -18,13 +18,22 @@ path (in ``vms/NAME``)  owner                   mode   why
 ``qemu.log``            root                    0600   QEMU's output, written through an fd
 ``root.qcow2``          root:VM gid             0660   the disk: QEMU reads and writes it
 ``kernel``, ``initrd``  root:VM gid             0640   read only
-``run/``                VM uid                  0700   QEMU's own: QMP and console sockets,
-                                                       ``console.log``
+``run/``                root                    0700   the QMP and console sockets, bound by
+                                                       the agent, and ``console.log``: QEMU
+                                                       gets each as a descriptor
 ======================  ======================  =====  =====================================
 
-Everything in ``run/`` is made by a process that may be hostile: the agent opens files
-there without following symlinks and only if they are what they should be (``open_untrusted``,
-``checked_socket``). Another VM's uid can enter neither this folder (0710, other gid) nor
+So QEMU can create no file on the node's data disk: it has no folder there it may write.
+What it writes goes to the three files it is handed (the disk, its output and the console
+log), each held below its file size limit (``RLIMIT_FSIZE``, ``vms.limits``), and the logs
+are cut to ``vms.log_limit_bytes`` (``vms.logtrim``). A QEMU told to write elsewhere (a guest
+memory dump, a migration to a file, a block job's target) finds only the node's RAM file
+systems (/tmp, /dev/shm), charged to its own memory limit.
+
+A VM whose QEMU an older agent started may still have sockets and a ``console.log`` its
+uid made in ``run/``: the agent opens files there without following symlinks and only if they
+are what they should be (``open_untrusted``, ``checked_socket``), and puts ``run/`` right
+at the VM's next start. Another VM's uid can enter neither this folder (0710, other gid) nor
 ``run/``, and its tap belongs to this VM's uid (see ``netdev``).
 """
 
@@ -36,6 +45,7 @@ import grp
 import logging
 import os
 import shutil
+import socket
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -199,7 +209,7 @@ def prepare(files: VmFiles, user: QemuUser | None) -> None:
 
 
 def _prepare(files: VmFiles, user: QemuUser | None) -> None:
-    uid, gid = (user.uid, user.gid) if user is not None else (0, 0)
+    gid = user.gid if user is not None else 0
     os.chown(files.dir, 0, gid, follow_symlinks=False)
     os.chmod(files.dir, 0o710 if user is not None else 0o700)
     run = files.run
@@ -207,13 +217,17 @@ def _prepare(files: VmFiles, user: QemuUser | None) -> None:
         if not stat.S_ISDIR(os.lstat(run).st_mode):  # not ours: QEMU makes only sockets
             run.unlink()
     run.mkdir(mode=0o700, exist_ok=True)
-    for entry in run.iterdir():  # the last QEMU's: its sockets go, anything odd it made too
-        if stat.S_ISREG(os.lstat(entry).st_mode):
-            os.chown(entry, uid, gid, follow_symlinks=False)
-        elif not stat.S_ISDIR(os.lstat(entry).st_mode):
+    if not files.legacy:  # the agent's own from now on (an older agent gave it to QEMU)
+        os.chown(run, 0, 0, follow_symlinks=False)
+        os.chmod(run, 0o700)
+    for entry in run.iterdir():  # sockets are bound anew at each start; files become root's
+        mode = os.lstat(entry).st_mode
+        if stat.S_ISREG(mode):
+            os.chown(entry, 0, 0, follow_symlinks=False)
+            if not files.legacy:  # no one but the agent can swap it now: run/ is root's
+                os.chmod(entry, 0o600)
+        elif not stat.S_ISDIR(mode):
             entry.unlink()
-    os.chown(run, uid, gid, follow_symlinks=False)
-    os.chmod(run, 0o700)
     for path, mode in ((files.disk, 0o660), (files.kernel, 0o640), (files.initrd, 0o640)):
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISREG(os.lstat(path).st_mode):  # the agent made them: never a link
@@ -230,7 +244,74 @@ def _prepare(files: VmFiles, user: QemuUser | None) -> None:
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISREG(os.lstat(old).st_mode):
                 os.replace(old, files.console_log)
-                os.chown(files.console_log, uid, gid, follow_symlinks=False)
+                os.chown(files.console_log, 0, 0, follow_symlinks=False)
+                os.chmod(files.console_log, 0o600)
+
+
+@dataclass(slots=True)
+class QemuChannels:
+    """What a VM's QEMU is handed as descriptors instead of paths it would write: the
+    listening QMP and console sockets (bound by the agent in ``run/``) and the console log
+    (opened by the agent for appending). The agent closes its copies once QEMU runs."""
+
+    qmp: socket.socket
+    console: socket.socket
+    console_log: int
+
+    def fds(self) -> tuple[int, ...]:
+        return self.qmp.fileno(), self.console.fileno(), self.console_log
+
+    def close(self) -> None:
+        self.qmp.close()
+        self.console.close()
+        with contextlib.suppress(OSError):
+            os.close(self.console_log)
+
+
+def open_channels(files: VmFiles, *, incoming: bool = False) -> QemuChannels:
+    """Bind the QMP and console sockets (``*.next`` for an ``incoming`` QEMU, while the one
+    it replaces still has the usual names) and open the console log, for a QEMU about to be
+    started. Names are resolved under an ``O_PATH`` descriptor of ``run/`` (short socket
+    paths whatever the state folder's, and no symlink followed on the way). ``run/`` and the
+    log become root's here too, for a VM an older agent started that is refreshed (its
+    QEMU keeps the descriptors it has; ``prepare`` does the rest at its next start).
+
+    :raise SandboxError: a socket cannot be bound or the log is not a regular file.
+    """
+    names = (files.qmp_next, files.console_next) if incoming else (files.qmp, files.console)
+    opened: list[socket.socket] = []
+    try:
+        run = os.open(files.run, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        if not files.legacy:
+            os.chown(f"/proc/self/fd/{run}", 0, 0)  # the folder itself, by its descriptor
+            os.chmod(f"/proc/self/fd/{run}", 0o700)
+    except OSError as exc:
+        raise SandboxError(f"cannot open {files.run}: {exc.strerror}") from exc
+    try:
+        for path in names:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path.name, dir_fd=run)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            opened.append(listener)
+            listener.bind(f"/proc/self/fd/{run}/{path.name}")
+            listener.listen(4)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+        log_fd = os.open(files.console_log.name, flags | os.O_CLOEXEC, 0o600, dir_fd=run)
+        if not stat.S_ISREG(os.fstat(log_fd).st_mode):
+            os.close(log_fd)
+            raise OSError(errno.EINVAL, f"{files.console_log.name} is not a regular file")
+        os.set_blocking(log_fd, True)
+        if not files.legacy:
+            os.fchown(log_fd, 0, 0)
+            os.fchmod(log_fd, 0o600)
+    except OSError as exc:
+        for listener in opened:
+            listener.close()
+        raise SandboxError(f"cannot prepare the sockets and console log of {files.dir.name}: "
+                           f"{exc.strerror or exc}") from exc  # fmt: skip
+    finally:
+        os.close(run)
+    return QemuChannels(opened[0], opened[1], log_fd)
 
 
 def open_untrusted(path: Path) -> int:

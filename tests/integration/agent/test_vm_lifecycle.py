@@ -17,7 +17,15 @@ from pathlib import Path
 import pytest
 
 from hatchery.metadata.service import teardown_bridge
-from hatchery_lab.agent import AgentProcess, Pki, bridge_config, free_port, qemu_alive
+from hatchery.vms import limits
+from hatchery_lab.agent import (
+    AgentProcess,
+    Pki,
+    bridge_config,
+    free_port,
+    max_file_size,
+    qemu_alive,
+)
 from hatchery_lab.cpio_writer import Entry
 from hatchery_lab.guest import (
     INIT_PRELUDE,
@@ -396,7 +404,9 @@ def test_each_vm_qemu_runs_as_its_own_user(lab: dict, require_tool: Callable[[st
         folder = vms / vm["name"]
         st = folder.stat()
         assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, gid, 0o710)
-        assert (folder / "run").stat().st_uid == uid
+        run = (folder / "run").stat()  # the agent's: QEMU has its sockets and log by fd
+        assert (run.st_uid, run.st_mode & 0o777) == (0, 0o700)
+        assert max_file_size(vm["pid"]) == limits.FILE_FLOOR
         record = (folder / "vm.json").stat()
         assert (record.st_uid, record.st_mode & 0o777) == (0, 0o600)
     _wait_console(agent, "own1", "LEASE ")  # it boots and gets its address as before
@@ -405,21 +415,21 @@ def test_each_vm_qemu_runs_as_its_own_user(lab: dict, require_tool: Callable[[st
     own1, own2 = vms / "own1", vms / "own2"
     uid1 = uids[0]
     assert _as_uid(uid1, "cat", "kernel", cwd=own1).returncode == 0  # its own kernel
-    assert _as_uid(uid1, "cat", "run/console.log", cwd=own1).returncode == 0
     secrets = (str(own2 / "kernel"), str(agent.pki.server.key), str(agent.config_path))
-    for path in ("vm.json", "qemu.log", "../own2/kernel", "../own2/run/console.log", *secrets):
+    for path in ("vm.json", "qemu.log", "run/console.log", "../own2/kernel",
+                 "../own2/run/console.log", *secrets):  # fmt: skip
         denied = _as_uid(uid1, "cat", path, cwd=own1)
         assert denied.returncode != 0 and "Permission denied" in denied.stderr, (path, denied)
+    # no folder of its own on the data disk either: nothing to fill it with
     for argv in (["sh", "-c", "echo '{}' > vm.json"], ["touch", "planted"],
-                 ["touch", "../own2/run/planted"]):  # fmt: skip
+                 ["touch", "run/mine"], ["touch", "../own2/run/planted"]):  # fmt: skip
         assert _as_uid(uid1, *argv, cwd=own1).returncode != 0, argv
-    assert _as_uid(uid1, "touch", "run/mine", cwd=own1).returncode == 0  # its own folder
     # The console log is read without following a link QEMU could plant there.
     (own1 / "run" / "console.log").rename(own1 / "run" / "old.log")
     (own1 / "run" / "console.log").symlink_to(agent.pki.server.key)
     assert "PRIVATE KEY" not in agent.cli("vm", "console", "own1").stdout
 
-    agent.kill()  # a restarted agent re-adopts both (their QMP sockets are QEMU's)
+    agent.kill()  # a restarted agent re-adopts both, through their sockets in run/
     agent.start()
     listed = {v["name"]: v for v in agent.cli_json("vm", "list")["vms"]}
     assert [listed[n]["state"] for n in ("own1", "own2")] == ["running", "running"]

@@ -10,6 +10,10 @@ Real QEMU guests (Debian's kernel under TCG, a busybox initramfs) run by the rea
   down. QEMU's ring (``vms.status_port``) holds 4 KiB, nothing of it reaches a file; the
   QEMU waits, paused, until the restarted agent has read the guest's last word, and the VM
   is recorded stopped with ``container_status: exited 7``, not crashed.
+- ``dumper``'s QEMU is driven as a guest that took it over could drive it (its QMP, with the
+  agent down): it can create no file in its VM's folder, its ``run/`` or the agent's state,
+  and a 1.1 GiB memory dump into the one world-writable folder it finds ends at its file size
+  limit (``vms.limits``), with QEMU, not with the disk.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from pathlib import Path
 import pytest
 
 from hatchery.metadata.service import teardown_bridge
-from hatchery_lab.agent import AgentProcess, Pki, bridge_config, qemu_alive
+from hatchery.vms import limits
+from hatchery.vms.monitor import Monitor, MonitorError
+from hatchery_lab.agent import AgentProcess, Pki, bridge_config, max_file_size, qemu_alive
 from hatchery_lab.guest import INIT_PRELUDE, GuestKernel, busybox_initramfs, find_guest_kernel
 from hatchery_lab.net import bridge
 from tests.conftest import missing
@@ -50,6 +56,7 @@ echo FLOOD-END
 exec sleep 3600
 """
 )
+QUIET_INIT = INIT_PRELUDE + "echo QUIET-READY\nexec sleep 3600\n"
 BOXED_INIT = (
     INIT_PRELUDE
     + r"""
@@ -78,6 +85,7 @@ def lab(tmp_path: Path, require_root: None, require_tool: Callable[[str], str]) 
     artefacts = tmp_path / "artefacts"
     artefacts.mkdir()
     (artefacts / "noisy").write_bytes(busybox_initramfs(NOISY_INIT))
+    (artefacts / "dumper").write_bytes(busybox_initramfs(QUIET_INIT))
     modules = [kernel.module(m) for m in SERIAL_MODULES]
     (artefacts / "boxed").write_bytes(busybox_initramfs(BOXED_INIT, modules=modules))
     pki_ = Pki.make(tmp_path / "pki")
@@ -95,10 +103,10 @@ def lab(tmp_path: Path, require_root: None, require_tool: Callable[[str], str]) 
             asyncio.run(teardown_bridge(br))
 
 
-def _create(lab: dict, name: str, *extra: str) -> None:
+def _create(lab: dict, name: str, *extra: str, memory: int = 192) -> None:
     lab["agent"].cli("vm", "create", name, "--kernel", str(lab["kernel"]), "--initrd",
                      str(lab["artefacts"] / name), "--cmdline", "console=ttyS0 quiet",
-                     "--memory", "192", *extra)  # fmt: skip
+                     "--memory", str(memory), *extra)  # fmt: skip
 
 
 def _on_disk(folder: Path) -> int:
@@ -151,3 +159,46 @@ def test_a_status_port_flood_reaches_no_file_and_its_last_word_outlives_the_agen
     assert not shown["reason"], shown  # a clean power-off, not a crash
     assert not qemu_alive(pid)
     agent.cli("vm", "destroy", "boxed")
+
+
+async def _dump(qmp: Path, targets: list[str]) -> list[str]:
+    """What QEMU answers to a memory dump into each of ``targets``, in order."""
+    monitor = Monitor("dumper", qmp, lambda kind, data: None)
+    await monitor.connect(30)
+    answers = []
+    try:
+        for target in targets:
+            try:
+                await monitor.execute("dump-guest-memory",
+                                      {"paging": False, "protocol": f"file:{target}"})  # fmt: skip
+                answers.append("written")
+            except MonitorError as exc:
+                answers.append(exc.message)
+    finally:
+        await monitor.close()
+    return answers
+
+
+def test_a_qemu_taken_over_cannot_fill_the_data_disk(lab: dict) -> None:
+    agent: AgentProcess = lab["agent"]
+    _create(lab, "dumper", memory=1100)
+    folder = agent.state_dir / "vms" / "dumper"
+    _wait("the guest", lambda: "QUIET-READY" in agent.cli("vm", "console", "dumper").stdout)
+    vm = agent.cli_json("vm", "show", "dumper")
+    assert max_file_size(vm["pid"]) == limits.FILE_FLOOR  # no disk; logs far below
+    spill = Path("/tmp") / f"hatchery-dump-{vm['uuid']}"  # world-writable: QEMU can write here
+    agent.kill()  # its QMP is free: as a hostile guest inside QEMU would use it
+    try:
+        refused = ["run/dump", "dump", str(agent.state_dir / "dump")]
+        answers = asyncio.run(_dump(folder / "run" / "qmp", [*refused, str(spill)]))
+        for target, answer in zip(refused, answers, strict=False):
+            assert "Permission denied" in answer, (target, answer)
+        assert answers[-1] != "written", "1.1 GiB went past the file size limit"
+        assert spill.stat().st_size <= limits.FILE_FLOOR
+        _wait("QEMU's end (SIGXFSZ)", lambda: not qemu_alive(vm["pid"]), 30)
+    finally:
+        spill.unlink(missing_ok=True)
+    assert not any(p.name == "dump" for p in folder.rglob("*"))
+    agent.start()
+    assert agent.cli_json("vm", "show", "dumper")["state"] == "crashed"
+    agent.cli("vm", "destroy", "dumper")

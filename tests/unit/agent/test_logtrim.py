@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from hatchery.vms.logtrim import trim
+from hatchery.vms import limits
+from hatchery.vms.logtrim import PUNCHED_FACTOR, trim
 
 ME = (os.getuid(),)
 LIMIT = 256 * 1024
@@ -94,3 +95,32 @@ def test_what_is_not_the_vms_own_log_is_never_cut(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         trim(fifo, LIMIT, ME)  # O_NONBLOCK: no reader, refused at once, never blocks
     assert target.read_bytes() == b"s" * (LIMIT * 2)
+
+
+def test_a_log_that_can_only_be_punched_never_grows_to_qemus_file_size_limit() -> None:
+    # /dev/shm (tmpfs) cannot collapse: the apparent size would grow with every punch until
+    # QEMU's RLIMIT_FSIZE (vms.limits: at least 2 x PUNCHED_FACTOR limits) ended it
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm")
+    log = shm / f"logtrim-punched-{os.getpid()}.log"
+    try:
+        with log.open("ab") as qemu:
+            chunk = b"x" * (LIMIT // 2)
+            largest = 0
+            for _ in range(4 * PUNCHED_FACTOR):  # a guest printing on
+                qemu.write(chunk * 3)
+                qemu.flush()
+                largest = max(largest, log.stat().st_size)
+                trim(log, LIMIT, ME)
+                assert _used(log) <= LIMIT
+                if log.stat().st_size == 0:  # past the factor: emptied
+                    break
+            assert log.stat().st_size == 0, "a punched log was never emptied"
+            assert PUNCHED_FACTOR * LIMIT < largest <= (PUNCHED_FACTOR + 2) * LIMIT
+            qemu.write(b"next line\n")  # the appends start over at the front
+            qemu.flush()
+        assert log.read_bytes() == b"next line\n"
+        assert PUNCHED_FACTOR * LIMIT * 2 <= limits.LOG_FILE_FACTOR * LIMIT
+    finally:
+        log.unlink(missing_ok=True)

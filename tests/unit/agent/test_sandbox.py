@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import stat
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from hatchery.vms.sandbox import (
     VmFiles,
     checked_socket,
     kvm_problem,
+    open_channels,
     open_untrusted,
     pick_uid,
     prepare,
@@ -80,8 +82,11 @@ def test_prepare_hands_the_folder_over(tmp_path: Path) -> None:
     (files.dir / "vm.json").write_text("{}")
     (files.dir / "console.log").write_text("old history\n")  # an older agent's place for it
     files.run.mkdir()
+    os.chown(files.run, UID, UID)  # as an older agent left it: QEMU's own
     (files.run / "planted").symlink_to("/etc/shadow")  # left by a hostile QEMU
     os.mkfifo(files.run / "qmp")
+    (files.run / "filler").write_bytes(b"x" * 4096)
+    os.chown(files.run / "filler", UID, UID)
     prepare(files, QemuUser(UID, UID))
 
     def owner(path: Path) -> tuple[int, int, int]:
@@ -89,12 +94,14 @@ def test_prepare_hands_the_folder_over(tmp_path: Path) -> None:
         return st.st_uid, st.st_gid, st.st_mode & 0o777
 
     assert owner(files.dir) == (0, UID, 0o710)
-    assert owner(files.run) == (UID, UID, 0o700)
+    # run/ is the agent's now: QEMU gets its sockets and log as descriptors, and has no
+    # folder on the data disk it may write in
+    assert owner(files.run) == (0, 0, 0o700)
     assert owner(files.disk) == (0, UID, 0o660) and owner(files.kernel) == (0, UID, 0o640)
     assert owner(files.dir / "vm.json")[:2] == (0, 0) and owner(files.qemu_log) == (0, 0, 0o600)
-    assert sorted(p.name for p in files.run.iterdir()) == ["console.log"]
+    assert sorted(p.name for p in files.run.iterdir()) == ["console.log", "filler"]
     assert files.console_log.read_text() == "old history\n"
-    assert owner(files.console_log)[:2] == (UID, UID)
+    assert owner(files.console_log) == (0, 0, 0o600) and owner(files.run / "filler")[:2] == (0, 0)
     prepare(files, None)  # vms.unprivileged off: all root's again
     assert owner(files.dir) == (0, 0, 0o700) and owner(files.run)[:2] == (0, 0)
     assert owner(files.disk)[:2] == (0, 0)
@@ -145,3 +152,35 @@ def test_kvm_device_must_be_open_to_the_kvm_group(tmp_path: Path) -> None:
     device.chmod(0o666)
     assert kvm_problem(device) is None
     assert kvm_problem(tmp_path / "missing") is not None
+
+
+def test_qemu_gets_its_sockets_and_console_log_as_descriptors(tmp_path: Path) -> None:
+    # a state folder deep enough that a socket path under it would pass sun_path's 108 bytes
+    files = VmFiles(tmp_path / ("d" * 60) / ("e" * 60) / "vm")
+    files.dir.mkdir(parents=True)
+    prepare(files, QemuUser(UID, UID))
+    files.qmp.write_text("stale")  # replaced by a fresh socket
+    channels = open_channels(files)
+    try:
+        assert stat.S_ISSOCK(files.qmp.lstat().st_mode) and files.console.lstat().st_uid == 0
+        with socket.socket(socket.AF_UNIX) as client:  # how the agent reaches QMP
+            fd = checked_socket(files.qmp, (UID, 0))
+            try:
+                client.connect(f"/proc/self/fd/{fd}")
+            finally:
+                os.close(fd)
+            accepted, _ = channels.qmp.accept()
+            accepted.close()
+        os.write(channels.console_log, b"appended\n")
+        assert files.console_log.read_bytes() == b"appended\n"
+        assert os.stat(files.console_log).st_mode & 0o777 == 0o600
+    finally:
+        channels.close()
+    incoming = open_channels(files, incoming=True)  # a refresh: the old QEMU keeps its names
+    incoming.close()
+    assert {p.name for p in files.run.iterdir()} >= {"qmp", "qmp.next", "console.next"}
+    files.console_log.unlink()
+    files.console_log.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(SandboxError, match="console log"):
+        open_channels(files)
+    assert not (tmp_path / "elsewhere").exists()

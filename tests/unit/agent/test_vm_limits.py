@@ -98,3 +98,18 @@ def test_config_memory_overhead() -> None:
     assert parse_config({"vms": {"memory_overhead_mib": 256}}).vms.memory_overhead_mib == 256
     with pytest.raises(ConfigError, match="vms.memory_overhead_mib"):
         parse_config({"vms": {"memory_overhead_mib": 16}})
+
+
+def test_each_file_qemu_writes_is_held_below_a_size() -> None:
+    def largest(disk_mib: int, log_limit: int) -> int:
+        return limits.for_vm(memory_mib=256, vcpus=1, boot_files=(), code_cache_mib=0,
+                             overhead_mib=512, disk_mib=disk_mib,
+                             log_limit=log_limit).file_max_bytes  # fmt: skip
+
+    # a disk: its virtual size, a sixteenth for qcow2's metadata and 256 MiB
+    assert largest(10240, 2 * MIB) == (10240 + 640 + 256) * MIB
+    # no disk: the logs' bound, never below the floor
+    assert largest(0, 2 * MIB) == limits.FILE_FLOOR
+    assert largest(0, 64 * MIB) == limits.LOG_FILE_FACTOR * 64 * MIB
+    held = QemuLimits(MIB, 1, 5 * MIB)
+    assert held.prlimit("/usr/bin/prlimit") == ["/usr/bin/prlimit", f"--fsize={5 * MIB}", "--"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from hatchery.config import VmSourcesConfig
 from hatchery.images.signing import TrustedKeys, load_public_key
 from hatchery.vms.manager import SANDBOX, VmError
 from hatchery.vms.model import KernelBoot, VmState
+from hatchery.vms.sandbox import QemuChannels
 from hatchery.vms.sources import SourceError, UrlFetcher, parse_source, refusal
 from tests.support.synthetic_images import keypair, signed_build
 from tests.unit.api.conftest import ADMIN, Api
@@ -167,7 +169,19 @@ async def test_qemu_is_sandboxed_and_boots_only_its_own_copies(api: Api) -> None
     status, body = await _create(api, kernel={"kernel": str(api.kernel)})
     assert status == 201
     vm = api.manager.get("v1")
-    argv = api.manager._argv(vm, tap_fd=3)
+    log_fd = os.open(os.devnull, os.O_WRONLY)
+    channels = QemuChannels(socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX), log_fd)
+    qmp_fd, console_fd = channels.qmp.fileno(), channels.console.fileno()
+    try:
+        argv = api.manager._argv(vm, 3, channels)
+    finally:
+        channels.close()
+    # its sockets and console log are descriptors: QEMU is given no path it would write
+    words = " ".join(argv)
+    assert f"socket,id=qmp,fd={qmp_fd},server=on" in words
+    assert f"socket,id=console,fd={console_fd},server=on" in words
+    assert f"-add-fd fd={log_fd},set=1" in words and "logfile=/dev/fdset/1," in words
+    assert "path=" not in words and "-qmp" not in argv
     i = argv.index("-sandbox")
     assert argv[i : i + 2] == list(SANDBOX)
     for option in ("obsolete", "elevateprivileges", "spawn", "resourcecontrol"):
@@ -176,7 +190,7 @@ async def test_qemu_is_sandboxed_and_boots_only_its_own_copies(api: Api) -> None
     # A record from before sources were checked, naming a host path: it does not start.
     old = vm.with_state(VmState.STOPPED, kernel_boot=KernelBoot("/etc/hatchery/tls/agent.key"))
     with pytest.raises(VmError, match="outside its folder"):
-        api.manager._argv(old, tap_fd=3)
+        api.manager._argv(old, 3, channels)
     assert os.path.dirname(body["kernel_boot"]["kernel"]).endswith("/vms/v1")
 
 
