@@ -6,7 +6,7 @@ from pathlib import Path
 
 from hatchery.config import VmIsolationConfig
 from hatchery.qemu.accel import TCG_CODE_CACHE_MIB
-from hatchery.vms.limits import MIB, TASKS_BASE
+from hatchery.vms.limits import FILE_FLOOR, MIB, TASKS_BASE
 from hatchery_lab.images import build_images
 from hatchery_lab.story import run_story
 
@@ -34,4 +34,5 @@ def test_the_whole_story(images: Path, tmp_path: Path) -> None:
         assert held is not None, "node B reports no cgroup limits for its VM's QEMU"
         assert held["memory_max"] in (base, base + TCG_CODE_CACHE_MIB * MIB), held
         assert held["tasks_max"] == TASKS_BASE + before["vcpus"], held
+        assert held["file_max"] == FILE_FLOOR, held  # no disk: its logs' bound
         assert 0 < held["memory"] < held["memory_max"] and 0 < held["tasks"] < held["tasks_max"]

@@ -104,14 +104,17 @@ def _render_vm(vm: Any, _: argparse.Namespace) -> None:
 def _limits(held: dict[str, int | None] | None) -> str:
     """What the kernel holds the VM's QEMU to, as ``vm show`` prints it."""
     if held is None:
-        return "- (not running, or no cgroup v2 on the node)"
+        return "- (not running)"
 
     def mib(value: int | None) -> str:
         return "unlimited" if value is None else f"{value / 1024**2:.0f} MiB"
 
+    files = f"files {mib(held.get('file_max'))} each"
+    if held["memory"] is None:  # no cgroup v2 with those controllers: a development host
+        return f"memory and tasks not limited on this host, {files}"
     tasks_max = "unlimited" if held["tasks_max"] is None else str(held["tasks_max"])
     return (f"memory {mib(held['memory'])} of {mib(held['memory_max'])}, "
-            f"tasks {held['tasks']} of {tasks_max}")  # fmt: skip
+            f"tasks {held['tasks']} of {tasks_max}, {files}")  # fmt: skip
 
 
 # --- vm ------------------------------------------------------------------------------

@@ -120,25 +120,37 @@ def _number(path: Path) -> int | None:
 Held = dict[str, int | None]
 
 
-def applied(pid: int, *, proc: Path = PROC, root: Path = CGROUP_ROOT) -> Held | None:
-    """What the kernel holds ``pid`` to, read from its cgroup v2 files (the truth, not the
-    agent's intention): ``memory_max`` and ``tasks_max`` (None: unlimited), and the current
-    ``memory`` and ``tasks``. None where ``pid`` is gone or the node has no cgroup v2 with the
-    memory and pids controllers (e.g. a host without systemd)."""
-    try:
-        lines = (proc / str(pid) / "cgroup").read_text().splitlines()
-    except OSError:
-        return None
+def _file_max(pid: int, proc: Path) -> int | None:
+    """``pid``'s ``RLIMIT_FSIZE`` (hard), from ``/proc/PID/limits``; None: unlimited."""
+    for line in (proc / str(pid) / "limits").read_text().splitlines():
+        if line.startswith("Max file size"):
+            value = line.split()[4]
+            return None if value == "unlimited" else int(value)
+    return None
+
+
+def _cgroup(pid: int, proc: Path, root: Path) -> Held:
+    """The memory and tasks limits and use of ``pid``'s cgroup v2; all None without one."""
+    held: Held = dict.fromkeys(("memory_max", "memory", "tasks_max", "tasks"))
+    lines = (proc / str(pid) / "cgroup").read_text().splitlines()
     unified = [line[3:] for line in lines if line.startswith("0::/")]
     if not unified:
-        return None
+        return held
     folder = root / unified[0].lstrip("/")
+    names = ("memory.max", "memory.current", "pids.max", "pids.current")
     try:
-        return {
-            "memory_max": _number(folder / "memory.max"),
-            "memory": _number(folder / "memory.current"),
-            "tasks_max": _number(folder / "pids.max"),
-            "tasks": _number(folder / "pids.current"),
-        }
-    except (OSError, ValueError):
+        return {key: _number(folder / name) for key, name in zip(held, names, strict=True)}
+    except (OSError, ValueError):  # no such controller there (cgroup v1 for memory, say)
+        return held
+
+
+def applied(pid: int, *, proc: Path = PROC, root: Path = CGROUP_ROOT) -> Held | None:
+    """What the kernel holds ``pid`` to (the truth, not the agent's intention): from its
+    cgroup v2 files ``memory_max`` and ``tasks_max`` and the current ``memory`` and
+    ``tasks`` (all None where the node has no cgroup v2 with the memory and pids controllers,
+    e.g. a host without systemd), and ``file_max`` from its resource limits (None:
+    unlimited). None where ``pid`` is gone."""
+    try:
+        return {**_cgroup(pid, proc, root), "file_max": _file_max(pid, proc)}
+    except OSError:
         return None

@@ -770,7 +770,7 @@ class VmManager:
 
     def applied_limits(self, vm: VmRecord) -> limits.Held | None:
         """What the kernel holds the VM's running QEMU to (``limits.applied``); None when it
-        does not run or no cgroup v2 says."""
+        does not run."""
         if vm.pid is None or not process.is_ours(vm.pid, vm.uuid):
             return None
         return limits.applied(vm.pid)

@@ -186,6 +186,8 @@ def test_a_qemu_taken_over_cannot_fill_the_data_disk(lab: dict) -> None:
     _wait("the guest", lambda: "QUIET-READY" in agent.cli("vm", "console", "dumper").stdout)
     vm = agent.cli_json("vm", "show", "dumper")
     assert max_file_size(vm["pid"]) == limits.FILE_FLOOR  # no disk; logs far below
+    assert vm["limits"]["file_max"] == limits.FILE_FLOOR  # as the agent reads it back
+    assert "files 1024 MiB each" in agent.cli("vm", "show", "dumper").stdout
     spill = Path("/tmp") / f"hatchery-dump-{vm['uuid']}"  # world-writable: QEMU can write here
     agent.kill()  # its QMP is free: as a hostile guest inside QEMU would use it
     try:

@@ -3,6 +3,8 @@ reading back what the kernel applies."""
 
 from __future__ import annotations
 
+import os
+import resource
 from pathlib import Path
 
 import pytest
@@ -56,10 +58,18 @@ def test_the_scope_is_made_with_the_limits(monkeypatch: pytest.MonkeyPatch) -> N
     assert process.scope_prefix("hatchery-vm-a", held) == []
 
 
+LIMITS = """Limit                     Soft Limit           Hard Limit           Units
+Max cpu time              unlimited            unlimited            seconds
+Max file size             1073741824           1073741824           bytes
+Max data size             unlimited            unlimited            bytes
+"""
+
+
 def _cgroup(tmp_path: Path, pid: int, lines: str, files: dict[str, str]) -> tuple[Path, Path]:
     proc, root = tmp_path / "proc", tmp_path / "cgroup"
     (proc / str(pid)).mkdir(parents=True)
     (proc / str(pid) / "cgroup").write_text(lines)
+    (proc / str(pid) / "limits").write_text(LIMITS)
     folder = root / "system.slice" / "hatchery-vm-a.scope"
     folder.mkdir(parents=True)
     for name, text in files.items():
@@ -76,6 +86,7 @@ def test_applied_limits_are_read_from_the_processs_cgroup(tmp_path: Path) -> Non
         "memory": 123731968,
         "tasks_max": 260,
         "tasks": 7,
+        "file_max": 1073741824,
     }
     assert limits.applied(43, proc=proc, root=root) is None  # gone
 
@@ -86,11 +97,17 @@ def test_unlimited_and_unknown(tmp_path: Path) -> None:
     proc, root = _cgroup(tmp_path, 42, "0::/system.slice/hatchery-vm-a.scope\n", files)
     held = limits.applied(42, proc=proc, root=root)
     assert held is not None and held["memory_max"] is None and held["tasks_max"] is None
+    unknown = dict.fromkeys(("memory_max", "memory", "tasks_max", "tasks"))
     # a cgroup v1 host (the memory controller is not on the unified hierarchy)
     proc, root = _cgroup(tmp_path / "v1", 42, "4:memory:/x\n0::/\n", {})
-    assert limits.applied(42, proc=proc, root=root) is None
+    assert limits.applied(42, proc=proc, root=root) == {**unknown, "file_max": 1073741824}
     proc, root = _cgroup(tmp_path / "v1only", 42, "4:memory:/x\n", {})
-    assert limits.applied(42, proc=proc, root=root) is None
+    assert limits.applied(42, proc=proc, root=root) == {**unknown, "file_max": 1073741824}
+    # this very process, on this machine: its own file size limit, as the kernel says
+    hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+    mine = limits.applied(os.getpid())
+    assert mine is not None
+    assert mine["file_max"] == (None if hard == resource.RLIM_INFINITY else hard)
 
 
 def test_config_memory_overhead() -> None:
