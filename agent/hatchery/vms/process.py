@@ -67,10 +67,10 @@ async def launch(
     The scope is made as root (``systemd-run --scope`` runs the rest in place), held to
     ``limits`` (memory and tasks; ``prlimit`` then sets the file size limit: ``vms.limits``),
     then, with ``user``, ``setpriv`` drops to that user and execs QEMU: the PID returned is
-    QEMU's,
-    whose command line carries the VM's UUID (``is_ours``). QEMU runs in ``cwd``, the VM's
-    folder; its paths are relative to it (see ``sandbox``). No ``-pidfile``: QEMU resolves
-    that path to an absolute one, which its user may not search, and the PID is known here.
+    QEMU's, whose command line carries the VM's UUID (``is_ours``). QEMU runs in ``cwd``, the
+    VM's folder; its paths are relative to it (see ``sandbox``). No ``-pidfile``: QEMU
+    resolves that path to an absolute one, which its user may not search, and the PID is
+    known here.
 
     Not with ``-daemonize``: QEMU installs its seccomp filter before it daemonizes, and the
     filter forbids the ``fork`` and ``setsid`` that needs (``spawn=deny``,
