@@ -107,6 +107,17 @@ async def _check_qcow2(path: Path) -> None:
         )
 
 
+async def _virtual_mib(volume: Path) -> int:
+    """The virtual size of the qcow2 ``volume``, in whole MiB (``qemu-img info``)."""
+    info = await host.run_async(["qemu-img", "info", "-f", "qcow2", "--output=json",
+                                 str(volume)], timeout=60)  # fmt: skip
+    try:
+        size = int(json.loads(info.stdout)["virtual-size"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise VmError(f"qemu-img info gave no virtual size for {volume.name}") from exc
+    return -(-size // (1024 * 1024))
+
+
 #: QEMU's seccomp filter for every VM: no obsolete system calls, no setuid/setgid or new
 #: sessions, no fork/exec (QEMU needs none of them: the agent makes the taps, ``script=no``),
 #: no changes of scheduling or CPU affinity. A guest that escapes into QEMU finds these shut.
@@ -503,7 +514,7 @@ class VmManager:
             vm = self._reserve(req)
             try:
                 if req.disk_boot is not None:
-                    vm = replace(vm, disk_boot=await self._make_volume(vm, req.disk_boot))
+                    vm = await self._make_volume(vm, req.disk_boot)
                 if req.kernel_boot is not None:
                     vm = replace(vm, kernel_boot=await self._fetch_kernel(vm.name, req.kernel_boot))
                 vm = replace(vm, machine=await machines.versioned(self._qemu, vm.machine))
@@ -582,8 +593,10 @@ class VmManager:
             await self._sources.fetch(boot.initrd, initrd, "kernel.initrd")
         return KernelBoot(str(kernel), str(initrd) if initrd else None, boot.cmdline)
 
-    async def _make_volume(self, vm: VmRecord, disk: DiskRequest) -> DiskBoot:
-        """The root volume, converted from the image copied into the VM's folder.
+    async def _make_volume(self, vm: VmRecord, disk: DiskRequest) -> VmRecord:
+        """``vm`` with its root volume, converted from the image copied into the VM's folder,
+        and the volume's virtual size as its ``disk_mib`` (the image's own when the request
+        named none: it bounds what QEMU may write, ``vms.limits``).
 
         ``qemu-img`` always gets the declared format (``-f``): an image declared raw is read
         as raw bytes even if they form a qcow2 header, so no backing file it names is ever
@@ -608,7 +621,11 @@ class VmManager:
                 await host.run_async(["qemu-img", "resize", str(volume), f"{vm.disk_mib}M"])
             except CommandError as exc:
                 raise VmError(f"cannot resize the root volume: {exc.message}") from exc
-        return DiskBoot(str(disk.image), disk.format)
+        try:
+            size = await _virtual_mib(volume)  # made here, no QEMU has run on it yet
+        except CommandError as exc:
+            raise VmError(f"cannot read the root volume's size: {exc.message}") from exc
+        return replace(vm, disk_boot=DiskBoot(str(disk.image), disk.format), disk_mib=size)
 
     # --- start ----------------------------------------------------------------------------
     def _argv(
@@ -697,6 +714,7 @@ class VmManager:
             if not machines.is_versioned(vm.machine):  # an older agent's record: fixed now
                 machine = await machines.versioned(self._qemu, vm.machine)
                 vm = self._save(replace(vm, machine=machine))
+            vm = await self._sized(vm)
             pid = await self._spawn(vm)
         except HatcheryError as exc:
             self._transition(vm, Event.START_FAILED, reason=f"start failed: {exc.message}")
@@ -757,6 +775,16 @@ class VmManager:
             limits=self._limits(vm),
             pass_fds=(tap_fd, *channels.fds()),
         )
+
+    async def _sized(self, vm: VmRecord) -> VmRecord:
+        """An older agent's record of a disk VM made without a size (``disk_mib`` 0): its
+        volume's virtual size, read once and kept, so its QEMU's file size limit fits the
+        disk the guest has."""
+        if vm.disk_boot is None or vm.disk_mib:
+            return vm
+        size = await _virtual_mib(self._files(vm).disk)
+        log.info("vm %s: its volume's virtual size, %d MiB, now in its record", vm.name, size)
+        return self._save(replace(vm, disk_mib=size))
 
     def _limits(self, vm: VmRecord) -> limits.QemuLimits:
         """What its QEMU may hold (``vms.limits``): the boot files as they are in its folder."""
@@ -882,6 +910,10 @@ class VmManager:
             try:
                 machine = await migration.running_machine(old.monitor)
             except MonitorError as exc:
+                raise VmError(f"cannot refresh vm {name}: {exc.message}") from exc
+            try:
+                vm = await self._sized(vm)
+            except HatcheryError as exc:
                 raise VmError(f"cannot refresh vm {name}: {exc.message}") from exc
             vm = self._transition(vm, Event.REFRESH_REQUESTED, machine=machine, reason=None)
             files, new, new_pid, tap_fd, hdr, held = self._files(vm), None, None, -1, 0, 0.0
@@ -1080,6 +1112,7 @@ class VmManager:
         try:
             if saved is None or not saved.is_file():
                 raise VmError(f"its state file {saved} is missing")
+            vm = await self._sized(vm)
             pid = await self._spawn(vm, incoming=True)
             vm = self._save(replace(vm, pid=pid))
             live = await self._attach(vm, pid, incoming=True)

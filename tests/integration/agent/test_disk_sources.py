@@ -93,3 +93,34 @@ async def test_declared_qcow2_with_a_backing_file_is_refused(
         assert (tmp_path / "vms" / "d3" / "root.qcow2").is_file()
     finally:
         pool.close()
+
+
+async def test_the_record_holds_the_volumes_real_size(
+    tmp_path: Path, require_tool: Callable[[str], str]
+) -> None:
+    # The size bounds what QEMU may write (vms.limits): an image larger than the size asked
+    # for (or none asked) must not leave a limit below the disk the guest really has.
+    require_tool("qemu-img")
+    folder = tmp_path / "artefacts"
+    folder.mkdir()
+    image = folder / "cloud.qcow2"
+    _qemu_img("create", "-q", "-f", "qcow2", str(image), "2G")
+    manager, pool = _manager(tmp_path, folder)
+    try:
+        vm = await manager.create(_request("sized", image, "qcow2"))
+        assert vm.disk_mib == 2048 and manager.get("sized").disk_mib == 2048
+        grown = await manager.create(
+            CreateRequest(
+                "grown",
+                disk_mib=3072,
+                start=False,
+                disk_boot=DiskRequest(FolderFile(str(image)), "qcow2"),
+            )  # fmt: skip
+        )
+        assert grown.disk_mib == 3072
+        assert '"virtual-size": 3221225472' in _qemu_img(
+            "info", "--output=json", str(tmp_path / "vms" / "grown" / "root.qcow2"))  # fmt: skip
+        held = manager._limits(vm)
+        assert held.file_max_bytes == (2048 + 128 + 256) * 1024**2
+    finally:
+        pool.close()
