@@ -37,7 +37,12 @@ size limit applies to.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
+import re
 import shutil
+import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +64,10 @@ LOG_FILE_FACTOR = 2 * PUNCHED_FACTOR
 
 PROC = Path("/proc")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+KMSG = Path("/dev/kmsg")
+#: the OOM killer's line, a memory cgroup's ("Memory cgroup out of memory: ...") or the
+#: node's ("Out of memory: ..."), as the kernel writes it to its log
+_OOM_KILL = re.compile(rb"[Oo]ut of memory: Killed process (\d+) ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,3 +163,51 @@ def applied(pid: int, *, proc: Path = PROC, root: Path = CGROUP_ROOT) -> Held | 
         return {**_cgroup(pid, proc, root), "file_max": _file_max(pid, proc)}
     except OSError:
         return None
+
+
+def oom_killed(pid: int, since: float, kmsg: Path = KMSG) -> bool:
+    """Whether the kernel's log says its OOM killer ended ``pid`` after ``since`` (seconds of
+    ``CLOCK_MONOTONIC``, so a PID used again is not mistaken for it); False where the log
+    cannot be read (no ``/dev/kmsg``, or not root)."""
+    try:
+        fd = os.open(kmsg, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    found = False
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)  # from the oldest record the kernel still holds
+        while True:
+            try:
+                record = os.read(fd, 8192)  # one record per read: "LEVEL,SEQ,USEC,-;TEXT"
+            except BlockingIOError:
+                break  # read them all
+            except OSError as exc:
+                if exc.errno == errno.EPIPE:  # overwritten while we read: go on
+                    continue
+                break
+            if not record:
+                break
+            match = _OOM_KILL.search(record)
+            if match is None or int(match.group(1)) != pid:
+                continue
+            with contextlib.suppress(ValueError, IndexError):
+                found = int(record.split(b",", 3)[2]) / 1e6 >= since
+    finally:
+        os.close(fd)
+    return found
+
+
+def exit_cause(pid: int, killed_by: int | None, started: float) -> str | None:
+    """Why a QEMU ended that no one asked to stop, when the kernel can tell: the file size
+    limit (``SIGXFSZ``), the OOM killer (its log), or another signal. ``killed_by``: the
+    signal, known for the agent's own children (``process.ExitWatch``); ``started``: when the
+    QEMU started, wall-clock seconds (``VmRecord.started``)."""
+    if killed_by == signal.SIGXFSZ:
+        return "it wrote past its file size limit (vms.limits)"
+    if killed_by in (None, signal.SIGKILL):
+        since = time.monotonic() - (time.time() - started)
+        if oom_killed(pid, since):
+            return "the kernel's OOM killer ended it (its memory limit, or the node's memory)"
+    if killed_by is not None:
+        return f"killed by {signal.Signals(killed_by).name}"
+    return None

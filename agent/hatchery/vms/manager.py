@@ -443,7 +443,9 @@ class VmManager:
                     self._transition(vm, Event.SUSPEND_FAILED, reason="suspend interrupted "
                                      "by an agent restart")  # fmt: skip
             else:
-                self._settle_dead(vm, "QEMU exited while the agent was down")
+                why = "QEMU exited while the agent was down"
+                cause = limits.exit_cause(vm.pid, None, vm.started or 0.0) if vm.pid else None
+                self._settle_dead(vm, f"{why}: {cause}" if cause else why)
 
     async def _adopt_powered_off(self, name: str) -> None:
         """A container VM whose guest powered off while the agent was down: its QEMU waits
@@ -872,6 +874,9 @@ class VmManager:
         clean = live.shutdown_seen
         event = Event.STOPPED if clean else Event.DIED
         reason = None if clean or vm.state is VmState.STOPPING else "QEMU exited unexpectedly"
+        if reason and vm.pid is not None and live.watch is not None:
+            cause = limits.exit_cause(vm.pid, live.watch.signal, vm.started or 0.0)
+            reason += f": {cause}" if cause else ""
         if vm.state is VmState.STARTING and not clean:  # it gave up while initialising
             event, reason = Event.START_FAILED, self._start_failure(name)
         with contextlib.suppress(VmStateError):

@@ -113,19 +113,27 @@ def kill(pid: int, marker: str) -> bool:
 
 
 class ExitWatch:
-    """Calls ``on_exit`` once when ``pid`` exits (pidfd readable); idempotent close."""
+    """Calls ``on_exit`` once when ``pid`` exits (pidfd readable); idempotent close.
+
+    ``signal``: the signal that ended it, once it has, when it was this agent's child (the
+    kernel tells only the parent); None if it exited by itself or is someone else's (a QEMU
+    a previous agent started).
+    """
 
     def __init__(self, pid: int, on_exit: Callable[[], None]) -> None:
         self._loop = asyncio.get_running_loop()
         self._fd: int | None = os.pidfd_open(pid)
         self._on_exit = on_exit
         self.exited = asyncio.Event()
+        self.signal: int | None = None
         self._loop.add_reader(self._fd, self._fire)
 
     def _fire(self) -> None:
         if self._fd is not None:  # our own child (started by this agent): reap it
             with contextlib.suppress(ChildProcessError, OSError):
-                os.waitid(os.P_PIDFD, self._fd, os.WEXITED | os.WNOHANG)
+                status = os.waitid(os.P_PIDFD, self._fd, os.WEXITED | os.WNOHANG)
+                if status is not None and status.si_code in (os.CLD_KILLED, os.CLD_DUMPED):
+                    self.signal = status.si_status
         self.close()
         self.exited.set()
         self._on_exit()

@@ -3,8 +3,13 @@ reading back what the kernel applies."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,3 +135,46 @@ def test_each_file_qemu_writes_is_held_below_a_size() -> None:
     assert largest(0, 64 * MIB) == limits.LOG_FILE_FACTOR * 64 * MIB
     held = QemuLimits(MIB, 1, 5 * MIB)
     assert held.prlimit("/usr/bin/prlimit") == ["/usr/bin/prlimit", f"--fsize={5 * MIB}", "--"]
+
+
+def _oom_killed_child() -> tuple[int, float]:
+    """A child the kernel's OOM killer ends in a memory cgroup of 32 MiB made here (cgroup
+    v1's memory controller, as on this project's test machines); its PID and start."""
+    memory = Path("/sys/fs/cgroup/memory")
+    if os.geteuid() != 0 or not (memory / "memory.limit_in_bytes").exists():
+        pytest.skip("needs root and cgroup v1's memory controller")
+    group = memory / f"hatchery-oom-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(32 * MIB))
+        since = time.monotonic()
+        hog = f'{sys.executable} -c "b = bytearray(256 * 1024 * 1024)"'
+        child = subprocess.Popen(["sh", "-c", f"echo $$ > {group}/cgroup.procs; exec {hog}"])
+        assert child.wait(60) == -signal.SIGKILL
+        return child.pid, since
+    finally:
+        group.rmdir()
+
+
+def test_an_oom_kill_is_named_from_the_kernels_log() -> None:
+    pid, since = _oom_killed_child()
+    started = time.time() - (time.monotonic() - since)  # its start, wall-clock
+    assert limits.oom_killed(pid, since)
+    assert not limits.oom_killed(pid, time.monotonic() + 1)  # an older line: another process
+    assert not limits.oom_killed(pid + 1_000_000, since)
+    assert "OOM killer" in (limits.exit_cause(pid, signal.SIGKILL, started) or "")
+    assert "OOM killer" in (limits.exit_cause(pid, None, started) or "")  # not our child
+
+
+async def test_the_exit_watch_tells_the_signal_of_its_child(tmp_path: Path) -> None:
+    # a writer past its RLIMIT_FSIZE, as QEMU would be: SIGXFSZ, seen by its parent's watch
+    argv = ["prlimit", "--fsize=4096", "--", "dd", "if=/dev/zero", f"of={tmp_path / 'f'}",
+            "bs=8192", "count=2"]  # fmt: skip
+    child = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+    watch = process.ExitWatch(child.pid, lambda: None)
+    await asyncio.wait_for(watch.exited.wait(), 30)
+    assert watch.signal == signal.SIGXFSZ
+    assert limits.exit_cause(child.pid, watch.signal, time.time()) == (
+        "it wrote past its file size limit (vms.limits)")  # fmt: skip
+    assert (tmp_path / "f").stat().st_size == 4096
+    assert limits.exit_cause(child.pid, signal.SIGTERM, time.time()) == "killed by SIGTERM"
