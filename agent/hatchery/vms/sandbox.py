@@ -282,12 +282,12 @@ def open_channels(files: VmFiles, *, incoming: bool = False) -> QemuChannels:
     opened: list[socket.socket] = []
     try:
         run = os.open(files.run, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        if not files.legacy:
-            os.chown(f"/proc/self/fd/{run}", 0, 0)  # the folder itself, by its descriptor
-            os.chmod(f"/proc/self/fd/{run}", 0o700)
     except OSError as exc:
         raise SandboxError(f"cannot open {files.run}: {exc.strerror}") from exc
     try:
+        if not files.legacy:
+            os.chown(f"/proc/self/fd/{run}", 0, 0)  # the folder itself, by its descriptor
+            os.chmod(f"/proc/self/fd/{run}", 0o700)
         for path in names:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path.name, dir_fd=run)
