@@ -40,6 +40,7 @@ import contextlib
 import errno
 import os
 import re
+import resource
 import shutil
 import signal
 import time
@@ -129,17 +130,19 @@ def _number(path: Path) -> int | None:
 Held = dict[str, int | None]
 
 
-def _file_max(pid: int, proc: Path) -> int | None:
-    """``pid``'s ``RLIMIT_FSIZE`` (hard), from ``/proc/PID/limits``; None: unlimited."""
-    for line in (proc / str(pid) / "limits").read_text().splitlines():
-        if line.startswith("Max file size"):
-            value = line.split()[4]
-            return None if value == "unlimited" else int(value)
-    return None
+def _file_max(pid: int) -> int | None:
+    """``pid``'s hard ``RLIMIT_FSIZE`` (``prlimit(2)``); None: unlimited."""
+    hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)[1]
+    return None if hard == resource.RLIM_INFINITY else hard
 
 
-def _cgroup(pid: int, proc: Path, root: Path) -> Held:
-    """The memory and tasks limits and use of ``pid``'s cgroup v2; all None without one."""
+def cgroup_held(pid: int, *, proc: Path = PROC, root: Path = CGROUP_ROOT) -> Held:
+    """The memory and tasks limits (``memory_max``, ``tasks_max``; None: unlimited) and use
+    (``memory``, ``tasks``) of ``pid``'s cgroup v2; all None where the node has none with the
+    memory and pids controllers (e.g. a host without systemd).
+
+    :raise OSError: ``pid`` is gone.
+    """
     held: Held = dict.fromkeys(("memory_max", "memory", "tasks_max", "tasks"))
     lines = (proc / str(pid) / "cgroup").read_text().splitlines()
     unified = [line[3:] for line in lines if line.startswith("0::/")]
@@ -153,15 +156,13 @@ def _cgroup(pid: int, proc: Path, root: Path) -> Held:
         return held
 
 
-def applied(pid: int, *, proc: Path = PROC, root: Path = CGROUP_ROOT) -> Held | None:
-    """What the kernel holds ``pid`` to (the truth, not the agent's intention): from its
-    cgroup v2 files ``memory_max`` and ``tasks_max`` and the current ``memory`` and
-    ``tasks`` (all None where the node has no cgroup v2 with the memory and pids controllers,
-    e.g. a host without systemd), and ``file_max`` from its resource limits (None:
+def applied(pid: int) -> Held | None:
+    """What the kernel holds ``pid`` to (the truth, not the agent's intention): its cgroup's
+    memory and tasks (``cgroup_held``) and ``file_max``, its file size limit (None:
     unlimited). None where ``pid`` is gone."""
     try:
-        return {**_cgroup(pid, proc, root), "file_max": _file_max(pid, proc)}
-    except OSError:
+        return {**cgroup_held(pid), "file_max": _file_max(pid)}
+    except OSError:  # gone (ProcessLookupError among them)
         return None
 
 

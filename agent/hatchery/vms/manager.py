@@ -444,7 +444,8 @@ class VmManager:
                                      "by an agent restart")  # fmt: skip
             else:
                 why = "QEMU exited while the agent was down"
-                cause = limits.exit_cause(vm.pid, None, vm.started or 0.0) if vm.pid else None
+                cause = await asyncio.to_thread(limits.exit_cause, vm.pid, None,
+                                                vm.started or 0.0) if vm.pid else None  # fmt: skip
                 self._settle_dead(vm, f"{why}: {cause}" if cause else why)
 
     async def _adopt_powered_off(self, name: str) -> None:
@@ -749,34 +750,33 @@ class VmManager:
         await asyncio.to_thread(sandbox.prepare, files, user)
         await netdev.ensure_tap(tap, vm.bridge, owner=user.uid if user else None)
         await self._ports_changed(vm.bridge)
-        channels = await asyncio.to_thread(sandbox.open_channels, files, incoming=incoming)
+        tap_fd = netdev.open_tap(tap)
         try:
-            tap_fd = netdev.open_tap(tap)
-            try:
-                return await self._launch(vm, tap_fd, channels, incoming=incoming)
-            finally:
-                os.close(tap_fd)  # QEMU holds its own copy
+            return await self._launch(vm, tap_fd, incoming=incoming)
         finally:
-            channels.close()  # QEMU holds its own copies
+            os.close(tap_fd)  # QEMU holds its own copy
 
-    async def _launch(
-        self, vm: VmRecord, tap_fd: int, channels: sandbox.QemuChannels, *, incoming: bool = False
-    ) -> int:
-        """Start QEMU on the tap ``tap_fd`` with its sockets and console log ``channels``; an
+    async def _launch(self, vm: VmRecord, tap_fd: int, *, incoming: bool = False) -> int:
+        """Start QEMU on the tap ``tap_fd``, handing it its sockets and console log
+        (``sandbox.open_channels``; ``*.next`` sockets for an ``incoming`` one); an
         ``incoming`` one in a scope of its own (the QEMU it replaces may still hold
         ``hatchery-vm-NAME``)."""
         files = self._files(vm)
         unit = f"hatchery-vm-{vm.name}" + (f"-{time.time_ns()}" if incoming else "")
-        return await process.launch(
-            self._argv(vm, tap_fd, channels, incoming=incoming),
-            unit,
-            qmp=None,
-            output=files.qemu_log,
-            cwd=files.dir,
-            user=self._user(vm),
-            limits=self._limits(vm),
-            pass_fds=(tap_fd, *channels.fds()),
-        )
+        channels = await asyncio.to_thread(sandbox.open_channels, files, incoming=incoming)
+        try:
+            return await process.launch(
+                self._argv(vm, tap_fd, channels, incoming=incoming),
+                unit,
+                qmp=None,
+                output=files.qemu_log,
+                cwd=files.dir,
+                user=self._user(vm),
+                limits=self._limits(vm),
+                pass_fds=(tap_fd, *channels.fds()),
+            )
+        finally:
+            channels.close()  # QEMU holds its own copies
 
     async def _sized(self, vm: VmRecord) -> VmRecord:
         """An older agent's record of a disk VM made without a size (``disk_mib`` 0): its
@@ -874,11 +874,11 @@ class VmManager:
         clean = live.shutdown_seen
         event = Event.STOPPED if clean else Event.DIED
         reason = None if clean or vm.state is VmState.STOPPING else "QEMU exited unexpectedly"
-        if reason and vm.pid is not None and live.watch is not None:
-            cause = limits.exit_cause(vm.pid, live.watch.signal, vm.started or 0.0)
-            reason += f": {cause}" if cause else ""
         if vm.state is VmState.STARTING and not clean:  # it gave up while initialising
             event, reason = Event.START_FAILED, self._start_failure(name)
+        elif reason and vm.pid is not None and live.watch is not None:  # rare: one kmsg read
+            cause = limits.exit_cause(vm.pid, live.watch.signal, vm.started or 0.0)
+            reason += f": {cause}" if cause else ""
         with contextlib.suppress(VmStateError):
             self._transition(vm, event, pid=None, reason=reason)
         if reason:
@@ -933,11 +933,7 @@ class VmManager:
                 # frames queue in the tap), and gets the size back before it runs on.
                 await old.monitor.execute("stop")
                 held = time.monotonic()
-                channels = await asyncio.to_thread(sandbox.open_channels, files, incoming=True)
-                try:
-                    new_pid = await self._launch(vm, tap_fd, channels, incoming=True)
-                finally:
-                    channels.close()
+                new_pid = await self._launch(vm, tap_fd, incoming=True)
                 vm = self._save(replace(vm, incoming_pid=new_pid))
                 new = await self._attach(vm, new_pid, incoming=True)  # QMP: its init is done
                 assert new.monitor is not None

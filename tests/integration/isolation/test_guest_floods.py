@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import resource
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,7 +30,7 @@ import pytest
 from hatchery.metadata.service import teardown_bridge
 from hatchery.vms import limits
 from hatchery.vms.monitor import Monitor, MonitorError
-from hatchery_lab.agent import AgentProcess, Pki, bridge_config, max_file_size, qemu_alive
+from hatchery_lab.agent import AgentProcess, Pki, bridge_config, qemu_alive
 from hatchery_lab.guest import INIT_PRELUDE, GuestKernel, busybox_initramfs, find_guest_kernel
 from hatchery_lab.net import bridge
 from tests.conftest import missing
@@ -185,7 +186,9 @@ def test_a_qemu_taken_over_cannot_fill_the_data_disk(lab: dict) -> None:
     folder = agent.state_dir / "vms" / "dumper"
     _wait("the guest", lambda: "QUIET-READY" in agent.cli("vm", "console", "dumper").stdout)
     vm = agent.cli_json("vm", "show", "dumper")
-    assert max_file_size(vm["pid"]) == limits.FILE_FLOOR  # no disk; logs far below
+    assert (
+        resource.prlimit(vm["pid"], resource.RLIMIT_FSIZE)[1] == limits.FILE_FLOOR
+    )  # no disk; logs far below
     assert vm["limits"]["file_max"] == limits.FILE_FLOOR  # as the agent reads it back
     assert "files 1024 MiB each" in agent.cli("vm", "show", "dumper").stdout
     spill = Path("/tmp") / f"hatchery-dump-{vm['uuid']}"  # world-writable: QEMU can write here

@@ -63,18 +63,10 @@ def test_the_scope_is_made_with_the_limits(monkeypatch: pytest.MonkeyPatch) -> N
     assert process.scope_prefix("hatchery-vm-a", held) == []
 
 
-LIMITS = """Limit                     Soft Limit           Hard Limit           Units
-Max cpu time              unlimited            unlimited            seconds
-Max file size             1073741824           1073741824           bytes
-Max data size             unlimited            unlimited            bytes
-"""
-
-
 def _cgroup(tmp_path: Path, pid: int, lines: str, files: dict[str, str]) -> tuple[Path, Path]:
     proc, root = tmp_path / "proc", tmp_path / "cgroup"
     (proc / str(pid)).mkdir(parents=True)
     (proc / str(pid) / "cgroup").write_text(lines)
-    (proc / str(pid) / "limits").write_text(LIMITS)
     folder = root / "system.slice" / "hatchery-vm-a.scope"
     folder.mkdir(parents=True)
     for name, text in files.items():
@@ -82,33 +74,48 @@ def _cgroup(tmp_path: Path, pid: int, lines: str, files: dict[str, str]) -> tupl
     return proc, root
 
 
-def test_applied_limits_are_read_from_the_processs_cgroup(tmp_path: Path) -> None:
+def test_the_cgroups_limits_are_read_from_its_files(tmp_path: Path) -> None:
     files = {"memory.max": "1610612736\n", "memory.current": "123731968\n",
              "pids.max": "260\n", "pids.current": "7\n"}  # fmt: skip
     proc, root = _cgroup(tmp_path, 42, "0::/system.slice/hatchery-vm-a.scope\n", files)
-    assert limits.applied(42, proc=proc, root=root) == {
+    assert limits.cgroup_held(42, proc=proc, root=root) == {
         "memory_max": 1610612736,
         "memory": 123731968,
         "tasks_max": 260,
         "tasks": 7,
-        "file_max": 1073741824,
     }
-    assert limits.applied(43, proc=proc, root=root) is None  # gone
+    with pytest.raises(OSError):  # gone
+        limits.cgroup_held(43, proc=proc, root=root)
 
 
 def test_unlimited_and_unknown(tmp_path: Path) -> None:
     files = {"memory.max": "max\n", "memory.current": "1\n", "pids.max": "max\n",
              "pids.current": "1\n"}  # fmt: skip
     proc, root = _cgroup(tmp_path, 42, "0::/system.slice/hatchery-vm-a.scope\n", files)
-    held = limits.applied(42, proc=proc, root=root)
-    assert held is not None and held["memory_max"] is None and held["tasks_max"] is None
+    held = limits.cgroup_held(42, proc=proc, root=root)
+    assert held["memory_max"] is None and held["tasks_max"] is None and held["tasks"] == 1
     unknown = dict.fromkeys(("memory_max", "memory", "tasks_max", "tasks"))
     # a cgroup v1 host (the memory controller is not on the unified hierarchy)
     proc, root = _cgroup(tmp_path / "v1", 42, "4:memory:/x\n0::/\n", {})
-    assert limits.applied(42, proc=proc, root=root) == {**unknown, "file_max": 1073741824}
+    assert limits.cgroup_held(42, proc=proc, root=root) == unknown
     proc, root = _cgroup(tmp_path / "v1only", 42, "4:memory:/x\n", {})
-    assert limits.applied(42, proc=proc, root=root) == {**unknown, "file_max": 1073741824}
-    # this very process, on this machine: its own file size limit, as the kernel says
+    assert limits.cgroup_held(42, proc=proc, root=root) == unknown
+
+
+def test_the_file_size_limit_is_the_live_processs() -> None:
+    child = subprocess.Popen(["prlimit", f"--fsize={5 * MIB}", "--", "sleep", "30"])
+    try:
+        comm = Path(f"/proc/{child.pid}/comm")
+        for _ in range(500):  # until prlimit has set the limit and run sleep
+            if comm.read_text().strip() == "sleep":
+                break
+            time.sleep(0.01)
+        held = limits.applied(child.pid)
+        assert held is not None and held["file_max"] == 5 * MIB
+    finally:
+        child.kill()
+        child.wait()
+    assert limits.applied(child.pid) is None  # gone (and reaped)
     hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
     mine = limits.applied(os.getpid())
     assert mine is not None

@@ -30,14 +30,6 @@ def qemu_alive(pid: int) -> bool:
         return False
 
 
-def max_file_size(pid: int) -> int:
-    """The largest file ``pid`` may write (its ``RLIMIT_FSIZE``), as the kernel holds it."""
-    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
-        if line.startswith("Max file size"):
-            return int(line.split()[3])
-    raise AssertionError(f"no file size limit in /proc/{pid}/limits")
-
-
 def bridge_config(bridge: str, subnet: str, **keys: Any) -> dict[str, Any]:
     """A bridge of the agent's config for a test's VMs: ``subnet``.0/24 (``subnet`` is its first
     three octets), the bridge's own address .1 as gateway, two VM addresses (.10, .11);
