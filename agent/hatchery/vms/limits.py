@@ -40,7 +40,6 @@ import contextlib
 import errno
 import os
 import re
-import resource
 import shutil
 import signal
 import time
@@ -131,9 +130,14 @@ Held = dict[str, int | None]
 
 
 def _file_max(pid: int) -> int | None:
-    """``pid``'s hard ``RLIMIT_FSIZE`` (``prlimit(2)``); None: unlimited."""
-    hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)[1]
-    return None if hard == resource.RLIM_INFINITY else hard
+    """``pid``'s hard ``RLIMIT_FSIZE``, from ``/proc/PID/limits``; None: unlimited. Not
+    ``prlimit(2)``: for another uid's process it needs ``CAP_SYS_RESOURCE``, which a
+    container's root may lack, while the file is readable by anyone."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max file size"):
+            value = line.split()[4]
+            return None if value == "unlimited" else int(value)
+    return None
 
 
 def cgroup_held(pid: int, *, proc: Path = PROC, root: Path = CGROUP_ROOT) -> Held:

@@ -7,7 +7,6 @@ import concurrent.futures
 import json
 import os
 import random
-import resource
 import signal
 import subprocess
 import sys
@@ -406,7 +405,7 @@ def test_each_vm_qemu_runs_as_its_own_user(lab: dict, require_tool: Callable[[st
         assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, gid, 0o710)
         run = (folder / "run").stat()  # the agent's: QEMU has its sockets and log by fd
         assert (run.st_uid, run.st_mode & 0o777) == (0, 0o700)
-        assert resource.prlimit(vm["pid"], resource.RLIMIT_FSIZE)[1] == limits.FILE_FLOOR
+        assert (limits.applied(vm["pid"]) or {}).get("file_max") == limits.FILE_FLOOR
         record = (folder / "vm.json").stat()
         assert (record.st_uid, record.st_mode & 0o777) == (0, 0o600)
     _wait_console(agent, "own1", "LEASE ")  # it boots and gets its address as before
