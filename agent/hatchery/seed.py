@@ -25,14 +25,11 @@ import logging
 import os
 import tarfile
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 from hatchery import host
 from hatchery.errors import CommandError, HatcheryError
-from hatchery.sealing import OVERHEAD, SealError, SeedKey
 from hatchery.state import write_atomic, write_private
 
 log = logging.getLogger(__name__)
@@ -75,6 +72,23 @@ def find_seed(cmdline_path: Path = Path("/proc/cmdline"), fw_cfg: Path = FW_CFG)
         return None
     if not url.startswith(("http://", "https://")):
         raise SeedError(f"hatchery.seed must be an http(s) URL, not {url!r}")
+    data = _fetch_sealed(url)
+    log.info("seed: %d bytes from %s, sealed to this boot's key", len(data), _origin(url))
+    return data
+
+
+def _fetch_sealed(url: str) -> bytes:
+    """POST a key made for this boot to the peer's ``url``; open the seed sealed to it.
+
+    Its imports (an HTTP client, the sealing's ciphers) are made here: most boots take the
+    seed from the firmware config or have none, and every module imported costs seconds of
+    the boot on an emulated node.
+    """
+    import urllib.error
+    import urllib.request
+
+    from hatchery.sealing import OVERHEAD, SealError, SeedKey
+
     refused = False
     key = SeedKey()  # in memory only; a new one for every boot
     for attempt in range(30):  # the network may still be coming up
@@ -103,7 +117,6 @@ def find_seed(cmdline_path: Path = Path("/proc/cmdline"), fw_cfg: Path = FW_CFG)
         data = key.open(sealed)
     except SealError as exc:
         raise SeedError(f"the seed from {_origin(url)} cannot be opened: {exc.message}") from exc
-    log.info("seed: %d bytes from %s, sealed to this boot's key", len(data), _origin(url))
     return data
 
 
