@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import os
 import re
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -18,7 +22,7 @@ from hatchery.capacity import HostCapacity
 from hatchery.cli.main import main
 from hatchery.health import NodeHealth
 from hatchery.images.signing import KeyDirectory
-from hatchery.images.store import ImageStore
+from hatchery.images.store import ImageStore, content_chunks
 from hatchery.qemu.accel import Accel, AccelChoice
 from hatchery.qemu.cmdline import MACHINES
 from hatchery.vms.manager import VmManager
@@ -118,6 +122,50 @@ async def test_an_uploaded_object_is_served_as_stored(api: Api) -> None:
     assert (await got.read())[:4] == b"\x28\xb5\x2f\xfd"  # a zstd frame
     wrong = await api.client.put(f"/v1/objects/{'1' * 64}", data=data, headers=ADMIN)
     assert wrong.status == 422
+
+
+async def _pieces(data: bytes, size: int, cut_at: int | None = None) -> AsyncIterator[bytes]:
+    """``data`` in ``size``-byte pieces, as a network delivers it; with ``cut_at``, the
+    sender fails there."""
+    for start in range(0, len(data), size):
+        if cut_at is not None and start >= cut_at:
+            raise ConnectionResetError("the uploader went away")
+        yield data[start : start + size]
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("compressible", [True, False])
+async def test_an_upload_of_many_batches_arrives_whole(api: Api, compressible: bool) -> None:
+    """Several MiB in small pieces: the batches are hashed and written while the next ones
+    come in, in order; the first batch, not the first few bytes, decides the stored form."""
+    data = (b"a kernel image " * 400_000) if compressible else os.urandom(5 * 2**20 + 17)
+    sha = hashlib.sha256(data).hexdigest()
+    put = await api.client.put(f"/v1/objects/{sha}", data=_pieces(data, 4096), headers=ADMIN)
+    assert put.status == 201 and (await put.json()) == {"sha256": sha, "size": len(data)}
+    assert api.store.object_path(sha).suffix == (".zst" if compressible else ".raw")
+    path = api.store.object_path(sha)
+    stored = b"".join(content_chunks(path, len(data), raw=not compressible))
+    assert stored == data
+    assert not any((api.store.root / "tmp").iterdir())
+
+
+async def test_a_tampered_or_cut_upload_leaves_nothing(api: Api) -> None:
+    data = os.urandom(4 * 2**20)
+    sha = hashlib.sha256(data).hexdigest()
+    wrong = await api.client.put(f"/v1/objects/{'2' * 64}", data=_pieces(data, 65536),
+                                 headers=ADMIN)  # fmt: skip
+    assert wrong.status == 422 and "tampered or truncated" in (await wrong.json())["error"]
+    with pytest.raises(aiohttp.ClientError):
+        await api.client.put(f"/v1/objects/{sha}", data=_pieces(data, 65536, 3 * 2**20),
+                             headers=ADMIN)  # fmt: skip
+    for _ in range(100):  # the server's handler ends on its own time
+        if not any((api.store.root / "tmp").iterdir()):
+            break
+        await asyncio.sleep(0.05)
+    assert not any((api.store.root / "tmp").iterdir())
+    assert not api.store.has_object(sha) and api.store.objects() == set()
+    again = await api.client.put(f"/v1/objects/{sha}", data=data, headers=ADMIN)
+    assert again.status == 201 and api.store.has_object(sha)
 
 
 async def test_user_data_over_its_limit_names_the_field(api: Api) -> None:
