@@ -16,10 +16,8 @@ import os
 import struct
 from pathlib import Path
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
 from hatchery.errors import HatcheryError
+from hatchery.netlink import IPRoute, NetlinkError
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,6 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pyroute2 import IPRoute, netns
-from pyroute2.netlink.exceptions import NetlinkError
-
 from hatchery import host
 from hatchery.errors import HatcheryError
 from hatchery.metadata.ruleset import (
@@ -32,6 +29,7 @@ from hatchery.metadata.ruleset import (
     table_name,
 )
 from hatchery.netdev import link_index
+from hatchery.netlink import IPRoute, NetlinkError, netns
 
 log = logging.getLogger(__name__)
 INNER = "md0"

@@ -1,0 +1,54 @@
+"""What the agent's processes import, in a fresh interpreter each: the boot pays for every
+module, twenty times over on an emulated node (docs/images.md, "The boot path, trimmed")."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+_REPORT = """
+import json, sys
+{statement}
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+def _modules_after(statement: str) -> set[str]:
+    done = subprocess.run([sys.executable, "-c", _REPORT.format(statement=statement)],
+                          capture_output=True, text=True, check=True, timeout=60)  # fmt: skip
+    return set(json.loads(done.stdout.splitlines()[-1]))
+
+
+def test_the_seed_imports_no_event_loop_yaml_http_client_or_ciphers() -> None:
+    loaded = _modules_after(
+        "from hatchery.agent_main import _parser\n"
+        "_parser(with_services=False).parse_args(['seed'])\n"
+        "import hatchery.seed"
+    )
+    assert "hatchery.seed" in loaded
+    for heavy in ("asyncio", "yaml", "urllib.request", "http.client", "hatchery.sealing",
+                  "cryptography", "aiohttp", "hatchery.config"):  # fmt: skip
+        assert heavy not in loaded, heavy
+
+
+def test_netlink_leaves_pyroute2s_other_families_unimported_until_asked() -> None:
+    """IPRoute works (a real dump of this host's links); NDB, IPDB and the rest are imported
+    only when a name only pyroute2's ``__init__`` defines is asked for, and then it works."""
+    loaded = _modules_after(
+        "from hatchery.netlink import IPRoute\n"
+        "with IPRoute() as ip:\n"
+        "    assert any(link.get('ifname') == 'lo' for link in ip.get_links())\n"
+        "assert not any(m.startswith(('pyroute2.ndb', 'pyroute2.ipdb')) for m in sys.modules)\n"
+        "from pyroute2 import NDB, IPRoute as Whole\n"
+        "assert Whole is IPRoute and NDB.__name__ == 'NDB'"
+    )
+    assert "pyroute2.ndb.main" in loaded and "pyroute2.ipdb" in loaded
+
+
+def test_the_agent_does_not_run_pyroute2s_init() -> None:
+    loaded = _modules_after("import hatchery.agent")
+    assert "hatchery.netdev" in loaded and "pyroute2.iproute.linux" in loaded
+    assert not any(
+        m.startswith(("pyroute2.ndb", "pyroute2.ipdb", "pyroute2.plan9")) for m in loaded
+    )
