@@ -114,6 +114,15 @@ def test_only_the_units_a_node_needs_are_enabled(host: testinfra.host.Host) -> N
         assert host.run(f"systemctl is-enabled {unit}").stdout.strip() == "masked", unit
 
 
+def test_etc_and_var_are_as_new_as_usr(hypervisor_root: Path) -> None:
+    """Else every boot runs what ConditionNeedsUpdate= gates (systemd-sysusers, before udev)."""
+    usr = (hypervisor_root / "usr").stat().st_mtime_ns
+    for folder in ("etc", "var"):
+        stamp = hypervisor_root / folder / ".updated"
+        written = int(stamp.read_text().split("TIMESTAMP_NSEC=")[1])
+        assert written == usr and stamp.stat().st_mtime_ns // 10**9 == usr // 10**9, folder
+
+
 def test_what_a_node_does_not_need_is_left_out(hypervisor_root: Path) -> None:
     """The trimmings of images/hypervisor/mkosi.conf and hatchery_lab.liveroot, each a few MB
     of every node's RAM and every download; the agent's zstandard still loads its C backend."""
