@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import threading
 from types import ModuleType
 
 
@@ -29,6 +30,7 @@ def _bare_package() -> None:
         return
     package = importlib.util.module_from_spec(spec)
     loader = spec.loader
+    once = threading.Lock()  # pyroute2's calls come from worker threads too
 
     def whole(name: str) -> object:
         if name.startswith("__"):  # the import system probes dunders: never a reason to run it
@@ -36,8 +38,10 @@ def _bare_package() -> None:
         if importlib.util.find_spec(f"pyroute2.{name}") is not None:
             module: ModuleType = importlib.import_module(f"pyroute2.{name}")
             return module
-        del package.__getattr__  # a name only the __init__ defines: run it, once
-        loader.exec_module(package)
+        with once:  # a name only the __init__ defines: run it, once
+            if "__getattr__" in vars(package):
+                del package.__getattr__
+                loader.exec_module(package)
         return getattr(package, name)
 
     package.__getattr__ = whole  # type: ignore[method-assign]
