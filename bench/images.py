@@ -33,7 +33,7 @@ from hatchery_lab.images import (
 
 HYPERVISOR_RUNS = int(os.environ.get("BENCH_HYPERVISOR_RUNS", "3"))
 #: The units on the agent's way whose times the self-check reports (guest clock).
-BOOT_UNITS = ("systemd-journald", "hatchery-data", "hatchery-seed", "hatchery-agent")
+BOOT_UNITS = ("systemd-journald", "hatchery-data", "hatchery-agent")
 
 
 def _timed_build(*args: str) -> float:

@@ -44,6 +44,8 @@ class SeedError(HatcheryError):
 
 
 SEEDS = "hatchery/seeds/"  # nested seeds: private keys of the nodes this node births
+#: Written once the seed of this boot is applied (``/run`` is emptied at each boot).
+BOOT_MARKER = Path("/run/hatchery/seed-applied")
 
 
 def _cmdline_url(cmdline: str) -> str | None:
@@ -183,3 +185,26 @@ def run_seed(etc: Path = Path("/etc")) -> int:
         except CommandError as exc:
             log.warning("seed: %s", exc.message)
     return 0
+
+
+def run_seed_once(marker: Path = BOOT_MARKER, etc: Path = Path("/etc")) -> None:
+    """The agent's start, before it reads its configuration: the seed, tried once per boot.
+
+    Done inside the agent's own process rather than by a unit of its own, because a second
+    Python process on the way to the agent cost an emulated node 1.9 s of each boot. Tried
+    once per boot, as that unit was: the agent restarts (a crash, a live patch) and a birth
+    token answers once. A seed that cannot be had is logged and the agent goes on with the
+    configuration it holds, as it did after that unit failed: a node reboots by kexec with
+    its first boot's command line, whose token is spent, and its seed is on /data already.
+    Without one, reading the configuration then fails and says so.
+    """
+    if marker.exists():
+        log.info("seed: tried earlier in this boot")
+        return
+    try:
+        run_seed(etc)
+    except SeedError as exc:
+        log.error("seed: %s%s", exc.message, f" ({exc.hint})" if exc.hint else "")
+    finally:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()

@@ -91,7 +91,7 @@ def test_agent_unit_is_enabled_by_preset(host: testinfra.host.Host) -> None:
 #: surface a node does not need (images/hypervisor/.../40-hatchery.preset disables the rest).
 ENABLED_UNITS = {
     "hatchery-data.service", "hatchery-ssh-keygen.service",  # /data, then its host keys
-    "hatchery-agent.service", "hatchery-seed.service", "hatchery-boot-guard.service",
+    "hatchery-agent.service", "hatchery-boot-guard.service",
     "hatchery-selfcheck.service",  # runs only with hatchery.selfcheck=1
     "systemd-networkd.service", "systemd-networkd.socket",
     "systemd-networkd-wait-online.service",  # enabled with networkd; only runs if asked for

@@ -20,18 +20,6 @@ def _modules_after(statement: str) -> set[str]:
     return set(json.loads(done.stdout.splitlines()[-1]))
 
 
-def test_the_seed_imports_no_event_loop_yaml_http_client_or_ciphers() -> None:
-    loaded = _modules_after(
-        "from hatchery.agent_main import _parser\n"
-        "_parser(with_services=False).parse_args(['seed'])\n"
-        "import hatchery.seed"
-    )
-    assert "hatchery.seed" in loaded
-    for heavy in ("asyncio", "yaml", "urllib.request", "http.client", "hatchery.sealing",
-                  "cryptography", "aiohttp", "hatchery.config"):  # fmt: skip
-        assert heavy not in loaded, heavy
-
-
 def test_netlink_leaves_pyroute2s_other_families_unimported_until_asked() -> None:
     """IPRoute works (a real dump of this host's links); NDB, IPDB and the rest are imported
     only when a name only pyroute2's ``__init__`` defines is asked for, and then it works."""

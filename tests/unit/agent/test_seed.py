@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from hatchery.seed import SeedError, apply_seed, find_seed
+from hatchery import seed as seed_module
+from hatchery.seed import SeedError, apply_seed, find_seed, run_seed_once
 
 
 def tar(**files: bytes) -> bytes:
@@ -97,15 +98,49 @@ def test_the_last_seed_url_on_the_command_line_wins(tmp_path: Path) -> None:
 
 
 def test_the_seed_command_does_not_load_the_agents_stack() -> None:
-    """``hatchery-agent seed`` runs on every boot before the agent: on an emulated node each
-    0.1 s of imports on a host is a second of boot, so it must not load the agent's stack."""
+    """``hatchery-agent seed`` by hand: on an emulated node each 0.1 s of imports on a host
+    is a second, so it loads neither the agent's stack nor an event loop, the configuration's
+    YAML, or (without a URL seed) an HTTP client and the sealing's ciphers."""
     probe = (
         "import sys\n"
         "from hatchery import agent_main\n"
+        "agent_main._parser(with_services=False).parse_args(['seed'])\n"
         "from hatchery.seed import run_seed\n"
-        "heavy = ('aiohttp', 'pyroute2', 'hatchery.agent', 'hatchery.api', 'hatchery.vms')\n"
+        "heavy = ('aiohttp', 'pyroute2', 'hatchery.agent', 'hatchery.api', 'hatchery.vms',\n"
+        "         'asyncio', 'yaml', 'hatchery.config', 'urllib.request', 'http.client',\n"
+        "         'hatchery.sealing', 'cryptography')\n"
         "print(sorted(m for m in heavy if m in sys.modules))\n"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                             check=True)  # fmt: skip
     assert result.stdout.strip() == "[]"
+
+
+def test_the_agent_tries_the_seed_once_per_boot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A birth token answers once and the agent restarts (a crash, a live patch): the seed
+    is tried once per boot. One that cannot be had is logged, and the agent goes on with the
+    configuration it holds (a node rebooted by kexec keeps its first boot's spent token)."""
+    calls: list[Path] = []
+
+    def failing(etc: Path) -> int:
+        calls.append(etc)
+        raise SeedError("cannot fetch the seed from http://peer", hint="boot it again")
+
+    monkeypatch.setattr(seed_module, "run_seed", failing)
+    marker = tmp_path / "boot1" / "hatchery" / "seed-applied"
+    run_seed_once(marker, tmp_path / "etc")
+    run_seed_once(marker, tmp_path / "etc")
+    assert calls == [tmp_path / "etc"] and marker.exists()
+    assert "seed: cannot fetch the seed from http://peer (boot it again)" in caplog.text
+
+    def applied(etc: Path) -> int:
+        calls.append(etc)
+        return 0
+
+    monkeypatch.setattr(seed_module, "run_seed", applied)
+    marker = tmp_path / "boot2" / "hatchery" / "seed-applied"  # the next boot: /run is new
+    run_seed_once(marker, tmp_path / "etc")
+    run_seed_once(marker, tmp_path / "etc")
+    assert calls == [tmp_path / "etc"] * 2

@@ -111,7 +111,7 @@ CONSOLE_MILESTONES = (
     ("Run /init as init process", "root file system unpacked; systemd starting"),
     ("hatchery-data: mounted", "/data ready (persistent)"),
     ("hatchery-data: WARNING", "/data in RAM (no data disk)"),
-    ("hatchery-seed", "seed applied"),
+    ("hatchery-agent.service", "agent starting (its seed first)"),
 )
 
 
