@@ -44,7 +44,12 @@ class SeedError(HatcheryError):
 
 
 SEEDS = "hatchery/seeds/"  # nested seeds: private keys of the nodes this node births
-#: Written once the seed of this boot is applied (``/run`` is emptied at each boot).
+#: A URL seed: tries while the network comes up, the pause between them, and how many
+#: refusals (404: a spent, expired or unknown token, or another address) end it sooner. A
+#: node rebooted by kexec keeps its first boot's command line and spent token: 30 refusals
+#: held its agent back a minute.
+FETCH_ATTEMPTS, FETCH_PAUSE, FETCH_REFUSALS = 30, 2.0, 3
+#: Written once the seed of this boot was tried (``/run`` is emptied at each boot).
 BOOT_MARKER = Path("/run/hatchery/seed-applied")
 
 
@@ -91,28 +96,32 @@ def _fetch_sealed(url: str) -> bytes:
 
     from hatchery.sealing import OVERHEAD, SealError, SeedKey
 
-    refused = False
+    sealed: bytes | None = None
+    refusals = 0
     key = SeedKey()  # in memory only; a new one for every boot
-    for attempt in range(30):  # the network may still be coming up
+    for attempt in range(FETCH_ATTEMPTS):  # the network may still be coming up
         kind = {"Content-Type": "application/octet-stream"}
         request = urllib.request.Request(url, data=key.public, method="POST", headers=kind)
         try:
             with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310 (scheme checked)
-                sealed: bytes = resp.read(MAX_SEED + OVERHEAD + 1)
+                sealed = resp.read(MAX_SEED + OVERHEAD + 1)
             break
         except OSError as exc:
-            refused = isinstance(exc, urllib.error.HTTPError) and exc.code == 404
             # the URL holds a birth token: log where, never the token
             log.info("seed: %s not available yet (%s), attempt %d", _origin(url), exc,
                      attempt + 1)  # fmt: skip
-            time.sleep(2)
-    else:
+            if isinstance(exc, urllib.error.HTTPError) and exc.code == 404:
+                refusals += 1  # the peer is up and will not answer this token from here
+                if refusals >= FETCH_REFUSALS:
+                    break
+            time.sleep(FETCH_PAUSE)
+    if sealed is None:
         hint = (
             "a birth token is single-use and short-lived, and answers only the address the "
             "peer's DHCP leased to this machine: boot it from the network again for a fresh one"
         )
         raise SeedError(f"cannot fetch the seed from {_origin(url)}",
-                        hint=hint if refused else None)  # fmt: skip
+                        hint=hint if refusals else None)  # fmt: skip
     if len(sealed) > MAX_SEED + OVERHEAD:
         raise SeedError(f"the seed at {_origin(url)} is larger than {MAX_SEED} bytes")
     try:
