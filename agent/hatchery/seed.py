@@ -50,7 +50,7 @@ SEEDS = "hatchery/seeds/"  # nested seeds: private keys of the nodes this node b
 #: held its agent back a minute.
 FETCH_ATTEMPTS, FETCH_PAUSE, FETCH_REFUSALS = 30, 2.0, 3
 #: Written once the seed of this boot was tried (``/run`` is emptied at each boot).
-BOOT_MARKER = Path("/run/hatchery/seed-applied")
+BOOT_MARKER = Path("/run/hatchery/seed-tried")
 
 
 def _cmdline_url(cmdline: str) -> str | None:

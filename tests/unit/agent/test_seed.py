@@ -133,7 +133,7 @@ def test_the_agent_tries_the_seed_once_per_boot(
         raise SeedError("cannot fetch the seed from http://peer", hint="boot it again")
 
     monkeypatch.setattr(seed_module, "run_seed", failing)
-    marker = tmp_path / "boot1" / "hatchery" / "seed-applied"
+    marker = tmp_path / "boot1" / "hatchery" / "seed-tried"
     run_seed_once(marker, tmp_path / "etc")
     run_seed_once(marker, tmp_path / "etc")
     assert calls == [tmp_path / "etc"] and marker.exists()
@@ -144,7 +144,7 @@ def test_the_agent_tries_the_seed_once_per_boot(
         return 0
 
     monkeypatch.setattr(seed_module, "run_seed", applied)
-    marker = tmp_path / "boot2" / "hatchery" / "seed-applied"  # the next boot: /run is new
+    marker = tmp_path / "boot2" / "hatchery" / "seed-tried"  # the next boot: /run is new
     run_seed_once(marker, tmp_path / "etc")
     run_seed_once(marker, tmp_path / "etc")
     assert calls == [tmp_path / "etc"] * 2
