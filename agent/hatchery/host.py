@@ -9,13 +9,11 @@ cancellation is never wrapped: ``run_async`` kills the command and re-raises it.
 systemd is optional: on a host where it does not run (containers, tests) ``systemctl`` is
 skipped and says so, ``failed_units`` answers None and ``notify`` does nothing, so the agent
 runs the same in the foreground.
-
-asyncio is imported by the coroutines that use it, not here: ``hatchery-agent seed`` runs
-``run`` on every boot, and asyncio's import alone costs it half a second on an emulated node.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -24,12 +22,8 @@ import subprocess
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from hatchery.errors import CommandError
-
-if TYPE_CHECKING:
-    import asyncio
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +103,6 @@ async def run_async(
 
     :raise CommandError: as ``run``.
     """
-    import asyncio
-
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -149,8 +141,6 @@ async def stream_lines(
 
     :raise CommandError: it cannot be started, or it exits non-zero (with its stderr).
     """
-    import asyncio
-
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
@@ -228,8 +218,6 @@ async def spawn(
     :raise CommandError: it cannot be started, exits before it is ready (with the tail of
         ``log``), or is not ready within ``timeout`` (then it is killed).
     """
-    import asyncio
-
     loop = asyncio.get_running_loop()
     offset = log.stat().st_size if log.exists() else 0
     for gone in [p for p in _DETACHED if p.poll() is not None]:  # reaps any not yet reaped

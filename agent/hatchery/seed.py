@@ -25,11 +25,14 @@ import logging
 import os
 import tarfile
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 from pathlib import Path
 
 from hatchery import host
 from hatchery.errors import CommandError, HatcheryError
+from hatchery.sealing import OVERHEAD, SealError, SeedKey
 from hatchery.state import write_atomic, write_private
 
 log = logging.getLogger(__name__)
@@ -85,17 +88,7 @@ def find_seed(cmdline_path: Path = Path("/proc/cmdline"), fw_cfg: Path = FW_CFG)
 
 
 def _fetch_sealed(url: str) -> bytes:
-    """POST a key made for this boot to the peer's ``url``; open the seed sealed to it.
-
-    Its imports (an HTTP client, the sealing's ciphers) are made here: most boots take the
-    seed from the firmware config or have none, and every module imported costs seconds of
-    the boot on an emulated node.
-    """
-    import urllib.error
-    import urllib.request
-
-    from hatchery.sealing import OVERHEAD, SealError, SeedKey
-
+    """POST a key made for this boot to the peer's ``url``; open the seed sealed to it."""
     sealed: bytes | None = None
     refusals = 0
     key = SeedKey()  # in memory only; a new one for every boot
