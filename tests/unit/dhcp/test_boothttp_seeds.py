@@ -10,6 +10,8 @@ import asyncio
 import ipaddress
 import stat
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestServer
 
+from hatchery import seed as seed_module
 from hatchery.boothttp.app import BootHttpConfig, BootHttpError, make_app
 from hatchery.boothttp.profiles import Profiles
 from hatchery.boothttp.seeds import SeedFolder
@@ -25,9 +28,10 @@ from hatchery.errors import ConfigError
 from hatchery.images.store import ImageStore
 from hatchery.netboot import Netboot
 from hatchery.sealing import SeedKey
-from hatchery.seed import find_seed
+from hatchery.seed import SeedError, find_seed
 from tests.support.boot_http import TOKEN_URL, get, post
 
+urlopen = urllib.request.urlopen  # the real one, before a test counts its calls
 REPO = Path(__file__).resolve().parents[3]
 MAC = "52:54:00:b1:47:01"
 HOLDER, STRANGER = "127.0.0.1", "127.0.0.2"
@@ -114,6 +118,32 @@ async def test_the_newborns_own_fetch_opens_its_sealed_seed(
     cmdline = tmp_path / "cmdline"
     cmdline.write_text(f"console=ttyS0 hatchery.seed={url}\n")
     assert await asyncio.to_thread(find_seed, cmdline, tmp_path / "no-fw-cfg") == SEED
+
+
+async def test_a_spent_token_ends_the_newborns_fetch_after_three_refusals(
+    server: TestServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node rebooted by kexec keeps its first boot's command line and spent token: its
+    fetch gives up after three refusals (not thirty tries), with the hint."""
+    url, _ = await script_token(server)
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text(f"console=ttyS0 hatchery.seed={url}\n")
+    assert await asyncio.to_thread(find_seed, cmdline, tmp_path / "no-fw-cfg") == SEED
+    monkeypatch.setattr(seed_module, "FETCH_PAUSE", 0.01)
+    refusals: list[int] = []
+
+    def counted(request: urllib.request.Request, timeout: float) -> object:
+        try:
+            return urlopen(request, timeout=timeout)
+        except urllib.error.HTTPError as exc:
+            refusals.append(exc.code)
+            raise
+
+    monkeypatch.setattr(urllib.request, "urlopen", counted)
+    with pytest.raises(SeedError, match="cannot fetch the seed") as failed:
+        await asyncio.to_thread(find_seed, cmdline, tmp_path / "no-fw-cfg")
+    assert refusals == [404] * seed_module.FETCH_REFUSALS
+    assert failed.value.hint is not None and "single-use" in failed.value.hint
 
 
 async def test_another_address_gets_a_404_and_leaves_the_token(server: TestServer) -> None:
