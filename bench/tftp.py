@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.proc import CpuGroup, cpu_group
 from bench.report import median, table, write_section
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,6 +32,13 @@ BLKSIZE = 1468
 RUNS = 11
 FILE = "bench.bin"
 HOST = "127.0.0.1"
+HEADERS = ("client", "mode", "server", "median MB/s", "range", "server CPU s", "vs this server")
+
+
+@dataclass(frozen=True)
+class Fetch:
+    rate: float  # MB/s of the client's wall time
+    server_cpu: float  # seconds of the server's CPU (user + system, its children included)
 
 
 @dataclass(frozen=True)
@@ -108,10 +116,15 @@ def _in(ns: str, argv: list[str] | tuple[str, ...]) -> list[str]:
 
 
 @contextlib.contextmanager
-def _running(ns: str, server: Server, logdir: Path) -> Iterator[None]:
+def _running(ns: str, server: Server, logdir: Path, group: CpuGroup) -> Iterator[None]:
+    """The server started in ``ns`` and in ``group``, answering."""
     log = (logdir / f"{server.name}.log").open("wb")
     process = subprocess.Popen(
-        _in(ns, server.argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+        _in(ns, server.argv),
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=group.join,
     )
     try:
         deadline = time.monotonic() + 15
@@ -143,8 +156,10 @@ def _client(kind: str, window: int, port: int, out: Path) -> list[str]:
     return [*argv, HOST, str(port)]
 
 
-def _fetch(ns: str, argv: list[str], out: Path, digest: str) -> float:
+def _fetch(ns: str, argv: list[str], out: Path, digest: str, server: CpuGroup) -> Fetch:
+    """One fetch, checked bit-exact: the client's rate and the CPU the server spent on it."""
     out.unlink(missing_ok=True)
+    cpu = server.cpu_seconds()
     start = time.perf_counter()
     try:
         result = subprocess.run(_in(ns, argv), capture_output=True, check=False, timeout=300)
@@ -155,7 +170,8 @@ def _fetch(ns: str, argv: list[str], out: Path, digest: str) -> float:
         raise SystemExit(f"bench tftp: {' '.join(argv)} failed: {result.stderr.decode()}")
     if hashlib.sha256(out.read_bytes()).hexdigest() != digest:
         raise SystemExit(f"bench tftp: {' '.join(argv)} fetched different bytes")
-    return SIZE / elapsed / 1e6
+    time.sleep(0.05)  # a forking server's (tftpd-hpa's) child ends after the last ACK
+    return Fetch(SIZE / elapsed / 1e6, server.cpu_seconds() - cpu)
 
 
 def run() -> None:
@@ -225,7 +241,7 @@ def run() -> None:
         ("atftp", 16): ("ours", "atftpd"),
         ("atftp", 64): ("ours", "atftpd"),
     }
-    rates: dict[tuple[str, int, str], list[float]] = {
+    fetches: dict[tuple[str, int, str], list[Fetch]] = {
         (client, window, name): [] for (client, window), names in cases.items() for name in names
     }
     load = os.getloadavg()[0]
@@ -236,45 +252,48 @@ def run() -> None:
         contextlib.ExitStack() as stack,
     ):
         out = Path(tmp) / "out.bin"
-        for server in servers.values():
-            stack.enter_context(_running(ns, server, Path(tmp)))
+        groups = {name: stack.enter_context(cpu_group(f"tftp-{name}")) for name in servers}
+        for name, server in servers.items():
+            stack.enter_context(_running(ns, server, Path(tmp), groups[name]))
         for run in range(RUNS):
             for (client, window), names in cases.items():
                 for name in names[run % len(names) :] + names[: run % len(names)]:  # rotate
                     argv = _client(client, window, servers[name].port, out)
-                    rates[(client, window, name)].append(_fetch(ns, argv, out, digest))
-    body = _report(cases, rates, load)
+                    fetch = _fetch(ns, argv, out, digest, groups[name])
+                    fetches[(client, window, name)].append(fetch)
+    body = _report(cases, fetches, load)
     write_section("tftp", "TFTP throughput: ours vs tftpd-hpa, dnsmasq, atftpd", body)
     print(body)
 
 
 def _report(
     cases: dict[tuple[str, int], tuple[str, ...]],
-    rates: dict[tuple[str, int, str], list[float]],
+    fetches: dict[tuple[str, int, str], list[Fetch]],
     load: float,
 ) -> str:
+    def rate(client: str, window: int, name: str) -> float:
+        return median([f.rate for f in fetches[(client, window, name)]])
+
     rows = []
     for (client, window), names in cases.items():
         mode = "lock-step" if window == 1 else f"windowsize {window}"
-        ours = median(rates[(client, window, "ours")])
+        ours = rate(client, window, "ours")
         for name in names:
-            values = rates[(client, window, name)]
-            mid = median(values)
+            rates = [f.rate for f in fetches[(client, window, name)]]
+            mid = median(rates)
+            cpu = median([f.server_cpu for f in fetches[(client, window, name)]])
             ratio = "" if name == "ours" else f"{ours / mid:.2f}x"
-            rows.append(
-                (client, mode, name, f"{mid:.1f}", f"{min(values):.1f}–{max(values):.1f}", ratio)
-            )
-    lock = median(rates[("curl", 1, "ours")]) / median(rates[("curl", 1, "tftpd-hpa")])
-    w16, w64 = (
-        median(rates[("atftp", w, "ours")]) / median(rates[("atftp", w, "atftpd")])
-        for w in (16, 64)
-    )
+            rows.append((client, mode, name, f"{mid:.1f}", f"{min(rates):.1f}–{max(rates):.1f}",
+                         f"{cpu:.2f}", ratio))  # fmt: skip
+    lock = rate("curl", 1, "ours") / rate("curl", 1, "tftpd-hpa")
+    w16, w64 = (rate("atftp", w, "ours") / rate("atftp", w, "atftpd") for w in (16, 64))
     return (
         f"A {SIZE // 1_000_000} MB file over loopback inside a network namespace, blksize "
         f"{BLKSIZE}, tsize requested; MB/s of the client's wall time (start to exit, every "
         f"fetch checked bit-exact), median of {RUNS} interleaved runs; load average "
-        f"{load:.1f} at the start. Goals (issue 19): lock-step at least 1.0x tftpd-hpa (here "
+        f"{load:.1f} at the start. Server CPU: the server's user + system seconds for one "
+        f"fetch, median (each server in a cgroup of its own, so tftpd-hpa's child per "
+        f"transfer counts). Goals (issue 19): lock-step at least 1.0x tftpd-hpa (here "
         f"{lock:.2f}x), windowsize 16 and 64 at least 1.0x atftpd (here {w16:.2f}x and "
-        f"{w64:.2f}x).\n\n"
-        + table(["client", "mode", "server", "median MB/s", "range", "ours vs this server"], rows)
+        f"{w64:.2f}x).\n\n" + table(HEADERS, rows)
     )

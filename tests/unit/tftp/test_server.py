@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -132,6 +133,56 @@ async def test_fetch_without_gso(
     async with _server(root) as server:
         data = await client.fetch(server.address, "big", (("windowsize", "16"),))
         assert data == (root / "big").read_bytes()
+
+
+def _fetch_at_once(address: tuple[str, int], name: str) -> bytes:
+    """A lock-step fetch in blocking calls, each block acknowledged the moment it arrives
+    (as curl does): the ACKs come sooner than the server's spin gives up."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        sock.sendto(RRQ(name, "octet", (("blksize", "1468"),)).encode(), address)
+        data, peer = sock.recvfrom(70000)
+        assert isinstance(decode(data), OACK)
+        sock.connect(peer)
+        sock.send(ACK(0).encode())
+        parts = []
+        while True:
+            packet = decode(sock.recv(70000))
+            assert isinstance(packet, DATA)
+            sock.send(ACK(packet.block).encode())
+            parts.append(packet.data)
+            if len(packet.data) < 1468:
+                return b"".join(parts)
+
+
+@pytest.mark.parametrize("cpus", [server_module._CPUS, 0])
+async def test_a_quick_client_is_served_by_spinning_or_not(
+    root: Path, cpus: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a core to spare the transfer's thread polls for the ACK (``_spin_receive``);
+    with none (every core has a transfer: here faked as none at all) it sleeps in recv.
+    Both serve the file whole."""
+    monkeypatch.setattr(server_module, "_CPUS", cpus)
+    async with _server(root) as server:
+        data = await asyncio.to_thread(_fetch_at_once, server.address, "big")
+        assert data == (root / "big").read_bytes()
+
+
+def test_spin_receive_returns_a_waiting_datagram_or_gives_up() -> None:
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender,
+    ):
+        receiver.bind(("127.0.0.1", 0))
+        buf = bytearray(100)
+        started = time.perf_counter_ns()
+        assert server_module._spin_receive(receiver.recv_into, buf) == -2  # nothing came
+        waited = time.perf_counter_ns() - started
+        assert server_module._SPIN_NS <= waited < 1_000_000_000
+        sender.sendto(b"\x00\x04\x00\x01", receiver.getsockname())
+        time.sleep(0.01)
+        assert server_module._spin_receive(receiver.recv_into, buf) == 4
+        assert buf[:4] == b"\x00\x04\x00\x01"
 
 
 async def test_oack_reports_tsize_and_transfer_comes_from_a_new_port(
