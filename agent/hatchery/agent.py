@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from hatchery.addresses import AddressPool, PoolError, Subnet
 from hatchery.api.app import ApiContext, make_app
@@ -27,12 +28,8 @@ from hatchery.config import AgentConfig, BridgeConfig, DhcpMode
 from hatchery.containers.service import ContainerService
 from hatchery.containers.store import ContainerStore
 from hatchery.dhcp.leases import Lease
-from hatchery.dhcp.proxy import ProxyConfig, ProxyResponder
 from hatchery.dhcp.responder import DhcpConfig, Responder
 from hatchery.dhcp.server import DhcpServer, ProxyDhcpServer, interface_ipv4
-from hatchery.dhcp6.packet import duid_ll
-from hatchery.dhcp6.responder import Dhcp6Config, Responder6
-from hatchery.dhcp6.server import Dhcp6Server, wait_for_ipv6
 from hatchery.errors import HatcheryError
 from hatchery.health import NodeHealth
 from hatchery.images.signing import KeyDirectory
@@ -43,7 +40,6 @@ from hatchery.metadata.ruleset import Port
 from hatchery.metadata.server import VmMetadata
 from hatchery.metadata.service import MetadataService, node_services
 from hatchery.metrics import Metrics
-from hatchery.netboot import Netboot
 from hatchery.netdev import interface_mac, tap_name
 from hatchery.pki import client_context, server_context
 from hatchery.qemu.accel import choose_accel
@@ -53,6 +49,10 @@ from hatchery.upgrade.store_source import StoreImages
 from hatchery.vms.manager import VmManager
 from hatchery.vms.model import VmState
 from hatchery.vms.sources import SourceFetcher
+
+if TYPE_CHECKING:  # imported where used: only a node that births others needs them
+    from hatchery.dhcp6.server import Dhcp6Server
+    from hatchery.netboot import Netboot
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,8 @@ def dhcp_for(
     own = interface_ipv4(bridge.name)
     bindings = netboot.proxy_bindings() if netboot is not None else None
     if netboot is not None and bindings is not None:
+        from hatchery.dhcp.proxy import ProxyConfig, ProxyResponder
+
         proxy = ProxyConfig(server_ip=own.ip, boot=netboot.dhcp_boot(own.ip))
         return ProxyDhcpServer(bridge.name, ProxyResponder(proxy, bindings), metrics=metrics)
     subnet = next((s for s in bridge.subnets if own.ip in s.cidr), None)
@@ -157,6 +159,10 @@ def dhcp6_for(
 ) -> Dhcp6Server:
     """The DHCPv6 server of ``bridge``'s IPv6 births (``boot.ipv6``): addresses from its
     range, boot URLs on the bridge's IPv6 address ``own``."""
+    from hatchery.dhcp6.packet import duid_ll
+    from hatchery.dhcp6.responder import Dhcp6Config, Responder6
+    from hatchery.dhcp6.server import Dhcp6Server
+
     v6, births = netboot.config.ipv6, netboot.births6()
     assert v6 is not None and births is not None
     config = Dhcp6Config(duid_ll(interface_mac(bridge.name)), v6.prefix, v6.lease_time, v6.dns,
@@ -313,6 +319,12 @@ class Agent:
         proxy = bridge.boot is not None and bridge.boot.dhcp is DhcpMode.PROXY
         ipv4 = proxy or (bridge.dhcp and bool(bridge.subnets))
         if bridge.boot is not None:
+            # Network boot's code (boot HTTP, TFTP, DHCPv6, profiles) is imported only by a
+            # node that births others: a third of a second of every other node's start under
+            # TCG (docs/images.md, "The boot path, trimmed").
+            from hatchery.dhcp6.server import wait_for_ipv6
+            from hatchery.netboot import Netboot
+
             async with part(f"network boot on {bridge.name}"):
                 netboot = Netboot(bridge.name, bridge.boot, self.config.state_dir, self.images,
                                   self.health.version, self.config.limits,

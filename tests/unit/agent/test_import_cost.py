@@ -40,3 +40,19 @@ def test_the_agent_does_not_run_pyroute2s_init() -> None:
     assert not any(
         m.startswith(("pyroute2.ndb", "pyroute2.ipdb", "pyroute2.plan9")) for m in loaded
     )
+
+
+def test_network_boot_is_imported_only_by_a_node_that_births_others() -> None:
+    """The agent's start imports DHCP (its VMs' leases) but not what births machines: boot
+    HTTP, TFTP, DHCPv6, the profiles; ``_network_services`` imports them for a bridge with
+    ``boot``, and then they import cleanly."""
+    loaded = _modules_after("import hatchery.agent")
+    assert "hatchery.dhcp.server" in loaded
+    births = ("hatchery.netboot", "hatchery.boothttp", "hatchery.tftp", "hatchery.dhcp6.server")
+    assert not any(m.startswith(births) for m in loaded)
+    loaded = _modules_after(
+        "import hatchery.agent\n"
+        "from hatchery.dhcp6.server import wait_for_ipv6\n"
+        "from hatchery.netboot import Netboot"
+    )
+    assert {"hatchery.netboot", "hatchery.tftp.server", "hatchery.boothttp.app"} <= loaded
