@@ -110,7 +110,8 @@ def test_only_the_units_a_node_needs_are_enabled(host: testinfra.host.Host) -> N
     enabled = {line.split()[0] for line in listed.stdout.splitlines() if line.strip()}
     assert enabled == ENABLED_UNITS
     masked = ("systemd-hwdb-update.service", "systemd-network-generator.service",
-              "kexec-load.service", "systemd-firstboot.service")  # fmt: skip
+              "kexec-load.service", "systemd-firstboot.service", "systemd-update-utmp.service",
+              "systemd-update-utmp-runlevel.service")  # fmt: skip
     for unit in masked:
         assert host.run(f"systemctl is-enabled {unit}").stdout.strip() == "masked", unit
 
