@@ -15,6 +15,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from hatchery.addresses import AddressPool
+from hatchery.api import images as images_api
 from hatchery.api.app import ApiContext, make_app
 from hatchery.api.images import ImagesContext
 from hatchery.api.policy import load_policy
@@ -22,7 +23,7 @@ from hatchery.capacity import HostCapacity
 from hatchery.cli.main import main
 from hatchery.health import NodeHealth
 from hatchery.images.signing import KeyDirectory
-from hatchery.images.store import ImageStore, content_chunks
+from hatchery.images.store import ImageStore, ObjectWriter, content_chunks
 from hatchery.qemu.accel import Accel, AccelChoice
 from hatchery.qemu.cmdline import MACHINES
 from hatchery.vms.manager import VmManager
@@ -147,6 +148,27 @@ async def test_an_upload_of_many_batches_arrives_whole(api: Api, compressible: b
     stored = b"".join(content_chunks(path, len(data), raw=not compressible))
     assert stored == data
     assert not any((api.store.root / "tmp").iterdir())
+
+
+async def test_an_upload_in_one_byte_chunks_is_written_in_bounded_batches(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A body sent as one-byte HTTP chunks arrives whole, and no batch held more than
+    ``UPLOAD_PIECES`` of them (each piece is a Python object until it is written)."""
+    writes: list[int] = []
+    real_write = ObjectWriter.write
+
+    def write(self: ObjectWriter, chunk: bytes) -> None:
+        writes.append(len(chunk))
+        real_write(self, chunk)
+
+    monkeypatch.setattr(ObjectWriter, "write", write)
+    data = os.urandom(3 * images_api.UPLOAD_PIECES + 5)
+    sha = hashlib.sha256(data).hexdigest()
+    put = await api.client.put(f"/v1/objects/{sha}", data=_pieces(data, 1), headers=ADMIN)
+    assert put.status == 201 and (await put.json()) == {"sha256": sha, "size": len(data)}
+    assert sum(writes) == len(data) and max(writes) <= images_api.UPLOAD_PIECES
+    assert b"".join(content_chunks(api.store.object_path(sha), len(data), raw=True)) == data
 
 
 async def test_a_tampered_or_cut_upload_leaves_nothing(api: Api) -> None:
