@@ -97,7 +97,8 @@ def aggregate(url: str) -> float:
 
 
 def run() -> None:
-    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp_text:
+    # The CPU groups are removed last, after their servers have ended (the finally below).
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp_text, contextlib.ExitStack() as stack:
         tmp = Path(tmp_text)
         root = tmp / "root"
         (root / "artefacts" / "img").mkdir(parents=True)
@@ -110,7 +111,6 @@ def run() -> None:
                 f.write(os.urandom(1 << 20))
         ours_port, nginx_port = free_port(), free_port()
         log = (tmp / "ours.log").open("wb")
-        stack = contextlib.ExitStack()  # closed last: the groups outlive their servers
         groups = {name: stack.enter_context(cpu_group(f"boot-http-{i}"))
                   for i, name in enumerate((OURS, "nginx"))}  # fmt: skip
         ours = subprocess.Popen([str(AGENT), "serve", "http", "--root", str(root / "artefacts"),
@@ -145,7 +145,6 @@ def run() -> None:
                 proc.terminate()
                 proc.wait(timeout=10)
             log.close()
-            stack.close()
     load = os.getloadavg()
     ours_mb = median(speeds[OURS]) / 1e6
     nginx_mb = median(speeds["nginx"]) / 1e6
