@@ -155,13 +155,12 @@ def _fetch_at_once(address: tuple[str, int], name: str) -> bytes:
                 return b"".join(parts)
 
 
-@pytest.mark.parametrize("cpus", [server_module._CPUS, 0])
+@pytest.mark.parametrize("cpus", [64, 0])  # cores to spare for spinning, faked: many, none
 async def test_a_quick_client_is_served_by_spinning_or_not(
     root: Path, cpus: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With a core to spare the transfer's thread polls for the ACK (``_spin_receive``);
-    with none (every core has a transfer: here faked as none at all) it sleeps in recv.
-    Both serve the file whole."""
+    with none (every core has a transfer) it sleeps in recv. Both serve the file whole."""
     monkeypatch.setattr(server_module, "_CPUS", cpus)
     async with _server(root) as server:
         data = await asyncio.to_thread(_fetch_at_once, server.address, "big")
