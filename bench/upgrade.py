@@ -26,7 +26,14 @@ from hatchery.client import AgentClient, ApiError
 from hatchery_lab.agent import Pki
 from hatchery_lab.demo_images import build_version, signed, signing_key
 from hatchery_lab.guest import find_guest_kernel
-from hatchery_lab.node import NodeSpec, RunningNode, boot_node, lab_network, serve_folder
+from hatchery_lab.node import (
+    KEXEC_NODE_VCPUS,
+    NodeSpec,
+    RunningNode,
+    boot_node,
+    lab_network,
+    serve_folder,
+)
 from hatchery_lab.outlive import guest_state, ticking_initrd
 
 BIN = Path(sys.executable).parent
@@ -161,7 +168,8 @@ def run() -> None:
         prefix = f"10.{random.randrange(100, 200)}.{random.randrange(0, 250)}"
         with lab_network(prefix) as lab:
             spec = NodeSpec("bench-node", "52:54:00:be:00:01", f"{prefix}.11",
-                            (f"{prefix}.100", f"{prefix}.109"), memory_mib=2560)  # fmt: skip
+                            (f"{prefix}.100", f"{prefix}.109"), memory_mib=2560,
+                            vcpus=KEXEC_NODE_VCPUS)  # fmt: skip
             v1 = builds["v1"]
             kwargs = {"kernel": v1 / "hypervisor.vmlinuz", "initrd": v1 / "hypervisor.cpio.zst",
                       "image_keys": key.public.parent}  # fmt: skip

@@ -29,7 +29,15 @@ import pytest
 from hatchery_lab.agent import Pki
 from hatchery_lab.demo_images import VERSIONS, build_version, signed, signing_key
 from hatchery_lab.guest import GuestKernel, find_guest_kernel
-from hatchery_lab.node import Lab, NodeSpec, RunningNode, boot_node, lab_network, serve_folder
+from hatchery_lab.node import (
+    KEXEC_NODE_VCPUS,
+    Lab,
+    NodeSpec,
+    RunningNode,
+    boot_node,
+    lab_network,
+    serve_folder,
+)
 from hatchery_lab.outlive import guest_state, ticking_initrd
 from tests.conftest import missing
 
@@ -142,7 +150,8 @@ def test_live_patch_reboot_and_fallback(
     pki = Pki.make(tmp_path / "pki")
     admin = pki.client("admin", "admin")
     spec = NodeSpec("node-a", "52:54:00:7a:00:0b", f"{lab.prefix}.11",
-                    (f"{lab.prefix}.100", f"{lab.prefix}.109"), memory_mib=2560)  # fmt: skip
+                    (f"{lab.prefix}.100", f"{lab.prefix}.109"), memory_mib=2560,
+                    vcpus=KEXEC_NODE_VCPUS)  # fmt: skip
     v1 = builds["v1"]
     boot = {"kernel": v1 / "hypervisor.vmlinuz", "initrd": v1 / "hypervisor.cpio.zst"}
     with boot_node(spec, lab, pki, tmp_path / "node", image_keys=key.public.parent, **boot) as node:

@@ -55,6 +55,14 @@ class NodeSpec:
     vcpus: int = 2
 
 
+#: A node that kexecs into backports' 6.12 kernel (the upgrade test and bench) gets one vCPU.
+#: With two under TCG (QEMU 7.2: one host thread per vCPU), that kernel once died early in its
+#: boot with "Oops: int3" in devcgroup_check_permission: one vCPU ran a stale translation of a
+#: breakpoint the other had already patched away (the kernel's static-key patching,
+#: text_poke_bp). An emulator's race, not one a node's real CPUs have; 6.1 boots on two.
+KEXEC_NODE_VCPUS = 1
+
+
 def seed_tar(
     spec: NodeSpec,
     lab: Lab,
