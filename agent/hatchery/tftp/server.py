@@ -203,7 +203,8 @@ class _TransferPort:
     ``recvfrom`` (with ``SO_RCVTIMEO`` as the retransmission timer) and answers straight from
     there. Lock-step TFTP is one round trip per block, and measured on loopback the event
     loop's per-wake-up work (epoll, dispatch, timer heap) cost a quarter of the throughput
-    against tftpd-hpa; a blocked thread wakes straight into the ``recvfrom``. The thread
+    against tftpd-hpa; a blocked thread wakes straight into the ``recvfrom``, and with a
+    core to spare it first polls for a quick answer (``_spin_receive``). The thread
     only holds the GIL between syscalls, and the server's tables are touched on the loop
     thread alone (``close`` there, ``_finished`` posted back with ``call_soon_threadsafe``).
     """

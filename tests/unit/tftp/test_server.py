@@ -189,9 +189,8 @@ def test_spin_receive_returns_a_waiting_datagram_or_gives_up() -> None:
         started = time.perf_counter_ns()
         assert server_module._spin_receive(receiver.recv_into, buf) == -2  # nothing came
         waited = time.perf_counter_ns() - started
-        assert server_module._SPIN_NS <= waited < 1_000_000_000
+        assert waited >= server_module._SPIN_NS  # it gave up only once its budget was spent
         sender.sendto(b"\x00\x04\x00\x01", receiver.getsockname())
-        time.sleep(0.01)
         assert server_module._spin_receive(receiver.recv_into, buf) == 4
         assert buf[:4] == b"\x00\x04\x00\x01"
 
