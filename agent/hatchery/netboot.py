@@ -136,6 +136,8 @@ class Netboot:
         self._ra: RaResponder | None = None
         self._task: asyncio.Task[None] | None = None
         self._tftp: TftpServer | None = None
+        self._store_changed = asyncio.Event()
+        self._unlisten: Callable[[], None] | None = None
 
     def births(self) -> BirthLeases | None:
         """The bridge's one birth-lease table, shared by its DHCP server (which writes it) and
@@ -206,9 +208,22 @@ class Netboot:
         SeedFolder(self.config.seeds).tighten()
 
     async def _refresher(self) -> None:
+        """Refresh when the store changes (a publish, an upgrade) and every
+        ``REFRESH_SECONDS`` (a seed dropped into the folder by hand)."""
         while True:
-            await asyncio.sleep(REFRESH_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._store_changed.wait(), REFRESH_SECONDS)
+            self._store_changed.clear()
             await asyncio.to_thread(self.refresh)
+
+    def _listen_to_the_store(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def changed() -> None:  # in the thread that changed the store
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the agent stopped
+                loop.call_soon_threadsafe(self._store_changed.set)
+
+        self._unlisten = self._images.on_change(changed)
 
     # --- the services -------------------------------------------------------------------
     def prepare(self) -> None:
@@ -311,9 +326,13 @@ class Netboot:
             self._tftp = TftpServer(tftp_root, str(server_ip), 69,
                                     meter=self.metrics.tftp(self.bridge))  # fmt: skip
             await self._tftp.start()
+        self._listen_to_the_store()
         self._task = asyncio.create_task(self._refresher(), name=f"netboot-{self.bridge}")
 
     async def stop(self) -> None:
+        if self._unlisten is not None:
+            self._unlisten()
+            self._unlisten = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -74,7 +74,8 @@ def test_agent_unit_is_enabled_by_preset(host: testinfra.host.Host) -> None:
         "LimitNOFILE=",
         "Restart=on-failure",
         "KillMode=process",
-        "ExecStart=/usr/bin/hatchery-agent run --seed --config /etc/hatchery/agent.yaml",
+        "ExecStart=/usr/bin/hatchery-agent run --after /run/hatchery/node-ready --seed --config "
+        "/etc/hatchery/agent.yaml",
         "TimeoutStartSec=",
     )
     for setting in wanted:

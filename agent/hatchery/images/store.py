@@ -28,7 +28,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -213,6 +213,7 @@ class ImageStore:
         # again. Any change to the file since (its ctime, which no one can set back) or a new
         # process means a full check.
         self._checked: dict[str, tuple[tuple[int, int, int, int], int]] = {}
+        self._listeners: list[Callable[[], None]] = []
         try:
             for sub in ("objects", "images", "partial", "tmp", "quarantine"):
                 (root / sub).mkdir(parents=True, exist_ok=True)
@@ -220,6 +221,21 @@ class ImageStore:
                 leftover.unlink(missing_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot open the image store in {root}: {exc}") from exc
+
+    def on_change(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener`` once an image is added or the current one changes, in the thread
+        that changed it (so it must not block); return what removes it. The netboot export
+        follows a publish at once: a machine birthed right after it is not refused for an
+        image its peer already holds, waiting for a periodic refresh."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def _changed(self) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener()
+            except Exception:  # a listener's bug must not fail the publish that is done
+                log.exception("image store listener %r failed", listener)
 
     # --- objects ---------------------------------------------------------------------------
     def _form_path(self, sha256: str, raw: bool) -> Path:
@@ -409,6 +425,7 @@ class ImageStore:
                 self.verify_object(artefact.sha256, artefact.size)
             write_atomic(path, signed.to_bytes(), mode=0o644)
         log.info("image %s %s added (key %s)", manifest.image, manifest.version, signed.key_id)
+        self._changed()
         return signed
 
     def versions(self) -> list[str]:
@@ -460,6 +477,7 @@ class ImageStore:
             except StateError as exc:
                 raise StoreError(exc.message) from exc
             log.info("image %s is current (previous: %s)", version, pointers["current"])
+        self._changed()
 
     # --- garbage collection and export -----------------------------------------------------
     def gc(self, keep: Iterable[str] = (), partial_max_age: float = 86400.0) -> GcReport:

@@ -326,3 +326,28 @@ def test_an_object_checked_by_this_store_is_not_hashed_again_until_it_changes(
     store.object_path(sha).write_bytes(bytes(raw))  # same size, same inode, new ctime
     with pytest.raises(CorruptObject):
         store.verify_object(sha, len(data))
+
+
+def test_listeners_hear_of_added_images_and_a_new_current_only(
+    store: ImageStore, tmp_path: Path, key: KeyPair, trusted: TrustedKeys
+) -> None:
+    """What the netboot export waits on: an image added, the current one changed; nothing for
+    a publish repeated or a current set again, and a failing listener fails no publish."""
+    heard: list[str] = []
+
+    def broken() -> None:
+        raise RuntimeError("a listener's bug")
+
+    stop_hearing = store.on_change(lambda: heard.append(store.current() or "-"))
+    store.on_change(broken)
+    build, raw = signed_build(tmp_path / "b1", "1", key)
+    _publish(store, build, raw, trusted)
+    assert heard == ["-"]
+    _publish(store, build, raw, trusted)  # the same image again: a no-op
+    store.set_current("1")
+    store.set_current("1")
+    assert heard == ["-", "1"]
+    stop_hearing()
+    build, raw = signed_build(tmp_path / "b2", "2", key)
+    _publish(store, build, raw, trusted)
+    assert heard == ["-", "1"] and store.versions() == ["1", "2"]

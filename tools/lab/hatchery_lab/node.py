@@ -117,9 +117,9 @@ def seed_tar(
 CONSOLE_MILESTONES = (
     ("Linux version", "kernel up"),
     ("Run /init as init process", "root file system unpacked; systemd starting"),
+    ("hatchery-agent.service", "agent loading (it starts once /data and the network are up)"),
     ("hatchery-data: mounted", "/data ready (persistent)"),
     ("hatchery-data: WARNING", "/data in RAM (no data disk)"),
-    ("hatchery-agent.service", "agent starting (its seed first)"),
 )
 
 
