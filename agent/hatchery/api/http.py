@@ -39,6 +39,7 @@ from hatchery.containers.store import ContainerNotFound
 from hatchery.errors import HatcheryError
 from hatchery.images.fetch import FetchError
 from hatchery.images.manifest import ManifestError
+from hatchery.images.running_root import NotRunningRoot
 from hatchery.images.signing import VerificationError
 from hatchery.images.store import (
     CorruptObject,
@@ -109,6 +110,7 @@ STATUS: dict[type[HatcheryError], int] = {
     CapacityError: 409,
     ConsoleBusy: 409,
     ImageConflict: 409,
+    NotRunningRoot: 409,
     MissingObjects: 409,
     PoolError: 409,
     VmStateError: 409,

@@ -11,7 +11,9 @@ as is (already compressed content) as that content (``application/octet-stream``
 that accepts it, and to an older peer, which asks for zstd only, framed as a zstd file of raw
 blocks on the fly (``images.rawframe``: nothing compressed, any range answered).
 ``PUT /v1/objects/<sha256>`` takes the *uncompressed* content and stores it only if it hashes
-to the name.
+to the name. With ``?running_root_at=OFFSET&running_root_size=SIZE`` the body is that content
+with the node's own running root image left out at OFFSET (``images.running_root``): the node
+puts its image there, so publishing the image a node runs costs it a hash, not an upload.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import asyncio
 import logging
 import os
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,11 +32,12 @@ from aiohttp import web
 from hatchery.api.http import TooLarge, Unavailable, caller, json_body, read_body, require
 from hatchery.api.validate import BadRequest
 from hatchery.errors import HatcheryError
-from hatchery.images import rawframe
+from hatchery.images import rawframe, running_root
 from hatchery.images.fetch import RAW_TYPE, ZSTD_TYPE, ImageFetcher
 from hatchery.images.manifest import MAX_DOCUMENT, ManifestError, check_version, is_sha256
+from hatchery.images.running_root import NotRunningRoot
 from hatchery.images.signing import KeySource
-from hatchery.images.store import RAW, ImageStore, ObjectNotFound
+from hatchery.images.store import RAW, CorruptObject, ImageStore, ObjectNotFound
 
 log = logging.getLogger(__name__)
 UPLOAD_BATCH = 1 << 20
@@ -43,6 +47,9 @@ UPLOAD_PIECES = 4096
 FRAME_CHUNK = 1 << 20
 MAX_PEER = 300
 MAX_FETCH_BODY = 4096
+# What an upload around the running root may send itself: a live initrd's other members
+# (its /init, busybox, a few modules) and cpio framing, a few MB.
+MAX_AROUND_ROOT = 64 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +60,8 @@ class ImagesContext:
     store: ImageStore
     keys: KeySource
     fetcher: ImageFetcher | None = None
+    # The device of the root image this node booted, if it did (uploads around it).
+    running_root: Callable[[], Path | None] = running_root.running_root_device
 
     @classmethod
     def build(
@@ -178,6 +187,8 @@ async def put_object(request: web.Request) -> web.Response:
     """Stream the upload into the store in batches; it enters only if it hashes to its name."""
     store = request.app[IMAGES].store
     sha = _sha(request)
+    if "running_root_at" in request.query:
+        return await _put_around_running_root(request, sha)
     if request.content_length is not None and request.content_length > store.max_object:
         raise TooLarge(f"the object is larger than {store.max_object} bytes")
     existed = store.has_object(sha)
@@ -206,6 +217,52 @@ async def put_object(request: web.Request) -> web.Response:
         writer.abort()
     log.info("%s uploaded object %s (%d bytes)", caller(request).name, sha, writer.size)
     return web.json_response({"sha256": sha, "size": writer.size}, status=200 if existed else 201)
+
+
+def _query_int(request: web.Request, name: str) -> int:
+    value = request.query.get(name, "")
+    if not value.isdigit() or len(value) > 12:
+        raise BadRequest(f"{name} must be a byte count", name)
+    return int(value)
+
+
+async def _put_around_running_root(request: web.Request, sha: str) -> web.Response:
+    """The object is the body with this node's running root image inserted at
+    ``running_root_at``; stored only if that hashes to ``sha``. 409 when this node has no
+    such image or its size is not ``running_root_size`` (the client then uploads it whole)."""
+    ctx = request.app[IMAGES]
+    offset = _query_int(request, "running_root_at")
+    size = _query_int(request, "running_root_size")
+    device = ctx.running_root()
+    whole = "upload the object whole"
+    if device is None:
+        raise NotRunningRoot("this node did not boot from a live root image", hint=whole)
+    held = await asyncio.to_thread(running_root.size_of, device)
+    if held != size:
+        raise NotRunningRoot(f"this node's running root image is {held} bytes, not {size}",
+                             hint=whole)  # fmt: skip
+    rest = await read_body(request, MAX_AROUND_ROOT)
+    if offset > len(rest):
+        raise BadRequest(f"running_root_at is past the {len(rest)} bytes sent", "running_root_at")
+    if len(rest) + size > ctx.store.max_object:
+        raise TooLarge(f"the object is larger than {ctx.store.max_object} bytes")
+    existed = ctx.store.has_object(sha)
+
+    def assemble() -> int:  # in a worker thread: hashing 100 MB
+        with ctx.store.writer(sha) as writer:
+            running_root.write_with_root(writer, rest, offset, device, size)
+            writer.commit()
+            return writer.size
+
+    try:
+        total = await asyncio.to_thread(assemble)
+    except CorruptObject as exc:  # the running root is not that object's
+        raise NotRunningRoot(f"with this node's running root image inserted, {exc.message}",
+                             hint=whole) from None  # fmt: skip
+    log.info("%s uploaded object %s (%d bytes, %d of them this node's running root image)",
+             caller(request).name, sha, total, size)  # fmt: skip
+    return web.json_response({"sha256": sha, "size": total, "from_running_root": size},
+                             status=200 if existed else 201)  # fmt: skip
 
 
 @require("images.manage")

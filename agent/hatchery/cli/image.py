@@ -17,7 +17,13 @@ import aiohttp
 from hatchery.cli.vm import connection_args as _connection_args
 from hatchery.client import AgentClient, ApiError, Credentials, agent_url, error_from_answer
 from hatchery.errors import HatcheryError
-from hatchery.images.manifest import SIGNED_NAME, SignedManifest, parse_signed, sha256_file
+from hatchery.images.manifest import (
+    SIGNED_NAME,
+    Role,
+    SignedManifest,
+    parse_signed,
+    sha256_file,
+)
 from hatchery.images.signing import (
     DEFAULT_KEY_NAME,
     DEFAULT_KEYS_DIR,
@@ -25,6 +31,7 @@ from hatchery.images.signing import (
     generate_key,
     sign_build_dir,
 )
+from hatchery.upgrade.archive import root_image_range
 
 
 def _emit(args: argparse.Namespace, result: Any, text: str) -> None:
@@ -90,16 +97,48 @@ async def _answer(resp: aiohttp.ClientResponse) -> Any:
     return body
 
 
+async def _runs(session: aiohttp.ClientSession, base: str, version: str) -> bool:
+    """Whether the agent's node runs ``version`` (its ``/healthz``; False if it cannot say)."""
+    try:
+        async with session.get(f"{base}/healthz") as resp:
+            health = await resp.json() if resp.status == 200 else None
+    except (aiohttp.ClientError, ValueError):
+        return False
+    return isinstance(health, dict) and health.get("version") == version
+
+
+async def _put_around_running_root(session: aiohttp.ClientSession, url: str, path: Path) -> bool:
+    """Upload ``path`` (a live initrd) without its root image, which the node that runs it
+    puts back from its own (``images.running_root``); False if the node cannot (it runs
+    another image, an older agent): then the caller uploads it whole."""
+    with path.open("rb") as f:
+        where = root_image_range(f)
+        if where is None:
+            return False
+        offset, size = where
+        f.seek(0)
+        head = f.read(offset)
+        f.seek(offset + size)
+        rest = head + f.read()
+    query = {"running_root_at": str(offset), "running_root_size": str(size)}
+    async with session.put(url, params=query, data=rest) as resp:
+        if resp.status in (200, 201):
+            answer = await resp.json()
+            return isinstance(answer, dict) and answer.get("from_running_root") == size
+        return False
+
+
 async def _publish(args: argparse.Namespace) -> dict[str, Any]:
     raw, signed = _read_signed(args.build_dir)
     _check_files(args.build_dir, signed)
     base = agent_url(args.agent)
     connector = aiohttp.TCPConnector(ssl=_credentials(args).context())
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300)
-    uploaded, present = [], []
+    uploaded, present, from_node = [], [], []
     try:
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            for _, artefact in sorted(signed.manifest.artefacts.items()):
+            runs_it = await _runs(session, base, signed.manifest.version)
+            for role, artefact in sorted(signed.manifest.artefacts.items()):
                 url = f"{base}/v1/objects/{artefact.sha256}"
                 async with session.head(url) as resp:
                     if resp.status == 200:
@@ -107,7 +146,12 @@ async def _publish(args: argparse.Namespace) -> dict[str, Any]:
                         continue
                     if resp.status != 404:
                         await _answer(resp)
-                with (args.build_dir / artefact.name).open("rb") as f:
+                path = args.build_dir / artefact.name
+                if (runs_it and role is Role.INITRD
+                        and await _put_around_running_root(session, url, path)):  # fmt: skip
+                    from_node.append(artefact.name)
+                    continue
+                with path.open("rb") as f:
                     async with session.put(url, data=f) as resp:
                         await _answer(resp)
                 uploaded.append(artefact.name)
@@ -118,7 +162,8 @@ async def _publish(args: argparse.Namespace) -> dict[str, Any]:
         raise ApiError(f"{base}: the agent's certificate is not trusted: {exc}", 0) from exc
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise ApiError(f"cannot publish to {base}: {exc or type(exc).__name__}", 0) from exc
-    return {**answer, "uploaded": uploaded, "already_there": present}
+    return {**answer, "uploaded": uploaded, "already_there": present,
+            "from_running_root": from_node}  # fmt: skip
 
 
 def _publish_cmd(args: argparse.Namespace) -> int:
@@ -126,7 +171,9 @@ def _publish_cmd(args: argparse.Namespace) -> int:
     _emit(args, result, f"published {result['image']} {result['version']} to {args.agent}: "
           f"uploaded {', '.join(result['uploaded']) or 'nothing'}"
           + (f"; already there: {', '.join(result['already_there'])}"
-             if result["already_there"] else ""))  # fmt: skip
+             if result["already_there"] else "")
+          + (f"; around the root image the node runs: {', '.join(result['from_running_root'])}"
+             if result["from_running_root"] else ""))  # fmt: skip
     return 0
 
 

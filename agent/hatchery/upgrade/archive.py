@@ -42,7 +42,7 @@ from hatchery.upgrade.rootimage import (
 from hatchery.upgrade.rootindex import INDEX_PATH, parse_index
 
 __all__ = ["ArchiveError", "RootEntry", "check_readable", "has_modules", "index_root",
-           "iter_entries", "iter_root", "open_root"]  # fmt: skip
+           "iter_entries", "iter_root", "open_root", "root_image_range"]  # fmt: skip
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -224,6 +224,22 @@ def _read_checked(top: str, path: str, wanted: Fingerprint) -> bytes:
         raise ArchiveError(f"/{path} in the root image is not what the image's index says",
                            hint="the image is broken: rebuild it")  # fmt: skip
     return data
+
+
+def root_image_range(initrd: BinaryIO) -> tuple[int, int] | None:
+    """Where a live initrd file holds its root image: (offset, size) in bytes; None for
+    another layout (mkosi's cpio, a compressed initrd) or what is no cpio at all. Publishing
+    to a node that runs this very image leaves that range out (``images.running_root``)."""
+    try:
+        if initrd.read(4) == ZSTD_MAGIC:
+            return None
+        initrd.seek(0)
+        member = next_member(initrd, one_archive=True)
+    except (CpioError, OSError):
+        return None
+    if member is None or not _is_root_image(member):
+        return None
+    return initrd.tell(), member.size
 
 
 def _is_root_image(member: Member) -> bool:

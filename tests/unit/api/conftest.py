@@ -8,10 +8,12 @@ agent's own resolver (``tls_identity``) never looks at headers.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import ipaddress
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,8 +65,12 @@ class Api:
     keys: Path
 
 
-@pytest.fixture
-async def api(tmp_path: Path) -> AsyncIterator[Api]:
+@contextlib.asynccontextmanager
+async def serving(
+    tmp_path: Path, running_root: Callable[[], Path | None] | None = None
+) -> AsyncIterator[Api]:
+    """The API app on a test server; ``running_root``: the node's running root image (none
+    by default, as on a host that did not boot a live root)."""
     pool = AddressPool(tmp_path / "pool.db")
     pool.add_subnet(Subnet("br0", ipaddress.IPv4Network("10.5.0.0/24"), None, ()))
     pool.add_range(ipaddress.IPv4Address("10.5.0.10"), ipaddress.IPv4Address("10.5.0.19"))
@@ -78,6 +84,7 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
     keys.mkdir()
     # A fetcher that is never reached: the requests below are refused before any fetch.
     images = ImagesContext.build(store, KeyDirectory(keys), ssl.create_default_context())
+    images = dataclasses.replace(images, running_root=running_root or (lambda: None))
     context = ApiContext(manager, pool, load_policy(None), NodeHealth("v1"), time.time())
     app = make_app(context, images, identify=header_identity)
     kernel = artefacts / "kernel"  # in the artefact folder: a source a request may name
@@ -87,3 +94,9 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
             yield Api(client, manager, store, kernel, keys)
     finally:
         pool.close()
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[Api]:
+    async with serving(tmp_path) as served:
+        yield served

@@ -99,10 +99,12 @@ def _publish(
     argv = [str(BIN / "hatchery"), "image", "publish", str(build), "--agent", node.address,
             "--ca", str(pki.ca), "--cert", str(admin.cert), "--key", str(admin.key)]  # fmt: skip
     started = time.monotonic()
-    subprocess.run(argv, check=True, capture_output=True, timeout=1800)
+    done = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=1800)
     took = time.monotonic() - started
+    how = (", its root image taken from the one the node runs"
+           if "around the root image the node runs" in done.stdout else "")  # fmt: skip
     say(f"    {node.spec.name}: published {version} in {took:.0f} s "
-        f"({size / 1e6 / max(took, 0.001):.1f} MB/s)")  # fmt: skip
+        f"({size / 1e6 / max(took, 0.001):.1f} MB/s{how})")  # fmt: skip
 
 
 def _rollout(argv: list[str], log: Path, say: Callable[[str], None]) -> tuple[int, str]:
