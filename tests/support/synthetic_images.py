@@ -11,10 +11,16 @@ __all__ = ["keypair", "make_build", "signed_build"]
 
 
 def signed_build(
-    root: Path, version: str, key: KeyPair, *, initrd_size: int = 256 * 1024
+    root: Path,
+    version: str,
+    key: KeyPair,
+    *,
+    initrd_size: int = 256 * 1024,
+    initrd: bytes | None = None,
 ) -> tuple[Path, bytes]:
-    """A signed build directory and its signed manifest bytes."""
-    build = make_build(root, version, initrd_size=initrd_size)
+    """A signed build directory and its signed manifest bytes (``initrd``: its content,
+    else random bytes)."""
+    build = make_build(root, version, initrd_size=initrd_size, initrd=initrd)
     path, _ = sign_build_dir(build, key.private)
     return build, path.read_bytes()
 

@@ -121,10 +121,13 @@ async def _put_around_running_root(session: aiohttp.ClientSession, url: str, pat
         f.seek(offset + size)
         rest = head + f.read()
     query = {"running_root_at": str(offset), "running_root_size": str(size)}
-    async with session.put(url, params=query, data=rest) as resp:
-        if resp.status in (200, 201):
-            answer = await resp.json()
-            return isinstance(answer, dict) and answer.get("from_running_root") == size
+    try:
+        async with session.put(url, params=query, data=rest) as resp:
+            if resp.status in (200, 201):
+                answer = await resp.json()
+                return isinstance(answer, dict) and answer.get("from_running_root") == size
+            return False
+    except (aiohttp.ClientError, ValueError):  # a refusal may close the connection mid-body
         return False
 
 

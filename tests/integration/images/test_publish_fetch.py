@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
@@ -33,6 +34,7 @@ from hatchery.images.signing import (
 from hatchery.images.store import ImageStore
 from hatchery.pki import client_context
 from hatchery_lab.agent import free_port
+from hatchery_lab.cpio_writer import Entry, write_newc
 from tests.integration.images.conftest import Cluster, Node
 from tests.support.synthetic_images import signed_build
 
@@ -88,6 +90,37 @@ def same_files(store: ImageStore, version: str, build: Path, out: Path) -> None:
 
 def object_gets(node: Node) -> list[str | None]:
     return [rng for method, path, rng in node.seen if method == "GET" and "/objects/" in path]
+
+
+async def test_the_image_a_node_says_it_runs_is_sent_whole_where_it_has_no_live_root(
+    cluster: Cluster,
+) -> None:
+    """The CLI first offers a live initrd without its root image to a node that says it runs
+    that version; the agent, which did not boot a live root, refuses (409, nothing kept) and
+    the CLI sends the object whole. The cluster's agents serve the image routes only: the
+    node's ``/healthz`` answer (its version, all the CLI reads of it) is the test's."""
+
+    @web.middleware
+    async def runs_dev(
+        request: web.Request, handler: Callable[..., Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.path == "/healthz":
+            return web.json_response({"version": "dev", "checks": {"agent": "ok"}})
+        return await handler(request)
+
+    a = await cluster.node("node-a", runs_dev)
+    a.trust(cluster.key)
+    plain = write_newc([Entry.file("root.squashfs", os.urandom(INITRD), 0o400)])
+    initrd = plain + bytes(-len(plain) % 4) + zstandard.ZstdCompressor().compress(b"the rest")
+    build, _ = signed_build(cluster.tmp / "builds", "dev", cluster.key, initrd=initrd)
+    answer = json.loads(await cli(cluster, a, "publish", str(build), "--json"))
+    assert answer["from_running_root"] == []
+    assert sorted(answer["uploaded"]) == ["hypervisor.cpio.zst", "hypervisor.vmlinuz"]
+    to_initrd = f"/v1/objects/{hashlib.sha256(initrd).hexdigest()}"
+    puts = [path for method, path, _ in a.seen if method == "PUT" and path == to_initrd]
+    assert len(puts) == 2  # offered around the root image first and refused, then whole
+    assert a.store.versions() == ["dev"]
+    same_files(a.store, "dev", build, cluster.tmp / "boot")
 
 
 async def test_publish_list_and_fetch_with_the_cli(cluster: Cluster) -> None:
