@@ -61,26 +61,24 @@ def size_of(device: Path) -> int:
 
 def write_with_root(writer: ObjectWriter, rest: bytes, offset: int, root: Path, size: int) -> None:
     """Write ``rest[:offset]``, the ``size`` bytes of ``root``, then ``rest[offset:]`` into
-    ``writer``, in the 1 MiB pieces an upload arrives in (the store decides from the first
-    whether the content is worth compressing, so it decides as for the same object sent whole).
+    ``writer``. The root is written as it is read, 1 MiB at a time, with no copy of its own
+    (a node copies memory at under 200 MB/s under TCG); the first piece is the head and the
+    first MiB together, as an upload's first piece starts, since the store decides from it
+    whether the content is worth compressing.
 
     :raise OSError: ``root`` holds fewer than ``size`` bytes, or cannot be read.
     """
-    pending = bytearray(rest[:offset])
-
-    def flush(limit: int) -> None:
-        while len(pending) >= limit and pending:
-            writer.write(bytes(pending[:CHUNK]))
-            del pending[:CHUNK]
-
+    head = rest[:offset]
     with root.open("rb", buffering=0) as f:
         left = size
         while left:
             chunk = f.read(min(CHUNK, left))
             if not chunk:
                 raise OSError(f"{root} ended {left} bytes short of the {size} expected")
-            pending += chunk
             left -= len(chunk)
-            flush(CHUNK)
-    pending += rest[offset:]
-    flush(1)
+            if head:
+                chunk, head = head + chunk, b""
+            writer.write(chunk)
+    tail = head + rest[offset:]
+    if tail:
+        writer.write(tail)
