@@ -133,13 +133,19 @@ def live_root(
         image = Path(tmp) / "root.squashfs"
         subprocess.run(["mksquashfs", str(tree), str(image), "-comp", "zstd", "-noappend",
                         "-no-xattrs", "-quiet", "-no-progress"], check=True)  # fmt: skip
-        plain = write_newc([Entry.file("root.squashfs", image.read_bytes(), 0o400)])
         rest = write_newc([
             Entry.file("init", b"#!/bin/busybox sh\n", 0o755), Entry.directory("bin"),
             Entry.file("bin/busybox", b"not the root's"), Entry.directory("usr"),
             Entry.file("usr/not-in-the-root", b"the initrd's own"),
         ])  # fmt: skip
-        return plain + bytes(-len(plain) % 4) + zstandard.ZstdCompressor().compress(rest)
+        return live_initrd(image.read_bytes(), rest)
+
+
+def live_initrd(image: bytes, rest: bytes) -> bytes:
+    """The live initrd's framing (hatchery_lab.liveroot): ``image`` as ``root.squashfs`` alone
+    in a plain cpio, then ``rest`` (the initrd's own members, a cpio) zstd-compressed."""
+    plain = write_newc([Entry.file("root.squashfs", image, 0o400)])
+    return plain + bytes(-len(plain) % 4) + zstandard.ZstdCompressor().compress(rest)
 
 
 def can_mount_squashfs() -> str | None:

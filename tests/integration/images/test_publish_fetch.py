@@ -37,6 +37,7 @@ from hatchery_lab.agent import free_port
 from hatchery_lab.cpio_writer import Entry, write_newc
 from tests.integration.images.conftest import Cluster, Node
 from tests.support.synthetic_images import signed_build
+from tests.support.upgrade_roots import live_initrd
 
 HATCHERY = Path(sys.executable).parent / "hatchery"
 INITRD = 3 * 1024 * 1024
@@ -110,8 +111,7 @@ async def test_the_image_a_node_says_it_runs_is_sent_whole_where_it_has_no_live_
 
     a = await cluster.node("node-a", runs_dev)
     a.trust(cluster.key)
-    plain = write_newc([Entry.file("root.squashfs", os.urandom(INITRD), 0o400)])
-    initrd = plain + bytes(-len(plain) % 4) + zstandard.ZstdCompressor().compress(b"the rest")
+    initrd = live_initrd(os.urandom(INITRD), write_newc([Entry.directory("bin")]))
     build, _ = signed_build(cluster.tmp / "builds", "dev", cluster.key, initrd=initrd)
     answer = json.loads(await cli(cluster, a, "publish", str(build), "--json"))
     assert answer["from_running_root"] == []

@@ -17,13 +17,12 @@ from hatchery.images.running_root import running_root_device, write_with_root
 from hatchery.images.store import CHUNK, ImageStore
 from hatchery.upgrade.archive import root_image_range
 from hatchery_lab.cpio_writer import Entry, write_newc
+from tests.support.upgrade_roots import live_initrd
 from tests.unit.api.conftest import ADMIN, READER, serving
 
 
 def _live_initrd(root: bytes) -> bytes:
-    """An initrd in the live layout: the root image alone in a plain cpio, then the rest."""
-    plain = write_newc([Entry.file("root.squashfs", root, 0o400)])
-    return plain + bytes(-len(plain) % 4) + b"\x28\xb5\x2f\xfd the initrd's own members"
+    return live_initrd(root, write_newc([Entry.file("init", b"the initrd's own", 0o755)]))
 
 
 def _around(initrd: bytes) -> tuple[bytes, int, int]:

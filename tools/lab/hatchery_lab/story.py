@@ -96,13 +96,14 @@ def _publish(
     size = sum(p.stat().st_size for p in build.iterdir() if p.is_file())
     version = json.loads((build / "manifest.json").read_text())["version"]
     say(f"    {node.spec.name}: publishing {version} ({size / 1e6:.0f} MB) into its image store")
-    argv = [str(BIN / "hatchery"), "image", "publish", str(build), "--agent", node.address,
-            "--ca", str(pki.ca), "--cert", str(admin.cert), "--key", str(admin.key)]  # fmt: skip
+    argv = [str(BIN / "hatchery"), "image", "publish", str(build), "--json", "--agent",
+            node.address, "--ca", str(pki.ca), "--cert", str(admin.cert), "--key",
+            str(admin.key)]  # fmt: skip
     started = time.monotonic()
     done = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=1800)
     took = time.monotonic() - started
     how = (", its root image taken from the one the node runs"
-           if "around the root image the node runs" in done.stdout else "")  # fmt: skip
+           if json.loads(done.stdout).get("from_running_root") else "")  # fmt: skip
     say(f"    {node.spec.name}: published {version} in {took:.0f} s "
         f"({size / 1e6 / max(took, 0.001):.1f} MB/s{how})")  # fmt: skip
 
