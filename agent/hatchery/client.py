@@ -235,6 +235,8 @@ class AgentClient:
             ) from exc
         except aiohttp.ClientSSLError as exc:
             raise ApiError(f"{self.base}: TLS handshake failed: {exc}", 0) from exc
+        except aiohttp.ClientPayloadError as exc:  # the agent went away mid-answer
+            raise ApiError(f"{self.base}: the answer was cut short: {exc}", 0) from exc
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             raise ApiError(
                 f"cannot reach the agent at {self.base}: {exc or type(exc).__name__}",

@@ -27,6 +27,11 @@ limits (``config.ConnectionLimits``):
   final there, a range request's 206 and an error turned into an answer included), with
   the time since the request reached the outermost middleware. Files sent whole add their
   size (``count_sent``).
+- **A bounded stop.** ``close`` gives the answers in flight ``STOP_GRACE`` seconds to end,
+  then cuts them; aiohttp's default is 60 s, twice over (to end, then once cancelled), more
+  than systemd waits before it kills the agent. An upload or a peer's fetch cut short is
+  asked again (uploads are whole or not at all; a fetch resumes); answers held open end at
+  once (``api.http.STOPPING``).
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ log = logging.getLogger(__name__)
 #: How long the accept loop pauses after accept() fails (EMFILE, ENFILE, ENOBUFS): the
 #: kernel keeps the connection queued; retrying at once would spin the loop.
 ACCEPT_BACKOFF = 0.1
+#: Seconds ``close`` waits for the answers in flight before it cuts them (see above).
+STOP_GRACE = 10.0
 
 
 HTTP_METER = web.AppKey("http_meter", HttpMeter)
@@ -295,6 +302,7 @@ class HttpListener:
             access_log=None,
             keepalive_timeout=self.limits.idle_timeout,
             logger=_RequestLog(self),
+            shutdown_timeout=STOP_GRACE,
         )
         await runner.setup()
         server = runner.server

@@ -311,6 +311,10 @@ class Health:
         )
 
 
+#: The most lines one ``GET /v1/logs`` may ask for (``lines``).
+MAX_LOG_LINES = 10_000
+
+
 @dataclass(frozen=True, slots=True)
 class LogEntry:
     """One line of ``GET /v1/logs`` (newline-delimited JSON, one entry a line), from the

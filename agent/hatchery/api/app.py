@@ -31,6 +31,7 @@ from hatchery.api.http import (
     Visible,
     allowed,
     caller,
+    hold,
     json_body,
     new_app,
     read_body,
@@ -439,15 +440,19 @@ async def add_subnet(request: web.Request) -> web.Response:
 
 @require("upgrade.read")
 async def upgrade_status(request: web.Request) -> web.Response:
-    """``?wait=SECONDS`` (at most 60) holds the answer while an upgrade is running."""
+    """``?wait=SECONDS`` (at most 60) holds the answer while an upgrade is running, and no
+    longer than this agent runs: a live patch that restarts the agent, or a reboot, answers
+    the poll with the status as it is, and the client asks the next agent."""
     ctx = request.app[CONTEXT]
     try:
         wait = min(max(float(request.query.get("wait", "0")), 0.0), 60.0)
     except ValueError as exc:
         raise BadRequest("wait must be a number of seconds", "wait") from exc
     deadline = time.monotonic() + wait
-    while ctx.health.upgrade_status().state is Phase.RUNNING and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
+    while ctx.health.upgrade_status().state is Phase.RUNNING:
+        left = deadline - time.monotonic()
+        if left <= 0 or not await hold(request, min(left, 0.2)):
+            break
     return web.json_response(ctx.health.upgrade_status().to_json())
 
 

@@ -17,14 +17,22 @@ pieces, so a client meets one behaviour everywhere:
 - **Errors.** Every error, ours or aiohttp's, is ``{"error", "field", "hint"}`` (``field`` and
   ``hint`` null when they do not apply) with the status from ``STATUS``: one table mapping
   error types to HTTP statuses, the most specific type winning.
+- **Stopping.** An answer held open (a long poll, a followed log) ends as soon as the agent
+  begins to stop (``STOPPING``, set by the app's shutdown): aiohttp's graceful stop waits for
+  every answer in flight, so one ``hatchery logs --follow`` would otherwise hold a restart,
+  and with it a live patch or a reboot upgrade, for two minutes. The client asks again, of
+  the next agent.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from enum import Enum
+from typing import TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -61,6 +69,9 @@ log = logging.getLogger(__name__)
 
 #: Largest request body a handler reads unless it names its own limit.
 MAX_BODY = 1024 * 1024
+#: Set when the app begins to stop: answers held open end (see the module's docstring).
+STOPPING = web.AppKey("stopping", asyncio.Event)
+_T = TypeVar("_T")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Identify = Callable[[web.Request], Identity | None]
@@ -321,4 +332,39 @@ def new_app(
     app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_middleware, *middlewares])
     app[POLICY] = policy
     app[IDENTIFY] = identify
+    app[STOPPING] = asyncio.Event()
+    app.on_shutdown.insert(0, _stopping)  # before the answers in flight are waited for
     return app
+
+
+async def _stopping(app: web.Application) -> None:
+    app[STOPPING].set()
+
+
+async def hold(request: web.Request, seconds: float) -> bool:
+    """Wait ``seconds`` unless the agent begins to stop first; False once it stops."""
+    stopping = request.app[STOPPING]
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stopping.wait(), max(seconds, 0.0))
+    return not stopping.is_set()
+
+
+async def until_stopping(request: web.Request, items: AsyncIterator[_T]) -> AsyncIterator[_T]:
+    """``items`` until they end or the agent begins to stop, whichever comes first; the
+    item being awaited then is cancelled (the caller still closes ``items``)."""
+    stopping = asyncio.ensure_future(request.app[STOPPING].wait())
+    try:
+        while True:
+            item = asyncio.ensure_future(anext(items))
+            await asyncio.wait((item, stopping), return_when=asyncio.FIRST_COMPLETED)
+            if not item.done():
+                item.cancel()
+                await asyncio.gather(item, return_exceptions=True)
+                return
+            try:
+                value = item.result()
+            except StopAsyncIteration:
+                return
+            yield value
+    finally:
+        stopping.cancel()

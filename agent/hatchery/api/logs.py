@@ -7,7 +7,8 @@ the answer open and send new lines). The answer is newline-delimited JSON, one
 ``wire.LogEntry`` a line; ``X-Hatchery-Log-Source`` says which source answered (``journal``
 or ``agent``, see ``hatchery.logs``). Bounded: at most ``MAX_STREAMS`` answers at once per
 agent, at most ``MAX_FOLLOW_LINES`` lines per followed answer (then it ends; the CLI asks
-again from the last line's time), each journal line cut at ``logs.MAX_LINE`` bytes.
+again from the last line's time), each journal line cut at ``logs.MAX_LINE`` bytes. A
+followed answer also ends when the agent begins to stop, so it never holds a restart.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ import time
 
 from aiohttp import web
 
-from hatchery.api.http import Unavailable, caller, require
+from hatchery.api.http import Unavailable, caller, require, until_stopping
 from hatchery.api.validate import BadRequest
 from hatchery.logs import LogSource, check_unit, parse_since
+from hatchery.wire import MAX_LOG_LINES
 
 log = logging.getLogger(__name__)
-MAX_LINES = 10_000
+MAX_LINES = MAX_LOG_LINES
 MAX_FOLLOW_LINES = 100_000
 MAX_STREAMS = 8
 SOURCE_HEADER = "X-Hatchery-Log-Source"
@@ -88,7 +90,8 @@ async def get_logs(request: web.Request) -> web.StreamResponse:
             response.content_type = "application/x-ndjson"
             await response.prepare(request)
             sent, cap = 0, MAX_FOLLOW_LINES if follow else lines
-            async for entry in entries:
+            # A follow ends, complete, when the agent begins to stop (the CLI asks the next).
+            async for entry in until_stopping(request, entries) if follow else entries:
                 await response.write(json.dumps(entry.to_json()).encode() + b"\n")
                 sent += 1
                 if sent >= cap:

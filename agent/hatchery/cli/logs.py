@@ -1,8 +1,11 @@
 """``hatchery logs``: the node's journal (or the agent's own recent lines) over the API.
 
 ``GET /v1/logs`` streams newline-delimited ``wire.LogEntry`` lines; ``--follow`` keeps the
-answer open. A followed answer the agent ends at its line cap is asked for again from the
-last line's time, so a follow runs until the operator stops it (Ctrl-C).
+answer open. A followed answer the agent ends (at its line cap, or because it is stopping)
+is asked for again from the last line's time, so a follow runs until the operator stops it
+(Ctrl-C): through the agent's restarts too (a live patch, a reboot upgrade), when it asks
+every ``RETRY_SECONDS`` and says once on stderr that it waits. Only a follow that has been
+answered waits so: a wrong address or a refusal ends it at once.
 """
 
 from __future__ import annotations
@@ -16,8 +19,11 @@ import time
 from urllib.parse import urlencode
 
 from hatchery.cli.vm import connection_args
-from hatchery.client import AgentClient, Credentials
-from hatchery.wire import LogEntry
+from hatchery.client import AgentClient, ApiError, Credentials
+from hatchery.wire import MAX_LOG_LINES, LogEntry
+
+#: How often a follow asks an agent that went away (restarting, rebooting) again.
+RETRY_SECONDS = 2.0
 
 
 def _line(entry: LogEntry) -> str:
@@ -33,22 +39,45 @@ async def show(client: AgentClient, args: argparse.Namespace) -> None:
         query["since"] = args.since
     if args.follow:
         query["follow"] = "1"
+    shown: set[LogEntry] = set()  # the lines of the last second shown: asked again after
     last: LogEntry | None = None
+    answered = waiting = False
     while True:
-        async for raw in client.lines(f"/v1/logs?{urlencode(query)}"):
-            try:
-                entry = LogEntry.from_json(json.loads(raw))
-            except ValueError:
-                entry = None
-            if entry is None:
-                continue
-            if last is not None and entry == last:
-                continue  # the line the answer before ended on, asked again
-            last = entry
-            print(json.dumps(entry.to_json()) if args.json else _line(entry), flush=True)
-        if not args.follow or last is None:
-            return
-        query["since"] = f"@{int(last.time)}"  # the agent ended a long follow: go on from here
+        new = False
+        try:
+            async for raw in client.lines(f"/v1/logs?{urlencode(query)}"):
+                answered = True
+                try:
+                    entry = LogEntry.from_json(json.loads(raw))
+                except ValueError:
+                    entry = None
+                if entry is None or entry in shown:
+                    continue  # a line of the second the answer before ended in, asked again
+                if waiting:
+                    sys.stderr.write("hatchery logs: the agent answers again\n")
+                    waiting = False
+                if last is not None and int(entry.time) != int(last.time):
+                    shown.clear()
+                shown.add(entry)
+                last, new = entry, True
+                print(json.dumps(entry.to_json()) if args.json else _line(entry), flush=True)
+        except ApiError as exc:
+            if not (args.follow and answered and exc.status == 0):
+                raise
+            if not waiting:
+                sys.stderr.write(f"hatchery logs: {exc.message}; asking again every "
+                                 f"{RETRY_SECONDS:g} s (Ctrl-C to stop)\n")  # fmt: skip
+                waiting = True
+            await asyncio.sleep(RETRY_SECONDS)
+        else:
+            answered = True
+            if not args.follow:
+                return
+            if not new:  # ended with nothing new: an agent that does not follow, say
+                await asyncio.sleep(RETRY_SECONDS)
+        if last is not None:  # the agent ended the answer: go on from that line's second on
+            query["since"] = f"@{int(last.time)}"
+            query["lines"] = str(MAX_LOG_LINES)  # every line since then, not the last few
 
 
 def _run(args: argparse.Namespace) -> int:

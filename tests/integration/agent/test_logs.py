@@ -74,6 +74,36 @@ def test_follow_sees_a_new_line(agent: AgentProcess, tmp_path: Path) -> None:
     assert any(e["message"].startswith("otto reads") for e in lines)
 
 
+def test_a_follow_outlives_the_agents_restart(agent: AgentProcess, tmp_path: Path) -> None:
+    """The agent stops at once with a follow open (on main the follow held its stop for two
+    minutes, past systemd's patience: a live patch or a reboot waited on an operator's
+    terminal), and the follow goes on with the next agent's lines."""
+    out, err = tmp_path / "follow.out", tmp_path / "follow.err"
+    with out.open("wb") as sink, err.open("wb") as errors:
+        follower = subprocess.Popen(_argv(agent, "admin", "--follow", "--lines", "50"),
+                                    stdout=sink, stderr=errors,
+                                    start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while b"reads the node's logs" not in out.read_bytes():
+            assert follower.poll() is None, err.read_text()
+            assert time.monotonic() < deadline, out.read_text()
+            time.sleep(0.2)
+        agent.kill(signal.SIGTERM)  # waits for the agent's exit: 30 s at most
+        before = out.read_bytes().count(b"otto reads the node's logs")
+        agent.start()
+        agent.cli("logs", "--lines", "1", client="otto")  # a line only the new agent logged
+        while out.read_bytes().count(b"otto reads the node's logs") == before:
+            assert follower.poll() is None, err.read_text()
+            assert time.monotonic() < deadline, out.read_text() + err.read_text()
+            time.sleep(0.2)
+    finally:
+        os.kill(follower.pid, signal.SIGINT)
+        follower.wait(timeout=30)
+    assert follower.returncode == 0, err.read_text()
+    assert "asking again every" in err.read_text() and "answers again" in err.read_text()
+
+
 @pytest.mark.parametrize("unit", ["x;rm", "$(touch /tmp/pwned)", "-f", "a b"])
 def test_a_bad_unit_is_refused(agent: AgentProcess, unit: str) -> None:
     result = agent.cli("logs", f"--unit={unit}", check=False)
