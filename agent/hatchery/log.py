@@ -1,5 +1,12 @@
 """One logging set-up for every Hatchery program: plain lines, %-style, DEBUG with --debug.
 
+Where stderr is the journal (a systemd service: ``JOURNAL_STREAM`` names stderr's device and
+inode), each line carries its syslog priority as a ``<N>`` prefix instead of a time and a
+level: journald keeps its own time, and reads the priority from the prefix, so the agent's
+warnings and errors are warnings and errors there (``journalctl -p err``, ``hatchery logs
+--json``'s ``level``), not all "info" as plain lines would be. Every line of a record gets
+the prefix, a traceback's too (journald stores each line as an entry of its own).
+
 The agent also keeps its most recent lines in memory (``RecentLog``), so ``hatchery logs``
 can show them on a node without a journal (tests, containers); where systemd runs, the
 journal is read instead (``hatchery.logs``).
@@ -8,6 +15,7 @@ journal is read instead (``hatchery.logs``).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections import Counter, deque
@@ -16,14 +24,43 @@ from dataclasses import dataclass
 
 
 def setup_logging(debug: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    if stderr_is_the_journal():
+        handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler])
     # pyroute2 and qemu.qmp narrate every message at DEBUG: keep them to warnings.
     for noisy in ("pyroute2", "qemu.qmp"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def stderr_is_the_journal() -> bool:
+    """True when systemd connected stderr to the journal (``JOURNAL_STREAM``, systemd.exec(5)):
+    the variable alone is not enough, a child with its stderr elsewhere inherits it."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        seen = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):  # no stderr, a closed or fake one
+        return False
+    return bool(expected) and expected == f"{seen.st_dev}:{seen.st_ino}"
+
+
+def syslog_priority(levelno: int) -> int:
+    """A logging level as a syslog priority (``<N>`` prefixes, sd-daemon(3))."""
+    for floor, priority in ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4),
+                            (logging.INFO, 6)):  # fmt: skip
+        if levelno >= floor:
+            return priority
+    return 7
+
+
+class JournalFormatter(logging.Formatter):
+    """``<N>`` before every line of a record (see the module's docstring)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{syslog_priority(record.levelno)}>"
+        return prefix + super().format(record).replace("\n", "\n" + prefix)
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,3 +36,10 @@ def test_the_whole_story(images: Path, tmp_path: Path) -> None:
         assert held["tasks_max"] == TASKS_BASE + before["vcpus"], held
         assert held["file_max"] == FILE_FLOOR, held  # no disk: its logs' bound
         assert 0 < held["memory"] < held["memory_max"] and 0 < held["tasks"] < held["tasks_max"]
+    # Each node's agent log, kept through `hatchery logs` (the node's journal over the API)
+    # before the nodes stopped: the live patch to v2 is in it, and the journal kept the
+    # level of the agent's warning about its missing CRL (no demo node has one).
+    for name in ("node-a", "node-b"):
+        kept = (tmp_path / "story" / name / f"{name}-agent.log").read_text()
+        assert "agent ready" in kept and "live patch to v2" in kept, kept[-2000:]
+        assert " WARNING hatchery-agent: hatchery.revocation: no CRL" in kept, kept[-2000:]

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from hatchery_lab.agent import Pki
 from hatchery_lab.demo_images import VERSIONS, build_version, signed, signing_key
@@ -77,6 +78,28 @@ def upgrade(node: RunningNode, version: str, mode: str, **extra: Any) -> dict[st
     answer: dict[str, Any] = api(node, "POST", "/v1/upgrade",
                                  json={"version": version, "mode": mode, **extra})  # fmt: skip
     return answer
+
+
+def rollout(
+    node: RunningNode, tmp_path: Path, creds: list[str], version: str, mode: str
+) -> dict[str, dict[str, Any]]:
+    """Upgrade the node with ``hatchery-rollout run`` (a fleet of one); return its journal's
+    last record of each state the host went through."""
+    fleet, journal = tmp_path / f"fleet-{version}.yaml", tmp_path / f"rollout-{version}.jsonl"
+    fleet.write_text(yaml.safe_dump({"hosts": [{"name": "node-a", "address": node.address}]}))
+    done = subprocess.run(
+        [str(BIN / "hatchery-rollout"), "run", "--fleet", str(fleet), "--version", version,
+         "--mode", mode, "--journal", str(journal), *creds, "--upgrade-timeout", "1500",
+         "--health-timeout", "600"],
+        capture_output=True, text=True, timeout=3600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr + node.agent_log(80)
+    states: dict[str, dict[str, Any]] = {}
+    for line in journal.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("t") == "host" and record.get("host") == "node-a":
+            states[record["state"]] = record
+    return states
 
 
 def wait_upgrade(node: RunningNode, timeout: float) -> dict[str, Any]:
@@ -190,15 +213,18 @@ def test_live_patch_reboot_and_fallback(
         again = upgrade(node, "v2", "live")
         assert again["state"] == "done" and "nothing to do" in again["detail"]
 
-        # Reboot mode to v3: kexec into another kernel (backports' 6.12, from 6.1); the VM is
-        # saved to /data before and resumed after, and its guest cannot tell.
+        # Reboot mode to v3, as an operator runs it: hatchery-rollout, whose long poll is
+        # open as the agent stops for the kexec. Another kernel (backports' 6.12, from
+        # 6.1); the VM is saved to /data before and resumed after, and its guest cannot tell.
         before = wait_guest(ip, 120)
         mark = len(node.console_text())
-        assert upgrade(node, "v3", "reboot")["state"] == "running"
-        node.wait_console("Linux version 6.12", 1200, after=mark)
-        node.wait_agent(1200, version="v3")
-        health = wait_upgrade(node, 300)
+        journal = rollout(node, tmp_path, creds[2:], "v3", "reboot")
+        node.wait_console("Linux version 6.12", 60, after=mark)
+        health = node.wait_agent(60, version="v3")
         assert health["upgrade"]["state"] == "done", health["upgrade"]
+        done = journal["done"]
+        assert (done["resumed"], done["cold_started"], done["not_restored"]) == (1, 0, 0), done
+        (tmp_path / "rollout-v3.json").write_text(json.dumps(journal) + "\n")
         outcome = outcome_of(node, "v3", "app")
         assert outcome["result"] == "resumed" and outcome["pause_seconds"] > 0, outcome
         (tmp_path / "vm-outcome-v3.json").write_text(json.dumps(outcome) + "\n")

@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from hatchery.client import ApiError
+from hatchery.wire import MAX_LOG_LINES
 from hatchery_lab.agent import Pki
 from hatchery_lab.demo_images import build_version, signed, signing_key
 from hatchery_lab.images import build_images
@@ -81,7 +83,7 @@ class Story:
             lines.append(f"  {s.title:<58} {s.seconds:6.0f}s  {s.outcome}")
         total = sum(s.seconds for s in self.steps)
         lines.append(f"  {'total':<58} {total:6.0f}s")
-        lines.append(f"  logs and consoles: {self.workdir}")
+        lines.append(f"  logs, consoles and each node's agent log: {self.workdir}")
         return "\n".join(lines)
 
 
@@ -123,6 +125,14 @@ def _rollout(argv: list[str], log: Path, say: Callable[[str], None]) -> tuple[in
     output = "".join(lines)
     log.write_text(output)
     return status, output
+
+
+def _keep_agent_log(node: RunningNode) -> None:
+    """Keep the node's agent log (its journal, through ``hatchery logs``) beside its console,
+    whatever the story's outcome: a slow or failed step's evidence, read after the nodes are
+    gone. Called while the node still runs."""
+    path = node.console.parent / f"{node.spec.name}-agent.log"
+    path.write_text(node.agent_log(MAX_LOG_LINES, "2h"))
 
 
 def _wait(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -174,6 +184,7 @@ def run_story(workdir: Path, say: Callable[[str], None] = _say) -> Story:
                 a_spec, lab, pki, workdir / "node-a", kernel=v1 / "hypervisor.vmlinuz",
                 initrd=v1 / "hypervisor.cpio.zst", seed=a_seed,
             ))  # fmt: skip
+            stack.callback(_keep_agent_log, node_a)  # before the node stops (LIFO)
             say(f"    node-a: QEMU started (pid {node_a.process.pid}), console in "
                 f"{node_a.console}")  # fmt: skip
             health = node_a.wait_agent(900, version="v1", say=say)
@@ -183,6 +194,7 @@ def run_story(workdir: Path, say: Callable[[str], None] = _say) -> Story:
             r["outcome"] = f"agent up on {node_a.address}, version {health['version']}"
         with story.step("3. node B PXE-boots from node A's agent") as r:
             node_b = stack.enter_context(boot_node(b_spec, lab, pki, workdir / "node-b"))
+            stack.callback(_keep_agent_log, node_b)
             say(f"    node-b: QEMU started (pid {node_b.process.pid}); PXE from node A "
                 "(iPXE prints nothing on the serial console until the kernel runs)")  # fmt: skip
             health = node_b.wait_agent(1500, version="v1", say=say)
@@ -197,15 +209,24 @@ def run_story(workdir: Path, say: Callable[[str], None] = _say) -> Story:
                            "initrd": f"{base}/appliance-vm.cpio.lz4",
                            "cmdline": "console=ttyS0 quiet panic=-1"},
             })  # fmt: skip
-            console = _wait(
-                lambda: (
-                    (t := _api(node_b, "GET", "/v1/vms/app1/console"))
-                    and "HATCHERY-APPLIANCE: ready" in t
-                    and t
-                ),
-                1200,
-                "the appliance to be ready",
-            )
+            try:
+                console = _wait(
+                    lambda: (
+                        (t := _api(node_b, "GET", "/v1/vms/app1/console"))
+                        and "HATCHERY-APPLIANCE: ready" in t
+                        and t
+                    ),
+                    1200,
+                    "the appliance to be ready",
+                )
+            except TimeoutError:  # what the VM and node B's agent said, while it answers
+                try:
+                    tail = str(_api(node_b, "GET", "/v1/vms/app1/console"))[-3000:]
+                except ApiError as exc:
+                    tail = f"(not read: {exc})"
+                say(f"    app1's console (its end):\n{tail}")
+                say(f"    node-b: hatchery logs --since 30m\n{node_b.agent_log(200)}")
+                raise
             lease = f"HATCHERY-APPLIANCE: lease {vm['ip']} " in console
             identity = f'"instanceId": "{vm["uuid"]}"' in console
             story.facts.update(vm=vm, vm_console=console, vm_lease=lease, vm_identity=identity)
