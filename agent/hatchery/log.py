@@ -5,7 +5,10 @@ inode), each line carries its syslog priority as a ``<N>`` prefix instead of a t
 level: journald keeps its own time, and reads the priority from the prefix, so the agent's
 warnings and errors are warnings and errors there (``journalctl -p err``, ``hatchery logs
 --json``'s ``level``), not all "info" as plain lines would be. Every line of a record gets
-the prefix, a traceback's too (journald stores each line as an entry of its own).
+the prefix, a traceback's too (journald stores each line as an entry of its own), and so a
+newline inside a logged value (a name a client chose) cannot start a line of a priority of
+its own: journald reads only the first prefix, and ``<0>`` would be an emergency broadcast
+to every terminal.
 
 The agent also keeps its most recent lines in memory (``RecentLog``), so ``hatchery logs``
 can show them on a node without a journal (tests, containers); where systemd runs, the

@@ -21,6 +21,7 @@ setup_logging()
 log = logging.getLogger("hatchery.test")
 log.info("an info line")
 log.warning("a warning")
+log.info("a name someone chose: %s", "x\\n<0>forged emergency")
 try:
     raise ValueError("boom")
 except ValueError:
@@ -44,8 +45,12 @@ def test_lines_to_the_journal_carry_their_priority(tmp_path: Path) -> None:
     lines = _run(tmp_path / "stderr", "this file")
     assert lines[0] == "<6>hatchery.test: an info line"
     assert lines[1] == "<4>hatchery.test: a warning"
-    assert lines[2] == "<3>hatchery.test: an error with its traceback"
-    assert len(lines) > 4 and all(line.startswith("<3>") for line in lines[2:])
+    # A newline in a value the agent logs cannot start a line of another priority: the
+    # journal reads the first prefix only (an injected <0> would be an emergency, broadcast to
+    # every terminal; before, such a line had none of its own, so the injected one counted).
+    assert lines[2:4] == ["<6>hatchery.test: a name someone chose: x", "<6><0>forged emergency"]
+    assert lines[4] == "<3>hatchery.test: an error with its traceback"
+    assert len(lines) > 6 and all(line.startswith("<3>") for line in lines[4:])
     assert lines[-1] == "<3>ValueError: boom"
 
 
@@ -54,5 +59,6 @@ def test_plain_lines_elsewhere(tmp_path: Path) -> None:
     the variable) and no variable at all: a time and a level, no prefix."""
     for stream in ("1:2", None):
         lines = _run(tmp_path / "stderr", stream)
+        assert " INFO hatchery.test: an info line" in lines[0]
         assert " WARNING hatchery.test: a warning" in lines[1]
-        assert not any(line.startswith("<") for line in lines)
+        assert not any(line.startswith(("<3>", "<4>", "<6>")) for line in lines)
