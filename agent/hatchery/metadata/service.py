@@ -22,6 +22,7 @@ from hatchery.dhcp.proxy import PXE_PORT
 from hatchery.dhcp6.packet import SERVER_PORT as DHCP6_PORT
 from hatchery.errors import HatcheryError
 from hatchery.listener import HttpListener
+from hatchery.metadata.keeper import TableKeeper
 from hatchery.metadata.plumbing import BridgePlumbing
 from hatchery.metadata.ruleset import TFTP_PORT, NodeServices, Port
 from hatchery.metadata.server import MetadataSource, make_app
@@ -80,16 +81,22 @@ class MetadataService:
         self._limits = limits or ConnectionLimits()
         self._metrics = metrics or Metrics()
         self._dropped: dict[str, dict[str, int]] = {}  # bridge -> reason -> packets
+        self._bridges: dict[str, _Bridge] = {}
+        self._keeper = TableKeeper(lambda: list(self._bridges), self.ports_changed)
         self._metrics.add(ReadCollector([Reading(
             "hatchery_bridge_dropped_packets",
             "Packets from VM ports the bridge rules dropped, by reason, since the bridge's "
             "VM ports last changed (nft counters restart with their tables).",
             ("bridge", "reason"), self._dropped_samples, counter=True,
+        ), Reading(
+            "hatchery_bridge_tables_restored",
+            "Times a bridge's nft tables were deleted by something else (a flush of the "
+            "node's ruleset) and put back by the agent.",
+            (), lambda: [((), float(self._keeper.restored))], counter=True,
         )]), refresh=self._read_dropped)  # fmt: skip
         self._ports_of = ports_of
         self._port = port
         self._services = services
-        self._bridges: dict[str, _Bridge] = {}
 
     async def add_bridge(
         self,
@@ -119,6 +126,7 @@ class MetadataService:
             await plumbing.teardown()
             raise
         self._bridges[bridge] = _Bridge(plumbing, listener)
+        self._keeper.start()  # its tables are put back if a flush of the ruleset takes them
         log.info("metadata service on %s: 169.254.169.254:%d", bridge, self._port)
 
     def _dropped_samples(self) -> list[tuple[tuple[str, ...], float]]:
@@ -144,8 +152,10 @@ class MetadataService:
         """Stop serving; with ``teardown`` also remove namespaces and rules.
 
         The agent leaves the plumbing in place when it merely restarts: the anti-spoofing
-        rules keep protecting running VMs while it is down.
+        rules keep protecting running VMs while it is down (though not against a flush of
+        the ruleset then: they come back when it starts again, ``keeper.py``).
         """
+        await self._keeper.close()  # first: a teardown's deletions are not to be undone
         for bridge, entry in list(self._bridges.items()):
             await entry.listener.close()
             if teardown:

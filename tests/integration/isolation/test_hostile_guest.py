@@ -29,7 +29,7 @@ import pytest
 from hatchery import pki
 from hatchery.config import AgentConfig, BootServiceConfig, BridgeConfig
 from hatchery.metadata.plumbing import Names
-from hatchery.metadata.ruleset import Port, drops, link_local, render_delete, table_name
+from hatchery.metadata.ruleset import Port, drops, link_local, table_name
 from hatchery.metadata.service import node_services
 from hatchery_lab.isolation import API_REPLY, CONTROL, ETHERTYPES, NodeSpec
 from hatchery_lab.net import unique_name
@@ -122,9 +122,18 @@ class Lab:
         return self.env.server_ip
 
     def remove_rules(self) -> None:
-        """Delete the bridge's tables: the "without isolation" half of each test."""
-        subprocess.run(self.env.in_ns(["nft", "-f", "-"]), input=render_delete(self.env.bridge),
-                       text=True, check=True, capture_output=True)  # fmt: skip
+        """Empty the bridge's tables: the "without isolation" half of each test. Emptied,
+        not deleted: the agent puts deleted tables back (``metadata/keeper.py``)."""
+        table = table_name(self.env.bridge)
+        empty = "".join(f"table {f} {table}\ndelete table {f} {table}\ntable {f} {table}\n"
+                        for f in ("bridge", "inet"))  # fmt: skip
+        subprocess.run(self.env.in_ns(["nft", "-f", "-"]), input=empty, text=True, check=True,
+                       capture_output=True)  # fmt: skip
+
+    def tables(self) -> set[str]:
+        """The node namespace's nft tables (``family name``)."""
+        listed = self.env.run("nft", "list", "tables").stdout
+        return {line.removeprefix("table ").strip() for line in listed.splitlines() if line}
 
     def udhcpc(self, guest: Guest, *extra: str, tries: int = 3) -> dict[str, str]:
         """busybox udhcpc, ``tries`` DISCOVERs a second apart; the lease it would take."""
@@ -439,6 +448,21 @@ def test_only_ipv4_arp_and_ipv6_leave_a_vm_port(lab: Lab) -> None:
     assert _frames_seen(lab) == {CONTROL}
     lab.remove_rules()
     assert _frames_seen(lab) == {CONTROL, *ETHERTYPES}
+
+
+def test_the_rules_come_back_after_a_flush_of_the_ruleset(lab: Lab) -> None:
+    """``systemctl reload nftables`` (Debian's nftables.conf begins with ``flush ruleset``),
+    its restart or stop, or an operator's own flush delete every table, the agent's too,
+    while the VMs keep running. On main they stayed gone until a VM port came or went: the
+    rogue VM's frames of every ethertype left its port. The flush is the real one, in the
+    node's namespace (the test's own)."""
+    ours = {f"{family} {table_name(lab.env.bridge)}" for family in ("bridge", "inet")}
+    assert ours <= lab.tables()
+    lab.env.run("nft", "add", "table", "inet", "operators_own")
+    lab.env.run("nft", "flush", "ruleset")
+    _wait(lambda: ours <= lab.tables(), 20, "the agent to put its tables back")
+    assert "inet operators_own" not in lab.tables()  # the flush was real; only ours came back
+    assert _frames_seen(lab) == {CONTROL}  # and the rules in them refuse again
 
 
 def _flood(guest: Guest, *argv: str) -> list[int]:
