@@ -18,6 +18,9 @@ def test_the_whole_story(images: Path, tmp_path: Path) -> None:
     assert facts["vm_lease"], "the appliance VM got no DHCP lease from node B's agent"
     assert facts["vm_identity"], "the appliance VM got no identity from the metadata service"
     assert facts["versions"] == ["v2", "v2"]
+    # v2's patch restarted nftables.service (a drop-in changed), whose stop and start flush
+    # the node's ruleset: each agent put its bridge's tables back (docs/security.md).
+    assert all(times >= 1 for times in facts["tables_restored"].values()), facts
     before, after = facts["vm"], facts["vm_after"]
     assert after["state"] == "running" and after["pid"] == before["pid"]
     assert after["uptime"] > 0

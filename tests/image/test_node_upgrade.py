@@ -205,6 +205,11 @@ def test_live_patch_reboot_and_fallback(
         health = node.wait_agent(300, version="v2")
         assert health["upgrade"]["state"] == "done", health["upgrade"]
         assert "hatchery-demo-beacon.service" in (health["upgrade"]["detail"] or "")
+        # v2 also changed a drop-in of nftables.service: restarted, it flushed the node's
+        # ruleset, and the agent put the bridge's tables back (the VM checks below pass
+        # through them).
+        assert "nftables.service" in (health["upgrade"]["detail"] or "")
+        assert node.metric("hatchery_bridge_tables_restored_total") >= 1
         node.wait_console("HATCHERY-DEMO-BEACON v2", 120, after=mark)
         after = vm(node, "app")
         assert after["state"] == "running" and after["pid"] == pid, "the live patch touched the VM"

@@ -479,18 +479,29 @@ def _remove_work(work: Path) -> None:
         state.fsync_dir(work.parent)
 
 
+UNIT_DIRS = ("usr/lib/systemd/system", "etc/systemd/system", "lib/systemd/system")
+UNIT_SUFFIXES = (".service", ".socket", ".timer")
+
+
 def units_to_restart(root: Path, changed: Iterable[str]) -> list[str]:
-    """Units whose files changed: the unit file itself, a binary its Exec lines name, or a
-    tree it declares with ``X-Hatchery-Restart-On=/path/`` (systemd ignores X- keys).
-    ``hatchery-agent.service`` comes last: it performs the patch and is re-exec'd at the end."""
+    """Units whose files changed: the unit file itself, a drop-in of it (``NAME.d/*.conf``
+    in any unit folder, also one the target removed), a binary its Exec lines name, or a
+    tree it declares with ``X-Hatchery-Restart-On=/path/`` (systemd ignores X- keys); a
+    template as the pattern of its instances. ``hatchery-agent.service`` comes last: it
+    performs the patch and is re-exec'd at the end."""
     changed = set(changed)
     units: set[str] = set()
-    for unit_dir in ("usr/lib/systemd/system", "etc/systemd/system", "lib/systemd/system"):
+    for unit_dir in UNIT_DIRS:
+        for path in changed:
+            name, sep, _ = path.removeprefix(unit_dir + "/").partition(".d/")
+            if path.startswith(unit_dir + "/") and sep and name.endswith(UNIT_SUFFIXES):
+                units.add(name)
+    for unit_dir in UNIT_DIRS:
         directory = root / unit_dir
         if not directory.is_dir():
             continue
         for unit in directory.iterdir():
-            if not unit.name.endswith((".service", ".socket", ".timer")) or not unit.is_file():
+            if not unit.name.endswith(UNIT_SUFFIXES) or not unit.is_file():
                 continue
             rel = f"{unit_dir}/{unit.name}"
             if rel in changed:
@@ -513,7 +524,9 @@ def units_to_restart(root: Path, changed: Iterable[str]) -> list[str]:
                     prefix = value.strip().lstrip("/")
                     if any(p == prefix.rstrip("/") or p.startswith(prefix) for p in changed):
                         units.add(unit.name)
-    ordered = sorted(u for u in units if u != AGENT_UNIT)
+    # A template (``getty@.service``) cannot be restarted by its name: its pattern restarts
+    # every instance running (``systemctl try-restart`` takes globs of loaded units).
+    ordered = sorted(u.replace("@.", "@*.") for u in units if u != AGENT_UNIT)
     return ordered + ([AGENT_UNIT] if AGENT_UNIT in units else [])
 
 

@@ -71,6 +71,19 @@ def test_agent_change_restarts_the_agent_last(node: Path) -> None:
     assert units_to_restart(node, plan.changed_paths) == ["ssh.service", "hatchery-agent.service"]
 
 
+def test_a_changed_drop_in_restarts_its_unit(node: Path) -> None:
+    """A drop-in added, changed or removed restarts the unit it belongs to, wherever the unit
+    file itself lives (an nftables update bringing one restarts nftables.service); a
+    template's, every running instance of it (``systemctl try-restart`` takes the glob)."""
+    changed = {"usr/lib/systemd/system/nftables.service.d/50-site.conf",
+               "etc/systemd/system/ssh.service.d/override.conf",
+               "usr/lib/systemd/system/getty@.service.d/gone.conf",
+               "usr/lib/systemd/system/not-a-unit.d/x.conf",
+               "usr/lib/systemd/system-preset/50-x.preset"}  # fmt: skip
+    assert units_to_restart(node, changed) == [
+        "getty@*.service", "nftables.service", "ssh.service"]  # fmt: skip
+
+
 def test_same_image_is_a_no_op(node: Path) -> None:
     patch = LivePatch(node, index_root(io.BytesIO(image("v1"))))
     plan = patch.stage(io.BytesIO(image("v1")))

@@ -178,6 +178,14 @@ class RunningNode:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
         return done.stdout if done.returncode == 0 else f"(hatchery logs: {done.stderr.strip()})"
 
+    def metric(self, name: str) -> float:
+        """One unlabelled series of the agent's ``/metrics`` (Prometheus text format)."""
+        text = str(asyncio.run(self.api("GET", "/metrics")))
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise KeyError(f"{self.spec.name}: no {name} in /metrics")
+
     def health(self) -> dict[str, Any] | None:
         try:
             result: dict[str, Any] = asyncio.run(self.api("GET", "/healthz"))

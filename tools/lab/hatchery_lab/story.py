@@ -260,7 +260,13 @@ def run_story(workdir: Path, say: Callable[[str], None] = _say) -> Story:
                 raise RuntimeError(f"the rollout failed:\n{output}{logs}")
             after = _api(node_b, "GET", "/v1/vms/app1")
             versions = [node.wait_agent(600)["version"] for node in (node_a, node_b)]
-            story.facts.update(vm_after=after, versions=versions, rollout=output)
+            restored = {node.spec.name: node.metric("hatchery_bridge_tables_restored_total")
+                        for node in (node_a, node_b)}  # fmt: skip
+            for name, times in restored.items():
+                say(f"    {name}: the patch restarted nftables.service, whose flush took br0's "
+                    f"VM port rules; the agent put them back ({times:g} time(s))")  # fmt: skip
+            story.facts.update(vm_after=after, versions=versions, rollout=output,
+                               tables_restored=restored)  # fmt: skip
             r["outcome"] = (f"versions {versions}; app1 {after['state']}, pid {after['pid']} "
                             f"(was {vm['pid']}), uptime {after['uptime']:.0f} s")  # fmt: skip
         story.facts["summary"] = [s.__dict__ for s in story.steps]
