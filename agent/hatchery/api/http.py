@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from enum import Enum
 from typing import TypeVar
 
@@ -349,22 +349,27 @@ async def hold(request: web.Request, seconds: float) -> bool:
     return not stopping.is_set()
 
 
-async def until_stopping(request: web.Request, items: AsyncIterator[_T]) -> AsyncIterator[_T]:
-    """``items`` until they end or the agent begins to stop, whichever comes first; the
-    item being awaited then is cancelled (the caller still closes ``items``)."""
+async def until_stopping(request: web.Request, items: AsyncIterator[_T]) -> AsyncGenerator[_T]:
+    """``items`` until they end or the agent begins to stop, whichever comes first. The item
+    being awaited then, or when the caller is cancelled (its client left), is cancelled and
+    waited for here, so the caller can close ``items`` (a generator still running in another
+    task could not be closed, and its ``journalctl`` would live on)."""
     stopping = asyncio.ensure_future(request.app[STOPPING].wait())
+    item: asyncio.Future[_T] | None = None
     try:
         while True:
             item = asyncio.ensure_future(anext(items))
             await asyncio.wait((item, stopping), return_when=asyncio.FIRST_COMPLETED)
             if not item.done():
-                item.cancel()
-                await asyncio.gather(item, return_exceptions=True)
                 return
             try:
                 value = item.result()
             except StopAsyncIteration:
                 return
+            item = None
             yield value
     finally:
         stopping.cancel()
+        if item is not None and not item.done():
+            item.cancel()
+            await asyncio.gather(item, return_exceptions=True)

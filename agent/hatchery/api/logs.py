@@ -91,11 +91,13 @@ async def get_logs(request: web.Request) -> web.StreamResponse:
             await response.prepare(request)
             sent, cap = 0, MAX_FOLLOW_LINES if follow else lines
             # A follow ends, complete, when the agent begins to stop (the CLI asks the next).
-            async for entry in until_stopping(request, entries) if follow else entries:
-                await response.write(json.dumps(entry.to_json()).encode() + b"\n")
-                sent += 1
-                if sent >= cap:
-                    break
+            stream = until_stopping(request, entries) if follow else entries
+            async with contextlib.aclosing(stream):
+                async for entry in stream:
+                    await response.write(json.dumps(entry.to_json()).encode() + b"\n")
+                    sent += 1
+                    if sent >= cap:
+                        break
             await response.write_eof()
             return response
     finally:
