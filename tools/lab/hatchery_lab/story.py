@@ -132,7 +132,11 @@ def _keep_agent_log(node: RunningNode) -> None:
     whatever the story's outcome: a slow or failed step's evidence, read after the nodes are
     gone. Called while the node still runs."""
     path = node.console.parent / f"{node.spec.name}-agent.log"
-    path.write_text(node.agent_log(MAX_LOG_LINES, "2h"))
+    try:
+        text = node.agent_log(MAX_LOG_LINES, "2h")
+    except subprocess.TimeoutExpired as exc:  # never in the way of the story's own outcome
+        text = f"(hatchery logs: {exc})"
+    path.write_text(text)
 
 
 def _wait(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -263,8 +267,8 @@ def run_story(workdir: Path, say: Callable[[str], None] = _say) -> Story:
             restored = {node.spec.name: node.metric("hatchery_bridge_tables_restored_total")
                         for node in (node_a, node_b)}  # fmt: skip
             for name, times in restored.items():
-                say(f"    {name}: the patch restarted nftables.service, whose flush took br0's "
-                    f"VM port rules; the agent put them back ({times:g} time(s))")  # fmt: skip
+                say(f"    {name}: the patch restarted nftables.service, whose flush takes br0's "
+                    f"VM port rules; the agent put them back {times:g} time(s)")  # fmt: skip
             story.facts.update(vm_after=after, versions=versions, rollout=output,
                                tables_restored=restored)  # fmt: skip
             r["outcome"] = (f"versions {versions}; app1 {after['state']}, pid {after['pid']} "
