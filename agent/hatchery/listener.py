@@ -27,11 +27,13 @@ limits (``config.ConnectionLimits``):
   final there, a range request's 206 and an error turned into an answer included), with
   the time since the request reached the outermost middleware. Files sent whole add their
   size (``count_sent``).
-- **A bounded stop.** ``close`` gives the answers in flight ``STOP_GRACE`` seconds to end,
+- **A bounded stop.** ``close`` gives the answers in flight ``stop_grace`` seconds to end,
   then cuts them; aiohttp's default is 60 s, twice over (to end, then once cancelled), more
-  than systemd waits before it kills the agent. An upload or a peer's fetch cut short is
-  asked again (uploads are whole or not at all; a fetch resumes); answers held open end at
-  once (``api.http.STOPPING``).
+  than systemd waits before it kills the agent. ``STOP_GRACE`` (10 s) by default: an upload
+  or a peer's fetch cut short is asked again (uploads are whole or not at all; a fetch
+  resumes); answers held open end at once (``api.http.STOPPING``). The metadata service
+  gives ``VM_STOP_GRACE`` (60 s, as before): a container VM's image download is not asked
+  again by the VM, so one under way is let finish.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ log = logging.getLogger(__name__)
 ACCEPT_BACKOFF = 0.1
 #: Seconds ``close`` waits for the answers in flight before it cuts them (see above).
 STOP_GRACE = 10.0
+VM_STOP_GRACE = 60.0
 
 
 HTTP_METER = web.AppKey("http_meter", HttpMeter)
@@ -267,6 +270,7 @@ class HttpListener:
         tls: ssl.SSLContext | None = None,
         name: str = "http",
         meter: HttpMeter | None = None,
+        stop_grace: float = STOP_GRACE,
     ) -> None:
         if meter is not None:
             app[HTTP_METER] = meter
@@ -274,6 +278,7 @@ class HttpListener:
             app.on_response_prepare.append(_count_answer)
         self.app = app
         self.limits = limits
+        self.stop_grace = stop_grace
         self.tls = tls
         self.name = name
         self.stats = ListenerStats()
@@ -302,7 +307,7 @@ class HttpListener:
             access_log=None,
             keepalive_timeout=self.limits.idle_timeout,
             logger=_RequestLog(self),
-            shutdown_timeout=STOP_GRACE,
+            shutdown_timeout=self.stop_grace,
         )
         await runner.setup()
         server = runner.server

@@ -21,7 +21,7 @@ from hatchery.containers.service import ContainerService
 from hatchery.dhcp.proxy import PXE_PORT
 from hatchery.dhcp6.packet import SERVER_PORT as DHCP6_PORT
 from hatchery.errors import HatcheryError
-from hatchery.listener import HttpListener
+from hatchery.listener import VM_STOP_GRACE, HttpListener
 from hatchery.metadata.keeper import TableKeeper
 from hatchery.metadata.plumbing import BridgePlumbing
 from hatchery.metadata.ruleset import TFTP_PORT, NodeServices, Port
@@ -113,7 +113,8 @@ class MetadataService:
         listener = HttpListener(make_app(bridge, self._source, require_token=require_token,
                                          containers=self._containers),
                                 self._limits, name=f"metadata on {bridge}",
-                                meter=self._metrics.http("metadata", bridge))  # fmt: skip
+                                meter=self._metrics.http("metadata", bridge),
+                                stop_grace=VM_STOP_GRACE)  # fmt: skip
         try:
             await plumbing.setup()
             await plumbing.apply_ports(self._ports_of(bridge))

@@ -193,6 +193,39 @@ async def test_close_releases_everything() -> None:
     _close_all(held)
 
 
+async def _stop_during_an_answer(stop_grace: float) -> bytes:
+    """Close a listener while an answer that takes 1 s is under way; what the client got."""
+    started = asyncio.Event()
+
+    async def long_answer(request: web.Request) -> web.Response:
+        started.set()
+        await asyncio.sleep(1.0)
+        return web.Response(text="done")
+
+    app = web.Application()
+    app.router.add_get("/long", long_answer)
+    listener = HttpListener(app, ConnectionLimits(), name="test", stop_grace=stop_grace)
+    await listener.start()
+    port = await listener.listen("127.0.0.1", 0)
+    reader, writer = await _open(port)
+    writer.write(b"GET /long HTTP/1.0\r\nHost: x\r\n\r\n")
+    await asyncio.wait_for(started.wait(), 5)
+    await listener.close()
+    try:
+        return await asyncio.wait_for(reader.read(), 5)
+    except ConnectionError:
+        return b""
+    finally:
+        writer.close()
+
+
+async def test_a_stop_lets_an_answer_finish_within_its_grace_and_cuts_it_after() -> None:
+    """The metadata service's grace (60 s) lets a container VM's download finish, which the
+    VM would not ask for again; the others' (10 s) bounds a restart."""
+    assert (await _stop_during_an_answer(stop_grace=5.0)).endswith(b"done")
+    assert b"done" not in await _stop_during_an_answer(stop_grace=0.2)
+
+
 # --- clients that half-close (send FIN right after their request) -----------------------
 async def _busybox_nc(port: int, request: bytes) -> bytes:
     """What busybox ``nc`` (the appliance VM's HTTP client) prints for ``request``: it sends
