@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 from collections.abc import Awaitable, Callable, Iterable
 
 from hatchery import host
@@ -42,6 +43,15 @@ QUIET_SECONDS = 0.05
 #: After ``nft monitor`` starts, when to check for what went before it listened.
 START_CHECK_SECONDS = 0.5
 RETRY_SECONDS = 1.0
+
+
+def _monitor() -> list[str]:
+    """``nft monitor tables``, killed by the kernel if the agent dies first: the agent's unit
+    kills only the agent (``KillMode=process``, for its VMs), so a monitor outliving an agent
+    killed outright would wait on its own for the next notification."""
+    setpriv = shutil.which("setpriv")
+    prefix = [setpriv, "--pdeathsig", "KILL", "--"] if setpriv is not None else []
+    return [*prefix, *MONITOR]
 
 
 class TableKeeper:
@@ -97,7 +107,7 @@ class TableKeeper:
         while True:
             self._soon(START_CHECK_SECONDS)
             try:
-                async with contextlib.aclosing(host.stream_lines(MONITOR)) as events:
+                async with contextlib.aclosing(host.stream_lines(_monitor())) as events:
                     async for line in events:
                         if self._deletes_ours(line):
                             self._soon(QUIET_SECONDS)
