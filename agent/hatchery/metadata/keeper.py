@@ -10,10 +10,11 @@ send. The agent applied them only when a VM port came or went, so until then a g
 spoof its neighbours or answer DHCP for a node being born.
 
 The keeper follows ``nft monitor tables`` (the kernel's own notifications: nothing is polled).
-After a ``delete table`` of one of ours, once the burst of notifications is over, it asks
-``nft list tables`` what is there and re-applies the rules of each bridge that lacks a table.
-The agent's own replacement of a bridge's tables deletes and adds them in one transaction, so
-that check finds them and does nothing. It also checks once each time it starts following
+Once a burst of notifications is over, if the last one about one of our tables was its
+``delete table``, it asks ``nft list tables`` what is there and re-applies the rules of each
+bridge that lacks a table. The agent's own replacement of a bridge's tables (every VM port
+that comes or goes) deletes and adds them in one transaction, so it costs no check at all.
+It also checks once each time it starts following
 (``START_CHECK_SECONDS`` in, once ``nft monitor`` listens), for what went while it did not,
 and follows again ``RETRY_SECONDS`` after ``nft monitor`` ends.
 
@@ -67,6 +68,8 @@ class TableKeeper:
         self._follower: asyncio.Task[None] | None = None
         self._checker: asyncio.Task[None] | None = None
         self._dirty = False
+        self._unsure = False  # a check is due whatever the notifications say (a new monitor)
+        self._gone: set[str] = set()  # our tables whose last notification was a deletion
         self.restored = 0  # bridges put back since start (each time a bridge's tables)
 
     def start(self) -> None:
@@ -105,23 +108,32 @@ class TableKeeper:
 
     async def _follow(self) -> None:
         while True:
+            self._unsure = True
             self._soon(START_CHECK_SECONDS)
             try:
                 async with contextlib.aclosing(host.stream_lines(_monitor())) as events:
                     async for line in events:
-                        if self._deletes_ours(line):
-                            self._soon(QUIET_SECONDS)
+                        self._note(line)
                 log.warning("nft monitor ended: following again in %g s", RETRY_SECONDS)
             except HatcheryError as exc:
                 log.warning("nft monitor failed (%s): following again in %g s", exc.message,
                             RETRY_SECONDS)  # fmt: skip
             await asyncio.sleep(RETRY_SECONDS)
 
-    def _deletes_ours(self, line: str) -> bool:
+    def _note(self, line: str) -> None:
+        """One notification (``add table bridge hatchery_br0``): a deletion of one of ours
+        asks for a check once the burst is over, unless its table is added back first."""
         words = line.split()
-        if len(words) != 4 or words[:2] != ["delete", "table"] or words[2] not in FAMILIES:
-            return False
-        return words[3] in {table_name(b) for b in self._bridges()}
+        if len(words) != 4 or words[1] != "table" or words[2] not in FAMILIES:
+            return
+        if words[3] not in {table_name(b) for b in self._bridges()}:
+            return
+        table = f"{words[2]} {words[3]}"
+        if words[0] == "delete":
+            self._gone.add(table)
+            self._soon(QUIET_SECONDS)
+        elif words[0] == "add":
+            self._gone.discard(table)
 
     def _soon(self, delay: float) -> None:
         """A check ``delay`` from now; one more after it if a deletion comes meanwhile."""
@@ -134,6 +146,10 @@ class TableKeeper:
         while self._dirty:
             self._dirty = False
             await asyncio.sleep(delay)
+            if not (self._gone or self._unsure):
+                continue  # deleted and added back: the agent's own replacement
+            self._gone.clear()
+            self._unsure = False
             try:
                 await self.check()
             except HatcheryError as exc:
