@@ -40,6 +40,7 @@ from hatchery_lab.node import (
     serve_folder,
 )
 from hatchery_lab.outlive import guest_state, ticking_initrd
+from hatchery_rollout.journal import HostRecord, HostState, read_journal
 from tests.conftest import missing
 
 BIN = Path(sys.executable).parent
@@ -82,9 +83,9 @@ def upgrade(node: RunningNode, version: str, mode: str, **extra: Any) -> dict[st
 
 def rollout(
     node: RunningNode, tmp_path: Path, creds: list[str], version: str, mode: str
-) -> dict[str, dict[str, Any]]:
-    """Upgrade the node with ``hatchery-rollout run`` (a fleet of one); return its journal's
-    last record of each state the host went through."""
+) -> HostRecord:
+    """Upgrade the node with ``hatchery-rollout run`` (a fleet of one); its record as the
+    tool's own journal replay tells it (state, VM tally)."""
     fleet, journal = tmp_path / f"fleet-{version}.yaml", tmp_path / f"rollout-{version}.jsonl"
     fleet.write_text(yaml.safe_dump({"hosts": [{"name": "node-a", "address": node.address}]}))
     done = subprocess.run(
@@ -94,12 +95,7 @@ def rollout(
         capture_output=True, text=True, timeout=3600, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr + node.agent_log(80)
-    states: dict[str, dict[str, Any]] = {}
-    for line in journal.read_text().splitlines():
-        record = json.loads(line)
-        if record.get("t") == "host" and record.get("host") == "node-a":
-            states[record["state"]] = record
-    return states
+    return read_journal(journal).hosts["node-a"]
 
 
 def wait_upgrade(node: RunningNode, timeout: float) -> dict[str, Any]:
@@ -223,13 +219,13 @@ def test_live_patch_reboot_and_fallback(
         # 6.1); the VM is saved to /data before and resumed after, and its guest cannot tell.
         before = wait_guest(ip, 120)
         mark = len(node.console_text())
-        journal = rollout(node, tmp_path, creds[2:], "v3", "reboot")
+        record = rollout(node, tmp_path, creds[2:], "v3", "reboot")
         node.wait_console("Linux version 6.12", 60, after=mark)
         health = node.wait_agent(60, version="v3")
         assert health["upgrade"]["state"] == "done", health["upgrade"]
-        done = journal["done"]
-        assert (done["resumed"], done["cold_started"], done["not_restored"]) == (1, 0, 0), done
-        (tmp_path / "rollout-v3.json").write_text(json.dumps(journal) + "\n")
+        assert record.state is HostState.DONE and record.vms is not None, record
+        tally = (record.vms.resumed, record.vms.cold_started, record.vms.not_restored)
+        assert tally == (1, 0, 0), record
         outcome = outcome_of(node, "v3", "app")
         assert outcome["result"] == "resumed" and outcome["pause_seconds"] > 0, outcome
         (tmp_path / "vm-outcome-v3.json").write_text(json.dumps(outcome) + "\n")
