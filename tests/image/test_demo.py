@@ -21,6 +21,10 @@ def test_the_whole_story(images: Path, tmp_path: Path) -> None:
     # v2's patch restarted nftables.service (a drop-in changed), whose stop and start flush
     # the node's ruleset: each agent put its bridge's tables back (docs/security.md).
     assert all(times >= 1 for times in facts["tables_restored"].values()), facts
+    # and meanwhile the held copy of the rules, which no flush takes, kept the VM ports closed
+    # (node kernel 6.1: nft table owners; metadata/held.py)
+    assert all(held == 1 for held in facts["held_rules"].values()), facts
+    assert all(times >= 1 for times in facts["held_stayed"].values()), facts
     before, after = facts["vm"], facts["vm_after"]
     assert after["state"] == "running" and after["pid"] == before["pid"]
     assert after["uptime"] > 0

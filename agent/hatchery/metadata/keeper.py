@@ -7,7 +7,9 @@ reloaded, restarted or stopped (its ``/etc/nftables.conf`` begins with ``flush r
 ``ExecStop`` is ``nft flush ruleset``), and so does an operator's own ``nft flush ruleset``:
 our tables go with everyone's, while the VMs keep running and nothing refuses what they
 send. The agent applied them only when a VM port came or went, so until then a guest could
-spoof its neighbours or answer DHCP for a node being born.
+spoof its neighbours or answer DHCP for a node being born. (Meanwhile the held copy of the
+same rules, which a flush passes by, keeps the ports closed: ``held.py``. The ordinary
+tables are still needed: they are what protects the VMs while the agent restarts.)
 
 The keeper follows ``nft monitor tables`` (the kernel's own notifications: nothing is polled).
 Once a burst of notifications is over, if the last one about one of our tables was its
@@ -98,9 +100,16 @@ class TableKeeper:
             missing = [f for f in FAMILIES if f"table {f} {name}" not in present]
             if not missing:
                 continue
+            held = all(f"table {f} {table_name(bridge, held=True)}" in present
+                       for f in FAMILIES)  # fmt: skip
+            meanwhile = (
+                "their held copy stayed, so its VM ports were never open"
+                if held
+                else "they had no held copy, so its VM ports were open meanwhile"
+            )
             log.warning("the nft tables of %s were deleted (%s; a flush of the node's "
-                        "ruleset?): putting its VM port rules back", bridge,
-                        ", ".join(f"{f} {name}" for f in missing))  # fmt: skip
+                        "ruleset?): putting its VM port rules back; %s", bridge,
+                        ", ".join(f"{f} {name}" for f in missing), meanwhile)  # fmt: skip
             await self._restore(bridge)
             self.restored += 1
             restored.append(bridge)

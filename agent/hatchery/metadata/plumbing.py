@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hatchery import host
-from hatchery.errors import HatcheryError
+from hatchery.errors import CommandError, HatcheryError
+from hatchery.metadata.held import SESSION, HeldTablesError
 from hatchery.metadata.ruleset import (
     METADATA_IP,
     NodeServices,
@@ -93,6 +94,10 @@ def _nft(script: str) -> None:
 
 def _teardown(bridge: str) -> None:
     names = Names.for_bridge(bridge)
+    try:
+        SESSION.run(render_delete(bridge, held=True))
+    except HeldTablesError as exc:  # none were made; or they go with the process anyway
+        log.debug("held tables of %s: %s", bridge, exc)
     _nft(render_delete(bridge))
     with IPRoute() as ipr:
         index = link_index(ipr, names.outer)
@@ -120,6 +125,9 @@ class BridgePlumbing:
         self._services = services
         self.inner_mac = ""
         self._lock = asyncio.Lock()
+        #: Whether the held copy of the rules (``held.py``) is in place, as of the last apply.
+        self.held = False
+        self._held_refusal_logged = False
 
     async def setup(self) -> None:
         try:
@@ -132,18 +140,39 @@ class BridgePlumbing:
         return self.names.netns, self.names.outer
 
     async def apply_ports(self, ports: Sequence[Port]) -> None:
-        """Replace the bridge's nft tables with rules for exactly ``ports`` (atomic)."""
-        script = render(self.bridge, self.names.outer, self.inner_mac, ports, self._services)
+        """Replace the bridge's nft tables with rules for exactly ``ports`` (atomic), then
+        their held copy (``held.py``). The ordinary tables are the ones a VM may not run
+        without (an error here fails the VM's start); a held copy refused (a kernel without
+        table owners) is logged, counted in ``held`` and left out."""
+        args = (self.bridge, self.names.outer, self.inner_mac, ports, self._services)
         async with self._lock:
-            await asyncio.to_thread(_nft, script)
+            await asyncio.to_thread(_nft, render(*args))
+            try:
+                await asyncio.to_thread(SESSION.run, render(*args, held=True))
+            except HeldTablesError as exc:
+                if self.held or not self._held_refusal_logged:
+                    log.warning("%s: VM port rules without their held copy, so a flush of "
+                                "the ruleset leaves VM ports open until they are put "
+                                "back: %s", self.bridge, exc.message)  # fmt: skip
+                self._held_refusal_logged = True
+                self.held = False
+            else:
+                self.held = True
 
     async def dropped(self) -> dict[str, int]:
         """Packets the bridge's tables dropped, by reason, since they were last replaced
-        (a VM port came or went): nft counters restart with their table."""
+        (a VM port came or went): nft counters restart with their table. Both copies count:
+        a frame either drops is seen by the other no more."""
         total: dict[str, int] = {}
-        for family in ("bridge", "inet"):
-            done = await host.run_async(["nft", "-j", "list", "table", family,
-                                         table_name(self.bridge)])  # fmt: skip
+        for family, held in (("bridge", False), ("inet", False), ("bridge", True),
+                             ("inet", True)):  # fmt: skip
+            argv = ["nft", "-j", "list", "table", family, table_name(self.bridge, held)]
+            try:
+                done = await host.run_async(argv)
+            except CommandError:
+                if held and not self.held:
+                    continue  # no held copy: nothing it dropped
+                raise
             try:
                 listing = json.loads(done.stdout)
             except ValueError as exc:

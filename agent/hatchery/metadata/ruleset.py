@@ -127,8 +127,10 @@ def link_local(mac: str) -> str:
     return str(ipaddress.IPv6Address(b"\xfe\x80" + bytes(6) + iid))
 
 
-def table_name(bridge: str) -> str:
-    return "hatchery_" + re.sub(r"[^A-Za-z0-9_]", "_", bridge)
+def table_name(bridge: str, held: bool = False) -> str:
+    """The name of ``bridge``'s two tables; ``held``: of their copies that a flush cannot
+    take (``held.py``). The prefixes differ, so no bridge's name gives another's table."""
+    return ("hatcheryheld_" if held else "hatchery_") + re.sub(r"[^A-Za-z0-9_]", "_", bridge)
 
 
 def _chain(iface: str) -> str:
@@ -192,25 +194,32 @@ def render(
     metadata_mac: str,
     ports: Sequence[Port],
     services: NodeServices | None = None,
+    *,
+    held: bool = False,
 ) -> str:
     """The script for ``nft -f -``: (re)create the bridge's two tables in one transaction.
 
     ``services`` are the node's ports closed to VM ports (default: TFTP only; the agent
     passes its API and boot HTTP ports too, see ``metadata.service.node_services``).
+    ``held``: the same rules in the held copy (``held.py``), flagged ``owner``: only the
+    session that runs this script may change or delete those tables, a flush passes them by.
     """
-    table = table_name(bridge)
+    table = table_name(bridge, held)
+    flags = " { flags owner; }" if held else ""
     services = services if services is not None else NodeServices()
     ports = sorted(ports, key=lambda p: p.iface)
     names = _set(f'"{p.iface}"' for p in ports)
     mark = f"0x{VM_PORT_MARK:08x}"
     lines = [
         # make sure both exist, so the deletes below cannot fail
-        f"table bridge {table}",
+        f"table bridge {table}{flags}",
         f"delete table bridge {table}",
-        f"table inet {table}",
+        f"table inet {table}{flags}",
         f"delete table inet {table}",
         f"table bridge {table} {{",
     ]
+    if held:
+        lines.append("  flags owner")
     for port in ports:
         lines += _port_chain(port)
     lines += [
@@ -232,8 +241,8 @@ def render(
     lines += ["  }", "  chain up_from_vms {", "    type filter hook input priority 0;"]
     if ports:
         lines.append(f"    iifname {names} meta mark set meta mark | {mark}")
-    lines += ["  }", "}", f"table inet {table} {{", "  chain vm_to_node {",
-              "    type filter hook input priority 0;"]  # fmt: skip
+    lines += ["  }", "}", f"table inet {table} {{", *(["  flags owner"] if held else []),
+              "  chain vm_to_node {", "    type filter hook input priority 0;"]  # fmt: skip
     for proto, numbers in (("tcp", services.tcp), ("udp", services.udp)):
         if numbers:
             dports = _set(str(n) for n in sorted(set(numbers)))
@@ -264,6 +273,8 @@ def drops(listing: dict[str, Any]) -> dict[str, int]:
     return found
 
 
-def render_delete(bridge: str) -> str:
-    table = table_name(bridge)
-    return "".join(f"table {f} {table}\ndelete table {f} {table}\n" for f in ("bridge", "inet"))
+def render_delete(bridge: str, held: bool = False) -> str:
+    table = table_name(bridge, held)
+    flags = " { flags owner; }" if held else ""
+    return "".join(f"table {f} {table}{flags}\ndelete table {f} {table}\n"
+                   for f in ("bridge", "inet"))  # fmt: skip

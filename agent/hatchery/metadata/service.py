@@ -93,6 +93,11 @@ class MetadataService:
             "Times a bridge's nft tables were deleted by something else (a flush of the "
             "node's ruleset) and put back by the agent.",
             (), lambda: [((), float(self._keeper.restored))], counter=True,
+        ), Reading(
+            "hatchery_bridge_held_rules",
+            "1 when the bridge's VM port rules also have their held copy, which a flush of "
+            "the ruleset cannot take; 0 when the kernel refused it (no nft table owners).",
+            ("bridge",), self._held_samples,
         )]), refresh=self._read_dropped)  # fmt: skip
         self._ports_of = ports_of
         self._port = port
@@ -130,6 +135,9 @@ class MetadataService:
         self._keeper.start()  # its tables are put back if a flush of the ruleset takes them
         log.info("metadata service on %s: 169.254.169.254:%d", bridge, self._port)
 
+    def _held_samples(self) -> list[tuple[tuple[str, ...], float]]:
+        return [((bridge,), float(entry.plumbing.held)) for bridge, entry in self._bridges.items()]
+
     def _dropped_samples(self) -> list[tuple[tuple[str, ...], float]]:
         return [((bridge, reason), packets) for bridge, by_reason in self._dropped.items()
                 for reason, packets in by_reason.items()]  # fmt: skip
@@ -154,7 +162,8 @@ class MetadataService:
 
         The agent leaves the plumbing in place when it merely restarts: the anti-spoofing
         rules keep protecting running VMs while it is down (though not against a flush of
-        the ruleset then: they come back when it starts again, ``keeper.py``).
+        the ruleset then: they come back when it starts again, ``keeper.py``; their held
+        copy, ``held.py``, goes with this process).
         """
         await self._keeper.close()  # first: a teardown's deletions are not to be undone
         for bridge, entry in list(self._bridges.items()):

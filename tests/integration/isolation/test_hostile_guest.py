@@ -17,6 +17,8 @@ victim's own kernel doing SLAAC and neighbour discovery, ping, curl (HTTP, HTTPS
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -116,14 +118,41 @@ class Lab:
     peer: Guest
     tls: dict[str, Path]
     tools: dict[str, str]
+    node: Service
 
     @property
     def server_ip(self) -> str:
         return self.env.server_ip
 
+    def our_tables(self, held: bool = False) -> set[str]:
+        """The bridge's two tables as ``tables`` lists them; ``held``: their held copy."""
+        return {f"{f} {table_name(self.env.bridge, held)}" for f in ("bridge", "inet")}
+
+    def release_held(self) -> None:
+        """Remove the held copy of the rules (``metadata/held.py``): only the node's own
+        libnftables session can, so the node ends it when told (SIGUSR1)."""
+        self.node.process.send_signal(signal.SIGUSR1)
+        _wait(lambda: not self.our_tables(held=True) & self.tables(), 10,
+              "the node to release its held tables")  # fmt: skip
+
+    def keeper_monitor(self) -> int:
+        """The PID of the node's ``nft monitor`` (its table keeper's ears)."""
+        for entry in Path("/proc").iterdir():
+            try:
+                stat = (entry / "stat").read_text()
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except (OSError, ValueError):
+                continue
+            if (int(stat.rsplit(")", 1)[1].split()[1]) == self.node.process.pid
+                    and b"monitor" in argv):  # fmt: skip
+                return int(entry.name)
+        raise AssertionError("the node runs no nft monitor")
+
     def remove_rules(self) -> None:
-        """Empty the bridge's tables: the "without isolation" half of each test. Emptied,
-        not deleted: the agent puts deleted tables back (``metadata/keeper.py``)."""
+        """Remove the held copy and empty the bridge's tables: the "without isolation" half
+        of each test. Emptied, not deleted: the agent puts deleted tables back
+        (``metadata/keeper.py``)."""
+        self.release_held()
         table = table_name(self.env.bridge)
         empty = "".join(f"table {f} {table}\ndelete table {f} {table}\ntable {f} {table}\n"
                         for f in ("bridge", "inet"))  # fmt: skip
@@ -230,11 +259,12 @@ def lab(require_root: None, require_tool: Callable[[str], str], tmp_path: Path) 
             guests = (rogue, tenant, victim, peer)
             _wait(lambda: all(not g.ok("ip", "-6", "addr", "show", "tentative") for g in guests),
                   10, "IPv6 duplicate address detection")  # fmt: skip
-            yield Lab(env, tmp_path, rogue, tenant, victim, peer, tls, tools)
+            yield Lab(env, tmp_path, rogue, tenant, victim, peer, tls, tools, node)
             node.stop()
             assert "Traceback" not in node.text(), node.text()
             listed = env.run("nft", "list", "tables").stdout
             assert table_name(bridge) not in listed, listed
+            assert table_name(bridge, held=True) not in listed, listed
     finally:
         # The metadata namespace lives outside ours; it is gone even if the node was killed.
         subprocess.run(["ip", "netns", "del", names.netns], capture_output=True, check=False)
@@ -243,9 +273,15 @@ def lab(require_root: None, require_tool: Callable[[str], str], tmp_path: Path) 
 
 
 def _dropped(lab: Lab) -> dict[str, int]:
-    """The bridge table's drop counters by reason, as the agent reads them for /metrics."""
-    out = lab.env.run("nft", "-j", "list", "table", "bridge", table_name(lab.env.bridge)).stdout
-    return drops(json.loads(out))
+    """The bridge tables' drop counters by reason, both copies summed, as the agent reads
+    them for /metrics (a frame either copy drops, the other never sees)."""
+    total: dict[str, int] = {}
+    for held in (False, True):
+        table = table_name(lab.env.bridge, held)
+        out = lab.env.run("nft", "-j", "list", "table", "bridge", table).stdout
+        for reason, packets in drops(json.loads(out)).items():
+            total[reason] = total.get(reason, 0) + packets
+    return total
 
 
 def _dnsmasq(lab: Lab) -> Service:
@@ -450,19 +486,51 @@ def test_only_ipv4_arp_and_ipv6_leave_a_vm_port(lab: Lab) -> None:
     assert _frames_seen(lab) == {CONTROL, *ETHERTYPES}
 
 
-def test_the_rules_come_back_after_a_flush_of_the_ruleset(lab: Lab) -> None:
-    """``systemctl reload nftables`` (Debian's nftables.conf begins with ``flush ruleset``),
-    its restart or stop, or an operator's own flush delete every table, the agent's too,
-    while the VMs keep running. On main they stayed gone until a VM port came or went: the
-    rogue VM's frames of every ethertype left its port. The flush is the real one, in the
-    node's namespace (the test's own)."""
-    ours = {f"{family} {table_name(lab.env.bridge)}" for family in ("bridge", "inet")}
-    assert ours <= lab.tables()
+def _flush_unheard(lab: Lab) -> None:
+    """A real ``nft flush ruleset`` in the node's namespace (the test's own), with the node's
+    keeper deaf meanwhile (its ``nft monitor`` stopped), so what the flush left can be
+    looked at before anything is put back."""
     lab.env.run("nft", "add", "table", "inet", "operators_own")
     lab.env.run("nft", "flush", "ruleset")
-    _wait(lambda: ours <= lab.tables(), 20, "the agent to put its tables back")
-    assert "inet operators_own" not in lab.tables()  # the flush was real; only ours came back
-    assert _frames_seen(lab) == {CONTROL}  # and the rules in them refuse again
+    tables = lab.tables()
+    assert not lab.our_tables() & tables, tables  # the flush was real
+    assert "inet operators_own" not in tables, tables
+
+
+def test_a_flush_of_the_ruleset_never_opens_a_vm_port(lab: Lab) -> None:
+    """``systemctl reload nftables`` (Debian's nftables.conf begins with ``flush ruleset``),
+    its restart or stop, or an operator's own flush delete every table, the agent's too,
+    while the VMs keep running. The held copy of the rules (``metadata/held.py``) is passed
+    by, so the rogue VM's frames of every ethertype stay refused while the agent's keeper
+    has not put the ordinary tables back; then it does. Without the held copy (as before
+    it), the same flush lets them through until the keeper acts."""
+    assert lab.our_tables() | lab.our_tables(held=True) <= lab.tables()
+    monitor = lab.keeper_monitor()
+    os.kill(monitor, signal.SIGSTOP)
+    try:
+        _flush_unheard(lab)
+        assert lab.our_tables(held=True) <= lab.tables()
+        assert _frames_seen(lab) == {CONTROL}  # refused by the held copy alone
+        assert not lab.our_tables() & lab.tables()  # the ordinary tables were still gone
+        refused = lab.env.run("nft", "delete", "table", "bridge",
+                              table_name(lab.env.bridge, held=True), check=False)  # fmt: skip
+        assert refused.returncode != 0 and "Operation not permitted" in refused.stderr
+    finally:
+        os.kill(monitor, signal.SIGCONT)
+    _wait(lambda: lab.our_tables() <= lab.tables(), 20, "the agent to put its tables back")
+    assert "held copy stayed" in lab.node.text()
+    assert _frames_seen(lab) == {CONTROL}
+    # Without the held copy: the flush opens the port until the keeper hears of it.
+    lab.release_held()
+    os.kill(monitor, signal.SIGSTOP)
+    try:
+        _flush_unheard(lab)
+        assert _frames_seen(lab) == {CONTROL, *ETHERTYPES}
+    finally:
+        os.kill(monitor, signal.SIGCONT)
+    _wait(lambda: lab.our_tables() | lab.our_tables(held=True) <= lab.tables(), 20,
+          "the agent to put its tables and their held copy back")  # fmt: skip
+    assert _frames_seen(lab) == {CONTROL}
 
 
 def _flood(guest: Guest, *argv: str) -> list[int]:

@@ -106,6 +106,20 @@ def test_table_names_are_safe() -> None:
     assert table_name("br-vm.10") == "hatchery_br_vm_10"
 
 
+def test_the_held_copy_is_the_same_policy_in_owned_tables() -> None:
+    """``held.py``: other names, the ``owner`` flag, and otherwise line for line the rules
+    of the golden script (so the review of one is the review of both)."""
+    held = render("br0", "hmd0123456789", "aa:bb:cc:dd:ee:ff", PORTS, SERVICES, held=True)
+    lines = held.replace("hatcheryheld_br0", "hatchery_br0").replace(" { flags owner; }", "")
+    assert [x for x in lines.splitlines() if x.strip() != "flags owner"] == (
+        _golden("ruleset-br0.nft").splitlines()
+    )
+    assert held.count("table bridge hatcheryheld_br0 {\n  flags owner\n") == 1
+    assert held.count("table inet hatcheryheld_br0 {\n  flags owner\n") == 1
+    assert table_name("br0", held=True) == "hatcheryheld_br0"
+    assert not table_name("held_br0").startswith(table_name("br0", held=True))
+
+
 def test_delete_removes_both_tables() -> None:
     assert render_delete("br0") == (
         "table bridge hatchery_br0\ndelete table bridge hatchery_br0\n"
@@ -146,7 +160,8 @@ def test_nft_accepts_the_ruleset(require_tool: Callable[[str], str], require_roo
         for ports in (PORTS, [])
         for services in (SERVICES, NodeServices(), NodeServices(udp=()))
     ]
-    for script in [*scripts, render_delete("br-test")]:
+    held = render("br-test", "hmdx", "aa:bb:cc:dd:ee:ff", PORTS, SERVICES, held=True)
+    for script in [*scripts, held, render_delete("br-test"), render_delete("br-test", True)]:
         check = subprocess.run(argv, input=script, capture_output=True, text=True)
         assert check.returncode == 0, check.stderr
 

@@ -5,7 +5,9 @@ the agent's real ``MetadataService`` for one bridge (the metadata namespace, the
 the bridge's nft tables, applied exactly as the agent applies them) plus an API stand-in:
 an aiohttp app behind the agent's own mutual-TLS context, on ``0.0.0.0:<api_port>`` and in
 the metadata namespace on ``169.254.169.254:<api_port>``, as the agent serves its API. It
-prints ``ready`` once serving and tears everything down on SIGTERM.
+prints ``ready`` once serving and tears everything down on SIGTERM. On SIGUSR1 it ends its
+libnftables session, and with it the held copy of the rules (``metadata/held.py``): no other
+process can remove those.
 
 ``... ra IFACE PREFIX`` sends router advertisements for ``PREFIX``/64 (RFC 4861 section 4.2,
 with a prefix information option, 4.6.2, that hosts autoconfigure from), and ``... na IFACE
@@ -59,6 +61,7 @@ from hatchery.dhcp.packet import (
     Opt,
     opt_u8,
 )
+from hatchery.metadata import held
 from hatchery.metadata.ruleset import NodeServices, Port
 from hatchery.metadata.server import VmMetadata
 from hatchery.metadata.service import MetadataService
@@ -139,6 +142,9 @@ async def serve_node(spec: NodeSpec) -> None:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
+            # The tests' "without the rules" half: the held copy can only go with the
+            # session that holds it (held.py), so the node ends its session on SIGUSR1.
+            loop.add_signal_handler(signal.SIGUSR1, held.SESSION.close)
             print("ready", flush=True)
             await stop.wait()
         finally:

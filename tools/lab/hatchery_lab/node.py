@@ -179,7 +179,8 @@ class RunningNode:
         return done.stdout if done.returncode == 0 else f"(hatchery logs: {done.stderr.strip()})"
 
     def metric(self, name: str) -> float:
-        """One unlabelled series of the agent's ``/metrics`` (Prometheus text format)."""
+        """One series of the agent's ``/metrics`` (Prometheus text format): its name, with
+        its labels as the agent writes them (``name{bridge="br0"}``) if it has any."""
         text = str(asyncio.run(self.api("GET", "/metrics")))
         for line in text.splitlines():
             if line.startswith(name + " "):

@@ -264,13 +264,18 @@ def run_story(workdir: Path, say: Callable[[str], None] = _say) -> Story:
                 raise RuntimeError(f"the rollout failed:\n{output}{logs}")
             after = _api(node_b, "GET", "/v1/vms/app1")
             versions = [node.wait_agent(600)["version"] for node in (node_a, node_b)]
-            restored = {node.spec.name: node.metric("hatchery_bridge_tables_restored_total")
-                        for node in (node_a, node_b)}  # fmt: skip
-            for name, times in restored.items():
+            restored, held, stayed = {}, {}, {}
+            for node in (node_a, node_b):
+                name = node.spec.name
+                restored[name] = node.metric("hatchery_bridge_tables_restored_total")
+                held[name] = node.metric('hatchery_bridge_held_rules{bridge="br0"}')
+                stayed[name] = node.agent_log(lines=2000).count("their held copy stayed")
                 say(f"    {name}: the patch restarted nftables.service, whose flush takes br0's "
-                    f"VM port rules; the agent put them back {times:g} time(s)")  # fmt: skip
+                    f"VM port rules; the agent put them back {restored[name]:g} time(s), their "
+                    f"held copy (which no flush takes) stayed {stayed[name]} time(s)")  # fmt: skip
             story.facts.update(vm_after=after, versions=versions, rollout=output,
-                               tables_restored=restored)  # fmt: skip
+                               tables_restored=restored, held_rules=held,
+                               held_stayed=stayed)  # fmt: skip
             r["outcome"] = (f"versions {versions}; app1 {after['state']}, pid {after['pid']} "
                             f"(was {vm['pid']}), uptime {after['uptime']:.0f} s")  # fmt: skip
         story.facts["summary"] = [s.__dict__ for s in story.steps]
