@@ -18,6 +18,13 @@ def test_the_whole_story(images: Path, tmp_path: Path) -> None:
     assert facts["vm_lease"], "the appliance VM got no DHCP lease from node B's agent"
     assert facts["vm_identity"], "the appliance VM got no identity from the metadata service"
     assert facts["versions"] == ["v2", "v2"]
+    # each node's store took v1 around the root image it runs, and v2's initrd as a patch on
+    # it (images.running_root): neither was uploaded whole
+    for node in ("a", "b"):
+        v1, v2 = facts["published"][f"{node}-v1"], facts["published"][f"{node}-v2"]
+        assert v1["from_running_root"] == ["hypervisor.cpio.zst"], v1
+        assert v2["patched_on_running_root"] == ["hypervisor.cpio.zst"], v2
+        assert v2["uploaded"] == [], v2
     # v2's patch restarted nftables.service (a drop-in changed), whose stop and start flush
     # the node's ruleset: each agent put its bridge's tables back (docs/security.md).
     assert all(times >= 1 for times in facts["tables_restored"].values()), facts

@@ -14,6 +14,8 @@ blocks on the fly (``images.rawframe``: nothing compressed, any range answered).
 to the name. With ``?running_root_at=OFFSET&running_root_size=SIZE`` the body is that content
 with the node's own running root image left out at OFFSET (``images.running_root``): the node
 puts its image there, so publishing the image a node runs costs it a hash, not an upload.
+With ``?patched_on_running_root=SIZE`` the body is a zstd patch against that image (``zstd
+--patch-from``), so publishing the next version costs a patch of a few MB.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from hatchery.images.fetch import RAW_TYPE, ZSTD_TYPE, ImageFetcher
 from hatchery.images.manifest import MAX_DOCUMENT, ManifestError, check_version, is_sha256
 from hatchery.images.running_root import NotRunningRoot
 from hatchery.images.signing import KeySource
-from hatchery.images.store import RAW, CorruptObject, ImageStore, ObjectNotFound
+from hatchery.images.store import RAW, CorruptObject, ImageStore, ObjectNotFound, ObjectWriter
 
 log = logging.getLogger(__name__)
 UPLOAD_BATCH = 1 << 20
@@ -50,6 +52,7 @@ MAX_FETCH_BODY = 4096
 # What an upload around the running root may send itself: a live initrd's other members
 # (its /init, busybox, a few modules) and cpio framing, a few MB.
 MAX_AROUND_ROOT = 64 << 20
+WHOLE = "upload the object whole"
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +192,8 @@ async def put_object(request: web.Request) -> web.Response:
     sha = _sha(request)
     if "running_root_at" in request.query:
         return await _put_around_running_root(request, sha)
+    if "patched_on_running_root" in request.query:
+        return await _put_patched_on_running_root(request, sha)
     if request.content_length is not None and request.content_length > store.max_object:
         raise TooLarge(f"the object is larger than {store.max_object} bytes")
     existed = store.has_object(sha)
@@ -226,43 +231,74 @@ def _query_int(request: web.Request, name: str) -> int:
     return int(value)
 
 
-async def _put_around_running_root(request: web.Request, sha: str) -> web.Response:
-    """The object is the body with this node's running root image inserted at
-    ``running_root_at``; stored only if that hashes to ``sha``. 409 when this node has no
-    such image or its size is not ``running_root_size`` (the client then uploads it whole)."""
-    ctx = request.app[IMAGES]
-    offset = _query_int(request, "running_root_at")
-    size = _query_int(request, "running_root_size")
-    device = ctx.running_root()
-    whole = "upload the object whole"
+async def _running_root(request: web.Request, size: int) -> Path:
+    """This node's running root image, if it is ``size`` bytes (else 409: the client then
+    uploads the object whole)."""
+    device = request.app[IMAGES].running_root()
     if device is None:
-        raise NotRunningRoot("this node did not boot from a live root image", hint=whole)
+        raise NotRunningRoot("this node did not boot from a live root image", hint=WHOLE)
     held = await asyncio.to_thread(running_root.size_of, device)
     if held != size:
         raise NotRunningRoot(f"this node's running root image is {held} bytes, not {size}",
-                             hint=whole)  # fmt: skip
-    rest = await read_body(request, MAX_AROUND_ROOT)
-    if offset > len(rest):
-        raise BadRequest(f"running_root_at is past the {len(rest)} bytes sent", "running_root_at")
-    if len(rest) + size > ctx.store.max_object:
-        raise TooLarge(f"the object is larger than {ctx.store.max_object} bytes")
-    existed = ctx.store.has_object(sha)
+                             hint=WHOLE)  # fmt: skip
+    return device
 
-    def assemble() -> int:  # in a worker thread: hashing 100 MB
-        with ctx.store.writer(sha) as writer:
-            running_root.write_with_root(writer, rest, offset, device, size)
+
+async def _store_with_root(
+    request: web.Request, sha: str, size: int, fill: Callable[[ObjectWriter], None]
+) -> web.Response:
+    """Store what ``fill`` writes (in a worker thread: hashing 100 MB) as object ``sha``, an
+    object made with this node's running root image (``size`` bytes of it); 409 if that
+    does not hash to ``sha``."""
+    store = request.app[IMAGES].store
+    existed = store.has_object(sha)
+
+    def assemble() -> int:
+        with store.writer(sha) as writer:
+            fill(writer)
             writer.commit()
             return writer.size
 
     try:
         total = await asyncio.to_thread(assemble)
     except CorruptObject as exc:  # the running root is not that object's
-        raise NotRunningRoot(f"with this node's running root image inserted, {exc.message}",
-                             hint=whole) from None  # fmt: skip
-    log.info("%s uploaded object %s (%d bytes, %d of them this node's running root image)",
-             caller(request).name, sha, total, size)  # fmt: skip
+        raise NotRunningRoot(f"with this node's running root image, {exc.message}",
+                             hint=WHOLE) from None  # fmt: skip
+    log.info("%s uploaded object %s (%d bytes, made with this node's running root image)",
+             caller(request).name, sha, total)  # fmt: skip
     return web.json_response({"sha256": sha, "size": total, "from_running_root": size},
                              status=200 if existed else 201)  # fmt: skip
+
+
+async def _put_around_running_root(request: web.Request, sha: str) -> web.Response:
+    """The object is the body with this node's running root image inserted at
+    ``running_root_at``; stored only if that hashes to ``sha``. 409 when this node has no
+    such image or its size is not ``running_root_size`` (the client then uploads it whole)."""
+    store = request.app[IMAGES].store
+    offset = _query_int(request, "running_root_at")
+    size = _query_int(request, "running_root_size")
+    device = await _running_root(request, size)
+    rest = await read_body(request, MAX_AROUND_ROOT)
+    if offset > len(rest):
+        raise BadRequest(f"running_root_at is past the {len(rest)} bytes sent", "running_root_at")
+    if len(rest) + size > store.max_object:
+        raise TooLarge(f"the object is larger than {store.max_object} bytes")
+    return await _store_with_root(
+        request, sha, size, lambda w: running_root.write_with_root(w, rest, offset, device, size)
+    )
+
+
+async def _put_patched_on_running_root(request: web.Request, sha: str) -> web.Response:
+    """The body is a zstd patch (``zstd --patch-from``) against this node's running root
+    image, of ``patched_on_running_root`` bytes; the object is what it decodes to, stored
+    only if that hashes to ``sha`` (and is no larger than the store takes). 409 when this
+    node has no such image, or the patch does not decode against it."""
+    size = _query_int(request, "patched_on_running_root")
+    device = await _running_root(request, size)
+    patch = await read_body(request, MAX_AROUND_ROOT)
+    return await _store_with_root(
+        request, sha, size, lambda w: running_root.write_patched(w, patch, device, size)
+    )
 
 
 @require("images.manage")

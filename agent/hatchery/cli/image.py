@@ -9,14 +9,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from hatchery import host
 from hatchery.cli.vm import connection_args as _connection_args
 from hatchery.client import AgentClient, ApiError, Credentials, agent_url, error_from_answer
-from hatchery.errors import HatcheryError
+from hatchery.errors import CommandError, HatcheryError
 from hatchery.images.manifest import (
     SIGNED_NAME,
     Role,
@@ -32,6 +35,10 @@ from hatchery.images.signing import (
     sign_build_dir,
 )
 from hatchery.upgrade.archive import root_image_range
+
+#: The largest patch sent (as the node takes, ``api.images.MAX_AROUND_ROOT``): a bigger one
+#: is no patch worth the name; the object goes whole.
+MAX_PATCH = 64 << 20
 
 
 def _emit(args: argparse.Namespace, result: Any, text: str) -> None:
@@ -131,16 +138,81 @@ async def _put_around_running_root(session: aiohttp.ClientSession, url: str, pat
         return False
 
 
+async def _patch_on_root(base_initrd: Path, path: Path) -> tuple[bytes, int] | None:
+    """``path`` as a zstd patch against the root image of ``base_initrd`` (``zstd
+    --patch-from``, here: python-zstandard cannot make one), and that image's size; None
+    when either is no live initrd, this host has no ``zstd``, or the patch is no smaller
+    than the node takes."""
+    zstd = shutil.which("zstd")
+    with base_initrd.open("rb") as f:
+        where = root_image_range(f)
+        if zstd is None or where is None:
+            return None
+        offset, size = where
+        with tempfile.TemporaryDirectory(prefix="hatchery-patch-") as tmp:
+            root = Path(tmp) / "root.squashfs"
+            with root.open("wb") as out:
+                f.seek(offset)
+                shutil.copyfileobj(f, out, length=1 << 20)
+                out.truncate(size)
+            patch = Path(tmp) / "patch.zst"
+            try:
+                await host.run_async([zstd, "-q", "-f", "-3", f"--patch-from={root}", str(path),
+                                      "-o", str(patch)], timeout=600)  # fmt: skip
+            except CommandError:
+                return None
+            if patch.stat().st_size > MAX_PATCH:
+                return None
+            return patch.read_bytes(), size
+
+
+async def _put_patched(
+    session: aiohttp.ClientSession, url: str, path: Path, base_initrd: Path | None
+) -> bool:
+    """Upload ``path`` (the next version's live initrd) as a patch against the root image
+    of ``base_initrd``, the build the node runs, which the node decodes with its own
+    (``images.running_root``); False if the patch cannot be made or the node cannot apply
+    it: then the caller uploads the object whole."""
+    if base_initrd is None:
+        return False
+    made = await _patch_on_root(base_initrd, path)
+    if made is None:
+        return False
+    patch, size = made
+    try:
+        async with session.put(url, params={"patched_on_running_root": str(size)},
+                               data=patch) as resp:  # fmt: skip
+            if resp.status in (200, 201):
+                answer = await resp.json()
+                return isinstance(answer, dict) and answer.get("from_running_root") == size
+            return False
+    except (aiohttp.ClientError, ValueError):  # a refusal may close the connection mid-body
+        return False
+
+
+def _base_initrd(base_dir: Path | None) -> tuple[str, Path] | None:
+    """``--base``: the version of that signed build and its initrd."""
+    if base_dir is None:
+        return None
+    _, signed = _read_signed(base_dir)
+    _check_files(base_dir, signed)
+    initrd = signed.manifest.artefacts.get(Role.INITRD)
+    return (signed.manifest.version, base_dir / initrd.name) if initrd is not None else None
+
+
 async def _publish(args: argparse.Namespace) -> dict[str, Any]:
     raw, signed = _read_signed(args.build_dir)
     _check_files(args.build_dir, signed)
+    on = _base_initrd(args.base)
     base = agent_url(args.agent)
     connector = aiohttp.TCPConnector(ssl=_credentials(args).context())
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300)
-    uploaded, present, from_node = [], [], []
+    uploaded, present, from_node, patched = [], [], [], []
     try:
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
             runs_it = await _runs(session, base, signed.manifest.version)
+            # the initrd the node booted, when it runs --base: patches are made against it
+            booted = on[1] if on is not None and await _runs(session, base, on[0]) else None
             for role, artefact in sorted(signed.manifest.artefacts.items()):
                 url = f"{base}/v1/objects/{artefact.sha256}"
                 async with session.head(url) as resp:
@@ -154,6 +226,10 @@ async def _publish(args: argparse.Namespace) -> dict[str, Any]:
                         and await _put_around_running_root(session, url, path)):  # fmt: skip
                     from_node.append(artefact.name)
                     continue
+                patchable = booted is not None and role is Role.INITRD
+                if patchable and await _put_patched(session, url, path, booted):
+                    patched.append(artefact.name)
+                    continue
                 with path.open("rb") as f:
                     async with session.put(url, data=f) as resp:
                         await _answer(resp)
@@ -166,7 +242,7 @@ async def _publish(args: argparse.Namespace) -> dict[str, Any]:
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise ApiError(f"cannot publish to {base}: {exc or type(exc).__name__}", 0) from exc
     return {**answer, "uploaded": uploaded, "already_there": present,
-            "from_running_root": from_node}  # fmt: skip
+            "from_running_root": from_node, "patched_on_running_root": patched}  # fmt: skip
 
 
 def _publish_cmd(args: argparse.Namespace) -> int:
@@ -176,7 +252,10 @@ def _publish_cmd(args: argparse.Namespace) -> int:
           + (f"; already there: {', '.join(result['already_there'])}"
              if result["already_there"] else "")
           + (f"; around the root image the node runs: {', '.join(result['from_running_root'])}"
-             if result["from_running_root"] else ""))  # fmt: skip
+             if result["from_running_root"] else "")
+          + (f"; as a patch on the root image the node runs: "
+             f"{', '.join(result['patched_on_running_root'])}"
+             if result["patched_on_running_root"] else ""))  # fmt: skip
     return 0
 
 
@@ -236,6 +315,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     verify.set_defaults(func=_verify)
     publish = sub.add_parser("publish", help="upload a signed build's artefacts, then its manifest")
     publish.add_argument("build_dir", type=Path, metavar="BUILD_DIR")
+    publish.add_argument("--base", type=Path, metavar="BASE_DIR",
+                         help="a signed build of the version the node runs: the initrd goes "
+                              "as a zstd patch against its root image (a few MB instead of "
+                              "~100), when the node runs it and this host has zstd")  # fmt: skip
     _connection_args(publish)
     publish.set_defaults(func=_publish_cmd)
     listing = sub.add_parser("list", help="the images in an agent's store")
