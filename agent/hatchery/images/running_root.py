@@ -24,6 +24,7 @@ and, again, stores the result only if it hashes to the name.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import zstandard
@@ -38,6 +39,7 @@ CHUNK = 1 << 20
 #: result back into the base (92 MiB for a live root); what a patch can make the node
 #: allocate for its window is bounded by this.
 MAX_PATCH_WINDOW = 1 << 28
+_PATCHING = threading.Lock()
 
 
 class NotRunningRoot(HatcheryError):
@@ -119,6 +121,11 @@ def write_patched(writer: ObjectWriter, patch: bytes, root: Path, size: int) -> 
         (made against another image, or asking for a window over ``MAX_PATCH_WINDOW``).
     :raise OSError: ``root`` holds fewer than ``size`` bytes, or cannot be read.
     """
+    with _PATCHING:  # one at a time: what each holds, it holds in RAM
+        _decode_patch(writer, patch, root, size)
+
+
+def _decode_patch(writer: ObjectWriter, patch: bytes, root: Path, size: int) -> None:
     base = zstandard.ZstdCompressionDict(
         _read_exactly(root, size), dict_type=zstandard.DICT_TYPE_RAWCONTENT
     )
