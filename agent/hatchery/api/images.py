@@ -49,9 +49,6 @@ UPLOAD_PIECES = 4096
 FRAME_CHUNK = 1 << 20
 MAX_PEER = 300
 MAX_FETCH_BODY = 4096
-# What an upload around the running root may send itself: a live initrd's other members
-# (its /init, busybox, a few modules) and cpio framing, a few MB.
-MAX_AROUND_ROOT = 64 << 20
 WHOLE = "upload the object whole"
 
 
@@ -278,7 +275,7 @@ async def _put_around_running_root(request: web.Request, sha: str) -> web.Respon
     offset = _query_int(request, "running_root_at")
     size = _query_int(request, "running_root_size")
     device = await _running_root(request, size)
-    rest = await read_body(request, MAX_AROUND_ROOT)
+    rest = await read_body(request, running_root.MAX_SENT)
     if offset > len(rest):
         raise BadRequest(f"running_root_at is past the {len(rest)} bytes sent", "running_root_at")
     if len(rest) + size > store.max_object:
@@ -295,7 +292,7 @@ async def _put_patched_on_running_root(request: web.Request, sha: str) -> web.Re
     node has no such image, or the patch does not decode against it."""
     size = _query_int(request, "patched_on_running_root")
     device = await _running_root(request, size)
-    patch = await read_body(request, MAX_AROUND_ROOT)
+    patch = await read_body(request, running_root.MAX_SENT)
     return await _store_with_root(
         request, sha, size, lambda w: running_root.write_patched(w, patch, device, size)
     )

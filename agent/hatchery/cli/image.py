@@ -27,6 +27,7 @@ from hatchery.images.manifest import (
     parse_signed,
     sha256_file,
 )
+from hatchery.images.running_root import MAX_SENT
 from hatchery.images.signing import (
     DEFAULT_KEY_NAME,
     DEFAULT_KEYS_DIR,
@@ -35,10 +36,6 @@ from hatchery.images.signing import (
     sign_build_dir,
 )
 from hatchery.upgrade.archive import root_image_range
-
-#: The largest patch sent (as the node takes, ``api.images.MAX_AROUND_ROOT``): a bigger one
-#: is no patch worth the name; the object goes whole.
-MAX_PATCH = 64 << 20
 
 
 def _emit(args: argparse.Namespace, result: Any, text: str) -> None:
@@ -141,8 +138,8 @@ async def _put_around_running_root(session: aiohttp.ClientSession, url: str, pat
 async def _patch_on_root(base_initrd: Path, path: Path) -> tuple[bytes, int] | None:
     """``path`` as a zstd patch against the root image of ``base_initrd`` (``zstd
     --patch-from``, here: python-zstandard cannot make one), and that image's size; None
-    when either is no live initrd, this host has no ``zstd``, or the patch is no smaller
-    than the node takes."""
+    when either is no live initrd, this host has no ``zstd``, or the patch is larger than
+    the node takes (``MAX_SENT``: then the object goes whole)."""
     zstd = shutil.which("zstd")
     with base_initrd.open("rb") as f:
         where = root_image_range(f)
@@ -161,7 +158,7 @@ async def _patch_on_root(base_initrd: Path, path: Path) -> tuple[bytes, int] | N
                                       "-o", str(patch)], timeout=600)  # fmt: skip
             except CommandError:
                 return None
-            if patch.stat().st_size > MAX_PATCH:
+            if patch.stat().st_size > MAX_SENT:
                 return None
             return patch.read_bytes(), size
 

@@ -35,6 +35,10 @@ from hatchery.images.store import ObjectWriter
 ROOT_MOUNT = "/run/hatchery/root"
 MOUNTINFO = Path("/proc/self/mountinfo")
 CHUNK = 1 << 20
+#: What a client may send itself with the running root image: around it, a live initrd's
+#: other members (its /init, busybox, a few modules) and cpio framing; as a patch on it, the
+#: next version's changes. A few MB either way; more is worth no special path.
+MAX_SENT = 64 << 20
 #: The largest zstd window a patch may ask for: ``--patch-from`` sizes it to reach from the
 #: result back into the base (92 MiB for a live root); what a patch can make the node
 #: allocate for its window is bounded by this.
