@@ -125,8 +125,16 @@ async def _put_around_running_root(session: aiohttp.ClientSession, url: str, pat
         f.seek(offset + size)
         rest = head + f.read()
     query = {"running_root_at": str(offset), "running_root_size": str(size)}
+    return await _put_with_root(session, url, query, rest, size)
+
+
+async def _put_with_root(
+    session: aiohttp.ClientSession, url: str, query: dict[str, str], body: bytes, size: int
+) -> bool:
+    """One upload the node completes with its running root image (``size`` bytes); whether
+    it did. Any refusal is a False: the caller uploads the object whole."""
     try:
-        async with session.put(url, params=query, data=rest) as resp:
+        async with session.put(url, params=query, data=body) as resp:
             if resp.status in (200, 201):
                 answer = await resp.json()
                 return isinstance(answer, dict) and answer.get("from_running_root") == size
@@ -176,15 +184,7 @@ async def _put_patched(
     if made is None:
         return False
     patch, size = made
-    try:
-        async with session.put(url, params={"patched_on_running_root": str(size)},
-                               data=patch) as resp:  # fmt: skip
-            if resp.status in (200, 201):
-                answer = await resp.json()
-                return isinstance(answer, dict) and answer.get("from_running_root") == size
-            return False
-    except (aiohttp.ClientError, ValueError):  # a refusal may close the connection mid-body
-        return False
+    return await _put_with_root(session, url, {"patched_on_running_root": str(size)}, patch, size)
 
 
 def _base_initrd(base_dir: Path | None) -> tuple[str, Path] | None:
