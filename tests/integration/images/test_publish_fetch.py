@@ -30,11 +30,13 @@ from hatchery.images.signing import (
     generate_key,
     load_private_key,
     sign,
+    sign_build_dir,
 )
 from hatchery.images.store import ImageStore
 from hatchery.pki import client_context
 from hatchery_lab.agent import free_port
 from hatchery_lab.cpio_writer import Entry, write_newc
+from hatchery_lab.synthetic_images import make_build
 from tests.integration.images.conftest import Cluster, Node
 from tests.support.synthetic_images import signed_build
 from tests.support.upgrade_roots import live_initrd
@@ -504,3 +506,27 @@ async def test_a_part_of_the_other_form_is_dropped_and_the_fetch_starts_afresh(
     assert b.store.raw_path(initrd) is not None
     assert list((b.store.root / "partial").iterdir()) == []
     same_files(b.store, "1.0", build, cluster.tmp / "boot")
+
+
+async def test_several_builds_in_one_publish_send_a_shared_object_once(cluster: Cluster) -> None:
+    """``hatchery image publish V1 V2``: both go at once; the kernel both name goes up once
+    (the other build waits for it), and each manifest follows its own objects."""
+    a = await cluster.node("node-a")
+    a.trust(cluster.key)
+    kernel = os.urandom(64 * 1024)
+    builds = []
+    for version in ("2.0", "2.1"):
+        build = make_build(cluster.tmp / "builds", version, kernel=kernel, initrd_size=INITRD)
+        sign_build_dir(build, cluster.key.private)
+        builds.append(build)
+    answers = json.loads(await cli(cluster, a, "publish", *map(str, builds), "--json"))
+    assert [answer["version"] for answer in answers] == ["2.0", "2.1"]
+    for answer in answers:
+        assert "hypervisor.vmlinuz" in answer["uploaded"] + answer["already_there"], answer
+        assert answer["uploaded"].count("hypervisor.cpio.zst") == 1, answer
+    to_kernel = f"/v1/objects/{hashlib.sha256(kernel).hexdigest()}"
+    assert [m for m, path, _ in a.seen if path == to_kernel].count("PUT") == 1
+    assert sorted(a.store.versions()) == ["2.0", "2.1"]
+    one = json.loads(await cli(cluster, a, "publish", str(builds[0]), "--json"))
+    assert one["version"] == "2.0"  # one build: its own answer, as before
+    assert sorted(one["already_there"]) == ["hypervisor.cpio.zst", "hypervisor.vmlinuz"]
