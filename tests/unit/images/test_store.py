@@ -271,6 +271,32 @@ def test_export_refuses_a_corrupt_object_and_writes_nothing(
     assert [p.name for p in (tmp_path / "boot").iterdir() if p.name.startswith(".")] == []
 
 
+def test_export_links_what_the_store_keeps_as_is_without_reading_it(
+    store: ImageStore,
+    tmp_path: Path,
+    key: KeyPair,
+    trusted: TrustedKeys,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Random artefacts are kept as is (``.raw``): exported as hard links to the objects,
+    which this store has just checked, so the export reads nothing (an emulated node spent
+    9 s copying and hashing an image for births)."""
+    build, raw = signed_build(tmp_path, "1", key)
+    _publish(store, build, raw, trusted)
+
+    def no_read(*args: object) -> None:
+        raise AssertionError("an object checked and unchanged was read again")
+
+    monkeypatch.setattr(store, "check_file", no_read)
+    out = store.export("1", tmp_path / "boot")
+    for role, path in out.items():
+        artefact = store.manifest("1").manifest.artefacts[role]
+        stored = store.raw_path(artefact.sha256)
+        assert stored is not None and path.stat().st_ino == stored.stat().st_ino
+        assert path.read_bytes() == (build / path.name).read_bytes()
+        assert path.stat().st_mode & 0o777 == 0o644
+
+
 def test_bad_names_are_refused(store: ImageStore) -> None:
     for bad in ("../" + "a" * 61, "A" * 64, "a" * 63):
         with pytest.raises(StoreError):
