@@ -520,9 +520,11 @@ class ImageStore:
         node took 9 s to copy and hash a 104 MB image for births after each publish, and a
         machine PXE-booted meanwhile was refused its kernel until iPXE tried again. The
         link is read-only in use (served to machines being born); another file system, or a
-        link refused, falls back to the copy. Linking changes the object's ctime, so the
-        next check of that object reads it again (the exported version is the current one;
-        an upgrade checks another)."""
+        link refused, falls back to the copy. Linking (and renaming the link) changes the
+        object's ctime, which this store's cache of checked files watches because no one can
+        set it back: the next check of that object reads it once more (a live patch checks
+        the running version: 4 s for its initrd in an emulated node, against the 9 s the
+        copy took at every publish)."""
         manifest = self.manifest(version).manifest
         directory.mkdir(parents=True, exist_ok=True)
         out: dict[Role, Path] = {}
