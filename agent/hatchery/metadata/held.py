@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
 import os
 import socket
 import threading
@@ -34,11 +33,7 @@ from pathlib import Path
 
 from hatchery.errors import HatcheryError
 
-log = logging.getLogger(__name__)
-
 NETLINK_NETFILTER = 12
-_SO_DOMAIN = getattr(socket, "SO_DOMAIN", 39)
-_SO_PROTOCOL = getattr(socket, "SO_PROTOCOL", 38)
 
 
 class HeldTablesError(HatcheryError):
@@ -57,17 +52,11 @@ def _socket_fds() -> set[int]:
 
 
 def _is_netfilter_netlink(fd: int) -> bool:
-    try:
-        probe = socket.socket(fileno=os.dup(fd))
+    try:  # a socket made from a descriptor reads its family and protocol from the kernel
+        with socket.socket(fileno=os.dup(fd)) as probe:
+            return probe.family == socket.AF_NETLINK and probe.proto == NETLINK_NETFILTER
     except OSError:
         return False
-    with probe:
-        try:
-            domain = probe.getsockopt(socket.SOL_SOCKET, _SO_DOMAIN)
-            protocol = probe.getsockopt(socket.SOL_SOCKET, _SO_PROTOCOL)
-        except OSError:
-            return False
-    return domain == socket.AF_NETLINK and protocol == NETLINK_NETFILTER
 
 
 def _load() -> ctypes.CDLL:
