@@ -172,14 +172,12 @@ async def _patch_on_root(base_initrd: Path, path: Path) -> tuple[bytes, int] | N
 
 
 async def _put_patched(
-    session: aiohttp.ClientSession, url: str, path: Path, base_initrd: Path | None
+    session: aiohttp.ClientSession, url: str, path: Path, base_initrd: Path
 ) -> bool:
     """Upload ``path`` (the next version's live initrd) as a patch against the root image
     of ``base_initrd``, the build the node runs, which the node decodes with its own
     (``images.running_root``); False if the patch cannot be made or the node cannot apply
     it: then the caller uploads the object whole."""
-    if base_initrd is None:
-        return False
     made = await _patch_on_root(base_initrd, path)
     if made is None:
         return False
@@ -243,8 +241,8 @@ class _Publisher:
             ):
                 return "from_running_root"
             # the initrd the node booted, when it runs --base: patches are made against it
-            booted = self._on[1] if self._on and await self._node_runs(self._on[0]) else None
-            if await _put_patched(self._session, url, path, booted):
+            if (self._on and await self._node_runs(self._on[0])
+                    and await _put_patched(self._session, url, path, self._on[1])):  # fmt: skip
                 return "patched_on_running_root"
         with path.open("rb") as f:
             async with self._session.put(url, data=f) as resp:
