@@ -159,6 +159,50 @@ def test_what_a_node_does_not_need_is_left_out(hypervisor_root: Path) -> None:
     assert not (root / "usr/lib/python3.11/test").exists()
 
 
+def _dynamic_elf_files(root: Path) -> list[str]:
+    """Paths (inside ``root``) of every dynamically linkable ELF program or library: ELF
+    magic and type executable or shared object (kernel modules are relocatable objects)."""
+    found = []
+    for path in root.rglob("*"):
+        if path.is_symlink() or not path.is_file():
+            continue
+        with path.open("rb") as f:
+            head = f.read(18)
+        if head[:4] == b"\x7fELF" and int.from_bytes(head[16:18], "little") in (2, 3):
+            found.append("/" + str(path.relative_to(root)))
+    return found
+
+
+def test_every_program_and_library_finds_the_libraries_it_links(hypervisor_root: Path) -> None:
+    """The trimmings remove libraries by name (images/hypervisor/mkosi.conf: QEMU's UI and
+    audio modules and what only they link). The root's own dynamic linker, asked by its own
+    ``ldd`` in a chroot, must find every library of everything left, or a program would fail
+    to start on a node only when first run (QEMU with a VM to start, kexec at an upgrade)."""
+    files = _dynamic_elf_files(hypervisor_root)
+    assert len(files) > 500, len(files)  # the whole root was seen (about 800), not a stub tree
+    for must in ("/usr/bin/qemu-system-x86_64", "/usr/sbin/kexec", "/usr/sbin/nft"):
+        assert must in files, must
+    by_folder: dict[str, list[str]] = {}
+    for path in files:
+        by_folder.setdefault(path.rsplit("/", 1)[0], []).append(path)
+    missing: list[str] = []
+    for folder, group in by_folder.items():
+        # A private library (systemd's libsystemd-core) is found through the RUNPATH of the
+        # programs that load it, which names its own folder: ldd of it alone is given that.
+        out = subprocess.run(["chroot", str(hypervisor_root), "/usr/bin/env",
+                              f"LD_LIBRARY_PATH={folder}", "/usr/bin/ldd", *group],
+                             capture_output=True, text=True, check=False).stdout  # fmt: skip
+        current = ""
+        for line in out.splitlines():
+            if len(group) == 1:
+                current = group[0]
+            elif not line.startswith(("\t", " ")) and line.endswith(":"):
+                current = line[:-1]
+            elif "not found" in line:
+                missing.append(f"{current}: {line.strip()}")
+    assert not missing, "\n".join(missing)
+
+
 def test_bytecode_is_trusted_without_reading_its_source(hypervisor_root: Path) -> None:
     """Unchecked hash-based pycs (PEP 552, flags 0b01) for the agent's venv and the standard
     library: the root is read-only, so checking would only read and hash every .py at boot."""
