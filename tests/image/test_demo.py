@@ -58,7 +58,7 @@ def test_the_whole_story(images: Path, tmp_path: Path) -> None:
         kept = (tmp_path / "story" / name / f"{name}-agent.log").read_text()
         assert "agent ready" in kept and "live patch to v2" in kept, kept[-2000:]
         # both nodes' CPUs offer SVM (TCG's -cpu max): KVM's module was loaded before their
-        # agents chose (hatchery-node-ready.service), at every start of the agent
+        # agents chose (hatchery-kvm.service), at every start of the agent
         chosen = re.findall(r"accelerator (\w+): ", kept)
         assert chosen and set(chosen) == {"kvm"}, chosen
         assert " WARNING hatchery-agent: hatchery.revocation: no CRL" in kept, kept[-2000:]

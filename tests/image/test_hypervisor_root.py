@@ -192,11 +192,9 @@ def test_every_program_and_library_finds_the_libraries_it_links(hypervisor_root:
         out = subprocess.run(["chroot", str(hypervisor_root), "/usr/bin/env",
                               f"LD_LIBRARY_PATH={folder}", "/usr/bin/ldd", *group],
                              capture_output=True, text=True, check=False).stdout  # fmt: skip
-        current = ""
+        current = group[0]  # ldd names each file only when it is given several
         for line in out.splitlines():
-            if len(group) == 1:
-                current = group[0]
-            elif not line.startswith(("\t", " ")) and line.endswith(":"):
+            if len(group) > 1 and not line.startswith(("\t", " ")) and line.endswith(":"):
                 current = line[:-1]
             elif "not found" in line:
                 missing.append(f"{current}: {line.strip()}")

@@ -87,6 +87,11 @@ def test_the_agent_unit_loads_early_and_starts_after_the_node() -> None:
     assert "After=hatchery-data.service systemd-networkd.service network.target" in gate
     assert "/run/hatchery/node-ready" in gate
     assert "DefaultDependencies=no" not in gate  # after sysinit.target and basic.target
+    # KVM's module is loaded early, and before the gate opens: the agent chooses its
+    # accelerator once, at its start (the image's boot test asserts it chose KVM)
+    kvm = (units / "hatchery-kvm.service").read_text()
+    assert "Wants=hatchery-kvm.service" in gate and "After=hatchery-kvm.service" in gate
+    assert "DefaultDependencies=no" in kvm and "modprobe -q kvm_intel" in kvm
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root may raise a priority")
