@@ -210,6 +210,7 @@ def run() -> None:
                 load_before = os.getloadavg()[0]
                 cycles = _reboots(node, ips)
                 load_after = os.getloadavg()[0]
+    initrd_mb = (builds["v3"] / "hypervisor.cpio.zst").stat().st_size / 1e6  # the one kexec'd
     rows = [
         ("live patch v1 → v2 (request → v2 reported, agent restarted)", f"{live['seconds']:.1f}",
          f"{live['gap']:.1f}"),
@@ -223,8 +224,8 @@ def run() -> None:
         "changed units and the agent itself (the API is away only while the agent restarts); "
         "the VMs' QEMU processes are untouched. The reboot goes to v3, whose kernel is "
         "another (backports' 6.12 against 6.1); kexec skips the firmware but not the kernel "
-        "unpacking the 100 MB live initrd; a cold boot adds the firmware and the data-disk and "
-        "seed set-up.\n\n"
+        f"unpacking the {initrd_mb:.0f} MB live initrd; a cold boot adds the firmware and the "
+        "data-disk and seed set-up.\n\n"
         + table(["what", "seconds", "longest API gap s"], rows)
         + f"\n\nReboot by kexec, request to agent: {kexec['seconds']:.0f} s; cold boot, QEMU start "
         f"to agent: {cold:.0f} s (kexec / cold = {kexec['seconds'] / cold:.2f}). The kexec path "

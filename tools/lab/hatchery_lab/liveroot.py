@@ -28,11 +28,11 @@ artefact keeps its name (``hypervisor.cpio.zst``):
 Measured on the 478 MB root (docs/images.md, "The live root"): squashfs zstd level 15 with
 128 KiB blocks is 132 MB and reads the whole tree cold in 1.6 s on the host; level 19 with
 1 MiB blocks is 119 MB but 4.0 s (each small file read decompresses a whole block); EROFS
-with lz4hc (the only compressors of bookworm's erofs-utils) is 204-228 MB. On today's 320 MB
-root, 256 KiB blocks at level 17 are 84.9 MB against 88.8 MB for 128 KiB at 15, read the
-tree cold as fast (0.96 against 1.08 s) and boot a node no slower under TCG (medians of 3
-interleaved boots with level 19, 23.6 against 24.4 s; the level does not change decoding);
-level 19 saves 0.2 MB more for 11 s more of each build.
+with lz4hc (the only compressors of bookworm's erofs-utils) is 204-228 MB. On the 320 MB
+root of 2026-12-05, 256 KiB blocks at level 17 are 84.9 MB against 88.8 MB for 128 KiB at
+15, read the tree cold as fast (0.96 against 1.08 s) and boot a node no slower under TCG
+(medians of 3 interleaved boots with level 19, 23.6 against 24.4 s; the level does not
+change decoding); level 19 saves 0.2 MB more for 11 s more of each build.
 """
 
 from __future__ import annotations
