@@ -26,6 +26,7 @@ from hatchery_lab.liveroot import (
     module_load_order,
     plain_length,
     repack,
+    take_busybox,
     unpack_cpio,
     unpack_root,
 )
@@ -71,7 +72,10 @@ def fake_tree(root: Path, builtin: str = "") -> Path:
 
 def test_the_initrd_holds_init_busybox_modules_and_the_root_image(tmp_path: Path) -> None:
     tree = fake_tree(tmp_path, builtin="kernel/drivers/block/loop.ko\n")
-    archive = write_newc(initrd_entries(tree, b"hsqs root image"))
+    busybox = take_busybox(tree)
+    assert busybox == b"busybox binary"
+    assert not (tree / "usr/bin/busybox").exists()  # moved out of the root, not copied
+    archive = write_newc(initrd_entries(tree, b"hsqs root image", busybox))
     members = {m.path: (m.mode, data) for m, data in iter_newc(io.BytesIO(archive))}
     assert members["init"] == (0o100755, INIT.encode())
     assert members["bin/busybox"][1] == b"busybox binary"
@@ -81,9 +85,8 @@ def test_the_initrd_holds_init_busybox_modules_and_the_root_image(tmp_path: Path
     assert members["lib/modules/squashfs.ko"][1] == b"ELF squashfs.ko"
     assert "lib/modules/loop.ko" not in members
     assert set(INIT_MODULES) == {"loop", "squashfs", "overlay"}
-    (tree / "usr/bin/busybox").unlink()
     with pytest.raises(LiveRootError, match="busybox-static"):
-        initrd_entries(tree, b"")
+        take_busybox(tree)
 
 
 def test_compressed_modules_go_into_the_initrd_uncompressed(tmp_path: Path) -> None:
@@ -95,7 +98,7 @@ def test_compressed_modules_go_into_the_initrd_uncompressed(tmp_path: Path) -> N
     overlay.unlink()
     dep = (release / "modules.dep").read_text().replace("overlay.ko:", "overlay.ko.xz:")
     (release / "modules.dep").write_text(dep)
-    archive = write_newc(initrd_entries(tree, b"hsqs"))
+    archive = write_newc(initrd_entries(tree, b"hsqs", b"busybox binary"))
     members = {m.path: data for m, data in iter_newc(io.BytesIO(archive))}
     assert members["lib/modules/overlay.ko"] == b"ELF overlay, was xz"
     assert b"overlay.ko\n" in members["lib/modules/load-order"]

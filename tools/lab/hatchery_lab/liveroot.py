@@ -21,7 +21,9 @@ artefact keeps its name (``hypervisor.cpio.zst``):
   at ``/sysroot``, moves ``/dev``, ``/proc``, ``/sys`` and ``/run`` into it and switches to
   systemd. ``/run`` is already a mount when systemd starts, so systemd keeps it, and the two
   layers stay visible on the node under ``/run/hatchery``.
-- ``bin/busybox``: the image's own static busybox (package ``busybox-static``, in the lock).
+- ``bin/busybox``: the image's own static busybox (package ``busybox-static``, in the lock),
+  moved here out of the root: nothing on a booted node runs it, and in both places it would
+  cost 0.9 MB of every download.
 - ``lib/modules/``: loop, squashfs and overlay and what they depend on (``modules.dep``), from
   the image's own kernel, with ``load-order``.
 
@@ -221,22 +223,30 @@ def plain_module(path: Path) -> bytes:
     return data
 
 
-def initrd_entries(tree: Path, image: bytes) -> list[Entry]:
-    """The live initrd's members: the root image, init, busybox, the modules in load order."""
+def take_busybox(tree: Path) -> bytes:
+    """The root's static busybox, removed from the root: /init is its only user."""
+    busybox = tree / "usr/bin/busybox"
+    if not busybox.is_file():
+        raise LiveRootError("the image has no /usr/bin/busybox (package busybox-static)")
+    data = busybox.read_bytes()
+    busybox.unlink()
+    return data
+
+
+def initrd_entries(tree: Path, image: bytes, busybox: bytes) -> list[Entry]:
+    """The live initrd's members: the root image, init, ``busybox``, the modules in load
+    order (from ``tree``, the root)."""
     (release,) = [p for p in (tree / "usr/lib/modules").iterdir() if p.is_dir()]
     builtin = _builtin(release)
     needed = tuple(m for m in INIT_MODULES if m not in builtin)
     order = module_load_order((release / "modules.dep").read_text(), needed)
-    busybox = tree / "usr/bin/busybox"
-    if not busybox.exists():
-        raise LiveRootError("the image has no /usr/bin/busybox (package busybox-static)")
     # The root image first: upgrades tell the layout from the first member's name
     # (hatchery.upgrade.archive) and read nothing else of this initrd as the root.
     entries = [Entry.file(ROOT_IMAGE, image, 0o400)]
     entries += [Entry.directory(d) for d in ("bin", "dev", "proc", "sys", "run", "sysroot", "lib",
                                              "lib/modules")]  # fmt: skip
     entries += [Entry.file("init", INIT.encode(), 0o755),
-                Entry.file("bin/busybox", busybox.read_bytes(), 0o755)]  # fmt: skip
+                Entry.file("bin/busybox", busybox, 0o755)]  # fmt: skip
     names = [Path(path).name.split(".ko")[0] + ".ko" for path in order]
     entries += [Entry.file(f"lib/modules/{name}", plain_module(release / path))
                 for name, path in zip(names, order, strict=True)]  # fmt: skip
@@ -269,6 +279,7 @@ def repack(mkosi_cpio: Path, initrd: Path, epoch: int, say: Callable[[str], None
     with tempfile.TemporaryDirectory(dir=initrd.parent, prefix=".liveroot.") as tmp:
         tree = unpack_cpio(mkosi_cpio, Path(tmp) / "root")
         drop_kernel_copies(tree)
+        busybox = take_busybox(tree)
         write_index(tree)
         image = Path(tmp) / ROOT_IMAGE
         argv = ["mksquashfs", str(tree), str(image), *SQUASHFS_ARGS, "-noappend", "-no-xattrs",
@@ -278,7 +289,7 @@ def repack(mkosi_cpio: Path, initrd: Path, epoch: int, say: Callable[[str], None
         if result.returncode != 0:
             raise LiveRootError(f"mksquashfs failed: {result.stderr.strip()[-2000:]}")
         say(f"root image {image.stat().st_size / 1e6:.1f} MB (squashfs, zstd)")
-        root, *rest = initrd_entries(tree, image.read_bytes())
+        root, *rest = initrd_entries(tree, image.read_bytes(), busybox)
         plain = write_newc([root])
         plain += bytes(-len(plain) % 4)  # the kernel finds the next archive 4-byte aligned
         params = zstandard.ZstdCompressionParameters.from_level(OUTER_LEVEL, threads=0)
