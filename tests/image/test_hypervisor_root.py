@@ -157,6 +157,21 @@ def test_what_a_node_does_not_need_is_left_out(hypervisor_root: Path) -> None:
         assert ".symtab" not in sections and ".debug_info" not in sections, ext
     assert not (root / "usr/lib/python3.11/pydoc_data").exists()
     assert not (root / "usr/lib/python3.11/test").exists()
+    # busybox runs only the initrd's /init, which carries its own copy
+    assert not (root / "usr/bin/busybox").exists()
+    for gone in ("usr/bin/ssh", "usr/bin/ssh-agent", "usr/lib/openssh/ssh-keysign",
+                 "usr/lib/qemu/qemu-bridge-helper", "usr/lib/qemu/virtiofsd",
+                 "usr/lib/x86_64-linux-gnu/libdb-5.3.so", "usr/sbin/mkinitramfs",
+                 "var/cache/debconf/templates.dat"):  # fmt: skip
+        assert not (root / gone).exists(), gone
+    for kept in ("usr/sbin/sshd", "usr/bin/ssh-keygen", "usr/lib/openssh/sftp-server",
+                 "var/lib/dpkg/status"):  # fmt: skip
+        assert (root / kept).exists(), kept
+    assert list(root.glob("var/lib/dpkg/info/*.list")), "dpkg -L still answers"
+    # the programs that run with another user's rights: no SSH client helper among them
+    privileged = {str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.is_file() and not p.is_symlink() and p.stat().st_mode & 0o6000}
+    assert not {p for p in privileged if "ssh" in p}, privileged
 
 
 def _dynamic_elf_files(root: Path) -> list[str]:
