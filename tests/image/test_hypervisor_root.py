@@ -169,8 +169,11 @@ def test_what_a_node_does_not_need_is_left_out(hypervisor_root: Path) -> None:
         assert (root / kept).exists(), kept
     assert list(root.glob("var/lib/dpkg/info/*.list")), "dpkg -L still answers"
     # the programs that run with another user's rights: no SSH client helper among them
-    privileged = {str(p.relative_to(root)) for p in root.rglob("*")
-                  if p.is_file() and not p.is_symlink() and p.stat().st_mode & 0o6000}
+    privileged = {
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.is_file() and not p.is_symlink() and p.stat().st_mode & 0o6000
+    }
     assert not {p for p in privileged if "ssh" in p}, privileged
 
 
