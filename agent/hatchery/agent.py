@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from hatchery.dhcp.responder import DhcpConfig, Responder
 from hatchery.dhcp.server import DhcpServer, ProxyDhcpServer, interface_ipv4
 from hatchery.errors import HatcheryError
 from hatchery.health import NodeHealth
+from hatchery.images.booted import Adopted, adopt_booted_image, adopt_with_retries
+from hatchery.images.running_root import running_root_device
 from hatchery.images.signing import KeyDirectory
 from hatchery.images.store import ImageStore
 from hatchery.log import recent_log
@@ -44,6 +47,7 @@ from hatchery.netdev import interface_mac, tap_name
 from hatchery.pki import client_context, server_context
 from hatchery.qemu.accel import choose_accel
 from hatchery.revocation import Revocations
+from hatchery.seed import birth_origin
 from hatchery.upgrade.controller import Upgrader
 from hatchery.upgrade.store_source import StoreImages
 from hatchery.vms.manager import VmManager
@@ -247,7 +251,28 @@ class Agent:
                     await self._network_services(stack, bridge)
             async with part("upgrade after boot"):
                 await self.upgrader.after_boot()  # VMs a reboot-mode upgrade stopped
+            self._take_booted_image(stack)
             yield self
+
+    def _take_booted_image(self, stack: contextlib.AsyncExitStack) -> None:
+        """A node born over the network takes the image it runs into its store from its
+        birth peer (``images.booted``), in the background: nothing waits for it."""
+        origin = birth_origin()
+        version = self.health.version()
+        if origin is None or version in self.images.versions():
+            return
+        store, keys, root = self.images, KeyDirectory(self.config.image_keys), running_root_device()
+        stop = threading.Event()
+
+        def adopt() -> Adopted | None:
+            return adopt_booted_image(store, keys, version, origin, root, stop)
+
+        async def take() -> None:
+            await asyncio.to_thread(adopt_with_retries, adopt, stop)
+
+        task = asyncio.create_task(take(), name="the booted image")
+        stack.callback(stop.set)  # runs after the cancel below (LIFO): the thread gives up
+        stack.push_async_callback(_cancel, task)
 
     def _pool(self, stack: contextlib.AsyncExitStack) -> AddressPool:
         pool = AddressPool(self.config.state_dir / "pool.db")

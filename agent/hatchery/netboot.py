@@ -3,7 +3,9 @@
 For each bridge with a ``boot:`` section the agent answers unknown machines' DHCP (the
 births range) with PXE/iPXE/HTTP-boot options, advertises IPv6 "no router" so iPXE does not
 stall, and runs the boot HTTP service: per-MAC iPXE scripts and the artefacts of the image
-this node runs (exported from its image store into ``<state>/netboot/<bridge>/``, public),
+this node runs (exported from its image store into ``<state>/netboot/<bridge>/``, public,
+with its signed manifest, so the nodes born from here take it into their own stores:
+``images.booted``),
 plus each machine's seed (``<seeds>/<mac>.tar``) so it comes up with its own certificate and
 config. A seed holds a private key: it is read from the seeds folder only when the machine
 redeems the single-use birth token its boot script named, and never copied where the public
@@ -42,10 +44,12 @@ from hatchery.dhcp.proxy import ProxyBindings
 from hatchery.dhcp.responder import BootConfig
 from hatchery.dhcp6.responder import Boot6Config
 from hatchery.errors import ConfigError
-from hatchery.images.manifest import Role
+from hatchery.images.booted import EXPORTED_NAMES
+from hatchery.images.manifest import SIGNED_NAME
 from hatchery.images.store import ImageStore, StoreError
 from hatchery.metrics import Metrics
 from hatchery.ra import Managed, RaResponder
+from hatchery.state import write_atomic
 from hatchery.tftp.server import TftpServer
 
 log = logging.getLogger(__name__)
@@ -187,12 +191,17 @@ class Netboot:
         version = self._images.current() or self._version()
         target = self.root / "hypervisor" / version
         try:
-            if not (target / "initrd").exists() and version in self._images.versions():
+            complete = (target / "initrd").exists() and (target / SIGNED_NAME).exists()
+            if not complete and version in self._images.versions():
                 staging = target.with_name(f".{version}.export")
                 shutil.rmtree(staging, ignore_errors=True)
                 exported = self._images.export(version, staging)
-                os.replace(exported[Role.KERNEL], staging / "vmlinuz")
-                os.replace(exported[Role.INITRD], staging / "initrd")
+                for role, path in exported.items():
+                    os.replace(path, staging / EXPORTED_NAMES.get(role, path.name))
+                # public as the artefacts are: the nodes born from here take their image
+                # into their own store with it (images.booted)
+                write_atomic(staging / SIGNED_NAME, self._images.manifest_bytes(version),
+                             mode=0o644)  # fmt: skip
                 shutil.rmtree(target, ignore_errors=True)
                 staging.rename(target)
                 log.info("netboot on %s: serving image %s", self.bridge, version)

@@ -65,6 +65,20 @@ def _cmdline_url(cmdline: str) -> str | None:
     return url
 
 
+def birth_origin(cmdline_path: Path = Path("/proc/cmdline")) -> str | None:
+    """``http://HOST:PORT`` of the boot service that birthed this node (the origin of its
+    ``hatchery.seed=`` URL, never the token); None for a node not born over the network, or
+    born over HTTPS (whose boot certificate this node has no CA for)."""
+    try:
+        url = _cmdline_url(cmdline_path.read_text())
+    except OSError:
+        return None
+    if url is None or not url.startswith("http://"):
+        return None
+    parts = urllib.parse.urlsplit(url)
+    return _origin(url) if parts.hostname else None
+
+
 def find_seed(cmdline_path: Path = Path("/proc/cmdline"), fw_cfg: Path = FW_CFG) -> bytes | None:
     """The seed from the firmware config or the URL on the kernel command line, or None."""
     if not fw_cfg.exists():

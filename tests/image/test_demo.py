@@ -20,10 +20,14 @@ def test_the_whole_story(images: Path, tmp_path: Path) -> None:
     assert facts["vm_identity"], "the appliance VM got no identity from the metadata service"
     assert facts["versions"] == ["v2", "v2"]
     # each node's store took v1 around the root image it runs, and v2's initrd as a patch on
-    # it (images.running_root): neither was uploaded whole
+    # it (images.running_root): neither was uploaded whole. Node A's v1 came so in the
+    # publish; node B, born from A, had taken v1 from A's boot service by itself
+    # (images.booted) before the publish, which found it there.
+    assert facts["published"]["a-v1"]["from_running_root"] == ["hypervisor.cpio.zst"]
+    b_v1 = facts["published"]["b-v1"]
+    assert sorted(b_v1["already_there"]) == ["hypervisor.cpio.zst", "hypervisor.vmlinuz"], b_v1
     for node in ("a", "b"):
-        v1, v2 = facts["published"][f"{node}-v1"], facts["published"][f"{node}-v2"]
-        assert v1["from_running_root"] == ["hypervisor.cpio.zst"], v1
+        v2 = facts["published"][f"{node}-v2"]
         assert v2["patched_on_running_root"] == ["hypervisor.cpio.zst"], v2
         assert "hypervisor.cpio.zst" not in v2["uploaded"], v2
     # v2's patch restarted nftables.service (a drop-in changed), whose stop and start flush
@@ -57,6 +61,12 @@ def test_the_whole_story(images: Path, tmp_path: Path) -> None:
     for name in ("node-a", "node-b"):
         kept = (tmp_path / "story" / name / f"{name}-agent.log").read_text()
         assert "agent ready" in kept and "live patch to v2" in kept, kept[-2000:]
+        born = re.search(r"image v1, which this node was born with, taken from \S+: (\d+) bytes "
+                         r"downloaded, (\d+) of its running root image not", kept)  # fmt: skip
+        if name == "node-b":  # its root image (most of v1) came from its own RAM
+            assert born and int(born[2]) > int(born[1]) > 0, kept[-3000:]
+        else:  # direct boot: no birth peer
+            assert born is None
         # both nodes' CPUs offer SVM (TCG's -cpu max): KVM's module was loaded before their
         # agents chose (hatchery-kvm.service), at every start of the agent
         chosen = re.findall(r"accelerator (\w+): ", kept)
