@@ -44,7 +44,7 @@ from hatchery.dhcp.proxy import ProxyBindings
 from hatchery.dhcp.responder import BootConfig
 from hatchery.dhcp6.responder import Boot6Config
 from hatchery.errors import ConfigError
-from hatchery.images.booted import EXPORTED_NAMES
+from hatchery.images.booted import exported_name
 from hatchery.images.manifest import SIGNED_NAME
 from hatchery.images.store import ImageStore, StoreError
 from hatchery.metrics import Metrics
@@ -197,7 +197,7 @@ class Netboot:
                 shutil.rmtree(staging, ignore_errors=True)
                 exported = self._images.export(version, staging)
                 for role, path in exported.items():
-                    os.replace(path, staging / EXPORTED_NAMES.get(role, path.name))
+                    os.replace(path, staging / exported_name(role, path.name))
                 # public as the artefacts are: the nodes born from here take their image
                 # into their own store with it (images.booted)
                 write_atomic(staging / SIGNED_NAME, self._images.manifest_bytes(version),

@@ -76,7 +76,7 @@ def birth_origin(cmdline_path: Path = Path("/proc/cmdline")) -> str | None:
     if url is None or not url.startswith("http://"):
         return None
     parts = urllib.parse.urlsplit(url)
-    return _origin(url) if parts.hostname else None
+    return _origin(url) if parts.hostname and "@" not in parts.netloc else None
 
 
 def find_seed(cmdline_path: Path = Path("/proc/cmdline"), fw_cfg: Path = FW_CFG) -> bytes | None:

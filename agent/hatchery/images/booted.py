@@ -24,8 +24,9 @@ How, once per boot, in the background after the agent is up:
 
 The boot network is hostile: anything on it can answer in the peer's place. It cannot make
 the node store what its trusted keys did not sign, nor make it download more than the signed
-sizes (plus ``MAX_AROUND`` for a lying Range answer, refused). A failure leaves the store as
-it was and is logged; the operator can still publish the image as before.
+sizes: every answer is read to a bound, and a Range answer for other bytes than asked is
+refused. A failure leaves the store's images as they were and is logged; the operator can
+still publish the image as before.
 """
 
 from __future__ import annotations
@@ -78,9 +79,9 @@ class BootedImageError(HatcheryError):
     """The booted image could not be taken from the birth peer (the store is unchanged)."""
 
 
-def exported_name(role: Role, artefact: Artefact) -> str:
-    """The file name ``role``'s artefact is exported under for births."""
-    return EXPORTED_NAMES.get(role, artefact.name)
+def exported_name(role: Role, name: str) -> str:
+    """The file name ``role``'s artefact (``name`` in its build) is exported under."""
+    return EXPORTED_NAMES.get(role, name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +178,7 @@ def adopt_booted_image(
             raise BootedImageError("the agent is stopping")
         if artefact.sha256 in done or store.has_object(artefact.sha256):
             continue
-        name = exported_name(role, artefact)
+        name = exported_name(role, artefact.name)
         took = None
         if role is Role.INITRD and running_root is not None:
             took = _around_running_root(store, peer, name, artefact, running_root)
@@ -219,10 +220,15 @@ def _around_running_root(
         return None
     if artefact.size - size > MAX_AROUND:
         return None
-    before = head[:offset] if offset <= len(head) else peer.get_range(name, 0, offset - 1)
+    fetched = len(head)
+    before = head[:offset]
+    if offset > len(head):  # a long first name: the probe did not reach the root image
+        before = peer.get_range(name, 0, offset - 1)
+        fetched += len(before)
     after = b""
     if offset + size < artefact.size:
         after = peer.get_range(name, offset + size, artefact.size - 1)
+        fetched += len(after)
     rest = before + after
     try:
         with store.writer(artefact.sha256, max_size=artefact.size) as writer:
@@ -232,7 +238,7 @@ def _around_running_root(
         log.info("%s/%s around this node's root image does not hash to %s", peer.base, name,
                  artefact.sha256)  # fmt: skip
         return None
-    return len(head) + len(before if offset > len(head) else b"") + len(after), size
+    return fetched, size
 
 
 def adopt_with_retries(

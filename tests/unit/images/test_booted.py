@@ -211,7 +211,18 @@ def test_the_birth_peer_is_the_origin_of_the_seed_url_never_its_token(tmp_path: 
         ("hatchery.seed=https://10.0.0.11:8443/seed/SECRET", None),  # no CA for its cert
         ("console=ttyS0", None),
         ("hatchery.seed=file:///etc/passwd", None),
+        ("hatchery.seed=http://user:pw@10.0.0.11:8080/seed/SECRET", None),
     ):  # fmt: skip
         cmdline.write_text(line + "\n")
         assert birth_origin(cmdline) == origin, line
     assert birth_origin(tmp_path / "missing") is None
+
+
+async def test_an_agent_that_stops_gives_up_between_pieces(tmp_path: Path) -> None:
+    async with birth_peer(tmp_path) as birth:
+        stop = threading.Event()
+        stop.set()
+        with pytest.raises(BootedImageError, match="stopping"):
+            await asyncio.to_thread(adopt_booted_image, birth.node, birth.keys, "v1",
+                                    birth.origin, birth.running_root, stop)  # fmt: skip
+        assert birth.node.versions() == [] and birth.node.objects() == set()
