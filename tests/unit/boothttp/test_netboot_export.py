@@ -13,6 +13,7 @@ import pytest
 
 from hatchery import netboot as netboot_module
 from hatchery.config import BootServiceConfig
+from hatchery.images.manifest import SIGNED_NAME
 from hatchery.images.signing import TrustedKeys, load_public_key
 from hatchery.images.store import ImageStore
 from hatchery.netboot import Netboot
@@ -53,3 +54,29 @@ async def test_a_published_image_is_exported_for_births_at_once(
         with contextlib.suppress(asyncio.CancelledError):
             await refresher
         await netboot.stop()
+
+
+def test_the_export_carries_the_signed_manifest_and_an_older_one_is_redone(
+    tmp_path: Path,
+) -> None:
+    """Nodes born from here take their image with it (images.booted); an export an older
+    agent made has none, and is made again."""
+    store = ImageStore(tmp_path / "store")
+    key = keypair(tmp_path)
+    build, raw = signed_build(tmp_path / "build", "v1", key)
+    for name in ("hypervisor.vmlinuz", "hypervisor.cpio.zst"):
+        store.put_file(build / name)
+    store.add_image(raw, TrustedKeys.of([load_public_key(key.public)]))
+    boot = BootServiceConfig(
+        births_start=ipaddress.IPv4Address("10.9.0.50"),
+        births_end=ipaddress.IPv4Address("10.9.0.59"),
+    )
+    netboot = Netboot("br0", boot, tmp_path / "state", store, lambda: "v1")
+    netboot.refresh()
+    served = netboot.root / "hypervisor" / "current"
+    assert (served / SIGNED_NAME).read_bytes() == raw
+    assert (served / SIGNED_NAME).stat().st_mode & 0o777 == 0o644
+    (served / SIGNED_NAME).unlink()  # as an agent before the manifest was exported left it
+    netboot.refresh()
+    assert (served / SIGNED_NAME).read_bytes() == raw
+    assert (served / "initrd").read_bytes() == (build / "hypervisor.cpio.zst").read_bytes()
