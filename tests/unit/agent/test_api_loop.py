@@ -41,8 +41,8 @@ from hatchery.wire import BootStatus, UpgradeStatus
 from hatchery_lab.agent import Pki
 
 SLOW = 0.05  # seconds a callback may hold the loop
-# A fresh-clone CI run on 2 cores with another process busy beside it saw a stall of
-# 55-253 ms in each of 3 rounds; the blocking control stalls every round.
+# Fresh-clone CI runs saw stalls of 55-253 ms in every round, put down to load at first: it
+# was the console route handing 4 MiB to the TLS transport at once (now sent in pieces).
 ROUNDS = 6
 CONSOLE_BYTES = 4 * 1024 * 1024
 
