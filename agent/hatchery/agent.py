@@ -33,8 +33,6 @@ from hatchery.dhcp.responder import DhcpConfig, Responder
 from hatchery.dhcp.server import DhcpServer, ProxyDhcpServer, interface_ipv4
 from hatchery.errors import HatcheryError
 from hatchery.health import NodeHealth
-from hatchery.images.booted import Adopted, adopt_booted_image, adopt_with_retries
-from hatchery.images.running_root import running_root_device
 from hatchery.images.signing import KeyDirectory
 from hatchery.images.store import ImageStore
 from hatchery.log import recent_log
@@ -261,6 +259,10 @@ class Agent:
         version = self.health.version()
         if origin is None or version in self.images.versions():
             return
+        # imported by a node born over the network only, as network boot's code is
+        from hatchery.images.booted import Adopted, adopt_booted_image, adopt_with_retries
+        from hatchery.images.running_root import running_root_device
+
         store, keys, root = self.images, KeyDirectory(self.config.image_keys), running_root_device()
         stop = threading.Event()
 

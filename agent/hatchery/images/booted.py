@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import io
 import logging
-import re
 import threading
 import time
 import urllib.error
@@ -44,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hatchery.errors import HatcheryError
+from hatchery.images.fetch import content_range
 from hatchery.images.manifest import (
     MAX_DOCUMENT,
     SIGNED_NAME,
@@ -53,7 +53,7 @@ from hatchery.images.manifest import (
     check_version,
     parse_signed,
 )
-from hatchery.images.running_root import MAX_SENT, size_of, write_with_root
+from hatchery.images.running_root import CHUNK, MAX_SENT, size_of, write_with_root
 from hatchery.images.signing import KeySource
 from hatchery.images.store import CorruptObject, ImageStore, ObjectWriter
 from hatchery.upgrade.archive import root_image_range
@@ -65,14 +65,9 @@ log = logging.getLogger(__name__)
 EXPORTED_NAMES = {Role.KERNEL: "vmlinuz", Role.INITRD: "initrd"}
 #: The bytes read first to find the root image in an initrd: its cpio header and name.
 PROBE = 4096
-#: The most bytes fetched around the root image (its cpio framing and the initrd's other
-#: members: a few MB).
-MAX_AROUND = MAX_SENT
-CHUNK = 1 << 20
 TIMEOUT = 30.0
 #: Tries (the peer may be busy birthing a rack) and the pause between them.
 ATTEMPTS, PAUSE = 3, 5.0
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
 class BootedImageError(HatcheryError):
@@ -89,8 +84,6 @@ class Adopted:
     """What adopting the booted image took: bytes downloaded, and those of the running root
     image that did not need to be."""
 
-    version: str
-    origin: str
     downloaded: int
     from_running_root: int
     seconds: float
@@ -118,8 +111,8 @@ class _Peer:
         request = urllib.request.Request(f"{self.base}/{name}",
                                          headers={"Range": f"bytes={start}-{end}"})  # fmt: skip
         with self._opener.open(request, timeout=TIMEOUT) as resp:
-            got = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", ""))
-            if resp.status != 206 or got is None or (int(got[1]), int(got[2])) != (start, end):
+            answered = content_range(resp.headers.get("Content-Range"))
+            if resp.status != 206 or answered != (start, end):
                 raise BootedImageError(f"{self.base}/{name}: no answer for bytes {start}-{end}")
             data: bytes = resp.read(end - start + 2)
         if len(data) != end - start + 1:
@@ -187,8 +180,8 @@ def adopt_booted_image(
         else:
             downloaded += _whole(store, peer, name, artefact, stop)
         done.add(artefact.sha256)
-    store.add_image(raw, keys.trusted())
-    adopted = Adopted(version, origin, downloaded, around, time.monotonic() - started)
+    store.add_image(raw, keys.trusted())  # read again: a key removed meanwhile stops it
+    adopted = Adopted(downloaded, around, time.monotonic() - started)
     log.info("image %s, which this node was born with, taken from %s: %d bytes downloaded, "
              "%d of its running root image not (%.1f s)", version, origin, downloaded, around,
              adopted.seconds)  # fmt: skip
@@ -218,7 +211,7 @@ def _around_running_root(
     if size != size_of(running_root) or offset + size > artefact.size:
         log.info("%s/%s holds another root image than the one this node runs", peer.base, name)
         return None
-    if artefact.size - size > MAX_AROUND:
+    if artefact.size - size > MAX_SENT:  # around the root: its framing and /init, a few MB
         return None
     fetched = len(head)
     before = head[:offset]

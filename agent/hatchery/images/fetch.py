@@ -52,6 +52,14 @@ CHUNK = 256 * 1024
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
+def content_range(header: str | None) -> tuple[int, int] | None:
+    """The first and last byte a ``Content-Range`` header says an answer holds; None when
+    there is none or it is not one range of bytes. Peers' answers to Range requests are
+    checked against what was asked with it."""
+    match = _CONTENT_RANGE.fullmatch(header or "")
+    return (int(match[1]), int(match[2])) if match else None
+
+
 class FetchError(HatcheryError):
     """An image could not be fetched from a peer (the store's images are unchanged)."""
 
@@ -220,8 +228,8 @@ class ImageFetcher:
                             log.info("%s: the peer sends another form now; starting afresh", url)
                             continue
                     if resp.status == 206 and offset:
-                        match = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", ""))
-                        if match is None or int(match.group(1)) != offset:
+                        answered = content_range(resp.headers.get("Content-Range"))
+                        if answered is None or answered[0] != offset:
                             raise FetchError(f"{url}: the peer answered a range we did not ask")
                         mode = "ab"
                         progress.resumed += offset

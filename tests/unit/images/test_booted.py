@@ -14,7 +14,6 @@ import io
 import ipaddress
 import os
 import threading
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,17 +146,32 @@ async def test_a_version_the_peer_does_not_export_ends_at_once(tmp_path: Path) -
     """The node runs v2, the peer serves v1 only: a 404 is an answer, not tried again."""
 
     async with birth_peer(tmp_path) as birth:
-        stop = threading.Event()
-        started = time.monotonic()
-        result = await asyncio.to_thread(
-            adopt_with_retries,
-            lambda: adopt_booted_image(
-                birth.node, birth.keys, "v2", birth.origin, birth.running_root, stop
-            ),  # fmt: skip
-            stop,
-        )
-        assert result is None and time.monotonic() - started < 5  # no 5 s pause, no retry
+        stop, tries = threading.Event(), []
+
+        def adopt() -> Adopted | None:
+            tries.append(1)
+            return adopt_booted_image(birth.node, birth.keys, "v2", birth.origin,
+                                      birth.running_root, stop)  # fmt: skip
+
+        assert await asyncio.to_thread(adopt_with_retries, adopt, stop) is None
+        assert len(tries) == 1  # asked once: not again after a pause
         assert birth.node.versions() == []
+
+
+async def test_a_peer_that_does_not_answer_is_asked_again(tmp_path: Path) -> None:
+    """A refused connection is no answer: asked ``attempts`` times (no pause here)."""
+    async with birth_peer(tmp_path) as birth:
+        pass  # the peer's port, closed from here on
+    stop, tries = threading.Event(), []
+
+    def adopt() -> Adopted | None:
+        tries.append(1)
+        return adopt_booted_image(birth.node, birth.keys, "v1", birth.origin,
+                                  birth.running_root, stop)  # fmt: skip
+
+    assert await asyncio.to_thread(adopt_with_retries, adopt, stop, 3, 0.0) is None
+    assert len(tries) == 3
+    assert birth.node.versions() == []
 
 
 async def test_a_peer_that_answers_other_bytes_than_asked_is_refused(tmp_path: Path) -> None:
