@@ -112,9 +112,32 @@ def test_only_the_units_a_node_needs_are_enabled(host: testinfra.host.Host) -> N
     assert enabled == ENABLED_UNITS
     masked = ("systemd-hwdb-update.service", "systemd-network-generator.service",
               "kexec-load.service", "systemd-firstboot.service", "systemd-update-utmp.service",
-              "systemd-update-utmp-runlevel.service")  # fmt: skip
+              "systemd-update-utmp-runlevel.service", "modprobe@drm.service")  # fmt: skip
     for unit in masked:
         assert host.run(f"systemctl is-enabled {unit}").stdout.strip() == "masked", unit
+
+
+#: The generators PID 1 runs on every boot, before anything starts, that a node never needs
+#: (mkosi.postinst masks them), and those it keeps.
+MASKED_GENERATORS = ("cryptsetup", "integritysetup", "veritysetup", "gpt-auto",
+                     "hibernate-resume", "rc-local", "system-update", "sysv", "run")  # fmt: skip
+KEPT_GENERATORS = ("fstab", "getty", "debug")
+
+
+def test_generators_a_node_never_needs_are_masked(hypervisor_root: Path) -> None:
+    masks = hypervisor_root / "etc/systemd/system-generators"
+    shipped = hypervisor_root / "usr/lib/systemd/system-generators"
+    for name in (f"systemd-{g}-generator" for g in MASKED_GENERATORS):
+        assert (shipped / name).exists(), f"{name}: no longer shipped, drop its mask"
+        assert (masks / name).readlink() == Path("/dev/null"), name
+    for name in (f"systemd-{g}-generator" for g in KEPT_GENERATORS):
+        assert (shipped / name).exists() and not (masks / name).is_symlink(), name
+    # With the SysV generator masked, a script in /etc/init.d runs only if it has a unit of
+    # its own: every one has (or is masked as systemd masks hwclock.sh)
+    units = [hypervisor_root / "usr/lib/systemd/system", hypervisor_root / "etc/systemd/system"]
+    for script in (hypervisor_root / "etc/init.d").iterdir():
+        unit = script.name.removesuffix(".sh") + ".service"
+        assert any((d / unit).is_symlink() or (d / unit).exists() for d in units), script.name
 
 
 def test_etc_and_var_are_as_new_as_usr(hypervisor_root: Path) -> None:
