@@ -41,25 +41,35 @@ SIZES_MIB = (256, 1024)
 REBOOTS = int(os.environ.get("BENCH_UPGRADE_REBOOTS", "10"))
 
 
-async def _poll(node: RunningNode, until: str, timeout: float) -> dict[str, float]:
-    """Poll /healthz at 10 Hz until ``until`` runs and is done: duration and longest gap."""
+async def _poll(
+    node: RunningNode, until: str, timeout: float, *, upgraded: bool = True
+) -> dict[str, float]:
+    """Poll /healthz at 10 Hz until ``until`` runs (and, if ``upgraded``, its upgrade is
+    done): duration and longest gap. The cold boot is timed by the same poll as the upgrades.
+
+    The polls share one kept-alive connection (a new one only once the agent that held it
+    is gone): a mutual-TLS handshake per poll, ten a second, took the emulated node's one vCPU
+    from the upgrade being measured (kexec -l took 9.6 s with them, 5.0 s without).
+    """
     started = time.monotonic()
     last_ok = started
     gap = 0.0
-    while True:
-        now = time.monotonic()
-        try:
-            async with AgentClient(node.address, node.credentials, timeout=2) as client:
+    async with AgentClient(node.address, node.credentials, timeout=2) as client:
+        while True:
+            now = time.monotonic()
+            try:
                 health: dict[str, Any] = await client.request("GET", "/healthz")
-            gap = max(gap, time.monotonic() - last_ok)
-            last_ok = time.monotonic()
-            if health["version"] == until and health["upgrade"]["state"] == "done":
-                return {"seconds": time.monotonic() - started, "gap": gap}
-        except ApiError:
-            pass
-        if now - started > timeout:
-            raise TimeoutError(f"{node.spec.name} did not reach {until}")
-        await asyncio.sleep(max(0.0, 0.1 - (time.monotonic() - now)))
+                gap = max(gap, time.monotonic() - last_ok)
+                last_ok = time.monotonic()
+                if health["version"] == until and (
+                    not upgraded or health["upgrade"]["state"] == "done"
+                ):
+                    return {"seconds": time.monotonic() - started, "gap": gap}
+            except ApiError:
+                pass
+            if now - started > timeout:
+                raise TimeoutError(f"{node.spec.name} did not reach {until}")
+            await asyncio.sleep(max(0.0, 0.1 - (time.monotonic() - now)))
 
 
 def _outcomes(node: RunningNode, version: str, timeout: float = 600) -> list[dict[str, Any]]:
@@ -180,13 +190,12 @@ def run() -> None:
             folder.mkdir()
             (folder / "vmlinux").write_bytes(guest.vmlinux().read_bytes())
             (folder / "initrd").write_bytes(ticking_initrd(guest))
-            t0 = time.monotonic()
             with (
                 serve_folder(lab, folder) as served,
                 boot_node(spec, lab, pki, tmp / "node", **kwargs) as node,
             ):
-                node.wait_agent(1200, version="v1")
-                cold = time.monotonic() - t0
+                asyncio.run(_poll(node, "v1", 1200, upgraded=False))
+                cold = time.monotonic() - node.started  # from QEMU's start
                 for version in ("v1", "v2", "v3"):
                     subprocess.run(
                         [str(BIN / "hatchery"), "image", "publish", str(builds[version]),
@@ -220,7 +229,9 @@ def run() -> None:
     ]  # fmt: skip
     body = (
         "One node booted from our hypervisor image in QEMU (TCG here, 2 shared cores), "
-        "/healthz polled at 10 Hz over mutual TLS. The live patch includes restarting the "
+        "/healthz polled at 10 Hz over one kept-alive mutual-TLS connection (a new one once "
+        "the agent that held it is gone), the cold boot by the same poll from QEMU's start. "
+        "The live patch includes restarting the "
         "changed units and the agent itself (the API is away only while the agent restarts); "
         "the VMs' QEMU processes are untouched. The reboot goes to v3, whose kernel is "
         "another (backports' 6.12 against 6.1); kexec skips the firmware but not the kernel "

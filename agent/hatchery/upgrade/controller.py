@@ -477,11 +477,14 @@ class Upgrader:
     async def _reboot(self, version: str, guard_seconds: int) -> None:
         assert self._images is not None
         restore = self._vms.running_names() if self._vms is not None else []
+        started = time.monotonic()
         staged = await asyncio.to_thread(
             reboot.prepare, self._images, self._state_dir, version, self._version(), restore,
             guard_seconds,
         )  # fmt: skip
         detail = f"staged {version}; saving {len(restore)} VMs to /data, then kexec"
+        log.info("reboot to %s: staged in %.1f s; saving %d VMs", version,
+                 time.monotonic() - started, len(restore))  # fmt: skip
         await self._record(model.note(self._status, detail))
         if self._vms is not None:
             for name in restore:

@@ -184,8 +184,11 @@ def jump(staged: Path) -> None:
     :raise CommandError: kexec failed and there is no systemd to reboot through.
     """
     try:
+        started = time.monotonic()
         host.run(["kexec", "-l", str(staged / "vmlinuz"), f"--initrd={staged / 'initrd'}",
                   "--reuse-cmdline"])  # fmt: skip
+        log.info("kexec: %s loaded in %.1f s; shutting down into it", staged.name,
+                 time.monotonic() - started)  # fmt: skip
         if not host.systemctl("kexec"):
             host.run(["kexec", "-e"])
     except HatcheryError as exc:
