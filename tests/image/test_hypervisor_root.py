@@ -140,6 +140,33 @@ def test_generators_a_node_never_needs_are_masked(hypervisor_root: Path) -> None
         assert any((d / unit).is_symlink() or (d / unit).exists() for d in units), script.name
 
 
+#: The units the agent's gate (hatchery-node-ready.service) waits for at boot, each of which
+#: must run ahead of the agent loading its code meanwhile (docs/images.md, "The boot path,
+#: trimmed").
+UNITS_AHEAD_OF_THE_LOADING_AGENT = (
+    "hatchery-data.service", "systemd-networkd.service", "systemd-tmpfiles-setup.service",
+)  # fmt: skip
+
+
+def _nice(root: Path, unit: str) -> int:
+    """The unit's Nice= as PID 1 reads it: the unit file, then its drop-ins in name order."""
+    system = root / "usr/lib/systemd/system"
+    files = [system / unit, *sorted((system / f"{unit}.d").glob("*.conf"))]
+    nice = 0
+    for path in (f for f in files if f.is_file()):
+        for line in path.read_text().splitlines():
+            if line.strip().startswith("Nice="):
+                nice = int(line.split("=", 1)[1])
+    return nice
+
+
+def test_the_gates_units_run_ahead_of_the_loading_agent(hypervisor_root: Path) -> None:
+    agent = _nice(hypervisor_root, "hatchery-agent.service")
+    assert agent < 0, "the agent loads at a raised priority"
+    for unit in UNITS_AHEAD_OF_THE_LOADING_AGENT:
+        assert _nice(hypervisor_root, unit) < agent, unit
+
+
 def test_etc_and_var_are_as_new_as_usr(hypervisor_root: Path) -> None:
     """Else every boot runs what ConditionNeedsUpdate= gates (systemd-sysusers, before udev)."""
     usr = (hypervisor_root / "usr").stat().st_mtime_ns
