@@ -149,15 +149,15 @@ UNITS_AHEAD_OF_THE_LOADING_AGENT = (
 
 
 def _nice(root: Path, unit: str) -> int:
-    """The unit's Nice= as PID 1 reads it: the unit file, then its drop-ins in name order."""
-    system = root / "usr/lib/systemd/system"
-    files = [system / unit, *sorted((system / f"{unit}.d").glob("*.conf"))]
-    nice = 0
-    for path in (f for f in files if f.is_file()):
-        for line in path.read_text().splitlines():
-            if line.strip().startswith("Nice="):
-                nice = int(line.split("=", 1)[1])
-    return nice
+    """The unit's Nice= as PID 1 reads it: systemd's own view of the unit file and its drop-ins
+    (``/etc`` overriding ``/usr/lib``), in the order they apply; the last setting wins."""
+    shown = subprocess.run(
+        ["systemd-analyze", f"--root={root}", "cat-config", f"systemd/system/{unit}"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert f"/systemd/system/{unit}\n" in shown.stdout, f"{unit} is not in the image"
+    settings = [line for line in shown.stdout.splitlines() if line.startswith("Nice=")]
+    return int(settings[-1].removeprefix("Nice=")) if settings else 0
 
 
 def test_the_gates_units_run_ahead_of_the_loading_agent(hypervisor_root: Path) -> None:
