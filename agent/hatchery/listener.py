@@ -27,6 +27,14 @@ limits (``config.ConnectionLimits``):
   final there, a range request's 206 and an error turned into an answer included), with
   the time since the request reached the outermost middleware. Files sent whole add their
   size (``count_sent``).
+- **A client that leaves mid-answer is no error.** aiohttp does not cancel a handler whose
+  client left (a handler cut at any ``await`` could leave half a change behind), so a
+  handler still writing (a followed log, a console tail, an image or a container bundle
+  being downloaded) gets a ``ConnectionError``, which aiohttp logs at ERROR with a
+  traceback, and the API as an internal error. Anyone who can open a connection could
+  repeat that at will. A middleware innermost around every handler turns it, when the
+  client's connection is really gone, into a count (``left_mid_answer``) and a DEBUG line;
+  the answer is counted once, by the status it started with (or 499 if none went out).
 - **A bounded stop.** ``close`` gives the answers in flight ``stop_grace`` seconds to end,
   then cuts them; aiohttp's default is 60 s, twice over (to end, then once cancelled), more
   than systemd waits before it kills the agent. ``STOP_GRACE`` (10 s) by default: an upload
@@ -51,6 +59,7 @@ from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.typedefs import Middleware
 from aiohttp.web_protocol import RequestHandler
 
 from hatchery.config import ConnectionLimits
@@ -79,6 +88,15 @@ def _route(request: web.Request) -> str:
 
 
 _STARTED = web.RequestKey("hatchery_started", float)
+_COUNTED = web.RequestKey("hatchery_counted", bool)
+#: The status counted for a request whose client left before any answer went out (nginx's).
+CLIENT_LEFT = 499
+
+
+def _client_left(request: web.BaseRequest) -> bool:
+    """Whether ``request``'s client has gone: its connection is closed or closing."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 @web.middleware
@@ -91,6 +109,9 @@ async def _note_start(request: web.Request, handler: _Handler) -> web.StreamResp
 async def _count_answer(request: web.Request, response: web.StreamResponse) -> None:
     """``on_response_prepare``: the status is final here (a range request's 206 is set as
     ``FileResponse`` prepares), errors turned into answers included."""
+    if request.get(_COUNTED):  # a second answer to one request: see ``goodbyes``
+        return
+    request[_COUNTED] = True
     started = request.get(_STARTED)
     seconds = time.perf_counter() - started if started is not None else 0.0
     request.app[HTTP_METER].answered(_route(request), response.status, seconds)
@@ -117,6 +138,7 @@ class ListenerStats:
     over_total_limit: int = 0
     header_timeouts: int = 0
     accept_errors: int = 0
+    left_mid_answer: int = 0
     open: Counter[str] = field(default_factory=Counter)  # client address -> connections
 
     @property
@@ -131,7 +153,30 @@ class ListenerStats:
             "over_total_limit": self.over_total_limit,
             "header_timeout": self.header_timeouts,
             "accept_error": self.accept_errors,
+            "left_mid_answer": self.left_mid_answer,
         }
+
+
+def goodbyes(stats: ListenerStats, name: str) -> Middleware:
+    """The middleware (innermost: ``HttpListener`` appends it to every app it serves) that
+    takes a ``ConnectionError`` from a handler whose client has left as that client's
+    goodbye, counted in ``stats``; any other ``ConnectionError`` goes on as before."""
+
+    @web.middleware
+    async def goodbye(request: web.Request, handler: _Handler) -> web.StreamResponse:
+        try:
+            response: web.StreamResponse = await handler(request)
+            return response
+        except ConnectionError as exc:
+            if not _client_left(request):
+                raise
+            stats.left_mid_answer += 1
+            log.debug("%s: %s %s: the client left mid-answer (%s)", name, request.method,
+                      request.path, exc)  # fmt: skip
+            # Nothing reaches a closed connection: aiohttp's try to send this ends quietly.
+            return web.Response(status=CLIENT_LEFT)
+
+    return goodbye
 
 
 class _RequestLog(logging.Logger):
@@ -282,6 +327,7 @@ class HttpListener:
         self.tls = tls
         self.name = name
         self.stats = ListenerStats()
+        app.middlewares.append(goodbyes(self.stats, name))
         if meter is not None:
             meter.track(self.stats.outcomes)
         self._summary = EventSummary(log, name, limits.log_interval)

@@ -18,10 +18,14 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from hatchery.api.http import new_app
+from hatchery.api.policy import default_policy
 from hatchery.api.server import ApiServer
 from hatchery.boothttp.app import BootHttpConfig, BootHttpServer
 from hatchery.config import ConnectionLimits
 from hatchery.listener import HttpListener
+from hatchery.metrics import Metrics
+from tests.unit.api.conftest import header_identity
 
 REQUEST = b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -293,6 +297,90 @@ async def test_malformed_requests_do_not_flood_the_log(caplog: pytest.LogCapture
     assert len(lines) <= 2, lines
 
 
+async def _streaming(request: web.Request) -> web.StreamResponse:
+    """An answer written piece by piece, as a followed log or a download is: it goes on
+    writing after its client has gone (aiohttp does not cancel a handler for that)."""
+    response = web.StreamResponse()
+    await response.prepare(request)
+    for _ in range(40):
+        await response.write(b"x" * 65536)
+        await asyncio.sleep(0.02)
+    return response
+
+
+async def _leave_mid_answer(port: int, path: str) -> None:
+    """Ask for ``path``, read the start of the answer, and reset the connection."""
+    reader, writer = await _open(port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await reader.readexactly(1000)
+    writer.transport.abort()
+
+
+def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_client_that_leaves_mid_answer_is_counted_not_logged_as_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """aiohttp logs a handler's write to a gone client at ERROR with a traceback: anyone
+    who can connect (a guest to its metadata service, the boot network) could fill the
+    node's journal with them. The answer is counted once, by the status it started with."""
+    caplog.set_level(logging.INFO)
+    metrics = Metrics()
+    app = _app()
+    app.router.add_get("/stream", _streaming)
+    listener = HttpListener(app, ConnectionLimits(), name="test", meter=metrics.http("test"))
+    await listener.start()
+    try:
+        port = await listener.listen("127.0.0.1", 0)
+        for _ in range(5):
+            await _leave_mid_answer(port, "/stream")
+        async with asyncio.timeout(10):
+            while listener.stats.left_mid_answer < 5:
+                await asyncio.sleep(0.05)
+        assert b"pong" in await _get(port)  # and the next client is served as before
+    finally:
+        await listener.close()
+    assert _errors(caplog) == []
+    exposition = (await metrics.scrape()).decode()
+    assert 'route="/stream",server="test",status="200"} 5.0' in exposition
+    assert 'status="499"' not in exposition
+    assert 'outcome="left_mid_answer",server="test"} 5.0' in exposition
+
+
+async def test_the_api_says_internal_error_only_while_its_client_is_there(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Through the API's own error handling: a client gone mid-answer is no internal error;
+    a ``ConnectionError`` of the handler's own (its client still there) still is one."""
+    caplog.set_level(logging.INFO)
+
+    async def broken_upstream(request: web.Request) -> web.Response:
+        raise ConnectionResetError("the VM's QMP socket reset")
+
+    app = new_app(default_policy(), header_identity)
+    app.router.add_get("/stream", _streaming)
+    app.router.add_get("/upstream", broken_upstream)
+    server = ApiServer(app, None)
+    await server.start("127.0.0.1", 0)
+    try:
+        await _leave_mid_answer(server.port, "/stream")
+        async with asyncio.timeout(10):
+            while server.stats.left_mid_answer < 1:
+                await asyncio.sleep(0.05)
+        assert _errors(caplog) == []
+        reader, writer = await _open(server.port)
+        writer.write(b"GET /upstream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    finally:
+        await server.close()
+    assert answer.startswith(b"HTTP/1.1 500")
+    internal = [m for m in _errors(caplog) if "internal error" in m]
+    assert internal == ["GET /upstream: internal error"]
+
+
 async def _held_then_closed(port: int, held_count: int) -> int:
     """Open ``held_count`` idle connections from one client: how many the server closed."""
     held = [await _open(port) for _ in range(held_count)]
@@ -348,6 +436,8 @@ import asyncio, errno, logging, os, resource, sys
 from aiohttp import web
 from hatchery.config import ConnectionLimits
 from hatchery.listener import HttpListener
+from hatchery.metrics import Metrics
+from tests.unit.api.conftest import header_identity
 
 logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="%(name)s %(message)s")
 

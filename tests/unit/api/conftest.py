@@ -30,6 +30,7 @@ from hatchery.config import VmSourcesConfig
 from hatchery.health import NodeHealth
 from hatchery.images.signing import KeyDirectory
 from hatchery.images.store import ImageStore
+from hatchery.listener import ListenerStats, goodbyes
 from hatchery.pki import Identity
 from hatchery.qemu.accel import Accel, AccelChoice
 from hatchery.vms.manager import VmManager
@@ -87,10 +88,14 @@ async def serving(
     images = dataclasses.replace(images, running_root=running_root or (lambda: None))
     context = ApiContext(manager, pool, load_policy(None), NodeHealth("v1"), time.time())
     app = make_app(context, images, identify=header_identity)
+    app.middlewares.append(goodbyes(ListenerStats(), "api"))  # as ``HttpListener`` serves it
     kernel = artefacts / "kernel"  # in the artefact folder: a source a request may name
     kernel.write_bytes(b"not really a kernel")
     try:
         async with TestClient(TestServer(app)) as client:
+            # As the agent serves (aiohttp's default, which its test server turns off): a
+            # handler is not cancelled when its client leaves.
+            client.server.runner.server.handler_cancellation = False  # type: ignore[union-attr]
             yield Api(client, manager, store, kernel, keys)
     finally:
         pool.close()
