@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import statistics
 import subprocess
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
@@ -38,6 +40,42 @@ def machine() -> str:
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
+
+
+@dataclass(frozen=True)
+class PairedRatio:
+    """Ours against a reference, run by run: the median of the per-pair ratios, a 95 %
+    bootstrap interval of that median, and how many pairs ours won.
+
+    Why pairs: on a shared machine the load drifts within a run by more than the difference
+    being measured. Two runs made back to back see nearly the same load, so their ratio
+    cancels most of it; the interval says what the run can resolve, and a ratio whose
+    interval holds 1.0 is parity as far as this machine can tell.
+    """
+
+    median: float
+    low: float
+    high: float
+    wins: int
+    pairs: int
+
+    def __str__(self) -> str:
+        return (f"{self.median:.2f}x (95 % interval {self.low:.2f}–{self.high:.2f}; ours "
+                f"ahead in {self.wins} of {self.pairs} pairs)")  # fmt: skip
+
+
+def paired_ratio(ours: Sequence[float], reference: Sequence[float]) -> PairedRatio:
+    """``ours[i] / reference[i]`` (rates: above 1, ours is faster) summarised as above. The
+    bootstrap's generator is seeded, so one run's figures are reproducible from its data."""
+    if len(ours) != len(reference) or not ours:
+        raise ValueError("paired_ratio needs two series of one length, at least one pair")
+    ratios = [a / b for a, b in zip(ours, reference, strict=True)]
+    rng = random.Random(0)
+    medians = sorted(
+        statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(2000)
+    )  # fmt: skip
+    return PairedRatio(statistics.median(ratios), medians[49], medians[1949],
+                       sum(r > 1 for r in ratios), len(ratios))  # fmt: skip
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

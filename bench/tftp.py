@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.proc import CpuGroup, cpu_group
-from bench.report import median, table, write_section
+from bench.report import PairedRatio, median, paired_ratio, table, write_section
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache" / "bench"
@@ -32,7 +32,15 @@ BLKSIZE = 1468
 RUNS = 11
 FILE = "bench.bin"
 HOST = "127.0.0.1"
-HEADERS = ("client", "mode", "server", "median MB/s", "range", "server CPU s", "vs this server")
+HEADERS = (
+    "client",
+    "mode",
+    "server",
+    "median MB/s",
+    "range",
+    "server CPU s",
+    "ours vs this server, run by run (95 % interval)",
+)
 
 
 @dataclass(frozen=True)
@@ -271,29 +279,33 @@ def _report(
     fetches: dict[tuple[str, int, str], list[Fetch]],
     load: float,
 ) -> str:
-    def rate(client: str, window: int, name: str) -> float:
-        return median([f.rate for f in fetches[(client, window, name)]])
+    def against(client: str, window: int, name: str) -> PairedRatio:
+        """Ours against ``name``, run by run (each run fetches from every server in turn)."""
+        rates = {n: [f.rate for f in fetches[(client, window, n)]] for n in ("ours", name)}
+        return paired_ratio(rates["ours"], rates[name])
 
     rows = []
     for (client, window), names in cases.items():
         mode = "lock-step" if window == 1 else f"windowsize {window}"
-        ours = rate(client, window, "ours")
         for name in names:
             rates = [f.rate for f in fetches[(client, window, name)]]
             mid = median(rates)
             cpu = median([f.server_cpu for f in fetches[(client, window, name)]])
-            ratio = "" if name == "ours" else f"{ours / mid:.2f}x"
+            pair = None if name == "ours" else against(client, window, name)
+            ratio = "" if pair is None else f"{pair.median:.2f}x ({pair.low:.2f}–{pair.high:.2f})"
             rows.append((client, mode, name, f"{mid:.1f}", f"{min(rates):.1f}–{max(rates):.1f}",
                          f"{cpu:.2f}", ratio))  # fmt: skip
-    lock = rate("curl", 1, "ours") / rate("curl", 1, "tftpd-hpa")
-    w16, w64 = (rate("atftp", w, "ours") / rate("atftp", w, "atftpd") for w in (16, 64))
+    lock = against("curl", 1, "tftpd-hpa")
+    w16, w64 = (against("atftp", w, "atftpd") for w in (16, 64))
     return (
         f"A {SIZE // 1_000_000} MB file over loopback inside a network namespace, blksize "
         f"{BLKSIZE}, tsize requested; MB/s of the client's wall time (start to exit, every "
         f"fetch checked bit-exact), median of {RUNS} interleaved runs; load average "
         f"{load:.1f} at the start. Server CPU: the server's user + system seconds for one "
         f"fetch, median (each server in a cgroup of its own, so tftpd-hpa's child per "
-        f"transfer counts). Goals (issue 19): lock-step at least 1.0x tftpd-hpa (here "
-        f"{lock:.2f}x), windowsize 16 and 64 at least 1.0x atftpd (here {w16:.2f}x and "
-        f"{w64:.2f}x).\n\n" + table(HEADERS, rows)
+        f"transfer counts). Ratios are taken run by run (ours against the fetch from the "
+        f"other server in the same run), with a 95 % interval of their median: one that "
+        f"holds 1.0 is parity as far as the run can tell. Goals (issue 19): lock-step at "
+        f"least 1.0x tftpd-hpa (here {lock}), windowsize 16 and 64 at least 1.0x atftpd "
+        f"(here {w16} and {w64}).\n\n" + table(HEADERS, rows)
     )
