@@ -118,11 +118,14 @@ class AgentProcess:
         finally:
             agent.kill()
 
-    def start(self, timeout: float = 30) -> None:
+    def start(self, timeout: float = 30, *, debug: bool = True) -> None:
+        """Start the agent and wait until it is ready; ``debug``: log at DEBUG, as tests want
+        (a benchmark measures the agent as nodes run it: ``debug=False``)."""
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [str(BIN / "hatchery-agent"), "--debug", "run", "--config", str(self.config_path)],
+            [str(BIN / "hatchery-agent"), *(["--debug"] if debug else []), "run", "--config",
+             str(self.config_path)],
             stdout=log, stderr=log, start_new_session=True,
         )  # fmt: skip
         log.close()
