@@ -75,8 +75,8 @@ class Upgrader:
     ``images`` is the store (None: upgrades are refused), ``root`` the running root (``/``;
     a folder in tests), ``vms`` what a reboot stops and restores (None: no VMs to care for),
     ``version`` tells the running image's version (default: ``root``'s os-release),
-    ``guard_seconds`` the boot guard's default time for a reboot-mode upgrade, ``jump`` how a
-    reboot leaves for the staged kernel (``reboot.jump``: kexec; a stand-in in tests).
+    ``guard_seconds`` the boot guard's default time for a reboot-mode upgrade, ``kexec`` how a
+    reboot leaves for the staged kernel (``reboot.HOST_KEXEC``; a stand-in in tests).
     """
 
     def __init__(
@@ -89,7 +89,7 @@ class Upgrader:
         version: Callable[[], str] | None = None,
         kernel_release: str | None = None,
         guard_seconds: int = reboot.GUARD_SECONDS,
-        jump: Callable[[Path], None] = reboot.jump,
+        kexec: reboot.Kexec = reboot.HOST_KEXEC,
         meter: UpgradeMeter | None = None,
     ) -> None:
         self._state_dir = state_dir
@@ -101,7 +101,7 @@ class Upgrader:
         self._version = version or (lambda: read_version(root / "usr/lib/os-release"))
         self._release = kernel_release or platform.release()
         self._guard_seconds = guard_seconds
-        self._jump = jump
+        self._kexec = kexec
         self._task: asyncio.Task[None] | None = None
         self._restore: tuple[str, ...] = ()
         self._handing_over = False  # our own end (restart, kexec) was asked for: not a failure
@@ -482,16 +482,26 @@ class Upgrader:
             reboot.prepare, self._images, self._state_dir, version, self._version(), restore,
             guard_seconds,
         )  # fmt: skip
+        log.info("reboot to %s: staged in %.1f s", version, time.monotonic() - started)
+        # Loaded while the VMs still run: its seconds are not their pause. Where it does not
+        # fit beside them (memory), it is loaded again once they are saved.
+        loaded = await asyncio.to_thread(self._kexec.load, staged)
         detail = f"staged {version}; saving {len(restore)} VMs to /data, then kexec"
-        log.info("reboot to %s: staged in %.1f s; saving %d VMs", version,
-                 time.monotonic() - started, len(restore))  # fmt: skip
-        await self._record(model.note(self._status, detail))
-        if self._vms is not None:
-            for name in restore:
-                await self._vms.suspend_for_reboot(name)
+        log.info("reboot to %s: saving %d VMs", version, len(restore))
+        try:
+            await self._record(model.note(self._status, detail))
+            if self._vms is not None:
+                for name in restore:
+                    await self._vms.suspend_for_reboot(name)
+            if not loaded:
+                loaded = await asyncio.to_thread(self._kexec.load, staged)
+        except BaseException:
+            if loaded:  # no jump follows: a later kexec must not take this kernel
+                self._kexec.unload()
+            raise
         self._handing_over = True  # the shutdown that follows is the plan
         try:
-            await asyncio.to_thread(self._jump, staged)
+            await asyncio.to_thread(self._kexec.jump, loaded)
         except BaseException:
             self._handing_over = False
             raise

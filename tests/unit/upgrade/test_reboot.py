@@ -27,7 +27,9 @@ class Vms:
         running: list[str] | None = None,
         memory_mib: int = 512,
         outcomes: dict[str, VmOutcome] | None = None,
+        events: list[str] | None = None,
     ) -> None:
+        self.events = events if events is not None else []
         self.running = list(running or [])
         self.stopped: list[str] = []
         self.suspended: list[str] = []
@@ -42,6 +44,7 @@ class Vms:
         self.stopped.append(name)
 
     async def suspend_for_reboot(self, name: str) -> None:
+        self.events.append(f"save {name}")
         self.suspended.append(name)
 
     def memory_mib(self, names: list[str]) -> int:
@@ -54,17 +57,40 @@ class Vms:
         return self.outcomes.get(name, VmOutcome(name, VmResult.RESUMED, pause_seconds=2.5))
 
 
-class Jumps:
-    """Stands in for kexec: records where the node would have jumped."""
+class Kexec:
+    """Stands in for kexec (``reboot.Kexec``): what was loaded and where the node would have
+    jumped, in one list with the VMs' saves (``events``) to tell their order."""
 
-    def __init__(self, error: Exception | None = None) -> None:
+    def __init__(
+        self, events: list[str] | None = None, loads: list[bool] | None = None,
+        error: Exception | None = None,
+    ) -> None:  # fmt: skip
+        self.events = events if events is not None else []
+        self.loads = list(loads or [])  # what each load answers (default: loaded)
         self.taken: list[Path] = []
         self.error = error
+        self._staged: Path | None = None
 
-    def __call__(self, staged: Path) -> None:
-        self.taken.append(staged)
+    def load(self, staged: Path) -> bool:
+        self._staged = staged
+        loaded = self.loads.pop(0) if self.loads else True
+        self.events.append(f"load {staged.name}: {loaded}")
+        return loaded
+
+    def unload(self) -> None:
+        self.events.append("unload")
+
+    def jump(self, loaded: bool) -> None:
+        assert self._staged is not None
+        self.events.append(f"jump, loaded: {loaded}")
+        self.taken.append(self._staged)
         if self.error is not None:
             raise self.error
+
+
+class VmsThatCannotBeSaved(Vms):
+    async def suspend_for_reboot(self, name: str) -> None:
+        raise RuntimeError(f"the state file of {name} cannot be written")
 
 
 def images_at(tmp_path: Path) -> DirImages:
@@ -93,16 +119,16 @@ def boot(tmp_path: Path, images: DirImages, running: str, vms: Vms) -> Upgrader:
 
 
 async def test_reboot_request_stages_arms_stops_and_jumps(tmp_path: Path) -> None:
-    images, vms, jumps = images_at(tmp_path), Vms(["web1", "db1"]), Jumps()
-    upgrader = Upgrader(tmp_path, images, tmp_path, vms=vms, version=lambda: "v2", jump=jumps)
+    images, vms, kexec = images_at(tmp_path), Vms(["web1", "db1"]), Kexec()
+    upgrader = Upgrader(tmp_path, images, tmp_path, vms=vms, version=lambda: "v2", kexec=kexec)
     code, answer = await upgrader.request("v3", Mode.REBOOT, guard_seconds=90)
     assert code == 202 and answer.state is Phase.RUNNING and answer.mode is Mode.REBOOT
     for _ in range(100):
-        if jumps.taken:
+        if kexec.taken:
             break
         await asyncio.sleep(0.02)
     staged = reboot.boot_dir(tmp_path) / "v3"
-    assert jumps.taken == [staged]
+    assert kexec.taken == [staged]
     assert (staged / "vmlinuz").read_bytes() == b"kernel-1"
     assert (reboot.boot_dir(tmp_path) / "v2" / "initrd").exists(), "the way back is staged"
     armed = reboot.pending_dir(tmp_path)
@@ -124,13 +150,69 @@ async def test_reboot_request_stages_arms_stops_and_jumps(tmp_path: Path) -> Non
     assert after.restored == ["web1", "db1"]
 
 
+async def _rebooted(tmp_path: Path, vms: Vms, kexec: Kexec) -> Upgrader:
+    """A reboot request to v3 from v2, run until it jumped or ended."""
+    upgrader = Upgrader(tmp_path, images_at(tmp_path), tmp_path, vms=vms, version=lambda: "v2",
+                        kexec=kexec)  # fmt: skip
+    await upgrader.request("v3", Mode.REBOOT)
+    for _ in range(200):
+        if kexec.taken or upgrader.status.state is not Phase.RUNNING:
+            break
+        await asyncio.sleep(0.02)
+    return upgrader
+
+
+async def test_the_kernel_is_loaded_before_the_vms_pause(tmp_path: Path) -> None:
+    """Loading reads and hashes the new kernel and root (5 s on an emulated vCPU): done while
+    the VMs still run, those seconds are not their pause."""
+    events: list[str] = []
+    upgrader = await _rebooted(tmp_path, Vms(["web1", "db1"], events=events), Kexec(events))
+    assert events == ["load v3: True", "save web1", "save db1", "jump, loaded: True"]
+    await upgrader.close()
+
+
+async def test_a_kernel_refused_beside_the_vms_is_loaded_again_once_they_are_saved(
+    tmp_path: Path,
+) -> None:
+    """A node short of memory while its VMs run: their state is on /data after the saves
+    and their memory freed, so the load is tried again then, before any firmware reboot."""
+    events: list[str] = []
+    kexec = Kexec(events, loads=[False, True])
+    upgrader = await _rebooted(tmp_path, Vms(["web1"], events=events), kexec)
+    assert events == ["load v3: False", "save web1", "load v3: True", "jump, loaded: True"]
+    await upgrader.close()
+
+
+async def test_a_kernel_never_loaded_leaves_through_firmware(tmp_path: Path) -> None:
+    events: list[str] = []
+    kexec = Kexec(events, loads=[False, False])
+    upgrader = await _rebooted(tmp_path, Vms(["web1"], events=events), kexec)
+    assert events == ["load v3: False", "save web1", "load v3: False", "jump, loaded: False"]
+    await upgrader.close()
+
+
+async def test_an_upgrade_that_stops_before_its_jump_unloads_the_kernel(tmp_path: Path) -> None:
+    """Else a later ``systemctl kexec`` (an operator's) would boot the abandoned version."""
+    events: list[str] = []
+    upgrader = await _rebooted(tmp_path, VmsThatCannotBeSaved(["web1"]), Kexec(events))
+    await wait_done(upgrader)
+    assert events == ["load v3: True", "unload"]
+    assert upgrader.status.state is Phase.FAILED
+    assert "the state file of web1 cannot be written" in (upgrader.status.error or "")
+
+
+def test_a_kernel_that_cannot_be_read_is_not_loaded(tmp_path: Path) -> None:
+    """``kexec -l`` of a missing file fails before it loads anything (safe on any host)."""
+    assert reboot.HostKexec().load(tmp_path / "nothing-staged") is False
+
+
 async def test_a_failed_jump_is_reported(tmp_path: Path) -> None:
-    jumps = Jumps(CommandError(["kexec", "-l"], 1, "kexec_load failed: not permitted"))
-    upgrader = Upgrader(tmp_path, images_at(tmp_path), tmp_path, version=lambda: "v2", jump=jumps)
+    kexec = Kexec(error=CommandError(["kexec", "-e"], 1, "kexec_load failed: not permitted"))
+    upgrader = Upgrader(tmp_path, images_at(tmp_path), tmp_path, version=lambda: "v2", kexec=kexec)
     await upgrader.request("v3", Mode.REBOOT)
     await wait_done(upgrader)
     assert upgrader.status.state is Phase.FAILED
-    assert upgrader.status.error == "kexec -l exited with 1: kexec_load failed: not permitted"
+    assert upgrader.status.error == "kexec -e exited with 1: kexec_load failed: not permitted"
 
 
 async def test_booted_into_the_new_version(tmp_path: Path) -> None:
@@ -254,15 +336,15 @@ async def test_a_reboot_without_room_to_save_the_vms_is_refused_before_anything_
     tmp_path: Path,
 ) -> None:
     """Saving every running VM's memory must fit on /data (here: far more than any disk)."""
-    images, jumps = images_at(tmp_path), Jumps()
+    images, kexec = images_at(tmp_path), Kexec()
     vms = Vms(["web1", "db1"], memory_mib=1 << 40)  # 1 EiB each: more than any disk
-    upgrader = Upgrader(tmp_path, images, tmp_path, vms=vms, version=lambda: "v2", jump=jumps)
+    upgrader = Upgrader(tmp_path, images, tmp_path, vms=vms, version=lambda: "v2", kexec=kexec)
     with pytest.raises(
         UpgradeError, match=r"saves the memory of 2 running VM\(s\) to /data"
     ) as err:
         await upgrader.request("v3", Mode.REBOOT, guard_seconds=90)
     assert err.value.status == 409
-    assert vms.suspended == vms.stopped == [] and jumps.taken == []
+    assert vms.suspended == vms.stopped == [] and kexec.taken == []
     assert not reboot.pending_dir(tmp_path).exists()
 
 

@@ -37,6 +37,7 @@ class Node:
         self.key: KeyPair = generate_key(self.keys)
         self.store = ImageStore(tmp_path / "store")
         self.jumps: list[Path] = []
+        self._staged: Path | None = None
         for version in ("v1", "v2"):
             initrd = zstandard.ZstdCompressor().compress(root_image(version))
             build = make_build(tmp_path / "builds", version, kernel=b"kernel-1", initrd=initrd)
@@ -52,7 +53,19 @@ class Node:
     def upgrader(self) -> Upgrader:
         images = StoreImages(self.store, KeyDirectory(self.keys))
         return Upgrader(self.state, images, self.root, version=self.version,
-                        kernel_release=RELEASE, jump=self.jumps.append)  # fmt: skip
+                        kernel_release=RELEASE, kexec=self)  # fmt: skip
+
+    # --- reboot.Kexec: where the node would have jumped (its staged folder) ----------------
+    def load(self, staged: Path) -> bool:
+        self._staged = staged
+        return True
+
+    def unload(self) -> None:
+        self._staged = None
+
+    def jump(self, loaded: bool) -> None:
+        assert loaded and self._staged is not None
+        self.jumps.append(self._staged)
 
     def object_of(self, version: str, role: str) -> Path:
         manifest = self.store.manifest(version).manifest
