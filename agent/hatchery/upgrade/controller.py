@@ -485,6 +485,7 @@ class Upgrader:
         log.info("reboot to %s: staged in %.1f s", version, time.monotonic() - started)
         # Loaded while the VMs still run: its seconds are not their pause. Where it does not
         # fit beside them (memory), it is loaded again once they are saved.
+        await self._record(model.note(self._status, f"staged {version}; loading its kernel"))
         loaded = await asyncio.to_thread(self._kexec.load, staged)
         detail = f"staged {version}; saving {len(restore)} VMs to /data, then kexec"
         log.info("reboot to %s: saving %d VMs", version, len(restore))
