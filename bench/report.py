@@ -42,6 +42,9 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
+RESAMPLES = 2000  # bootstrap resamples behind ``paired_ratio``'s interval
+
+
 @dataclass(frozen=True)
 class PairedRatio:
     """Ours against a reference, run by run: the median of the per-pair ratios, a 95 %
@@ -72,9 +75,10 @@ def paired_ratio(ours: Sequence[float], reference: Sequence[float]) -> PairedRat
     ratios = [a / b for a, b in zip(ours, reference, strict=True)]
     rng = random.Random(0)
     medians = sorted(
-        statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(2000)
+        statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(RESAMPLES)
     )  # fmt: skip
-    return PairedRatio(statistics.median(ratios), medians[49], medians[1949],
+    tail = int(RESAMPLES * 0.025)  # 2.5 % each side: the 95 % interval
+    return PairedRatio(statistics.median(ratios), medians[tail - 1], medians[-tail - 1],
                        sum(r > 1 for r in ratios), len(ratios))  # fmt: skip
 
 

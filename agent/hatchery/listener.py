@@ -93,7 +93,7 @@ _COUNTED = web.RequestKey("hatchery_counted", bool)
 CLIENT_LEFT = 499
 
 
-def _client_left(request: web.BaseRequest) -> bool:
+def client_left(request: web.BaseRequest) -> bool:
     """Whether ``request``'s client has gone: its connection is closed or closing."""
     transport = request.transport
     return transport is None or transport.is_closing()
@@ -168,7 +168,7 @@ def goodbyes(stats: ListenerStats, name: str) -> Middleware:
             response: web.StreamResponse = await handler(request)
             return response
         except ConnectionError as exc:
-            if not _client_left(request):
+            if not client_left(request):
                 raise
             stats.left_mid_answer += 1
             log.debug("%s: %s %s: the client left mid-answer (%s)", name, request.method,

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from hatchery.api.http import Unavailable, caller, require, until_stopping
 from hatchery.api.validate import BadRequest
+from hatchery.listener import client_left
 from hatchery.logs import LogSource, check_unit, parse_since
 from hatchery.wire import MAX_LOG_LINES
 
@@ -64,7 +65,7 @@ def _query(request: web.Request) -> tuple[str | None, float | None, int, bool]:
 async def _cancel_when_gone(request: web.Request, task: asyncio.Task[object]) -> None:
     """aiohttp does not cancel a handler whose client left; a follow would hold its
     ``journalctl`` until the next line. Look every second, and cancel the handler."""
-    while request.transport is not None and not request.transport.is_closing():
+    while not client_left(request):
         await asyncio.sleep(1.0)
     task.cancel()
 

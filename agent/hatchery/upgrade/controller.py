@@ -498,7 +498,8 @@ class Upgrader:
                 loaded = await asyncio.to_thread(self._kexec.load, staged)
         except BaseException:
             if loaded:  # no jump follows: a later kexec must not take this kernel
-                self._kexec.unload()
+                self._kexec.unload()  # on the loop: ``kexec -u`` returns at once, and a
+                # cancelled upgrade (the agent stopping) could not await a thread here
             raise
         self._handing_over = True  # the shutdown that follows is the plan
         try:

@@ -181,7 +181,7 @@ def prepare(
 class Kexec(Protocol):
     """How a reboot leaves for the staged kernel (``HostKexec``; a stand-in in tests).
 
-    Split in two so the kernel is loaded before the VMs are paused to be saved: loading it
+    Loading is apart from the jump so it happens before the VMs are paused to be saved: it
     reads and hashes ~90 MB (5 s on an emulated vCPU), seconds that were the guests' pause."""
 
     def load(self, staged: Path) -> bool:
@@ -220,6 +220,7 @@ class HostKexec:
             log.error("kexec cannot unload the staged kernel: %s", exc.message)
 
     def jump(self, loaded: bool) -> None:
+        why: HatcheryError = HatcheryError("no kernel is loaded for kexec")
         if loaded:
             try:
                 log.info("kexec: shutting down into the loaded kernel")
@@ -227,14 +228,11 @@ class HostKexec:
                     host.run(["kexec", "-e"])
                 return
             except HatcheryError as exc:
-                log.error("kexec failed (%s): rebooting through firmware instead", exc.message)
-                if not host.systemd_running():
-                    raise
-        elif not host.systemd_running():
-            raise HatcheryError("no kernel is loaded for kexec and there is no systemd to "
-                                "reboot through")  # fmt: skip
-        else:
-            log.error("no kernel is loaded for kexec: rebooting through firmware instead")
+                why = exc
+        if not host.systemd_running():  # no firmware reboot without it either
+            raise why if loaded else HatcheryError(f"{why.message} and there is no systemd to "
+                                                   "reboot through")  # fmt: skip
+        log.error("%s: rebooting through firmware instead", why.message)
         host.systemctl("reboot")
 
 
