@@ -141,8 +141,8 @@ def test_generators_a_node_never_needs_are_masked(hypervisor_root: Path) -> None
 
 
 #: The units the agent's gate (hatchery-node-ready.service) waits for at boot, each of which
-#: must run ahead of the agent loading its code meanwhile (docs/images.md, "The boot path,
-#: trimmed").
+#: must run ahead of the agent loading its code meanwhile (docs/images.md, "The live root:
+#: kept compressed in RAM", where the tmpfiles' nice level is measured).
 UNITS_AHEAD_OF_THE_LOADING_AGENT = (
     "hatchery-data.service", "systemd-networkd.service", "systemd-tmpfiles-setup.service",
 )  # fmt: skip
