@@ -5,6 +5,7 @@ feeding the watchdog meanwhile. systemd's side is a real datagram socket here.""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -110,3 +111,31 @@ def test_the_agent_loads_at_the_units_priority_then_runs_at_the_default(tmp_path
     result = subprocess.run(["nice", "-n", "-10", sys.executable, "-c", probe, str(marker)],
                             capture_output=True, text=True, check=True)  # fmt: skip
     assert result.stdout.strip() == "0"
+
+
+def test_the_agent_says_what_loading_it_cost(tmp_path: Path) -> None:
+    """The line that tells an operator (and ``bench images``) how long the agent took to load
+    on this boot and how much CPU it spent: a process that spends 0.3 s of CPU, then sleeps
+    0.5 s, reports at least both as its wall time and at least the first as its CPU."""
+    marker = tmp_path / "node-ready"
+    marker.touch()
+    probe = (
+        "import logging, sys, time\n"
+        "from pathlib import Path\n"
+        "from hatchery import agent_main\n"
+        "logging.basicConfig(level=logging.INFO, format='%(message)s')\n"
+        "start = time.process_time()\n"
+        "while time.process_time() - start < 0.3:\n"
+        "    pass\n"
+        "time.sleep(0.5)\n"
+        "agent_main.wait_for_boot(Path(sys.argv[1]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe, str(marker)],
+                            capture_output=True, text=True, check=True)  # fmt: skip
+    found = re.search(r"agent loaded in ([\d.]+) s \(([\d.]+) s of CPU: ([\d.]+) user, "
+                      r"([\d.]+) system\)", result.stderr)  # fmt: skip
+    assert found is not None, result.stderr
+    wall, cpu, user, system = (float(g) for g in found.groups())
+    assert wall >= 0.8
+    assert 0.3 <= cpu <= wall
+    assert abs(user + system - cpu) <= 0.11  # each is rounded to 0.1 s
