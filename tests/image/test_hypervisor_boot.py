@@ -126,6 +126,10 @@ def test_blank_disk_is_formatted_and_state_survives_reboot(tools: Path, tmp_path
     # under the machine-id restored from /data (it read nothing before: data-setup)
     assert second.fact("cpu-virt") == "svm", second.facts
     assert second.fact("accelerator") == "kvm", second.facts
+    # What loading the agent cost (bench images reports it): its first line, which a later
+    # boot files under the machine-id PID 1 made up, before /data gave the node's own
+    load = r"in [\d.]+ s \([\d.]+ s of CPU: [\d.]+ user, [\d.]+ system\)"
+    assert re.fullmatch(load, second.fact("agent-load")), second.facts
     assert second.status == 0, second.checks
 
 
