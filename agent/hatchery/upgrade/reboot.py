@@ -199,25 +199,44 @@ class Kexec(Protocol):
         ...
 
 
+#: ``kexec``'s two ways to load a kernel, in the order tried. The file-based one first
+#: (``-s``: ``kexec_file_load``, the kernel reads the files and hashes them itself): under
+#: Secure Boot the kernel is locked down and refuses the other, and loads only a signed
+#: kernel this way (Debian's kernels are signed). Then the classic one (``kexec_load``:
+#: kexec-tools reads and hashes them), for a kernel built without the first. Both took
+#: 4.2–5.5 s for the 89 MB on an emulated node (docs/benchmarks.md, upgrades).
+LOAD_WAYS: tuple[tuple[str, ...], ...] = (("-s",), ())
+
+
 class HostKexec:
     """``kexec`` on this host, through systemd (a clean shutdown) where it runs."""
 
     def load(self, staged: Path) -> bool:
         started = time.monotonic()
-        try:
-            host.run(["kexec", "-l", str(staged / "vmlinuz"), f"--initrd={staged / 'initrd'}",
-                      "--reuse-cmdline"])  # fmt: skip
-        except HatcheryError as exc:
-            log.error("kexec cannot load %s: %s", staged.name, exc.message)
-            return False
-        log.info("kexec: %s loaded in %.1f s", staged.name, time.monotonic() - started)
-        return True
+        refused: list[str] = []
+        for way in LOAD_WAYS:
+            try:
+                host.run(["kexec", *way, "-l", str(staged / "vmlinuz"),
+                          f"--initrd={staged / 'initrd'}", "--reuse-cmdline"])  # fmt: skip
+            except HatcheryError as exc:
+                refused.append(exc.message)
+                continue
+            log.info("kexec: %s loaded in %.1f s (%s)", staged.name, time.monotonic() - started,
+                     "file-based" if way else "kexec_load")  # fmt: skip
+            return True
+        log.error("kexec cannot load %s: %s", staged.name, "; ".join(refused))
+        return False
 
     def unload(self) -> None:
-        try:
-            host.run(["kexec", "-u"])
-        except HatcheryError as exc:
-            log.error("kexec cannot unload the staged kernel: %s", exc.message)
+        # ``-s -u`` unloads a kernel loaded either way, also where lockdown refuses ``-u``
+        refused: list[str] = []
+        for way in LOAD_WAYS:
+            try:
+                host.run(["kexec", *way, "-u"])
+                return
+            except HatcheryError as exc:
+                refused.append(exc.message)
+        log.error("kexec cannot unload the staged kernel: %s", "; ".join(refused))
 
     def jump(self, loaded: bool) -> None:
         why: HatcheryError = HatcheryError("no kernel is loaded for kexec")

@@ -4,6 +4,7 @@ the agent that comes up afterwards settles how it ended and restores the VMs."""
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
 from pathlib import Path
 
@@ -199,6 +200,79 @@ async def test_an_upgrade_that_stops_before_its_jump_unloads_the_kernel(tmp_path
 def test_a_kernel_that_cannot_be_read_is_not_loaded(tmp_path: Path) -> None:
     """``kexec -l`` of a missing file fails before it loads anything (safe on any host)."""
     assert reboot.HostKexec().load(tmp_path / "nothing-staged") is False
+
+
+def _kexec_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refuses: str | None) -> Path:
+    """A ``kexec`` first on PATH that writes each command line it gets to a file (returned)
+    and refuses, with the kernel's words, those holding the flag ``refuses`` ("-s": a kernel
+    without the file-based load), or every one (""), or none (None). It stands in for the
+    kernel's answers, which this host cannot give: loading a kernel here would arm its own
+    reboot."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "kexec-calls"
+    if refuses is None:
+        refusal = ""
+    elif refuses:
+        refusal = (f'case " $* " in *" {refuses} "*) echo "kexec_file_load failed: '
+                   'Function not implemented" >&2; exit 1 ;; esac\n')  # fmt: skip
+    else:
+        refusal = 'echo "kexec_load failed: Operation not permitted" >&2; exit 1\n'
+    script = bin_dir / "kexec"
+    script.write_text(f'#!/bin/sh\necho "$*" >> "{calls}"\n{refusal}exit 0\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return calls
+
+
+def test_the_file_based_load_comes_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under Secure Boot's lockdown only ``kexec_file_load`` loads (a signed kernel)."""
+    calls = _kexec_on_path(tmp_path, monkeypatch, refuses=None)
+    staged = tmp_path / "v3"
+    assert reboot.HostKexec().load(staged) is True
+    assert calls.read_text().splitlines() == [
+        f"-s -l {staged}/vmlinuz --initrd={staged}/initrd --reuse-cmdline"
+    ]
+
+
+def test_a_kernel_without_the_file_based_load_gets_the_classic_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = _kexec_on_path(tmp_path, monkeypatch, refuses="-s")
+    staged = tmp_path / "v3"
+    with caplog.at_level("INFO", logger="hatchery.upgrade.reboot"):
+        assert reboot.HostKexec().load(staged) is True
+    assert calls.read_text().splitlines() == [
+        f"-s -l {staged}/vmlinuz --initrd={staged}/initrd --reuse-cmdline",
+        f"-l {staged}/vmlinuz --initrd={staged}/initrd --reuse-cmdline",
+    ]
+    assert "(kexec_load)" in caplog.text
+
+
+def test_a_kernel_that_refuses_both_loads_says_why_for_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Then the upgrade goes on as it does for any refused load (loaded again once the VMs
+    are saved, else through firmware: the controller's tests above)."""
+    calls = _kexec_on_path(tmp_path, monkeypatch, refuses="")
+    assert reboot.HostKexec().load(tmp_path / "v3") is False
+    assert len(calls.read_text().splitlines()) == 2
+    assert caplog.text.count("kexec_load failed: Operation not permitted") == 2
+
+
+def test_unloading_takes_the_file_based_way_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``kexec -s -u`` unloads a kernel loaded either way, and lockdown refuses ``-u``; a
+    kernel without the file-based load unloads with ``-u``."""
+    calls = _kexec_on_path(tmp_path, monkeypatch, refuses=None)
+    reboot.HostKexec().unload()
+    assert calls.read_text().splitlines() == ["-s -u"]
+    other = tmp_path / "other"
+    other.mkdir()
+    calls = _kexec_on_path(other, monkeypatch, refuses="-s")
+    reboot.HostKexec().unload()
+    assert calls.read_text().splitlines() == ["-s -u", "-u"]
 
 
 async def test_a_failed_jump_is_reported(tmp_path: Path) -> None:
