@@ -208,35 +208,40 @@ class Kexec(Protocol):
 LOAD_WAYS: tuple[tuple[str, ...], ...] = (("-s",), ())
 
 
+def _kexec_either_way(*args: str) -> tuple[tuple[str, ...] | None, list[str]]:
+    """Run ``kexec *args`` each of ``LOAD_WAYS`` in turn until one succeeds: the way that did
+    (None if none), and the refusals of those that did not."""
+    refused: list[str] = []
+    for way in LOAD_WAYS:
+        try:
+            host.run(["kexec", *way, *args])
+        except HatcheryError as exc:
+            refused.append(exc.message)
+            continue
+        return way, refused
+    return None, refused
+
+
 class HostKexec:
     """``kexec`` on this host, through systemd (a clean shutdown) where it runs."""
 
     def load(self, staged: Path) -> bool:
         started = time.monotonic()
-        refused: list[str] = []
-        for way in LOAD_WAYS:
-            try:
-                host.run(["kexec", *way, "-l", str(staged / "vmlinuz"),
-                          f"--initrd={staged / 'initrd'}", "--reuse-cmdline"])  # fmt: skip
-            except HatcheryError as exc:
-                refused.append(exc.message)
-                continue
-            log.info("kexec: %s loaded in %.1f s (%s)", staged.name, time.monotonic() - started,
-                     "file-based" if way else "kexec_load")  # fmt: skip
-            return True
-        log.error("kexec cannot load %s: %s", staged.name, "; ".join(refused))
-        return False
+        way, refused = _kexec_either_way(
+            "-l", str(staged / "vmlinuz"), f"--initrd={staged / 'initrd'}", "--reuse-cmdline"
+        )
+        if way is None:
+            log.error("kexec cannot load %s: %s", staged.name, "; ".join(refused))
+            return False
+        log.info("kexec: %s loaded in %.1f s (%s)", staged.name, time.monotonic() - started,
+                 "file-based" if way else "kexec_load")  # fmt: skip
+        return True
 
     def unload(self) -> None:
         # ``-s -u`` unloads a kernel loaded either way, also where lockdown refuses ``-u``
-        refused: list[str] = []
-        for way in LOAD_WAYS:
-            try:
-                host.run(["kexec", *way, "-u"])
-                return
-            except HatcheryError as exc:
-                refused.append(exc.message)
-        log.error("kexec cannot unload the staged kernel: %s", "; ".join(refused))
+        way, refused = _kexec_either_way("-u")
+        if way is None:
+            log.error("kexec cannot unload the staged kernel: %s", "; ".join(refused))
 
     def jump(self, loaded: bool) -> None:
         why: HatcheryError = HatcheryError("no kernel is loaded for kexec")
